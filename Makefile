@@ -1,0 +1,40 @@
+# make demo: set up a virtual environment and run the pipeline on sample_data/
+# make test: set up and run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SAMPLE := sample_data/multi30k-sample.h5
+OUT := demo_out
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	rm -rf $(OUT) && mkdir -p $(OUT)
+	$(BIN)/qbnorm build-bank $(SAMPLE)::/train_queries -o $(OUT)/bank.h5 --strategy all
+	$(BIN)/qbnorm probe --bank $(OUT)/bank.h5 --gallery $(SAMPLE)::/gallery -o $(OUT)/probe.h5 --beta 20 --k 1
+	$(BIN)/qbnorm normalise --queries $(SAMPLE)::/queries --gallery $(SAMPLE)::/gallery \
+		--probe $(OUT)/probe.h5 --method none -o $(OUT)/raw.h5
+	$(BIN)/qbnorm normalise --queries $(SAMPLE)::/queries --gallery $(SAMPLE)::/gallery \
+		--probe $(OUT)/probe.h5 --method dis -o $(OUT)/dis.h5
+	$(BIN)/qbnorm evaluate $(OUT)/raw.h5 $(OUT)/dis.h5 --gt $(SAMPLE)::/gt
+	$(BIN)/qbnorm hubness $(OUT)/raw.h5 $(OUT)/dis.h5 --k 10
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check qbnorm_cli tests benchmarks
+
+bench: setup
+	$(BIN)/python -m benchmarks --quick
+
+clean:
+	rm -rf $(OUT) $(VENV) .pytest_cache .ruff_cache

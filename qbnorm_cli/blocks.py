@@ -1,0 +1,61 @@
+"""Block sizes under a memory budget.
+
+Every streaming loop in qbnorm walks its operands in row blocks whose size follows from one byte
+budget (`--memory`), or from `--block-rows` when the caller wants to fix it (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from qbnorm_cli.errors import UsageError
+
+DEFAULT_MEMORY = 1 << 30  # 1 GiB
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+}
+
+
+def parse_memory(text: str) -> int:
+    """'1GiB', '512MB', '2g', '1000000' → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UsageError(f"--memory {text!r}: expected a size such as 512MiB, 1GiB or 2GB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1 << 20:
+        raise UsageError(f"--memory {text!r}: at least 1MiB is needed")
+    return size
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many bytes a command may hold, and an optional fixed block size in rows."""
+
+    memory: int = DEFAULT_MEMORY
+    block_rows: int | None = None
+
+    def rows(self, bytes_per_row: float, share: float = 1.0, total: int | None = None) -> int:
+        """Rows of `bytes_per_row` that fit in `share` of the budget (at least 1, at most total)."""
+        if self.block_rows is not None:
+            rows = self.block_rows
+        else:
+            rows = max(1, int(self.memory * share // max(bytes_per_row, 1)))
+        if total is not None:
+            rows = min(rows, max(total, 1))
+        return rows
+
+    def fits(self, nbytes: float, share: float) -> bool:
+        """Whether an array of `nbytes` may be held whole (never when blocks are fixed by hand)."""
+        return self.block_rows is None and nbytes <= self.memory * share
+
+
+def spans(total: int, step: int):
+    """(start, stop) pairs covering range(total) in steps of `step`."""
+    for start in range(0, total, step):
+        yield start, min(start + step, total)

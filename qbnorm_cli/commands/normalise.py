@@ -1,0 +1,142 @@
+"""qbnorm normalise: re-score queries against the gallery with a probe's statistics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from qbnorm_cli import normalisers as nz
+from qbnorm_cli.commands import common
+from qbnorm_cli.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_normalise
+from qbnorm_cli.errors import DataError, UsageError
+from qbnorm_cli.files import EMBEDDING_KINDS, OutputFile, open_array, open_qbnorm
+from qbnorm_cli.probefile import DEFAULT_ALPHA, DEFAULT_TOPK, Probe, build_normaliser
+
+METHODS_HELP = "\n\n".join(f"{name}: {text}" for name, text in nz.METHOD_HELP.items())
+
+
+def command(
+    output: common.Output,
+    probe: Annotated[str, typer.Option("--probe", help="Probe file from `qbnorm probe`.")],
+    queries: Annotated[str | None, typer.Option("--queries", help="Query embeddings.")] = None,
+    gallery: Annotated[str | None, typer.Option("--gallery", help="Gallery embeddings (the probed gallery).")] = None,
+    sims: Annotated[str | None, typer.Option("--sims", help="Precomputed query × gallery scores, instead of --queries/--gallery.")] = None,
+    method: Annotated[str, typer.Option("--method", metavar="|".join(nz.METHODS), help="Normaliser (see below).")] = "dis",
+    beta: Annotated[float | None, typer.Option("--beta", help="β (β₁ for dual methods); default: the probe's.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Activation set: items in the top-k of a bank query (dis, dual-dis).")] = 1,
+    top_k: Annotated[int | None, typer.Option("--top-k", metavar="N", help="Write the N best items per query (a ranking file) instead of all scores.")] = None,
+    gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help="β₂ for the gallery bank (dual methods).")] = None,
+    topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (csls default 10, nnn default 128).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="NNN weight α.")] = DEFAULT_ALPHA,
+    similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="Type of the written scores.")] = "float32",
+    memory: common.Memory = common.DEFAULT_MEMORY_TEXT,
+    block_rows: common.BlockRows = None,
+    force: common.Force = False,
+    json_output: common.Json = False,
+    quiet: common.Quiet = False,
+) -> None:
+    """Normalise query × gallery similarities with a probe's querybank statistics.
+
+    Scores of is/dis and the dual methods are log-domain (β·S − log-normaliser): compare them
+    within a row, not across rows. Rows that a dynamic method leaves alone keep raw scores.
+
+    Example: qbnorm normalise --queries q.h5 --gallery g.h5 --probe probe.h5 -o dis.h5 --method dis
+    """
+    report = common.reporter(json_output, quiet)
+    budget = common.budget(memory, block_rows)
+    common.check_choice(method, nz.METHODS, "--method")
+    common.check_choice(dtype, ("float32", "float64"), "--dtype")
+    if not np.isfinite(alpha):
+        raise UsageError(f"--alpha {alpha}: must be finite")
+    probe_file = Probe(open_qbnorm(probe, "probe"))
+    n_gallery = probe_file.n_gallery
+    probe_similarity = probe_file.attrs.get("similarity", "cosine")
+
+    if sims is not None:
+        if queries or gallery:
+            raise UsageError("give either --sims or --queries with --gallery, not both")
+        sims_in = open_array(sims, kinds=("similarity",))
+        inputs = [sims_in]
+        scores = MatrixScores(sims_in)
+        gallery_identity = sims_in.attrs.get("gallery_identity")
+        if sims_in.cols != n_gallery:
+            raise DataError(f"{sims_in.label} has {sims_in.cols} columns but the probe's gallery has {n_gallery} items")
+        similarity = "precomputed"
+    else:
+        if not (queries and gallery):
+            raise UsageError("normalise needs --queries and --gallery (or --sims)")
+        similarity = similarity or (probe_similarity if probe_similarity in SIMILARITIES else "cosine")
+        common.check_choice(similarity, SIMILARITIES, "--similarity")
+        q_in = open_array(queries, kinds=EMBEDDING_KINDS)
+        g_in = open_array(gallery, kinds=EMBEDDING_KINDS)
+        inputs = [q_in, g_in]
+        if g_in.rows != n_gallery:
+            raise DataError(f"{g_in.label} has {g_in.rows} rows but {probe} was made from a gallery of {n_gallery}")
+        gallery_identity = g_in.identity
+        scores = EmbeddingScores(Embeddings(q_in, similarity, budget), Embeddings(g_in, similarity, budget))
+    probed = probe_file.attrs.get("gallery_identity")
+    if probed and gallery_identity and probed != gallery_identity and not force:
+        raise DataError(f"{probe} was made from another gallery than {inputs[-1].label} "
+                        "(identity differs); pass --force to use it anyway")
+
+    if top_k is not None:
+        common.check_count(top_k, "--top-k", n_gallery, "gallery size")
+    common.check_count(k, "--k", n_gallery, "gallery size")
+    if beta is None:
+        beta = probe_file.default_beta() if method in ("is", "dis", "dual-is", "dual-dis") else None
+    else:
+        common.check_beta(beta)
+    if gallery_beta is not None:
+        common.check_beta(gallery_beta, "--gallery-beta")
+    elif method.startswith("dual"):
+        gallery_beta = probe_file.default_gallery_beta()
+    if method in ("csls", "nnn"):
+        topk_mean = topk_mean or DEFAULT_TOPK[method]
+        common.check_count(topk_mean, "--topk-mean", n_gallery if method == "csls" else 10**12, "gallery size")
+    norm = build_normaliser(probe_file, method, beta=beta, k=k, gallery_beta=gallery_beta,
+                            topk_k=topk_mean, alpha=alpha)
+    if norm.row_topk:
+        norm = nz.Normaliser(**{**norm.__dict__, "row_topk": min(norm.row_topk, n_gallery)})
+
+    params = {
+        "method": method, "beta": beta, "k": k, "top_k": top_k, "gallery_beta": gallery_beta if method.startswith("dual") else None, "topk_mean": topk_mean if method in ("csls", "nnn") else None,
+        "alpha": alpha if method == "nnn" else None, "similarity": similarity, "dtype": dtype,
+        "probe_uuid": probe_file.attrs.get("uuid"), "memory": budget.memory, "block_rows": block_rows,
+    }
+    n_rows = scores.n_rows
+    kind = "similarity" if top_k is None else "ranking"
+    inputs = [*inputs, {"path": probe, "dataset": None, "kind": "probe", "uuid": probe_file.attrs.get("uuid")}]
+    with OutputFile(output, kind, force=force, params=params, inputs=inputs) as out:
+        width = n_gallery if top_k is None else top_k
+        score_ds = out.create("/scores", shape=(n_rows, width), dtype=dtype)
+        neigh_ds = out.create("/neighbors", shape=(n_rows, width), dtype=np.int32) if top_k else None
+        normalised = np.zeros(n_rows, dtype=bool)
+        with report.progress("normalise", n_rows * n_gallery) as advance:
+            for q0, (values, indices, gated) in run_normalise(scores, norm, budget, top_k, progress=advance):
+                out.write_rows(score_ds, q0, values.astype(dtype))
+                if neigh_ds is not None:
+                    out.write_rows(neigh_ds, q0, indices.astype(np.int32))
+                normalised[q0:q0 + len(gated)] = gated
+        out.create("/normalised", data=normalised)
+        attrs = out.h5.attrs
+        attrs["method"] = method
+        attrs["gallery_rows"] = n_gallery
+        if gallery_identity:
+            attrs["gallery_identity"] = gallery_identity
+        if method in ("is", "dis", "dual-is", "dual-dis"):
+            attrs["score_domain"] = "log (compare within a row)"
+
+    summary = {
+        "output": output, "kind": kind, "uuid": out.uuid, "method": method, "queries": n_rows,
+        "gallery_rows": n_gallery, "normalised_rows": int(normalised.sum()),
+        "normalised_share": float(normalised.mean()), "params": params,
+    }
+    report.info(f"wrote {output}: {kind} of {n_rows} queries, method {method}; "
+                f"{int(normalised.sum())} of {n_rows} rows normalised")
+    report.result(summary)
+
+
+command.__doc__ += "\n\nMethods:\n\n" + METHODS_HELP

@@ -1,0 +1,391 @@
+"""Reading arrays from HDF5/.npy and writing self-describing HDF5 outputs atomically.
+
+Inputs are `PATH` or `PATH::/dataset`. Every error names the file (and dataset) and the problem in
+one line; the exit code follows from the exception class (see errors.py).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+import uuid as _uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from qbnorm_cli import FORMAT_VERSION, __version__
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError
+
+# The dataset a qbnorm file of each kind is read from when the input names none.
+DEFAULT_DATASET = {
+    "embeddings": "/embeddings",
+    "bank": "/embeddings",
+    "similarity": "/scores",
+    "ranking": "/neighbors",
+    "evaluation": "/ranks",
+    "hubness": "/k_occurrence",
+}
+EMBEDDING_KINDS = ("embeddings", "bank")
+CHUNK_BYTES = 1 << 20
+
+# Set by the CLI entry point so outputs can record how they were made.
+COMMAND_LINE: list[str] = []
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """'data.h5::/train' → ('data.h5', '/train'); 'x.npy' → ('x.npy', None)."""
+    path, sep, dataset = str(spec).partition("::")
+    if not sep:
+        return path, None
+    if not dataset:
+        raise UsageError(f"{spec}: empty dataset name after '::'")
+    return path, dataset if dataset.startswith("/") else "/" + dataset
+
+
+def _check_readable(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{path}: no such file")
+    if p.is_dir():
+        raise UsageError(f"{path}: is a directory, not a file")
+    if not os.access(p, os.R_OK):
+        raise RuntimeFailure(f"{path}: permission denied")
+
+
+def open_h5(path: str) -> h5py.File:
+    """Open an HDF5 file read-only (file locking off so concurrent readers never block)."""
+    _check_readable(path)
+    if not h5py.is_hdf5(path):
+        raise DataError(f"{path}: not an HDF5 file")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read HDF5 file (truncated or corrupt): {exc}") from None
+
+
+def _root_kind(h5: h5py.File) -> str | None:
+    kind = h5.attrs.get("qbnorm_kind")
+    if kind is None:
+        return None
+    version = int(h5.attrs.get("qbnorm_version", 0))
+    if version > FORMAT_VERSION:
+        raise DataError(
+            f"{h5.filename}: qbnorm_version {version} is newer than this qbnorm supports "
+            f"({FORMAT_VERSION}); upgrade qbnorm"
+        )
+    return str(kind)
+
+
+def list_datasets(h5: h5py.File) -> list[str]:
+    names: list[str] = []
+    h5.visititems(lambda name, obj: names.append("/" + name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def check_kind(path: str, kind: str | None, allowed: tuple[str, ...] | None) -> None:
+    """Refuse a qbnorm file of the wrong kind (foreign files, kind None, are always allowed)."""
+    if allowed is not None and kind is not None and kind not in allowed:
+        raise DataError(f"{path}: is a qbnorm {kind} file; expected {' or '.join(allowed)}")
+
+
+@dataclass
+class ArrayInput:
+    """One array named on the command line, read lazily by row blocks as float32 (or its ints)."""
+
+    spec: str
+    path: str
+    dataset: str | None
+    array: object  # h5py.Dataset or np.memmap / ndarray
+    kind: str | None = None
+    attrs: dict = field(default_factory=dict)
+    _h5: h5py.File | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}::{self.dataset}" if self.dataset else self.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def uuid(self) -> str | None:
+        value = self.attrs.get("uuid")
+        return str(value) if value is not None else None
+
+    @property
+    def identity(self) -> str:
+        """uuid-based for qbnorm files, else a content fingerprint; equal data ⇒ equal identity."""
+        if self.uuid:
+            return f"{self.uuid}:{self.dataset}"
+        digest = hashlib.sha1(repr((self.shape, str(self.dtype))).encode())
+        picks = np.unique(np.linspace(0, self.rows - 1, num=min(self.rows, 16)).astype(np.int64))
+        for row in picks:
+            digest.update(np.ascontiguousarray(self.array[int(row)]).tobytes())
+        return "fp:" + digest.hexdigest()[:20]
+
+    def describe(self) -> dict:
+        """The record written into outputs' `inputs` attribute."""
+        return {
+            "path": self.path, "dataset": self.dataset, "kind": self.kind,
+            "uuid": self.uuid, "identity": self.identity, "shape": list(self.shape),
+        }
+
+    def read(self, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None,
+             finite: bool = True) -> np.ndarray:
+        """Rows r0:r1 (and columns c0:c1) as float32; refuses NaN/Inf naming the first bad row."""
+        r1 = self.rows if r1 is None else r1
+        try:
+            if self.array.ndim == 1:
+                block = np.asarray(self.array[r0:r1])
+            elif c0 == 0 and (c1 is None or c1 == self.cols):
+                block = np.asarray(self.array[r0:r1])
+            else:
+                block = np.asarray(self.array[r0:r1, c0:c1])
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.label}: cannot read rows {r0}:{r1} ({exc})") from None
+        block = block.astype(np.float32, copy=False)
+        if finite:
+            check_finite(block, self.label, r0)
+        return block
+
+    def read_raw(self) -> np.ndarray:
+        """The whole array in its stored dtype (ground truth, masks, indices)."""
+        try:
+            return np.asarray(self.array[()])
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.label}: cannot read ({exc})") from None
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+
+def check_finite(block: np.ndarray, label: str, row_offset: int = 0) -> None:
+    if not np.isfinite(block).all():
+        bad = ~np.isfinite(block)
+        row = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1))) if bad.ndim > 1 else int(np.argmax(bad))
+        raise DataError(f"{label}: non-finite value (NaN or Inf) in row {row_offset + row}")
+
+
+_NUMERIC = "biuf"
+
+
+def _validate_array(arr, label: str, ndim: tuple[int, ...], numeric: bool = True) -> None:
+    if numeric and arr.dtype.kind not in _NUMERIC:
+        raise DataError(f"{label}: dtype {arr.dtype} is not numeric")
+    if arr.ndim not in ndim:
+        want = " or ".join(f"{n}-D" for n in ndim)
+        raise DataError(f"{label}: expected a {want} array, got shape {tuple(arr.shape)}")
+    if any(n == 0 for n in arr.shape):
+        raise DataError(f"{label}: empty array, shape {tuple(arr.shape)}")
+
+
+def _open_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"{path}: cannot read .npy ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: not a valid .npy file ({exc})") from None
+
+
+def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
+               ndim: tuple[int, ...] = (2,), role: str = "input") -> ArrayInput:
+    """Open `spec` for reading. `kinds` lists the qbnorm kinds accepted (foreign files always are)."""
+    path, dataset = split_spec(spec)
+    _check_readable(path)
+    if dataset is None and path.endswith(".npy"):
+        arr = _open_npy(path)
+        _validate_array(arr, path, ndim)
+        return ArrayInput(spec, path, None, arr)
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic.startswith(b"\x93NUMPY"):
+        if dataset is not None:
+            raise UsageError(f"{spec}: a .npy file holds one array; drop '::{dataset}'")
+        arr = _open_npy(path)
+        _validate_array(arr, path, ndim)
+        return ArrayInput(spec, path, None, arr)
+    h5 = open_h5(path)
+    try:
+        kind = _root_kind(h5)
+        check_kind(path, kind, kinds)
+        names = list_datasets(h5)
+        if dataset is None:
+            dataset = DEFAULT_DATASET.get(kind or "")
+            if dataset is None or dataset not in h5:
+                candidates = [n for n in names if h5[n].ndim in ndim]
+                if len(candidates) != 1:
+                    listing = ", ".join(names) or "none"
+                    raise DataError(
+                        f"{path}: name a dataset as {path}::/NAME; it has {listing}"
+                    )
+                dataset = candidates[0]
+        if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
+            raise DataError(f"{path}: no dataset {dataset}; it has {', '.join(names) or 'none'}")
+        arr = h5[dataset]
+        _validate_array(arr, f"{path}::{dataset}", ndim)
+        attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+        return ArrayInput(spec, path, dataset, arr, kind=kind, attrs=attrs, _h5=h5)
+    except BaseException:
+        h5.close()
+        raise
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_attrs(h5: h5py.File) -> dict:
+    return {k: _plain(v) for k, v in h5.attrs.items()}
+
+
+def open_qbnorm(path: str, kind: str) -> h5py.File:
+    """Open a qbnorm file that must be of `kind` (a probe, an evaluation, …)."""
+    path, dataset = split_spec(path)
+    if dataset is not None:
+        raise UsageError(f"{path}::{dataset}: a {kind} file is named without '::'")
+    h5 = open_h5(path)
+    found = _root_kind(h5)
+    if found != kind:
+        h5.close()
+        what = f"a qbnorm {found} file" if found else "not a qbnorm file"
+        raise DataError(f"{path}: {what}; expected a qbnorm {kind} file")
+    return h5
+
+
+def json_attr(h5: h5py.File, name: str, default=None):
+    value = h5.attrs.get(name)
+    return default if value is None else json.loads(_plain(value))
+
+
+def chunk_rows(row_bytes: int) -> int:
+    return max(1, CHUNK_BYTES // max(row_bytes, 1))
+
+
+class OutputFile:
+    """An HDF5 output written to a temporary file beside the target and renamed into place.
+
+    Use as a context manager; on any exception (including KeyboardInterrupt) the temporary file is
+    removed and the target is left as it was.
+    """
+
+    def __init__(self, path: str, kind: str, *, force: bool, params: dict,
+                 inputs: list[ArrayInput | dict] = ()) -> None:
+        self.path = Path(path)
+        self.kind = kind
+        self._check_target(force, inputs)
+        self.params = params
+        self.inputs = [i.describe() if isinstance(i, ArrayInput) else i for i in inputs]
+        self.uuid = str(_uuid.uuid4())
+        self.h5: h5py.File | None = None
+        self._tmp: str | None = None
+
+    def _check_target(self, force: bool, inputs) -> None:
+        if self.path.suffix == ".npy" or "::" in str(self.path):
+            raise UsageError(f"{self.path}: outputs are HDF5 files; name one like out.h5")
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise UsageError(f"{self.path}: no such directory {str(parent)!r}")
+        if self.path.is_dir():
+            raise UsageError(f"{self.path}: is a directory")
+        target = self.path.resolve()
+        for item in inputs:
+            ipath = item.path if isinstance(item, ArrayInput) else item.get("path")
+            if ipath and Path(ipath).resolve() == target:
+                raise UsageError(f"{self.path}: output would overwrite an input; choose another path")
+        if self.path.exists() and not force:
+            raise UsageError(f"{self.path}: exists; pass --force to overwrite")
+
+    def __enter__(self) -> OutputFile:
+        fd, self._tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-tmp"
+        )
+        os.close(fd)
+        try:
+            self.h5 = h5py.File(self._tmp, "w")
+            attrs = self.h5.attrs
+            attrs["qbnorm_kind"] = self.kind
+            attrs["qbnorm_version"] = FORMAT_VERSION
+            attrs["uuid"] = self.uuid
+            attrs["created_by"] = f"qbnorm {__version__}"
+            attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            attrs["command"] = " ".join(["qbnorm", *COMMAND_LINE])
+            attrs["params"] = json.dumps(self.params, sort_keys=True)
+            attrs["inputs"] = json.dumps(self.inputs)
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def create(self, name: str, data=None, *, shape=None, dtype=None, **attrs) -> h5py.Dataset:
+        """A dataset chunked by whole rows of about 1 MiB (no compression: floats barely shrink)."""
+        if data is not None:
+            data = np.asarray(data)
+            shape, dtype = data.shape, data.dtype
+        dtype = np.dtype(dtype)
+        chunks = None
+        if len(shape) >= 1 and all(shape) and np.prod(shape) * dtype.itemsize > CHUNK_BYTES:
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            chunks = (min(shape[0], chunk_rows(row_bytes)), *shape[1:])
+        try:
+            ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks)
+            for key, value in attrs.items():
+                ds.attrs[key] = value
+        except OSError as exc:
+            raise RuntimeFailure(f"{self.path}: write failed: {exc}") from None
+        return ds
+
+    def write_rows(self, ds: h5py.Dataset, start: int, block: np.ndarray) -> None:
+        try:
+            ds[start:start + len(block)] = block
+        except OSError as exc:
+            raise RuntimeFailure(f"{self.path}: write failed: {exc}") from None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            self.h5.flush()
+            self.h5.close()
+            self.h5 = None
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+        except OSError as exc:
+            self._discard()
+            raise RuntimeFailure(f"{self.path}: write failed: {exc}") from None
+
+    def _discard(self) -> None:
+        if self.h5 is not None:
+            try:
+                self.h5.close()
+            except Exception:
+                pass
+            self.h5 = None
+        if self._tmp and os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+        self._tmp = None

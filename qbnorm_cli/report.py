@@ -1,0 +1,72 @@
+"""What a command tells the user: one JSON document on stdout (--json), everything human on
+stderr, progress bars only when stderr is a terminal, nothing at all on success with --quiet."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+class Reporter:
+    def __init__(self, json_output: bool = False, quiet: bool = False):
+        self.json_output = json_output
+        self.quiet = quiet
+        self.console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message)
+
+    def warn(self, message: str) -> None:
+        """Warnings are shown even with --quiet: they are about the result, not progress."""
+        print(f"qbnorm: warning: {message}", file=sys.stderr)
+
+    def table(self, table) -> None:
+        if not self.quiet:
+            self.console.print(table)
+
+    def result(self, document: dict) -> None:
+        if self.json_output:
+            sys.stdout.write(json.dumps(_jsonable(document), indent=2, sort_keys=False) + "\n")
+            sys.stdout.flush()
+
+    @contextmanager
+    def progress(self, description: str, total: int, unit: str = "scores"):
+        """Yields advance(n); draws a bar with throughput only on an interactive stderr."""
+        if self.quiet or not sys.stderr.isatty():
+            yield lambda n: None
+            return
+        columns = (
+            TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task(description, total=total, rate="")
+
+            def advance(n: int) -> None:
+                bar.advance(task, n)
+                speed = bar.tasks[0].speed
+                if speed:
+                    bar.update(task, rate=f"{speed / 1e6:,.1f} M{unit}/s")
+
+            yield advance
