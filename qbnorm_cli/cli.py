@@ -15,7 +15,7 @@ import sys
 import typer
 
 from qbnorm_cli import __version__, files
-from qbnorm_cli.commands import build_bank, normalise, probe
+from qbnorm_cli.commands import build_bank, evaluate, hubness, normalise, probe
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
 
 app = typer.Typer(
@@ -80,6 +80,8 @@ COMMANDS = {
     "build-bank": build_bank.command,
     "probe": probe.command,
     "normalise": normalise.command,
+    "evaluate": evaluate.command,
+    "hubness": hubness.command,
 }
 for _name, _func in COMMANDS.items():
     app.command(_name, no_args_is_help=True)(_one_line_errors(_func))

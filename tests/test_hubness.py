@@ -1,0 +1,121 @@
+"""Hubness measures against their direct definitions, and DEXTER's published values."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qbnorm_cli import hubness as hub
+from qbnorm_cli import topk
+
+FIXTURE = Path(__file__).parent / "fixtures" / "dexter_cosine_triu.npz"
+
+
+def dexter_similarity() -> np.ndarray:
+    """The 300 × 300 DEXTER cosine matrix (float32) rebuilt from its stored upper triangle."""
+    data = np.load(FIXTURE)
+    n = int(data["n"])
+    sim = np.ones((n, n), dtype=np.float32)
+    upper = np.triu_indices(n, k=1)
+    sim[upper] = data["upper"]
+    sim.T[upper] = data["upper"]
+    return sim
+
+
+def samples():
+    rng = np.random.default_rng(0)
+    yield np.array([0, 0, 1, 5, 12])
+    yield np.array([3, 3, 3, 4])
+    yield np.array([0, 0, 0, 40])
+    for _ in range(20):
+        yield rng.poisson(rng.uniform(0.5, 6), int(rng.integers(2, 30)))
+
+
+def test_k_occurrence_counts_and_ignores_empty_slots():
+    neigh = np.array([[0, 2, -1], [2, 1, 0], [2, -1, -1]])
+    np.testing.assert_array_equal(hub.k_occurrence(neigh, 2, 4), [1, 1, 3, 0])
+    np.testing.assert_array_equal(hub.k_occurrence(neigh, 3, 4), [2, 1, 3, 0])
+
+
+@pytest.mark.parametrize("x", list(samples()))
+def test_skewness_is_the_biased_third_moment(x):
+    x = x.astype(float)
+    sd = np.sqrt(np.mean((x - x.mean()) ** 2))
+    expected = 0.0 if sd == 0 else np.mean((x - x.mean()) ** 3) / sd**3
+    assert hub.skewness(x) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("x", list(samples()))
+def test_gini_is_the_pairwise_mean_absolute_difference(x):
+    n = len(x)
+    if x.sum() == 0:
+        return
+    pairs = sum(abs(int(a) - int(b)) for a, b in itertools.product(x, x))
+    assert hub.gini(x) == pytest.approx(pairs / (2 * n * n * x.mean()))
+
+
+@pytest.mark.parametrize("x", list(samples()))
+def test_robin_hood_is_half_the_relative_mean_absolute_deviation(x):
+    if x.sum() == 0:
+        return
+    rmd = np.mean(np.abs(x - x.mean())) / x.mean()
+    assert hub.robin_hood(x) == pytest.approx(rmd / 2)
+
+
+@pytest.mark.parametrize("x", list(samples()))
+def test_atkinson_by_definition(x):
+    if x.sum() == 0:
+        return
+    eps = 0.5
+    ede = (sum(v ** (1 - eps) for v in x.astype(float)) / len(x)) ** (1 / (1 - eps))
+    assert hub.atkinson(x, eps) == pytest.approx(1 - ede / x.mean())
+
+
+def test_atkinson_eps_one_uses_the_geometric_mean():
+    x = np.array([1.0, 2.0, 4.0])
+    assert hub.atkinson(x, 1.0) == pytest.approx(1 - 2.0 / (7 / 3))
+    assert hub.atkinson(np.array([0, 3]), 1.0) == 1.0
+
+
+def test_equal_occurrence_has_no_inequality():
+    x = np.full(9, 4)
+    assert hub.skewness(x) == 0.0
+    assert hub.gini(x) == pytest.approx(0.0)
+    assert hub.robin_hood(x) == pytest.approx(0.0)
+    assert hub.atkinson(x) == pytest.approx(0.0)
+
+
+def test_counting_measures():
+    # 4 queries, k = 2 → 8 slots over 5 items.
+    nk = np.array([5, 0, 2, 1, 0])
+    assert hub.antihub_rate(nk) == pytest.approx(40.0)
+    assert hub.coverage(nk) == pytest.approx(60.0)
+    # hubs: N_k ≥ 2k = 4 → item 0 only: 5 of the k·Q = 8 slots.
+    assert hub.hub_occurrence(nk, 2, 4) == pytest.approx(100 * 5 / 8)
+    assert hub.groupie_ratio(nk, 2, 4) == pytest.approx(5 / 8)
+    assert hub.top_items(np.array([1, 3, 0, 3, 2]), 3) == [(1, 3), (3, 3), (4, 2)]
+
+
+def test_log_bins():
+    bins = hub.log_bins(np.array([0, 0, 1, 2, 3, 4, 9]))
+    assert bins == [("0", 2), ("1", 1), ("2–3", 2), ("4–7", 1), ("8–15", 1)]
+    assert sum(c for _, c in bins) == 7
+
+
+def test_measures_keys():
+    out = hub.measures(np.array([3, 0, 1]), 1, 4)
+    assert out["max_nk"] == 3 and out["items"] == 3 and out["queries"] == 4
+    assert out["top_items"][0] == {"item": 0, "nk": 3}
+
+
+@pytest.mark.parametrize("k, skew, antihub", [(5, 4.22, 26.67), (10, 3.98, 17.67)])
+def test_dexter_published_values(k, skew, antihub):
+    sim = dexter_similarity().astype(np.float64)
+    np.fill_diagonal(sim, -np.inf)
+    _, neigh = topk.select(sim, k)
+    nk = hub.k_occurrence(neigh, k, len(sim))
+    assert round(hub.skewness(nk), 2) == skew
+    assert round(hub.antihub_rate(nk), 2) == antihub
