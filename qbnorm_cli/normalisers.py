@@ -61,7 +61,7 @@ class Normaliser:
     def row_term(self, raw_top_values: np.ndarray | None) -> np.ndarray | float:
         if not self.row_topk:
             return 0.0
-        return raw_top_values[:, : self.row_topk].mean(axis=1)
+        return raw_top_values[:, : self.row_topk].mean(axis=1, dtype=np.float64)
 
     def gated(self, raw_top1: np.ndarray) -> np.ndarray:
         """Which rows are normalised, from each row's raw top-1 gallery index."""

@@ -1,0 +1,295 @@
+"""The streaming code (run_probe + BankAccumulator, run_normalise) equals the dense reference.
+
+Every method, dense and ranking outputs, k = 1 and k > 1, for block sizes that divide the data,
+that do not, a single block, and blocks chosen by the memory budget; score matrices read tile by
+tile (MatrixScores) and scores computed from embeddings (EmbeddingScores).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+from conftest import N_GALLERY, Scores, f32_exact
+
+from qbnorm_cli import normalisers as nz
+from qbnorm_cli import probe as stats
+from qbnorm_cli import topk
+from qbnorm_cli.blocks import Budget
+from qbnorm_cli.engine import Embeddings, EmbeddingScores, MatrixScores, run_normalise, run_probe
+from qbnorm_cli.files import ArrayInput
+from qbnorm_cli.probefile import build_normaliser
+
+BETA, GALLERY_BETA, KMAX, TOPK_KS, TOP_N = 20.0, 1.0, 10, (3, 10, 128), 5
+
+BUDGETS = {
+    "rows1": Budget(block_rows=1),
+    "rows2": Budget(block_rows=2),
+    "rows3": Budget(block_rows=3),
+    "rows7": Budget(block_rows=7),
+    "rows1000": Budget(block_rows=1000),
+    "mem400": Budget(memory=400),        # a few columns and rows per block
+    "mem4k": Budget(memory=4096),
+    "mem1g": Budget(),                   # the default: everything in one block
+}
+
+# (method, k): k matters to the dynamic methods only
+CASES = [("none", 1), ("is", 1), ("csls", 1), ("nnn", 1), ("gc", 1),
+         ("dis", 1), ("dis", 3), ("dual-is", 1), ("dual-dis", 1), ("dual-dis", 3)]
+PARAMS = {"csls": {"topk_mean": 10}, "nnn": {"topk_mean": 128, "alpha": 0.75}}
+
+
+def mem(arr) -> ArrayInput:
+    return ArrayInput(spec="mem", path="mem", dataset=None, array=np.asarray(arr))
+
+
+class StreamedProbe:
+    """The probe statistics from run_probe, with the interface build_normaliser reads."""
+
+    def __init__(self, bank_scores, gallery_bank_scores, n_gallery: int, budget: Budget,
+                 betas=(BETA, 7.5), gallery_betas=(GALLERY_BETA,), kmax=KMAX, ks=TOPK_KS):
+        self.n_gallery = n_gallery
+        self.acc = stats.BankAccumulator(bank_scores.n_rows, n_gallery, np.array(betas), kmax, ks, True)
+        self.gacc = stats.BankAccumulator(gallery_bank_scores.n_rows, n_gallery, np.array(gallery_betas), kmax)
+        self.sorted = np.full((n_gallery, bank_scores.n_rows), np.nan, dtype=np.float32)
+        self.blocks = []
+
+        def on_sorted(number, c0, c1, block):
+            assert number == 0
+            self.blocks.append((c0, c1))
+            self.sorted[c0:c1] = block
+
+        run_probe([(bank_scores, self.acc), (gallery_bank_scores, self.gacc)], n_gallery, budget,
+                  on_sorted=on_sorted)
+
+    @staticmethod
+    def _row(acc_values, have, value):
+        return acc_values[list(have).index(value)]
+
+    def log_norm(self, beta):
+        return self._row(self.acc.log_norm, self.acc.betas, beta)
+
+    def gallery_log_norm(self, beta):
+        return self._row(self.gacc.log_norm, self.gacc.betas, beta)
+
+    def topk_mean(self, k):
+        return self._row(self.acc.topk_mean, self.acc.topk_ks, k)
+
+    def activation(self, k, gallery=False):
+        acc = self.gacc if gallery else self.acc
+        return stats.activation_mask(acc.neighbors.indices, k, self.n_gallery)
+
+    def sorted_bank(self):
+        return self.sorted
+
+
+def normaliser(probe, method: str, k: int) -> nz.Normaliser:
+    p = PARAMS.get(method, {})
+    return build_normaliser(probe, method, beta=BETA, k=k, gallery_beta=GALLERY_BETA,
+                            topk_k=p.get("topk_mean"), alpha=p.get("alpha", 0.75))
+
+
+def stream(query_scores, norm, budget, top_n=None):
+    """Concatenate run_normalise's row blocks: (scores, indices or None, normalised)."""
+    parts = list(run_normalise(query_scores, norm, budget, top_n))
+    starts = [q0 for q0, _ in parts]
+    assert starts == sorted(starts) and starts[0] == 0
+    values = np.concatenate([v for _, (v, _, _) in parts])
+    indices = None if top_n is None else np.concatenate([i for _, (_, i, _) in parts])
+    gated = np.concatenate([g for _, (_, _, g) in parts])
+    assert len(values) == len(gated) == query_scores.n_rows
+    return values, indices, gated
+
+
+_EXPECTED: dict = {}
+
+
+def expected(data: Scores, method: str, k: int):
+    key = (data.name, method, k)
+    if key not in _EXPECTED:
+        p = PARAMS.get(method, {})
+        _EXPECTED[key] = ref.normalise(method, data.S, data.P, data.H, beta=BETA, gallery_beta=GALLERY_BETA,
+                                       k=k, **p)
+    return _EXPECTED[key]
+
+
+def assert_scores(actual, wanted):
+    scale = max(1.0, float(np.abs(wanted).max()))
+    np.testing.assert_allclose(actual, wanted, rtol=1e-9, atol=1e-9 * scale)
+
+
+def assert_ranking(got_idx, want_scores, exact_only: bool):
+    """got_idx is the reference top-N of want_scores: identical, except (when not exact_only) for swaps
+    of items whose reference scores agree to rounding yet are not equal (a mathematically exact tie that
+    floating point breaks by an ulp, e.g. β·ΔS = ΔL with integer scores). Exactly equal scores must
+    always come in gallery order."""
+    want_vals, want_idx = ref.top_n(want_scores, got_idx.shape[1])
+    if exact_only:
+        np.testing.assert_array_equal(got_idx, want_idx)
+        return
+    got_vals = np.take_along_axis(want_scores, got_idx, axis=1)
+    assert_scores(got_vals, want_vals)
+    rows, cols = np.nonzero(got_idx != want_idx)
+    for r, c in zip(rows, cols, strict=True):
+        a, b = got_idx[r, c], want_idx[r, c]
+        assert want_scores[r, a] != want_scores[r, b], f"row {r}: exact tie of {a} and {b} out of gallery order"
+
+
+def check_method(data: Scores, probe, query_scores, method, k, budget, output):
+    want, want_gated = expected(data, method, k)
+    norm = normaliser(probe, method, k)
+    exact_only = data.name != "ties"
+    if output == "dense":
+        got, indices, gated = stream(query_scores, norm, budget)
+        assert indices is None
+        assert got.dtype == np.float64 and got.shape == want.shape
+        np.testing.assert_array_equal(gated, want_gated)
+        assert_ranking(ref.top_n(got, TOP_N)[1], want, exact_only)
+        assert_scores(got, want)
+    else:
+        want_vals, _ = ref.top_n(want, TOP_N)
+        got_vals, got_idx, gated = stream(query_scores, norm, budget, TOP_N)
+        np.testing.assert_array_equal(gated, want_gated)
+        assert_ranking(got_idx, want, exact_only)
+        assert_scores(got_vals, want_vals)
+
+
+_PROBES: dict = {}
+
+
+def matrix_probe(data: Scores, budget_name: str) -> StreamedProbe:
+    key = (data.name, budget_name)
+    if key not in _PROBES:
+        _PROBES[key] = StreamedProbe(MatrixScores(mem(data.P)), MatrixScores(mem(data.H)), N_GALLERY,
+                                     BUDGETS[budget_name])
+    return _PROBES[key]
+
+
+OUTPUTS = ("dense", "topk")
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("budget_name", list(BUDGETS))
+@pytest.mark.parametrize(("method", "k"), CASES)
+def test_matrix_scores_equal_reference(rnd, budget_name, method, k, output):
+    probe = matrix_probe(rnd, budget_name)
+    check_method(rnd, probe, MatrixScores(mem(rnd.S)), method, k, BUDGETS[budget_name], output)
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("budget_name", list(BUDGETS))
+@pytest.mark.parametrize(("method", "k"), CASES)
+def test_ties_are_deterministic(ties, budget_name, method, k, output):
+    probe = matrix_probe(ties, budget_name)
+    check_method(ties, probe, MatrixScores(mem(ties.S)), method, k, BUDGETS[budget_name], output)
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("budget_name", ["rows1", "rows3", "rows7", "rows1000", "mem400", "mem1g"])
+@pytest.mark.parametrize(("method", "k"), CASES)
+def test_embedding_scores_equal_reference(emb, budget_name, method, k, output):
+    budget = BUDGETS[budget_name]
+
+    def scores(rows, cols):
+        return EmbeddingScores(Embeddings(mem(rows), "dot", budget), Embeddings(mem(cols), "dot", budget))
+
+    key = ("embeddings", budget_name)
+    if key not in _PROBES:
+        _PROBES[key] = StreamedProbe(scores(emb.bank, emb.gallery), scores(emb.gallery_bank, emb.gallery),
+                                     N_GALLERY, budget)
+    check_method(emb.scores(), _PROBES[key], scores(emb.queries, emb.gallery), method, k, budget, output)
+
+
+@pytest.mark.parametrize("budget_name", ["rows3", "mem400", "mem1g"])
+def test_cosine_embeddings_match_reference(budget_name):
+    """Cosine: rows L2-normalised; float32 products, so a float32-level tolerance."""
+    rng = np.random.default_rng(5)
+    bank, gallery, queries, gbank = (rng.normal(size=(n, 8)).astype(np.float32) for n in (37, 23, 19, 29))
+    budget = BUDGETS[budget_name]
+
+    def scores(rows, cols):
+        return EmbeddingScores(Embeddings(mem(rows), "cosine", budget), Embeddings(mem(cols), "cosine", budget))
+
+    def unit(x):
+        x = x.astype(np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    data = Scores("cosine", unit(bank) @ unit(gallery).T, unit(queries) @ unit(gallery).T,
+                  unit(gbank) @ unit(gallery).T)
+    probe = StreamedProbe(scores(bank, gallery), scores(gbank, gallery), 23, budget)
+    for method, k in CASES:
+        if method == "gc":
+            continue  # ranks count exact comparisons; checked on exact data above
+        want, want_gated = expected(data, method, k)
+        got, _, gated = stream(scores(queries, gallery), normaliser(probe, method, k), budget)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(gated, want_gated)
+
+
+@pytest.mark.parametrize("budget_name", list(BUDGETS))
+def test_probe_statistics_equal_reference(rnd, ties, budget_name):
+    for data in (rnd, ties):
+        probe = matrix_probe(data, budget_name)
+        for beta in (BETA, 7.5):
+            assert_scores(probe.log_norm(beta), ref.log_norm(data.P, beta))
+        assert_scores(probe.gallery_log_norm(GALLERY_BETA), ref.log_norm(data.H, GALLERY_BETA))
+        for K in TOPK_KS:
+            assert_scores(probe.topk_mean(K), ref.column_mean_top(data.P, K))
+        np.testing.assert_array_equal(probe.acc.neighbors.indices, ref.row_top(data.P, KMAX))
+        np.testing.assert_array_equal(probe.acc.neighbors.values,
+                                      np.take_along_axis(data.P, ref.row_top(data.P, KMAX), axis=1))
+        np.testing.assert_array_equal(probe.gacc.neighbors.indices, ref.row_top(data.H, KMAX))
+        for k in (1, 2, 5):
+            np.testing.assert_array_equal(probe.activation(k), ref.activation(data.P, k))
+            np.testing.assert_array_equal(probe.activation(k, gallery=True), ref.activation(data.H, k))
+            np.testing.assert_array_equal(stats.occurrence(probe.acc.neighbors.indices, k, N_GALLERY),
+                                          np.bincount(ref.row_top(data.P, k).ravel(), minlength=N_GALLERY))
+        np.testing.assert_array_equal(probe.sorted, np.sort(data.P.T, axis=1).astype(np.float32))
+        covered = sorted(c for block in probe.blocks for c in range(*block))
+        assert covered == list(range(N_GALLERY))
+        summary = probe.acc.score_summary()
+        assert summary["min"] == data.P.min() and summary["max"] == data.P.max()
+        assert summary["mean"] == pytest.approx(data.P.mean(), rel=1e-12, abs=1e-12)
+        assert summary["std"] == pytest.approx(data.P.std(), rel=1e-9)
+
+
+def test_memory_budget_splits_blocks(rnd):
+    """The memory-budget cases above really walk several column blocks and row tiles."""
+    probe = matrix_probe(rnd, "mem400")
+    assert len(probe.blocks) > 3
+    parts = list(run_normalise(MatrixScores(mem(rnd.S)), nz.none(), BUDGETS["mem400"], None))
+    assert len(parts) > 1
+    assert len(matrix_probe(rnd, "mem1g").blocks) == 1
+
+
+def test_kmax_smaller_than_k_rows_and_wide_k(rnd):
+    """A bank top-k as wide as the gallery keeps every item, in order, for any block size."""
+    for name in ("rows7", "mem400"):
+        probe = StreamedProbe(MatrixScores(mem(rnd.P)), MatrixScores(mem(rnd.H)), N_GALLERY, BUDGETS[name],
+                              kmax=N_GALLERY + 5)
+        np.testing.assert_array_equal(probe.acc.neighbors.indices, ref.row_top(rnd.P, N_GALLERY))
+        assert probe.activation(N_GALLERY).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 23, 30])
+@pytest.mark.parametrize("width", [1, 2, 5, 23])
+def test_topk_select_merge_matches_stable_sort(ties, k, width):
+    """topk.select over column blocks merged in any order = a stable sort of the whole row."""
+    M = ties.S
+    n = min(k, M.shape[1])
+    spans = [(c, min(c + width, M.shape[1])) for c in range(0, M.shape[1], width)]
+    for order in (spans, spans[::-1]):
+        running = topk.RunningTopK(M.shape[0], k)
+        for c0, c1 in order:
+            running.update(0, M[:, c0:c1], c0)
+        np.testing.assert_array_equal(running.indices[:, :n], ref.row_top(M, n))
+        assert (running.indices[:, n:] == -1).all() and np.isneginf(running.values[:, n:]).all()
+    argmax = topk.RunningArgmax(M.shape[0])
+    for c0, c1 in spans:
+        argmax.update(0, M[:, c0:c1], c0)
+    np.testing.assert_array_equal(argmax.indices, ref.raw_top1(M))
+
+
+def test_float32_exact_helper():
+    x = np.array([0.1, 1 / 3])
+    assert (f32_exact(x) == x.astype(np.float32)).all()
