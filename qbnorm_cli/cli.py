@@ -12,11 +12,18 @@ import os
 import signal
 import sys
 
+from qbnorm_cli import _startup  # isort: skip  (first of all: Ctrl-C while the libraries load)
+
 import typer
 
 from qbnorm_cli import __version__, files
-from qbnorm_cli.commands import build_bank, evaluate, hubness, normalise, probe
+from qbnorm_cli.commands import build_bank, convert, evaluate, hubness, normalise, probe, tune
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
+
+try:  # typer ≥ 0.2x vendors click; older typer uses click itself
+    from typer import TyperException as _ParseError
+except ImportError:  # pragma: no cover
+    from click import ClickException as _ParseError
 
 app = typer.Typer(
     name="qbnorm",
@@ -44,7 +51,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _terminate(signum, frame):
+    files.note_interrupt(signum)  # remembered even if the exception below lands where Python drops it
     raise KeyboardInterrupt
+
+
+def _line(text: object) -> str:
+    """Messages are one line, whatever a library put into an exception."""
+    return " ".join(str(text).split())
 
 
 def _one_line_errors(func):
@@ -55,21 +68,22 @@ def _one_line_errors(func):
         debug = os.environ.get("QBNORM_DEBUG") == "1"
         try:
             return func(*args, **kwargs)
-        except KeyboardInterrupt:
-            print("qbnorm: interrupted; no output was written", file=sys.stderr)
+        except KeyboardInterrupt:  # main() says so (typer also turns stray interrupts into 130)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except QbnormError as exc:
             if debug:
                 raise
-            print(f"qbnorm: error: {exc}", file=sys.stderr)
+            print(f"qbnorm: error: {_line(exc)}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except MemoryError:
             print("qbnorm: error: out of memory; lower --memory", file=sys.stderr)
             raise typer.Exit(EXIT_RUNTIME) from None
+        except typer.Exit:  # a command's own exit code
+            raise
         except Exception as exc:
             if debug:
                 raise
-            print(f"qbnorm: error: internal error: {type(exc).__name__}: {exc} "
+            print(f"qbnorm: error: internal error: {type(exc).__name__}: {_line(exc)} "
                   "(rerun with QBNORM_DEBUG=1 for details)", file=sys.stderr)
             raise typer.Exit(EXIT_RUNTIME) from None
 
@@ -82,31 +96,92 @@ COMMANDS = {
     "normalise": normalise.command,
     "evaluate": evaluate.command,
     "hubness": hubness.command,
+    "convert": convert.command,
+    "tune": tune.command,
 }
 for _name, _func in COMMANDS.items():
     app.command(_name, no_args_is_help=True)(_one_line_errors(_func))
 
 
+# SIGTERM (kill, timeout, cron/systemd stopping a job) and SIGHUP (lost terminal) end a run like
+# Ctrl-C: the temporary output is removed and the exit code is 130. Ignored signals stay ignored.
+_TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _install_signal_handlers() -> dict:
+    previous = {}
+    for signum in (signal.SIGINT, *_TERMINATING):
+        try:
+            current = signal.getsignal(signum)
+            if current in (signal.SIG_IGN, None):
+                continue
+            if signum == signal.SIGINT and current is not signal.default_int_handler:
+                continue  # someone else handles Ctrl-C: leave it to them
+            previous[signum] = signal.signal(signum, _terminate)
+        except ValueError:  # not the main thread: leave signals alone
+            break
+    return previous
+
+
+def _unraisable(hook):
+    """Python drops exceptions raised in weakref callbacks and __del__ with a traceback on stderr;
+    an interrupt that lands there is remembered by _terminate, so say nothing; others in one line."""
+
+    def handle(info) -> None:
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            return
+        if os.environ.get("QBNORM_DEBUG") == "1":
+            hook(info)
+            return
+        print(f"qbnorm: warning: ignored {_line(info.exc_type.__name__)}: {_line(info.exc_value)}", file=sys.stderr)
+
+    return handle
+
+
+def _usage_error(exc: _ParseError) -> int:
+    """Click's parse errors (bad option values, missing options, unknown commands) as one line."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `qbnorm CMD`: the help, as before
+        exc.show()
+        return exc.exit_code
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path.partition(" ")[2] if ctx is not None else ""
+    where = f"{command}: " if command else ""
+    hint = f" (see {ctx.command_path} --help)" if ctx is not None and exc.exit_code == 2 else ""
+    print(f"qbnorm: error: {_line(where + exc.format_message())}{hint}", file=sys.stderr)
+    return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this directly)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     files.COMMAND_LINE[:] = argv
+    program = _startup.done()
+    files.clear_interrupts()
+    previous = _install_signal_handlers()
+    unraisable_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
-        app(args=argv, prog_name="qbnorm", standalone_mode=True)
+        code = app(args=argv, prog_name="qbnorm", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
     except SystemExit as exc:
         code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else EXIT_RUNTIME)
+        code = code if isinstance(code, int) else (0 if code is None else EXIT_RUNTIME)
+    except _ParseError as exc:
+        return _usage_error(exc)
+    except typer.Abort:
+        print("qbnorm: aborted", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
-        print("qbnorm: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
+        sys.unraisablehook = unraisable_hook
+        if program:
+            _startup.ignore_late_signals()
+        else:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    if code == EXIT_INTERRUPTED:
+        print("qbnorm: interrupted; no output was written", file=sys.stderr)
+    return code
 
 
 def console_main() -> None:

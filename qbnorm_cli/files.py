@@ -10,8 +10,12 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import signal
+import stat
 import tempfile
+import threading
 import uuid as _uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,32 +51,64 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return path, dataset if dataset.startswith("/") else "/" + dataset
 
 
-def _check_readable(path: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{path}: no such file")
-    if p.is_dir():
+def _check_readable(path: str) -> bytes:
+    """Refuse what is not a readable regular file; returns its first 8 bytes (the format magic).
+
+    The file is really opened (not `os.access`), so permission problems show up even as root, and
+    FIFOs or devices are refused before anything could block on them.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except NotADirectoryError:
+        raise UsageError(f"{path}: no such file (a parent is not a directory)") from None
+    except PermissionError:
+        raise RuntimeFailure(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise RuntimeFailure(f"{path}: cannot access: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
         raise UsageError(f"{path}: is a directory, not a file")
-    if not os.access(p, os.R_OK):
-        raise RuntimeFailure(f"{path}: permission denied")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{path}: not a regular file (FIFOs and devices cannot be read)")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8)
+    except PermissionError:
+        raise RuntimeFailure(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise RuntimeFailure(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def open_h5(path: str) -> h5py.File:
     """Open an HDF5 file read-only (file locking off so concurrent readers never block)."""
-    _check_readable(path)
-    if not h5py.is_hdf5(path):
-        raise DataError(f"{path}: not an HDF5 file")
+    magic = _check_readable(path)
+    if not magic:
+        raise DataError(f"{path}: empty file; expected an HDF5 or .npy file")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError:
+        is_hdf5 = False
+    if not is_hdf5:
+        raise DataError(f"{path}: not an HDF5 or .npy file")
     try:
         return h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise DataError(f"{path}: cannot read HDF5 file (truncated or corrupt): {exc}") from None
+        raise DataError(f"{path}: cannot read HDF5 file (truncated or corrupt): {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _root_kind(h5: h5py.File) -> str | None:
     kind = h5.attrs.get("qbnorm_kind")
     if kind is None:
         return None
-    version = int(h5.attrs.get("qbnorm_version", 0))
+    try:
+        version = int(h5.attrs.get("qbnorm_version", 0))
+    except (TypeError, ValueError):
+        raise DataError(f"{h5.filename}: unreadable qbnorm_version attribute") from None
     if version > FORMAT_VERSION:
         raise DataError(
             f"{h5.filename}: qbnorm_version {version} is newer than this qbnorm supports "
@@ -132,13 +168,22 @@ class ArrayInput:
 
     @property
     def identity(self) -> str:
-        """uuid-based for qbnorm files, else a content fingerprint; equal data ⇒ equal identity."""
+        """uuid-based for qbnorm files, else a content fingerprint; equal data ⇒ equal identity.
+
+        The fingerprint is taken of the values as qbnorm reads them (float32), so the same gallery
+        stored as float64, float16 or integers is the same gallery.
+        """
         if self.uuid:
             return f"{self.uuid}:{self.dataset}"
-        digest = hashlib.sha1(repr((self.shape, str(self.dtype))).encode())
+        digest = hashlib.sha1(repr(self.shape).encode())
         picks = np.unique(np.linspace(0, self.rows - 1, num=min(self.rows, 16)).astype(np.int64))
         for row in picks:
-            digest.update(np.ascontiguousarray(self.array[int(row)]).tobytes())
+            try:
+                values = np.asarray(self.array[int(row)])
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise DataError(f"{self.label}: cannot read row {int(row)} ({_one_line(exc)})") from None
+            with np.errstate(all="ignore"):
+                digest.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
         return "fp:" + digest.hexdigest()[:20]
 
     def describe(self) -> dict:
@@ -159,19 +204,18 @@ class ArrayInput:
                 block = np.asarray(self.array[r0:r1])
             else:
                 block = np.asarray(self.array[r0:r1, c0:c1])
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{self.label}: cannot read rows {r0}:{r1} ({exc})") from None
-        block = block.astype(np.float32, copy=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise DataError(f"{self.label}: cannot read rows {r0}:{r1} ({_one_line(exc)})") from None
         if finite:
-            check_finite(block, self.label, r0)
-        return block
+            return as_float32(block, self.label, r0)
+        return block.astype(np.float32, copy=False)
 
     def read_raw(self) -> np.ndarray:
         """The whole array in its stored dtype (ground truth, masks, indices)."""
         try:
             return np.asarray(self.array[()])
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{self.label}: cannot read ({exc})") from None
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise DataError(f"{self.label}: cannot read ({_one_line(exc)})") from None
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -184,6 +228,30 @@ def check_finite(block: np.ndarray, label: str, row_offset: int = 0) -> None:
         bad = ~np.isfinite(block)
         row = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1))) if bad.ndim > 1 else int(np.argmax(bad))
         raise DataError(f"{label}: non-finite value (NaN or Inf) in row {row_offset + row}")
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def as_float32(block: np.ndarray, label: str, rows: int | np.ndarray = 0) -> np.ndarray:
+    """`block` as float32, deliberately: integers and float16/float64 are converted; NaN/Inf, and
+    float64 values beyond float32's range, are refused naming the first offending row.
+
+    `rows` is the row number of block[0], or the row numbers of every row of the block.
+    """
+    block = np.asarray(block)
+    if block.dtype.kind == "f":
+        bad = ~np.isfinite(block)
+        if block.dtype.itemsize > 4:
+            with np.errstate(invalid="ignore"):
+                bad |= np.abs(block) > _F32_MAX
+        if bad.any():
+            local = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1))) if bad.ndim > 1 else int(np.argmax(bad))
+            row = int(rows[local]) if np.ndim(rows) else int(rows) + local
+            value = block.reshape(block.shape[0], -1)[local] if block.ndim > 1 else block[local:local + 1]
+            what = "NaN or Inf" if not np.isfinite(value).all() else "too large for float32"
+            raise DataError(f"{label}: non-finite value ({what}) in row {row}")
+    return block.astype(np.float32, copy=False)
 
 
 _NUMERIC = "biuf"
@@ -200,25 +268,39 @@ def _validate_array(arr, label: str, ndim: tuple[int, ...], numeric: bool = True
 
 
 def _open_npy(path: str) -> np.ndarray:
+    """Memory-map a .npy file; never unpickles (object arrays and pickles are refused)."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)(fh)
+    except PermissionError:
+        raise RuntimeFailure(f"{path}: permission denied") from None
+    except (ValueError, EOFError, OSError, TypeError, SyntaxError) as exc:
+        raise DataError(f"{path}: not a valid .npy file ({_one_line(exc)}); .npy files are never unpickled") from None
+    if header[2].hasobject:
+        raise DataError(f"{path}: holds Python objects (dtype {header[2]}); qbnorm refuses to unpickle data")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(f"{path}: cannot read .npy ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: not a valid .npy file ({exc})") from None
+    except (ValueError, EOFError, OSError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read .npy (truncated or corrupt: {_one_line(exc)})") from None
 
 
 def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
                ndim: tuple[int, ...] = (2,), role: str = "input") -> ArrayInput:
     """Open `spec` for reading. `kinds` lists the qbnorm kinds accepted (foreign files always are)."""
     path, dataset = split_spec(spec)
-    _check_readable(path)
+    magic = _check_readable(path)
+    from qbnorm_cli import foreign  # .npz, pickles, ann-benchmarks layouts (imports this module)
+
+    # A file named .npy is read by np.load(allow_pickle=False) only, never by any unpickler.
+    named_npy = dataset is None and path.endswith(".npy")
+    if not named_npy and (found := foreign.open_foreign(spec, path, dataset, ndim)) is not None:
+        return found
     if dataset is None and path.endswith(".npy"):
         arr = _open_npy(path)
         _validate_array(arr, path, ndim)
         return ArrayInput(spec, path, None, arr)
-    with open(path, "rb") as fh:
-        magic = fh.read(8)
     if magic.startswith(b"\x93NUMPY"):
         if dataset is not None:
             raise UsageError(f"{spec}: a .npy file holds one array; drop '::{dataset}'")
@@ -246,6 +328,10 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
         _validate_array(arr, f"{path}::{dataset}", ndim)
         attrs = {k: _plain(v) for k, v in h5.attrs.items()}
         return ArrayInput(spec, path, dataset, arr, kind=kind, attrs=attrs, _h5=h5)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        h5.close()
+        where = f"{path}::{dataset}" if dataset else path
+        raise DataError(f"{where}: cannot read HDF5 file (truncated or corrupt): {_one_line(exc)}") from None
     except BaseException:
         h5.close()
         raise
@@ -269,7 +355,11 @@ def open_qbnorm(path: str, kind: str) -> h5py.File:
     if dataset is not None:
         raise UsageError(f"{path}::{dataset}: a {kind} file is named without '::'")
     h5 = open_h5(path)
-    found = _root_kind(h5)
+    try:
+        found = _root_kind(h5)
+    except BaseException:
+        h5.close()
+        raise
     if found != kind:
         h5.close()
         what = f"a qbnorm {found} file" if found else "not a qbnorm file"
@@ -284,6 +374,48 @@ def json_attr(h5: h5py.File, name: str, default=None):
 
 def chunk_rows(row_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(row_bytes, 1))
+
+
+_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+
+# Signals noted by the CLI's handler. The handler also raises KeyboardInterrupt, but Python drops an
+# exception raised inside a weakref callback or __del__; outputs check this before every write and
+# before the rename, so an interrupted run never completes an output.
+_INTERRUPTS: list[int] = []
+
+
+def note_interrupt(signum: int) -> None:
+    _INTERRUPTS.append(signum)
+
+
+def clear_interrupts() -> None:
+    _INTERRUPTS.clear()
+
+
+def check_interrupt() -> None:
+    if _INTERRUPTS:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C / SIGTERM back while a temporary file is created, renamed or removed, so an
+    interrupt never lands between the two halves of such a step (it is delivered right after)."""
+    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if block:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp makes 0600 files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 class OutputFile:
@@ -315,18 +447,27 @@ class OutputFile:
         target = self.path.resolve()
         for item in inputs:
             ipath = item.path if isinstance(item, ArrayInput) else item.get("path")
-            if ipath and Path(ipath).resolve() == target:
+            if ipath and (Path(ipath).resolve() == target or _same_file(ipath, self.path)):
                 raise UsageError(f"{self.path}: output would overwrite an input; choose another path")
         if self.path.exists() and not force:
             raise UsageError(f"{self.path}: exists; pass --force to overwrite")
 
     def __enter__(self) -> OutputFile:
-        fd, self._tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-tmp"
-        )
-        os.close(fd)
+        with _signals_deferred():
+            try:
+                fd, self._tmp = tempfile.mkstemp(
+                    dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-tmp"
+                )
+                os.close(fd)
+            except OSError as exc:
+                raise RuntimeFailure(
+                    f"{self.path}: cannot create a file in {str(self.path.parent)!r}: {exc.strerror or exc}"
+                ) from None
         try:
-            self.h5 = h5py.File(self._tmp, "w")
+            try:
+                self.h5 = h5py.File(self._tmp, "w", locking=False)  # ours alone; NFS-safe
+            except OSError as exc:
+                raise RuntimeFailure(f"{self.path}: write failed: {_one_line(exc)}") from None
             attrs = self.h5.attrs
             attrs["qbnorm_kind"] = self.kind
             attrs["qbnorm_version"] = FORMAT_VERSION
@@ -343,6 +484,7 @@ class OutputFile:
 
     def create(self, name: str, data=None, *, shape=None, dtype=None, **attrs) -> h5py.Dataset:
         """A dataset chunked by whole rows of about 1 MiB (no compression: floats barely shrink)."""
+        check_interrupt()
         if data is not None:
             data = np.asarray(data)
             shape, dtype = data.shape, data.dtype
@@ -356,36 +498,55 @@ class OutputFile:
             for key, value in attrs.items():
                 ds.attrs[key] = value
         except OSError as exc:
-            raise RuntimeFailure(f"{self.path}: write failed: {exc}") from None
+            raise RuntimeFailure(f"{self.path}: write failed: {_one_line(exc)}") from None
         return ds
 
     def write_rows(self, ds: h5py.Dataset, start: int, block: np.ndarray) -> None:
+        check_interrupt()
         try:
             ds[start:start + len(block)] = block
         except OSError as exc:
-            raise RuntimeFailure(f"{self.path}: write failed: {exc}") from None
+            raise RuntimeFailure(f"{self.path}: write failed: {_one_line(exc)}") from None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._discard()
             return
         try:
+            check_interrupt()
             self.h5.flush()
             self.h5.close()
             self.h5 = None
-            os.replace(self._tmp, self.path)
-            self._tmp = None
+            os.chmod(self._tmp, _file_mode())
+            with _signals_deferred():
+                check_interrupt()
+                os.replace(self._tmp, self.path)
+                self._tmp = None
         except OSError as exc:
             self._discard()
-            raise RuntimeFailure(f"{self.path}: write failed: {exc}") from None
+            raise RuntimeFailure(f"{self.path}: write failed: {exc.strerror or _one_line(exc)}") from None
+        except BaseException:
+            self._discard()
+            raise
 
     def _discard(self) -> None:
-        if self.h5 is not None:
-            try:
-                self.h5.close()
-            except Exception:
-                pass
-            self.h5 = None
-        if self._tmp and os.path.exists(self._tmp):
-            os.unlink(self._tmp)
-        self._tmp = None
+        with _signals_deferred():
+            if self.h5 is not None:
+                try:
+                    self.h5.close()
+                except Exception:
+                    pass
+                self.h5 = None
+            if self._tmp:
+                try:
+                    os.unlink(self._tmp)
+                except OSError:
+                    pass
+            self._tmp = None
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

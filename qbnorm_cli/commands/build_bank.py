@@ -11,7 +11,7 @@ from qbnorm_cli import bank
 from qbnorm_cli.blocks import spans
 from qbnorm_cli.commands import common
 from qbnorm_cli.errors import DataError, UsageError
-from qbnorm_cli.files import EMBEDDING_KINDS, OutputFile, check_finite, open_array
+from qbnorm_cli.files import EMBEDDING_KINDS, OutputFile, as_float32, open_array
 
 
 def command(
@@ -56,12 +56,10 @@ def command(
         for i0, i1 in spans(size, step):
             rows = index[i0:i1]
             try:
-                block = np.asarray(src.array[rows], dtype=np.float32)
+                raw = np.asarray(src.array[rows])
             except (OSError, ValueError) as exc:
                 raise DataError(f"{src.label}: cannot read rows ({exc})") from None
-            bad_rows = ~np.isfinite(block).all(axis=1)
-            if bad_rows.any():
-                check_finite(block[bad_rows][:1], src.label, int(rows[np.argmax(bad_rows)]))
+            block = as_float32(raw, src.label, rows)
             out.write_rows(ds, i0, block)
         out.create("/source_index", data=index)
     summary = {"output": output, "kind": "bank", "uuid": out.uuid, "rows": size, "dim": dim,

@@ -8,6 +8,8 @@ import numpy as np
 import typer
 
 from qbnorm_cli import normalisers as nz
+from qbnorm_cli import scale
+from qbnorm_cli import tune as tn
 from qbnorm_cli.commands import common
 from qbnorm_cli.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_normalise
 from qbnorm_cli.errors import DataError, UsageError
@@ -23,13 +25,14 @@ def command(
     queries: Annotated[str | None, typer.Option("--queries", help="Query embeddings.")] = None,
     gallery: Annotated[str | None, typer.Option("--gallery", help="Gallery embeddings (the probed gallery).")] = None,
     sims: Annotated[str | None, typer.Option("--sims", help="Precomputed query × gallery scores, instead of --queries/--gallery.")] = None,
-    method: Annotated[str, typer.Option("--method", metavar="|".join(nz.METHODS), help="Normaliser (see below).")] = "dis",
+    method: Annotated[str | None, typer.Option("--method", metavar="|".join(nz.METHODS), help="Normaliser (see below; default dis).")] = None,
     beta: Annotated[float | None, typer.Option("--beta", help="β (β₁ for dual methods); default: the probe's.")] = None,
-    k: Annotated[int, typer.Option("--k", help="Activation set: items in the top-k of a bank query (dis, dual-dis).")] = 1,
+    k: Annotated[int | None, typer.Option("--k", help="Activation set: items in the top-k of a bank query (dis, dual-dis; default 1).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", metavar="N", help="Write the N best items per query (a ranking file) instead of all scores.")] = None,
     gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help="β₂ for the gallery bank (dual methods).")] = None,
     topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (csls default 10, nnn default 128).")] = None,
-    alpha: Annotated[float, typer.Option("--alpha", help="NNN weight α.")] = DEFAULT_ALPHA,
+    alpha: Annotated[float | None, typer.Option("--alpha", help=f"NNN weight α (default {DEFAULT_ALPHA:g}).")] = None,
+    params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
     similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="Type of the written scores.")] = "float32",
     memory: common.Memory = common.DEFAULT_MEMORY_TEXT,
@@ -47,6 +50,17 @@ def command(
     """
     report = common.reporter(json_output, quiet)
     budget = common.budget(memory, block_rows)
+    tuned = tn.load_params(params_file) if params_file else None
+    if tuned is not None:  # explicit options win; a method ignores the parameters it does not use
+        method = method or tuned["method"]
+        beta = beta if beta is not None else tuned["beta"]
+        k = k if k is not None else tuned["k"]
+        gallery_beta = gallery_beta if gallery_beta is not None else tuned["gallery_beta"]
+        topk_mean = topk_mean if topk_mean is not None else tuned["topk_mean"]
+        alpha = alpha if alpha is not None else tuned["alpha"]
+    method = method or "dis"
+    k = 1 if k is None else k
+    alpha = DEFAULT_ALPHA if alpha is None else alpha
     common.check_choice(method, nz.METHODS, "--method")
     common.check_choice(dtype, ("float32", "float64"), "--dtype")
     if not np.isfinite(alpha):
@@ -77,6 +91,16 @@ def command(
             raise DataError(f"{g_in.label} has {g_in.rows} rows but {probe} was made from a gallery of {n_gallery}")
         gallery_identity = g_in.identity
         scores = EmbeddingScores(Embeddings(q_in, similarity, budget), Embeddings(g_in, similarity, budget))
+    probe_stats = scale.ScoreStats.from_attrs(probe_file.attrs)
+    score_scale = scale.classify(probe_stats) if probe_stats else None
+    if sims is not None and probe_stats is not None:
+        sims_stats = scale.sample_stats(sims_in)
+        if scale.classify(sims_stats) != score_scale:
+            report.warn(f"{sims_in.label} holds scores {scale.describe(sims_stats)}, but the probe's bank scores are "
+                        f"{scale.describe(probe_stats)}; score queries and bank the same way")
+    if tuned is not None:
+        if (warning := tn.tuned_on_warning(params_file, tuned, inputs)) is not None:
+            report.warn(warning)
     probed = probe_file.attrs.get("gallery_identity")
     if probed and gallery_identity and probed != gallery_identity and not force:
         raise DataError(f"{probe} was made from another gallery than {inputs[-1].label} "
@@ -96,6 +120,13 @@ def command(
     if method in ("csls", "nnn"):
         topk_mean = topk_mean or DEFAULT_TOPK[method]
         common.check_count(topk_mean, "--topk-mean", n_gallery if method == "csls" else 10**12, "gallery size")
+    if method in tn.BETA_METHODS and beta is not None and (warning := scale.beta_warning(beta, probe_stats)):
+        report.warn(warning)
+    if method.startswith("dual") and gallery_beta is not None:
+        warning = scale.beta_warning(gallery_beta, scale.ScoreStats.from_attrs(probe_file.attrs, "gallery_"),
+                                     "--gallery-beta", check_low=False)
+        if warning is not None:
+            report.warn(warning)
     norm = build_normaliser(probe_file, method, beta=beta, k=k, gallery_beta=gallery_beta,
                             topk_k=topk_mean, alpha=alpha)
     if norm.row_topk:
@@ -105,6 +136,7 @@ def command(
         "method": method, "beta": beta, "k": k, "top_k": top_k, "gallery_beta": gallery_beta if method.startswith("dual") else None, "topk_mean": topk_mean if method in ("csls", "nnn") else None,
         "alpha": alpha if method == "nnn" else None, "similarity": similarity, "dtype": dtype,
         "probe_uuid": probe_file.attrs.get("uuid"), "memory": budget.memory, "block_rows": block_rows,
+        "params_file": params_file,
     }
     n_rows = scores.n_rows
     kind = "similarity" if top_k is None else "ranking"
@@ -123,6 +155,8 @@ def command(
         out.create("/normalised", data=normalised)
         attrs = out.h5.attrs
         attrs["method"] = method
+        if score_scale:
+            attrs["score_scale"] = score_scale
         attrs["gallery_rows"] = n_gallery
         if gallery_identity:
             attrs["gallery_identity"] = gallery_identity

@@ -8,6 +8,8 @@ import numpy as np
 import typer
 
 from qbnorm_cli import probe as stats
+from qbnorm_cli import scale
+from qbnorm_cli import tune as tn
 from qbnorm_cli.commands import common
 from qbnorm_cli.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_probe
 from qbnorm_cli.errors import DataError, UsageError
@@ -23,11 +25,12 @@ def command(
     gallery: Annotated[str | None, typer.Option("--gallery", help="Gallery embeddings.")] = None,
     bank_sims: Annotated[str | None, typer.Option("--bank-sims", help="Precomputed bank × gallery scores, instead of --bank/--gallery.")] = None,
     beta: Annotated[list[float] | None, typer.Option("--beta", help="Inverted-softmax temperature(s) to precompute (repeatable; default 20, for cosine scores).")] = None,
-    k: Annotated[int, typer.Option("--k", help="Top-k of each bank query that forms the DIS activation set.")] = 1,
+    k: Annotated[int | None, typer.Option("--k", help="Top-k of each bank query that forms the DIS activation set (default 1).")] = None,
     gallery_bank: Annotated[str | None, typer.Option("--gallery-bank", help="Gallery-modality bank embeddings (DBNorm).")] = None,
     gallery_bank_sims: Annotated[str | None, typer.Option("--gallery-bank-sims", help="Precomputed gallery-bank × gallery scores.")] = None,
     gallery_beta: Annotated[list[float] | None, typer.Option("--gallery-beta", help="β₂ value(s) for the gallery bank (repeatable; default 1).")] = None,
     topk_mean: Annotated[list[int] | None, typer.Option("--topk-mean", help="K for mean-of-top-K statistics (csls, nnn; repeatable; default 10 and 128).")] = None,
+    params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune`: probe what they need (explicit options override).")] = None,
     keep_sorted: Annotated[bool, typer.Option("--keep-sorted", help="Keep every gallery item's sorted bank scores (O(bank × gallery) storage; needed by gc).")] = False,
     similarity: common.Similarity = "cosine",
     memory: common.Memory = common.DEFAULT_MEMORY_TEXT,
@@ -43,6 +46,16 @@ def command(
     report = common.reporter(json_output, quiet)
     budget = common.budget(memory, block_rows)
     common.check_choice(similarity, SIMILARITIES, "--similarity")
+    tuned = tn.load_params(params_file) if params_file else None
+    if tuned is not None:
+        beta = beta or ([tuned["beta"]] if tuned["beta"] is not None else None)
+        gallery_beta = gallery_beta or ([tuned["gallery_beta"]] if tuned["gallery_beta"] is not None else None)
+        topk_mean = topk_mean or ([tuned["topk_mean"]] if tuned["topk_mean"] is not None else None)
+        k = k if k is not None else tuned["k"]
+        if tuned["method"].startswith("dual") and not (gallery_bank or gallery_bank_sims):
+            raise UsageError(f"--params {params_file}: {tuned['method']} needs --gallery-bank (or --gallery-bank-sims)")
+        keep_sorted = keep_sorted or tuned["method"] == "gc"
+    k = 1 if k is None else k
     betas = np.array([common.check_beta(b) for b in (beta or [DEFAULT_BETA])])
     gallery_betas = np.array([common.check_beta(b, "--gallery-beta") for b in (gallery_beta or [1.0])])
     ks = tuple(sorted(set(topk_mean or [10, 128])))
@@ -126,19 +139,37 @@ def command(
             attrs["gallery_identity"] = gallery_identity
         attrs["score_min"], attrs["score_max"] = summary_scores["min"], summary_scores["max"]
         attrs["score_mean"], attrs["score_std"] = summary_scores["mean"], summary_scores["std"]
+        score_stats = scale.ScoreStats.from_dict(summary_scores)
+        attrs["score_scale"] = scale.classify(score_stats)
+        gallery_stats = None
+        if gallery_acc is not None:
+            gallery_stats = scale.ScoreStats.from_dict(gallery_acc.score_summary())
+            for part, value in gallery_stats.as_dict().items():
+                attrs[f"gallery_score_{part}"] = value
 
     activation = query_acc.neighbors.indices[:, :k]
     coverage = float(np.unique(activation).size / n_gallery)
+    diag = tn.bank_diagnostics(query_acc.neighbors.indices, k, n_gallery)
     summary = {
         "output": output, "kind": "probe", "uuid": out.uuid, "bank_rows": query_scores.n_rows,
         "gallery_rows": n_gallery, "betas": betas.tolist(), "k": k, "topk_mean": list(ks),
-        "coverage": coverage, "scores": summary_scores,
+        "coverage": coverage, "occurrence_skewness": diag["occurrence_skewness"], "scores": summary_scores,
+        "score_scale": scale.classify(score_stats),
         "gallery_bank_rows": gallery_acc.n_rows if gallery_acc else 0,
     }
     report.info(
         f"wrote {output}: probe of {n_gallery} gallery items with {query_scores.n_rows} bank queries; "
-        f"activation set (k={k}) covers {100 * coverage:.1f}% of the gallery"
+        f"activation set (k={k}) covers {100 * coverage:.1f}% of the gallery; bank-side k-occurrence "
+        f"skewness {diag['occurrence_skewness']:.2f}; bank scores {scale.describe(score_stats)}"
     )
+    warnings = [scale.beta_warning(b, score_stats) for b in betas]
+    if gallery_stats is not None:
+        warnings += [scale.beta_warning(b, gallery_stats, "--gallery-beta", check_low=False) for b in gallery_betas]
+    warnings.append(tn.coverage_warning(diag, n_gallery))
+    if tuned is not None and gallery_emb is not None:
+        warnings.append(tn.tuned_on_warning(params_file, tuned, [gallery_in]))
+    for warning in filter(None, warnings):
+        report.warn(warning)
     report.result(summary)
 
 
