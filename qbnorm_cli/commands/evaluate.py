@@ -17,6 +17,7 @@ from qbnorm_cli.blocks import Budget, spans
 from qbnorm_cli.commands import common
 from qbnorm_cli.errors import DataError, GateFailure, UsageError
 from qbnorm_cli.files import ArrayInput, OutputFile, check_finite, open_array
+from qbnorm_cli.groundtruth import read_relevant
 
 SCORE_KINDS = ("similarity", "ranking")
 
@@ -130,16 +131,6 @@ def parse_gates(items: list[str] | None) -> list[tuple[str, float]]:
     return gates
 
 
-def _integers(values: np.ndarray, label: str) -> np.ndarray:
-    if values.dtype.kind in "iu":
-        return values.astype(np.int64)
-    if values.dtype.kind == "b":
-        return values.astype(np.int64)
-    if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
-        return values.astype(np.int64)
-    raise DataError(f"{label}: expected integer gallery indices, got {values.dtype} values")
-
-
 def load_ground_truth(gt: str | None, per_item: int | None, n_queries: int,
                       sources: list[ScoreSource]) -> tuple[np.ndarray, ArrayInput | None]:
     """(Q, m) relevant gallery indices (−1 padding), checked against every input's gallery."""
@@ -155,21 +146,7 @@ def load_ground_truth(gt: str | None, per_item: int | None, n_queries: int,
                 raise DataError(f"--queries-per-item {per_item}: {n_queries} queries need {needed} gallery items "
                                 f"but {s.label} has {s.n_gallery}")
         return relevant, None
-    gt_in = open_array(gt, ndim=(1, 2))
-    values = _integers(gt_in.read_raw(), gt_in.label)
-    if len(values) != n_queries:
-        raise DataError(f"{gt_in.label}: {len(values)} ground-truth rows but {sources[0].label} has "
-                        f"{n_queries} queries")
-    relevant = metrics.as_relevant(values)
-    if np.any(relevant < -1):
-        row = int(np.argmax((relevant < -1).any(axis=1)))
-        raise DataError(f"{gt_in.label}: negative gallery index in row {row} (only −1 pads a row)")
-    for s in sources:
-        if s.n_gallery is not None and np.any(relevant >= s.n_gallery):
-            row = int(np.argmax((relevant >= s.n_gallery).any(axis=1)))
-            raise DataError(f"{gt_in.label}: gallery index {int(relevant[row].max())} in row {row} is outside "
-                            f"the gallery of {s.n_gallery} items of {s.label}")
-    return relevant, gt_in
+    return read_relevant(gt, n_queries, [(s.label, s.n_gallery) for s in sources], sources[0].label)
 
 
 def load_mask(spec: str | None, n_queries: int) -> tuple[np.ndarray, ArrayInput | None]:

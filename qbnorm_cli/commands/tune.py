@@ -9,12 +9,13 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from qbnorm_cli import metrics, scale
+from qbnorm_cli import scale
 from qbnorm_cli import tune as tn
 from qbnorm_cli.commands import common
 from qbnorm_cli.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_probe
 from qbnorm_cli.errors import DataError, UsageError
 from qbnorm_cli.files import EMBEDDING_KINDS, ArrayInput, open_array
+from qbnorm_cli.groundtruth import read_relevant
 from qbnorm_cli.probe import BankAccumulator
 
 
@@ -77,7 +78,7 @@ def command(
         raise UsageError("tune needs --bank (or --bank-sims)")
     gallery_scores = _bank_scores("gallery_bank", gallery_bank, gallery_bank_sims, gallery_emb, n_gallery,
                                   similarity, budget, inputs)
-    relevant, inputs["gt"] = _ground_truth(gt, val_scores.n_rows, n_gallery)
+    relevant, inputs["gt"] = _ground_truth(gt, val_scores.n_rows, n_gallery, (sims or gallery))
     target = tn.check_params_target(output, force, list(inputs.values()))
     _warn_overlaps(report, inputs)
 
@@ -176,19 +177,8 @@ def _bank_scores(role, emb_spec, sims_spec, gallery_emb, n_gallery, similarity, 
     return EmbeddingScores(Embeddings(src, similarity, budget), gallery_emb)
 
 
-def _ground_truth(spec: str, n_queries: int, n_gallery: int) -> tuple[np.ndarray, ArrayInput]:
-    gt_in = open_array(spec, ndim=(1, 2))
-    values = gt_in.read_raw()
-    if values.dtype.kind not in "iu":
-        if values.dtype.kind != "f" or not np.all(values == np.round(values)):
-            raise DataError(f"{gt_in.label}: expected integer gallery indices, got {values.dtype} values")
-    relevant = metrics.as_relevant(values.astype(np.int64))
-    if len(relevant) != n_queries:
-        raise DataError(f"{gt_in.label}: {len(relevant)} ground-truth rows but there are {n_queries} validation queries")
-    bad = (relevant < -1) | (relevant >= n_gallery)
-    if bad.any():
-        row = int(np.argmax(bad.any(axis=1)))
-        raise DataError(f"{gt_in.label}: row {row} names a gallery index outside 0..{n_gallery - 1}")
+def _ground_truth(spec: str, n_queries: int, n_gallery: int, gallery_label: str) -> tuple[np.ndarray, ArrayInput]:
+    relevant, gt_in = read_relevant(spec, n_queries, [(gallery_label, n_gallery)], "the validation set")
     if not (relevant >= 0).any(axis=1).all():
         row = int(np.argmax(~(relevant >= 0).any(axis=1)))
         raise DataError(f"{gt_in.label}: query {row} has no relevant item")
