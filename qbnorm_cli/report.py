@@ -30,7 +30,9 @@ class Reporter:
     def __init__(self, json_output: bool = False, quiet: bool = False):
         self.json_output = json_output
         self.quiet = quiet
-        self.console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+        # Logs and pipes have no width: do not squeeze tables into rich's 80-column default there.
+        width = None if sys.stderr.isatty() else 160
+        self.console = Console(file=sys.stderr, highlight=False, soft_wrap=True, width=width)
 
     def info(self, message: str) -> None:
         if not self.quiet:
