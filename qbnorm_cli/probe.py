@@ -10,22 +10,87 @@ Per bank row i: its kmax highest-scoring gallery items (the DIS activation set, 
 
 The gallery is split into column blocks; every column statistic is complete once all bank rows of
 a column block have been seen, so only O(block) state is held besides the O(gallery) results.
+
+Cost per bank score: one float64 exp per β (log-sum-exp against a running column maximum, summed
+in float64: float32 exp would miss the 1e-9 relative accuracy of the log-normalisers), a few cheap
+passes (column maximum, sums), and one comparison each for the column top-K and the row top-kmax:
+only scores above a running threshold (the current K-th best of the column, the kmax-th best of
+the row) are merged, a few per column and row over the whole bank.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import logsumexp
 
 from qbnorm_cli import topk
+
+# Tiles at least this large are exponentiated by all cores (numpy releases the GIL in ufuncs).
+_PARALLEL_MIN = 1 << 18
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="qbnorm")
+    return _POOL
+
+
+_SUB_ITEMS = 1 << 17  # float64 items per piece: 1 MiB, cache-resident while exponentiated
+_LOCAL = threading.local()
+
+
+def _scratch(size: int, slot: int) -> np.ndarray:
+    """A float64 buffer of this thread's, reused (fresh large arrays cost page faults each time)."""
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.size < size:
+        buf = bufs[slot] = np.empty(max(size, _SUB_ITEMS))
+    return buf[:size]
+
+
+def start_row_chunks(n_rows: int, n_items: int, fn):
+    """Start fn(r0, r1) over row chunks, on all cores when the work is large; returns a function
+    that waits for the results (in order). The caller may work meanwhile."""
+    workers = _workers()
+    if workers == 1 or n_items < _PARALLEL_MIN or n_rows < 2 * workers:
+        done = [fn(0, n_rows)]
+        return lambda: done
+    step = -(-n_rows // workers)
+    futures = [_pool().submit(fn, r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
+    return lambda: [f.result() for f in futures]
+
+
+def parallel_row_chunks(n_rows: int, n_items: int, fn) -> list:
+    """fn(r0, r1) over row chunks, on all cores when the work is large; results in order."""
+    return start_row_chunks(n_rows, n_items, fn)()
 
 
 def lse_partial(tile: np.ndarray, betas: np.ndarray) -> np.ndarray:
     """logsumexp over the rows of β·tile, for each β: shape (len(betas), tile columns), float64."""
-    tile = tile.astype(np.float64, copy=False)
-    return np.stack([logsumexp(beta * tile, axis=0) for beta in betas])
+    tile = np.asarray(tile, dtype=np.float64)
+    if tile.shape[0] == 0:
+        return np.full((len(betas), tile.shape[1]), -np.inf)
+    top = tile.max(axis=0)
+    out = []
+    for beta in betas:
+        shifted = beta * tile - beta * top
+        out.append(beta * top + np.log(np.exp(shifted).sum(axis=0)))
+    return np.stack(out)
 
 
 def lse_merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -63,9 +128,84 @@ def occurrence(neighbors: np.ndarray, k: int, n_gallery: int) -> np.ndarray:
     return np.bincount(neighbors[:, :k].ravel(), minlength=n_gallery).astype(np.int32)
 
 
+class ColumnTopK:
+    """The K largest values of each column of a column block, over row tiles (a multiset of values:
+    which row a value came from does not matter, so ties need no rule)."""
+
+    def __init__(self, width: int, k: int) -> None:
+        self.k = k
+        self.values = np.full((width, k), -np.inf)  # unordered; the first `count` slots are real
+        self.count = 0
+        self.bound = np.full(width, -np.inf)        # the K-th largest once count == k
+
+    def update(self, tile: np.ndarray) -> None:
+        if tile.shape[0] == 0:
+            return
+        if self.count == 0 and tile.shape[0] >= 16 * self.k:
+            # a fresh block and a tall tile: everything at or above a lower bound of each column's
+            # K-th largest (from column-group maxima, about one pass), then only those are merged
+            bound = topk.kth_lower_bound_columns(tile, self.k)
+            flat = np.flatnonzero(tile >= topk.float_bound(bound, tile.dtype)[None, :])
+            self._merge(tile, flat)
+            self.count = self.k
+            return
+        if self.count < self.k:
+            merged = np.concatenate([self.values[:, : self.count], tile.T.astype(np.float64)], axis=1)
+            keep = min(self.k, merged.shape[1])
+            if merged.shape[1] > keep:
+                merged = np.partition(merged, merged.shape[1] - keep, axis=1)[:, merged.shape[1] - keep:]
+            self.values[:, :keep] = merged
+            self.count = keep
+            if keep == self.k:
+                self.bound = merged.min(axis=1)
+            return
+        # Only values above the column's K-th largest change the multiset (an equal one would
+        # replace an equal one): one comparison, and a merge of the few that pass.
+        thr = topk.float_bound(self.bound, tile.dtype, strict=True)
+        flat = np.flatnonzero(tile > thr[None, :])
+        if flat.size == 0:
+            return
+        if flat.size * 8 > tile.size:
+            # not selective (a small bank): one partition of held ∪ tile per column
+            merged = np.concatenate([self.values, tile.T.astype(np.float64)], axis=1)
+            top = np.partition(merged, merged.shape[1] - self.k, axis=1)[:, merged.shape[1] - self.k:]
+            self.values[...] = top
+            self.bound = top.min(axis=1)
+            return
+        self._merge(tile, flat)
+
+    def _merge(self, tile: np.ndarray, flat: np.ndarray) -> None:
+        """Merge the tile's entries at flat positions into the held values of their columns."""
+        rows, cols = np.divmod(flat, tile.shape[1])
+        # group by column: a stable sort of 16-bit keys is a radix sort (int64 would be a timsort)
+        keys = cols.astype(np.uint16) if tile.shape[1] <= 1 << 16 else cols
+        order = np.argsort(keys, kind="stable")
+        cols = cols[order]
+        vals = tile[rows[order], cols].astype(np.float64)
+        starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+        counts = np.diff(np.r_[starts, cols.size])
+        slot = np.repeat(np.arange(starts.size), counts)
+        target = cols[starts]
+        pad = np.full((starts.size, self.k + int(counts.max())), -np.inf)
+        pad[:, : self.k] = self.values[target]
+        pad[slot, self.k + np.arange(cols.size) - starts[slot]] = vals
+        top = np.partition(pad, pad.shape[1] - self.k, axis=1)[:, pad.shape[1] - self.k:]
+        self.values[target] = top
+        self.bound[target] = top.min(axis=1)
+
+    def means(self, ks) -> np.ndarray:
+        """(len(ks), width): mean of the K largest values per column (of all when fewer exist)."""
+        ordered = -np.sort(-self.values[:, : self.count], axis=1)
+        return np.stack([ordered[:, : min(k, self.count)].mean(axis=1) for k in ks])
+
+
 @dataclass
 class BankAccumulator:
-    """Statistics of one bank against the gallery, fed tile by tile in gallery-column blocks."""
+    """Statistics of one bank against the gallery, fed tile by tile in gallery-column blocks.
+
+    Column blocks must come left to right (run_probe does): the bank neighbours then need no tie
+    merging against earlier columns.
+    """
 
     n_rows: int
     n_gallery: int
@@ -82,6 +222,7 @@ class BankAccumulator:
     score_sumsq: float = 0.0
 
     def __post_init__(self) -> None:
+        self.betas = np.asarray(self.betas, dtype=np.float64)
         self.log_norm = np.full((len(self.betas), self.n_gallery), -np.inf)
         self.topk_mean = np.zeros((len(self.topk_ks), self.n_gallery))
         self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax, self.n_gallery))
@@ -90,36 +231,83 @@ class BankAccumulator:
     def start_block(self, c0: int, c1: int) -> None:
         self._block = (c0, c1)
         width = c1 - c0
-        self._lse = np.full((len(self.betas), width), -np.inf)
+        self._colmax = np.full(width, -np.inf)
+        self._sums = np.zeros((len(self.betas), width))
         kcol = max(self.topk_ks, default=0)
-        self._top = np.empty((0, width)) if kcol else None
+        self._top = ColumnTopK(width, kcol) if kcol else None
         self._sorted = np.empty((self.n_rows, width), dtype=np.float32) if self.keep_sorted else None
 
     def update(self, r0: int, tile: np.ndarray) -> None:
         """Fold in P[r0:r0+len(tile), c0:c1] for the current column block."""
         c0, _ = self._block
-        self._lse = lse_merge(self._lse, lse_partial(tile, self.betas))
-        if self._top is not None:
-            self._top = column_topk_merge(self._top, column_topk_partial(tile, max(self.topk_ks)),
-                                          max(self.topk_ks))
-        if self._sorted is not None:
-            self._sorted[r0:r0 + tile.shape[0]] = tile
-        self.neighbors.update(r0, tile, c0)
+        if tile.shape[0] == 0:
+            return
+        tile_max = tile.max(axis=0).astype(np.float64)
         self.score_min = min(self.score_min, float(tile.min()))
-        self.score_max = max(self.score_max, float(tile.max()))
-        self.score_sum += float(tile.sum(dtype=np.float64))
-        self.score_sumsq += float(np.square(tile, dtype=np.float64).sum())
+        self.score_max = max(self.score_max, float(tile_max.max()))
+        finish = self._log_sum_exp(tile, tile_max)  # runs on the worker threads meanwhile
+        try:
+            if self._top is not None:
+                self._top.update(tile)
+            if self._sorted is not None:
+                self._sorted[r0:r0 + tile.shape[0]] = tile
+            self.neighbors.update(r0, tile, c0, forward=True)
+        finally:
+            finish()
+
+    def _log_sum_exp(self, tile: np.ndarray, tile_max: np.ndarray):
+        """Running per-column max m and Σ exp(β·(P − m)) in float64; also the score sums.
+
+        Starts the work on the worker threads and returns the function that folds it in."""
+        new_max = np.maximum(self._colmax, tile_max)
+        grown = new_max > self._colmax
+        if grown.any():
+            for b, beta in enumerate(self.betas):
+                # rescale what was summed against the old maximum (0 before the first tile)
+                self._sums[b, grown] *= np.exp(beta * (self._colmax[grown] - new_max[grown]))
+            self._colmax = new_max
+        colmax, betas = self._colmax, self.betas
+
+        def chunk(r0: int, r1: int):
+            total = sumsq = 0.0
+            sums = np.zeros((len(betas), tile.shape[1]))
+            step = max(1, _SUB_ITEMS // max(tile.shape[1], 1))
+            for a in range(r0, r1, step):  # cache-sized pieces through a reused buffer
+                part = tile[a:min(a + step, r1)]
+                x = _scratch(part.size, 0).reshape(part.shape)
+                work = x if len(betas) == 1 else _scratch(part.size, 1).reshape(part.shape)
+                x[...] = part
+                total += float(x.sum())
+                sumsq += float(np.einsum("i,i->", x.ravel(), x.ravel()))  # not BLAS: threads
+                np.subtract(x, colmax, out=x)  # exact: both are float32 values
+                for b, beta in enumerate(betas):
+                    np.multiply(x, beta, out=work)
+                    np.exp(work, out=work)
+                    sums[b] += work.sum(axis=0)
+            return total, sumsq, sums
+
+        wait = start_row_chunks(tile.shape[0], tile.size, chunk)
+
+        def finish() -> None:
+            for total, sumsq, sums in wait():
+                self.score_sum += total
+                self.score_sumsq += sumsq
+                self._sums += sums
+
+        return finish
 
     def finish_block(self) -> np.ndarray | None:
         """Store the block's column statistics; returns its sorted scores (columns × rows) if kept."""
         c0, c1 = self._block
-        self.log_norm[:, c0:c1] = self._lse
+        with np.errstate(divide="ignore"):
+            for b, beta in enumerate(self.betas):
+                self.log_norm[b, c0:c1] = beta * self._colmax + np.log(self._sums[b])
         if self._top is not None:
-            self.topk_mean[:, c0:c1] = column_topk_means(self._top, self.topk_ks)
+            self.topk_mean[:, c0:c1] = self._top.means(self.topk_ks)
         sorted_block = None
         if self._sorted is not None:
             sorted_block = np.sort(self._sorted.T, axis=1)
-        self._block = self._lse = self._top = self._sorted = None
+        self._block = self._colmax = self._sums = self._top = self._sorted = None
         return sorted_block
 
     def score_summary(self) -> dict:

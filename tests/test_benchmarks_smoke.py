@@ -1,0 +1,68 @@
+"""The benchmark runner works end to end at tiny sizes (no timing assertions: a shared machine).
+
+Each comparison runs as its own test (every `qbnorm` command is a process of its own, and each
+process start costs about a second): together they cover `python -m benchmarks --tiny`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def runner(tmp_path, only: str) -> tuple[str, dict]:
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", only, "--json", str(out),
+                           "--keep", str(tmp_path / "data")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_matmul_and_official(tmp_path):
+    text, results = runner(tmp_path, "matmul,official")
+    assert "ratio qbnorm / product" in text and "speed-up" in text
+    assert results["matmul"]["ours_s"] > 0 and results["matmul"]["bare_s"] > 0
+    official = results["official"]
+    assert official["rankings"].startswith("identical"), official["rankings"]
+    assert official["ours_mib"] > 0 and official["official_mib"] > 0
+
+
+def test_memory(tmp_path):
+    text, results = runner(tmp_path, "memory")
+    assert "B/item" in text
+    assert len(results["memory"]["rows"]) == 2
+    assert results["memory"]["peak_mib"] > 0
+
+
+def test_scaling(tmp_path):
+    text, results = runner(tmp_path, "scaling")
+    assert "ns per score" in text and "ns per added score" in text and "with the probe of bank" in text
+    assert len(results["scaling"]["lines"]) == 6
+
+
+def test_unknown_comparison_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", "nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--only nope" in proc.stderr
+
+
+def test_official_dense_baseline_matches_formula():
+    """The baseline is the official algorithm: exp-domain IS on the rows whose top-1 is a bank hub."""
+    import numpy as np
+
+    from benchmarks.official_dense import qb_norm
+
+    rng = np.random.default_rng(0)
+    bank, test = rng.uniform(-1, 1, (40, 7)), rng.uniform(-1, 1, (9, 7))
+    scores, gated = qb_norm(bank, test, beta=20.0, k=1)
+    hubs = np.unique(np.argmax(bank, axis=1))
+    want_gated = np.isin(np.argmax(test, axis=1), hubs)
+    np.testing.assert_array_equal(gated, want_gated)
+    want = np.exp(20 * test)
+    want[want_gated] /= np.exp(20 * bank).sum(axis=0)
+    np.testing.assert_allclose(scores, want, rtol=1e-12)
