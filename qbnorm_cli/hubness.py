@@ -17,7 +17,6 @@ with μ the mean of N_k over the n gallery items and Q the number of queries.
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 HUB_SIZE = 2.0
 ATKINSON_EPS = 0.5
@@ -35,6 +34,8 @@ def skewness(nk: np.ndarray) -> float:
     nk = np.asarray(nk, dtype=np.float64)
     if np.all(nk == nk[0]):
         return 0.0
+    from scipy import stats  # imported here: scipy.stats costs every command 0.7 s of start-up
+
     return float(stats.skew(nk, bias=True))
 
 

@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import skew
 
-from qbnorm_cli import FORMAT_VERSION, __version__, files, metrics
+from qbnorm_cli import FORMAT_VERSION, __version__, files, hubness, metrics
 from qbnorm_cli import normalisers as nz
 from qbnorm_cli.blocks import Budget, spans
 from qbnorm_cli.engine import run_normalise
@@ -263,8 +262,7 @@ def bank_diagnostics(neighbors: np.ndarray, k: int, n_gallery: int) -> dict:
     """Coverage of the activation set and the skewness of the bank-side k-occurrence."""
     counts = occurrence(neighbors, k, n_gallery)
     covered = int(np.count_nonzero(counts))
-    skewness = float(skew(counts)) if counts.std() > 0 else 0.0
-    return {"coverage": covered / n_gallery, "covered_items": covered, "occurrence_skewness": skewness,
+    return {"coverage": covered / n_gallery, "covered_items": covered, "occurrence_skewness": hubness.skewness(counts),
             "k": k, "bank_rows": int(neighbors.shape[0])}
 
 
