@@ -49,6 +49,14 @@ def test_skewness_is_the_biased_third_moment(x):
 
 
 @pytest.mark.parametrize("x", list(samples()))
+def test_skewness_equals_scipy_biased_skew(x):
+    from scipy import stats
+
+    expected = 0.0 if np.all(x == x[0]) else stats.skew(x.astype(float), bias=True)
+    assert hub.skewness(x) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("x", list(samples()))
 def test_gini_is_the_pairwise_mean_absolute_difference(x):
     n = len(x)
     if x.sum() == 0:
