@@ -184,9 +184,10 @@ def run_probe(banks: list[tuple[object, BankAccumulator]], n_gallery: int, budge
 
 
 def _dense_whole_rows(raw: np.ndarray, norm: Normaliser, out: np.ndarray) -> np.ndarray:
-    """Normalise whole rows of raw scores into `out` (float64); returns which rows were normalised.
+    """Normalise whole rows of raw scores into `out`; returns which rows were normalised.
 
-    The same values as normalisers.apply_dense, in a few passes over a cache-sized tile.
+    The values of normalisers.apply_dense: η is computed in float64 and rounded once into `out`'s
+    dtype, chunk by chunk so the float64 scratch stays in cache.
     """
     if norm.sorted_bank is not None or norm.row_topk:
         scores, gated = apply_dense(raw, norm)
@@ -198,19 +199,20 @@ def _dense_whole_rows(raw: np.ndarray, norm: Normaliser, out: np.ndarray) -> np.
         gated = np.ones(raw.shape[0], dtype=bool)
     else:
         gated = norm.gated(np.argmax(raw, axis=1))
-    if not gated.any():
+    if not gated.any() or (norm.scale == 1.0 and norm.offset is None):
         out[...] = raw
         return gated
-    # η = scale·S − offset, computed in float64 exactly as Normaliser.transform does
-    if norm.scale == 1.0:
-        out[...] = raw
-    else:
-        np.multiply(raw, norm.scale, out=out, dtype=np.float64)
-    if norm.offset is not None:
-        np.subtract(out, norm.offset, out=out)
-    if not gated.all():
-        keep = ~gated
-        out[keep] = raw[keep]
+    step = max(1, POST_CHUNK_BYTES // (8 * raw.shape[1]))
+    for a in range(0, raw.shape[0], step):
+        part = raw[a:a + step]
+        # η = scale·S − offset in float64, exactly as Normaliser.transform computes it
+        eta = np.multiply(part, norm.scale, dtype=np.float64)
+        if norm.offset is not None:
+            np.subtract(eta, norm.offset, out=eta)
+        keep = ~gated[a:a + step]
+        if keep.any():
+            eta[keep] = part[keep]
+        out[a:a + step] = eta
     return gated
 
 
@@ -218,11 +220,12 @@ class _DenseRows:
     """Super-block state for dense output: the normalised rows (or the raw rows when the gallery
     is split into several column blocks and a row's gate is only known at the end)."""
 
-    def __init__(self, rows: int, n_cols: int, norm: Normaliser, whole_rows: bool):
+    def __init__(self, rows: int, n_cols: int, norm: Normaliser, whole_rows: bool, dtype=np.float64):
         self.norm = norm
         self.whole_rows = whole_rows
+        self.dtype = dtype
         if whole_rows:
-            self.out = np.empty((rows, n_cols))
+            self.out = np.empty((rows, n_cols), dtype=dtype)
             self.gated = np.zeros(rows, dtype=bool)
         else:
             self.raw = np.empty((rows, n_cols), dtype=np.float32)
@@ -238,7 +241,7 @@ class _DenseRows:
         if self.whole_rows:
             return self.out, None, self.gated
         scores, gated = apply_dense(self.raw, self.norm)
-        return scores, None, gated
+        return scores.astype(self.dtype, copy=False), None, gated
 
 
 class _Pending:
@@ -428,11 +431,13 @@ class _TopKRows:
 
 
 def run_normalise(scores, norm: Normaliser, budget: Budget, top_k: int | None = None,
-                  progress: Callable[[int], None] | None = None) -> Iterable[tuple[int, tuple]]:
+                  progress: Callable[[int], None] | None = None,
+                  dtype=np.float64) -> Iterable[tuple[int, tuple]]:
     """Yield (first row, (scores, indices or None, normalised)) for consecutive query row blocks.
 
-    Dense output (top_k None) yields float64 scores for whole rows; ranking output yields the
-    top_k best per row, best first, ties towards the lower gallery index.
+    Dense output (top_k None) yields scores for whole rows, computed in float64 and rounded once to
+    `dtype`; ranking output yields the top_k best per row (float64), best first, ties towards the
+    lower gallery index.
 
     Cost: O(queries × gallery × d) for embeddings (the matrix product); the rest is a few passes
     over each cache-sized tile. A larger bank changes nothing here: its statistics are O(gallery).
@@ -449,7 +454,7 @@ def run_normalise(scores, norm: Normaliser, budget: Budget, top_k: int | None = 
         super_rows = min(super_rows, max(1, DENSE_BLOCK_BYTES // (8 * n_cols)))
     for q0, q1 in spans(n_rows, super_rows):
         if top_k is None:
-            state = _DenseRows(q1 - q0, n_cols, norm, whole_rows)
+            state = _DenseRows(q1 - q0, n_cols, norm, whole_rows, dtype)
         else:
             state = _TopKRows(q1 - q0, top_k, norm)
         for c0, c1 in spans(n_cols, width):

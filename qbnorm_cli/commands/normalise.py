@@ -147,8 +147,8 @@ def command(
         neigh_ds = out.create("/neighbors", shape=(n_rows, width), dtype=np.int32) if top_k else None
         normalised = np.zeros(n_rows, dtype=bool)
         with report.progress("normalise", n_rows * n_gallery) as advance:
-            for q0, (values, indices, gated) in run_normalise(scores, norm, budget, top_k, progress=advance):
-                out.write_rows(score_ds, q0, values.astype(dtype))
+            for q0, (values, indices, gated) in run_normalise(scores, norm, budget, top_k, progress=advance, dtype=np.dtype(dtype)):
+                out.write_rows(score_ds, q0, values.astype(dtype, copy=False))
                 if neigh_ds is not None:
                     out.write_rows(neigh_ds, q0, indices.astype(np.int32))
                 normalised[q0:q0 + len(gated)] = gated
