@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import pytest
-
-from qbnorm_cli.cli import main
+from helpers import run
 
 N_BANK, N_GALLERY, N_QUERIES, N_GALLERY_BANK, DIM = 37, 23, 19, 29, 8
 
@@ -109,10 +108,7 @@ class Cli:
         self.capsys = capsys
 
     def __call__(self, *args) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = self.capsys.readouterr()
-        return code, captured.out, captured.err
+        return run(self.capsys, *args)
 
     def ok(self, *args) -> str:
         code, out, err = self(*args)

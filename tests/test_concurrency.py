@@ -10,14 +10,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import leftovers
 
 from qbnorm_cli.cli import main
 
 D = 8
-
-
-def leftovers(directory) -> list[str]:
-    return sorted(p.name for p in Path(directory).glob(".*.qbnorm-tmp"))
 
 
 @pytest.fixture

@@ -12,23 +12,13 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
+from helpers import leftovers, run
 from scipy.special import logsumexp
 
 from qbnorm_cli import files
 from qbnorm_cli.cli import main
 
 G, B, Q, D = 30, 40, 12, 8
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def leftovers(directory) -> list[str]:
-    return sorted(p.name for p in Path(directory).glob(".*.qbnorm-tmp"))
 
 
 def assert_refused(result, code: int, *needles, out=None) -> str:

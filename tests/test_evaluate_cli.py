@@ -7,17 +7,9 @@ import json
 import h5py
 import numpy as np
 import pytest
+from helpers import run
 
 from qbnorm_cli import FORMAT_VERSION, metrics
-from qbnorm_cli.cli import main
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 # 4 queries × 5 gallery items; ground truth [0, 1, 2, 3] has ranks 0, 2, 1.5, 4.
 SCORES = np.array([

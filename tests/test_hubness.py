@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import dexter_similarity
 
 from qbnorm_cli import hubness as hub
 from qbnorm_cli import topk
-
-FIXTURE = Path(__file__).parent / "fixtures" / "dexter_cosine_triu.npz"
-
-
-def dexter_similarity() -> np.ndarray:
-    """The 300 × 300 DEXTER cosine matrix (float32) rebuilt from its stored upper triangle."""
-    data = np.load(FIXTURE)
-    n = int(data["n"])
-    sim = np.ones((n, n), dtype=np.float32)
-    upper = np.triu_indices(n, k=1)
-    sim[upper] = data["upper"]
-    sim.T[upper] = data["upper"]
-    return sim
 
 
 def samples():

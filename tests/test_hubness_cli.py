@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from helpers import dexter_similarity, run
 
 from qbnorm_cli import FORMAT_VERSION
 from qbnorm_cli import hubness as hub
-from qbnorm_cli.cli import main
-
-FIXTURE = Path(__file__).parent / "fixtures" / "dexter_cosine_triu.npz"
-
-
-def dexter_similarity() -> np.ndarray:
-    """The 300 × 300 DEXTER cosine matrix (float32) from its stored upper triangle (see fixtures/)."""
-    data = np.load(FIXTURE)
-    n = int(data["n"])
-    sim = np.ones((n, n), dtype=np.float32)
-    upper = np.triu_indices(n, k=1)
-    sim[upper] = data["upper"]
-    sim.T[upper] = data["upper"]
-    return sim
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def by_k(doc, i=0) -> dict:

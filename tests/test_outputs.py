@@ -15,22 +15,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import leftovers, run
 
 from qbnorm_cli import files
 from qbnorm_cli.cli import main
 
 D = 8
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def leftovers(directory) -> list[str]:
-    return sorted(p.name for p in Path(directory).glob(".*.qbnorm-tmp"))
 
 
 def one_line(err: str) -> str:
