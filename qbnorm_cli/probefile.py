@@ -98,8 +98,8 @@ def build_normaliser(probe: Probe, method: str, *, beta: float, k: int, gallery_
         return nz.inverted_softmax(probe.log_norm(beta), beta)
     if method == "dis":
         return nz.dynamic_inverted_softmax(probe.log_norm(beta), beta, probe.activation(k))
-    if method == "csls":
-        return nz.csls(probe.topk_mean(topk_k), topk_k)
+    if method == "csls":  # r_q averages the row's K best: at most the whole gallery
+        return nz.csls(probe.topk_mean(topk_k), min(topk_k, probe.n_gallery))
     if method == "nnn":
         return nz.nnn(probe.topk_mean(topk_k), alpha)
     if method == "gc":

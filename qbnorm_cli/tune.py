@@ -206,8 +206,6 @@ def normaliser(probe: MemoryProbe, setting: Setting) -> nz.Normaliser:
     norm = build_normaliser(probe, setting.method, beta=setting.beta, k=setting.k or 1,
                             gallery_beta=setting.gallery_beta, topk_k=setting.topk_mean,
                             alpha=setting.alpha if setting.alpha is not None else 0.0)
-    if norm.row_topk:
-        norm = nz.Normaliser(**{**norm.__dict__, "row_topk": min(norm.row_topk, probe.n_gallery)})
     return norm
 
 

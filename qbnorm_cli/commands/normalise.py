@@ -67,50 +67,21 @@ def command(
         raise UsageError(f"--alpha {alpha}: must be finite")
     probe_file = Probe(open_qbnorm(probe, "probe"))
     n_gallery = probe_file.n_gallery
-    probe_similarity = probe_file.attrs.get("similarity", "cosine")
 
-    if sims is not None:
-        if queries or gallery:
-            raise UsageError("give either --sims or --queries with --gallery, not both")
-        sims_in = open_array(sims, kinds=("similarity",))
-        inputs = [sims_in]
-        scores = MatrixScores(sims_in)
-        gallery_identity = sims_in.attrs.get("gallery_identity")
-        if sims_in.cols != n_gallery:
-            raise DataError(f"{sims_in.label} has {sims_in.cols} columns but the probe's gallery has {n_gallery} items")
-        similarity = "precomputed"
-    else:
-        if not (queries and gallery):
-            raise UsageError("normalise needs --queries and --gallery (or --sims)")
-        similarity = similarity or (probe_similarity if probe_similarity in SIMILARITIES else "cosine")
-        common.check_choice(similarity, SIMILARITIES, "--similarity")
-        q_in = open_array(queries, kinds=EMBEDDING_KINDS)
-        g_in = open_array(gallery, kinds=EMBEDDING_KINDS)
-        inputs = [q_in, g_in]
-        if g_in.rows != n_gallery:
-            raise DataError(f"{g_in.label} has {g_in.rows} rows but {probe} was made from a gallery of {n_gallery}")
-        gallery_identity = g_in.identity
-        scores = EmbeddingScores(Embeddings(q_in, similarity, budget), Embeddings(g_in, similarity, budget))
-    probe_stats = scale.ScoreStats.from_attrs(probe_file.attrs)
-    score_scale = scale.classify(probe_stats) if probe_stats else None
-    if sims is not None and probe_stats is not None:
-        sims_stats = scale.sample_stats(sims_in)
-        if scale.classify(sims_stats) != score_scale:
-            report.warn(f"{sims_in.label} holds scores {scale.describe(sims_stats)}, but the probe's bank scores are "
-                        f"{scale.describe(probe_stats)}; score queries and bank the same way")
-    if tuned is not None:
-        if (warning := tn.tuned_on_warning(params_file, tuned, inputs)) is not None:
-            report.warn(warning)
+    scores, inputs, gallery_identity, similarity = _open_scores(
+        probe_file, queries, gallery, sims, similarity, budget)
     probed = probe_file.attrs.get("gallery_identity")
     if probed and gallery_identity and probed != gallery_identity and not force:
         raise DataError(f"{probe} was made from another gallery than {inputs[-1].label} "
                         "(identity differs); pass --force to use it anyway")
+    if tuned is not None and (warning := tn.tuned_on_warning(params_file, tuned, inputs)) is not None:
+        report.warn(warning)
 
     if top_k is not None:
         common.check_count(top_k, "--top-k", n_gallery, "gallery size")
     common.check_count(k, "--k", n_gallery, "gallery size")
     if beta is None:
-        beta = probe_file.default_beta() if method in ("is", "dis", "dual-is", "dual-dis") else None
+        beta = probe_file.default_beta() if method in tn.BETA_METHODS else None
     else:
         common.check_beta(beta)
     if gallery_beta is not None:
@@ -120,17 +91,9 @@ def command(
     if method in ("csls", "nnn"):
         topk_mean = topk_mean or DEFAULT_TOPK[method]
         common.check_count(topk_mean, "--topk-mean", n_gallery if method == "csls" else 10**12, "gallery size")
-    if method in tn.BETA_METHODS and beta is not None and (warning := scale.beta_warning(beta, probe_stats)):
-        report.warn(warning)
-    if method.startswith("dual") and gallery_beta is not None:
-        warning = scale.beta_warning(gallery_beta, scale.ScoreStats.from_attrs(probe_file.attrs, "gallery_"),
-                                     "--gallery-beta", check_low=False)
-        if warning is not None:
-            report.warn(warning)
+    score_scale = _scale_warnings(report, probe_file, method, beta, gallery_beta, scores)
     norm = build_normaliser(probe_file, method, beta=beta, k=k, gallery_beta=gallery_beta,
                             topk_k=topk_mean, alpha=alpha)
-    if norm.row_topk:
-        norm = nz.Normaliser(**{**norm.__dict__, "row_topk": min(norm.row_topk, n_gallery)})
 
     params = {
         "method": method, "beta": beta, "k": k, "top_k": top_k, "gallery_beta": gallery_beta if method.startswith("dual") else None, "topk_mean": topk_mean if method in ("csls", "nnn") else None,
@@ -174,3 +137,46 @@ def command(
 
 
 command.__doc__ += "\n\nMethods:\n\n" + METHODS_HELP
+
+
+def _open_scores(probe_file: Probe, queries, gallery, sims, similarity, budget):
+    """The query × gallery scores to normalise: (scores, inputs, gallery identity, similarity)."""
+    n_gallery = probe_file.n_gallery
+    if sims is not None:
+        if queries or gallery:
+            raise UsageError("give either --sims or --queries with --gallery, not both")
+        sims_in = open_array(sims, kinds=("similarity",))
+        if sims_in.cols != n_gallery:
+            raise DataError(f"{sims_in.label} has {sims_in.cols} columns but the probe's gallery has {n_gallery} items")
+        return MatrixScores(sims_in), [sims_in], sims_in.attrs.get("gallery_identity"), "precomputed"
+    if not (queries and gallery):
+        raise UsageError("normalise needs --queries and --gallery (or --sims)")
+    probe_similarity = probe_file.attrs.get("similarity", "cosine")
+    similarity = similarity or (probe_similarity if probe_similarity in SIMILARITIES else "cosine")
+    common.check_choice(similarity, SIMILARITIES, "--similarity")
+    q_in = open_array(queries, kinds=EMBEDDING_KINDS)
+    g_in = open_array(gallery, kinds=EMBEDDING_KINDS)
+    if g_in.rows != n_gallery:
+        raise DataError(f"{g_in.label} has {g_in.rows} rows but {probe_file.path} was made from a gallery of {n_gallery}")
+    scores = EmbeddingScores(Embeddings(q_in, similarity, budget), Embeddings(g_in, similarity, budget))
+    return scores, [q_in, g_in], g_in.identity, similarity
+
+
+def _scale_warnings(report, probe_file: Probe, method: str, beta, gallery_beta, scores) -> str | None:
+    """Warn when β looks wrong for the bank scores' scale, or the query scores are on another
+    scale than the bank's; returns the detected scale to record."""
+    probe_stats = scale.ScoreStats.from_attrs(probe_file.attrs)
+    score_scale = scale.classify(probe_stats) if probe_stats else None
+    if isinstance(scores, MatrixScores) and probe_stats is not None:
+        sims_stats = scale.sample_stats(scores.source)
+        if scale.classify(sims_stats) != score_scale:
+            report.warn(f"{scores.source.label} holds scores {scale.describe(sims_stats)}, but the probe's bank "
+                        f"scores are {scale.describe(probe_stats)}; score queries and bank the same way")
+    if method in tn.BETA_METHODS and beta is not None and (warning := scale.beta_warning(beta, probe_stats)):
+        report.warn(warning)
+    if method.startswith("dual") and gallery_beta is not None:
+        warning = scale.beta_warning(gallery_beta, scale.ScoreStats.from_attrs(probe_file.attrs, "gallery_"),
+                                     "--gallery-beta", check_low=False)
+        if warning is not None:
+            report.warn(warning)
+    return score_scale
