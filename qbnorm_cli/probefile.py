@@ -17,20 +17,47 @@ import numpy as np
 from qbnorm_cli import normalisers as nz
 from qbnorm_cli.errors import DataError, UsageError
 from qbnorm_cli.files import read_attrs
-from qbnorm_cli.probe import activation_mask
+from qbnorm_cli.probe import BankAccumulator, activation_mask, occurrence
 
 DEFAULT_BETA = 20.0
 DEFAULT_TOPK = {"csls": 10, "nnn": 128}
 DEFAULT_ALPHA = 0.75
 
 
-class Probe:
-    """Read access to a probe file's statistics (arrays are loaded when first asked for)."""
+def datasets(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: int) -> dict:
+    """The probe schema above, from the accumulators of a probe pass: {name: Stored}.
+    (/sorted_bank_scores is streamed into the file as it is made, so it is not among them.)"""
+    out = {"/topk_mean": Stored(bank.topk_mean, {"ks": np.asarray(bank.topk_ks, dtype=np.int64)})}
+    for prefix, name, acc in (("", "bank", bank), ("gallery_", "gallery_bank", gallery_bank)):
+        if acc is not None:
+            out[f"/{prefix}log_norm"] = Stored(acc.log_norm, {"betas": np.asarray(acc.betas)})
+            out[f"/{name}_neighbors"] = Stored(acc.neighbors.indices.astype(np.int32), {})
+            out[f"/{prefix}activation_count"] = Stored(occurrence(acc.neighbors.indices, k, acc.n_gallery), {"k": k})
+    return out
 
-    def __init__(self, h5: h5py.File):
+
+class Stored:
+    """An in-memory dataset: an array and its attributes, read the way h5py.Dataset is."""
+
+    def __init__(self, data, attrs: dict):
+        self.data = np.asarray(data)
+        self.attrs = attrs
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+
+class Probe:
+    """Read access to a probe's statistics: a probe file, or the datasets of a pass in memory."""
+
+    def __init__(self, h5: h5py.File | dict, path: str | None = None, attrs: dict | None = None):
         self.h5 = h5
-        self.path = h5.filename
-        self.attrs = read_attrs(h5)
+        self.path = h5.filename if path is None else path
+        self.attrs = read_attrs(h5) if attrs is None else attrs
         self.n_gallery = int(self.attrs["gallery_rows"])
 
     def _need(self, name: str, what: str) -> h5py.Dataset:

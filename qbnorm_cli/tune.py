@@ -28,8 +28,8 @@ from qbnorm_cli import normalisers as nz
 from qbnorm_cli.blocks import Budget, spans
 from qbnorm_cli.engine import run_normalise
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError
-from qbnorm_cli.probe import BankAccumulator, activation_mask, occurrence
-from qbnorm_cli.probefile import DEFAULT_BETA, build_normaliser
+from qbnorm_cli.probe import occurrence
+from qbnorm_cli.probefile import DEFAULT_BETA, Probe, build_normaliser
 from qbnorm_cli.scale import ScoreStats, beta_grid
 
 # Grids for cosine-scale scores; `scale.beta_grid` adds their equivalents on other scales.
@@ -132,38 +132,6 @@ class Needs:
         return cls(betas, gallery, kmax, ks, any(s.method == "gc" for s in settings))
 
 
-class MemoryProbe:
-    """The statistics of a probe pass held in memory, read like a probe file by build_normaliser."""
-
-    def __init__(self, bank: BankAccumulator, gallery_bank: BankAccumulator | None = None,
-                 sorted_bank: np.ndarray | None = None):
-        self.bank, self.gallery_bank, self._sorted = bank, gallery_bank, sorted_bank
-        self.n_gallery = bank.n_gallery
-
-    @staticmethod
-    def _row(values, table, value):
-        for row, have in enumerate(values):
-            if np.isclose(have, value, rtol=1e-12, atol=0):
-                return np.asarray(table[row], dtype=np.float64)
-        raise UsageError(f"{value:g} was not probed")
-
-    def log_norm(self, beta: float) -> np.ndarray:
-        return self._row(self.bank.betas, self.bank.log_norm, beta)
-
-    def gallery_log_norm(self, beta: float) -> np.ndarray:
-        return self._row(self.gallery_bank.betas, self.gallery_bank.log_norm, beta)
-
-    def topk_mean(self, k: int) -> np.ndarray:
-        return self._row(self.bank.topk_ks, self.bank.topk_mean, k)
-
-    def activation(self, k: int, gallery: bool = False) -> np.ndarray:
-        acc = self.gallery_bank if gallery else self.bank
-        return activation_mask(acc.neighbors.indices, k, self.n_gallery)
-
-    def sorted_bank(self) -> np.ndarray:
-        return self._sorted
-
-
 class CachedScores:
     """Query × gallery scores computed once and kept when they fit a quarter of the budget (every
     setting re-reads them); otherwise the wrapped scores, recomputed tile by tile."""
@@ -200,7 +168,7 @@ def sample_stats(scores, rows: int = 256, max_cols: int = 4096) -> ScoreStats:
     return ScoreStats.of(np.concatenate([scores.tile(int(r), int(r) + 1) for r in picks]))
 
 
-def normaliser(probe: MemoryProbe, setting: Setting) -> nz.Normaliser:
+def normaliser(probe: Probe, setting: Setting) -> nz.Normaliser:
     if setting.method == "none":
         return nz.none()
     norm = build_normaliser(probe, setting.method, beta=setting.beta, k=setting.k or 1,

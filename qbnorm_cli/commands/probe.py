@@ -8,7 +8,7 @@ import numpy as np
 import typer
 
 from qbnorm_cli import probe as stats
-from qbnorm_cli import scale
+from qbnorm_cli import probefile, scale
 from qbnorm_cli import tune as tn
 from qbnorm_cli.commands import common
 from qbnorm_cli.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_probe
@@ -125,10 +125,8 @@ def command(
 
         with report.progress("probe", total) as advance:
             run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
-        _write_bank(out, "", query_acc, k)
-        if gallery_acc is not None:
-            _write_bank(out, "gallery_", gallery_acc, k)
-        out.create("/topk_mean", data=query_acc.topk_mean, ks=np.array(ks, dtype=np.int64))
+        for name, stored in probefile.datasets(query_acc, gallery_acc, k).items():
+            out.create(name, data=stored.data, **stored.attrs)
         summary_scores = query_acc.score_summary()
         attrs = out.h5.attrs
         attrs["gallery_rows"] = n_gallery
@@ -171,11 +169,3 @@ def command(
     for warning in filter(None, warnings):
         report.warn(warning)
     report.result(summary)
-
-
-def _write_bank(out: OutputFile, prefix: str, acc: stats.BankAccumulator, k: int) -> None:
-    name = "bank" if not prefix else "gallery_bank"
-    out.create(f"/{prefix}log_norm", data=acc.log_norm, betas=np.asarray(acc.betas))
-    out.create(f"/{name}_neighbors", data=acc.neighbors.indices.astype(np.int32))
-    count = stats.occurrence(acc.neighbors.indices, k, acc.n_gallery)
-    out.create(f"/{prefix}activation_count", data=count, k=k)

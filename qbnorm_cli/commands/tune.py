@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from qbnorm_cli import scale
+from qbnorm_cli import probefile, scale
 from qbnorm_cli import tune as tn
 from qbnorm_cli.commands import common
 from qbnorm_cli.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_probe
@@ -108,7 +108,10 @@ def command(
     total = sum(s.n_rows for s, _ in banks) * n_gallery
     with report.progress("probe", total) as advance:
         run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
-    probe = tn.MemoryProbe(query_acc, gallery_acc, sorted_bank)
+    store = probefile.datasets(query_acc, gallery_acc, 1)
+    if sorted_bank is not None:
+        store["/sorted_bank_scores"] = probefile.Stored(sorted_bank, {})
+    probe = probefile.Probe(store, path="the tuning probe", attrs={"gallery_rows": n_gallery})
     full_stats = scale.ScoreStats.from_dict(query_acc.score_summary())
     scale_name = scale.classify(full_stats)
     diag = tn.bank_diagnostics(query_acc.neighbors.indices, 1, n_gallery)
