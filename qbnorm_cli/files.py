@@ -367,11 +367,6 @@ def open_qbnorm(path: str, kind: str) -> h5py.File:
     return h5
 
 
-def json_attr(h5: h5py.File, name: str, default=None):
-    value = h5.attrs.get(name)
-    return default if value is None else json.loads(_plain(value))
-
-
 def chunk_rows(row_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(row_bytes, 1))
 

@@ -75,47 +75,6 @@ def start_row_chunks(n_rows: int, n_items: int, fn):
     return lambda: [f.result() for f in futures]
 
 
-def parallel_row_chunks(n_rows: int, n_items: int, fn) -> list:
-    """fn(r0, r1) over row chunks, on all cores when the work is large; results in order."""
-    return start_row_chunks(n_rows, n_items, fn)()
-
-
-def lse_partial(tile: np.ndarray, betas: np.ndarray) -> np.ndarray:
-    """logsumexp over the rows of β·tile, for each β: shape (len(betas), tile columns), float64."""
-    tile = np.asarray(tile, dtype=np.float64)
-    if tile.shape[0] == 0:
-        return np.full((len(betas), tile.shape[1]), -np.inf)
-    top = tile.max(axis=0)
-    out = []
-    for beta in betas:
-        shifted = beta * tile - beta * top
-        out.append(beta * top + np.log(np.exp(shifted).sum(axis=0)))
-    return np.stack(out)
-
-
-def lse_merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Combine two partial log-sum-exps (−inf is the empty partial)."""
-    return np.logaddexp(a, b)
-
-
-def column_topk_partial(tile: np.ndarray, k: int) -> np.ndarray:
-    """The min(k, rows) largest values of each column, unordered, float64."""
-    tile = tile.astype(np.float64, copy=False)
-    if tile.shape[0] <= k:
-        return tile
-    return np.partition(tile, tile.shape[0] - k, axis=0)[tile.shape[0] - k:]
-
-
-def column_topk_merge(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
-    return column_topk_partial(np.concatenate([a, b], axis=0), k)
-
-
-def column_topk_means(top: np.ndarray, ks) -> np.ndarray:
-    """Mean of the K largest values per column for each K (all values when fewer than K exist)."""
-    ordered = -np.sort(-top, axis=0)
-    return np.stack([ordered[: min(k, len(ordered))].mean(axis=0) for k in ks])
-
-
 def activation_mask(neighbors: np.ndarray, k: int, n_gallery: int) -> np.ndarray:
     """Gallery items among the top-k of at least one bank row (the DIS activation set A)."""
     mask = np.zeros(n_gallery, dtype=bool)

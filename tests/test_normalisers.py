@@ -29,7 +29,13 @@ def package_dense(S, norm):
 
 
 def package_log_norm(P, beta):
-    return stats.lse_partial(np.asarray(P, dtype=np.float64), np.array([beta]))[0]
+    """L_j through the probe's own accumulator (one tile, float64 scores)."""
+    P = np.asarray(P, dtype=np.float64)
+    acc = stats.BankAccumulator(P.shape[0], P.shape[1], np.array([beta]), kmax=1)
+    acc.start_block(0, P.shape[1])
+    acc.update(0, P)
+    acc.finish_block()
+    return acc.log_norm[0]
 
 
 def package_activation(P, k):
