@@ -145,9 +145,8 @@ def command(
             for part, value in gallery_stats.as_dict().items():
                 attrs[f"gallery_score_{part}"] = value
 
-    activation = query_acc.neighbors.indices[:, :k]
-    coverage = float(np.unique(activation).size / n_gallery)
     diag = tn.bank_diagnostics(query_acc.neighbors.indices, k, n_gallery)
+    coverage = diag["coverage"]
     summary = {
         "output": output, "kind": "probe", "uuid": out.uuid, "bank_rows": query_scores.n_rows,
         "gallery_rows": n_gallery, "betas": betas.tolist(), "k": k, "topk_mean": list(ks),
