@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -52,8 +53,10 @@ class Reporter:
             sys.stdout.flush()
 
     @contextmanager
-    def progress(self, description: str, total: int, unit: str = "scores"):
-        """Yields advance(n); draws a bar with throughput only on an interactive stderr."""
+    def progress(self, description: str, total: int, unit: str = "rows", per: int = 1):
+        """Yields advance(n) for n work items, `per` of which make one `unit` (probe and normalise
+        count scores, `per` = gallery size, and show bank or query rows). The bar, with the rate in
+        units per second, is drawn only on an interactive stderr."""
         if self.quiet or not sys.stderr.isatty():
             yield lambda n: None
             return
@@ -63,12 +66,15 @@ class Reporter:
             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
         )
         with Progress(*columns, console=self.console, transient=True) as bar:
-            task = bar.add_task(description, total=total, rate="")
+            task = bar.add_task(description, total=total / per, rate="")
+            start = time.perf_counter()
+            done = 0
 
             def advance(n: int) -> None:
-                bar.advance(task, n)
-                speed = bar.tasks[0].speed
-                if speed:
-                    bar.update(task, rate=f"{speed / 1e6:,.1f} M{unit}/s")
+                nonlocal done
+                done += n
+                elapsed = time.perf_counter() - start
+                rate = f"{done / per / elapsed:,.0f} {unit}/s" if elapsed > 0 else ""
+                bar.update(task, completed=done / per, rate=rate)
 
             yield advance

@@ -109,7 +109,7 @@ def command(
         score_ds = out.create("/scores", shape=(n_rows, width), dtype=dtype)
         neigh_ds = out.create("/neighbors", shape=(n_rows, width), dtype=np.int32) if top_k else None
         normalised = np.zeros(n_rows, dtype=bool)
-        with report.progress("normalise", n_rows * n_gallery) as advance:
+        with report.progress("normalise", n_rows * n_gallery, per=n_gallery) as advance:
             for q0, (values, indices, gated) in run_normalise(scores, norm, budget, top_k, progress=advance, dtype=np.dtype(dtype)):
                 out.write_rows(score_ds, q0, values.astype(dtype, copy=False))
                 if neigh_ds is not None:

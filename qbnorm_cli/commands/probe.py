@@ -123,7 +123,7 @@ def command(
             if number == 0:
                 out.write_rows(sorted_ds, c0, block)
 
-        with report.progress("probe", total) as advance:
+        with report.progress("probe", total, per=n_gallery) as advance:
             run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
         for name, stored in probefile.datasets(query_acc, gallery_acc, k).items():
             out.create(name, data=stored.data, **stored.attrs)

@@ -106,7 +106,7 @@ def command(
             sorted_bank[c0:c1] = block
 
     total = sum(s.n_rows for s, _ in banks) * n_gallery
-    with report.progress("probe", total) as advance:
+    with report.progress("probe", total, per=n_gallery) as advance:
         run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
     store = probefile.datasets(query_acc, gallery_acc, 1)
     if sorted_bank is not None:
