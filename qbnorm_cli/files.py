@@ -15,6 +15,7 @@ import stat
 import tempfile
 import threading
 import uuid as _uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +419,10 @@ class OutputFile:
 
     Use as a context manager; on any exception (including KeyboardInterrupt) the temporary file is
     removed and the target is left as it was.
+
+    Row blocks are written by a background thread (h5py releases the GIL while HDF5 writes), one
+    block at a time, so that the next block is computed while this one goes to disk; a write's
+    error surfaces at the next write_rows, create or close.
     """
 
     def __init__(self, path: str, kind: str, *, force: bool, params: dict,
@@ -430,6 +435,8 @@ class OutputFile:
         self.uuid = str(_uuid.uuid4())
         self.h5: h5py.File | None = None
         self._tmp: str | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def _check_target(self, force: bool, inputs) -> None:
         if self.path.suffix == ".npy" or "::" in str(self.path):
@@ -480,6 +487,7 @@ class OutputFile:
     def create(self, name: str, data=None, *, shape=None, dtype=None, **attrs) -> h5py.Dataset:
         """A dataset chunked by whole rows of about 1 MiB (no compression: floats barely shrink)."""
         check_interrupt()
+        self._wait_write()
         if data is not None:
             data = np.asarray(data)
             shape, dtype = data.shape, data.dtype
@@ -497,17 +505,36 @@ class OutputFile:
         return ds
 
     def write_rows(self, ds: h5py.Dataset, start: int, block: np.ndarray) -> None:
+        """Write ds[start:start+len(block)] in the background; `block` must not change afterwards."""
         check_interrupt()
+        self._wait_write()  # one block in flight: memory stays bounded by the block size
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbnorm-write")
+        self._pending = self._writer.submit(ds.__setitem__, slice(start, start + len(block)), block)
+
+    def _wait_write(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
         try:
-            ds[start:start + len(block)] = block
+            pending.result()
         except OSError as exc:
             raise RuntimeFailure(f"{self.path}: write failed: {_one_line(exc)}") from None
+
+    def _stop_writer(self) -> None:
+        """Wait for the write in flight, whatever happens to it, and end the thread."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._pending = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._discard()
             return
         try:
+            self._wait_write()
+            self._stop_writer()
             check_interrupt()
             self.h5.flush()
             self.h5.close()
@@ -525,6 +552,7 @@ class OutputFile:
             raise
 
     def _discard(self) -> None:
+        self._stop_writer()
         with _signals_deferred():
             if self.h5 is not None:
                 try:
