@@ -453,6 +453,7 @@ def run_normalise(scores, norm: Normaliser, budget: Budget, top_k: int | None = 
     if top_k is None and whole_rows and budget.block_rows is None:
         super_rows = min(super_rows, max(1, DENSE_BLOCK_BYTES // (8 * n_cols)))
     for q0, q1 in spans(n_rows, super_rows):
+        state = None  # the previous block's state goes before the next one is allocated
         if top_k is None:
             state = _DenseRows(q1 - q0, n_cols, norm, whole_rows, dtype)
         else:

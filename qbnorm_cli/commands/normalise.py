@@ -115,6 +115,7 @@ def command(
                 if neigh_ds is not None:
                     out.write_rows(neigh_ds, q0, indices.astype(np.int32))
                 normalised[q0:q0 + len(gated)] = gated
+                del values, indices  # freed while the next block is computed
         out.create("/normalised", data=normalised)
         attrs = out.h5.attrs
         attrs["method"] = method
