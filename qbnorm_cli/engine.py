@@ -7,11 +7,12 @@ output rows a user asked for.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from qbnorm_cli import topk
+from qbnorm_cli import parallel, ranking
 from qbnorm_cli.blocks import Budget, spans
 from qbnorm_cli.errors import DataError
 from qbnorm_cli.files import ArrayInput
@@ -23,15 +24,23 @@ TILE_BYTES_PER_SCORE = 48  # float32 score + float64 copies made by the kernels
 
 
 class Embeddings:
-    """Row blocks of an embedding matrix as float32, L2-normalised for cosine similarity."""
+    """Row blocks of an embedding matrix as float32, L2-normalised for cosine similarity.
 
-    def __init__(self, source: ArrayInput, similarity: str, budget: Budget, share: float = 0.25):
+    The whole matrix is read and kept when it fits `share` of the budget: at once (so that bad
+    values are reported before any work), or with eager=False on first use by `block` or
+    `rows_of` (a gallery read only in `ordered` blocks is then never held twice). Thread-safe.
+    """
+
+    def __init__(self, source: ArrayInput, similarity: str, budget: Budget, share: float = 0.25,
+                 eager: bool = True):
         self.source = source
         self.cosine = similarity == "cosine"
         self._last: tuple[int, int, np.ndarray] | None = None
         self._all = None
-        if budget.fits(source.rows * source.cols * 4, share):
-            self._all = self._load(0, source.rows)
+        self._fits = budget.fits(source.rows * source.cols * 4, share)
+        self._lock = threading.Lock()
+        if eager:
+            self._whole()
 
     @property
     def rows(self) -> int:
@@ -41,12 +50,49 @@ class Embeddings:
     def dim(self) -> int:
         return self.source.cols
 
+    def _whole(self) -> np.ndarray | None:
+        if self._fits and self._all is None:
+            with self._lock:
+                if self._all is None:
+                    self._all = self._load(0, self.source.rows)
+        return self._all
+
     def block(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0:r1 (the last block is kept: callers ask for the same block tile after tile)."""
+        if (whole := self._whole()) is not None:
+            return whole[r0:r1]
+        with self._lock:
+            if self._last is None or self._last[:2] != (r0, r1):
+                self._last = (r0, r1, self._load(r0, r1))
+            return self._last[2]
+
+    def rows_of(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Rows of a slice or of ascending row numbers, for one caller of several at once (no
+        shared block kept)."""
+        if (whole := self._whole()) is not None:
+            return whole[rows]
+        if isinstance(rows, slice):
+            return self._load(rows.start, rows.stop)
+        if rows[-1] - rows[0] < 4 * rows.size:
+            return self._load(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
+        return np.concatenate([self._load(int(r), int(r) + 1) for r in rows])
+
+    def ordered(self, c0: int, c1: int, order: np.ndarray | None) -> np.ndarray:
+        """Rows c0 + order[p] at position p (rows c0:c1 when order is None), as one new array."""
+        if order is None:
+            return np.array(self.block(c0, c1))
         if self._all is not None:
-            return self._all[r0:r1]
-        if self._last is None or self._last[:2] != (r0, r1):
-            self._last = (r0, r1, self._load(r0, r1))
-        return self._last[2]
+            return self._all[c0 + order]
+        out = np.empty((c1 - c0, self.dim), dtype=np.float32)
+        position = np.empty_like(order)
+        position[order] = np.arange(order.size)
+
+        def place(span):  # read in file order, scatter into place (on all cores: the first
+            a, b = span   # touch of fresh memory costs as much as the copy)
+            out[position[a:b]] = self._load(c0 + a, c0 + b)
+
+        list(parallel.run_tasks(place, spans(c1 - c0, max(1, (4 << 20) // (4 * max(self.dim, 1))))))
+        return out
 
     def _load(self, r0: int, r1: int) -> np.ndarray:
         block = self.source.read(r0, r1)
@@ -99,6 +145,24 @@ class EmbeddingScores:
 
     sub_columns = True  # tiles may cover part of a column block: the gallery block stays in memory
 
+    # -- for ranking.py: several threads, each computing its own product tiles ------------------
+    def prepare_columns(self, c0: int, c1: int, order: np.ndarray | None) -> None:
+        """Hold gallery rows c0:c1 in `order` for product_tile (kept while the same block recurs)."""
+        key = (c0, c1, None if order is None else order.tobytes())
+        if getattr(self, "_ordered_key", None) != key:
+            self._ordered = None  # the previous block goes first
+            self._ordered = self.cols.ordered(c0, c1, order)
+            self._ordered_key = key
+
+    def product_tile(self, rows, s0: int, s1: int, scratch) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of query rows `rows` (a slice or row numbers) against positions s0:s1 of the
+        prepared block: a query-major view of a gallery-major product (BLAS is fastest that way
+        round), and a mask buffer of the same layout, both in this thread's scratch."""
+        queries = self.rows.rows_of(rows)
+        out, mask = scratch((s1 - s0, queries.shape[0]))
+        np.matmul(self._ordered[s0:s1], queries.T, out=out)
+        return out.T, mask.T
+
 
 class MatrixScores:
     """Tiles of a precomputed score matrix (rows × gallery)."""
@@ -120,11 +184,15 @@ class MatrixScores:
     def col_bytes(self) -> int:
         return 0
 
+    def read_rows(self, rows: slice | np.ndarray, c0: int, c1: int) -> np.ndarray:
+        """Rows of a slice or of ascending row numbers, columns c0:c1."""
+        if isinstance(rows, slice):
+            return self.source.read(rows.start, rows.stop, c0, c1)
+        return self.source.read(int(rows[0]), int(rows[-1]) + 1, c0, c1)[rows - rows[0]]
 
-# Tiles are sized for the caches, not just the budget: a matrix-product tile of about
-# TILE_TARGET_BYTES float32 scores (SUB_COLUMNS wide) stays in the last-level cache while the
-# post-processing passes (offset, comparisons, candidate extraction) run over it.
-SUB_COLUMNS = 8192
+
+# Tiles are sized for the caches, not just the budget: a tile of about TILE_TARGET_BYTES float32
+# scores stays in the last-level cache while the post-processing passes run over it.
 PROBE_COLUMNS = 512  # probe blocks: tiles 8192 bank rows tall, so column top-K bounds fold cheaply
 TILE_TARGET_BYTES = 16 << 20
 DENSE_BLOCK_BYTES = 32 << 20  # float64 output rows handed back at a time (dense output)
@@ -142,13 +210,6 @@ def tile_rows(width: int, budget: Budget, total: int) -> int:
     if budget.block_rows is None:
         rows = min(rows, max(1, TILE_TARGET_BYTES // (4 * max(width, 1))))
     return rows
-
-
-def _sub_spans(scores, c0: int, c1: int, budget: Budget):
-    """Column spans of the tiles inside a column block."""
-    if getattr(scores, "sub_columns", False) and budget.block_rows is None:
-        return list(spans(c1 - c0, SUB_COLUMNS))
-    return [(0, c1 - c0)]
 
 
 def run_probe(banks: list[tuple[object, BankAccumulator]], n_gallery: int, budget: Budget,
@@ -244,231 +305,35 @@ class _DenseRows:
         return scores.astype(self.dtype, copy=False), None, gated
 
 
-class _Pending:
-    """Candidates of one running top-k, gathered over a row tile's column tiles and merged when
-    they pile up (one sort of the held top-k per merge, not per column tile)."""
-
-    def __init__(self, tracker: topk.RunningTopK):
-        self.tracker = tracker
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.count = 0
-
-    def add(self, rows: np.ndarray, idx: np.ndarray, vals: np.ndarray) -> None:
-        if rows.size:
-            self.parts.append((rows, idx, vals))
-            self.count += rows.size
-
-    def flush(self, r0: int) -> None:
-        if not self.parts:
-            return
-        if len(self.parts) == 1:
-            rows, idx, vals = self.parts[0]
-        else:
-            rows, idx, vals = (np.concatenate(p) for p in zip(*self.parts, strict=True))
-            order = np.argsort(rows, kind="stable")  # parts come left to right: indices stay ascending
-            rows, idx, vals = rows[order], idx[order], vals[order]
-        self.parts, self.count = [], 0
-        self.tracker.offer(r0, rows, idx, vals, forward=True)
-
-
-class _TopKRows:
-    """Super-block state for ranking output: running top-N of raw and/or normalised scores.
-
-    Each row's columns must arrive left to right (run_normalise walks them so). Per tile, only the
-    scores above a row's running threshold (its current N-th best) become candidates:
-      raw      one comparison with the threshold (float32, exact);
-      affine   η = scale·S − offset[j]: u = S − offset[j]/scale in float32 (one pass), compared with
-               threshold/scale lowered by a margin that covers float32 rounding; the candidates'
-               η are then computed exactly in float64, as Normaliser.transform does;
-      gc       the exact transform of the whole tile (ranks: no shortcut).
-    On a row's first tile the threshold is topk.kth_lower_bound of the tile. Candidates of a row
-    tile's column tiles are merged into the top-N when they pile up and when the row tile ends.
-    The raw top-1 (the dynamic gate) is the first raw item, and the CSLS row term the mean of the
-    raw top-K.
-    """
-
-    def __init__(self, rows: int, n_out: int, norm: Normaliser):
-        self.norm = norm
-        self.n_out = n_out
-        self.rows = rows
-        raw_k = n_out if (norm.identity or norm.gate is not None) else 0
-        raw_k = max(raw_k, norm.row_topk)
-        self.raw = topk.RunningTopK(rows, raw_k) if raw_k else None
-        self.normed = None if norm.identity else topk.RunningTopK(rows, n_out)
-        self.affine = self.normed is not None and norm.sorted_bank is None
-        if self.affine and norm.offset is not None:
-            shift = np.asarray(norm.offset, dtype=np.float64) / norm.scale
-            self.shift32 = shift.astype(np.float32)
-            self.shift_max = float(np.abs(shift).max()) if shift.size else 0.0
-        else:
-            self.shift32, self.shift_max = None, 0.0
-        self.pending = [_Pending(t) for t in (self.raw, self.normed) if t is not None]
-        self._r0 = None
-        # scratch reused chunk after chunk (fresh arrays would cost page faults every time)
-        self._u = np.empty(0, dtype=np.float32)
-        self._masks = (np.empty(0, dtype=bool), np.empty(0, dtype=bool))
-
-    def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        size = shape[0] * shape[1]
-        if self._masks[0].size < size:
-            self._masks = (np.empty(size, dtype=bool), np.empty(size, dtype=bool))
-            if self.shift32 is not None:
-                self._u = np.empty(size, dtype=np.float32)
-        u = self._u[:size].reshape(shape) if self.shift32 is not None else None
-        return u, self._masks[0][:size].reshape(shape), self._masks[1][:size].reshape(shape)
-
-    def update(self, r0: int, c0: int, tile: np.ndarray) -> None:
-        if self._r0 != r0:
-            self.flush()
-            self._r0 = r0
-        rows = tile.shape[0]
-        step = max(1, POST_CHUNK_BYTES // (4 * max(tile.shape[1], 1)))
-        for a in range(0, rows, step):
-            self._chunk(r0, c0, tile, a, min(a + step, rows))
-        for pend in self.pending:
-            # merge once a row tile's candidates reach a top-N per row: later tiles then filter
-            # against a tighter threshold, and a row's top-N is re-sorted a few times, not per tile
-            if pend.count >= rows * pend.tracker.k:
-                pend.flush(r0)
-
-    def flush(self) -> None:
-        if self._r0 is not None:
-            for pend in self.pending:
-                pend.flush(self._r0)
-
-    def _chunk(self, r0: int, c0: int, tile: np.ndarray, a: int, b: int) -> None:
-        """Candidates of rows a:b of a tile (a cache-sized chunk), for both running top-Ns."""
-        part = tile[a:b]
-        u, mask, mask2 = self._scratch(part.shape)
-        compare_raw = compare_norm = None
-        if self.raw is not None:
-            bound = self.raw.bound(r0 + a, r0 + b)
-            strict = True
-            if np.isneginf(bound).any():
-                bound = np.maximum(bound, topk.kth_lower_bound(part, self.raw.k))
-                strict = False
-            compare_raw = (np.greater if strict else np.greater_equal, topk.float_bound(bound, part.dtype, strict))
-        if self.normed is not None:
-            normed, thr_n, strict = self._normed_filter(part, c0, u, self.normed.bound(r0 + a, r0 + b))
-            compare_norm = (np.greater if strict else np.greater_equal, topk.float_bound(thr_n, normed.dtype, strict))
-        # one mask for both: a compare each, an or, one extraction
-        if compare_raw is not None:
-            compare_raw[0](part, compare_raw[1][:, None], out=mask)
-        if compare_norm is not None:
-            target = mask2 if compare_raw is not None else mask
-            compare_norm[0](normed, compare_norm[1][:, None], out=target)
-            if compare_raw is not None:
-                np.logical_or(mask, mask2, out=mask)
-        rows, cols = np.divmod(np.flatnonzero(mask), part.shape[1])
-        if rows.size == 0:
-            return
-        if compare_raw is not None:
-            vals = part[rows, cols]
-            keep = compare_raw[0](vals, compare_raw[1][rows])
-            self.pending_raw.add(rows[keep] + a, cols[keep] + c0, vals[keep].astype(np.float64))
-        if compare_norm is not None:
-            keep = compare_norm[0](normed[rows, cols], compare_norm[1][rows])
-            rows, cols = rows[keep], cols[keep]
-            if self.affine:
-                vals = part[rows, cols].astype(np.float64)
-                if self.norm.scale != 1.0:
-                    vals = self.norm.scale * vals
-                if self.norm.offset is not None:
-                    vals = vals - self.norm.offset[c0 + cols]
-            else:
-                vals = normed[rows, cols]
-            self.pending_norm.add(rows + a, cols + c0, vals)
-
-    def _normed_filter(self, part, c0, u, bound):
-        """(values to compare, per-row threshold, strict) for the normalised top-N of a chunk."""
-        k = self.normed.k
-        if not self.affine:  # gc: exact values of the whole chunk
-            values = self.norm.transform(part, c0)
-            strict = True
-            if np.isneginf(bound).any():
-                bound = np.maximum(bound, topk.kth_lower_bound(values, k))
-                strict = False
-            return values, bound, strict
-        if self.shift32 is not None:
-            np.subtract(part, self.shift32[c0:c0 + part.shape[1]], out=u)
-        else:
-            u = part
-        scale, shift_max = float(self.norm.scale), self.shift_max
-        # |u − (S − offset/scale)| ≤ 2⁻²⁴·(|offset/scale| + |u|) (float32 rounding of the shift and
-        # of the difference); margins of 2⁻²² times that magnitude cover it with room to spare.
-        held = bound / scale
-        thr = held - 2.0 ** -22 * (np.abs(held) + shift_max)
-        if np.isneginf(held).any():
-            lower = topk.kth_lower_bound(u, k)
-            thr = np.maximum(thr, lower - 2.0 ** -21 * (np.abs(lower) + shift_max))
-        thr = np.where(np.isnan(thr), -np.inf, thr)
-        return u, thr, False
-
-    @property
-    def pending_raw(self):
-        return self.pending[0] if self.raw is not None else None
-
-    @property
-    def pending_norm(self):
-        return self.pending[-1] if self.normed is not None else None
-
-    def finish(self):
-        self.flush()
-        norm, n = self.norm, self.n_out
-        if self.raw is not None:
-            gated = norm.gated(self.raw.indices[:, 0])
-        else:
-            gated = norm.gated(np.zeros(self.rows, dtype=np.int64))
-        if self.normed is None:
-            return self.raw.values[:, :n], self.raw.indices[:, :n], gated
-        term = norm.row_term(self.raw.values if norm.row_topk else None)
-        normed = self.normed.values - (term[:, None] if np.ndim(term) else term)
-        if norm.gate is None:
-            return normed, self.normed.indices, gated
-        values = np.where(gated[:, None], normed, self.raw.values[:, :n])
-        indices = np.where(gated[:, None], self.normed.indices, self.raw.indices[:, :n])
-        return values, indices, gated
-
-
 def run_normalise(scores, norm: Normaliser, budget: Budget, top_k: int | None = None,
                   progress: Callable[[int], None] | None = None,
                   dtype=np.float64) -> Iterable[tuple[int, tuple]]:
     """Yield (first row, (scores, indices or None, normalised)) for consecutive query row blocks.
 
     Dense output (top_k None) yields scores for whole rows, computed in float64 and rounded once to
-    `dtype`; ranking output yields the top_k best per row (float64), best first, ties towards the
-    lower gallery index.
+    `dtype`; ranking output (ranking.run_ranking) yields the top_k best per row (float64), best
+    first, ties towards the lower gallery index.
 
     Cost: O(queries × gallery × d) for embeddings (the matrix product); the rest is a few passes
     over each cache-sized tile. A larger bank changes nothing here: its statistics are O(gallery).
     """
+    if top_k is not None:
+        yield from ranking.run_ranking(scores, norm, budget, top_k, progress)
+        return
     n_rows, n_cols = scores.n_rows, scores.n_cols
     width = column_block_width(n_cols, scores.col_bytes(), 0, budget)
     whole_rows = width >= n_cols
-    if top_k is None:
-        row_state_bytes = n_cols * (8 if whole_rows else 4 + 8 + 8)
-    else:
-        row_state_bytes = 48 * (2 * top_k + norm.row_topk) + 32
+    row_state_bytes = n_cols * (8 if whole_rows else 4 + 8 + 8)
     super_rows = budget.rows(row_state_bytes, share=0.5, total=n_rows)
-    if top_k is None and whole_rows and budget.block_rows is None:
+    if whole_rows and budget.block_rows is None:
         super_rows = min(super_rows, max(1, DENSE_BLOCK_BYTES // (8 * n_cols)))
     for q0, q1 in spans(n_rows, super_rows):
         state = None  # the previous block's state goes before the next one is allocated
-        if top_k is None:
-            state = _DenseRows(q1 - q0, n_cols, norm, whole_rows, dtype)
-        else:
-            state = _TopKRows(q1 - q0, top_k, norm)
+        state = _DenseRows(q1 - q0, n_cols, norm, whole_rows, dtype)
         for c0, c1 in spans(n_cols, width):
             scores.column_block(c0, c1)
-            subs = _sub_spans(scores, c0, c1, budget) if top_k is not None else [(0, c1 - c0)]
-            rows_per_tile = tile_rows(subs[0][1] - subs[0][0], budget, q1 - q0)
-            for r0, r1 in spans(q1 - q0, rows_per_tile):
-                for s0, s1 in subs:
-                    if len(subs) == 1:
-                        tile = scores.tile(q0 + r0, q0 + r1)
-                    else:
-                        tile = scores.tile(q0 + r0, q0 + r1, c0 + s0, c0 + s1)
-                    state.update(r0, c0 + s0, tile)
-                    if progress:
-                        progress((r1 - r0) * (s1 - s0))
+            for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0)):
+                state.update(r0, c0, scores.tile(q0 + r0, q0 + r1))
+                if progress:
+                    progress((r1 - r0) * (c1 - c0))
         yield q0, state.finish()

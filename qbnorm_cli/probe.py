@@ -20,34 +20,15 @@ the row) are merged, a few per column and row over the whole bank.
 
 from __future__ import annotations
 
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from qbnorm_cli import topk
+from qbnorm_cli import parallel, topk
 
 # Tiles at least this large are exponentiated by all cores (numpy releases the GIL in ufuncs).
 _PARALLEL_MIN = 1 << 18
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="qbnorm")
-    return _POOL
-
-
 _SUB_ITEMS = 1 << 17  # float64 items per piece: 1 MiB, cache-resident while exponentiated
 _LOCAL = threading.local()
 
@@ -66,12 +47,12 @@ def _scratch(size: int, slot: int) -> np.ndarray:
 def start_row_chunks(n_rows: int, n_items: int, fn):
     """Start fn(r0, r1) over row chunks, on all cores when the work is large; returns a function
     that waits for the results (in order). The caller may work meanwhile."""
-    workers = _workers()
+    workers = parallel.workers()
     if workers == 1 or n_items < _PARALLEL_MIN or n_rows < 2 * workers:
         done = [fn(0, n_rows)]
         return lambda: done
     step = -(-n_rows // workers)
-    futures = [_pool().submit(fn, r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
+    futures = [parallel.pool().submit(fn, r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
     return lambda: [f.result() for f in futures]
 
 

@@ -38,45 +38,34 @@ def _rank(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: int, k: i
     return out_vals, out_idx
 
 
-def kth_lower_bound(values: np.ndarray, k: int) -> np.ndarray:
+def kth_lower_bound(values: np.ndarray, k: int, spread: int = 4) -> np.ndarray:
     """Per row a value θ with at least k entries ≥ θ (−inf where the row has fewer than k entries).
 
     θ is the exact k-th largest value for narrow rows; for wide rows it is the k-th largest of
-    s ≥ 4k column-group maxima, a lower bound that about 1.2·k entries of random data reach.
+    s ≥ spread·k column-group maxima, a lower bound that about (1 + k/(2·spread))·k entries of random
+    data reach (the k largest fall into distinct groups unless two share one). `values` may be a
+    transposed view: the folds follow its memory layout.
     """
     n_rows, n_cols = values.shape
     if k < 1 or n_cols < k or n_rows == 0:
         return np.full(n_rows, -np.inf)
-    if n_cols < _FOLD_MIN_RATIO * k:
+    if n_cols < _FOLD_MIN_RATIO * spread // 4 * k:
         return np.partition(values, n_cols - k, axis=1)[:, n_cols - k].astype(np.float64)
-    group = 1 << int(np.log2(n_cols / (4 * k)))  # columns per group, a power of two ≥ 4
-    groups = n_cols // group                     # ≥ 4k groups: column j goes to group j mod groups
+    group = 1 << int(np.log2(n_cols / (spread * k)))  # columns per group, a power of two ≥ 4
+    groups = n_cols // group                          # ≥ spread·k groups: column j → group j mod groups
     width = groups * group
     folded = np.maximum(values[:, : width // 2], values[:, width // 2: width])
     half = width // 2
     while half > groups:
         half //= 2
         np.maximum(folded[:, :half], folded[:, half: 2 * half], out=folded[:, :half])
-    return np.partition(folded[:, :groups], groups - k, axis=1)[:, groups - k].astype(np.float64)
+    small = np.ascontiguousarray(folded[:, :groups])
+    return np.partition(small, groups - k, axis=1)[:, groups - k].astype(np.float64)
 
 
 def kth_lower_bound_columns(values: np.ndarray, k: int) -> np.ndarray:
-    """kth_lower_bound of each column (rows folded by contiguous halves: no transposed copy)."""
-    n_rows, n_cols = values.shape
-    if k < 1 or n_rows < k or n_cols == 0:
-        return np.full(n_cols, -np.inf)
-    if n_rows < _FOLD_MIN_RATIO * k:
-        return np.partition(values, n_rows - k, axis=0)[n_rows - k].astype(np.float64)
-    group = 1 << int(np.log2(n_rows / (4 * k)))
-    groups = n_rows // group
-    height = groups * group
-    folded = np.maximum(values[: height // 2], values[height // 2: height])
-    half = height // 2
-    while half > groups:
-        half //= 2
-        np.maximum(folded[:half], folded[half: 2 * half], out=folded[:half])
-    small = np.ascontiguousarray(folded[:groups].T)
-    return np.partition(small, groups - k, axis=1)[:, groups - k].astype(np.float64)
+    """kth_lower_bound of each column (the rows are folded by contiguous halves: no transposed copy)."""
+    return kth_lower_bound(values.T, k)
 
 
 def float_bound(bound: np.ndarray, dtype, strict: bool = False) -> np.ndarray:
@@ -131,6 +120,70 @@ def merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k:
     real = idx >= 0
     rows = np.nonzero(real)[0]
     return _rank(rows, idx[real], vals[real], vals.shape[0], k)
+
+
+_RANK_WIDTH = 4  # rows with more than this many candidates per wanted item are ranked apart
+
+
+def rank(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: int, k: int):
+    """The best k of each row's candidates (row, index, value), best first, ties towards the lower
+    index, padded with (−inf, −1): what `_rank`'s lexsort gives, at the cost of a partition.
+
+    Candidates are grouped by row (a radix sort for 16-bit row numbers); each row's k-th largest
+    value comes from a partition of the row padded to a common width (rows with many candidates
+    are ranked on their own, so that one outlier does not widen every row). A row whose k-th value
+    is tied beyond k, or whose k best hold two equal values, is ranked by `_rank`, which orders
+    equal values by index.
+    """
+    out_v, out_i = empty(n_rows, k)
+    if rows.size == 0 or k == 0:
+        return out_v, out_i
+    keys = rows.astype(np.uint16) if n_rows <= 1 << 16 else rows
+    order = np.argsort(keys, kind="stable")
+    rows, idx, vals = rows[order], idx[order], vals[order]
+    counts = np.bincount(rows, minlength=n_rows)
+    wide = counts > _RANK_WIDTH * k
+    groups = [wide, ~wide] if wide.any() else [np.ones(n_rows, dtype=bool)]
+    for group in groups:
+        targets = np.flatnonzero(group)
+        if targets.size == 0:
+            continue
+        sel = group[rows]
+        local = np.searchsorted(targets, rows[sel]) if targets.size < n_rows else rows
+        out_v[targets], out_i[targets] = _rank_grouped(local, idx[sel], vals[sel], targets.size, k)
+    return out_v, out_i
+
+
+def _rank_grouped(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: int, k: int):
+    """rank() for candidates already grouped by row (rows ascending)."""
+    counts = np.bincount(rows, minlength=n_rows)
+    width = int(counts.max())
+    pos = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
+    retie = np.zeros(n_rows, dtype=bool)
+    top_v, top_i = empty(n_rows, k)
+    if width > k:
+        padded = np.full((n_rows, width), -np.inf)
+        padded[rows, pos] = vals
+        kth = np.partition(padded, width - k, axis=1)[:, width - k]
+        keep = vals >= kth[rows]
+        kept = np.bincount(rows[keep], minlength=n_rows)
+        retie = kept > k  # the k-th value is tied beyond k: which of them enter depends on the index
+        kept[retie] = 0
+        keep &= ~retie[rows]
+        rows_k = rows[keep]
+        pos = np.arange(rows_k.size) - (np.cumsum(kept) - kept)[rows_k]
+        top_v[rows_k, pos], top_i[rows_k, pos] = vals[keep], idx[keep]
+    else:
+        top_v[rows, pos], top_i[rows, pos] = vals, idx
+    order = np.argsort(-top_v, axis=1)
+    top_v = np.take_along_axis(top_v, order, axis=1)
+    top_i = np.take_along_axis(top_i, order, axis=1)
+    retie |= ((top_v[:, 1:] == top_v[:, :-1]) & (top_i[:, 1:] >= 0)).any(axis=1)
+    if retie.any():
+        redo = np.flatnonzero(retie)
+        sel = retie[rows]
+        top_v[redo], top_i[redo] = _rank(np.searchsorted(redo, rows[sel]), idx[sel], vals[sel], redo.size, k)
+    return top_v, top_i
 
 
 def _place(held: tuple[np.ndarray, np.ndarray], r0: int, rows: np.ndarray, idx: np.ndarray,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as ref
-from conftest import N_GALLERY, Scores, f32_exact
+from conftest import N_GALLERY, Embeds, Scores, f32_exact
 
 from qbnorm_cli import normalisers as nz
 from qbnorm_cli import probe as stats
-from qbnorm_cli import topk
+from qbnorm_cli import ranking, topk
 from qbnorm_cli.blocks import Budget
 from qbnorm_cli.engine import Embeddings, EmbeddingScores, MatrixScores, run_normalise, run_probe
 from qbnorm_cli.files import ArrayInput
@@ -135,10 +135,10 @@ def assert_ranking(got_idx, want_scores, exact_only: bool):
         assert want_scores[r, a] != want_scores[r, b], f"row {r}: exact tie of {a} and {b} out of gallery order"
 
 
-def check_method(data: Scores, probe, query_scores, method, k, budget, output):
+def check_method(data: Scores, probe, query_scores, method, k, budget, output, top_n=TOP_N):
     want, want_gated = expected(data, method, k)
     norm = normaliser(probe, method, k)
-    exact_only = data.name != "ties"
+    exact_only = data.name not in ("ties", "wide")
     if output == "dense":
         got, indices, gated = stream(query_scores, norm, budget)
         assert indices is None
@@ -147,8 +147,8 @@ def check_method(data: Scores, probe, query_scores, method, k, budget, output):
         assert_ranking(ref.top_n(got, TOP_N)[1], want, exact_only)
         assert_scores(got, want)
     else:
-        want_vals, _ = ref.top_n(want, TOP_N)
-        got_vals, got_idx, gated = stream(query_scores, norm, budget, TOP_N)
+        want_vals, _ = ref.top_n(want, top_n)
+        got_vals, got_idx, gated = stream(query_scores, norm, budget, top_n)
         np.testing.assert_array_equal(gated, want_gated)
         assert_ranking(got_idx, want, exact_only)
         assert_scores(got_vals, want_vals)
@@ -293,3 +293,110 @@ def test_topk_select_merge_matches_stable_sort(ties, k, width):
 def test_float32_exact_helper():
     x = np.array([0.1, 1 / 3])
     assert (f32_exact(x) == x.astype(np.float32)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rankings of wide galleries (ranking.py): sampled thresholds, offset-ordered tiles, recomputed rows
+
+
+@pytest.fixture(scope="module")
+def wide() -> Embeds:
+    """Dyadic embeddings (exact float32 products) with a gallery wide enough for many product
+    tiles per block; some gallery rows repeated far apart, so that exact ties cross tiles. Coarse
+    values make mathematically equal normalised scores common (rounding then orders them)."""
+    rng = np.random.default_rng(11)
+
+    def draw(n):
+        return (rng.integers(-8, 9, (n, 8)) / 8).astype(np.float32)
+
+    gallery = draw(900)
+    gallery[[850, 600, 333]] = gallery[[5, 5, 17]]
+    gallery[400:420] = gallery[0]  # a run of one item: ties at every threshold for some queries
+    return Embeds(draw(150), gallery, draw(45), draw(120))
+
+
+# (sub-tile columns, query rows per tile, SAFETY, memory): SAFETY 0.02 makes every threshold too
+# high, so that rows are recomputed; a small memory cuts the gallery into several column blocks.
+GEOMETRIES = {
+    "sampled": (64, 7, 2.5, None),
+    "recomputed": (64, 7, 0.02, None),
+    "blocks": (48, 5, 2.5, 60_000),
+    "blocks-recomputed": (48, 5, 0.02, 60_000),
+}
+
+
+@pytest.mark.parametrize("top_n", [3, 40])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize(("method", "k"), CASES)
+def test_wide_rankings_equal_reference(wide, monkeypatch, geometry, method, k, top_n):
+    sub, rows, safety, memory = GEOMETRIES[geometry]
+    monkeypatch.setattr(ranking, "SUB_COLUMNS", sub)
+    monkeypatch.setattr(ranking, "TILE_ROWS", rows)
+    monkeypatch.setattr(ranking, "SAFETY", safety)
+    recomputed = []
+    real = ranking._recompute
+
+    def counting(run, rows):
+        recomputed.append(rows.size)
+        return real(run, rows)
+
+    monkeypatch.setattr(ranking, "_recompute", counting)
+    budget = Budget() if memory is None else Budget(memory=memory)
+
+    def scores(a, b):
+        return EmbeddingScores(Embeddings(mem(a), "dot", Budget()), Embeddings(mem(b), "dot", Budget(), eager=False))
+
+    key = ("wide",)
+    if key not in _PROBES:
+        _PROBES[key] = StreamedProbe(scores(wide.bank, wide.gallery), scores(wide.gallery_bank, wide.gallery),
+                                     900, Budget())
+    data = wide.scores()
+    data = Scores("wide", data.P, data.S, data.H)
+    query_scores = scores(wide.queries, wide.gallery)
+    check_method(data, _PROBES[key], query_scores, method, k, budget, "topk", top_n=top_n)
+    if safety < 1:
+        assert sum(recomputed) > 0, "the recomputation path was not exercised"
+    if memory is not None:
+        geom = ranking.geometry(query_scores, 45, 900, budget, 1)
+        assert geom.block_columns < 900 and geom.sub_columns < geom.block_columns
+
+
+def test_wide_rankings_tiles_really_are_sampled_and_ordered(wide, monkeypatch):
+    """The geometry above walks a sample tile and offset-ordered tiles with one comparison each."""
+    monkeypatch.setattr(ranking, "SUB_COLUMNS", 64)
+    calls = {"ordered": 0, "exact": 0}
+    for name in calls:
+        real = getattr(ranking._Candidates, f"_{name}")
+
+        def counted(self, *args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *args)
+
+        monkeypatch.setattr(ranking._Candidates, f"_{name}", counted)
+    norm = nz.inverted_softmax(np.linspace(0, 1, 900), BETA)
+    scores = EmbeddingScores(Embeddings(mem(wide.queries), "dot", Budget()),
+                             Embeddings(mem(wide.gallery), "dot", Budget(), eager=False))
+    list(run_normalise(scores, norm, Budget(), 10))
+    assert calls["ordered"] > 3 * calls["exact"] > 0
+
+
+def test_rows_still_unsure_after_recomputing_take_every_entry(wide, monkeypatch):
+    """The last resort of _recompute (never needed by the bounds' margins) is exact too."""
+    monkeypatch.setattr(ranking, "SUB_COLUMNS", 64)
+    monkeypatch.setattr(ranking, "SAFETY", 0.02)
+    real = ranking._fold_rows
+
+    def doubting(run, rows, n, subs, everything=False):
+        raw, norm, unsure = real(run, rows, n, subs, everything)
+        if len(subs) == 1 and not everything:
+            unsure = np.ones_like(unsure)
+        return raw, norm, unsure
+
+    monkeypatch.setattr(ranking, "_fold_rows", doubting)
+    data = wide.scores()
+    data = Scores("wide", data.P, data.S, data.H)
+    probe = StreamedProbe(MatrixScores(mem(data.P)), MatrixScores(mem(data.H)), 900, Budget())
+    scores = EmbeddingScores(Embeddings(mem(wide.queries), "dot", Budget()),
+                             Embeddings(mem(wide.gallery), "dot", Budget(), eager=False))
+    for method, k in (("dis", 1), ("csls", 1), ("none", 1)):
+        check_method(data, probe, scores, method, k, Budget(), "topk", top_n=12)

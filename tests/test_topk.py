@@ -124,3 +124,41 @@ def test_merge_and_argmax_unchanged():
     arg.update(0, M[:, :25], 0)
     arg.update(0, M[:, 25:], 25)
     np.testing.assert_array_equal(arg.indices, brute(M, 1)[1][:, 0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_rank_equals_stable_argsort_of_the_candidates(kind, k):
+    """rank() of candidates given in any order: the stable sort of each row's candidates, padded."""
+    rows, cols = 57, 300
+    M = data(kind, rows, cols, seed=k).astype(np.float64)
+    rng = np.random.default_rng(k)
+    keep = rng.random((rows, cols)) < rng.choice([0.02, 0.3, 1.0], size=(rows, 1))  # few, some, all
+    keep[3] = False  # a row without candidates
+    keep[4, :] = True  # and one with many more than the others: ranked on its own
+    M[5, :] = 2.0  # all tied: the lowest indices win
+    keep[5, :] = True
+    r, c = np.nonzero(keep)
+    order = rng.permutation(r.size)
+    got_v, got_i = topk.rank(r[order], c[order] + 1000, M[r, c][order], rows, k)
+    masked = np.where(keep, M, -np.inf)
+    want_v, want_i = brute(masked, k)
+    want_i = np.where(np.isneginf(want_v), -1, want_i + 1000)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_v, want_v)
+
+
+def test_rank_of_nothing():
+    v, i = topk.rank(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), 4, 3)
+    assert np.isneginf(v).all() and (i == -1).all()
+
+
+@pytest.mark.parametrize("spread", [4, 16])
+def test_kth_lower_bound_spread_and_transposed_views(spread):
+    M = data("normal", 700, 64, seed=spread)  # 700 × 64, read as 64 rows of a transposed view
+    view = M.T
+    for k in (1, 5, 11):
+        bound = topk.kth_lower_bound(view, k, spread=spread)
+        kth = -np.sort(-view.astype(np.float64), axis=1)[:, k - 1]
+        assert (bound <= kth).all()
+        np.testing.assert_array_equal(bound, topk.kth_lower_bound(np.ascontiguousarray(view), k, spread=spread))

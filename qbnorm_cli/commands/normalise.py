@@ -69,7 +69,7 @@ def command(
     n_gallery = probe_file.n_gallery
 
     scores, inputs, gallery_identity, similarity = _open_scores(
-        probe_file, queries, gallery, sims, similarity, budget)
+        probe_file, queries, gallery, sims, similarity, budget, ranked=top_k is not None)
     probed = probe_file.attrs.get("gallery_identity")
     if probed and gallery_identity and probed != gallery_identity and not force:
         raise DataError(f"{probe} was made from another gallery than {inputs[-1].label} "
@@ -140,8 +140,9 @@ def command(
 command.__doc__ += "\n\nMethods:\n\n" + METHODS_HELP
 
 
-def _open_scores(probe_file: Probe, queries, gallery, sims, similarity, budget):
-    """The query × gallery scores to normalise: (scores, inputs, gallery identity, similarity)."""
+def _open_scores(probe_file: Probe, queries, gallery, sims, similarity, budget, ranked: bool):
+    """The query × gallery scores to normalise: (scores, inputs, gallery identity, similarity).
+    A ranking reads the gallery block by block in its own order (ranking.py), never whole."""
     n_gallery = probe_file.n_gallery
     if sims is not None:
         if queries or gallery:
@@ -159,7 +160,8 @@ def _open_scores(probe_file: Probe, queries, gallery, sims, similarity, budget):
     g_in = open_array(gallery, kinds=EMBEDDING_KINDS)
     if g_in.rows != n_gallery:
         raise DataError(f"{g_in.label} has {g_in.rows} rows but {probe_file.path} was made from a gallery of {n_gallery}")
-    scores = EmbeddingScores(Embeddings(q_in, similarity, budget), Embeddings(g_in, similarity, budget))
+    scores = EmbeddingScores(Embeddings(q_in, similarity, budget),
+                             Embeddings(g_in, similarity, budget, eager=not ranked))
     return scores, [q_in, g_in], g_in.identity, similarity
 
 

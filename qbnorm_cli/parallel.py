@@ -1,0 +1,61 @@
+"""The cores qbnorm works on: one thread pool shared by the kernels, and BLAS kept out of its way.
+
+numpy releases the GIL inside ufunc loops and BLAS calls, so plain threads run the numpy kernels
+on every core. Where each thread does its own matrix products (normalise --top-k), BLAS is limited
+to one thread meanwhile: the threads already use every core, and a multi-threaded BLAS call from
+each would oversubscribe them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def workers() -> int:
+    """Cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="qbnorm")
+    return _POOL
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS on one thread inside the block (threadpoolctl), as it was afterwards."""
+    from threadpoolctl import threadpool_limits  # scans the loaded libraries: only when needed
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def run_tasks(fn: Callable, items: Iterable) -> Iterator:
+    """fn(item) for every item, on all cores when there are several; results in order as they
+    complete in order (each one yielded as soon as it and those before it are done)."""
+    items = list(items)
+    if workers() == 1 or len(items) < 2:
+        for item in items:
+            yield fn(item)
+        return
+    with single_threaded_blas():
+        futures = [pool().submit(fn, item) for item in items]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:  # on an error or interrupt: start nothing more, wait for the rest
+                future.cancel()
+            for future in futures:
+                if not future.cancelled():
+                    future.exception()

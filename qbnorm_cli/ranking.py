@@ -1,0 +1,385 @@
+"""Exact top-N of raw and normalised scores (normalise --top-k), at about the cost of the product.
+
+Per query row two ranked lists may be needed (value descending, ties towards the lower gallery
+index): the raw scores S[q, j] (the baseline, the dynamic gate's top-1, CSLS's r_q) and the
+normalised scores η = scale·S[q, j] − offset[j] (normalisers.Normaliser; Globally-Corrected
+scores come from its exact transform). Nothing holds a query × gallery matrix: for each query row
+tile and gallery column block,
+
+1. the block's first product tile is a uniform random sample of its columns. A row's threshold θ
+   is a lower bound of the sample's k'-th best value, k' = ⌈SAFETY · k · sample/block⌉ (at most
+   k): the row's k-th best over the whole block is about SAFETY times more selective, so θ lies
+   below it with high probability, whatever the score distribution (the rank of a sample's order
+   statistic is distribution-free). The running top-k of earlier blocks raises θ where it is
+   higher.
+2. The other columns come ordered by offset, so that each product tile spans a narrow range of
+   offsets [lo, hi]: one float32 comparison per score, S ≥ min(θ_raw, (θ_η + lo)/scale), finds
+   every score that can reach either list (lowered by a margin for rounding); the few survivors
+   are then tested exactly (float64 η, as Normaliser.transform computes it).
+3. The candidates and the rows' running top-k are ranked exactly once per row tile
+   (topk.rank). A row's result is exact when at least k of its entries are ≥ θ, or θ = −inf:
+   everything not collected is then below its k-th best. Rows that fail the check (rare by
+   construction) are recomputed against the whole block, with θ the k-th best's lower bound.
+
+Row tiles are independent: they run on all cores, each thread computing its own products with
+BLAS on one thread (parallel.run_tasks).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qbnorm_cli import parallel, topk
+from qbnorm_cli.blocks import Budget, spans
+from qbnorm_cli.normalisers import Normaliser
+
+SAFETY = 2.0           # speculative thresholds aim at the SAFETY·k-th best: ~0.2 % of rows recomputed
+SAMPLE_SPREAD = 16     # column groups per wanted item in the sample's bound (tight for small k')
+TILE_ROWS = 512        # queries per product tile
+SUB_COLUMNS = 8192     # gallery items per product tile: 16 MiB of float32 scores, in the L3 cache
+SAMPLE_COLUMNS = 8192  # gallery items in a block's sample tile (at most a product tile)
+TILE_BYTES_PER_SCORE = 13  # float32 scores, a comparison mask and the sample tile's float32 shifted copy
+_SEED = 0x7162          # the sample's columns: fixed, so that timings repeat (results never depend on it)
+_LOCAL = threading.local()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Tile sizes: query rows per task, gallery columns per product tile, columns per block."""
+
+    rows: int
+    sub_columns: int
+    block_columns: int
+
+
+def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int) -> Geometry:
+    """Tiles within a quarter of the budget on all threads; blocks as the engine sizes them."""
+    from qbnorm_cli.engine import column_block_width  # the engine imports this module
+
+    block = column_block_width(n_cols, scores.col_bytes(), 0, budget)
+    if budget.block_rows is not None:  # fixed by hand (tests, debugging)
+        return Geometry(budget.block_rows, budget.block_rows, block)
+    sub = min(SUB_COLUMNS, block) if scores.sub_columns else block
+    per_thread = budget.memory * 0.25 / workers
+    rows = int(min(TILE_ROWS, max(1, per_thread // (TILE_BYTES_PER_SCORE * sub)), n_rows))
+    if rows < 8 and sub > 64:  # a small budget: narrower tiles rather than single rows
+        sub = max(64, int(per_thread // (TILE_BYTES_PER_SCORE * 8)))
+        rows = min(8, n_rows)
+    return Geometry(rows, sub, block)
+
+
+class Lists:
+    """The running top-k lists of a super-block of query rows: raw (raw_k) and normalised (norm_k)."""
+
+    def __init__(self, n_rows: int, raw_k: int, norm_k: int):
+        self.raw_k, self.norm_k = raw_k, norm_k
+        self.raw = topk.empty(n_rows, raw_k)
+        self.norm = topk.empty(n_rows, norm_k)
+
+
+class Block:
+    """A gallery column block as the product tiles see it: the order of its columns (position p is
+    gallery item index[p]), their offsets in that order, and the tiles' column spans (the first
+    is the sample), with each later tile's lowest offset."""
+
+    def __init__(self, c0: int, c1: int, norm: Normaliser, sub_columns: int, ordered: bool):
+        width = c1 - c0
+        self.c0, self.c1, self.width = c0, c1, width
+        sample = min(SAMPLE_COLUMNS, sub_columns, width)
+        self.order = None
+        if ordered and width > sample:
+            first = np.sort(np.random.default_rng([_SEED, c0]).choice(width, sample, replace=False))
+            rest = np.ones(width, dtype=bool)
+            rest[first] = False
+            rest = np.flatnonzero(rest)
+            if norm.offset is not None:
+                rest = rest[np.argsort(norm.offset[c0 + rest], kind="stable")]
+            self.order = np.concatenate([first, rest])
+        self.index = c0 + (self.order if self.order is not None else np.arange(width))
+        self.offset = None if norm.offset is None else np.asarray(norm.offset, dtype=np.float64)[self.index]
+        self.subs = [(0, sample), *((s0 + sample, s1 + sample) for s0, s1 in spans(width - sample, sub_columns))]
+        if self.offset is not None and self.order is not None:
+            self.lows = [float(self.offset[s0:s1].min()) for s0, s1 in self.subs]
+        else:
+            self.lows = [0.0] * len(self.subs)
+
+
+def _scratch(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's float32 tile buffer and bool mask (fresh large arrays cost page faults)."""
+    size = shape[0] * shape[1]
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None or bufs[0].size < size:
+        bufs = _LOCAL.bufs = (np.empty(size, dtype=np.float32), np.empty(size, dtype=bool))
+    return bufs[0][:size].reshape(shape), bufs[1][:size].reshape(shape)
+
+
+def _survivors(tile: np.ndarray, mask: np.ndarray):
+    """(rows, cols, scores) where a query-major mask is set, read in the tile's memory order (a
+    product tile is a transposed view: gallery-major in memory)."""
+    if mask.flags.c_contiguous:
+        flat = np.flatnonzero(mask)
+        rows, cols = np.divmod(flat, mask.shape[1])
+        return rows, cols, tile.reshape(-1)[flat] if tile.flags.c_contiguous else tile[rows, cols]
+    flat = np.flatnonzero(mask.T)
+    cols, rows = np.divmod(flat, mask.shape[0])
+    return rows, cols, tile.T.reshape(-1)[flat] if tile.T.flags.c_contiguous else tile[rows, cols]
+
+
+def _spec_k(k: int, sample: int, width: int) -> int:
+    """k': the sample's order statistic whose value the block's k-th best exceeds w.h.p."""
+    if sample >= width:
+        return k
+    return min(k, max(1, math.ceil(SAFETY * k * sample / width)))
+
+
+class _Candidates:
+    """The candidates of some query rows of the super-block (a slice, or ascending row numbers)
+    against the current gallery block, gathered tile by tile, and the rows' thresholds."""
+
+    def __init__(self, run: _Run, rows, n: int, everything: bool = False):
+        self.run, self.rows, self.n, self.everything = run, rows, n, everything
+        self.raw_parts: list = []
+        self.norm_parts: list = []
+        self.th_raw = np.full(n, -np.inf)
+        self.th_norm = np.full(n, -np.inf)
+
+    def collect(self, subs) -> None:
+        run, block = self.run, self.run.block
+        for t, (s0, s1) in enumerate(subs):
+            tile, mask = run.tile(self.rows, s0, s1)
+            if t == 0:
+                self._sample(tile, mask, s0, s1)
+            elif run.affine and block.order is not None:
+                self._ordered(tile, mask, s0, block.lows[t])
+            else:
+                self._exact(tile, mask, s0, s1)
+
+    def fold(self, k: int, held, parts, theta):
+        """The exact top-k of the rows' held list and its candidates, and which rows were not
+        sure to be exact (fewer than k entries at or above a finite threshold)."""
+        values, indices = held[0][self.rows], held[1][self.rows]
+        if not k:
+            return (values, indices), np.zeros(self.n, dtype=bool)
+        r, c = np.nonzero(indices >= 0)
+        parts = [*parts, (r, indices[r, c], values[r, c])]
+        cand_rows, cand_idx, cand_vals = (np.concatenate(p) for p in zip(*parts, strict=True))
+        top = topk.rank(cand_rows, cand_idx, cand_vals, self.n, k)
+        unsure = ~np.isneginf(theta) & (np.count_nonzero(top[0] >= theta[:, None], axis=1) < k)
+        return top, unsure
+
+    def _sample(self, tile, mask, s0, s1):
+        """The first tile: speculative thresholds from it, then its candidates by exact tests."""
+        run, lists, width = self.run, self.run.lists, self.run.block.width
+        if self.everything:  # every entry a candidate (thresholds stay −inf)
+            self._exact(tile, mask, s0, s1)
+            return
+        if lists.raw_k:
+            spec = _spec_k(lists.raw_k, s1 - s0, width)
+            self.th_raw = np.maximum(topk.kth_lower_bound(tile, spec, SAMPLE_SPREAD), lists.raw[0][self.rows, -1])
+        if lists.norm_k:
+            spec = _spec_k(lists.norm_k, s1 - s0, width)
+            if run.affine:
+                shifted = tile if run.shift32 is None else tile - run.shift32[s0:s1]
+                low = topk.kth_lower_bound(shifted, spec, SAMPLE_SPREAD)
+                # lowered by the float32 rounding of u, so that the entries reaching it in u reach it in η
+                th = (low - 2.0 ** -22 * (np.abs(low) + run.shift_max)) * run.norm.scale
+            else:
+                th = topk.kth_lower_bound(run.norm.transform(tile, run.gc_column(s0)), spec)
+            self.th_norm = np.maximum(th, lists.norm[0][self.rows, -1])
+        self._exact(tile, mask, s0, s1, shifted if lists.norm_k and run.affine else None)
+
+    def _exact(self, tile, mask, s0, s1, shifted=None):
+        """Candidates of a tile whose columns span any offsets: a test per list."""
+        run, lists = self.run, self.run.lists
+        eta = None
+        if lists.raw_k:
+            np.greater_equal(tile, topk.float_bound(self.th_raw, np.float32)[:, None], out=mask)
+        if lists.norm_k:
+            if run.affine:
+                # u = S − offset/scale in float32: |u − (S − offset/scale)| ≤ 2⁻²⁴·(|u| + |offset/scale|);
+                # a margin of 2⁻²² times that magnitude covers it (and η's float64 rounding)
+                if shifted is None:
+                    shifted = tile if run.shift32 is None else tile - run.shift32[s0:s1]
+                held = self.th_norm / run.norm.scale
+                low = topk.float_bound(held - 2.0 ** -22 * (np.abs(held) + run.shift_max), np.float32)
+                hit = shifted >= low[:, None]
+            else:
+                eta = run.norm.transform(tile, run.gc_column(s0))
+                hit = eta >= self.th_norm[:, None]
+            if lists.raw_k:
+                mask |= hit
+            else:
+                mask[...] = hit
+        self._take(tile, mask, s0, eta)
+
+    def _ordered(self, tile, mask, s0, low_offset):
+        """Candidates of a tile of offset-ordered columns: one comparison per score."""
+        run, lists = self.run, self.run.lists
+        bound = np.full(self.n, np.inf)
+        if lists.raw_k:
+            bound = self.th_raw
+        if lists.norm_k:
+            # η ≥ θ ⇒ S ≥ (θ + offset)/scale ≥ (θ + lo)/scale, lowered for float64 rounding
+            scale = run.norm.scale
+            x = (self.th_norm + low_offset) / scale
+            x = x - 2.0 ** -40 * (np.abs(self.th_norm) + 2 * run.offset_max) / scale
+            bound = np.minimum(bound, x)
+        np.greater_equal(tile, topk.float_bound(bound, np.float32)[:, None], out=mask)
+        self._take(tile, mask, s0, None)
+
+    def _take(self, tile, mask, s0, eta):
+        """Exact tests of the masked scores; the survivors join the lists' candidates."""
+        run, lists, block = self.run, self.run.lists, self.run.block
+        rows, cols, scores = _survivors(tile, mask)
+        if rows.size == 0:
+            return
+        scores = scores.astype(np.float64)
+        positions = s0 + cols
+        index = block.index[positions]
+        if lists.raw_k:
+            keep = np.flatnonzero(scores >= self.th_raw[rows])
+            self.raw_parts.append((rows[keep], index[keep], scores[keep]))
+        if lists.norm_k:
+            if eta is not None:
+                values = eta[rows, cols]
+            else:  # η exactly as Normaliser.transform computes it
+                values = scores if run.norm.scale == 1.0 else run.norm.scale * scores
+                if block.offset is not None:
+                    values = values - block.offset[positions]
+            keep = np.flatnonzero(values >= self.th_norm[rows])
+            self.norm_parts.append((rows[keep], index[keep], values[keep]))
+
+
+def _fold_rows(run: _Run, rows, n: int, subs, everything: bool = False):
+    """Candidates of `rows` over the tiles `subs`, ranked with their held lists:
+    ((raw, norm) top-k lists of the rows, which rows are not sure to be exact)."""
+    lists = run.lists
+    found = _Candidates(run, rows, n, everything)
+    found.collect(subs)
+    raw, unsure_raw = found.fold(lists.raw_k, lists.raw, found.raw_parts, found.th_raw)
+    norm, unsure_norm = found.fold(lists.norm_k, lists.norm, found.norm_parts, found.th_norm)
+    return raw, norm, unsure_raw | unsure_norm
+
+
+def _store(lists: Lists, rows, raw, norm, keep=slice(None)) -> None:
+    lists.raw[0][rows], lists.raw[1][rows] = raw[0][keep], raw[1][keep]
+    lists.norm[0][rows], lists.norm[1][rows] = norm[0][keep], norm[1][keep]
+
+
+def _row_tile(run: _Run, r0: int, r1: int):
+    """Fold the block into rows r0:r1; returns (scores done, rows left to recompute)."""
+    raw, norm, unsure = _fold_rows(run, slice(r0, r1), r1 - r0, run.block.subs)
+    sure = np.flatnonzero(~unsure)
+    _store(run.lists, r0 + sure, raw, norm, sure)
+    return (r1 - r0) * run.block.width, r0 + np.flatnonzero(unsure)
+
+
+def _recompute(run: _Run, rows: np.ndarray) -> None:
+    """Rows whose speculative threshold was too high, against the whole block in one tile: its
+    threshold is then a lower bound of the k-th best, so the result is exact (were rounding ever
+    to defeat the bound's margins, those rows would take every entry as a candidate)."""
+    raw, norm, unsure = _fold_rows(run, rows, rows.size, [(0, run.block.width)])
+    sure = np.flatnonzero(~unsure)
+    _store(run.lists, rows[sure], raw, norm, sure)
+    if unsure.any():
+        rows = rows[unsure]
+        raw, norm, _ = _fold_rows(run, rows, rows.size, [(0, run.block.width)], everything=True)
+        _store(run.lists, rows, raw, norm)
+
+
+class _Run:
+    """One gallery block against one super-block of query rows."""
+
+    def __init__(self, scores, norm: Normaliser, lists: Lists, block: Block, q0: int):
+        self.scores, self.norm, self.lists, self.block, self.q0 = scores, norm, lists, block, q0
+        self.affine = norm.sorted_bank is None
+        self.shift32 = self.shift_max = None
+        self.offset_max = 0.0
+        if self.affine and block.offset is not None:
+            shift = block.offset / norm.scale
+            self.shift32 = shift.astype(np.float32)
+            self.shift_max = float(np.abs(shift).max()) if shift.size else 0.0
+            self.offset_max = float(np.abs(block.offset).max()) if shift.size else 0.0
+        elif self.affine:
+            self.shift_max = 0.0
+
+    def gc_column(self, s0: int) -> int:
+        return self.block.c0 + s0  # gc blocks keep the gallery order
+
+    def tile(self, rows, s0: int, s1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of `rows` (super-block numbering) against block positions s0:s1, query-major,
+        with a mask buffer of the same layout."""
+        q = self.q0 + rows if isinstance(rows, np.ndarray) else slice(self.q0 + rows.start, self.q0 + rows.stop)
+        if self.scores.sub_columns:
+            return self.scores.product_tile(q, s0, s1, _scratch)
+        values = self.scores.read_rows(q, self.block.c0 + s0, self.block.c0 + s1)
+        mask = _scratch(values.shape)[1]
+        return values, mask
+
+
+def list_lengths(norm: Normaliser, top_k: int) -> tuple[int, int]:
+    """(raw_k, norm_k): the raw list serves the baseline, the gate's top-1 and CSLS's row term."""
+    raw_k = top_k if (norm.identity or norm.gate is not None) else 0
+    return max(raw_k, norm.row_topk), (0 if norm.identity else top_k)
+
+
+def rank_block(scores, norm: Normaliser, lists: Lists, c0: int, c1: int, q0: int, geom: Geometry,
+               progress: Callable[[int], None] | None = None) -> None:
+    """Fold gallery columns c0:c1 into `lists` (query rows q0: of the scores), row tile by row
+    tile on all cores, then recompute together the few rows whose thresholds were too high."""
+    ordered = scores.sub_columns and norm.sorted_bank is None
+    block = Block(c0, c1, norm, geom.sub_columns, ordered)
+    if scores.sub_columns:
+        scores.prepare_columns(c0, c1, block.order)
+    run = _Run(scores, norm, lists, block, q0)
+    spans_ = list(spans(lists.raw[0].shape[0], geom.rows))
+    redo = []
+    for done, rows in parallel.run_tasks(lambda span: _row_tile(run, *span), spans_):
+        redo.append(rows)
+        if progress:
+            progress(done)
+    redo = np.concatenate(redo)
+    if redo.size:
+        step = max(1, int(geom.rows * geom.sub_columns // block.width))  # a tile's worth of scores
+        parts = [redo[a:a + step] for a in range(0, redo.size, step)]
+        list(parallel.run_tasks(lambda rows: _recompute(run, rows), parts))
+
+
+def finish(lists: Lists, norm: Normaliser, top_k: int):
+    """(values, indices, normalised) of a super-block: gated rows normalised, the others raw."""
+    n = lists.raw[0].shape[0]
+    if lists.raw_k:
+        gated = norm.gated(lists.raw[1][:, 0])
+    else:
+        gated = norm.gated(np.zeros(n, dtype=np.int64))
+    if not lists.norm_k:
+        return lists.raw[0][:, :top_k], lists.raw[1][:, :top_k], gated
+    term = norm.row_term(lists.raw[0] if norm.row_topk else None)
+    normed = lists.norm[0] - (term[:, None] if np.ndim(term) else term)
+    if norm.gate is None:
+        return normed, lists.norm[1], gated
+    values = np.where(gated[:, None], normed, lists.raw[0][:, :top_k])
+    indices = np.where(gated[:, None], lists.norm[1], lists.raw[1][:, :top_k])
+    return values, indices, gated
+
+
+def run_ranking(scores, norm: Normaliser, budget: Budget, top_k: int,
+                progress: Callable[[int], None] | None = None) -> Iterable[tuple[int, tuple]]:
+    """Yield (first row, (values, indices, normalised)) for consecutive super-blocks of query rows:
+    the top_k best per row (float64), best first, ties towards the lower gallery index."""
+    n_rows, n_cols = scores.n_rows, scores.n_cols
+    raw_k, norm_k = list_lengths(norm, top_k)
+    geom = geometry(scores, n_rows, n_cols, budget, parallel.workers())
+    # per row: the lists (value and index), their candidates (≈ SAFETY·k each) and the merges
+    row_bytes = 16 * (raw_k + norm_k) * (2 + SAFETY) + 32
+    super_rows = budget.rows(row_bytes, share=0.5, total=n_rows)
+    for q0, q1 in spans(n_rows, super_rows):
+        lists = Lists(q1 - q0, raw_k, norm_k)
+        for c0, c1 in spans(n_cols, geom.block_columns):
+            rank_block(scores, norm, lists, c0, c1, q0, geom, progress)
+        yield q0, finish(lists, norm, top_k)
