@@ -233,8 +233,10 @@ def test_signal_during_a_long_write(work, signum):
     _interrupt(work, argv, signum, out)
 
 
-def test_sigterm_during_a_real_job(work):
-    """The installed `qbnorm` on a job big enough to take a while (no test hooks)."""
+@pytest.mark.parametrize("ranking", [False, True])
+def test_sigterm_during_a_real_job(work, ranking):
+    """The installed `qbnorm` on a job big enough to take a while (no test hooks); a ranking
+    (--top-k) is interrupted while its row tiles run on the worker threads."""
     rng = np.random.default_rng(1)
     with h5py.File(work / "big.h5", "w") as h5:
         h5["queries"] = rng.standard_normal((6000, D)).astype(np.float32)
@@ -242,5 +244,5 @@ def test_sigterm_during_a_real_job(work):
     qbnorm = Path(sys.executable).with_name("qbnorm")
     argv = [str(qbnorm), "normalise", "--queries", f"{work}/big.h5::/queries", "--gallery",
             f"{work}/emb.h5::/gallery", "--probe", str(work / "probe.h5"), "-o", str(out), "--force",
-            "--block-rows", "1", "-q"]
+            "--block-rows", "1", "-q", *(["--top-k", "3"] if ranking else [])]
     _interrupt(work, argv, signal.SIGTERM, out)
