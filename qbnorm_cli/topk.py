@@ -143,38 +143,42 @@ def rank(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: int, k: in
     rows, idx, vals = rows[order], idx[order], vals[order]
     counts = np.bincount(rows, minlength=n_rows)
     wide = counts > _RANK_WIDTH * k
-    groups = [wide, ~wide] if wide.any() else [np.ones(n_rows, dtype=bool)]
-    for group in groups:
+    if not wide.any():
+        return _rank_grouped(rows, idx, vals, n_rows, k, counts)
+    for group in (wide, ~wide):
         targets = np.flatnonzero(group)
-        if targets.size == 0:
-            continue
-        sel = group[rows]
-        local = np.searchsorted(targets, rows[sel]) if targets.size < n_rows else rows
-        out_v[targets], out_i[targets] = _rank_grouped(local, idx[sel], vals[sel], targets.size, k)
+        if targets.size:
+            sel = group[rows]
+            local = np.searchsorted(targets, rows[sel])
+            out_v[targets], out_i[targets] = _rank_grouped(local, idx[sel], vals[sel], targets.size, k)
     return out_v, out_i
 
 
-def _rank_grouped(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: int, k: int):
+def _rank_grouped(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: int, k: int,
+                  counts: np.ndarray | None = None):
     """rank() for candidates already grouped by row (rows ascending)."""
-    counts = np.bincount(rows, minlength=n_rows)
+    if counts is None:
+        counts = np.bincount(rows, minlength=n_rows)
     width = int(counts.max())
-    pos = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
     retie = np.zeros(n_rows, dtype=bool)
     top_v, top_i = empty(n_rows, k)
     if width > k:
+        slot = rows * width + (np.arange(rows.size) - (np.cumsum(counts) - counts)[rows])
         padded = np.full((n_rows, width), -np.inf)
-        padded[rows, pos] = vals
+        padded.reshape(-1)[slot] = vals
         kth = np.partition(padded, width - k, axis=1)[:, width - k]
         keep = vals >= kth[rows]
         kept = np.bincount(rows[keep], minlength=n_rows)
         retie = kept > k  # the k-th value is tied beyond k: which of them enter depends on the index
         kept[retie] = 0
         keep &= ~retie[rows]
+        keep = np.flatnonzero(keep)
         rows_k = rows[keep]
-        pos = np.arange(rows_k.size) - (np.cumsum(kept) - kept)[rows_k]
-        top_v[rows_k, pos], top_i[rows_k, pos] = vals[keep], idx[keep]
+        slot = rows_k * k + (np.arange(rows_k.size) - (np.cumsum(kept) - kept)[rows_k])
+        top_v.reshape(-1)[slot], top_i.reshape(-1)[slot] = vals[keep], idx[keep]
     else:
-        top_v[rows, pos], top_i[rows, pos] = vals, idx
+        slot = rows * k + (np.arange(rows.size) - (np.cumsum(counts) - counts)[rows])
+        top_v.reshape(-1)[slot], top_i.reshape(-1)[slot] = vals, idx
     order = np.argsort(-top_v, axis=1)
     top_v = np.take_along_axis(top_v, order, axis=1)
     top_i = np.take_along_axis(top_i, order, axis=1)
