@@ -40,12 +40,16 @@ class Budget:
     memory: int = DEFAULT_MEMORY
     block_rows: int | None = None
 
-    def rows(self, bytes_per_row: float, share: float = 1.0, total: int | None = None) -> int:
-        """Rows of `bytes_per_row` that fit in `share` of the budget (at least 1, at most total)."""
+    def rows(self, bytes_per_row: float, share: float = 1.0, total: int | None = None,
+             align: int | None = None) -> int:
+        """Rows of `bytes_per_row` that fit in `share` of the budget (at least 1, at most total),
+        rounded down to whole multiples of `align` (the rows of an HDF5 chunk) when that leaves
+        at least one: then no chunk is read, or decompressed, twice."""
         if self.block_rows is not None:
             rows = self.block_rows
         else:
             rows = max(1, int(self.memory * share // max(bytes_per_row, 1)))
+            rows = aligned(rows, align)
         if total is not None:
             rows = min(rows, max(total, 1))
         return rows
@@ -53,6 +57,16 @@ class Budget:
     def fits(self, nbytes: float, share: float) -> bool:
         """Whether an array of `nbytes` may be held whole (never when blocks are fixed by hand)."""
         return self.block_rows is None and nbytes <= self.memory * share
+
+
+def aligned(step: int, chunk: int | None) -> int:
+    """`step` rounded down to a multiple of `chunk`, or below one chunk to a divisor of it: blocks
+    then never straddle a chunk boundary (the chunk cache keeps a chunk between its blocks)."""
+    if not chunk or chunk <= 1 or step <= 1:
+        return step
+    if step >= chunk:
+        return step // chunk * chunk
+    return next(d for d in range(step, 0, -1) if chunk % d == 0)
 
 
 def spans(total: int, step: int):

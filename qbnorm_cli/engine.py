@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from qbnorm_cli import parallel, ranking
-from qbnorm_cli.blocks import Budget, spans
+from qbnorm_cli.blocks import Budget, aligned, spans
 from qbnorm_cli.errors import DataError
 from qbnorm_cli.files import ArrayInput
 from qbnorm_cli.normalisers import Normaliser, apply_dense
@@ -91,7 +91,8 @@ class Embeddings:
             a, b = span   # touch of fresh memory costs as much as the copy)
             out[position[a:b]] = self._load(c0 + a, c0 + b)
 
-        list(parallel.run_tasks(place, spans(c1 - c0, max(1, (4 << 20) // (4 * max(self.dim, 1))))))
+        step = aligned(max(1, (4 << 20) // (4 * max(self.dim, 1))), self.source.chunk_rows)
+        list(parallel.run_tasks(place, spans(c1 - c0, step)))
         return out
 
     def _load(self, r0: int, r1: int) -> np.ndarray:
@@ -143,6 +144,14 @@ class EmbeddingScores:
     def col_bytes(self) -> int:
         return self.cols.dim * 4
 
+    @property
+    def row_chunk(self) -> int | None:
+        return self.rows.source.chunk_rows
+
+    @property
+    def col_chunk(self) -> int | None:
+        return self.cols.source.chunk_rows  # gallery rows are score columns
+
     sub_columns = True  # tiles may cover part of a column block: the gallery block stays in memory
 
     # -- for ranking.py: several threads, each computing its own product tiles ------------------
@@ -184,6 +193,14 @@ class MatrixScores:
     def col_bytes(self) -> int:
         return 0
 
+    @property
+    def row_chunk(self) -> int | None:
+        return self.source.chunk_rows
+
+    @property
+    def col_chunk(self) -> int | None:
+        return self.source.chunk_cols
+
     def read_rows(self, rows: slice | np.ndarray, c0: int, c1: int) -> np.ndarray:
         """Rows of a slice or of ascending row numbers, columns c0:c1."""
         if isinstance(rows, slice):
@@ -199,16 +216,19 @@ DENSE_BLOCK_BYTES = 32 << 20  # float64 output rows handed back at a time (dense
 POST_CHUNK_BYTES = 4 << 20    # rows of a product tile filtered at a time (with their scratch)
 
 
-def column_block_width(n_cols: int, col_bytes: int, state_bytes_per_col: int, budget: Budget) -> int:
-    """Gallery columns per block: everything when it fits a quarter of the budget."""
-    return budget.rows(col_bytes + state_bytes_per_col, share=0.25, total=n_cols)
+def column_block_width(n_cols: int, col_bytes: int, state_bytes_per_col: int, budget: Budget,
+                       align: int | None = None) -> int:
+    """Gallery columns per block: everything when it fits a quarter of the budget; whole HDF5
+    chunks of the gallery (`align` columns each) otherwise."""
+    return budget.rows(col_bytes + state_bytes_per_col, share=0.25, total=n_cols, align=align)
 
 
-def tile_rows(width: int, budget: Budget, total: int) -> int:
-    """Rows per tile: within a quarter of the budget, and about TILE_TARGET_BYTES of float32 scores."""
-    rows = budget.rows(width * TILE_BYTES_PER_SCORE, share=0.25, total=total)
+def tile_rows(width: int, budget: Budget, total: int, align: int | None = None) -> int:
+    """Rows per tile: within a quarter of the budget, about TILE_TARGET_BYTES of float32 scores,
+    whole HDF5 chunks (`align` rows each) where the rows are read from a file."""
+    rows = budget.rows(width * TILE_BYTES_PER_SCORE, share=0.25, total=total, align=align)
     if budget.block_rows is None:
-        rows = min(rows, max(1, TILE_TARGET_BYTES // (4 * max(width, 1))))
+        rows = aligned(min(rows, max(1, TILE_TARGET_BYTES // (4 * max(width, 1)))), align)
     return rows
 
 
@@ -226,16 +246,17 @@ def run_probe(banks: list[tuple[object, BankAccumulator]], n_gallery: int, budge
     col_bytes = max(scores.col_bytes() for scores, _ in banks)
     state = max(16 * (len(acc.betas) + 2 * max(acc.topk_ks, default=0)) + (4 * acc.n_rows if acc.keep_sorted else 0)
                 for _, acc in banks)
-    width = column_block_width(n_gallery, col_bytes, state, budget)
+    col_chunk = banks[0][0].col_chunk
+    width = column_block_width(n_gallery, col_bytes, state, budget, align=col_chunk)
     if budget.block_rows is None and all(getattr(scores, "sub_columns", False) for scores, _ in banks):
         # A product tile is as wide as the block: keep blocks cache-sized (the column statistics
         # of a block are complete after one pass over the bank, so narrow blocks cost nothing).
-        width = min(width, PROBE_COLUMNS)
+        width = aligned(min(width, PROBE_COLUMNS), col_chunk)
     for c0, c1 in spans(n_gallery, width):
         for number, (scores, acc) in enumerate(banks):
             scores.column_block(c0, c1)
             acc.start_block(c0, c1)
-            for r0, r1 in spans(scores.n_rows, tile_rows(c1 - c0, budget, scores.n_rows)):
+            for r0, r1 in spans(scores.n_rows, tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk)):
                 acc.update(r0, scores.tile(r0, r1))
                 if progress:
                     progress((r1 - r0) * (c1 - c0))
@@ -321,18 +342,18 @@ def run_normalise(scores, norm: Normaliser, budget: Budget, top_k: int | None = 
         yield from ranking.run_ranking(scores, norm, budget, top_k, progress)
         return
     n_rows, n_cols = scores.n_rows, scores.n_cols
-    width = column_block_width(n_cols, scores.col_bytes(), 0, budget)
+    width = column_block_width(n_cols, scores.col_bytes(), 0, budget, align=scores.col_chunk)
     whole_rows = width >= n_cols
     row_state_bytes = n_cols * (8 if whole_rows else 4 + 8 + 8)
-    super_rows = budget.rows(row_state_bytes, share=0.5, total=n_rows)
+    super_rows = budget.rows(row_state_bytes, share=0.5, total=n_rows, align=scores.row_chunk)
     if whole_rows and budget.block_rows is None:
-        super_rows = min(super_rows, max(1, DENSE_BLOCK_BYTES // (8 * n_cols)))
+        super_rows = aligned(min(super_rows, max(1, DENSE_BLOCK_BYTES // (8 * n_cols))), scores.row_chunk)
     for q0, q1 in spans(n_rows, super_rows):
         state = None  # the previous block's state goes before the next one is allocated
         state = _DenseRows(q1 - q0, n_cols, norm, whole_rows, dtype)
         for c0, c1 in spans(n_cols, width):
             scores.column_block(c0, c1)
-            for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0)):
+            for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0, scores.row_chunk)):
                 state.update(r0, c0, scores.tile(q0 + r0, q0 + r1))
                 if progress:
                     progress((r1 - r0) * (c1 - c0))

@@ -37,6 +37,8 @@ DEFAULT_DATASET = {
 }
 EMBEDDING_KINDS = ("embeddings", "bank")
 CHUNK_BYTES = 1 << 20
+# Per open dataset: compressed chunks read by blocks that cut through them are decompressed once.
+CHUNK_CACHE_BYTES = 16 << 20
 
 # Set by the CLI entry point so outputs can record how they were made.
 COMMAND_LINE: list[str] = []
@@ -93,7 +95,7 @@ def open_h5(path: str) -> h5py.File:
     if not is_hdf5:
         raise DataError(f"{path}: not an HDF5 or .npy file")
     try:
-        return h5py.File(path, "r", locking=False)
+        return h5py.File(path, "r", locking=False, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as exc:
         raise DataError(f"{path}: cannot read HDF5 file (truncated or corrupt): {_one_line(exc)}") from None
 
@@ -161,6 +163,17 @@ class ArrayInput:
     @property
     def dtype(self) -> np.dtype:
         return self.array.dtype
+
+    @property
+    def chunk_rows(self) -> int | None:
+        """Rows per HDF5 chunk (None: contiguous, .npy or in memory)."""
+        chunks = getattr(self.array, "chunks", None)
+        return int(chunks[0]) if chunks else None
+
+    @property
+    def chunk_cols(self) -> int | None:
+        chunks = getattr(self.array, "chunks", None)
+        return int(chunks[1]) if chunks and len(chunks) > 1 else None
 
     @property
     def uuid(self) -> str | None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli import parallel, topk
-from qbnorm_cli.blocks import Budget, spans
+from qbnorm_cli.blocks import Budget, aligned, spans
 from qbnorm_cli.normalisers import Normaliser
 
 SAFETY = 2.0           # speculative thresholds aim at the SAFETY·k-th best: ~0.2 % of rows recomputed
@@ -61,16 +61,16 @@ def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int) -> 
     """Tiles within a quarter of the budget on all threads; blocks as the engine sizes them."""
     from qbnorm_cli.engine import column_block_width  # the engine imports this module
 
-    block = column_block_width(n_cols, scores.col_bytes(), 0, budget)
+    block = column_block_width(n_cols, scores.col_bytes(), 0, budget, align=scores.col_chunk)
     if budget.block_rows is not None:  # fixed by hand (tests, debugging)
         return Geometry(budget.block_rows, budget.block_rows, block)
     sub = min(SUB_COLUMNS, block) if scores.sub_columns else block
     per_thread = budget.memory * 0.25 / workers
     rows = int(min(TILE_ROWS, max(1, per_thread // (TILE_BYTES_PER_SCORE * sub)), n_rows))
-    if rows < 8 and sub > 64:  # a small budget: narrower tiles rather than single rows
+    if rows < 8 and sub > 64 and scores.sub_columns:  # a small budget: narrower tiles, not single rows
         sub = max(64, int(per_thread // (TILE_BYTES_PER_SCORE * 8)))
         rows = min(8, n_rows)
-    return Geometry(rows, sub, block)
+    return Geometry(aligned(rows, scores.row_chunk), sub, block)
 
 
 class Lists:
@@ -377,7 +377,7 @@ def run_ranking(scores, norm: Normaliser, budget: Budget, top_k: int,
     geom = geometry(scores, n_rows, n_cols, budget, parallel.workers())
     # per row: the lists (value and index), their candidates (≈ SAFETY·k each) and the merges
     row_bytes = 16 * (raw_k + norm_k) * (2 + SAFETY) + 32
-    super_rows = budget.rows(row_bytes, share=0.5, total=n_rows)
+    super_rows = aligned(budget.rows(row_bytes, share=0.5, total=n_rows), geom.rows)
     for q0, q1 in spans(n_rows, super_rows):
         lists = Lists(q1 - q0, raw_k, norm_k)
         for c0, c1 in spans(n_cols, geom.block_columns):

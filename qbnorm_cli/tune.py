@@ -160,6 +160,14 @@ class CachedScores:
     def col_bytes(self) -> int:
         return 0 if self.full is not None else self.inner.col_bytes()
 
+    @property
+    def row_chunk(self) -> int | None:
+        return None if self.full is not None else self.inner.row_chunk
+
+    @property
+    def col_chunk(self) -> int | None:
+        return None if self.full is not None else self.inner.col_chunk
+
 
 def sample_stats(scores, rows: int = 256, max_cols: int = 4096) -> ScoreStats:
     """Statistics of evenly spaced rows of a score source (before the probe pass fixes the grid)."""

@@ -51,7 +51,7 @@ def command(
         ds = out.create(KINDS[kind], shape=(n_rows, n_cols), dtype=np.float32)
         lo, hi, total, total_sq = np.inf, -np.inf, 0.0, 0.0
         with report.progress("convert", n_rows, unit="rows") as advance:
-            for r0, r1 in spans(n_rows, budget.rows(n_cols * 12, share=0.5, total=n_rows)):
+            for r0, r1 in spans(n_rows, budget.rows(n_cols * 12, share=0.5, total=n_rows, align=src.chunk_rows)):
                 block = src.read(r0, r1)
                 out.write_rows(ds, r0, block)
                 lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))

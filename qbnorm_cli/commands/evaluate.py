@@ -171,13 +171,13 @@ def source_ranks(source: ScoreSource, relevant: np.ndarray, budget: Budget,
     rank = np.empty(q, dtype=np.float64)
     censored = np.zeros(q, dtype=bool)
     if source.is_ranking:
-        step = budget.rows(source.listed * 48, share=0.5, total=q)
+        step = budget.rows(source.listed * 48, share=0.5, total=q, align=source.scores.chunk_rows)
         for r0, r1 in spans(q, step):
             rank[r0:r1], censored[r0:r1] = metrics.topn_ranks(
                 source.read_neighbors(r0, r1), source.read_scores(r0, r1), relevant[r0:r1])
             progress(r1 - r0)
     else:
-        step = budget.rows(source.n_gallery * 24, share=0.5, total=q)
+        step = budget.rows(source.n_gallery * 24, share=0.5, total=q, align=source.scores.chunk_rows)
         for r0, r1 in spans(q, step):
             rank[r0:r1] = metrics.ranks(source.read_scores(r0, r1), relevant[r0:r1])
             progress(r1 - r0)

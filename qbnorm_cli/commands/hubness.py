@@ -131,13 +131,13 @@ def neighbours(subject: Subject, kmax: int, exclude_self: bool, budget: Budget, 
         return out
     source = subject.source
     if source.is_ranking:
-        step = budget.rows(source.listed * 32, share=0.5, total=q)
+        step = budget.rows(source.listed * 32, share=0.5, total=q, align=source.scores.chunk_rows)
         for r0, r1 in spans(q, step):
             block = source.read_neighbors(r0, r1)
             out[r0:r1] = _drop_self(block, r0, kmax) if exclude_self else block[:, :kmax]
             progress(r1 - r0)
         return out
-    step = budget.rows(subject.n_gallery * 24, share=0.5, total=q)
+    step = budget.rows(subject.n_gallery * 24, share=0.5, total=q, align=source.scores.chunk_rows)
     for r0, r1 in spans(q, step):
         block = source.read_scores(r0, r1)
         if exclude_self:
