@@ -69,6 +69,13 @@ def aligned(step: int, chunk: int | None) -> int:
     return next(d for d in range(step, 0, -1) if chunk % d == 0)
 
 
+def column_block_width(n_cols: int, col_bytes: int, state_bytes_per_col: int, budget: Budget,
+                       align: int | None = None) -> int:
+    """Gallery columns per block: everything when it fits a quarter of the budget; whole HDF5
+    chunks of the gallery (`align` columns each) otherwise."""
+    return budget.rows(col_bytes + state_bytes_per_col, share=0.25, total=n_cols, align=align)
+
+
 def spans(total: int, step: int):
     """(start, stop) pairs covering range(total) in steps of `step`."""
     for start in range(0, total, step):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from qbnorm_cli import parallel, ranking
-from qbnorm_cli.blocks import Budget, aligned, spans
+from qbnorm_cli.blocks import Budget, aligned, column_block_width, spans
 from qbnorm_cli.errors import DataError
 from qbnorm_cli.files import ArrayInput
 from qbnorm_cli.normalisers import Normaliser, apply_dense
@@ -78,9 +78,9 @@ class Embeddings:
         return np.concatenate([self._load(int(r), int(r) + 1) for r in rows])
 
     def ordered(self, c0: int, c1: int, order: np.ndarray | None) -> np.ndarray:
-        """Rows c0 + order[p] at position p (rows c0:c1 when order is None), as one new array."""
+        """Rows c0 + order[p] at position p (rows c0:c1 when order is None; nothing writes to it)."""
         if order is None:
-            return np.array(self.block(c0, c1))
+            return self.block(c0, c1)
         if self._all is not None:
             return self._all[c0 + order]
         out = np.empty((c1 - c0, self.dim), dtype=np.float32)
@@ -214,13 +214,6 @@ PROBE_COLUMNS = 512  # probe blocks: tiles 8192 bank rows tall, so column top-K 
 TILE_TARGET_BYTES = 16 << 20
 DENSE_BLOCK_BYTES = 32 << 20  # float64 output rows handed back at a time (dense output)
 POST_CHUNK_BYTES = 4 << 20    # rows of a product tile filtered at a time (with their scratch)
-
-
-def column_block_width(n_cols: int, col_bytes: int, state_bytes_per_col: int, budget: Budget,
-                       align: int | None = None) -> int:
-    """Gallery columns per block: everything when it fits a quarter of the budget; whole HDF5
-    chunks of the gallery (`align` columns each) otherwise."""
-    return budget.rows(col_bytes + state_bytes_per_col, share=0.25, total=n_cols, align=align)
 
 
 def tile_rows(width: int, budget: Budget, total: int, align: int | None = None) -> int:

@@ -41,8 +41,8 @@ def single_threaded_blas():
 
 
 def run_tasks(fn: Callable, items: Iterable) -> Iterator:
-    """fn(item) for every item, on all cores when there are several; results in order as they
-    complete in order (each one yielded as soon as it and those before it are done)."""
+    """fn(item) for every item, on all cores when there are several. Results come in the items'
+    order, each as soon as it and those before it are done."""
     items = list(items)
     if workers() == 1 or len(items) < 2:
         for item in items:

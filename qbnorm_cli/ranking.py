@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli import parallel, topk
-from qbnorm_cli.blocks import Budget, aligned, spans
+from qbnorm_cli.blocks import Budget, aligned, column_block_width, spans
 from qbnorm_cli.normalisers import Normaliser
 
 SAFETY = 2.0           # speculative thresholds aim at the SAFETY·k-th best: ~0.2 % of rows recomputed
@@ -59,8 +59,6 @@ class Geometry:
 
 def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int) -> Geometry:
     """Tiles within a quarter of the budget on all threads; blocks as the engine sizes them."""
-    from qbnorm_cli.engine import column_block_width  # the engine imports this module
-
     block = column_block_width(n_cols, scores.col_bytes(), 0, budget, align=scores.col_chunk)
     if budget.block_rows is not None:  # fixed by hand (tests, debugging)
         return Geometry(budget.block_rows, budget.block_rows, block)
@@ -172,44 +170,54 @@ class _Candidates:
         unsure = ~np.isneginf(theta) & (np.count_nonzero(top[0] >= theta[:, None], axis=1) < k)
         return top, unsure
 
+    def _normed(self, tile, s0, s1):
+        """The tile in the normalised list's terms: u = S − offset/scale in float32 (affine
+        methods), or the exact η (Globally-Corrected)."""
+        run = self.run
+        if run.affine:
+            return tile if run.shift32 is None else tile - run.shift32[s0:s1]
+        return run.norm.transform(tile, run.gc_column(s0))
+
     def _sample(self, tile, mask, s0, s1):
         """The first tile: speculative thresholds from it, then its candidates by exact tests."""
         run, lists, width = self.run, self.run.lists, self.run.block.width
         if self.everything:  # every entry a candidate (thresholds stay −inf)
             self._exact(tile, mask, s0, s1)
             return
+        normed = None
         if lists.raw_k:
             spec = _spec_k(lists.raw_k, s1 - s0, width)
             self.th_raw = np.maximum(topk.kth_lower_bound(tile, spec, SAMPLE_SPREAD), lists.raw[0][self.rows, -1])
         if lists.norm_k:
             spec = _spec_k(lists.norm_k, s1 - s0, width)
+            normed = self._normed(tile, s0, s1)
             if run.affine:
-                shifted = tile if run.shift32 is None else tile - run.shift32[s0:s1]
-                low = topk.kth_lower_bound(shifted, spec, SAMPLE_SPREAD)
+                low = topk.kth_lower_bound(normed, spec, SAMPLE_SPREAD)
                 # lowered by the float32 rounding of u, so that the entries reaching it in u reach it in η
                 th = (low - 2.0 ** -22 * (np.abs(low) + run.shift_max)) * run.norm.scale
             else:
-                th = topk.kth_lower_bound(run.norm.transform(tile, run.gc_column(s0)), spec)
+                th = topk.kth_lower_bound(normed, spec)
             self.th_norm = np.maximum(th, lists.norm[0][self.rows, -1])
-        self._exact(tile, mask, s0, s1, shifted if lists.norm_k and run.affine else None)
+        self._exact(tile, mask, s0, s1, normed)
 
-    def _exact(self, tile, mask, s0, s1, shifted=None):
-        """Candidates of a tile whose columns span any offsets: a test per list."""
+    def _exact(self, tile, mask, s0, s1, normed=None):
+        """Candidates of a tile whose columns span any offsets: a test per list (`normed`: the
+        tile's _normed values when the caller has them)."""
         run, lists = self.run, self.run.lists
         eta = None
         if lists.raw_k:
             np.greater_equal(tile, topk.float_bound(self.th_raw, np.float32)[:, None], out=mask)
         if lists.norm_k:
+            if normed is None:
+                normed = self._normed(tile, s0, s1)
             if run.affine:
                 # u = S − offset/scale in float32: |u − (S − offset/scale)| ≤ 2⁻²⁴·(|u| + |offset/scale|);
                 # a margin of 2⁻²² times that magnitude covers it (and η's float64 rounding)
-                if shifted is None:
-                    shifted = tile if run.shift32 is None else tile - run.shift32[s0:s1]
                 held = self.th_norm / run.norm.scale
                 low = topk.float_bound(held - 2.0 ** -22 * (np.abs(held) + run.shift_max), np.float32)
-                hit = shifted >= low[:, None]
+                hit = normed >= low[:, None]
             else:
-                eta = run.norm.transform(tile, run.gc_column(s0))
+                eta = normed
                 hit = eta >= self.th_norm[:, None]
             if lists.raw_k:
                 mask |= hit
