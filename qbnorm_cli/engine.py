@@ -47,6 +47,11 @@ class Embeddings:
         return self.source.rows
 
     @property
+    def held(self) -> bool:
+        """Whether the whole matrix is held (or will be, on first use): its blocks cost no reads."""
+        return self._fits
+
+    @property
     def dim(self) -> int:
         return self.source.cols
 
@@ -146,7 +151,7 @@ class EmbeddingScores:
 
     @property
     def row_chunk(self) -> int | None:
-        return self.rows.source.chunk_rows
+        return None if self.rows.held else self.rows.source.chunk_rows
 
     @property
     def col_chunk(self) -> int | None:
@@ -221,7 +226,7 @@ def tile_rows(width: int, budget: Budget, total: int, align: int | None = None) 
     whole HDF5 chunks (`align` rows each) where the rows are read from a file."""
     rows = budget.rows(width * TILE_BYTES_PER_SCORE, share=0.25, total=total, align=align)
     if budget.block_rows is None:
-        rows = aligned(min(rows, max(1, TILE_TARGET_BYTES // (4 * max(width, 1)))), align)
+        rows = min(rows, aligned(max(1, TILE_TARGET_BYTES // (4 * max(width, 1))), align))
     return rows
 
 
@@ -340,7 +345,7 @@ def run_normalise(scores, norm: Normaliser, budget: Budget, top_k: int | None = 
     row_state_bytes = n_cols * (8 if whole_rows else 4 + 8 + 8)
     super_rows = budget.rows(row_state_bytes, share=0.5, total=n_rows, align=scores.row_chunk)
     if whole_rows and budget.block_rows is None:
-        super_rows = aligned(min(super_rows, max(1, DENSE_BLOCK_BYTES // (8 * n_cols))), scores.row_chunk)
+        super_rows = min(super_rows, aligned(max(1, DENSE_BLOCK_BYTES // (8 * n_cols)), scores.row_chunk))
     for q0, q1 in spans(n_rows, super_rows):
         state = None  # the previous block's state goes before the next one is allocated
         state = _DenseRows(q1 - q0, n_cols, norm, whole_rows, dtype)

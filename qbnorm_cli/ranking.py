@@ -64,11 +64,22 @@ def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int) -> 
         return Geometry(budget.block_rows, budget.block_rows, block)
     sub = min(SUB_COLUMNS, block) if scores.sub_columns else block
     per_thread = budget.memory * 0.25 / workers
-    rows = int(min(TILE_ROWS, max(1, per_thread // (TILE_BYTES_PER_SCORE * sub)), n_rows))
-    if rows < 8 and sub > 64 and scores.sub_columns:  # a small budget: narrower tiles, not single rows
-        sub = max(64, int(per_thread // (TILE_BYTES_PER_SCORE * 8)))
+    fit = max(1, int(per_thread // (TILE_BYTES_PER_SCORE * sub)))
+    rows = min(TILE_ROWS, fit, n_rows)
+    if fit < 8 and rows < n_rows and sub > 64 and scores.sub_columns:  # a small budget: narrower tiles, not single rows
+        sub = min(sub, max(64, int(per_thread // (TILE_BYTES_PER_SCORE * 8))))
         rows = min(8, n_rows)
-    return Geometry(aligned(rows, scores.row_chunk), sub, block)
+    if scores.row_chunk:  # rows read tile by tile: whole chunks
+        return Geometry(aligned(rows, scores.row_chunk), sub, block)
+    return Geometry(balanced_rows(n_rows, rows, workers), sub, block)
+
+
+def balanced_rows(n_rows: int, most: int, workers: int) -> int:
+    """Rows per tile, at most `most`, such that the tiles come in a multiple of `workers` of
+    nearly equal size: no core waits at the end for another's last tile (a tile of the
+    10k × 100k benchmark takes half a second)."""
+    tiles = math.ceil(math.ceil(n_rows / most) / workers) * workers
+    return max(1, math.ceil(n_rows / tiles))
 
 
 class Lists:
@@ -354,6 +365,7 @@ def rank_block(scores, norm: Normaliser, lists: Lists, c0: int, c1: int, q0: int
     redo = np.concatenate(redo)
     if redo.size:
         step = max(1, int(geom.rows * geom.sub_columns // block.width))  # a tile's worth of scores
+        step = min(step, math.ceil(redo.size / parallel.workers()))     # and work for every core
         parts = [redo[a:a + step] for a in range(0, redo.size, step)]
         list(parallel.run_tasks(lambda rows: _recompute(run, rows), parts))
 
@@ -385,7 +397,7 @@ def run_ranking(scores, norm: Normaliser, budget: Budget, top_k: int,
     geom = geometry(scores, n_rows, n_cols, budget, parallel.workers())
     # per row: the lists (value and index), their candidates (≈ SAFETY·k each) and the merges
     row_bytes = 16 * (raw_k + norm_k) * (2 + SAFETY) + 32
-    super_rows = aligned(budget.rows(row_bytes, share=0.5, total=n_rows), geom.rows)
+    super_rows = budget.rows(row_bytes, share=0.5, total=n_rows, align=geom.rows)
     for q0, q1 in spans(n_rows, super_rows):
         lists = Lists(q1 - q0, raw_k, norm_k)
         for c0, c1 in spans(n_cols, geom.block_columns):

@@ -91,3 +91,18 @@ def test_chunked_and_contiguous_inputs_give_the_same_results(capsys, data, tmp_p
             outs.append({k: h5[k][()] for k in h5})
     for key in outs[0]:
         np.testing.assert_array_equal(outs[0][key], outs[1][key])
+
+
+def test_rows_held_whole_are_tiled_without_chunk_alignment(data):
+    """Queries held in memory cost no reads: their tiles split evenly over the cores instead of
+    following the file's chunks. Rows read tile by tile keep to whole chunks."""
+    from qbnorm_cli.engine import Embeddings, EmbeddingScores
+
+    def scores(memory):
+        budget = Budget(memory=memory)
+        src = f"{data}/chunked.h5"
+        return EmbeddingScores(Embeddings(files.open_array(f"{src}::/queries"), "dot", budget),
+                               Embeddings(files.open_array(f"{src}::/gallery"), "dot", budget, eager=False))
+
+    assert scores(1 << 30).row_chunk is None
+    assert scores(100_000).row_chunk == CHUNK  # 900 × 16 float32 queries do not fit a quarter of it

@@ -7,6 +7,8 @@ tile (MatrixScores) and scores computed from embeddings (EmbeddingScores).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import reference as ref
@@ -16,7 +18,7 @@ from qbnorm_cli import normalisers as nz
 from qbnorm_cli import probe as stats
 from qbnorm_cli import ranking, topk
 from qbnorm_cli.blocks import Budget
-from qbnorm_cli.engine import Embeddings, EmbeddingScores, MatrixScores, run_normalise, run_probe
+from qbnorm_cli.engine import Embeddings, EmbeddingScores, MatrixScores, run_normalise, run_probe, tile_rows
 from qbnorm_cli.files import ArrayInput
 from qbnorm_cli.probefile import build_normaliser
 
@@ -400,3 +402,26 @@ def test_rows_still_unsure_after_recomputing_take_every_entry(wide, monkeypatch)
                              Embeddings(mem(wide.gallery), "dot", Budget(), eager=False))
     for method, k in (("dis", 1), ("csls", 1), ("none", 1)):
         check_method(data, probe, scores, method, k, Budget(), "topk", top_n=12)
+
+
+@pytest.mark.parametrize(("n_rows", "most", "workers", "rows"),
+                         [(10_000, 512, 2, 500), (10_000, 1280, 2, 1250), (45, 7, 2, 6), (10, 512, 2, 5),
+                          (7, 512, 1, 7), (3, 512, 4, 1)])
+def test_row_tiles_split_evenly_over_the_workers(n_rows, most, workers, rows):
+    assert ranking.balanced_rows(n_rows, most, workers) == rows
+    for n in range(1, 300):  # the busiest worker's rows (tiles dealt in turn): near an even share
+        r = ranking.balanced_rows(n, 7, 3)
+        rounds = math.ceil(math.ceil(n / r) / 3)
+        assert r <= 7 and rounds * r <= n / 3 + n / 7 / 3 + 1
+
+
+def test_rows_that_fit_are_one_super_block(wide, monkeypatch):
+    """Everything fits: one pass over the gallery, even when the rows are not whole tiles (they
+    used to be rounded down to whole tiles, and the few left over made a second pass)."""
+    monkeypatch.setattr(ranking, "TILE_ROWS", 7)
+    norm = nz.inverted_softmax(np.linspace(0, 1, 900), BETA)
+    scores = EmbeddingScores(Embeddings(mem(wide.queries), "dot", Budget()),
+                             Embeddings(mem(wide.gallery), "dot", Budget(), eager=False))
+    assert ranking.geometry(scores, 45, 900, Budget(), 2).rows == 6
+    assert [q0 for q0, _ in ranking.run_ranking(scores, norm, Budget(), 10)] == [0]
+    assert tile_rows(16, Budget(), total=1000, align=512) == 1000
