@@ -43,6 +43,7 @@ SAMPLE_SPREAD = 16     # column groups per wanted item in the sample's bound (ti
 TILE_ROWS = 1280       # queries per product tile at most (single-threaded OpenBLAS: 3–6 % faster than at 512)
 SUB_COLUMNS = 8192     # gallery items per product tile: 16 MiB of float32 scores, in the L3 cache
 SAMPLE_COLUMNS = 8192  # gallery items in a block's sample tile (at most a product tile)
+SAMPLE_PIECE_BYTES = 8 << 20  # the sample tile's float32 scores computed at a time (its passes stay in L3)
 TILE_BYTES_PER_SCORE = 13  # float32 scores, a comparison mask and the sample tile's float32 shifted copy
 _SEED = 0x7162          # the sample's columns: fixed, so that timings repeat (results never depend on it)
 _LOCAL = threading.local()
@@ -160,10 +161,11 @@ class _Candidates:
     def collect(self, subs) -> None:
         run, block = self.run, self.run.block
         for t, (s0, s1) in enumerate(subs):
-            tile, mask = run.tile(self.rows, s0, s1)
             if t == 0:
-                self._sample(tile, mask, s0, s1)
-            elif run.affine and block.order is not None:
+                self._sample(s0, s1)
+                continue
+            tile, mask = run.tile(self.rows, s0, s1)
+            if run.affine and block.order is not None:
                 self._ordered(tile, mask, s0, block.lows[t])
             else:
                 self._exact(tile, mask, s0, s1)
@@ -189,16 +191,30 @@ class _Candidates:
             return tile if run.shift32 is None else tile - run.shift32[s0:s1]
         return run.norm.transform(tile, run.gc_column(s0))
 
-    def _sample(self, tile, mask, s0, s1):
-        """The first tile: speculative thresholds from it, then its candidates by exact tests."""
+    def _piece(self, a: int, b: int):
+        """Rows a:b of these rows, in the super-block's numbering (for run.tile and the lists)."""
+        if isinstance(self.rows, slice):
+            return slice(self.rows.start + a, self.rows.start + b)
+        return self.rows[a:b]
+
+    def _sample(self, s0, s1):
+        """The first tile: speculative thresholds from it, then its candidates by exact tests. It
+        is computed a piece of rows at a time, so that its several passes stay in the cache."""
+        step = max(1, SAMPLE_PIECE_BYTES // (4 * (s1 - s0)))
+        for a, b in spans(self.n, step):
+            tile, mask = self.run.tile(self._piece(a, b), s0, s1)
+            self._sample_piece(tile, mask, s0, s1, a)
+
+    def _sample_piece(self, tile, mask, s0, s1, r0):
         run, lists, width = self.run, self.run.lists, self.run.block.width
         if self.everything:  # every entry a candidate (thresholds stay −inf)
-            self._exact(tile, mask, s0, s1)
+            self._exact(tile, mask, s0, s1, r0=r0)
             return
+        part, rows = slice(r0, r0 + tile.shape[0]), self._piece(r0, r0 + tile.shape[0])
         normed = None
         if lists.raw_k:
             spec = _spec_k(lists.raw_k, s1 - s0, width)
-            self.th_raw = np.maximum(topk.kth_lower_bound(tile, spec, SAMPLE_SPREAD), lists.raw[0][self.rows, -1])
+            self.th_raw[part] = np.maximum(topk.kth_lower_bound(tile, spec, SAMPLE_SPREAD), lists.raw[0][rows, -1])
         if lists.norm_k:
             spec = _spec_k(lists.norm_k, s1 - s0, width)
             normed = self._normed(tile, s0, s1)
@@ -208,33 +224,34 @@ class _Candidates:
                 th = (low - 2.0 ** -22 * (np.abs(low) + run.shift_max)) * run.norm.scale
             else:
                 th = topk.kth_lower_bound(normed, spec)
-            self.th_norm = np.maximum(th, lists.norm[0][self.rows, -1])
-        self._exact(tile, mask, s0, s1, normed)
+            self.th_norm[part] = np.maximum(th, lists.norm[0][rows, -1])
+        self._exact(tile, mask, s0, s1, normed, r0)
 
-    def _exact(self, tile, mask, s0, s1, normed=None):
+    def _exact(self, tile, mask, s0, s1, normed=None, r0=0):
         """Candidates of a tile whose columns span any offsets: a test per list (`normed`: the
-        tile's _normed values when the caller has them)."""
+        tile's _normed values when the caller has them; the tile holds rows r0: of these rows)."""
         run, lists = self.run, self.run.lists
+        part = slice(r0, r0 + tile.shape[0])
         eta = None
         if lists.raw_k:
-            np.greater_equal(tile, topk.float_bound(self.th_raw, np.float32)[:, None], out=mask)
+            np.greater_equal(tile, topk.float_bound(self.th_raw[part], np.float32)[:, None], out=mask)
         if lists.norm_k:
             if normed is None:
                 normed = self._normed(tile, s0, s1)
             if run.affine:
                 # u = S − offset/scale in float32: |u − (S − offset/scale)| ≤ 2⁻²⁴·(|u| + |offset/scale|);
                 # a margin of 2⁻²² times that magnitude covers it (and η's float64 rounding)
-                held = self.th_norm / run.norm.scale
+                held = self.th_norm[part] / run.norm.scale
                 low = topk.float_bound(held - 2.0 ** -22 * (np.abs(held) + run.shift_max), np.float32)
                 hit = normed >= low[:, None]
             else:
                 eta = normed
-                hit = eta >= self.th_norm[:, None]
+                hit = eta >= self.th_norm[part][:, None]
             if lists.raw_k:
                 mask |= hit
             else:
                 mask[...] = hit
-        self._take(tile, mask, s0, eta)
+        self._take(tile, mask, s0, eta, r0)
 
     def _ordered(self, tile, mask, s0, low_offset):
         """Candidates of a tile of offset-ordered columns: one comparison per score."""
@@ -251,12 +268,15 @@ class _Candidates:
         np.greater_equal(tile, topk.float_bound(bound, np.float32)[:, None], out=mask)
         self._take(tile, mask, s0, None)
 
-    def _take(self, tile, mask, s0, eta):
+    def _take(self, tile, mask, s0, eta, r0=0):
         """Exact tests of the masked scores; the survivors join the lists' candidates."""
         run, lists, block = self.run, self.run.lists, self.run.block
         rows, cols, scores = _survivors(tile, mask)
         if rows.size == 0:
             return
+        if eta is not None:
+            eta = eta[rows, cols]
+        rows = rows + r0 if r0 else rows
         scores = scores.astype(np.float64)
         positions = s0 + cols
         index = block.index[positions]
@@ -265,7 +285,7 @@ class _Candidates:
             self.raw_parts.append((rows[keep], index[keep], scores[keep]))
         if lists.norm_k:
             if eta is not None:
-                values = eta[rows, cols]
+                values = eta
             else:  # η exactly as Normaliser.transform computes it
                 values = scores if run.norm.scale == 1.0 else run.norm.scale * scores
                 if block.offset is not None:

@@ -335,6 +335,7 @@ def test_wide_rankings_equal_reference(wide, monkeypatch, geometry, method, k, t
     monkeypatch.setattr(ranking, "SUB_COLUMNS", sub)
     monkeypatch.setattr(ranking, "TILE_ROWS", rows)
     monkeypatch.setattr(ranking, "SAFETY", safety)
+    monkeypatch.setattr(ranking, "SAMPLE_PIECE_BYTES", 3 * 4 * sub)  # sample tiles of 3 rows at a time
     recomputed = []
     real = ranking._recompute
 
