@@ -1,5 +1,8 @@
 """What a command tells the user: one JSON document on stdout (--json), everything human on
-stderr, progress bars only when stderr is a terminal, nothing at all on success with --quiet."""
+stderr, progress bars only when stderr is a terminal, nothing at all on success with --quiet.
+
+rich is imported on first use: a command that prints nothing (--quiet, --json, a pipe) does
+not pay the 40 ms its import takes."""
 
 from __future__ import annotations
 
@@ -9,8 +12,6 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 def _jsonable(value):
@@ -31,9 +32,17 @@ class Reporter:
     def __init__(self, json_output: bool = False, quiet: bool = False):
         self.json_output = json_output
         self.quiet = quiet
-        # Logs and pipes have no width: do not squeeze tables into rich's 80-column default there.
-        width = None if sys.stderr.isatty() else 160
-        self.console = Console(file=sys.stderr, highlight=False, soft_wrap=True, width=width)
+        self._console = None
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            # Logs and pipes have no width: do not squeeze tables into rich's 80-column default there.
+            width = None if sys.stderr.isatty() else 160
+            self._console = Console(file=sys.stderr, highlight=False, soft_wrap=True, width=width)
+        return self._console
 
     def info(self, message: str) -> None:
         if not self.quiet:
@@ -60,6 +69,8 @@ class Reporter:
         if self.quiet or not sys.stderr.isatty():
             yield lambda n: None
             return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
         columns = (
             TextColumn("[bold]{task.description}"), BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"),

@@ -335,14 +335,14 @@ def test_dis_beats_raw_on_multi30k_sample(cli, tmp_path):
 def test_start_up_stays_light(tmp_path):
     """Every command pays for its start-up, in cron and in shell loops alike: parsing the options
     must not build pydantic validators (typer 0.29 does, for 0.1 s a command; pyproject keeps
-    typer below it)."""
+    typer below it), and a command that draws nothing must not import rich (40 ms)."""
     import subprocess
     import sys
 
     script = ("import sys\nfrom qbnorm_cli.cli import main\n"
               f"try: code = main(['hubness', {str(tmp_path / 'missing.h5')!r}, '--k', '10'])\n"
               "except SystemExit as e: code = e.code\n"
-              "print(code, 'pydantic' in sys.modules)\n")
+              "print(code, 'pydantic' in sys.modules or 'rich' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     code, heavy = out.split()
     assert code != "0" and heavy == "False", out

@@ -10,7 +10,6 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from qbnorm_cli import metrics
 from qbnorm_cli.blocks import Budget, spans
@@ -295,6 +294,8 @@ def command(
                 out.h5.attrs["difference"] = json.dumps(difference)
         document["output"] = output
         document["uuid"] = out.uuid
+
+    from rich.table import Table  # on first use: see report.py
 
     table = Table(title=f"Retrieval ({n_valid} valid queries of {n_queries})", caption=_caption(results))
     table.add_column("metric")

@@ -9,9 +9,6 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.columns import Columns
-from rich.panel import Panel
-from rich.table import Table
 
 from qbnorm_cli import hubness as hub
 from qbnorm_cli import topk
@@ -150,7 +147,10 @@ def neighbours(subject: Subject, kmax: int, exclude_self: bool, budget: Budget, 
     return out
 
 
-def _histogram(name: str, k: int, nk: np.ndarray) -> Panel:
+def _histogram(name: str, k: int, nk: np.ndarray):
+    from rich.panel import Panel
+    from rich.table import Table
+
     bins = hub.log_bins(nk)
     most = max(count for _, count in bins) or 1
     grid = Table.grid(padding=(0, 1))
@@ -256,6 +256,9 @@ def command(
             out.h5.attrs["measures"] = json.dumps(results)
         document["output"] = output
         document["uuid"] = out.uuid
+
+    from rich.columns import Columns  # on first use: see report.py
+    from rich.table import Table
 
     for j, value in enumerate(ks):
         table = Table(title=f"Hubness at k = {value}" + (" (self-matches excluded)" if exclude_self else ""))

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from qbnorm_cli import probefile, scale
 from qbnorm_cli import tune as tn
@@ -135,6 +134,8 @@ def command(
     tn.write_params(target, document)
 
     shown = ranked if show_all else tn.best_per_method(ranked)
+    from rich.table import Table  # on first use: see report.py
+
     table = Table(title=f"tune: {len(settings)} settings on {val_scores.n_rows} validation queries × "
                         f"{n_gallery} items, sorted by {metric_name}",
                   caption=f"bank scores: {scale.describe(full_stats)}; "
