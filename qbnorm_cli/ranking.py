@@ -170,18 +170,41 @@ class _Candidates:
             else:
                 self._exact(tile, mask, s0, s1)
 
-    def fold(self, k: int, held, parts, theta):
+    def fold(self, k: int, held, parts, theta, keep=None):
         """The exact top-k of the rows' held list and its candidates, and which rows were not
-        sure to be exact (fewer than k entries at or above a finite threshold)."""
+        sure to be exact (fewer than k entries at or above a finite threshold). With `keep` (a
+        mask of these rows), only those rows are ranked; the others come back empty and sure."""
         values, indices = held[0][self.rows], held[1][self.rows]
         if not k:
             return (values, indices), np.zeros(self.n, dtype=bool)
-        r, c = np.nonzero(indices >= 0)
-        parts = [*parts, (r, indices[r, c], values[r, c])]
-        cand_rows, cand_idx, cand_vals = (np.concatenate(p) for p in zip(*parts, strict=True))
+        cand_rows, cand_idx, cand_vals = _joined(parts, values, indices)
+        if keep is not None:
+            cand_rows, cand_idx, cand_vals = _where(keep[cand_rows], cand_rows, cand_idx, cand_vals)
         top = topk.rank(cand_rows, cand_idx, cand_vals, self.n, k)
         unsure = ~np.isneginf(theta) & (np.count_nonzero(top[0] >= theta[:, None], axis=1) < k)
-        return top, unsure
+        return top, unsure if keep is None else unsure & keep
+
+    def fold_gated(self):
+        """fold() of both lists when this block decides the dynamic gate (it holds the whole
+        gallery): the raw top-1 of each row gives its gate, and a gated row needs only its
+        normalised list, another row only its raw one: each row is ranked once. A gated row's raw
+        list holds just its top-1 (all that finish() reads of it)."""
+        lists, n = self.run.lists, self.n
+        rows, idx, vals = _joined(self.raw_parts, lists.raw[0][self.rows], lists.raw[1][self.rows])
+        best = np.full(n, -np.inf)
+        np.maximum.at(best, rows, vals)
+        tied = vals == best[rows]
+        first = np.full(n, np.iinfo(np.int64).max)
+        np.minimum.at(first, rows[tied], idx[tied])  # ties towards the lower index, as rank() orders them
+        found = ~np.isneginf(best)
+        gated = np.zeros(n, dtype=bool)
+        gated[found] = self.run.norm.gated(first[found])
+        raw, unsure_raw = self.fold(lists.raw_k, lists.raw, self.raw_parts, self.th_raw, ~gated)
+        norm, unsure_norm = self.fold(lists.norm_k, lists.norm, self.norm_parts, self.th_norm, gated)
+        raw[0][gated, 0], raw[1][gated, 0] = best[gated], first[gated]
+        # the top-1 is exact where an entry reached the raw threshold (nothing below it was collected)
+        unsure_gate = ~found & ~np.isneginf(self.th_raw)
+        return raw, norm, unsure_raw | unsure_norm | unsure_gate
 
     def _normed(self, tile, s0, s1):
         """The tile in the normalised list's terms: u = S − offset/scale in float32 (affine
@@ -294,12 +317,26 @@ class _Candidates:
             self.norm_parts.append((rows[keep], index[keep], values[keep]))
 
 
+def _joined(parts, values, indices):
+    """(rows, indices, values) of candidate parts and of a held list's entries, concatenated."""
+    r, c = np.nonzero(indices >= 0)
+    parts = [*parts, (r, indices[r, c], values[r, c])]
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def _where(mask, *arrays):
+    at = np.flatnonzero(mask)
+    return tuple(a[at] for a in arrays)
+
+
 def _fold_rows(run: _Run, rows, n: int, subs, everything: bool = False):
     """Candidates of `rows` over the tiles `subs`, ranked with their held lists:
     ((raw, norm) top-k lists of the rows, which rows are not sure to be exact)."""
     lists = run.lists
     found = _Candidates(run, rows, n, everything)
     found.collect(subs)
+    if run.gate_decided:
+        return found.fold_gated()
     raw, unsure_raw = found.fold(lists.raw_k, lists.raw, found.raw_parts, found.th_raw)
     norm, unsure_norm = found.fold(lists.norm_k, lists.norm, found.norm_parts, found.th_norm)
     return raw, norm, unsure_raw | unsure_norm
@@ -336,6 +373,9 @@ class _Run:
 
     def __init__(self, scores, norm: Normaliser, lists: Lists, block: Block, q0: int):
         self.scores, self.norm, self.lists, self.block, self.q0 = scores, norm, lists, block, q0
+        # the whole gallery in this block: its raw top-1 is final, and with it the dynamic gate
+        self.gate_decided = (norm.gate is not None and not norm.row_topk and lists.raw_k > 0 and lists.norm_k > 0
+                             and block.c0 == 0 and block.c1 == scores.n_cols)
         self.affine = norm.sorted_bank is None
         self.shift32 = self.shift_max = None
         self.offset_max = 0.0

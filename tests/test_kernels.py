@@ -344,6 +344,15 @@ def test_wide_rankings_equal_reference(wide, monkeypatch, geometry, method, k, t
         return real(run, rows)
 
     monkeypatch.setattr(ranking, "_recompute", counting)
+    gates = []  # the gates decided while ranking (one block holds the whole gallery)
+    real_gated = ranking._Candidates.fold_gated
+
+    def deciding(self):
+        out = real_gated(self)
+        gates.append(out[1][1][:, 0] >= 0)  # gated rows are those ranked by their normalised list
+        return out
+
+    monkeypatch.setattr(ranking._Candidates, "fold_gated", deciding)
     budget = Budget() if memory is None else Budget(memory=memory)
 
     def scores(a, b):
@@ -359,6 +368,11 @@ def test_wide_rankings_equal_reference(wide, monkeypatch, geometry, method, k, t
     check_method(data, _PROBES[key], query_scores, method, k, budget, "topk", top_n=top_n)
     if safety < 1:
         assert sum(recomputed) > 0, "the recomputation path was not exercised"
+    if method in ("dis", "dual-dis") and memory is None:  # each row ranked by one list: both kinds occur
+        gated = np.concatenate(gates)
+        assert gated.any() and not gated.all()
+    else:
+        assert not gates
     if memory is not None:
         geom = ranking.geometry(query_scores, 45, 900, budget, 1)
         assert geom.block_columns < 900 and geom.sub_columns < geom.block_columns
