@@ -20,6 +20,8 @@ tile and gallery column block,
    (topk.rank). A row's result is exact when at least k of its entries are ≥ θ, or θ = −inf:
    everything not collected is then below its k-th best. Rows that fail the check (rare by
    construction) are recomputed against the whole block, with θ the k-th best's lower bound.
+   When the block holds the whole gallery, a dynamic gate (DIS) is decided first from each
+   row's raw top-1, and each row is ranked by the one list its output takes.
 
 Row tiles are independent: they run on all cores, each thread computing its own products with
 BLAS on one thread (parallel.run_tasks).
