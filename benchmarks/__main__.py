@@ -18,7 +18,8 @@ flops per command on 2 cores); --tiny is the smoke test's.
 
 Every command runs as a subprocess; its peak resident memory comes from os.wait4 (that process
 alone). Timings are wall-clock, each comparison's pair interleaved (ABBA) and repeated; ratios are
-medians of the per-repeat ratios, so slow moments of a shared machine hit both sides.
+medians of the per-repeat ratios, so slow moments of a shared machine hit both sides. Before
+each timed command the files it reads are read into the page cache (`warm`), for both sides.
 """
 
 from __future__ import annotations
@@ -77,6 +78,22 @@ TIME = shutil.which("time", path="/usr/bin:/bin")
 PEAK_MARK = "QBNORM-BENCH-PEAK-KIB="
 
 
+def warm(cmd: list[str]) -> None:
+    """Read the files a command names (not its -o output) into the page cache, as hyperfine's
+    --prepare would: every timed command then starts from the same state. This VM runs DAMON with
+    a pageout scheme that evicts file pages it sees touched at most once per 5 s for a minute, so
+    an input read once per repeat drifts out of memory during a comparison (the gallery of target
+    1 is 196 MB: 0.02 s from memory, 0.37 s from disk at 530 MB/s)."""
+    args = [str(a) for a in cmd]
+    outputs = {args[i + 1] for i, a in enumerate(args[:-1]) if a == "-o"}
+    for arg in args:
+        path = arg.split("::")[0]
+        if arg not in outputs and os.path.isfile(path):
+            with open(path, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+
+
 def run(cmd: list[str]) -> Run:
     """Run a command to completion: wall time and that process's own peak resident memory.
 
@@ -86,6 +103,7 @@ def run(cmd: list[str]) -> Run:
     """
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full = [TIME, "-f", PEAK_MARK + "%M", *cmd] if TIME else cmd
+    warm(cmd)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=ROOT)

@@ -66,3 +66,25 @@ def test_official_dense_baseline_matches_formula():
     want = np.exp(20 * test)
     want[want_gated] /= np.exp(20 * bank).sum(axis=0)
     np.testing.assert_allclose(scores, want, rtol=1e-12)
+
+
+def test_timed_commands_start_with_their_inputs_read(tmp_path, monkeypatch):
+    """warm() reads the files a command names, datasets of HDF5 paths included, but not its -o output."""
+    import builtins
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.__main__ import warm
+
+    for name in ("queries.h5", "gallery.h5", "out.h5"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    opened = []
+    real = builtins.open
+
+    def spy(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    warm(["qbnorm", "normalise", "--queries", f"{tmp_path}/queries.h5::/emb", "--gallery", tmp_path / "gallery.h5",
+          "-o", tmp_path / "out.h5", "--top-k", 5, "--missing", tmp_path / "nothing.h5"])
+    assert opened == ["queries.h5", "gallery.h5"]
