@@ -336,9 +336,19 @@ class Bench:
             # the marginal cost: fixed costs (reading, the probe's O(gallery) vectors) cancel
             slopes = [(b[3] - a[3]) / (b[2] - a[2]) * 1e9 for a, b in itertools.pairwise(group)]
             self.say(f"   growing {name:8s}: marginal {', '.join(f'{x:.2f}' for x in slopes)} ns per added score")
-        t_small, t_large = normalise(nq, ng, small), normalise(nq, ng, large)
+        # the two banks' normalise runs interleaved (ABBA): the times above come minutes apart
+        _, probe_small = probe(small, ng)
+        _, probe_large = probe(large, ng)
+
+        def with_probe(path):
+            return lambda: run(qbnorm("normalise", "--queries", queries[nq], "--gallery", paths[ng], "--probe", path,
+                                      "--method", "dis", "--top-k", 100, "-o", self.path("sc_out.h5")))
+
+        pairs = interleaved(max(2, self.repeats_of("scaling")), with_probe(probe_large), with_probe(probe_small))
+        t_large = statistics.median(a.seconds for a, _ in pairs) - startup
+        t_small = statistics.median(b.seconds for _, b in pairs) - startup
         self.say(f"   normalise {nq:,} × {ng:,} with the probe of bank {small:,}: {t_small:.2f} s; "
-                 f"of bank {large:,}: {t_large:.2f} s (ratio {t_large / t_small:.2f}; "
+                 f"of bank {large:,}: {t_large:.2f} s (ratio {median_ratio(pairs):.2f} of whole runs, interleaved; "
                  "normalise reads only the probe's O(gallery) vectors)")
         self.results["scaling"] = {"lines": lines, "bank_small_s": t_small, "bank_large_s": t_large}
 
