@@ -125,20 +125,17 @@ class EmbeddingScores:
         self.rows, self.cols = rows, cols
         self.n_rows, self.n_cols = rows.rows, cols.rows
         self._cols = None
-        self._c0 = 0
         self._buf = np.empty(0, dtype=np.float32)
 
     def column_block(self, c0: int, c1: int) -> None:
-        self._cols, self._c0 = self.cols.block(c0, c1), c0
+        self._cols = self.cols.block(c0, c1)
 
-    def tile(self, r0: int, r1: int, c0: int | None = None, c1: int | None = None) -> np.ndarray:
-        """Scores of rows r0:r1 against the current column block (or its columns c0:c1), float32.
+    def tile(self, r0: int, r1: int) -> np.ndarray:
+        """Scores of rows r0:r1 against the current column block, float32.
 
         The result lives in a buffer reused by the next call: use it before asking for another.
         """
         cols = self._cols
-        if c0 is not None:
-            cols = cols[c0 - self._c0:c1 - self._c0]
         shape = (r1 - r0, cols.shape[0])
         size = shape[0] * shape[1]
         if self._buf.size < size:
@@ -191,9 +188,8 @@ class MatrixScores:
     def column_block(self, c0: int, c1: int) -> None:
         self._span = (c0, c1)
 
-    def tile(self, r0: int, r1: int, c0: int | None = None, c1: int | None = None) -> np.ndarray:
-        span = self._span if c0 is None else (c0, c1)
-        return self.source.read(r0, r1, *span)
+    def tile(self, r0: int, r1: int) -> np.ndarray:
+        return self.source.read(r0, r1, *self._span)
 
     def col_bytes(self) -> int:
         return 0
