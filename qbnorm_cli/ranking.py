@@ -172,17 +172,20 @@ class _Candidates:
             else:
                 self._exact(tile, mask, s0, s1)
 
-    def fold(self, k: int, held, parts, theta, keep=None):
+    def fold(self, k: int, held, parts, theta):
         """The exact top-k of the rows' held list and its candidates, and which rows were not
-        sure to be exact (fewer than k entries at or above a finite threshold). With `keep` (a
-        mask of these rows), only those rows are ranked; the others come back empty and sure."""
+        sure to be exact (fewer than k entries at or above a finite threshold)."""
         values, indices = held[0][self.rows], held[1][self.rows]
         if not k:
             return (values, indices), np.zeros(self.n, dtype=bool)
-        cand_rows, cand_idx, cand_vals = _joined(parts, values, indices)
+        return self._ranked(k, _joined(parts, values, indices), theta)
+
+    def _ranked(self, k: int, candidates, theta, keep=None):
+        """fold() of joined candidates (rows, indices, values). With `keep` (a mask of these
+        rows), only those rows are ranked; the others come back empty and sure."""
         if keep is not None:
-            cand_rows, cand_idx, cand_vals = _where(keep[cand_rows], cand_rows, cand_idx, cand_vals)
-        top = topk.rank(cand_rows, cand_idx, cand_vals, self.n, k)
+            candidates = _where(keep[candidates[0]], *candidates)
+        top = topk.rank(*candidates, self.n, k)
         unsure = ~np.isneginf(theta) & (np.count_nonzero(top[0] >= theta[:, None], axis=1) < k)
         return top, unsure if keep is None else unsure & keep
 
@@ -192,7 +195,8 @@ class _Candidates:
         normalised list, another row only its raw one: each row is ranked once. A gated row's raw
         list holds just its top-1 (all that finish() reads of it)."""
         lists, n = self.run.lists, self.n
-        rows, idx, vals = _joined(self.raw_parts, lists.raw[0][self.rows], lists.raw[1][self.rows])
+        raw_candidates = _joined(self.raw_parts, lists.raw[0][self.rows], lists.raw[1][self.rows])
+        rows, idx, vals = raw_candidates
         best = np.full(n, -np.inf)
         np.maximum.at(best, rows, vals)
         tied = vals == best[rows]
@@ -201,8 +205,9 @@ class _Candidates:
         found = ~np.isneginf(best)
         gated = np.zeros(n, dtype=bool)
         gated[found] = self.run.norm.gated(first[found])
-        raw, unsure_raw = self.fold(lists.raw_k, lists.raw, self.raw_parts, self.th_raw, ~gated)
-        norm, unsure_norm = self.fold(lists.norm_k, lists.norm, self.norm_parts, self.th_norm, gated)
+        raw, unsure_raw = self._ranked(lists.raw_k, raw_candidates, self.th_raw, ~gated)
+        norm_candidates = _joined(self.norm_parts, lists.norm[0][self.rows], lists.norm[1][self.rows])
+        norm, unsure_norm = self._ranked(lists.norm_k, norm_candidates, self.th_norm, gated)
         raw[0][gated, 0], raw[1][gated, 0] = best[gated], first[gated]
         # the top-1 is exact where an entry reached the raw threshold (nothing below it was collected)
         unsure_gate = ~found & ~np.isneginf(self.th_raw)
