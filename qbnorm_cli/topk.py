@@ -163,9 +163,8 @@ def _rank_grouped(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: i
     retie = np.zeros(n_rows, dtype=bool)
     top_v, top_i = empty(n_rows, k)
     if width > k:
-        slot = rows * width + (np.arange(rows.size) - (np.cumsum(counts) - counts)[rows])
         padded = np.full((n_rows, width), -np.inf)
-        padded.reshape(-1)[slot] = vals
+        padded.reshape(-1)[_slots(rows, counts, width)] = vals
         kth = np.partition(padded, width - k, axis=1)[:, width - k]
         keep = vals >= kth[rows]
         kept = np.bincount(rows[keep], minlength=n_rows)
@@ -173,11 +172,10 @@ def _rank_grouped(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: i
         kept[retie] = 0
         keep &= ~retie[rows]
         keep = np.flatnonzero(keep)
-        rows_k = rows[keep]
-        slot = rows_k * k + (np.arange(rows_k.size) - (np.cumsum(kept) - kept)[rows_k])
+        slot = _slots(rows[keep], kept, k)
         top_v.reshape(-1)[slot], top_i.reshape(-1)[slot] = vals[keep], idx[keep]
     else:
-        slot = rows * k + (np.arange(rows.size) - (np.cumsum(counts) - counts)[rows])
+        slot = _slots(rows, counts, k)
         top_v.reshape(-1)[slot], top_i.reshape(-1)[slot] = vals, idx
     order = np.argsort(-top_v, axis=1)
     top_v = np.take_along_axis(top_v, order, axis=1)
@@ -188,6 +186,12 @@ def _rank_grouped(rows: np.ndarray, idx: np.ndarray, vals: np.ndarray, n_rows: i
         sel = retie[rows]
         top_v[redo], top_i[redo] = _rank(np.searchsorted(redo, rows[sel]), idx[sel], vals[sel], redo.size, k)
     return top_v, top_i
+
+
+def _slots(rows: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
+    """Flat positions in a (rows × width) array of entries grouped by row (rows ascending, `counts`
+    per row): each row's entries side by side from its first column."""
+    return rows * width + (np.arange(rows.size) - (np.cumsum(counts) - counts)[rows])
 
 
 def _place(held: tuple[np.ndarray, np.ndarray], r0: int, rows: np.ndarray, idx: np.ndarray,
