@@ -313,11 +313,13 @@ class Bench:
                                                       "-o", out))
             return t, out
 
+        def normalise_cmd(n, gallery, probe_path):
+            return qbnorm("normalise", "--queries", queries[n], "--gallery", paths[gallery], "--probe", probe_path,
+                          "--method", "dis", "--top-k", 100, "-o", self.path("sc_out.h5"))
+
         def normalise(n, gallery, bank):
             _, probe_path = probe(bank, gallery)
-            return best(("normalise", n, gallery, bank),
-                        qbnorm("normalise", "--queries", queries[n], "--gallery", paths[gallery], "--probe",
-                               probe_path, "--method", "dis", "--top-k", 100, "-o", self.path("sc_out.h5")))
+            return best(("normalise", n, gallery, bank), normalise_cmd(n, gallery, probe_path))
 
         small, large = bank_list[0], bank_list[-1]
         lines = []
@@ -337,14 +339,10 @@ class Bench:
             slopes = [(b[3] - a[3]) / (b[2] - a[2]) * 1e9 for a, b in itertools.pairwise(group)]
             self.say(f"   growing {name:8s}: marginal {', '.join(f'{x:.2f}' for x in slopes)} ns per added score")
         # the two banks' normalise runs interleaved (ABBA): the times above come minutes apart
-        _, probe_small = probe(small, ng)
-        _, probe_large = probe(large, ng)
+        def with_bank(bank):
+            return lambda: run(normalise_cmd(nq, ng, probe(bank, ng)[1]))
 
-        def with_probe(path):
-            return lambda: run(qbnorm("normalise", "--queries", queries[nq], "--gallery", paths[ng], "--probe", path,
-                                      "--method", "dis", "--top-k", 100, "-o", self.path("sc_out.h5")))
-
-        pairs = interleaved(max(2, self.repeats_of("scaling")), with_probe(probe_large), with_probe(probe_small))
+        pairs = interleaved(max(2, self.repeats_of("scaling")), with_bank(large), with_bank(small))
         t_large = statistics.median(a.seconds for a, _ in pairs) - startup
         t_small = statistics.median(b.seconds for _, b in pairs) - startup
         self.say(f"   normalise {nq:,} × {ng:,} with the probe of bank {small:,}: {t_small:.2f} s; "
