@@ -72,7 +72,7 @@ def test_timed_commands_start_with_their_inputs_read(tmp_path, monkeypatch):
     """warm() reads the files a command names, datasets of HDF5 paths included, but not its -o output."""
     import builtins
 
-    sys.path.insert(0, str(ROOT))
+    monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks.__main__ import warm
 
     for name in ("queries.h5", "gallery.h5", "out.h5"):
