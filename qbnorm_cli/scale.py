@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qbnorm_cli.blocks import spread
+
 COSINE_LIMIT = 1.01            # |s| ≤ this: cosine similarities (a little slack for float error)
 LOGIT_RANGE = (5.0, 150.0)     # largest |s| of CLIP-style logits (logit_scale ≈ 100 × cosine)
 TYPICAL_COSINE_STD = 0.03      # std of bank × gallery cosines of typical retrieval models
@@ -124,6 +126,5 @@ def beta_grid(base, stats: ScoreStats | None) -> list[float]:
 def sample_stats(source, rows: int = SAMPLE_ROWS) -> ScoreStats:
     """Score statistics of up to `rows` evenly spaced rows of a score matrix (an ArrayInput)."""
     n = source.rows
-    picks = np.unique(np.linspace(0, n - 1, num=min(n, rows)).astype(np.int64))
-    block = np.concatenate([source.read(int(r), int(r) + 1) for r in picks])
+    block = np.concatenate([source.read(r, r + 1) for r in spread(n, rows)])
     return ScoreStats.of(block)

@@ -25,7 +25,7 @@ import numpy as np
 
 from qbnorm_cli import FORMAT_VERSION, __version__, files, hubness, metrics
 from qbnorm_cli import normalisers as nz
-from qbnorm_cli.blocks import Budget, spans
+from qbnorm_cli.blocks import Budget, spans, spread
 from qbnorm_cli.engine import run_normalise
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError
 from qbnorm_cli.probe import occurrence
@@ -171,9 +171,8 @@ class CachedScores:
 
 def sample_stats(scores, rows: int = 256, max_cols: int = 4096) -> ScoreStats:
     """Statistics of evenly spaced rows of a score source (before the probe pass fixes the grid)."""
-    picks = np.unique(np.linspace(0, scores.n_rows - 1, num=min(scores.n_rows, rows)).astype(np.int64))
     scores.column_block(0, min(scores.n_cols, max_cols))
-    return ScoreStats.of(np.concatenate([scores.tile(int(r), int(r) + 1) for r in picks]))
+    return ScoreStats.of(np.concatenate([scores.tile(r, r + 1) for r in spread(scores.n_rows, rows)]))
 
 
 def normaliser(probe: Probe, setting: Setting) -> nz.Normaliser:

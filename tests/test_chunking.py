@@ -10,7 +10,7 @@ import pytest
 from helpers import run
 
 from qbnorm_cli import files
-from qbnorm_cli.blocks import Budget, aligned
+from qbnorm_cli.blocks import Budget, aligned, spread
 
 CHUNK = 64
 
@@ -46,6 +46,15 @@ def reads(monkeypatch):
 
     monkeypatch.setattr(files.ArrayInput, "read", read)
     return seen
+
+
+def test_spread_picks_distinct_evenly_spaced_rows():
+    for total in (0, 1, 2, 7, 16, 17, 100, 12345):
+        for count in (1, 2, 16, 256):
+            picks = spread(total, count)
+            assert picks == np.unique(np.linspace(0, total - 1, num=min(total, count)).astype(np.int64)).tolist()
+            assert all(isinstance(p, int) for p in picks)
+    assert spread(100, 16)[0] == 0 and spread(100, 16)[-1] == 99 and len(spread(100, 16)) == 16
 
 
 def test_aligned():
