@@ -15,7 +15,7 @@ import numpy as np
 from qbnorm_cli import parallel, ranking
 from qbnorm_cli.blocks import Budget, aligned, column_block_width, spans
 from qbnorm_cli.errors import DataError
-from qbnorm_cli.files import ArrayInput
+from qbnorm_cli.files import ArrayInput, as_float32
 from qbnorm_cli.normalisers import Normaliser, apply_dense
 from qbnorm_cli.probe import BankAccumulator
 
@@ -101,16 +101,23 @@ class Embeddings:
         return out
 
     def _load(self, r0: int, r1: int) -> np.ndarray:
-        block = self.source.read(r0, r1)
+        # A row holding NaN or Inf has a non-finite norm: for float32 rows normalised for cosine,
+        # the norms stand in for a check of every value (and its temporaries, whose first touch
+        # costs as much as the pass); as_float32 then names the first bad row.
+        by_norms = self.cosine and self.source.dtype == np.float32
+        block = self.source.read(r0, r1, finite=not by_norms)
         if self.cosine:
             norms = np.linalg.norm(block, axis=1, keepdims=True)
+            if by_norms and not np.isfinite(norms).all():
+                as_float32(block, self.source.label, r0)
             if not norms.all():
                 row = r0 + int(np.argmin(norms[:, 0] > 0))
                 raise DataError(
                     f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
                     "(drop the row or use --similarity dot)"
                 )
-            block = block / norms
+            owned = block.flags.owndata and block.flags.writeable
+            block = np.divide(block, norms, out=block if owned else None)
         return np.ascontiguousarray(block, dtype=np.float32)
 
 

@@ -202,6 +202,26 @@ def test_embedding_scores_equal_reference(emb, budget_name, method, k, output):
     check_method(emb.scores(), _PROBES[key], scores(emb.queries, emb.gallery), method, k, budget, output)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cosine_rows_checked_by_their_norms(value, dtype):
+    """float32 rows for cosine are checked through their norms, not value by value: a NaN or Inf
+    anywhere in a row is still refused naming that row, and the caller's array is left as it was."""
+    from qbnorm_cli.errors import DataError
+
+    rng = np.random.default_rng(3)
+    good = rng.normal(size=(9, 6)).astype(dtype)
+    kept = good.copy()
+    loaded = Embeddings(mem(good), "cosine", Budget(block_rows=4), eager=False).block(4, 8)
+    want = kept[4:8].astype(np.float32)
+    np.testing.assert_array_equal(loaded, want / np.linalg.norm(want, axis=1, keepdims=True))
+    np.testing.assert_array_equal(good, kept)
+    bad = good.copy()
+    bad[6, 5] = value
+    with pytest.raises(DataError, match=r"mem: non-finite value \(NaN or Inf\) in row 6"):
+        Embeddings(mem(bad), "cosine", Budget(block_rows=4), eager=False).block(4, 8)
+
+
 @pytest.mark.parametrize("budget_name", ["rows3", "mem400", "mem1g"])
 def test_cosine_embeddings_match_reference(budget_name):
     """Cosine: rows L2-normalised; float32 products, so a float32-level tolerance."""
