@@ -446,12 +446,16 @@ def finish(lists: Lists, norm: Normaliser, top_k: int):
         gated = norm.gated(np.zeros(n, dtype=np.int64))
     if not lists.norm_k:
         return lists.raw[0][:, :top_k], lists.raw[1][:, :top_k], gated
+    # in place: the lists are done with, and fresh output arrays would cost their first touch
+    values, indices = lists.norm
     term = norm.row_term(lists.raw[0] if norm.row_topk else None)
-    normed = lists.norm[0] - (term[:, None] if np.ndim(term) else term)
+    if np.ndim(term):
+        values -= term[:, None]
     if norm.gate is None:
-        return normed, lists.norm[1], gated
-    values = np.where(gated[:, None], normed, lists.raw[0][:, :top_k])
-    indices = np.where(gated[:, None], lists.norm[1], lists.raw[1][:, :top_k])
+        return values, indices, gated
+    raw_rows = np.flatnonzero(~gated)
+    values[raw_rows] = lists.raw[0][raw_rows, :top_k]
+    indices[raw_rows] = lists.raw[1][raw_rows, :top_k]
     return values, indices, gated
 
 
