@@ -88,3 +88,16 @@ def test_timed_commands_start_with_their_inputs_read(tmp_path, monkeypatch):
     warm(["qbnorm", "normalise", "--queries", f"{tmp_path}/queries.h5::/emb", "--gallery", tmp_path / "gallery.h5",
           "-o", tmp_path / "out.h5", "--top-k", 5, "--missing", tmp_path / "nothing.h5"])
     assert opened == ["queries.h5", "gallery.h5"]
+
+
+def test_the_measured_package_is_byte_compiled(monkeypatch):
+    """compile_package() leaves a cached bytecode file beside every module of qbnorm_cli, as an
+    install would, so that no timed command compiles qbnorm's sources (PYTHONDONTWRITEBYTECODE)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.__main__ import compile_package
+
+    compile_package()
+    modules = sorted((ROOT / "qbnorm_cli").rglob("*.py"))
+    assert modules and all(Path(importlib.util.cache_from_source(m)).is_file() for m in modules)
