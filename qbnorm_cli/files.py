@@ -196,7 +196,7 @@ class ArrayInput:
         try:  # one selection: an HDF5 read per row costs a millisecond
             values = np.asarray(self.array[picks]) if picks else np.empty((0, *self.shape[1:]))
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise DataError(f"{self.label}: cannot read rows {picks} ({_one_line(exc)})") from None
+            raise DataError(f"{self.label}: cannot read {len(picks)} sample rows ({_one_line(exc)})") from None
         with np.errstate(all="ignore"):
             for row in values:
                 digest.update(np.ascontiguousarray(row, dtype=np.float32).tobytes())
