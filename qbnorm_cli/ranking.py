@@ -175,10 +175,16 @@ class _Candidates:
     def fold(self, k: int, held, parts, theta):
         """The exact top-k of the rows' held list and its candidates, and which rows were not
         sure to be exact (fewer than k entries at or above a finite threshold)."""
-        values, indices = held[0][self.rows], held[1][self.rows]
         if not k:
-            return (values, indices), np.zeros(self.n, dtype=bool)
-        return self._ranked(k, _joined(parts, values, indices), theta)
+            return (held[0][self.rows], held[1][self.rows]), np.zeros(self.n, dtype=bool)
+        return self._ranked(k, self._joined(parts, held), theta)
+
+    def _joined(self, parts, held):
+        """(rows, indices, values) of candidate parts and of these rows' entries in a held list."""
+        values, indices = held[0][self.rows], held[1][self.rows]
+        r, c = np.nonzero(indices >= 0)
+        parts = [*parts, (r, indices[r, c], values[r, c])]
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
     def _ranked(self, k: int, candidates, theta, keep=None):
         """fold() of joined candidates (rows, indices, values). With `keep` (a mask of these
@@ -195,7 +201,7 @@ class _Candidates:
         normalised list, another row only its raw one: each row is ranked once. A gated row's raw
         list holds just its top-1 (all that finish() reads of it)."""
         lists, n = self.run.lists, self.n
-        raw_candidates = _joined(self.raw_parts, lists.raw[0][self.rows], lists.raw[1][self.rows])
+        raw_candidates = self._joined(self.raw_parts, lists.raw)
         rows, idx, vals = raw_candidates
         best = np.full(n, -np.inf)
         np.maximum.at(best, rows, vals)
@@ -206,7 +212,7 @@ class _Candidates:
         gated = np.zeros(n, dtype=bool)
         gated[found] = self.run.norm.gated(first[found])
         raw, unsure_raw = self._ranked(lists.raw_k, raw_candidates, self.th_raw, ~gated)
-        norm_candidates = _joined(self.norm_parts, lists.norm[0][self.rows], lists.norm[1][self.rows])
+        norm_candidates = self._joined(self.norm_parts, lists.norm)
         norm, unsure_norm = self._ranked(lists.norm_k, norm_candidates, self.th_norm, gated)
         raw[0][gated, 0], raw[1][gated, 0] = best[gated], first[gated]
         # the top-1 is exact where an entry reached the raw threshold (nothing below it was collected)
@@ -322,13 +328,6 @@ class _Candidates:
                     values = values - block.offset[positions]
             keep = np.flatnonzero(values >= self.th_norm[rows])
             self.norm_parts.append((rows[keep], index[keep], values[keep]))
-
-
-def _joined(parts, values, indices):
-    """(rows, indices, values) of candidate parts and of a held list's entries, concatenated."""
-    r, c = np.nonzero(indices >= 0)
-    parts = [*parts, (r, indices[r, c], values[r, c])]
-    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
 
 def _where(mask, *arrays):
