@@ -7,6 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import tolerance as tol
 from helpers import run
 
 from qbnorm_cli import FORMAT_VERSION, metrics
@@ -54,10 +55,10 @@ def test_json_metrics_of_one_input(files, capsys):
     [res] = doc["inputs"]
     expected = metrics.recall_summary(RANKS)
     for name, value in expected.items():
-        assert res["metrics"][name] == pytest.approx(value)
+        assert res["metrics"][name] == tol.approx64(value)
         assert res["exact"][name] is True
-    assert res["metrics"]["R@1"] == pytest.approx(25.0)
-    assert res["metrics"]["MdR"] == pytest.approx(2.75)
+    assert res["metrics"]["R@1"] == tol.approx64(25.0)
+    assert res["metrics"]["MdR"] == tol.approx64(2.75)
 
 
 def test_two_inputs_table_and_difference(files, capsys):
@@ -67,8 +68,8 @@ def test_two_inputs_table_and_difference(files, capsys):
     assert "raw" in err and "better" in err and "Δ" in err
     doc = json.loads(out)
     assert [r["name"] for r in doc["inputs"]] == ["raw", "better"]
-    assert doc["inputs"][1]["metrics"]["R@1"] == pytest.approx(100.0)
-    assert doc["difference"]["metrics"]["R@1"] == pytest.approx(75.0)
+    assert doc["inputs"][1]["metrics"]["R@1"] == tol.approx64(100.0)
+    assert doc["difference"]["metrics"]["R@1"] == tol.approx64(75.0)
 
 
 def test_multi_positive_ground_truth(files, capsys):
@@ -76,7 +77,7 @@ def test_multi_positive_ground_truth(files, capsys):
     code, out, _ = run(capsys, "evaluate", files / "raw.npy", "--gt", files / "gt2.npy", "--json")
     assert code == 0
     # query 1: item 4 is second (rank 1); query 3: item 4 is first (rank 0)
-    assert json.loads(out)["inputs"][0]["metrics"]["MnR"] == pytest.approx(np.mean([0, 1, 1.5, 0]) + 1)
+    assert json.loads(out)["inputs"][0]["metrics"]["MnR"] == tol.approx64(np.mean([0, 1, 1.5, 0]) + 1)
 
 
 def test_query_mask_drops_queries(files, capsys):
@@ -86,14 +87,14 @@ def test_query_mask_drops_queries(files, capsys):
     assert code == 0
     doc = json.loads(out)
     assert doc["valid_queries"] == 2
-    assert doc["inputs"][0]["metrics"]["R@1"] == pytest.approx(50.0)
+    assert doc["inputs"][0]["metrics"]["R@1"] == tol.approx64(50.0)
     with h5py.File(files / "eval.h5") as h5:
         assert h5.attrs["qbnorm_kind"] == "evaluation"
         ranks = h5["ranks"][()]
         assert ranks.shape == (1, 4) and ranks.dtype == np.float64
         np.testing.assert_array_equal(ranks[0, :2], [0, 2])
         assert np.isnan(ranks[0, 2:]).all()
-        assert json.loads(h5.attrs["metrics"])[0]["metrics"]["R@1"] == pytest.approx(50.0)
+        assert json.loads(h5.attrs["metrics"])[0]["metrics"]["R@1"] == tol.approx64(50.0)
 
 
 def test_queries_per_item(tmp_path, capsys):
@@ -101,7 +102,7 @@ def test_queries_per_item(tmp_path, capsys):
     np.save(tmp_path / "s.npy", scores)
     code, out, _ = run(capsys, "evaluate", tmp_path / "s.npy", "--queries-per-item", 2, "--json", "-q")
     assert code == 0
-    assert json.loads(out)["inputs"][0]["metrics"]["R@1"] == pytest.approx(100.0)
+    assert json.loads(out)["inputs"][0]["metrics"]["R@1"] == tol.approx64(100.0)
 
 
 def test_block_rows_do_not_change_results(files, capsys):
@@ -126,10 +127,10 @@ def test_ranking_file_exact_and_unknown_figures(tmp_path, capsys):
     top, full = json.loads(out)["inputs"]
     assert top["kind"] == "ranking" and top["listed"] == 3
     for name in ("R@1",):
-        assert top["metrics"][name] == pytest.approx(full["metrics"][name]) and top["exact"][name]
+        assert top["metrics"][name] == tol.approx64(full["metrics"][name]) and top["exact"][name]
     assert top["metrics"]["R@5"] is None and top["exact"]["R@5"] is False
     assert top["metrics"]["MnR"] is None and top["exact"]["MnR"] is False
-    assert top["metrics"]["MdR"] == pytest.approx(full["metrics"]["MdR"]) and top["exact"]["MdR"]
+    assert top["metrics"]["MdR"] == tol.approx64(full["metrics"]["MdR"]) and top["exact"]["MdR"]
     assert "n/a (top 3)" in err and "n/a (> 3)" in err  # R@5 and MnR
 
 
@@ -143,7 +144,7 @@ def test_ranking_file_median_unknown(tmp_path, capsys):
     res = json.loads(out)["inputs"][0]
     assert res["kind"] == "ranking"
     assert res["metrics"]["MdR"] is None and res["exact"]["MdR"] is False
-    assert res["metrics"]["R@1"] == pytest.approx(25.0)
+    assert res["metrics"]["R@1"] == tol.approx64(25.0)
     assert "n/a (> 2)" in err
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
+import tolerance as tol
 
 from qbnorm_cli import metrics
 
@@ -49,13 +49,13 @@ def test_multi_positive_takes_best_rank():
 def test_recall_summary_values():
     rank = np.array([0, 0, 3, 7, 60.5])
     out = metrics.recall_summary(rank)
-    assert out["R@1"] == pytest.approx(40.0)
-    assert out["R@5"] == pytest.approx(60.0)
-    assert out["R@10"] == pytest.approx(80.0)
-    assert out["R@50"] == pytest.approx(80.0)
+    assert out["R@1"] == tol.approx64(40.0)
+    assert out["R@5"] == tol.approx64(60.0)
+    assert out["R@10"] == tol.approx64(80.0)
+    assert out["R@50"] == tol.approx64(80.0)
     assert out["MdR"] == 4.0
-    assert out["MnR"] == pytest.approx(np.mean(rank) + 1)
-    assert out["GeomR"] == pytest.approx((40 * 60 * 80) ** (1 / 3))
+    assert out["MnR"] == tol.approx64(np.mean(rank) + 1)
+    assert out["GeomR"] == tol.approx64((40 * 60 * 80) ** (1 / 3))
 
 
 def test_summarise_dense_is_exact_and_matches_recall_summary():
@@ -64,7 +64,7 @@ def test_summarise_dense_is_exact_and_matches_recall_summary():
     assert all(out["exact"].values())
     assert out["bounds"] == {}
     for name, value in metrics.recall_summary(rank).items():
-        assert out["metrics"][name] == pytest.approx(value)
+        assert out["metrics"][name] == tol.approx64(value)
 
 
 def test_topn_ranks_in_list_out_of_list_and_ties():
@@ -104,11 +104,11 @@ def test_summarise_censored_figures():
     censored = np.array([False, False, False, True, True])
     out = metrics.summarise(rank, censored)
     m, exact = out["metrics"], out["exact"]
-    assert m["R@1"] == pytest.approx(20.0) and m["R@5"] == pytest.approx(40.0) and m["R@10"] == pytest.approx(60.0)
+    assert m["R@1"] == tol.approx64(20.0) and m["R@5"] == tol.approx64(40.0) and m["R@10"] == tol.approx64(60.0)
     assert m["R@50"] is None and not exact["R@50"]
     assert m["MdR"] == 7.0 and exact["MdR"]          # 3 of 5 within the list: the median is known
     assert m["MnR"] is None and not exact["MnR"]
-    assert m["GeomR"] == pytest.approx((20 * 40 * 60) ** (1 / 3))
+    assert m["GeomR"] == tol.approx64((20 * 40 * 60) ** (1 / 3))
     assert out["bounds"]["R@50"] == [60.0, 100.0]
 
 
@@ -116,7 +116,7 @@ def test_summarise_median_unknown_when_half_or_fewer_within():
     rank = np.array([0.0, 1.0, 10.0, 10.0])
     out = metrics.summarise(rank, np.array([False, False, True, True]))
     assert out["metrics"]["MdR"] is None and not out["exact"]["MdR"]
-    assert out["metrics"]["R@10"] == pytest.approx(50.0)
+    assert out["metrics"]["R@10"] == tol.approx64(50.0)
 
 
 def test_censored_median_agrees_with_any_completion():

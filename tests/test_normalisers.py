@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as ref
+import tolerance as tol
 from test_kernels import StreamedProbe, mem, stream
 
 from qbnorm_cli import normalisers as nz
@@ -20,7 +21,15 @@ DIS_A = np.array([[-8.126928, -6.000052, 2.979419], [0.1, 0.2, 0.6]])
 IS_A = np.array([[-8.126928, -6.000052, 2.979419], [-16.126928, -10.000052, 5.979419]])
 # (c) dual-IS with a gallery bank
 H_C = np.array([[0.95, 0.2, 0.1], [0.3, 0.9, 0.2]])
-DUAL_IS_C = np.array([[-17.12693, -16.000052, 7.852491], [-33.12693, -24.000052, 13.852491]])
+DUAL_IS_C = np.array([[-17.126930, -16.000052, 7.852491], [-33.126930, -24.000052, 13.852491]])
+
+# Error bounds (tests/tolerance.py). The literals above are rounded to 6 decimals; evaluating the
+# formulas in float64 adds a few ulps of β·S and the LSE; scores read as float32 (the streamed path)
+# are first rounded by u₃₂·|value|, which β₁ + β₂ and the offsets' β magnify.
+LITERAL = 0.5e-6
+EXACT64 = tol.method_error("dual-is", 0.0, magnitude=80.0, n_bank=3, spread=1.0, beta=20.0, gallery_beta=20.0)
+READ32 = tol.method_error("dual-is", tol.U32 * 1.0, magnitude=80.0, n_bank=3, spread=1.0, beta=20.0,
+                          gallery_beta=20.0)
 
 
 def package_dense(S, norm):
@@ -46,10 +55,10 @@ def package_activation(P, k):
 def test_dis_hand_checked_reference():
     np.testing.assert_array_equal(ref.activation(P_A, 1), [True, True, False])
     scores, normalised = ref.dynamic_inverted_softmax(S_A, P_A, 20.0, 1)
-    np.testing.assert_allclose(scores, DIS_A, atol=1e-6)
+    tol.assert_close(scores, DIS_A, LITERAL + EXACT64)
     np.testing.assert_array_equal(normalised, [True, False])
     scores, normalised = ref.inverted_softmax(S_A, P_A, 20.0)
-    np.testing.assert_allclose(scores, IS_A, atol=1e-6)
+    tol.assert_close(scores, IS_A, LITERAL + EXACT64)
     assert normalised.all()
 
 
@@ -57,11 +66,11 @@ def test_dis_hand_checked_package():
     np.testing.assert_array_equal(package_activation(P_A, 1), [True, True, False])
     log_norm = package_log_norm(P_A, 20.0)
     scores, gated = package_dense(S_A, nz.dynamic_inverted_softmax(log_norm, 20.0, package_activation(P_A, 1)))
-    np.testing.assert_allclose(scores, DIS_A, atol=1e-6)
+    tol.assert_close(scores, DIS_A, LITERAL + EXACT64)
     np.testing.assert_array_equal(gated, [True, False])
     assert scores[1].tolist() == S_A[1].tolist()  # the row left alone keeps its raw scores exactly
     scores, gated = package_dense(S_A, nz.inverted_softmax(log_norm, 20.0))
-    np.testing.assert_allclose(scores, IS_A, atol=1e-6)
+    tol.assert_close(scores, IS_A, LITERAL + EXACT64)
     assert gated.all()
 
 
@@ -73,23 +82,23 @@ def test_dis_hand_checked_streamed(block_rows):
                           gallery_betas=(20.0,), kmax=3, ks=(1,))
     norm = nz.dynamic_inverted_softmax(probe.log_norm(20.0), 20.0, probe.activation(1))
     scores, _, gated = stream(MatrixScores(mem(S_A)), norm, budget)
-    np.testing.assert_allclose(scores, DIS_A, atol=1e-5)
+    tol.assert_close(scores, DIS_A, LITERAL + READ32)
     np.testing.assert_array_equal(gated, [True, False])
     values, indices, gated = stream(MatrixScores(mem(S_A)), norm, budget, 2)
     np.testing.assert_array_equal(indices, [[2, 1], [2, 1]])
-    np.testing.assert_allclose(values, [[2.979419, -6.000052], [0.6, 0.2]], atol=1e-5)
+    tol.assert_close(values, [[2.979419, -6.000052], [0.6, 0.2]], LITERAL + READ32)
     norm = nz.dual_inverted_softmax(probe.log_norm(20.0), 20.0, probe.gallery_log_norm(20.0), 20.0)
     scores, _, _ = stream(MatrixScores(mem(S_A)), norm, budget)
-    np.testing.assert_allclose(scores, DUAL_IS_C, atol=1e-4)
+    tol.assert_close(scores, DUAL_IS_C, LITERAL + READ32)
 
 
 def test_dual_is_hand_checked():
     scores, normalised = ref.dual_inverted_softmax(S_A, P_A, H_C, 20.0, 20.0)
-    np.testing.assert_allclose(scores, DUAL_IS_C, atol=1e-5)
+    tol.assert_close(scores, DUAL_IS_C, LITERAL + EXACT64)
     assert normalised.all()
     norm = nz.dual_inverted_softmax(package_log_norm(P_A, 20.0), 20.0, package_log_norm(H_C, 20.0), 20.0)
     scores, gated = package_dense(S_A, norm)
-    np.testing.assert_allclose(scores, DUAL_IS_C, atol=1e-5)
+    tol.assert_close(scores, DUAL_IS_C, LITERAL + EXACT64)
     assert gated.all()
 
 
@@ -106,8 +115,15 @@ def test_dual_dis_gate_is_union_of_activation_sets():
                                             package_activation(P_A, 1), package_activation(H, 1))
     got, gated = package_dense(S_A, norm)
     want, want_gated = ref.dual_dynamic_inverted_softmax(S_A, P_A, H, 20.0, 1.0, 1)
-    np.testing.assert_allclose(got, want, rtol=1e-12)
+    tol.assert_close(got, want, 2 * EXACT64)  # both in float64: each within EXACT64 of the exact value
     np.testing.assert_array_equal(gated, want_gated)
+
+
+# the NNN case: float64 products of 4-d rows of norm ≤ 1.02 (magnitude ≤ 1.05), means of ≤ 20 of them
+NNN64 = tol.product64(4, 1.05) + tol.eval64(1.05, 24)
+# the same through float32 embeddings: the rows are rounded to float32 (u₃₂ relative each), then the
+# float32 product adds γ₄: together within γ₆ of the exact products; S − 0.75·b_j scales that by 1.75
+NNN32 = tol.scaled(tol.product32(6, 1.05), 1.0, (0.75,)) + NNN64
 
 
 def nnn_vector():
@@ -122,12 +138,12 @@ def nnn_vector():
 def test_nnn_hand_checked_reference():
     gallery, queries, bank = nnn_vector()
     P, S = bank @ gallery.T, queries @ gallery.T
-    np.testing.assert_allclose(ref.column_mean_top(P, 2), [0.605, 0.605, 0.605, 0.605, 1.0], atol=1e-12)
+    tol.assert_close(ref.column_mean_top(P, 2), [0.605, 0.605, 0.605, 0.605, 1.0], NNN64)
     np.testing.assert_array_equal(ref.raw_top1(S), [4, 4, 4, 4, 4])
     scores, _ = ref.nnn(S, P, 2, 0.75)
     values, idx = ref.top_n(scores, 1)
     np.testing.assert_array_equal(idx[:, 0], [0, 1, 2, 3, 4])
-    np.testing.assert_allclose(values[:, 0], [0.14625] * 4 + [0.25], atol=1e-12)
+    tol.assert_close(values[:, 0], [0.14625] * 4 + [0.25], 2 * NNN64)
 
 
 @pytest.mark.parametrize("block_rows", [1, 3, None])
@@ -140,13 +156,12 @@ def test_nnn_hand_checked_streamed(block_rows):
                                Embeddings(mem(gallery.astype(np.float32)), "dot", budget))
 
     probe = StreamedProbe(scores(bank), scores(bank), 5, budget, ks=(2, 128))
-    np.testing.assert_allclose(probe.topk_mean(2), [0.605, 0.605, 0.605, 0.605, 1.0], atol=1e-6)
-    np.testing.assert_allclose(probe.topk_mean(128), bank.mean(axis=0)[[1, 0, 1, 0, 2]] * [1, 1, -1, -1, 1],
-                               atol=1e-6)
+    tol.assert_close(probe.topk_mean(2), [0.605, 0.605, 0.605, 0.605, 1.0], NNN32)
+    tol.assert_close(probe.topk_mean(128), bank.mean(axis=0)[[1, 0, 1, 0, 2]] * [1, 1, -1, -1, 1], NNN32)
     norm = nz.nnn(probe.topk_mean(2), 0.75)
     values, indices, gated = stream(scores(queries), norm, budget, 1)
     np.testing.assert_array_equal(indices[:, 0], [0, 1, 2, 3, 4])
-    np.testing.assert_allclose(values[:, 0], [0.14625] * 4 + [0.25], atol=1e-6)
+    tol.assert_close(values[:, 0], [0.14625] * 4 + [0.25], NNN32)
     assert gated.all()
     _, indices, _ = stream(scores(queries), nz.none(), budget, 1)
     np.testing.assert_array_equal(indices[:, 0], [4, 4, 4, 4, 4])
@@ -156,10 +171,10 @@ def test_csls_hand_checked():
     P = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
     S = np.array([[0.2, 0.8]])
     scores, _ = ref.csls(S, P, 2)
-    np.testing.assert_allclose(scores, [[-0.85, 0.35]], atol=1e-12)
+    tol.assert_close(scores, [[-0.85, 0.35]], tol.eval64(2.0, 6))  # 2·S − two means of 2, in float64
     top = np.sort(P, axis=0)[::-1][:2].mean(axis=0)
     got, gated = package_dense(S, nz.csls(top, 2))
-    np.testing.assert_allclose(got, [[-0.85, 0.35]], atol=1e-12)
+    tol.assert_close(got, [[-0.85, 0.35]], tol.eval64(2.0, 6))
     assert gated.all()
 
 
@@ -171,7 +186,7 @@ def test_csls_dense_row_term_keeps_float64_precision():
     norm = nz.csls(np.zeros(23), 10)
     got32, _ = nz.apply_dense(raw, norm)
     want, _ = ref.csls(raw, np.zeros((1, 23)), 10)
-    np.testing.assert_allclose(got32, want, rtol=1e-12, atol=1e-12)
+    tol.assert_close(got32, want, 2 * tol.eval64(3.0, 14))  # 2·S − r_q (a mean of 10), float64 on both sides
 
 
 def test_gc_ranks_brute_force():
@@ -197,7 +212,7 @@ def test_gc_hand_checked():
     # item 0 bank scores {0.9, 0.5, 0.5}: 1 strictly above 0.5, 0 above 1.0; item 1 {0.1, 0.3, 0.2}
     np.testing.assert_array_equal(ref.gc_rank(S, P), [[1, 1], [0, 3]])
     np.testing.assert_array_equal(nz.globally_corrected_rank(S, np.sort(P.T, axis=1)), [[1, 1], [0, 3]])
-    np.testing.assert_allclose(ref.globally_corrected(S, P)[0], [[-0.5, -0.75], [1.0, -3.0]])
+    np.testing.assert_array_equal(ref.globally_corrected(S, P)[0], [[-0.5, -0.75], [1.0, -3.0]])  # exact
 
 
 def test_none_is_identity():
@@ -223,7 +238,9 @@ def test_clip_logits_large_beta_stay_finite(beta, block_rows):
     probe = StreamedProbe(MatrixScores(mem(P)), MatrixScores(mem(H)), 17, budget, betas=(beta,),
                           gallery_betas=(beta,), ks=(10,))
     assert np.isfinite(probe.log_norm(beta)).all()
-    scale = beta * 100
+    # the scores are float32-exact: only the float64 evaluation errs (LSE over 40 terms of spread ≤ 200)
+    bound = 2 * tol.method_error("dual-is", 0.0, magnitude=4 * beta * 100, n_bank=40, spread=200.0, beta=beta,
+                                 gallery_beta=beta)
     for method, norm in [
         ("is", nz.inverted_softmax(probe.log_norm(beta), beta)),
         ("dis", nz.dynamic_inverted_softmax(probe.log_norm(beta), beta, probe.activation(1))),
@@ -235,8 +252,9 @@ def test_clip_logits_large_beta_stay_finite(beta, block_rows):
         assert np.isfinite(want).all()
         got, _, gated = stream(MatrixScores(mem(S)), norm, budget)
         assert np.isfinite(got).all(), method
-        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * scale)
+        tol.assert_close(got, want, bound)
         np.testing.assert_array_equal(gated, want_gated)
         values, indices, _ = stream(MatrixScores(mem(S)), norm, budget, 5)
         assert np.isfinite(values).all()
+        tol.assert_separated(want, 5, bound)
         np.testing.assert_array_equal(indices, ref.top_n(want, 5)[1])
