@@ -16,7 +16,7 @@ import argparse
 
 import numpy as np
 
-from qbnorm_cli.files import OutputFile, open_array
+from qbnorm_cli.io.files import OutputFile, open_array
 
 
 def raw_top1(queries: np.ndarray, gallery: np.ndarray, block: int = 4096) -> np.ndarray:

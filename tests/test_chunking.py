@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import run
 
-from qbnorm_cli import files
-from qbnorm_cli.blocks import Budget, aligned, spread
+from qbnorm_cli.io import files
+from qbnorm_cli.streaming.budget import Budget, aligned, spread
 
 CHUNK = 64
 
@@ -105,7 +105,7 @@ def test_chunked_and_contiguous_inputs_give_the_same_results(capsys, data, tmp_p
 def test_rows_held_whole_are_tiled_without_chunk_alignment(data):
     """Queries held in memory cost no reads: their tiles split evenly over the cores instead of
     following the file's chunks. Rows read tile by tile keep to whole chunks."""
-    from qbnorm_cli.engine import Embeddings, EmbeddingScores
+    from qbnorm_cli.streaming.engine import Embeddings, EmbeddingScores
 
     def scores(memory):
         budget = Budget(memory=memory)

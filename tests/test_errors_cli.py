@@ -16,8 +16,8 @@ import tolerance as tol
 from helpers import leftovers, run
 from scipy.special import logsumexp
 
-from qbnorm_cli import files
 from qbnorm_cli.cli import main
+from qbnorm_cli.io import files
 
 G, B, Q, D = 30, 40, 12, 8
 

@@ -10,7 +10,8 @@ import pytest
 import tolerance as tol
 from helpers import run
 
-from qbnorm_cli import FORMAT_VERSION, metrics
+from qbnorm_cli import FORMAT_VERSION
+from qbnorm_cli.core import metrics
 
 # 4 queries × 5 gallery items; ground truth [0, 1, 2, 3] has ranks 0, 2, 1.5, 4.
 SCORES = np.array([

@@ -9,8 +9,8 @@ import pytest
 import tolerance as tol
 from helpers import dexter_similarity
 
-from qbnorm_cli import hubness as hub
-from qbnorm_cli import topk
+from qbnorm_cli.core import hubness as hub
+from qbnorm_cli.core import topk
 
 
 def samples():

@@ -11,7 +11,7 @@ import tolerance as tol
 from helpers import dexter_similarity, run
 
 from qbnorm_cli import FORMAT_VERSION
-from qbnorm_cli import hubness as hub
+from qbnorm_cli.core import hubness as hub
 
 
 def by_k(doc, i=0) -> dict:

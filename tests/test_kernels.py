@@ -15,13 +15,14 @@ import reference as ref
 import tolerance as tol
 from conftest import N_GALLERY, Embeds, Scores, f32_exact
 
-from qbnorm_cli import normalisers as nz
-from qbnorm_cli import probe as stats
-from qbnorm_cli import ranking, topk
-from qbnorm_cli.blocks import Budget
-from qbnorm_cli.engine import Embeddings, EmbeddingScores, MatrixScores, run_normalise, run_probe, tile_rows
-from qbnorm_cli.files import ArrayInput
-from qbnorm_cli.probefile import build_normaliser
+from qbnorm_cli.core import normalisers as nz
+from qbnorm_cli.core import statistics as stats
+from qbnorm_cli.core import topk
+from qbnorm_cli.io.files import ArrayInput
+from qbnorm_cli.io.probefile import build_normaliser
+from qbnorm_cli.streaming import ranking
+from qbnorm_cli.streaming.budget import Budget
+from qbnorm_cli.streaming.engine import Embeddings, EmbeddingScores, MatrixScores, run_normalise, run_probe, tile_rows
 
 BETA, GALLERY_BETA, KMAX, TOPK_KS, TOP_N = 20.0, 1.0, 10, (3, 10, 128), 5
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tolerance as tol
 
-from qbnorm_cli import metrics
+from qbnorm_cli.core import metrics
 
 
 def brute_rank(row: np.ndarray, target: int) -> float:

@@ -8,11 +8,11 @@ import reference as ref
 import tolerance as tol
 from test_kernels import StreamedProbe, mem, stream
 
-from qbnorm_cli import normalisers as nz
-from qbnorm_cli import probe as stats
-from qbnorm_cli import topk
-from qbnorm_cli.blocks import Budget
-from qbnorm_cli.engine import Embeddings, EmbeddingScores, MatrixScores
+from qbnorm_cli.core import normalisers as nz
+from qbnorm_cli.core import statistics as stats
+from qbnorm_cli.core import topk
+from qbnorm_cli.streaming.budget import Budget
+from qbnorm_cli.streaming.engine import Embeddings, EmbeddingScores, MatrixScores
 
 # (a) the DIS worked example
 P_A = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.1, 0.7, 0.3]])

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from helpers import leftovers, run
 
-from qbnorm_cli import files
 from qbnorm_cli.cli import main
+from qbnorm_cli.io import files
 
 D = 8
 
@@ -189,7 +189,7 @@ def test_failure_in_the_middle_of_a_write(capsys, work, monkeypatch, exc, code, 
 
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
-    from qbnorm_cli import files
+    from qbnorm_cli.io import files
     from qbnorm_cli.cli import main
 
     real = files.OutputFile.write_rows

@@ -14,8 +14,9 @@ import tolerance as tol
 from conftest import read_h5
 from test_normalisers import DIS_A, DUAL_IS_C, H_C, IS_A, LITERAL, NNN32, P_A, READ32, S_A, nnn_vector
 
-from qbnorm_cli import FORMAT_VERSION, metrics
+from qbnorm_cli import FORMAT_VERSION
 from qbnorm_cli.cli import main
+from qbnorm_cli.core import metrics
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "multi30k-sample.h5"
 METHODS = ("none", "is", "dis", "csls", "nnn", "gc", "dual-is", "dual-dis")

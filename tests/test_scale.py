@@ -6,8 +6,8 @@ import numpy as np
 import tolerance as tol
 from conftest import read_h5
 
-from qbnorm_cli import scale
-from qbnorm_cli.scale import ScoreStats
+from qbnorm_cli.core import scale
+from qbnorm_cli.core.scale import ScoreStats
 
 COSINE = ScoreStats(0.62, 0.93, 0.76, 0.029)        # the shared e5 data
 LOGITS = ScoreStats(62.0, 93.0, 76.0, 2.9)          # the same ×100 (CLIP logit scale)
@@ -50,7 +50,7 @@ def test_beta_grid_follows_the_scale():
 
 
 def test_sample_stats_reads_a_sample_of_rows(tmp_path):
-    from qbnorm_cli.files import open_array
+    from qbnorm_cli.io.files import open_array
 
     sims = np.linspace(-1, 1, 600 * 7, dtype=np.float32).reshape(600, 7)
     np.save(tmp_path / "s.npy", sims)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qbnorm_cli import topk
+from qbnorm_cli.core import topk
 
 
 def brute(M: np.ndarray, k: int):

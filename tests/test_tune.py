@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import read_h5
 
-from qbnorm_cli import tune as tn
+from qbnorm_cli import tuning_tmp as tn
 from qbnorm_cli.errors import DataError, UsageError
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "multi30k-sample.h5"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from qbnorm_cli import metrics
+from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError
-from qbnorm_cli.files import ArrayInput, open_array
+from qbnorm_cli.io.files import ArrayInput, open_array
 
 
 def _integers(values: np.ndarray, label: str) -> np.ndarray:

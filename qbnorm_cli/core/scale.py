@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qbnorm_cli.blocks import spread
+from qbnorm_cli.streaming.budget import spread
 
 COSINE_LIMIT = 1.01            # |s| ≤ this: cosine similarities (a little slack for float error)
 LOGIT_RANGE = (5.0, 150.0)     # largest |s| of CLIP-style logits (logit_scale ≈ 100 × cosine)

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from qbnorm_cli.blocks import DEFAULT_MEMORY, Budget, parse_memory
+from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.errors import UsageError
-from qbnorm_cli.report import Reporter
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, parse_memory
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]

@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 
 from qbnorm_cli import FORMAT_VERSION, __version__
-from qbnorm_cli.blocks import spread
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError
+from qbnorm_cli.streaming.budget import spread
 
 # The dataset a qbnorm file of each kind is read from when the input names none.
 DEFAULT_DATASET = {
@@ -307,7 +307,7 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
     """Open `spec` for reading. `kinds` lists the qbnorm kinds accepted (foreign files always are)."""
     path, dataset = split_spec(spec)
     magic = _check_readable(path)
-    from qbnorm_cli import foreign  # .npz, pickles, ann-benchmarks layouts (imports this module)
+    from qbnorm_cli.io import foreign  # .npz, pickles, ann-benchmarks layouts (imports this module)
 
     # A file named .npy is read by np.load(allow_pickle=False) only, never by any unpickler.
     named_npy = dataset is None and path.endswith(".npy")

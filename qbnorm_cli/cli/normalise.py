@@ -7,14 +7,14 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from qbnorm_cli import normalisers as nz
-from qbnorm_cli import scale
-from qbnorm_cli import tune as tn
-from qbnorm_cli.commands import common
-from qbnorm_cli.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_normalise
+from qbnorm_cli import tuning_tmp as tn
+from qbnorm_cli.cli import options as common
+from qbnorm_cli.core import normalisers as nz
+from qbnorm_cli.core import scale
 from qbnorm_cli.errors import DataError, UsageError
-from qbnorm_cli.files import EMBEDDING_KINDS, OutputFile, open_array, open_qbnorm
-from qbnorm_cli.probefile import DEFAULT_ALPHA, DEFAULT_TOPK, Probe, build_normaliser
+from qbnorm_cli.io.files import EMBEDDING_KINDS, OutputFile, open_array, open_qbnorm
+from qbnorm_cli.io.probefile import DEFAULT_ALPHA, DEFAULT_TOPK, Probe, build_normaliser
+from qbnorm_cli.streaming.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_normalise
 
 METHODS_HELP = "\n\n".join(f"{name}: {text}" for name, text in nz.METHOD_HELP.items())
 

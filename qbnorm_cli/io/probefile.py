@@ -14,10 +14,10 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from qbnorm_cli import normalisers as nz
+from qbnorm_cli.core import normalisers as nz
+from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurrence
 from qbnorm_cli.errors import DataError, UsageError
-from qbnorm_cli.files import read_attrs
-from qbnorm_cli.probe import BankAccumulator, activation_mask, occurrence
+from qbnorm_cli.io.files import read_attrs
 
 DEFAULT_BETA = 20.0
 DEFAULT_TOPK = {"csls": 10, "nnn": 128}

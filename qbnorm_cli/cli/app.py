@@ -12,13 +12,14 @@ import os
 import signal
 import sys
 
-from qbnorm_cli import _startup  # isort: skip  (first of all: Ctrl-C while the libraries load)
+from qbnorm_cli import startup as _startup  # isort: skip  (first of all: Ctrl-C while the libraries load)
 
 import typer
 
-from qbnorm_cli import __version__, files
-from qbnorm_cli.commands import build_bank, convert, evaluate, hubness, normalise, probe, tune
+from qbnorm_cli import __version__
+from qbnorm_cli.cli import build_bank, convert, evaluate, hubness, normalise, probe, tune
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
+from qbnorm_cli.io import files
 
 try:  # typer ≥ 0.2x vendors click; older typer uses click itself
     from typer import TyperException as _ParseError

@@ -23,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from qbnorm_cli import FORMAT_VERSION, __version__, files, hubness, metrics
-from qbnorm_cli import normalisers as nz
-from qbnorm_cli.blocks import Budget, spans, spread
-from qbnorm_cli.engine import run_normalise
+from qbnorm_cli import FORMAT_VERSION, __version__
+from qbnorm_cli.core import hubness, metrics
+from qbnorm_cli.core import normalisers as nz
+from qbnorm_cli.core.scale import ScoreStats, beta_grid
+from qbnorm_cli.core.statistics import occurrence
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError
-from qbnorm_cli.probe import occurrence
-from qbnorm_cli.probefile import DEFAULT_BETA, Probe, build_normaliser
-from qbnorm_cli.scale import ScoreStats, beta_grid
+from qbnorm_cli.io import files
+from qbnorm_cli.io.probefile import DEFAULT_BETA, Probe, build_normaliser
+from qbnorm_cli.streaming.budget import Budget, spans, spread
+from qbnorm_cli.streaming.engine import run_normalise
 
 # Grids for cosine-scale scores; `scale.beta_grid` adds their equivalents on other scales.
 BETAS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)

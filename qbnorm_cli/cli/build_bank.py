@@ -7,11 +7,11 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from qbnorm_cli import bank
-from qbnorm_cli.blocks import spans
-from qbnorm_cli.commands import common
+from qbnorm_cli.cli import options as common
+from qbnorm_cli.core import bank
 from qbnorm_cli.errors import DataError, UsageError
-from qbnorm_cli.files import EMBEDDING_KINDS, OutputFile, as_float32, open_array
+from qbnorm_cli.io.files import EMBEDDING_KINDS, OutputFile, as_float32, open_array
+from qbnorm_cli.streaming.budget import spans
 
 
 def command(

@@ -7,10 +7,11 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from qbnorm_cli import foreign, scale
-from qbnorm_cli.blocks import spans
-from qbnorm_cli.commands import common
-from qbnorm_cli.files import OutputFile, open_array
+from qbnorm_cli.cli import options as common
+from qbnorm_cli.core import scale
+from qbnorm_cli.io import foreign
+from qbnorm_cli.io.files import OutputFile, open_array
+from qbnorm_cli.streaming.budget import spans
 
 KINDS = {"embeddings": "/embeddings", "similarity": "/scores"}
 WIDE = 4096  # more columns than any common embedding: probably a score matrix

@@ -227,7 +227,7 @@ def _is_pickle(path: str, magic: bytes) -> bool:
 def open_foreign(spec: str, path: str, dataset: str | None, ndim: tuple[int, ...]):
     """An ArrayInput for a .npz archive or a pickle; DataError naming the datasets of an
     ann-benchmarks file given without one; None for everything `open_array` reads itself."""
-    from qbnorm_cli.files import ArrayInput, _validate_array
+    from qbnorm_cli.io.files import ArrayInput, _validate_array
 
     with open(path, "rb") as fh:
         magic = fh.read(8)

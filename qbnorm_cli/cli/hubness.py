@@ -10,13 +10,13 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from qbnorm_cli import hubness as hub
-from qbnorm_cli import topk
-from qbnorm_cli.blocks import Budget, spans
-from qbnorm_cli.commands import common
-from qbnorm_cli.commands.evaluate import ScoreSource, display_names, open_scores
+from qbnorm_cli.cli import options as common
+from qbnorm_cli.cli.evaluate import ScoreSource, display_names, open_scores
+from qbnorm_cli.core import hubness as hub
+from qbnorm_cli.core import topk
 from qbnorm_cli.errors import DataError, UsageError
-from qbnorm_cli.files import OutputFile, open_h5, open_qbnorm, read_attrs, split_spec
+from qbnorm_cli.io.files import OutputFile, open_h5, open_qbnorm, read_attrs, split_spec
+from qbnorm_cli.streaming.budget import Budget, spans
 
 COVERAGE_WARNING = 50.0
 BAR_WIDTH = 24

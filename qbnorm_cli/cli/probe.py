@@ -7,14 +7,15 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from qbnorm_cli import probe as stats
-from qbnorm_cli import probefile, scale
-from qbnorm_cli import tune as tn
-from qbnorm_cli.commands import common
-from qbnorm_cli.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_probe
+from qbnorm_cli import tuning_tmp as tn
+from qbnorm_cli.cli import options as common
+from qbnorm_cli.core import scale
+from qbnorm_cli.core import statistics as stats
 from qbnorm_cli.errors import DataError, UsageError
-from qbnorm_cli.files import EMBEDDING_KINDS, OutputFile, open_array
-from qbnorm_cli.probefile import DEFAULT_BETA
+from qbnorm_cli.io import probefile
+from qbnorm_cli.io.files import EMBEDDING_KINDS, OutputFile, open_array
+from qbnorm_cli.io.probefile import DEFAULT_BETA
+from qbnorm_cli.streaming.engine import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores, run_probe
 
 KMAX_MIN = 10
 

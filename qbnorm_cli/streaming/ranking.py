@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qbnorm_cli import parallel, topk
-from qbnorm_cli.blocks import Budget, aligned, column_block_width, spans
-from qbnorm_cli.normalisers import Normaliser
+from qbnorm_cli.core import topk
+from qbnorm_cli.core.normalisers import Normaliser
+from qbnorm_cli.streaming import parallel
+from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
 
 SAFETY = 2.0           # speculative thresholds aim at the SAFETY·k-th best: ~0.2 % of rows recomputed
 SAMPLE_SPREAD = 16     # column groups per wanted item in the sample's bound (tight for small k')

@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from qbnorm_cli import parallel, ranking
-from qbnorm_cli.blocks import Budget, aligned, column_block_width, spans
+from qbnorm_cli.core.normalisers import Normaliser, apply_dense
+from qbnorm_cli.core.statistics import BankAccumulator
 from qbnorm_cli.errors import DataError
-from qbnorm_cli.files import ArrayInput, as_float32
-from qbnorm_cli.normalisers import Normaliser, apply_dense
-from qbnorm_cli.probe import BankAccumulator
+from qbnorm_cli.io.files import ArrayInput, as_float32
+from qbnorm_cli.streaming import parallel, ranking
+from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
 
 SIMILARITIES = ("cosine", "dot")
 TILE_BYTES_PER_SCORE = 48  # float32 score + float64 copies made by the kernels

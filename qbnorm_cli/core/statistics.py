@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qbnorm_cli import parallel, topk
+from qbnorm_cli.core import topk
+from qbnorm_cli.streaming import parallel
 
 # Tiles at least this large are exponentiated by all cores (numpy releases the GIL in ufuncs).
 _PARALLEL_MIN = 1 << 18

@@ -11,12 +11,12 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from qbnorm_cli import metrics
-from qbnorm_cli.blocks import Budget, spans
-from qbnorm_cli.commands import common
+from qbnorm_cli.cli import options as common
+from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, GateFailure, UsageError
-from qbnorm_cli.files import ArrayInput, OutputFile, check_finite, open_array
-from qbnorm_cli.groundtruth import read_relevant
+from qbnorm_cli.io.files import ArrayInput, OutputFile, check_finite, open_array
+from qbnorm_cli.io.groundtruth import read_relevant
+from qbnorm_cli.streaming.budget import Budget, spans
 
 SCORE_KINDS = ("similarity", "ranking")
 

@@ -1,1 +1,0 @@
-"""One module per subcommand; each exports `command`, registered in qbnorm_cli.cli."""

@@ -1,0 +1,1 @@
+"""Files: input specs and readers, foreign formats, validation, the probe schema, atomic writers."""
