@@ -1,4 +1,4 @@
-"""Errors that end a command with a one-line message and a documented exit code.
+"""Errors and warnings of the library; the CLI turns each error into one line and an exit code.
 
 Exit codes (docs/errors.md):
   0  success
@@ -9,7 +9,14 @@ Exit codes (docs/errors.md):
      mismatched files (a probe from another gallery)
   4  a quality gate failed (evaluate --fail-under)
   130 interrupted (Ctrl-C, SIGTERM)
+
+Messages name the caller's parameters through `param`: the library shows a parameter as its
+keyword (`beta 7: …`), the CLI as its flag (`--beta 7: …`), from one message.
 """
+
+from __future__ import annotations
+
+from collections.abc import Mapping
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -18,11 +25,28 @@ EXIT_DATA = 3
 EXIT_GATE = 4
 EXIT_INTERRUPTED = 130
 
+MARK = "\x1f"  # the ASCII unit separator: never part of a path, a value or another library's message
+
+
+def param(name: str) -> str:
+    """A parameter inside an error message, written as the library spells it (`beta`, `force=True`);
+    `QbnormError.render` replaces it by the CLI's spelling (`--beta`, `--force`)."""
+    return f"{MARK}{name}{MARK}"
+
 
 class QbnormError(Exception):
-    """Base class: the message is printed as one line, the process exits with `exit_code`."""
+    """Base class: the message is one line; `exit_code` says what kind of failure it is."""
 
     exit_code = EXIT_RUNTIME
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        """The message, each parameter spelled as `names` maps it (as the library spells it when absent)."""
+        parts = str(self.args[0] if self.args else "").split(MARK)
+        names = {} if names is None else names
+        return "".join(part if i % 2 == 0 else names.get(part, part) for i, part in enumerate(parts))
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class RuntimeFailure(QbnormError):
@@ -39,3 +63,20 @@ class DataError(QbnormError):
 
 class GateFailure(QbnormError):
     exit_code = EXIT_GATE
+
+
+class QbnormWarning(UserWarning):
+    """About a result (a β on the wrong scale, a bank that covers little of the gallery): the run
+    went on. The library issues it with `warnings.warn`; the CLI prints it (not with --quiet) and
+    records it in --json."""
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        return QbnormError(*self.args).render(names)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def one_line(exc: BaseException) -> str:
+    """Another library's exception text as one line (messages here are always one line)."""
+    return " ".join(str(exc).split())

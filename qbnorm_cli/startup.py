@@ -4,7 +4,8 @@ Importing numpy, scipy, h5py and typer takes about a second. An interrupt in tha
 in a traceback from the middle of an import (SIGINT) or a bare kill (SIGTERM); nothing has been
 opened or written yet, so this says so in one line and exits 130 at once. `cli.main()` hands the
 signals back (`done()`) and installs its own handlers. Nothing happens when qbnorm_cli is imported
-as a library: only the `qbnorm` program (or `python -m qbnorm_cli`) is guarded.
+as a library: only the `qbnorm` program (or `python -m qbnorm_cli`) is guarded. The package imports
+this module before anything else.
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ import os
 import signal
 import sys
 
-_PREVIOUS: dict = {}
+PREVIOUS: dict = {}
 
 
-def _interrupted(signum, frame) -> None:
+def interrupted(signum, frame) -> None:
     os.write(2, b"qbnorm: interrupted\n")
     os._exit(130)
 
 
-def _is_program() -> bool:
+def is_program() -> bool:
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
     return os.path.basename(argv0) == "qbnorm" or argv0.endswith(os.path.join("qbnorm_cli", "__main__.py"))
 
 
-def _guard() -> None:
+def guard() -> None:
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
         if signum is None:
@@ -34,16 +35,16 @@ def _guard() -> None:
         try:
             if signal.getsignal(signum) in (signal.SIG_IGN, None):
                 continue  # ignored (nohup, background jobs) or not set from Python: leave it
-            _PREVIOUS[signum] = signal.signal(signum, _interrupted)
+            PREVIOUS[signum] = signal.signal(signum, interrupted)
         except (ValueError, OSError):  # not the main thread
             return
 
 
 def done() -> bool:
     """Give the signals back their previous handlers; True when this is the `qbnorm` program."""
-    was_guarding = bool(_PREVIOUS)
-    while _PREVIOUS:
-        signum, handler = _PREVIOUS.popitem()
+    was_guarding = bool(PREVIOUS)
+    while PREVIOUS:
+        signum, handler = PREVIOUS.popitem()
         try:
             signal.signal(signum, handler)
         except (ValueError, OSError):
@@ -60,5 +61,5 @@ def ignore_late_signals() -> None:
             pass
 
 
-if _is_program():
-    _guard()
+if is_program():
+    guard()

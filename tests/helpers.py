@@ -6,7 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qbnorm_cli import methods
 from qbnorm_cli.cli import main
+from qbnorm_cli.core.normalisers import Normaliser
+from qbnorm_cli.core.statistics import BankAccumulator
+from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics
 
 DEXTER = Path(__file__).parent / "fixtures" / "dexter_cosine_triu.npz"
 
@@ -33,3 +37,30 @@ def dexter_similarity() -> np.ndarray:
     sim[upper] = data["upper"]
     sim.T[upper] = data["upper"]
     return sim
+
+
+def exact_probe(P, H=None, *, betas=(20.0,), gallery_betas=(1.0,), kmax: int = 10, ks=(), keep_sorted=False) -> Probe:
+    """A Probe of float64 score matrices through the core's accumulators, each matrix one tile
+    (no float32 rounding on the way: for hand-checked values)."""
+    P = np.asarray(P, dtype=np.float64)
+    n_gallery = P.shape[1]
+
+    def accumulate(M, bs, topk_ks=(), sort=False):
+        acc = BankAccumulator(M.shape[0], n_gallery, np.array(bs, dtype=np.float64), kmax, tuple(ks if topk_ks else ()),
+                              sort)
+        acc.start_block(0, n_gallery)
+        acc.update(0, M)
+        return acc, acc.finish_block()
+
+    bank, sorted_block = accumulate(P, betas, ks, keep_sorted)
+    gallery = None if H is None else accumulate(np.asarray(H, dtype=np.float64), gallery_betas)[0]
+    datasets = statistics(bank, gallery, 1)
+    if keep_sorted:
+        datasets[SORTED] = Stored(sorted_block)
+    return Probe(datasets, {"gallery_rows": n_gallery}, path="the exact probe")
+
+
+def normaliser(probe, method: str, **params) -> Normaliser:
+    """The registry's normaliser of `method` with these parameters (the rest at their defaults)."""
+    spec = methods.get(method)
+    return methods.build(spec, probe, methods.settings(spec, params, probe))

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from helpers import run
 
-from qbnorm_cli.io import files
-from qbnorm_cli.streaming.budget import Budget, aligned, spread
+from qbnorm_cli.core.sampling import spread
+from qbnorm_cli.io import specs
+from qbnorm_cli.streaming.budget import Budget, aligned
 
 CHUNK = 64
 
@@ -38,13 +39,13 @@ def data(tmp_path_factory):
 def reads(monkeypatch):
     """(label, r0, r1) of every row block read through ArrayInput.read."""
     seen = []
-    real = files.ArrayInput.read
+    real = specs.ArrayInput.read
 
     def read(self, r0=0, r1=None, *args, **kwargs):
         seen.append((self.label, r0, self.rows if r1 is None else r1, self.rows))
         return real(self, r0, r1, *args, **kwargs)
 
-    monkeypatch.setattr(files.ArrayInput, "read", read)
+    monkeypatch.setattr(specs.ArrayInput, "read", read)
     return seen
 
 
@@ -105,13 +106,13 @@ def test_chunked_and_contiguous_inputs_give_the_same_results(capsys, data, tmp_p
 def test_rows_held_whole_are_tiled_without_chunk_alignment(data):
     """Queries held in memory cost no reads: their tiles split evenly over the cores instead of
     following the file's chunks. Rows read tile by tile keep to whole chunks."""
-    from qbnorm_cli.streaming.engine import Embeddings, EmbeddingScores
+    from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores
 
     def scores(memory):
         budget = Budget(memory=memory)
         src = f"{data}/chunked.h5"
-        return EmbeddingScores(Embeddings(files.open_array(f"{src}::/queries"), "dot", budget),
-                               Embeddings(files.open_array(f"{src}::/gallery"), "dot", budget, eager=False))
+        return EmbeddingScores(Embeddings(specs.open_array(f"{src}::/queries"), "dot", budget),
+                               Embeddings(specs.open_array(f"{src}::/gallery"), "dot", budget, eager=False))
 
     assert scores(1 << 30).row_chunk is None
     assert scores(100_000).row_chunk == CHUNK  # 900 × 16 float32 queries do not fit a quarter of it

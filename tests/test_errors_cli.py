@@ -17,7 +17,7 @@ from helpers import leftovers, run
 from scipy.special import logsumexp
 
 from qbnorm_cli.cli import main
-from qbnorm_cli.io import files
+from qbnorm_cli.io import hdf5, specs
 
 G, B, Q, D = 30, 40, 12, 8
 
@@ -154,7 +154,8 @@ def test_unreadable_file(capsys, made, tmp_path, monkeypatch):
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(path, *args, **kwargs)
 
-        monkeypatch.setattr(files, "open", refusing_open, raising=False)
+        for module in (hdf5, specs):  # where inputs are first opened
+            monkeypatch.setattr(module, "open", refusing_open, raising=False)
     out = tmp_path / "out.h5"
     for spec in (f"{bad}::/queries", bad.with_suffix(".npy")):
         if str(spec).endswith(".npy"):

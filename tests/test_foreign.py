@@ -11,8 +11,8 @@ import pytest
 from conftest import read_h5
 
 from qbnorm_cli.errors import DataError, UsageError
-from qbnorm_cli.io.files import open_array
 from qbnorm_cli.io.foreign import safe_load, source_format
+from qbnorm_cli.io.specs import open_array
 
 
 class _RunsCode:

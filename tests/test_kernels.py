@@ -15,14 +15,16 @@ import reference as ref
 import tolerance as tol
 from conftest import N_GALLERY, Embeds, Scores, f32_exact
 
-from qbnorm_cli.core import normalisers as nz
+from qbnorm_cli import methods
 from qbnorm_cli.core import statistics as stats
 from qbnorm_cli.core import topk
-from qbnorm_cli.io.files import ArrayInput
-from qbnorm_cli.io.probefile import build_normaliser
+from qbnorm_cli.core.normalisers import Normaliser
+from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics
+from qbnorm_cli.io.specs import ArrayInput, as_input
 from qbnorm_cli.streaming import ranking
 from qbnorm_cli.streaming.budget import Budget
-from qbnorm_cli.streaming.engine import Embeddings, EmbeddingScores, MatrixScores, run_normalise, run_probe, tile_rows
+from qbnorm_cli.streaming.engine import run_normalise, run_probe, tile_rows
+from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, MatrixScores
 
 BETA, GALLERY_BETA, KMAX, TOPK_KS, TOP_N = 20.0, 1.0, 10, (3, 10, 128), 5
 
@@ -44,15 +46,15 @@ PARAMS = {"csls": {"topk_mean": 10}, "nnn": {"topk_mean": 128, "alpha": 0.75}}
 
 
 def mem(arr) -> ArrayInput:
-    return ArrayInput(spec="mem", path="mem", dataset=None, array=np.asarray(arr))
+    return as_input(np.asarray(arr), "mem")
 
 
-class StreamedProbe:
-    """The probe statistics from run_probe, with the interface build_normaliser reads."""
+class StreamedProbe(Probe):
+    """The probe statistics from run_probe (the streaming layer's public driver) as a Probe, with
+    the column blocks the pass walked."""
 
     def __init__(self, bank_scores, gallery_bank_scores, n_gallery: int, budget: Budget,
                  betas=(BETA, 7.5), gallery_betas=(GALLERY_BETA,), kmax=KMAX, ks=TOPK_KS):
-        self.n_gallery = n_gallery
         self.acc = stats.BankAccumulator(bank_scores.n_rows, n_gallery, np.array(betas), kmax, ks, True)
         self.gacc = stats.BankAccumulator(gallery_bank_scores.n_rows, n_gallery, np.array(gallery_betas), kmax)
         self.sorted = np.full((n_gallery, bank_scores.n_rows), np.nan, dtype=np.float32)
@@ -65,37 +67,20 @@ class StreamedProbe:
 
         run_probe([(bank_scores, self.acc), (gallery_bank_scores, self.gacc)], n_gallery, budget,
                   on_sorted=on_sorted)
-
-    @staticmethod
-    def _row(acc_values, have, value):
-        return acc_values[list(have).index(value)]
-
-    def log_norm(self, beta):
-        return self._row(self.acc.log_norm, self.acc.betas, beta)
-
-    def gallery_log_norm(self, beta):
-        return self._row(self.gacc.log_norm, self.gacc.betas, beta)
-
-    def topk_mean(self, k):
-        return self._row(self.acc.topk_mean, self.acc.topk_ks, k)
-
-    def activation(self, k, gallery=False):
-        acc = self.gacc if gallery else self.acc
-        return stats.activation_mask(acc.neighbors.indices, k, self.n_gallery)
-
-    def sorted_bank(self):
-        return self.sorted
+        datasets = statistics(self.acc, self.gacc, 1)
+        datasets[SORTED] = Stored(self.sorted)
+        super().__init__(datasets, {"gallery_rows": n_gallery}, path="the streamed probe")
 
 
-def normaliser(probe, method: str, k: int) -> nz.Normaliser:
-    p = PARAMS.get(method, {})
-    return build_normaliser(probe, method, beta=BETA, k=k, gallery_beta=GALLERY_BETA,
-                            topk_k=p.get("topk_mean"), alpha=p.get("alpha", 0.75))
+def normaliser(probe, method: str, k: int) -> Normaliser:
+    spec = methods.get(method)
+    given = {"beta": BETA, "k": k, "gallery_beta": GALLERY_BETA, **PARAMS.get(method, {})}
+    return methods.build(spec, probe, methods.settings(spec, given, probe))
 
 
-def stream(query_scores, norm, budget, top_n=None):
+def stream(query_scores, norm, budget, top_n=None, tiling=ranking.Tiling(), trace=None):
     """Concatenate run_normalise's row blocks: (scores, indices or None, normalised)."""
-    parts = list(run_normalise(query_scores, norm, budget, top_n))
+    parts = list(run_normalise(query_scores, norm, budget, top_n, tiling=tiling, trace=trace))
     starts = [q0 for q0, _ in parts]
     assert starts == sorted(starts) and starts[0] == 0
     values = np.concatenate([v for _, (v, _, _) in parts])
@@ -148,7 +133,8 @@ def assert_ranking(got_idx, want_scores, exact_only: bool):
         assert want_scores[r, a] != want_scores[r, b], f"row {r}: exact tie of {a} and {b} out of gallery order"
 
 
-def check_method(data: Scores, probe, query_scores, method, k, budget, output, top_n=TOP_N):
+def check_method(data: Scores, probe, query_scores, method, k, budget, output, top_n=TOP_N,
+                 tiling=ranking.Tiling(), trace=None):
     want, want_gated = expected(data, method, k)
     norm = normaliser(probe, method, k)
     exact_only = data.name not in ("ties", "wide")
@@ -161,7 +147,7 @@ def check_method(data: Scores, probe, query_scores, method, k, budget, output, t
         assert_scores(got, want)
     else:
         want_vals, _ = ref.top_n(want, top_n)
-        got_vals, got_idx, gated = stream(query_scores, norm, budget, top_n)
+        got_vals, got_idx, gated = stream(query_scores, norm, budget, top_n, tiling, trace)
         np.testing.assert_array_equal(gated, want_gated)
         assert_ranking(got_idx, want, exact_only)
         assert_scores(got_vals, want_vals)
@@ -288,7 +274,7 @@ def test_probe_statistics_equal_reference(rnd, ties, budget_name):
         np.testing.assert_array_equal(probe.sorted, np.sort(data.P.T, axis=1).astype(np.float32))
         covered = sorted(c for block in probe.blocks for c in range(*block))
         assert covered == list(range(N_GALLERY))
-        summary = probe.acc.score_summary()
+        summary = probe.acc.score_stats().as_dict()
         assert summary["min"] == data.P.min() and summary["max"] == data.P.max()
         # float64 sums of n float32-exact scores, within γₙ of Σ|P| (and of Σ P²): the variance as
         # E[P²] − mean² inherits both, and the std half of that relative to the variance
@@ -303,7 +289,7 @@ def test_memory_budget_splits_blocks(rnd):
     """The memory-budget cases above really walk several column blocks and row tiles."""
     probe = matrix_probe(rnd, "mem400")
     assert len(probe.blocks) > 3
-    parts = list(run_normalise(MatrixScores(mem(rnd.S)), nz.none(), BUDGETS["mem400"], None))
+    parts = list(run_normalise(MatrixScores(mem(rnd.S)), Normaliser(identity=True), BUDGETS["mem400"], None))
     assert len(parts) > 1
     assert len(matrix_probe(rnd, "mem1g").blocks) == 1
 
@@ -330,10 +316,6 @@ def test_topk_select_merge_matches_stable_sort(ties, k, width):
             running.update(0, M[:, c0:c1], c0)
         np.testing.assert_array_equal(running.indices[:, :n], ref.row_top(M, n))
         assert (running.indices[:, n:] == -1).all() and np.isneginf(running.values[:, n:]).all()
-    argmax = topk.RunningArgmax(M.shape[0])
-    for c0, c1 in spans:
-        argmax.update(0, M[:, c0:c1], c0)
-    np.testing.assert_array_equal(argmax.indices, ref.raw_top1(M))
 
 
 def test_float32_exact_helper():
@@ -374,29 +356,11 @@ GEOMETRIES = {
 @pytest.mark.parametrize("top_n", [3, 40])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize(("method", "k"), CASES)
-def test_wide_rankings_equal_reference(wide, monkeypatch, geometry, method, k, top_n):
+def test_wide_rankings_equal_reference(wide, geometry, method, k, top_n):
     sub, rows, safety, memory = GEOMETRIES[geometry]
-    monkeypatch.setattr(ranking, "SUB_COLUMNS", sub)
-    monkeypatch.setattr(ranking, "TILE_ROWS", rows)
-    monkeypatch.setattr(ranking, "SAFETY", safety)
-    monkeypatch.setattr(ranking, "SAMPLE_PIECE_BYTES", 3 * 4 * sub)  # sample tiles of 3 rows at a time
-    recomputed = []
-    real = ranking._recompute
-
-    def counting(run, rows):
-        recomputed.append(rows.size)
-        return real(run, rows)
-
-    monkeypatch.setattr(ranking, "_recompute", counting)
-    gates = []  # the gates decided while ranking (one block holds the whole gallery)
-    real_gated = ranking._Candidates.fold_gated
-
-    def deciding(self):
-        out = real_gated(self)
-        gates.append(out[1][1][:, 0] >= 0)  # gated rows are those ranked by their normalised list
-        return out
-
-    monkeypatch.setattr(ranking._Candidates, "fold_gated", deciding)
+    # sample tiles of 3 rows at a time
+    tiling = ranking.Tiling(sub_columns=sub, tile_rows=rows, safety=safety, sample_piece_bytes=3 * 4 * sub)
+    trace = ranking.Trace()
     budget = Budget() if memory is None else Budget(memory=memory)
 
     def scores(a, b):
@@ -409,58 +373,42 @@ def test_wide_rankings_equal_reference(wide, monkeypatch, geometry, method, k, t
     data = wide.scores()
     data = Scores("wide", data.P, data.S, data.H)
     query_scores = scores(wide.queries, wide.gallery)
-    check_method(data, _PROBES[key], query_scores, method, k, budget, "topk", top_n=top_n)
+    check_method(data, _PROBES[key], query_scores, method, k, budget, "topk", top_n=top_n, tiling=tiling, trace=trace)
     if safety < 1:
-        assert sum(recomputed) > 0, "the recomputation path was not exercised"
+        assert trace.recomputed_rows > 0, "the recomputation path was not exercised"
     if method in ("dis", "dual-dis") and memory is None:  # each row ranked by one list: both kinds occur
-        gated = np.concatenate(gates)
+        gated = np.concatenate(trace.gates)
         assert gated.any() and not gated.all()
     else:
-        assert not gates
+        assert not trace.gates
     if memory is not None:
-        geom = ranking.geometry(query_scores, 45, 900, budget, 1)
+        geom = ranking.geometry(query_scores, 45, 900, budget, 1, tiling)
         assert geom.block_columns < 900 and geom.sub_columns < geom.block_columns
 
 
-def test_wide_rankings_tiles_really_are_sampled_and_ordered(wide, monkeypatch):
+def test_wide_rankings_tiles_really_are_sampled_and_ordered(wide):
     """The geometry above walks a sample tile and offset-ordered tiles with one comparison each."""
-    monkeypatch.setattr(ranking, "SUB_COLUMNS", 64)
-    calls = {"ordered": 0, "exact": 0}
-    for name in calls:
-        real = getattr(ranking._Candidates, f"_{name}")
-
-        def counted(self, *args, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(self, *args)
-
-        monkeypatch.setattr(ranking._Candidates, f"_{name}", counted)
-    norm = nz.inverted_softmax(np.linspace(0, 1, 900), BETA)
+    trace = ranking.Trace()
+    norm = Normaliser(scale=BETA, offset=np.linspace(0, 1, 900))
     scores = EmbeddingScores(Embeddings(mem(wide.queries), "dot", Budget()),
                              Embeddings(mem(wide.gallery), "dot", Budget(), eager=False))
-    list(run_normalise(scores, norm, Budget(), 10))
-    assert calls["ordered"] > 3 * calls["exact"] > 0
+    list(run_normalise(scores, norm, Budget(), 10, tiling=ranking.Tiling(sub_columns=64), trace=trace))
+    # every tile but each block's sample is offset-ordered: one comparison per score, no exact tests
+    assert trace.ordered_tiles > 3 * trace.sample_tiles > 0 and trace.exact_tiles == 0
 
 
-def test_rows_still_unsure_after_recomputing_take_every_entry(wide, monkeypatch):
-    """The last resort of _recompute (never needed by the bounds' margins) is exact too."""
-    monkeypatch.setattr(ranking, "SUB_COLUMNS", 64)
-    monkeypatch.setattr(ranking, "SAFETY", 0.02)
-    real = ranking._fold_rows
-
-    def doubting(run, rows, n, subs, everything=False):
-        raw, norm, unsure = real(run, rows, n, subs, everything)
-        if len(subs) == 1 and not everything:
-            unsure = np.ones_like(unsure)
-        return raw, norm, unsure
-
-    monkeypatch.setattr(ranking, "_fold_rows", doubting)
+def test_rows_still_unsure_after_recomputing_take_every_entry(wide):
+    """The last resort of a recomputation (never needed by the bounds' margins) is exact too."""
+    tiling = ranking.Tiling(sub_columns=64, safety=0.02, trust_recompute=False)
     data = wide.scores()
     data = Scores("wide", data.P, data.S, data.H)
     probe = StreamedProbe(MatrixScores(mem(data.P)), MatrixScores(mem(data.H)), 900, Budget())
     scores = EmbeddingScores(Embeddings(mem(wide.queries), "dot", Budget()),
                              Embeddings(mem(wide.gallery), "dot", Budget(), eager=False))
     for method, k in (("dis", 1), ("csls", 1), ("none", 1)):
-        check_method(data, probe, scores, method, k, Budget(), "topk", top_n=12)
+        trace = ranking.Trace()
+        check_method(data, probe, scores, method, k, Budget(), "topk", top_n=12, tiling=tiling, trace=trace)
+        assert trace.recomputed_rows > 0
 
 
 @pytest.mark.parametrize(("n_rows", "most", "workers", "rows"),
@@ -474,13 +422,13 @@ def test_row_tiles_split_evenly_over_the_workers(n_rows, most, workers, rows):
         assert r <= 7 and rounds * r <= n / 3 + n / 7 / 3 + 1
 
 
-def test_rows_that_fit_are_one_super_block(wide, monkeypatch):
+def test_rows_that_fit_are_one_super_block(wide):
     """Everything fits: one pass over the gallery, even when the rows are not whole tiles (they
     used to be rounded down to whole tiles, and the few left over made a second pass)."""
-    monkeypatch.setattr(ranking, "TILE_ROWS", 7)
-    norm = nz.inverted_softmax(np.linspace(0, 1, 900), BETA)
+    tiling = ranking.Tiling(tile_rows=7)
+    norm = Normaliser(scale=BETA, offset=np.linspace(0, 1, 900))
     scores = EmbeddingScores(Embeddings(mem(wide.queries), "dot", Budget()),
                              Embeddings(mem(wide.gallery), "dot", Budget(), eager=False))
-    assert ranking.geometry(scores, 45, 900, Budget(), 2).rows == 6
-    assert [q0 for q0, _ in ranking.run_ranking(scores, norm, Budget(), 10)] == [0]
+    assert ranking.geometry(scores, 45, 900, Budget(), 2, tiling).rows == 6
+    assert [q0 for q0, _ in ranking.run_ranking(scores, norm, Budget(), 10, tiling=tiling)] == [0]
     assert tile_rows(16, Budget(), total=1000, align=512) == 1000

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import reference as ref
 import tolerance as tol
+from helpers import exact_probe, normaliser
 from test_kernels import StreamedProbe, mem, stream
 
 from qbnorm_cli.core import normalisers as nz
-from qbnorm_cli.core import statistics as stats
-from qbnorm_cli.core import topk
+from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.streaming.budget import Budget
-from qbnorm_cli.streaming.engine import Embeddings, EmbeddingScores, MatrixScores
+from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, MatrixScores
 
 # (a) the DIS worked example
 P_A = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.1, 0.7, 0.3]])
@@ -37,21 +37,6 @@ def package_dense(S, norm):
     return nz.apply_dense(np.asarray(S, dtype=np.float64), norm)
 
 
-def package_log_norm(P, beta):
-    """L_j through the probe's own accumulator (one tile, float64 scores)."""
-    P = np.asarray(P, dtype=np.float64)
-    acc = stats.BankAccumulator(P.shape[0], P.shape[1], np.array([beta]), kmax=1)
-    acc.start_block(0, P.shape[1])
-    acc.update(0, P)
-    acc.finish_block()
-    return acc.log_norm[0]
-
-
-def package_activation(P, k):
-    _, idx = topk.select(np.asarray(P, dtype=np.float64), k)
-    return stats.activation_mask(idx, k, P.shape[1])
-
-
 def test_dis_hand_checked_reference():
     np.testing.assert_array_equal(ref.activation(P_A, 1), [True, True, False])
     scores, normalised = ref.dynamic_inverted_softmax(S_A, P_A, 20.0, 1)
@@ -63,13 +48,13 @@ def test_dis_hand_checked_reference():
 
 
 def test_dis_hand_checked_package():
-    np.testing.assert_array_equal(package_activation(P_A, 1), [True, True, False])
-    log_norm = package_log_norm(P_A, 20.0)
-    scores, gated = package_dense(S_A, nz.dynamic_inverted_softmax(log_norm, 20.0, package_activation(P_A, 1)))
+    probe = exact_probe(P_A)
+    np.testing.assert_array_equal(probe.activation(1), [True, True, False])
+    scores, gated = package_dense(S_A, normaliser(probe, "dis", beta=20.0, k=1))
     tol.assert_close(scores, DIS_A, LITERAL + EXACT64)
     np.testing.assert_array_equal(gated, [True, False])
     assert scores[1].tolist() == S_A[1].tolist()  # the row left alone keeps its raw scores exactly
-    scores, gated = package_dense(S_A, nz.inverted_softmax(log_norm, 20.0))
+    scores, gated = package_dense(S_A, normaliser(probe, "is", beta=20.0))
     tol.assert_close(scores, IS_A, LITERAL + EXACT64)
     assert gated.all()
 
@@ -80,14 +65,14 @@ def test_dis_hand_checked_streamed(block_rows):
     budget = Budget(block_rows=block_rows)
     probe = StreamedProbe(MatrixScores(mem(P_A)), MatrixScores(mem(H_C)), 3, budget, betas=(20.0,),
                           gallery_betas=(20.0,), kmax=3, ks=(1,))
-    norm = nz.dynamic_inverted_softmax(probe.log_norm(20.0), 20.0, probe.activation(1))
+    norm = normaliser(probe, "dis", beta=20.0, k=1)
     scores, _, gated = stream(MatrixScores(mem(S_A)), norm, budget)
     tol.assert_close(scores, DIS_A, LITERAL + READ32)
     np.testing.assert_array_equal(gated, [True, False])
     values, indices, gated = stream(MatrixScores(mem(S_A)), norm, budget, 2)
     np.testing.assert_array_equal(indices, [[2, 1], [2, 1]])
     tol.assert_close(values, [[2.979419, -6.000052], [0.6, 0.2]], LITERAL + READ32)
-    norm = nz.dual_inverted_softmax(probe.log_norm(20.0), 20.0, probe.gallery_log_norm(20.0), 20.0)
+    norm = normaliser(probe, "dual-is", beta=20.0, gallery_beta=20.0)
     scores, _, _ = stream(MatrixScores(mem(S_A)), norm, budget)
     tol.assert_close(scores, DUAL_IS_C, LITERAL + READ32)
 
@@ -96,7 +81,7 @@ def test_dual_is_hand_checked():
     scores, normalised = ref.dual_inverted_softmax(S_A, P_A, H_C, 20.0, 20.0)
     tol.assert_close(scores, DUAL_IS_C, LITERAL + EXACT64)
     assert normalised.all()
-    norm = nz.dual_inverted_softmax(package_log_norm(P_A, 20.0), 20.0, package_log_norm(H_C, 20.0), 20.0)
+    norm = normaliser(exact_probe(P_A, H_C, gallery_betas=(20.0,)), "dual-is", beta=20.0, gallery_beta=20.0)
     scores, gated = package_dense(S_A, norm)
     tol.assert_close(scores, DUAL_IS_C, LITERAL + EXACT64)
     assert gated.all()
@@ -111,8 +96,7 @@ def test_dual_dis_gate_is_union_of_activation_sets():
     scores, normalised = ref.dual_dynamic_inverted_softmax(S_A, P_A, H_C, 20.0, 1.0, 1)
     assert normalised.tolist() == [True, False]
     np.testing.assert_array_equal(scores[1], S_A[1])
-    norm = nz.dual_dynamic_inverted_softmax(package_log_norm(P_A, 20.0), 20.0, package_log_norm(H, 1.0), 1.0,
-                                            package_activation(P_A, 1), package_activation(H, 1))
+    norm = normaliser(exact_probe(P_A, H, gallery_betas=(1.0,)), "dual-dis", beta=20.0, gallery_beta=1.0, k=1)
     got, gated = package_dense(S_A, norm)
     want, want_gated = ref.dual_dynamic_inverted_softmax(S_A, P_A, H, 20.0, 1.0, 1)
     tol.assert_close(got, want, 2 * EXACT64)  # both in float64: each within EXACT64 of the exact value
@@ -158,12 +142,12 @@ def test_nnn_hand_checked_streamed(block_rows):
     probe = StreamedProbe(scores(bank), scores(bank), 5, budget, ks=(2, 128))
     tol.assert_close(probe.topk_mean(2), [0.605, 0.605, 0.605, 0.605, 1.0], NNN32)
     tol.assert_close(probe.topk_mean(128), bank.mean(axis=0)[[1, 0, 1, 0, 2]] * [1, 1, -1, -1, 1], NNN32)
-    norm = nz.nnn(probe.topk_mean(2), 0.75)
+    norm = normaliser(probe, "nnn", topk_mean=2, alpha=0.75)
     values, indices, gated = stream(scores(queries), norm, budget, 1)
     np.testing.assert_array_equal(indices[:, 0], [0, 1, 2, 3, 4])
     tol.assert_close(values[:, 0], [0.14625] * 4 + [0.25], NNN32)
     assert gated.all()
-    _, indices, _ = stream(scores(queries), nz.none(), budget, 1)
+    _, indices, _ = stream(scores(queries), normaliser(probe, "none"), budget, 1)
     np.testing.assert_array_equal(indices[:, 0], [4, 4, 4, 4, 4])
 
 
@@ -172,8 +156,7 @@ def test_csls_hand_checked():
     S = np.array([[0.2, 0.8]])
     scores, _ = ref.csls(S, P, 2)
     tol.assert_close(scores, [[-0.85, 0.35]], tol.eval64(2.0, 6))  # 2·S − two means of 2, in float64
-    top = np.sort(P, axis=0)[::-1][:2].mean(axis=0)
-    got, gated = package_dense(S, nz.csls(top, 2))
+    got, gated = package_dense(S, normaliser(exact_probe(P, ks=(2,)), "csls", topk_mean=2))
     tol.assert_close(got, [[-0.85, 0.35]], tol.eval64(2.0, 6))
     assert gated.all()
 
@@ -183,7 +166,7 @@ def test_csls_dense_row_term_keeps_float64_precision():
     r_q to float32: the ranking path computes it in float64 and so does the formula."""
     rng = np.random.default_rng(3)
     raw = rng.uniform(-1, 1, (4, 23)).astype(np.float32)
-    norm = nz.csls(np.zeros(23), 10)
+    norm = Normaliser(scale=2.0, offset=np.zeros(23), row_topk=10)  # CSLS with r_j = 0
     got32, _ = nz.apply_dense(raw, norm)
     want, _ = ref.csls(raw, np.zeros((1, 23)), 10)
     tol.assert_close(got32, want, 2 * tol.eval64(3.0, 14))  # 2·S − r_q (a mean of 10), float64 on both sides
@@ -198,11 +181,14 @@ def test_gc_ranks_brute_force():
         sorted_cols = np.sort(P.T, axis=1)
         ranks = nz.globally_corrected_rank(S, sorted_cols)
         np.testing.assert_array_equal(ranks, ref.gc_rank(S, P))
-        scores, gated = package_dense(S, nz.globally_corrected(sorted_cols))
+        gc = Normaliser(sorted_bank=sorted_cols)
+        if (P == P.astype(np.float32)).all():  # the probe keeps float32 scores: the registry's gc is this one
+            np.testing.assert_array_equal(normaliser(exact_probe(P, keep_sorted=True), "gc").sorted_bank, sorted_cols)
+        scores, gated = package_dense(S, gc)
         np.testing.assert_array_equal(scores, ref.globally_corrected(S, P)[0])
         assert gated.all()
         for c0, c1 in [(0, 4), (4, 5), (5, 11)]:  # column tiles see their own slice of the sorted bank
-            np.testing.assert_array_equal(nz.globally_corrected(sorted_cols).transform(S[:, c0:c1], c0),
+            np.testing.assert_array_equal(gc.transform(S[:, c0:c1], c0),
                                           ref.globally_corrected(S, P)[0][:, c0:c1])
 
 
@@ -216,7 +202,7 @@ def test_gc_hand_checked():
 
 
 def test_none_is_identity():
-    scores, gated = package_dense(S_A, nz.none())
+    scores, gated = package_dense(S_A, normaliser(exact_probe(P_A), "none"))
     np.testing.assert_array_equal(scores, S_A)
     assert not gated.any()
     np.testing.assert_array_equal(ref.none(S_A)[0], S_A)
@@ -241,13 +227,8 @@ def test_clip_logits_large_beta_stay_finite(beta, block_rows):
     # the scores are float32-exact: only the float64 evaluation errs (LSE over 40 terms of spread ≤ 200)
     bound = 2 * tol.method_error("dual-is", 0.0, magnitude=4 * beta * 100, n_bank=40, spread=200.0, beta=beta,
                                  gallery_beta=beta)
-    for method, norm in [
-        ("is", nz.inverted_softmax(probe.log_norm(beta), beta)),
-        ("dis", nz.dynamic_inverted_softmax(probe.log_norm(beta), beta, probe.activation(1))),
-        ("dual-is", nz.dual_inverted_softmax(probe.log_norm(beta), beta, probe.gallery_log_norm(beta), beta)),
-        ("dual-dis", nz.dual_dynamic_inverted_softmax(probe.log_norm(beta), beta, probe.gallery_log_norm(beta),
-                                                      beta, probe.activation(1), probe.activation(1, True))),
-    ]:
+    for method, norm in [(m, normaliser(probe, m, beta=beta, gallery_beta=beta, k=1))
+                         for m in ("is", "dis", "dual-is", "dual-dis")]:
         want, want_gated = ref.normalise(method, S, P, H, beta=beta, gallery_beta=beta, k=1)
         assert np.isfinite(want).all()
         got, _, gated = stream(MatrixScores(mem(S)), norm, budget)

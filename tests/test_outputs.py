@@ -18,7 +18,7 @@ import pytest
 from helpers import leftovers, run
 
 from qbnorm_cli.cli import main
-from qbnorm_cli.io import files
+from qbnorm_cli.io import atomic
 
 D = 8
 
@@ -129,7 +129,7 @@ def test_disk_full(capsys, work, monkeypatch, where):
     elif where == "create":
         monkeypatch.setattr(h5py.Group, "create_dataset", _enospc)
     else:
-        monkeypatch.setattr(files.os, "replace", _enospc)
+        monkeypatch.setattr(atomic.os, "replace", _enospc)
     code, _, err = run(capsys, *norm_args(work, out, "--force", "--block-rows", 5))
     monkeypatch.undo()
     assert code == 1, err
@@ -152,7 +152,7 @@ def test_cannot_create_the_temporary_file(capsys, work, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(files.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
     out = work / "dis.h5"
     code, _, err = run(capsys, *norm_args(work, out))
     monkeypatch.undo()
@@ -168,7 +168,7 @@ def test_cannot_create_the_temporary_file(capsys, work, monkeypatch):
 def test_failure_in_the_middle_of_a_write(capsys, work, monkeypatch, exc, code, text):
     out = work / "dis.h5"
     before = previous_output(out)
-    real = files.OutputFile.write_rows
+    real = atomic.OutputFile.write_rows
     calls = []
 
     def failing(self, ds, start, block):
@@ -177,7 +177,7 @@ def test_failure_in_the_middle_of_a_write(capsys, work, monkeypatch, exc, code, 
             raise exc
         return real(self, ds, start, block)
 
-    monkeypatch.setattr(files.OutputFile, "write_rows", failing)
+    monkeypatch.setattr(atomic.OutputFile, "write_rows", failing)
     got, _, err = run(capsys, *norm_args(work, out, "--force", "--block-rows", 4))
     assert got == code
     assert text in one_line(err)
@@ -189,16 +189,16 @@ def test_failure_in_the_middle_of_a_write(capsys, work, monkeypatch, exc, code, 
 
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
-    from qbnorm_cli.io import files
+    from qbnorm_cli.io import atomic
     from qbnorm_cli.cli import main
 
-    real = files.OutputFile.write_rows
+    real = atomic.OutputFile.write_rows
 
     def slow(self, ds, start, block):
         time.sleep(0.02)
         return real(self, ds, start, block)
 
-    files.OutputFile.write_rows = slow  # a long write, so that the signal lands in the middle
+    atomic.OutputFile.write_rows = slow  # a long write, so that the signal lands in the middle
     sys.exit(main(sys.argv[1:]))
 """)
 

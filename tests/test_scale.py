@@ -50,11 +50,12 @@ def test_beta_grid_follows_the_scale():
 
 
 def test_sample_stats_reads_a_sample_of_rows(tmp_path):
-    from qbnorm_cli.io.files import open_array
+    from qbnorm_cli.io.specs import open_array
+    from qbnorm_cli.streaming.sources import MatrixScores, sample_stats
 
     sims = np.linspace(-1, 1, 600 * 7, dtype=np.float32).reshape(600, 7)
     np.save(tmp_path / "s.npy", sims)
-    stats = scale.sample_stats(open_array(str(tmp_path / "s.npy")), rows=50)
+    stats = sample_stats(MatrixScores(open_array(str(tmp_path / "s.npy"))), rows=50)
     assert -1 <= stats.min < -0.9 and 0.9 < stats.max <= 1 and scale.classify(stats) == "cosine"
 
 

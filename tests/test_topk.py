@@ -113,19 +113,6 @@ def test_candidates_float32_bound_rounding():
     assert cols.tolist() == [0, 1]
 
 
-def test_merge_and_argmax_unchanged():
-    M = data("ties", 11, 40, seed=7).astype(np.float64)
-    a = topk.select(M[:, :25], 6)
-    b = topk.select(M[:, 25:], 6, 25)
-    got = topk.merge(a, b, 6)
-    want = brute(M, 6)
-    np.testing.assert_array_equal(got[1], want[1])
-    arg = topk.RunningArgmax(11)
-    arg.update(0, M[:, :25], 0)
-    arg.update(0, M[:, 25:], 25)
-    np.testing.assert_array_equal(arg.indices, brute(M, 1)[1][:, 0])
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [1, 5, 40])
 def test_rank_equals_stable_argsort_of_the_candidates(kind, k):

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from conftest import read_h5
 
-from qbnorm_cli import tuning_tmp as tn
+from qbnorm_cli import methods
+from qbnorm_cli.api import tuning as tn
+from qbnorm_cli.core import scale
+from qbnorm_cli.core.statistics import bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "multi30k-sample.h5"
@@ -125,18 +128,26 @@ def test_load_params_errors(tmp_path):
 
 
 def test_grid_and_methods():
-    assert tn.parse_methods(None, False) == ["is", "dis", "csls", "nnn"]
-    assert tn.parse_methods(None, True)[-2:] == ["dual-is", "dual-dis"]
+    names = lambda chosen: [m.name for m in chosen]
+    assert names(methods.tuned_methods(None, False)) == ["is", "dis", "csls", "nnn"]
+    assert names(methods.tuned_methods(None, True))[-2:] == ["dual-is", "dual-dis"]
     with pytest.raises(UsageError):
-        tn.parse_methods("is,magic", True)
-    settings = tn.grid(["is", "dis", "nnn", "dual-dis"], None)
-    assert settings[0].method == "none"
-    assert len([s for s in settings if s.method == "dis"]) == len(tn.BETAS) * len(tn.DIS_KS)
-    needs = tn.Needs.of(settings)
-    assert needs.betas == sorted(tn.BETAS) and needs.kmax == max(tn.DIS_KS) and needs.topk_ks == tn.NNN_KS
-    note = tn.edge_note(tn.Setting("is", beta=100.0), settings)
-    assert note is not None and "largest --beta" in note
-    assert tn.edge_note(tn.Setting("is", beta=20.0), settings) is None
+        methods.tuned_methods(["is", "magic"], True)
+    with pytest.raises(UsageError, match="needs a gallery bank"):
+        methods.tuned_methods(["dual-is"], False)
+    chosen = [methods.get(m) for m in ("is", "dis", "nnn", "dual-dis")]
+    scaled = {"beta": scale.beta_grid(methods.BETA_GRID, None), "gallery_beta": list(methods.GALLERY_BETA_GRID)}
+    settings = [tn.Setting(m, v) for m, v in methods.grid(chosen, scaled)]
+    assert settings[0].method.baseline
+    dis_ks = methods.get("dis").grid["k"]
+    assert len([s for s in settings if s.method.name == "dis"]) == len(methods.BETA_GRID) * len(dis_ks)
+    assert [s.values for s in settings if s.method.name == "dis"][:2] == [{"beta": 1.0, "k": 1}, {"beta": 1.0, "k": 2}]
+    needs = methods.ProbeRequest.of([(s.method, s.values) for s in settings])
+    assert needs.betas == sorted(methods.BETA_GRID) and needs.kmax == max(dis_ks)
+    assert needs.topk_means == methods.get("nnn").grid["topk_mean"] and needs.gallery_bank
+    note = tn.edge_note(tn.Setting(methods.get("is"), {"beta": 100.0}), settings)
+    assert note is not None and "largest" in note
+    assert tn.edge_note(tn.Setting(methods.get("is"), {"beta": 20.0}), settings) is None
 
 
 def _low_coverage_data(tmp_path, n_gallery=40, n_bank=300, dim=16):
@@ -168,11 +179,11 @@ def test_low_coverage_bank_warns(tmp_path, cli):
 
 def test_bank_diagnostics_pure():
     neighbors = np.array([[0, 1], [0, 2], [0, 1], [3, 0]])
-    diag = tn.bank_diagnostics(neighbors, 1, 10)
+    diag = bank_diagnostics(neighbors, 1, 10)
     assert diag["coverage"] == 0.2 and diag["covered_items"] == 2
-    warning = tn.coverage_warning(diag, 10)
-    assert warning is not None and "enlarge the bank" in warning
-    assert tn.coverage_warning({**diag, "coverage": 0.6}, 10) is None
+    warning = coverage_warning(diag, 10, "DIS")
+    assert warning is not None and "enlarge the bank" in warning and "use DIS" in warning
+    assert coverage_warning({**diag, "coverage": 0.6}, 10, "DIS") is None
 
 
 def test_tune_warns_when_the_bank_is_the_validation_queries(tmp_path, cli):

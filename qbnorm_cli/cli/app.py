@@ -1,8 +1,7 @@
-"""The `qbnorm` command: a thin typer layer over the numpy core.
-
-Each subcommand lives in qbnorm_cli/commands/ and only parses, opens, calls the core and reports.
-Errors become one line on stderr and a documented exit code (errors.py); set QBNORM_DEBUG=1 for
-the traceback.
+"""The `qbnorm` program: a typer app whose commands (one module each in cli/) parse their
+options, call the library (qbnorm_cli.api) and report. Errors become one line on stderr and a
+documented exit code (errors.py), parameters spelled as options (options.flag); set
+QBNORM_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
@@ -12,14 +11,14 @@ import os
 import signal
 import sys
 
-from qbnorm_cli import startup as _startup  # isort: skip  (first of all: Ctrl-C while the libraries load)
-
 import typer
 
-from qbnorm_cli import __version__
+from qbnorm_cli import startup
 from qbnorm_cli.cli import build_bank, convert, evaluate, hubness, normalise, probe, tune
+from qbnorm_cli.cli.options import FLAG_NAMES
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
-from qbnorm_cli.io import files
+from qbnorm_cli.io import atomic
+from qbnorm_cli.version import VERSION
 
 try:  # typer ≥ 0.2x vendors click; older typer uses click itself
     from typer import TyperException as _ParseError
@@ -41,7 +40,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"qbnorm {__version__}")
+        print(f"qbnorm {VERSION}")
         raise typer.Exit()
 
 
@@ -52,7 +51,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _terminate(signum, frame):
-    files.note_interrupt(signum)  # remembered even if the exception below lands where Python drops it
+    atomic.note_interrupt(signum)  # remembered even if the exception below lands where Python drops it
     raise KeyboardInterrupt
 
 
@@ -74,7 +73,7 @@ def _one_line_errors(func):
         except QbnormError as exc:
             if debug:
                 raise
-            print(f"qbnorm: error: {_line(exc)}", file=sys.stderr)
+            print(f"qbnorm: error: {_line(exc.render(FLAG_NAMES))}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except MemoryError:
             print("qbnorm: error: out of memory; lower --memory", file=sys.stderr)
@@ -155,13 +154,13 @@ def _usage_error(exc: _ParseError) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this directly)."""
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    files.COMMAND_LINE[:] = argv
-    program = _startup.done()
-    files.clear_interrupts()
+    program = startup.done()
+    atomic.clear_interrupts()
     previous = _install_signal_handlers()
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
-        code = app(args=argv, prog_name="qbnorm", standalone_mode=False)
+        code = app(args=argv, prog_name="qbnorm", standalone_mode=False,
+                   obj={"provenance": " ".join(["qbnorm", *argv])})
         code = code if isinstance(code, int) else 0
     except SystemExit as exc:
         code = exc.code
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.unraisablehook = unraisable_hook
         if program:
-            _startup.ignore_late_signals()
+            startup.ignore_late_signals()
         else:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -1,15 +1,19 @@
-"""Options shared by the subcommands, and the checks every command applies the same way."""
+"""Options shared by the subcommands, and how the library's parameters are spelled as flags.
+
+Library errors and warnings name parameters as the library spells them (`beta`, `force=True`,
+`similarity='dot'`, errors.param); `flag` spells them as this CLI's options (`--beta`, `--force`,
+`--similarity dot`), from the one table below and one rule (dashes for underscores).
+"""
 
 from __future__ import annotations
 
-import math
+import re
+from collections.abc import Mapping
 from typing import Annotated
 
 import typer
 
-from qbnorm_cli.cli.report import Reporter
-from qbnorm_cli.errors import UsageError
-from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, parse_memory
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, parse_memory
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
@@ -25,30 +29,50 @@ Output = Annotated[str, typer.Option("--output", "-o", metavar="OUT.h5", help="O
 DEFAULT_MEMORY_TEXT = "1GiB"
 assert parse_memory(DEFAULT_MEMORY_TEXT) == DEFAULT_MEMORY
 
-
-def budget(memory: str, block_rows: int | None) -> Budget:
-    return Budget(parse_memory(memory), block_rows)
-
-
-def reporter(json_output: bool, quiet: bool) -> Reporter:
-    return Reporter(json_output=json_output, quiet=quiet)
-
-
-def check_beta(value: float, option: str = "--beta") -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"{option} {value}: must be a finite number > 0")
-    return float(value)
+# Library parameters whose option is not simply --name: repeatable options are singular, positional
+# arguments are named by their metavar, and one --force covers the library's two consents.
+FLAGS = {
+    "betas": "--beta",
+    "gallery_betas": "--gallery-beta",
+    "topk_means": "--topk-mean",
+    "accept_other_gallery": "--force",
+    "scores": "SCORES",
+    "source": "SOURCE",
+}
+_ASSIGNMENT = re.compile(r"(?P<name>[a-z_]+)=(?P<value>.+)")
 
 
-def check_choice(value: str, choices, option: str) -> str:
-    if value not in choices:
-        raise UsageError(f"{option} {value!r}: choose one of {', '.join(choices)}")
-    return value
+def flag(spelling: str) -> str:
+    """The CLI's spelling of a library parameter: beta → --beta, force=True → --force,
+    similarity='dot' → --similarity dot."""
+    match = _ASSIGNMENT.fullmatch(spelling)
+    name, value = (match["name"], match["value"].strip("'\"")) if match else (spelling, None)
+    option = FLAGS.get(name, "--" + name.replace("_", "-"))
+    if value is None or value == "True":
+        return option
+    return f"{option} {value}"
 
 
-def check_count(value: int, option: str, upper: int, what: str) -> int:
-    if value < 1:
-        raise UsageError(f"{option} {value}: must be at least 1")
-    if value > upper:
-        raise UsageError(f"{option} {value}: larger than the {what} ({upper})")
-    return value
+class Flags(Mapping):
+    """errors.QbnormError.render's names: every parameter spelled by `flag`."""
+
+    def __getitem__(self, spelling: str) -> str:
+        return flag(spelling)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def get(self, spelling, default=None):
+        return flag(spelling)
+
+
+FLAG_NAMES = Flags()
+
+
+def provenance(ctx: typer.Context) -> str:
+    """The command line of this run (main() hands it to the app), recorded in every output."""
+    obj = ctx.find_root().obj
+    return (obj or {}).get("provenance", "qbnorm")

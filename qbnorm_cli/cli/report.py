@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
+
+from qbnorm_cli.cli.options import FLAG_NAMES
+from qbnorm_cli.errors import QbnormWarning
 
 
 def _jsonable(value):
@@ -33,6 +37,7 @@ class Reporter:
         self.json_output = json_output
         self.quiet = quiet
         self._console = None
+        self.warnings: list[str] = []
 
     @property
     def console(self):
@@ -50,7 +55,20 @@ class Reporter:
 
     def warn(self, message: str) -> None:
         """Warnings are shown even with --quiet: they are about the result, not progress."""
+        self.warnings.append(message)
         print(f"qbnorm: warning: {message}", file=sys.stderr)
+
+    @contextmanager
+    def capture(self):
+        """The library's QbnormWarnings raised inside, reported with the options' spelling."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", QbnormWarning)
+            yield
+        for item in caught:
+            if isinstance(item.message, QbnormWarning):
+                self.warn(item.message.render(FLAG_NAMES))
+            else:
+                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
     def table(self, table) -> None:
         if not self.quiet:

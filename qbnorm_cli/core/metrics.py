@@ -160,3 +160,27 @@ def as_relevant(gt: np.ndarray) -> np.ndarray:
     if gt.ndim == 1:
         gt = gt[:, None]
     return gt.astype(np.int64, copy=False)
+
+
+def difference(first: dict, last: dict) -> dict:
+    """last − first for every metric both know (None where either is unknown)."""
+    return {m: (None if first[m] is None or last[m] is None else last[m] - first[m]) for m in METRIC_NAMES}
+
+
+def check_gates(results: list[dict], gates) -> tuple[list[dict], list[str]]:
+    """Each (metric, threshold) gate against each named result: (checks, failure messages). A
+    metric is worse below its threshold (above for the rank metrics); an unknown one fails."""
+    checks, failures = [], []
+    for res in results:
+        for metric, threshold in gates:
+            value = res["metrics"][metric]
+            worse = value is None or (value > threshold if metric in LOWER_IS_BETTER else value < threshold)
+            checks.append({"input": res["name"], "metric": metric, "value": value, "threshold": threshold,
+                           "passed": not worse})
+            if value is None:
+                failures.append(f"{res['name']}: {metric} is unknown (only the top {res['listed']} is listed), "
+                                f"threshold {threshold:g}")
+            elif worse:
+                relation = "above" if metric in LOWER_IS_BETTER else "below"
+                failures.append(f"{res['name']}: {metric} {value:.2f} is {relation} the threshold {threshold:g}")
+    return checks, failures

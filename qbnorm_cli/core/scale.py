@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qbnorm_cli.streaming.budget import spread
+from qbnorm_cli.errors import param
 
 COSINE_LIMIT = 1.01            # |s| ≤ this: cosine similarities (a little slack for float error)
 LOGIT_RANGE = (5.0, 150.0)     # largest |s| of CLIP-style logits (logit_scale ≈ 100 × cosine)
@@ -22,7 +22,6 @@ TYPICAL_COSINE_STD = 0.03      # std of bank × gallery cosines of typical retri
 LOGIT_SCALE = 100.0            # CLIP's learned (and clamped) logit scale
 SPREAD_BAND = (0.1, 20.0)      # β·std outside this: β is almost surely on the wrong scale
 SPREAD_BEST = (1.0, 5.0)       # β·std where the inverted softmax usually works best
-SAMPLE_ROWS = 256
 
 SCALE_TEXT = {
     "cosine": "cosine similarities (|s| ≤ 1)",
@@ -55,6 +54,12 @@ class ScoreStats:
         scores = np.asarray(scores, dtype=np.float64)
         return cls(float(scores.min()), float(scores.max()), float(scores.mean()), float(scores.std()))
 
+    @classmethod
+    def from_sums(cls, n: int, total: float, squares: float, low: float, high: float) -> ScoreStats:
+        """From running sums of n scores (Σs, Σs²) and their extremes, as streamed passes collect them."""
+        mean = total / n
+        return cls(float(low), float(high), mean, float(np.sqrt(max(squares / n - mean * mean, 0.0))))
+
     def as_dict(self) -> dict:
         return {"min": self.min, "max": self.max, "mean": self.mean, "std": self.std}
 
@@ -85,7 +90,7 @@ def best_betas(stats: ScoreStats) -> tuple[float, float]:
     return (SPREAD_BEST[0] / stats.std, SPREAD_BEST[1] / stats.std)
 
 
-def beta_warning(beta: float, stats: ScoreStats | None, option: str = "--beta",
+def beta_warning(beta: float, stats: ScoreStats | None, parameter: str = "beta",
                  check_low: bool = True) -> str | None:
     """A one-line warning when β·std is far outside SPREAD_BAND, else None.
 
@@ -107,9 +112,9 @@ def beta_warning(beta: float, stats: ScoreStats | None, option: str = "--beta",
                  f"β ≈ {equivalent_beta(beta, stats, LOGIT_SCALE * TYPICAL_COSINE_STD):.3g}")
     else:
         return None
-    return (f"{option} {beta:g} looks wrong for the bank scores ({describe(stats)}): β·std = {spread:.3g} is "
+    return (f"{param(parameter)} {beta:g} looks wrong for the bank scores ({describe(stats)}): β·std = {spread:.3g} is "
             f"{side}; {guess}; β·std ≈ {SPREAD_BEST[0]:g}–{SPREAD_BEST[1]:g} (here β ≈ {low:.3g}–{high:.3g}) "
-            "usually works best, or let `qbnorm tune` choose")
+            "usually works best, or let tune choose")
 
 
 def beta_grid(base, stats: ScoreStats | None) -> list[float]:
@@ -121,10 +126,3 @@ def beta_grid(base, stats: ScoreStats | None) -> list[float]:
         if factor < 0.2 or factor > 5:
             grid |= {float(f"{b * factor:.3g}") for b in base}
     return sorted(grid)
-
-
-def sample_stats(source, rows: int = SAMPLE_ROWS) -> ScoreStats:
-    """Score statistics of up to `rows` evenly spaced rows of a score matrix (an ArrayInput)."""
-    n = source.rows
-    block = np.concatenate([source.read(r, r + 1) for r in spread(n, rows)])
-    return ScoreStats.of(block)

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qbnorm_cli.core import topk
-from qbnorm_cli.streaming import parallel
+from qbnorm_cli.core.hubness import skewness
+from qbnorm_cli.core.scale import ScoreStats
 
-# Tiles at least this large are exponentiated by all cores (numpy releases the GIL in ufuncs).
-_PARALLEL_MIN = 1 << 18
 _SUB_ITEMS = 1 << 17  # float64 items per piece: 1 MiB, cache-resident while exponentiated
 _LOCAL = threading.local()
 
@@ -45,16 +44,11 @@ def _scratch(size: int, slot: int) -> np.ndarray:
     return buf[:size]
 
 
-def start_row_chunks(n_rows: int, n_items: int, fn):
-    """Start fn(r0, r1) over row chunks, on all cores when the work is large; returns a function
-    that waits for the results (in order). The caller may work meanwhile."""
-    workers = parallel.workers()
-    if workers == 1 or n_items < _PARALLEL_MIN or n_rows < 2 * workers:
-        done = [fn(0, n_rows)]
-        return lambda: done
-    step = -(-n_rows // workers)
-    futures = [parallel.pool().submit(fn, r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
-    return lambda: [f.result() for f in futures]
+def serial_chunks(n_rows: int, n_items: int, fn):
+    """Run fn(0, n_rows) now; returns a function that gives its results (a list of one). The
+    streaming layer passes a parallel version (streaming.parallel.start_row_chunks) instead."""
+    done = [fn(0, n_rows)]
+    return lambda: done
 
 
 def activation_mask(neighbors: np.ndarray, k: int, n_gallery: int) -> np.ndarray:
@@ -178,15 +172,19 @@ class BankAccumulator:
         self._top = ColumnTopK(width, kcol) if kcol else None
         self._sorted = np.empty((self.n_rows, width), dtype=np.float32) if self.keep_sorted else None
 
-    def update(self, r0: int, tile: np.ndarray) -> None:
-        """Fold in P[r0:r0+len(tile), c0:c1] for the current column block."""
+    def update(self, r0: int, tile: np.ndarray, chunks=serial_chunks) -> None:
+        """Fold in P[r0:r0+len(tile), c0:c1] for the current column block.
+
+        `chunks(n_rows, n_items, fn)` runs the exponentials over row chunks and returns a function
+        that waits for them (serial here; on all cores from the streaming layer): meanwhile the
+        column and row top-k statistics are folded in."""
         c0, _ = self._block
         if tile.shape[0] == 0:
             return
         tile_max = tile.max(axis=0).astype(np.float64)
         self.score_min = min(self.score_min, float(tile.min()))
         self.score_max = max(self.score_max, float(tile_max.max()))
-        finish = self._log_sum_exp(tile, tile_max)  # runs on the worker threads meanwhile
+        finish = self._log_sum_exp(tile, tile_max, chunks)  # may run on other threads meanwhile
         try:
             if self._top is not None:
                 self._top.update(tile)
@@ -196,7 +194,7 @@ class BankAccumulator:
         finally:
             finish()
 
-    def _log_sum_exp(self, tile: np.ndarray, tile_max: np.ndarray):
+    def _log_sum_exp(self, tile: np.ndarray, tile_max: np.ndarray, chunks):
         """Running per-column max m and Σ exp(β·(P − m)) in float64; also the score sums.
 
         Starts the work on the worker threads and returns the function that folds it in."""
@@ -227,7 +225,7 @@ class BankAccumulator:
                     sums[b] += work.sum(axis=0)
             return total, sumsq, sums
 
-        wait = start_row_chunks(tile.shape[0], tile.size, chunk)
+        wait = chunks(tile.shape[0], tile.size, chunk)
 
         def finish() -> None:
             for total, sumsq, sums in wait():
@@ -251,10 +249,43 @@ class BankAccumulator:
         self._block = self._colmax = self._sums = self._top = self._sorted = None
         return sorted_block
 
-    def score_summary(self) -> dict:
-        n = self.n_rows * self.n_gallery
-        mean = self.score_sum / n
-        return {
-            "min": self.score_min, "max": self.score_max, "mean": mean,
-            "std": float(np.sqrt(max(self.score_sumsq / n - mean * mean, 0.0))),
-        }
+    def score_stats(self) -> ScoreStats:
+        """min, max, mean and std of every bank score seen."""
+        return ScoreStats.from_sums(self.n_rows * self.n_gallery, self.score_sum, self.score_sumsq,
+                                    self.score_min, self.score_max)
+
+
+# --- bank diagnostics: QB-Norm (Bogolin et al., CVPR 2022, Sec. 4) shows that a far-domain or
+# adversarial bank, whose queries all retrieve the same few hubs, makes IS worse than no
+# normalisation while DIS, which leaves queries outside the activation set alone, is robust.
+LOW_COVERAGE = 0.5
+CONCENTRATED = 0.1  # coverage below this: the bank piles onto a few items (far-domain or adversarial)
+SMALL_BANK = 5  # bank rows × k below this many times the gallery size: too few to cover it under hubness
+
+
+def bank_diagnostics(neighbors: np.ndarray, k: int, n_gallery: int) -> dict:
+    """Coverage of the activation set and the skewness of the bank-side k-occurrence."""
+    counts = occurrence(neighbors, k, n_gallery)
+    covered = int(np.count_nonzero(counts))
+    return {"coverage": covered / n_gallery, "covered_items": covered, "occurrence_skewness": skewness(counts),
+            "k": k, "bank_rows": int(neighbors.shape[0])}
+
+
+def coverage_warning(diag: dict, n_gallery: int, robust: str) -> str | None:
+    """A one-line warning and recommendation when the bank covers under half of the gallery;
+    `robust` names the setting that is safe with such a bank (DIS)."""
+    if diag["coverage"] >= LOW_COVERAGE:
+        return None
+    small = diag["bank_rows"] * diag["k"] < SMALL_BANK * n_gallery
+    size = f"{diag['bank_rows']} queries for {n_gallery} gallery items"
+    if small and diag["coverage"] >= CONCENTRATED:
+        advice = f"enlarge the bank (it has {size})"
+    elif small:
+        advice = f"re-sample the bank from in-domain training queries and enlarge it (it has {size})"
+    else:
+        advice = "re-sample the bank from in-domain training queries"
+    return (f"low bank coverage: the top-{diag['k']} items of the {diag['bank_rows']} bank queries cover only "
+            f"{100 * diag['coverage']:.1f}% of the gallery ({diag['covered_items']} of {n_gallery} items; "
+            f"k-occurrence skewness {diag['occurrence_skewness']:.1f}); a far-domain or adversarial bank can make "
+            f"is/csls worse than no normalisation: use {robust} (it leaves queries outside the activation "
+            f"set alone), or {advice}")

@@ -113,15 +113,6 @@ def select(values: np.ndarray, k: int, col_offset: int = 0) -> tuple[np.ndarray,
     return out
 
 
-def merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int):
-    """Top-k of the union of two (values, indices) candidate sets, row by row."""
-    vals = np.concatenate([a[0], b[0]], axis=1)
-    idx = np.concatenate([a[1], b[1]], axis=1)
-    real = idx >= 0
-    rows = np.nonzero(real)[0]
-    return _rank(rows, idx[real], vals[real], vals.shape[0], k)
-
-
 _RANK_WIDTH = 4  # rows with more than this many candidates per wanted item are ranked apart
 
 
@@ -269,19 +260,3 @@ class RunningTopK:
         """Merge candidates: rows relative to r0 (ascending), gallery indices (ascending within a
         row), float64 values. forward=True: their indices exceed all held in those rows."""
         _place((self.values, self.indices), r0, rows, idx, vals, forward)
-
-
-class RunningArgmax:
-    """Per-row maximum and its (lowest) column index, over column blocks visited left to right."""
-
-    def __init__(self, rows: int) -> None:
-        self.values = np.full(rows, -np.inf)
-        self.indices = np.full(rows, -1, dtype=np.int64)
-
-    def update(self, r0: int, tile: np.ndarray, col_offset: int) -> None:
-        r1 = r0 + tile.shape[0]
-        arg = np.argmax(tile, axis=1)
-        best = tile[np.arange(tile.shape[0]), arg]
-        better = best > self.values[r0:r1]
-        self.values[r0:r1] = np.where(better, best, self.values[r0:r1])
-        self.indices[r0:r1] = np.where(better, arg + col_offset, self.indices[r0:r1])

@@ -1,6 +1,6 @@
 """Arrays from other people's dumps: .npz archives, pickled numpy arrays, ann-benchmarks HDF5.
 
-`files.open_array` hands every input here first; anything not recognised (plain .npy, qbnorm and
+`specs.open_array` hands every input here first; anything not recognised (plain .npy, qbnorm and
 other HDF5 files) goes back to it. Addressing follows the HDF5 convention:
 
   sims.npz::test        one array of a .npz archive (a .npz with a single array needs no key)
@@ -224,11 +224,9 @@ def _is_pickle(path: str, magic: bytes) -> bool:
     )
 
 
-def open_foreign(spec: str, path: str, dataset: str | None, ndim: tuple[int, ...]):
-    """An ArrayInput for a .npz archive or a pickle; DataError naming the datasets of an
-    ann-benchmarks file given without one; None for everything `open_array` reads itself."""
-    from qbnorm_cli.io.files import ArrayInput, _validate_array
-
+def open_foreign(path: str, dataset: str | None, ndim: tuple[int, ...]) -> tuple[np.ndarray, str | None] | None:
+    """(array, key) of a .npz archive or a pickle; DataError naming the datasets of an
+    ann-benchmarks file given without one; None for everything `specs.open_array` reads itself."""
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic.startswith(HDF5_MAGIC):
@@ -237,15 +235,9 @@ def open_foreign(spec: str, path: str, dataset: str | None, ndim: tuple[int, ...
             raise error
         return None
     if magic.startswith(ZIP_MAGIC) or (path.endswith(".npz") and not magic.startswith(NPY_MAGIC)):
-        arr, key = _open_npz(path, dataset, ndim)
-    elif magic.startswith(NPY_MAGIC):
+        return _open_npz(path, dataset, ndim)
+    if magic.startswith(NPY_MAGIC) or not _is_pickle(path, magic):
         return None
-    elif _is_pickle(path, magic):
-        with open(path, "rb") as fh:
-            payload = safe_load(fh, path)
-        arr, key = _pick(payload, path, dataset, ndim, "pickle")
-    else:
-        return None
-    label = f"{path}::{key}" if key else path
-    _validate_array(arr, label, ndim)
-    return ArrayInput(spec, path, key, arr)
+    with open(path, "rb") as fh:
+        payload = safe_load(fh, path)
+    return _pick(payload, path, dataset, ndim, "pickle")

@@ -1,7 +1,7 @@
 """Block sizes under a memory budget.
 
 Every streaming loop in qbnorm walks its operands in row blocks whose size follows from one byte
-budget (`--memory`), or from `--block-rows` when the caller wants to fix it (tests, debugging).
+budget (`memory`), or from `block_rows` when the caller wants to fix it (tests, debugging).
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
-from qbnorm_cli.errors import UsageError
+from qbnorm_cli.errors import UsageError, param
 
 DEFAULT_MEMORY = 1 << 30  # 1 GiB
 
@@ -24,15 +22,25 @@ _UNITS = {
 }
 
 
-def parse_memory(text: str) -> int:
-    """'1GiB', '512MB', '2g', '1000000' → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise UsageError(f"--memory {text!r}: expected a size such as 512MiB, 1GiB or 2GB")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+def parse_memory(value: str | int) -> int:
+    """'1GiB', '512MB', '2g', '1000000' (or a number of bytes) → bytes, at least 1 MiB."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        size = int(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise UsageError(f"{param('memory')} {value!r}: expected a size such as 512MiB, 1GiB or 2GB")
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if size < 1 << 20:
-        raise UsageError(f"--memory {text!r}: at least 1MiB is needed")
+        raise UsageError(f"{param('memory')} {value!r}: at least 1MiB is needed")
     return size
+
+
+def make_budget(memory: str | int = DEFAULT_MEMORY, block_rows: int | None = None) -> Budget:
+    """A Budget from the callers' `memory` (bytes or a size such as '2GiB') and `block_rows`."""
+    if block_rows is not None and (not isinstance(block_rows, int) or block_rows < 1):
+        raise UsageError(f"{param('block_rows')} {block_rows!r}: must be a whole number ≥ 1")
+    return Budget(parse_memory(memory), block_rows)
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,3 @@ def spans(total: int, step: int):
     """(start, stop) pairs covering range(total) in steps of `step`."""
     for start in range(0, total, step):
         yield start, min(start + step, total)
-
-
-def spread(total: int, count: int) -> list[int]:
-    """Up to `count` distinct row numbers spread evenly over range(total), ascending, the first
-    and last included (score samples, fingerprints). Not np.unique: it imports numpy.ma (15 ms)."""
-    picks = np.linspace(0, total - 1, num=min(total, count)).astype(np.int64)
-    return list(dict.fromkeys(picks.tolist()))

@@ -59,3 +59,19 @@ def run_tasks(fn: Callable, items: Iterable) -> Iterator:
             for future in futures:
                 if not future.cancelled():
                     future.exception()
+
+
+# Tiles at least this large are exponentiated by all cores (numpy releases the GIL in ufuncs).
+PARALLEL_MIN_ITEMS = 1 << 18
+
+
+def start_row_chunks(n_rows: int, n_items: int, fn):
+    """Start fn(r0, r1) over row chunks, on all cores when the work is large; returns a function
+    that waits for the results (in order). The caller may work meanwhile."""
+    count = workers()
+    if count == 1 or n_items < PARALLEL_MIN_ITEMS or n_rows < 2 * count:
+        done = [fn(0, n_rows)]
+        return lambda: done
+    step = -(-n_rows // count)
+    futures = [pool().submit(fn, r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
+    return lambda: [f.result() for f in futures]

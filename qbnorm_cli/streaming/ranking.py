@@ -7,8 +7,8 @@ scores come from its exact transform). Nothing holds a query × gallery matrix: 
 tile and gallery column block,
 
 1. the block's first product tile is a uniform random sample of its columns. A row's threshold θ
-   is a lower bound of the sample's k'-th best value, k' = ⌈SAFETY · k · sample/block⌉ (at most
-   k): the row's k-th best over the whole block is about SAFETY times more selective, so θ lies
+   is a lower bound of the sample's k'-th best value, k' = ⌈safety · k · sample/block⌉ (at most
+   k; `Tiling`): the row's k-th best over the whole block is about `safety` times more selective, so θ lies
    below it with high probability, whatever the score distribution (the rank of a sample's order
    statistic is distribution-free). The running top-k of earlier blocks raises θ where it is
    higher.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,16 +40,49 @@ from qbnorm_cli.core import topk
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
+from qbnorm_cli.streaming.sources import ScoreSource
 
-SAFETY = 2.0           # speculative thresholds aim at the SAFETY·k-th best: ~0.2 % of rows recomputed
 SAMPLE_SPREAD = 16     # column groups per wanted item in the sample's bound (tight for small k')
-TILE_ROWS = 1280       # queries per product tile at most (single-threaded OpenBLAS: 3–6 % faster than at 512)
-SUB_COLUMNS = 8192     # gallery items per product tile (× 1,250 queries: 41 MB, faster than narrower tiles)
-SAMPLE_COLUMNS = 8192  # gallery items in a block's sample tile (at most a product tile)
-SAMPLE_PIECE_BYTES = 8 << 20  # the sample tile's float32 scores computed at a time (its passes stay in L3)
 TILE_BYTES_PER_SCORE = 13  # per score of a tile: float32 score, bool mask, temporaries (≈ 10 B measured in RSS)
 _SEED = 0x7162          # the sample's columns: fixed, so that timings repeat (results never depend on it)
 _LOCAL = threading.local()
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the top-k driver cuts its work; the defaults are measured (docs/performance.md). Any
+    values give the same exact result: tests set small ones to walk every path."""
+
+    safety: float = 2.0           # speculative thresholds aim at the safety·k-th best: ~0.2 % of rows recomputed
+    tile_rows: int = 1280         # queries per product tile at most (single-threaded OpenBLAS: 3–6 % faster than 512)
+    sub_columns: int = 8192       # gallery items per product tile (× 1,250 queries: 41 MB, faster than narrower)
+    sample_columns: int = 8192    # gallery items in a block's sample tile (at most a product tile)
+    sample_piece_bytes: int = 8 << 20  # the sample tile's float32 scores computed at a time (passes stay in L3)
+    trust_recompute: bool = True  # False: rows recomputed against a whole block are taken as unsure
+                                  # anyway, so they take every entry (a last resort no rounding reaches)
+
+
+@dataclass
+class Trace:
+    """What a run did, for whoever wants to know (tests, diagnostics): counts of tiles by kind,
+    rows recomputed, and the gates decided before ranking."""
+
+    sample_tiles: int = 0
+    ordered_tiles: int = 0
+    exact_tiles: int = 0
+    recomputed_rows: int = 0
+    gates: list = field(default_factory=list)  # per decided block: which rows were gated in
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def gate(self, gated: np.ndarray) -> None:
+        with self._lock:
+            self.gates.append(gated.copy())
 
 
 @dataclass(frozen=True)
@@ -61,15 +94,15 @@ class Geometry:
     block_columns: int
 
 
-def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int) -> Geometry:
+def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int, tiling: Tiling = Tiling()) -> Geometry:
     """Tiles within a quarter of the budget on all threads; blocks as the engine sizes them."""
     block = column_block_width(n_cols, scores.col_bytes(), 0, budget, align=scores.col_chunk)
     if budget.block_rows is not None:  # fixed by hand (tests, debugging)
         return Geometry(budget.block_rows, budget.block_rows, block)
-    sub = min(SUB_COLUMNS, block) if scores.sub_columns else block
+    sub = min(tiling.sub_columns, block) if scores.sub_columns else block
     per_thread = budget.memory * 0.25 / workers
     fit = max(1, int(per_thread // (TILE_BYTES_PER_SCORE * sub)))
-    rows = min(TILE_ROWS, fit, n_rows)
+    rows = min(tiling.tile_rows, fit, n_rows)
     if fit < 8 and rows < n_rows and sub > 64 and scores.sub_columns:  # a small budget: narrower tiles, not single rows
         sub = min(sub, max(64, int(per_thread // (TILE_BYTES_PER_SCORE * 8))))
         rows = min(8, n_rows)
@@ -100,10 +133,10 @@ class Block:
     gallery item index[p]), their offsets in that order, and the tiles' column spans (the first
     is the sample), with each later tile's lowest offset."""
 
-    def __init__(self, c0: int, c1: int, norm: Normaliser, sub_columns: int, ordered: bool):
+    def __init__(self, c0: int, c1: int, norm: Normaliser, sub_columns: int, ordered: bool, sample_columns: int):
         width = c1 - c0
         self.c0, self.c1, self.width = c0, c1, width
-        sample = min(SAMPLE_COLUMNS, sub_columns, width)
+        sample = min(sample_columns, sub_columns, width)
         self.order = None
         if ordered and width > sample:
             first = np.sort(np.random.default_rng([_SEED, c0]).choice(width, sample, replace=False))
@@ -143,11 +176,11 @@ def _survivors(tile: np.ndarray, mask: np.ndarray):
     return rows, cols, tile.T.reshape(-1)[flat] if tile.T.flags.c_contiguous else tile[rows, cols]
 
 
-def _spec_k(k: int, sample: int, width: int) -> int:
+def _spec_k(k: int, sample: int, width: int, safety: float) -> int:
     """k': the sample's order statistic whose value the block's k-th best exceeds w.h.p."""
     if sample >= width:
         return k
-    return min(k, max(1, math.ceil(SAFETY * k * sample / width)))
+    return min(k, max(1, math.ceil(safety * k * sample / width)))
 
 
 class _Candidates:
@@ -169,8 +202,10 @@ class _Candidates:
                 continue
             tile, mask = run.tile(self.rows, s0, s1)
             if run.affine and block.order is not None:
+                run.trace.count("ordered_tiles")
                 self._ordered(tile, mask, s0, block.lows[t])
             else:
+                run.trace.count("exact_tiles")
                 self._exact(tile, mask, s0, s1)
 
     def fold(self, k: int, held, parts, theta):
@@ -212,6 +247,7 @@ class _Candidates:
         found = ~np.isneginf(best)
         gated = np.zeros(n, dtype=bool)
         gated[found] = self.run.norm.gated(first[found])
+        self.run.trace.gate(gated)
         raw, unsure_raw = self._ranked(lists.raw_k, raw_candidates, self.th_raw, ~gated)
         norm_candidates = self._joined(self.norm_parts, lists.norm)
         norm, unsure_norm = self._ranked(lists.norm_k, norm_candidates, self.th_norm, gated)
@@ -237,7 +273,8 @@ class _Candidates:
     def _sample(self, s0, s1):
         """The first tile: speculative thresholds from it, then its candidates by exact tests. It
         is computed a piece of rows at a time, so that its several passes stay in the cache."""
-        step = max(1, SAMPLE_PIECE_BYTES // (4 * (s1 - s0)))
+        self.run.trace.count("sample_tiles")
+        step = max(1, self.run.tiling.sample_piece_bytes // (4 * (s1 - s0)))
         for a, b in spans(self.n, step):
             tile, mask = self.run.tile(self._piece(a, b), s0, s1)
             self._sample_piece(tile, mask, s0, s1, a)
@@ -250,10 +287,10 @@ class _Candidates:
         part, rows = slice(r0, r0 + tile.shape[0]), self._piece(r0, r0 + tile.shape[0])
         normed = None
         if lists.raw_k:
-            spec = _spec_k(lists.raw_k, s1 - s0, width)
+            spec = _spec_k(lists.raw_k, s1 - s0, width, run.tiling.safety)
             self.th_raw[part] = np.maximum(topk.kth_lower_bound(tile, spec, SAMPLE_SPREAD), lists.raw[0][rows, -1])
         if lists.norm_k:
-            spec = _spec_k(lists.norm_k, s1 - s0, width)
+            spec = _spec_k(lists.norm_k, s1 - s0, width, run.tiling.safety)
             normed = self._normed(tile, s0, s1)
             if run.affine:
                 low = topk.kth_lower_bound(normed, spec, SAMPLE_SPREAD)
@@ -323,10 +360,8 @@ class _Candidates:
         if lists.norm_k:
             if eta is not None:
                 values = eta
-            else:  # η exactly as Normaliser.transform computes it
-                values = scores if run.norm.scale == 1.0 else run.norm.scale * scores
-                if block.offset is not None:
-                    values = values - block.offset[positions]
+            else:
+                values = run.norm.eta(scores, None if block.offset is None else block.offset[positions])
             keep = np.flatnonzero(values >= self.th_norm[rows])
             self.norm_parts.append((rows[keep], index[keep], values[keep]))
 
@@ -366,7 +401,10 @@ def _recompute(run: _Run, rows: np.ndarray) -> None:
     """Rows whose speculative threshold was too high, against the whole block in one tile: its
     threshold is then a lower bound of the k-th best, so the result is exact (were rounding ever
     to defeat the bound's margins, those rows would take every entry as a candidate)."""
+    run.trace.count("recomputed_rows", rows.size)
     raw, norm, unsure = _fold_rows(run, rows, rows.size, [(0, run.block.width)])
+    if not run.tiling.trust_recompute:
+        unsure = np.ones_like(unsure)
     sure = np.flatnonzero(~unsure)
     _store(run.lists, rows[sure], raw, norm, sure)
     if unsure.any():
@@ -378,12 +416,13 @@ def _recompute(run: _Run, rows: np.ndarray) -> None:
 class _Run:
     """One gallery block against one super-block of query rows."""
 
-    def __init__(self, scores, norm: Normaliser, lists: Lists, block: Block, q0: int):
+    def __init__(self, scores, norm: Normaliser, lists: Lists, block: Block, q0: int, tiling: Tiling, trace: Trace):
         self.scores, self.norm, self.lists, self.block, self.q0 = scores, norm, lists, block, q0
+        self.tiling, self.trace = tiling, trace
         # the whole gallery in this block: its raw top-1 is final, and with it the dynamic gate
         self.gate_decided = (norm.gate is not None and not norm.row_topk and lists.raw_k > 0 and lists.norm_k > 0
                              and block.c0 == 0 and block.c1 == scores.n_cols)
-        self.affine = norm.sorted_bank is None
+        self.affine = norm.affine
         self.shift32 = self.shift_max = None
         self.offset_max = 0.0
         if self.affine and block.offset is not None:
@@ -414,15 +453,16 @@ def list_lengths(norm: Normaliser, top_k: int) -> tuple[int, int]:
     return max(raw_k, norm.row_topk), (0 if norm.identity else top_k)
 
 
-def rank_block(scores, norm: Normaliser, lists: Lists, c0: int, c1: int, q0: int, geom: Geometry,
-               progress: Callable[[int], None] | None = None) -> None:
+def rank_block(scores: ScoreSource, norm: Normaliser, lists: Lists, c0: int, c1: int, q0: int, geom: Geometry,
+               progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
+               trace: Trace | None = None) -> None:
     """Fold gallery columns c0:c1 into `lists` (query rows q0: of the scores), row tile by row
     tile on all cores, then recompute together the few rows whose thresholds were too high."""
-    ordered = scores.sub_columns and norm.sorted_bank is None
-    block = Block(c0, c1, norm, geom.sub_columns, ordered)
+    ordered = scores.sub_columns and norm.affine
+    block = Block(c0, c1, norm, geom.sub_columns, ordered, tiling.sample_columns)
     if scores.sub_columns:
         scores.prepare_columns(c0, c1, block.order)
-    run = _Run(scores, norm, lists, block, q0)
+    run = _Run(scores, norm, lists, block, q0, tiling, trace if trace is not None else Trace())
     spans_ = list(spans(lists.raw[0].shape[0], geom.rows))
     redo = []
     for done, rows in parallel.run_tasks(lambda span: _row_tile(run, *span), spans_):
@@ -459,18 +499,21 @@ def finish(lists: Lists, norm: Normaliser, top_k: int):
     return values, indices, gated
 
 
-def run_ranking(scores, norm: Normaliser, budget: Budget, top_k: int,
-                progress: Callable[[int], None] | None = None) -> Iterable[tuple[int, tuple]]:
+def run_ranking(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: int,
+                progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
+                trace: Trace | None = None) -> Iterable[tuple[int, tuple]]:
     """Yield (first row, (values, indices, normalised)) for consecutive super-blocks of query rows:
-    the top_k best per row (float64), best first, ties towards the lower gallery index."""
+    the top_k best per row (float64), best first, ties towards the lower gallery index.
+
+    `tiling` cuts the work (any tiling gives the same result); `trace` counts what was done."""
     n_rows, n_cols = scores.n_rows, scores.n_cols
     raw_k, norm_k = list_lengths(norm, top_k)
-    geom = geometry(scores, n_rows, n_cols, budget, parallel.workers())
-    # per row: the lists (value and index), their candidates (≈ SAFETY·k each) and the merges
-    row_bytes = 16 * (raw_k + norm_k) * (2 + SAFETY) + 32
+    geom = geometry(scores, n_rows, n_cols, budget, parallel.workers(), tiling)
+    # per row: the lists (value and index), their candidates (≈ safety·k each) and the merges
+    row_bytes = 16 * (raw_k + norm_k) * (2 + tiling.safety) + 32
     super_rows = budget.rows(row_bytes, share=0.5, total=n_rows, align=geom.rows)
     for q0, q1 in spans(n_rows, super_rows):
         lists = Lists(q1 - q0, raw_k, norm_k)
         for c0, c1 in spans(n_cols, geom.block_columns):
-            rank_block(scores, norm, lists, c0, c1, q0, geom, progress)
+            rank_block(scores, norm, lists, c0, c1, q0, geom, progress, tiling, trace)
         yield q0, finish(lists, norm, top_k)

@@ -1,0 +1,82 @@
+"""What every library entry point shares: score sources from embeddings or precomputed scores,
+option checks that name the caller's parameters, warnings, progress and provenance."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+from qbnorm_cli.errors import DataError, QbnormWarning, UsageError, param
+from qbnorm_cli.io.specs import EMBEDDING_KINDS, SIMILARITY_KINDS, ArrayInput, as_input
+from qbnorm_cli.streaming.budget import Budget
+from qbnorm_cli.streaming.sources import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores
+
+
+@contextmanager
+def no_progress(description: str, total: int, unit: str = "rows", per: int = 1):
+    """The progress protocol, doing nothing: a context manager yielding advance(n) for n items."""
+    yield lambda n: None
+
+
+def progress_or_none(progress):
+    return no_progress if progress is None else progress
+
+
+def warn(message: str | None) -> None:
+    """Issue a QbnormWarning (the caller's warning filters decide what is shown)."""
+    if message:
+        warnings.warn(QbnormWarning(message), stacklevel=3)
+
+
+def check_choice(value: str, choices, name: str) -> str:
+    if value not in choices:
+        raise UsageError(f"{param(name)} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def check_count(value: int, name: str, upper: int, what: str) -> int:
+    if value < 1:
+        raise UsageError(f"{param(name)} {value}: must be at least 1")
+    if value > upper:
+        raise UsageError(f"{param(name)} {value}: larger than the {what} ({upper})")
+    return value
+
+
+def embeddings(value, name: str) -> ArrayInput:
+    return as_input(value, name, kinds=EMBEDDING_KINDS)
+
+
+def similarities(value, name: str) -> ArrayInput:
+    return as_input(value, name, kinds=SIMILARITY_KINDS)
+
+
+def one_of(a, b, name_a: str, name_b: str) -> None:
+    if a is not None and b is not None:
+        raise UsageError(f"give either {param(name_a)} or {param(name_b)}, not both")
+
+
+def score_source(rows, cols, sims, *, rows_name: str, cols_name: str, sims_name: str, similarity: str,
+                 budget: Budget, what: str, eager_cols: bool = True, cols_embeddings: Embeddings | None = None):
+    """Scores of `rows` × `cols` embeddings (cosine or dot), or the precomputed `sims`:
+    (source, inputs, the columns' Embeddings or None)."""
+    if sims is not None:
+        if rows is not None or cols is not None:
+            raise UsageError(f"give either {param(sims_name)} or {param(rows_name)} with {param(cols_name)}, not both")
+        sims_in = similarities(sims, sims_name)
+        return MatrixScores(sims_in), [sims_in], None
+    if rows is None or (cols is None and cols_embeddings is None):
+        raise UsageError(f"{what} needs {param(rows_name)} and {param(cols_name)} (or {param(sims_name)})")
+    check_choice(similarity, SIMILARITIES, "similarity")
+    rows_in = embeddings(rows, rows_name)
+    inputs = [rows_in]
+    if cols_embeddings is None:
+        cols_in = embeddings(cols, cols_name)
+        inputs.append(cols_in)
+        cols_embeddings = Embeddings(cols_in, similarity, budget, eager=eager_cols)
+    scores = EmbeddingScores(Embeddings(rows_in, similarity, budget), cols_embeddings)
+    return scores, inputs, cols_embeddings
+
+
+def check_columns(source_input: ArrayInput, n_gallery: int, what: str) -> None:
+    if source_input.cols != n_gallery:
+        raise DataError(f"{source_input.label} has {source_input.cols} columns but {what} has {n_gallery} items")

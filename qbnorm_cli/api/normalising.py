@@ -1,0 +1,166 @@
+"""`normalise`: re-score queries against the gallery with a probe's statistics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from qbnorm_cli import methods
+from qbnorm_cli.api.common import check_choice, check_count, progress_or_none, score_source, warn
+from qbnorm_cli.core import scale
+from qbnorm_cli.core.results import Ranking
+from qbnorm_cli.errors import DataError, param
+from qbnorm_cli.io.atomic import OutputFile
+from qbnorm_cli.io.probefile import Probe
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
+from qbnorm_cli.streaming.engine import run_normalise
+from qbnorm_cli.streaming.sources import SIMILARITIES, MatrixScores, sample_stats
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a run wrote: the file, its kind and uuid, which rows were normalised, the settings."""
+
+    path: str
+    kind: str
+    uuid: str
+    normalised: np.ndarray
+    params: dict
+    warnings: tuple[str, ...] = ()
+    inputs: tuple[dict, ...] = ()  # what was read, as recorded in the file
+
+
+def _as_probe(value) -> Probe:
+    return value if isinstance(value, Probe) else Probe.load(value)
+
+
+def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.DEFAULT.name,
+              beta: float | None = None, k: int | None = None, gallery_beta: float | None = None,
+              topk_mean: int | None = None, alpha: float | None = None, top_k: int | None = None, sims=None,
+              similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
+              block_rows: int | None = None, output=None, force: bool = False, accept_other_gallery: bool = False,
+              progress=None, provenance: str | None = None, extra_params: dict | None = None):
+    """Normalise query × gallery similarities with a probe's statistics (`method`: see
+    qbnorm_cli.methods.METHODS; default dis).
+
+    queries, gallery: embeddings (arrays, memory maps, h5py datasets, `PATH[::/dataset]` strings),
+    compared as the probe compared its bank (or by `similarity`); or `sims`, precomputed query ×
+    gallery scores. probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean, alpha: the
+    method's parameters (defaults: the registry's, β the probe's). top_k: keep each query's N best
+    items instead of every score.
+
+    Returns the dense (Q, G) scores (`dtype`), or with `top_k` a `Ranking` (indices, scores,
+    normalised); with `output`, writes the similarity or ranking file there instead (streamed, atomic)
+    and returns what it wrote (`Written`). Rows a dynamic method leaves alone keep raw scores; the
+    log-domain scores of the inverted-softmax methods compare within a row, not across rows.
+    """
+    budget = make_budget(memory, block_rows)
+    spec = methods.get(method)
+    check_choice(dtype, DTYPES, "dtype")
+    probe = _as_probe(probe)
+    n_gallery = probe.n_gallery
+    ranked = top_k is not None
+
+    if sims is None:
+        probed = probe.attrs.get("similarity", "cosine")
+        similarity = similarity or (probed if probed in SIMILARITIES else "cosine")
+    scores, inputs, _ = score_source(queries, gallery, sims, rows_name="queries", cols_name="gallery",
+                                     sims_name="sims", similarity=similarity, budget=budget, what="normalise",
+                                     eager_cols=not ranked)
+    columns = inputs[-1]
+    if sims is not None and columns.cols != n_gallery:
+        raise DataError(f"{columns.label} has {columns.cols} columns but the probe's gallery has {n_gallery} items")
+    if sims is None and columns.rows != n_gallery:
+        raise DataError(f"{columns.label} has {columns.rows} rows but {probe.label} was made from a gallery "
+                        f"of {n_gallery}")
+    identity = columns.attrs.get("gallery_identity") if sims is not None else columns.identity
+    probed_identity = probe.attrs.get("gallery_identity")
+    if probed_identity and identity and probed_identity != identity and not accept_other_gallery:
+        raise DataError(f"{probe.label} was made from another gallery than {columns.label} (identity differs); "
+                        f"pass {param('accept_other_gallery=True')} to use it anyway")
+
+    if top_k is not None:
+        check_count(top_k, "top_k", n_gallery, "gallery size")
+    k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
+    check_count(k, "k", n_gallery, "gallery size")
+    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha}
+    values = methods.settings(spec, given, probe)
+    for name in spec.within_gallery:
+        check_count(values[name], name, n_gallery, "gallery size")
+    found, score_scale = _scale_warnings(probe, spec, values, scores)
+    norm = methods.build(spec, probe, values)
+
+    params = {
+        "method": spec.name, "beta": values.get("beta"), "k": k, "top_k": top_k,
+        "gallery_beta": values.get("gallery_beta"), "topk_mean": values.get("topk_mean"), "alpha": values.get("alpha"),
+        "similarity": "precomputed" if sims is not None else similarity, "dtype": dtype,
+        "probe_uuid": probe.uuid, "memory": budget.memory, "block_rows": block_rows, **(extra_params or {}),
+    }
+    for message in found:
+        warn(message)
+    n_rows = scores.n_rows
+    kind = "ranking" if ranked else "similarity"
+    width = top_k if ranked else n_gallery
+    normalised = np.zeros(n_rows, dtype=bool)
+    advance_with = progress_or_none(progress)
+    if output is None:
+        values_out = np.empty((n_rows, width), dtype=dtype)
+        indices_out = np.empty((n_rows, width), dtype=np.int64) if ranked else None
+        with advance_with("normalise", n_rows * n_gallery, per=n_gallery) as advance:
+            for q0, (block, indices, gated) in run_normalise(scores, norm, budget, top_k, progress=advance,
+                                                             dtype=np.dtype(dtype)):
+                values_out[q0:q0 + len(block)] = block
+                if ranked:
+                    indices_out[q0:q0 + len(block)] = indices
+                normalised[q0:q0 + len(gated)] = gated
+        if ranked:
+            return Ranking(indices_out, values_out, normalised, n_gallery)
+        return values_out
+
+    record = [*inputs, {"path": probe.path, "dataset": None, "kind": "probe", "uuid": probe.uuid}]
+    with OutputFile(str(output), kind, force=force, params=params, inputs=record, provenance=provenance) as out:
+        score_ds = out.create("/scores", shape=(n_rows, width), dtype=dtype)
+        neigh_ds = out.create("/neighbors", shape=(n_rows, width), dtype=np.int32) if ranked else None
+        with advance_with("normalise", n_rows * n_gallery, per=n_gallery) as advance:
+            for q0, (block, indices, gated) in run_normalise(scores, norm, budget, top_k, progress=advance,
+                                                             dtype=np.dtype(dtype)):
+                out.write_rows(score_ds, q0, block.astype(dtype, copy=False))
+                if neigh_ds is not None:
+                    out.write_rows(neigh_ds, q0, indices.astype(np.int32))
+                normalised[q0:q0 + len(gated)] = gated
+                del block, indices  # freed while the next block is computed
+        out.create("/normalised", data=normalised)
+        attrs = out.h5.attrs
+        attrs["method"] = spec.name
+        if score_scale:
+            attrs["score_scale"] = score_scale
+        attrs["gallery_rows"] = n_gallery
+        if identity:
+            attrs["gallery_identity"] = identity
+        if spec.log_domain:
+            attrs["score_domain"] = "log (compare within a row)"
+        attrs["warnings"] = json.dumps(found)
+    return Written(str(output), kind, out.uuid, normalised, params, tuple(found), tuple(out.inputs))
+
+
+def _scale_warnings(probe: Probe, method: methods.Method, values: dict, scores) -> tuple[list[str], str | None]:
+    """Warnings when β looks wrong for the bank scores' scale, or the query scores are on another
+    scale than the bank's; and the detected scale to record."""
+    found = []
+    probe_stats = scale.ScoreStats.from_attrs(probe.attrs)
+    score_scale = scale.classify(probe_stats) if probe_stats else None
+    if isinstance(scores, MatrixScores) and probe_stats is not None:
+        sims_stats = sample_stats(scores)
+        if scale.classify(sims_stats) != score_scale:
+            found.append(f"{scores.source.label} holds scores {scale.describe(sims_stats)}, but the probe's bank "
+                         f"scores are {scale.describe(probe_stats)}; score queries and bank the same way")
+    if "beta" in values:
+        found.append(scale.beta_warning(values["beta"], probe_stats))
+    if "gallery_beta" in values:
+        found.append(scale.beta_warning(values["gallery_beta"], scale.ScoreStats.from_attrs(probe.attrs, "gallery_"),
+                                        "gallery_beta", check_low=False))
+    return [w for w in found if w], score_scale

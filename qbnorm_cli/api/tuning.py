@@ -1,0 +1,310 @@
+"""`tune`: choose the normaliser and its parameters on validation data; the params file it writes.
+
+Every setting of the grid (each method's parameters, registry.grid) needs only statistics that one
+probe pass computes for all β and K at once, so the bank is read once; each setting then costs one
+streamed normalise of the validation scores (kept in memory when they fit). The winner is written
+as a small JSON file (kind `params`) that `probe` and `normalise` read back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qbnorm_cli import methods as registry
+from qbnorm_cli.api.common import check_choice, progress_or_none, score_source, similarities, warn
+from qbnorm_cli.core import metrics, scale
+from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
+from qbnorm_cli.errors import DataError, UsageError, param
+from qbnorm_cli.io.atomic import check_target, created_now, write_json
+from qbnorm_cli.io.groundtruth import read_relevant
+from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
+from qbnorm_cli.streaming.engine import run_normalise, run_probe
+from qbnorm_cli.streaming.sources import CachedScores, MatrixScores, sample_stats
+from qbnorm_cli.version import FORMAT_VERSION, VERSION
+
+METRICS = {"geom": "GeomR", "R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "MdR": "MdR"}
+PARAMS_KIND = "params"
+TUNED_ROLES = ("queries", "gallery", "sims")  # banks are meant to be shared between splits
+TOP_CANDIDATES = 10
+SETTING_FIELDS = tuple(registry.PARAMETERS)  # every parameter, None where a method does not use it
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid: a method and its parameter values."""
+
+    method: registry.Method
+    values: dict
+
+    def label(self) -> str:
+        return registry.label(self.method, self.values)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method.name, **{name: self.values.get(name) for name in SETTING_FIELDS}}
+
+
+def evaluate_setting(scores, norm, relevant: np.ndarray, budget) -> dict:
+    """R@K, MdR, MnR, GeomR of one normaliser on the validation scores, plus the normalised share."""
+    rank = np.empty(scores.n_rows)
+    gated = np.zeros(scores.n_rows, dtype=bool)
+    for q0, (values, _, rows_gated) in run_normalise(scores, norm, budget, None):
+        q1 = q0 + len(values)
+        rank[q0:q1] = metrics.ranks(values, relevant[q0:q1])
+        gated[q0:q1] = rows_gated
+    out = metrics.recall_summary(rank)
+    out["normalised"] = 100.0 * float(gated.mean())
+    return out
+
+
+def rank_results(rows: list[dict], metric: str) -> list[dict]:
+    """Best first: higher recall (lower MdR), then higher R@1, GeomR; grid order breaks ties."""
+    sign = 1.0 if metric in metrics.LOWER_IS_BETTER else -1.0
+    return sorted(rows, key=lambda row: (sign * row["metrics"][metric], -row["metrics"]["R@1"],
+                                         -row["metrics"]["GeomR"]))
+
+
+def best_per_method(ranked: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for row in ranked:
+        if row["setting"].method.name not in seen:
+            seen.add(row["setting"].method.name)
+            out.append(row)
+    return out
+
+
+def edge_note(best: Setting, settings: list[Setting]) -> str | None:
+    """A hint when the winning β or β₂ is the largest or smallest value tried for its method."""
+    for name, many in (("beta", "betas"), ("gallery_beta", "gallery_betas")):
+        value = best.values.get(name)
+        tried = sorted({s.values[name] for s in settings if s.method is best.method and name in s.values})
+        if value is None or len(tried) < 3 or value not in (tried[0], tried[-1]):
+            continue
+        side, further = ("largest", value * 2) if value == tried[-1] else ("smallest", value / 2)
+        return (f"the best {best.method.name} setting uses the {side} {param(name)} tried ({value:g}); the optimum "
+                f"may lie beyond: try {param(many)} {value:g} {param(many)} {further:g} …")
+    return None
+
+
+def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims=None, gallery_bank=None,
+         gallery_bank_sims=None, metric: str = "geom", methods=None, betas=None, gallery_betas=None,
+         similarity: str = "cosine", memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None,
+         force: bool = False, progress=None, provenance: str | None = None) -> dict:
+    """Evaluate every setting of the chosen methods on validation data and pick the best.
+
+    queries, gallery, gt: the validation split (embeddings, or `sims` precomputed scores, and its
+    ground truth); bank: training queries (or `bank_sims`); gallery_bank: gallery-modality items
+    (enables the dual methods). metric: geom | R@1 | R@5 | R@10 | MdR (minimised). methods:
+    method names (default: the registry's tuned methods). betas, gallery_betas: values instead of
+    the grids (which follow the score scale). output: write the best settings as a params file.
+
+    Returns {"best": setting and metrics, "raw": the baseline's metrics, "ranked": every setting
+    best first, "bank": the bank's diagnostics, "document": what the params file holds, …}.
+    """
+    budget = make_budget(memory, block_rows)
+    metric_name = METRICS[check_choice(metric, tuple(METRICS), "metric")]
+    betas = [registry.PARAMETERS["beta"].check(b) for b in betas] if betas else None
+    gallery_betas = [registry.PARAMETERS["gallery_beta"].check(b) for b in gallery_betas] if gallery_betas else None
+
+    val_scores, val_inputs, gallery_emb = score_source(
+        queries, gallery, sims, rows_name="queries", cols_name="gallery", sims_name="sims",
+        similarity=similarity, budget=budget, what="tune")
+    inputs = dict(zip(("sims",) if sims is not None else ("queries", "gallery"), val_inputs, strict=True))
+    n_gallery = val_scores.n_cols
+    bank_scores = _bank_scores("bank", bank, bank_sims, gallery_emb, n_gallery, similarity, budget, inputs)
+    if bank_scores is None:
+        raise UsageError(f"tune needs {param('bank')} (or {param('bank_sims')})")
+    gallery_scores = _bank_scores("gallery_bank", gallery_bank, gallery_bank_sims, gallery_emb, n_gallery,
+                                  similarity, budget, inputs)
+    if gt is None:
+        raise UsageError(f"tune needs {param('gt')}")
+    relevant, inputs["gt"] = read_relevant(gt, val_scores.n_rows, [(inputs.get("sims", inputs.get("gallery")).label,
+                                                                    n_gallery)], "the validation set")
+    if not (relevant >= 0).any(axis=1).all():
+        row = int(np.argmax(~(relevant >= 0).any(axis=1)))
+        raise DataError(f"{inputs['gt'].label}: query {row} has no relevant item")
+    if output is not None:
+        check_target(Path(output), force, list(inputs.values()))
+        if "::" in str(output):
+            raise UsageError(f"{output}: the settings are written to a plain JSON file, e.g. params.json")
+    _warn_overlaps(inputs)
+
+    chosen = registry.tuned_methods(methods, gallery_scores is not None)
+    stats = sample_stats(bank_scores, max_cols=4096)
+    scaled = {"beta": scale.beta_grid(registry.BETA_GRID, stats),
+              "gallery_beta": scale.beta_grid(registry.GALLERY_BETA_GRID, stats)}
+    settings = [Setting(m, v) for m, v in registry.grid(chosen, scaled, {"beta": betas, "gallery_beta": gallery_betas},
+                                                       k_limit=n_gallery)]
+    needs = registry.ProbeRequest.of([(s.method, s.values) for s in settings])
+    kmax = max(needs.kmax, registry.KMAX_MIN)
+    query_acc = BankAccumulator(bank_scores.n_rows, n_gallery, np.array(needs.betas), kmax, needs.topk_means,
+                                needs.keep_sorted)
+    banks = [(bank_scores, query_acc)]
+    gallery_acc = None
+    if gallery_scores is not None:
+        gallery_acc = BankAccumulator(gallery_scores.n_rows, n_gallery, np.array(needs.gallery_betas), kmax)
+        banks.append((gallery_scores, gallery_acc))
+    sorted_bank = None
+    if needs.keep_sorted:
+        if not budget.fits(n_gallery * bank_scores.n_rows * 4, 0.5) and budget.block_rows is None:
+            raise UsageError(f"{param('methods')} gc keeps {n_gallery} × {bank_scores.n_rows} bank scores; raise "
+                             f"{param('memory')} or leave gc out")
+        sorted_bank = np.empty((n_gallery, bank_scores.n_rows), dtype=np.float32)
+
+    def on_sorted(number, c0, c1, block):
+        if number == 0:
+            sorted_bank[c0:c1] = block
+
+    advance_with = progress_or_none(progress)
+    with advance_with("probe", sum(s.n_rows for s, _ in banks) * n_gallery, per=n_gallery) as advance:
+        run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
+    store = statistics(query_acc, gallery_acc, 1)
+    if sorted_bank is not None:
+        store[SORTED] = Stored(sorted_bank)
+    probe = Probe(store, {"gallery_rows": n_gallery}, path="the tuning probe")
+    full_stats = query_acc.score_stats()
+    scale_name = scale.classify(full_stats)
+    diag = bank_diagnostics(query_acc.neighbors.indices, 1, n_gallery)
+    found = [coverage_warning(diag, n_gallery, param(f"method={registry.DEFAULT.name!r}"))]
+
+    scores = CachedScores(val_scores, budget)
+    rows = []
+    with advance_with("tune", len(settings), unit="settings") as advance:
+        for setting in settings:
+            norm = registry.build(setting.method, probe, setting.values)
+            rows.append({"setting": setting, "metrics": evaluate_setting(scores, norm, relevant, budget)})
+            advance(1)
+    raw = rows[0]["metrics"]
+    ranked = rank_results(rows, metric_name)
+    best = ranked[0]
+    validation = {role: {**item.describe(), "path": str(Path(item.path).resolve()) if item.path else None}
+                  for role, item in inputs.items()}
+    document = params_document(best["setting"], best["metrics"], raw, metric_name, validation, full_stats,
+                               scale_name, ranked, len(settings), provenance)
+    found = [w for w in found if w]
+    for message in found:
+        warn(message)
+    if output is not None:
+        write_json(output, document, force=force, inputs=list(inputs.values()))
+    return {"best": best, "raw": raw, "ranked": ranked, "settings": settings, "metric": metric_name,
+            "bank": diag, "scores": full_stats, "score_scale": scale_name, "document": document,
+            "queries": val_scores.n_rows, "gallery_rows": n_gallery, "note": edge_note(best["setting"], settings),
+            "warnings": found}
+
+
+def _bank_scores(role, emb_spec, sims_spec, gallery_emb, n_gallery, similarity, budget, inputs):
+    if emb_spec is not None and sims_spec is not None:
+        raise UsageError(f"give either {param(role)} or {param(role + '_sims')}, not both")
+    if sims_spec is not None:
+        src = similarities(sims_spec, role + "_sims")
+        if src.cols != n_gallery:
+            raise DataError(f"{src.label} has {src.cols} columns but the validation gallery has {n_gallery} items")
+        inputs[role] = src
+        return MatrixScores(src)
+    if emb_spec is None:
+        return None
+    if gallery_emb is None:
+        raise UsageError(f"{param(role)} needs {param('gallery')}; with {param('sims')} use {param(role + '_sims')}")
+    scores, more, _ = score_source(emb_spec, None, None, rows_name=role, cols_name="gallery", sims_name=role + "_sims",
+                                   similarity=similarity, budget=budget, what="tune", cols_embeddings=gallery_emb)
+    inputs[role] = more[0]
+    return scores
+
+
+def _warn_overlaps(inputs: dict) -> None:
+    """Tuning is only honest when the bank is not the validation queries themselves."""
+    query_side, bank = inputs.get("queries"), inputs.get("bank")
+    if query_side is not None and bank is not None and query_side.identity == bank.identity:
+        warn(f"the bank {bank.label} holds the validation queries {query_side.label} themselves; "
+             "build it from training queries, or the tuned gain will not carry over")
+
+
+# --- the params file -------------------------------------------------------------------------------
+
+def _metric_values(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k in metrics.METRIC_NAMES or k == "normalised"}
+
+
+def params_document(setting: Setting, result: dict, raw: dict, metric: str, validation: dict, stats,
+                    scale_name: str, ranked: list[dict], evaluated: int, provenance: str | None) -> dict:
+    return {
+        "qbnorm_kind": PARAMS_KIND, "qbnorm_version": FORMAT_VERSION, "created_by": f"qbnorm {VERSION}",
+        "created_at": created_now(), "command": provenance or "qbnorm_cli.tune (Python)",
+        **setting.as_dict(),
+        "metric": metric, "metrics": _metric_values(result), "raw_metrics": _metric_values(raw),
+        "score_scale": scale_name, "scores": stats.as_dict(),
+        "validation": validation, "settings_evaluated": evaluated,
+        "candidates": [{**row["setting"].as_dict(), "metrics": _metric_values(row["metrics"])}
+                       for row in ranked[:TOP_CANDIDATES]],
+    }
+
+
+def load_params(path) -> dict:
+    """The settings of a params file from `tune`: {"method", every parameter (None where unused),
+    "validation"}."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{param('params')} {path}: no such file")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{param('params')} {path}: not a JSON file ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("qbnorm_kind") != PARAMS_KIND:
+        raise DataError(f"{param('params')} {path}: not a qbnorm params file (write one with tune)")
+    try:
+        version = int(doc.get("qbnorm_version", 0))
+    except (TypeError, ValueError):
+        raise DataError(f"{param('params')} {path}: qbnorm_version {doc.get('qbnorm_version')!r} "
+                        "is not a number") from None
+    if version > FORMAT_VERSION:
+        raise DataError(f"{param('params')} {path}: qbnorm_version {version} is newer than this qbnorm supports")
+    if doc.get("method") not in registry.METHODS:
+        raise DataError(f"{param('params')} {path}: unknown method {doc.get('method')!r}")
+    validation = doc.get("validation")
+    out = {"method": doc["method"], "validation": validation if isinstance(validation, dict) else {}}
+    for name, spec in registry.PARAMETERS.items():
+        value = doc.get(name)
+        if isinstance(value, bool):
+            raise DataError(f"{param('params')} {path}: {name} {value!r} is not a number")
+        try:
+            out[name] = None if value is None else spec.kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(f"{param('params')} {path}: {name} {value!r} is not a number") from None
+    return out
+
+
+def tuned_on(params: dict, inputs: list[dict]) -> list[str]:
+    """Labels of `inputs` (describe() records) that are the validation inputs the params were
+    tuned on (same data identity, or the same file and dataset)."""
+    validation = params.get("validation", {})
+    recorded = [validation[role] for role in TUNED_ROLES if isinstance(validation.get(role), dict)]
+    hits = []
+    for item in inputs:
+        for rec in recorded:
+            same_id = rec.get("identity") and rec.get("identity") == item.get("identity")
+            same_path = (rec.get("path") and item.get("path") and _resolved(rec["path"]) == _resolved(item["path"])
+                         and (rec.get("dataset") or None) == (item.get("dataset") or None))
+            if same_id or same_path:
+                label = f"{item['path']}::{item['dataset']}" if item.get("dataset") else item.get("path")
+                hits.append(label)
+                break
+    return hits
+
+
+def tuned_on_warning(params_path, params: dict, inputs: list[dict]) -> str | None:
+    hits = tuned_on(params, inputs)
+    if not hits:
+        return None
+    return (f"{', '.join(hits)} {'is' if len(hits) == 1 else 'are'} the validation data {params_path} was tuned "
+            "on: figures measured on it are optimistic; apply the settings to a held-out test split")
+
+
+def _resolved(path: str) -> str:
+    try:
+        return str(Path(path).resolve())
+    except OSError:
+        return path

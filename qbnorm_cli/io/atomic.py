@@ -1,0 +1,280 @@
+"""Outputs written atomically: to a temporary file beside the target, renamed into place when
+complete, removed on any failure or interrupt; never over an existing file without `force`.
+
+HDF5 outputs (`OutputFile`) record how they were made (kind, format version, uuid, the
+provenance the caller passes in, parameters, inputs); JSON outputs (`write_json`) follow the same
+rules. Interrupts noted by a signal handler (the CLI installs one) are checked before every write
+and before the rename, so an interrupted run never completes an output.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+import tempfile
+import threading
+import uuid as _uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from qbnorm_cli.errors import RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.io.specs import ArrayInput
+from qbnorm_cli.version import FORMAT_VERSION, VERSION
+
+CHUNK_BYTES = 1 << 20
+LIBRARY_PROVENANCE = "qbnorm_cli (Python)"
+
+
+def chunk_rows(row_bytes: int) -> int:
+    return max(1, CHUNK_BYTES // max(row_bytes, 1))
+
+
+_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+
+# Signals noted by the CLI's handler. The handler also raises KeyboardInterrupt, but Python drops an
+# exception raised inside a weakref callback or __del__; outputs check this before every write and
+# before the rename, so an interrupted run never completes an output.
+_INTERRUPTS: list[int] = []
+
+
+def note_interrupt(signum: int) -> None:
+    _INTERRUPTS.append(signum)
+
+
+def clear_interrupts() -> None:
+    _INTERRUPTS.clear()
+
+
+def check_interrupt() -> None:
+    if _INTERRUPTS:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C / SIGTERM back while a temporary file is created, renamed or removed, so an
+    interrupt never lands between the two halves of such a step (it is delivered right after)."""
+    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if block:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp makes 0600 files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class OutputFile:
+    """An HDF5 output written to a temporary file beside the target and renamed into place.
+
+    Use as a context manager; on any exception (including KeyboardInterrupt) the temporary file is
+    removed and the target is left as it was.
+
+    Row blocks are written by a background thread (h5py releases the GIL while HDF5 writes), one
+    block at a time, so that the next block is computed while this one goes to disk; a write's
+    error surfaces at the next write_rows, create or close.
+    """
+
+    def __init__(self, path: str, kind: str, *, force: bool, params: dict,
+                 inputs: list[ArrayInput | dict] = (), provenance: str | None = None) -> None:
+        self.path = Path(path)
+        self.kind = kind
+        self.provenance = provenance or LIBRARY_PROVENANCE
+        self._check_target(force, inputs)
+        self.params = params
+        self.inputs = [i.describe() if isinstance(i, ArrayInput) else i for i in inputs]
+        self.uuid = str(_uuid.uuid4())
+        self.h5: h5py.File | None = None
+        self._tmp: str | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    def _check_target(self, force: bool, inputs) -> None:
+        if self.path.suffix == ".npy" or "::" in str(self.path):
+            raise UsageError(f"{self.path}: outputs are HDF5 files; name one like out.h5")
+        check_target(self.path, force, inputs)
+
+    def __enter__(self) -> OutputFile:
+        with _signals_deferred():
+            try:
+                fd, self._tmp = tempfile.mkstemp(
+                    dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-tmp"
+                )
+                os.close(fd)
+            except OSError as exc:
+                raise RuntimeFailure(
+                    f"{self.path}: cannot create a file in {str(self.path.parent)!r}: {exc.strerror or exc}"
+                ) from None
+        try:
+            try:
+                self.h5 = h5py.File(self._tmp, "w", locking=False)  # ours alone; NFS-safe
+            except OSError as exc:
+                raise RuntimeFailure(f"{self.path}: write failed: {one_line(exc)}") from None
+            attrs = self.h5.attrs
+            attrs["qbnorm_kind"] = self.kind
+            attrs["qbnorm_version"] = FORMAT_VERSION
+            attrs["uuid"] = self.uuid
+            attrs["created_by"] = f"qbnorm {VERSION}"
+            attrs["created_at"] = created_now()
+            attrs["command"] = self.provenance
+            attrs["params"] = json.dumps(self.params, sort_keys=True)
+            attrs["inputs"] = json.dumps(self.inputs)
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def create(self, name: str, data=None, *, shape=None, dtype=None, **attrs) -> h5py.Dataset:
+        """A dataset chunked by whole rows of about 1 MiB (no compression: floats barely shrink)."""
+        check_interrupt()
+        self._wait_write()
+        if data is not None:
+            data = np.asarray(data)
+            shape, dtype = data.shape, data.dtype
+        dtype = np.dtype(dtype)
+        chunks = None
+        if len(shape) >= 1 and all(shape) and np.prod(shape) * dtype.itemsize > CHUNK_BYTES:
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            chunks = (min(shape[0], chunk_rows(row_bytes)), *shape[1:])
+        try:
+            ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks)
+            for key, value in attrs.items():
+                ds.attrs[key] = value
+        except OSError as exc:
+            raise RuntimeFailure(f"{self.path}: write failed: {one_line(exc)}") from None
+        return ds
+
+    def write_rows(self, ds: h5py.Dataset, start: int, block: np.ndarray) -> None:
+        """Write ds[start:start+len(block)] in the background; `block` must not change afterwards."""
+        check_interrupt()
+        self._wait_write()  # one block in flight: memory stays bounded by the block size
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbnorm-write")
+        self._pending = self._writer.submit(ds.__setitem__, slice(start, start + len(block)), block)
+
+    def _wait_write(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except OSError as exc:
+            raise RuntimeFailure(f"{self.path}: write failed: {one_line(exc)}") from None
+
+    def _stop_writer(self) -> None:
+        """Wait for the write in flight, whatever happens to it, and end the thread."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._pending = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            self._wait_write()
+            self._stop_writer()
+            check_interrupt()
+            self.h5.flush()
+            self.h5.close()
+            self.h5 = None
+            os.chmod(self._tmp, _file_mode())
+            with _signals_deferred():
+                check_interrupt()
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+        except OSError as exc:
+            self._discard()
+            raise RuntimeFailure(f"{self.path}: write failed: {exc.strerror or one_line(exc)}") from None
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        self._stop_writer()
+        with _signals_deferred():
+            if self.h5 is not None:
+                try:
+                    self.h5.close()
+                except Exception:
+                    pass
+                self.h5 = None
+            if self._tmp:
+                try:
+                    os.unlink(self._tmp)
+                except OSError:
+                    pass
+            self._tmp = None
+
+
+def check_target(path: Path, force: bool, inputs=()) -> None:
+    """Refuse an output path in a missing directory, a directory, one of the inputs, or an
+    existing file (unless `force`)."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{path}: no such directory {str(parent)!r}")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory")
+    target = path.resolve()
+    for item in inputs:
+        ipath = item.path if isinstance(item, ArrayInput) else item.get("path")
+        if ipath and (Path(ipath).resolve() == target or _same_file(ipath, path)):
+            raise UsageError(f"{path}: output would overwrite an input; choose another path")
+    if path.exists() and not force:
+        raise UsageError(f"{path}: exists; pass {param('force=True')} to overwrite")
+
+
+def write_json(path, document: dict, *, force: bool, inputs=()) -> None:
+    """A JSON document written atomically, under the same rules as OutputFile."""
+    target = Path(path)
+    if "::" in str(path):
+        raise UsageError(f"{path}: JSON is written to a plain file, e.g. params.json")
+    check_target(target, force, inputs)
+    text = json.dumps(document, indent=2) + "\n"
+    with _signals_deferred():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".qbnorm-tmp")
+        except OSError as exc:
+            raise RuntimeFailure(f"{target}: cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, _file_mode())
+        with _signals_deferred():
+            check_interrupt()
+            os.replace(tmp, target)
+            tmp = None
+    except OSError as exc:
+        raise RuntimeFailure(f"{target}: write failed: {exc.strerror or one_line(exc)}") from None
+    finally:
+        if tmp is not None:
+            with _signals_deferred():
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+def created_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

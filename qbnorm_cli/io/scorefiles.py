@@ -1,0 +1,99 @@
+"""Scores to evaluate: a dense similarity matrix (Q × G) or a ranking (each query's top N and their
+scores), from a file, an array or a `Ranking`, read in row blocks with their values checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qbnorm_cli.core.results import Ranking
+from qbnorm_cli.errors import DataError, one_line
+from qbnorm_cli.io.specs import ArrayInput, as_input, open_array
+from qbnorm_cli.io.validate import check_finite
+
+SCORE_KINDS = ("similarity", "ranking")
+
+
+@dataclass
+class ScoreFile:
+    """A dense similarity matrix (Q × G) or a ranking (top-N neighbours and their scores)."""
+
+    scores: ArrayInput
+    neighbors: ArrayInput | None = None
+    n_gallery: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.neighbors is not None and self.scores.path is not None:
+            return self.scores.path
+        return self.scores.label
+
+    @property
+    def is_ranking(self) -> bool:
+        return self.neighbors is not None
+
+    @property
+    def rows(self) -> int:
+        return self.scores.rows
+
+    @property
+    def listed(self) -> int | None:
+        return self.scores.cols if self.is_ranking else None
+
+    @property
+    def inputs(self) -> list[ArrayInput]:
+        return [self.scores] if self.neighbors is None else [self.neighbors, self.scores]
+
+    def read_scores(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0:r1 in their stored float type (float32 stays float32; no precision lost)."""
+        try:
+            block = np.asarray(self.scores.array[r0:r1])
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise DataError(f"{self.scores.label}: cannot read rows {r0}:{r1} ({one_line(exc)})") from None
+        if block.dtype.kind != "f":
+            block = block.astype(np.float64)
+        check_finite(block, self.scores.label, r0)
+        return block
+
+    def read_neighbors(self, r0: int, r1: int) -> np.ndarray:
+        try:
+            block = np.asarray(self.neighbors.array[r0:r1]).astype(np.int64)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise DataError(f"{self.neighbors.label}: cannot read rows {r0}:{r1} ({one_line(exc)})") from None
+        bad = (block < -1) | ((block >= self.n_gallery) if self.n_gallery is not None else False)
+        if bad.any():
+            row = int(np.argmax(bad.any(axis=1)))
+            value = int(block[bad][0])
+            raise DataError(f"{self.neighbors.label}: neighbour index {value} in row {r0 + row} is outside "
+                            f"the gallery{f' of {self.n_gallery} items' if self.n_gallery else ''}")
+        return block
+
+
+def open_scores(value, name: str = "scores") -> ScoreFile:
+    """A similarity or ranking input: a `Ranking`, an array (dense Q × G scores), or a spec of a
+    similarity or ranking file (qbnorm's, or a foreign HDF5 file holding /neighbors and /scores of
+    one shape, named by its /neighbors dataset)."""
+    if isinstance(value, Ranking):
+        neighbors = as_input(np.asarray(value.indices), f"{name}.indices")
+        scores = as_input(np.asarray(value.scores), f"{name}.scores")
+        if neighbors.shape != scores.shape:
+            raise DataError(f"{name}: indices {neighbors.shape} and scores {scores.shape} differ in shape")
+        return ScoreFile(scores, neighbors, int(value.gallery_rows))
+    first = as_input(value, name, kinds=SCORE_KINDS)
+    h5 = first.h5
+    ranking = first.kind == "ranking" or (
+        first.kind is None and h5 is not None and first.dataset == "/neighbors" and "/scores" in h5
+    )
+    if not ranking:
+        if first.dtype.kind not in "fiu":
+            raise DataError(f"{first.label}: dtype {first.dtype} is not a score type")
+        return ScoreFile(first, None, first.cols)
+    neighbors = first if first.dataset == "/neighbors" else open_array(f"{first.path}::/neighbors")
+    scores = open_array(f"{first.path}::/scores")
+    if neighbors.dtype.kind not in "iu":
+        raise DataError(f"{neighbors.label}: neighbour indices must be integers, not {neighbors.dtype}")
+    if neighbors.shape != scores.shape:
+        raise DataError(f"{first.path}: /neighbors {neighbors.shape} and /scores {scores.shape} differ in shape")
+    gallery = first.attrs.get("gallery_rows")
+    return ScoreFile(scores, neighbors, int(gallery) if gallery is not None else None)

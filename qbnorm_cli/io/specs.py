@@ -1,0 +1,247 @@
+"""Inputs: `PATH` or `PATH::/dataset` specs, arrays handed over by a caller, and the lazily read
+`ArrayInput` every command and library function reads its arrays through.
+
+Every error names the input (its file and dataset, or the parameter it was passed as) and the
+problem in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from os import PathLike
+
+import h5py
+import numpy as np
+
+from qbnorm_cli.core.sampling import spread
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
+from qbnorm_cli.io import foreign
+from qbnorm_cli.io.hdf5 import check_readable, list_datasets, open_h5, plain, root_kind
+from qbnorm_cli.io.validate import as_float32, check_array
+
+# The dataset a qbnorm file of each kind is read from when the input names none.
+DEFAULT_DATASET = {
+    "embeddings": "/embeddings",
+    "bank": "/embeddings",
+    "similarity": "/scores",
+    "ranking": "/neighbors",
+    "evaluation": "/ranks",
+    "hubness": "/k_occurrence",
+}
+EMBEDDING_KINDS = ("embeddings", "bank")
+SIMILARITY_KINDS = ("similarity",)
+FINGERPRINT_ROWS = 16
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """'data.h5::/train' → ('data.h5', '/train'); 'x.npy' → ('x.npy', None)."""
+    path, sep, dataset = str(spec).partition("::")
+    if not sep:
+        return path, None
+    if not dataset:
+        raise UsageError(f"{spec}: empty dataset name after '::'")
+    return path, dataset if dataset.startswith("/") else "/" + dataset
+
+
+def check_kind(path: str, kind: str | None, allowed: tuple[str, ...] | None) -> None:
+    """Refuse a qbnorm file of the wrong kind (foreign files, kind None, are always allowed)."""
+    if allowed is not None and kind is not None and kind not in allowed:
+        raise DataError(f"{path}: is a qbnorm {kind} file; expected {' or '.join(allowed)}")
+
+
+@dataclass
+class ArrayInput:
+    """One input array, read lazily by row blocks as float32 (or its stored integers).
+
+    `path` is None for an array a caller handed over; `name` then labels it in messages (the
+    parameter it was passed as)."""
+
+    spec: str
+    path: str | None
+    dataset: str | None
+    array: object  # h5py.Dataset, np.memmap or ndarray
+    kind: str | None = None
+    attrs: dict = field(default_factory=dict)
+    h5: h5py.File | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.path is None:
+            return self.name or "array"
+        return f"{self.path}::{self.dataset}" if self.dataset else self.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def chunk_rows(self) -> int | None:
+        """Rows per HDF5 chunk (None: contiguous, .npy or in memory)."""
+        chunks = getattr(self.array, "chunks", None)
+        return int(chunks[0]) if chunks else None
+
+    @property
+    def chunk_cols(self) -> int | None:
+        chunks = getattr(self.array, "chunks", None)
+        return int(chunks[1]) if chunks and len(chunks) > 1 else None
+
+    @property
+    def uuid(self) -> str | None:
+        value = self.attrs.get("uuid")
+        return str(value) if value is not None else None
+
+    @cached_property
+    def identity(self) -> str:
+        """uuid-based for qbnorm files, else a content fingerprint; equal data ⇒ equal identity.
+
+        The fingerprint is taken of the values as qbnorm reads them (float32), so the same gallery
+        stored as float64, float16 or integers, or handed over as an array, is the same gallery.
+        """
+        if self.uuid:
+            return f"{self.uuid}:{self.dataset}"
+        digest = hashlib.sha1(repr(self.shape).encode())
+        picks = spread(self.rows, FINGERPRINT_ROWS)
+        try:  # one selection: an HDF5 read per row costs a millisecond
+            values = np.asarray(self.array[picks]) if picks else np.empty((0, *self.shape[1:]))
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise DataError(f"{self.label}: cannot read {len(picks)} sample rows ({one_line(exc)})") from None
+        with np.errstate(all="ignore"):
+            for row in values:
+                digest.update(np.ascontiguousarray(row, dtype=np.float32).tobytes())
+        return "fp:" + digest.hexdigest()[:20]
+
+    def describe(self) -> dict:
+        """The record written into outputs' `inputs` attribute."""
+        return {
+            "path": self.path, "dataset": self.dataset, "kind": self.kind,
+            "uuid": self.uuid, "identity": self.identity, "shape": list(self.shape),
+        }
+
+    def read(self, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None,
+             finite: bool = True) -> np.ndarray:
+        """Rows r0:r1 (and columns c0:c1) as float32; refuses NaN/Inf naming the first bad row."""
+        r1 = self.rows if r1 is None else r1
+        try:
+            if self.array.ndim == 1 or (c0 == 0 and (c1 is None or c1 == self.cols)):
+                block = np.asarray(self.array[r0:r1])
+            else:
+                block = np.asarray(self.array[r0:r1, c0:c1])
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise DataError(f"{self.label}: cannot read rows {r0}:{r1} ({one_line(exc)})") from None
+        if finite:
+            return as_float32(block, self.label, r0)
+        return block.astype(np.float32, copy=False)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The rows of ascending row numbers `rows`, in their stored dtype (one selection)."""
+        try:
+            return np.asarray(self.array[rows])
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise DataError(f"{self.label}: cannot read rows ({one_line(exc)})") from None
+
+    def read_raw(self) -> np.ndarray:
+        """The whole array in its stored dtype (ground truth, masks, indices)."""
+        try:
+            return np.asarray(self.array[()])
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise DataError(f"{self.label}: cannot read ({one_line(exc)})") from None
+
+    def close(self) -> None:
+        if self.h5 is not None:
+            self.h5.close()
+            self.h5 = None
+
+
+def open_npy(path: str) -> np.ndarray:
+    """Memory-map a .npy file; never unpickles (object arrays and pickles are refused)."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)(fh)
+    except PermissionError:
+        raise RuntimeFailure(f"{path}: permission denied") from None
+    except (ValueError, EOFError, OSError, TypeError, SyntaxError) as exc:
+        raise DataError(f"{path}: not a valid .npy file ({one_line(exc)}); .npy files are never unpickled") from None
+    if header[2].hasobject:
+        raise DataError(f"{path}: holds Python objects (dtype {header[2]}); qbnorm refuses to unpickle data")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read .npy (truncated or corrupt: {one_line(exc)})") from None
+
+
+def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
+               ndim: tuple[int, ...] = (2,)) -> ArrayInput:
+    """Open `spec` for reading. `kinds` lists the qbnorm kinds accepted (foreign files always are)."""
+    path, dataset = split_spec(spec)
+    magic = check_readable(path)
+    # A file named .npy is read by np.load(allow_pickle=False) only, never by any unpickler.
+    named_npy = dataset is None and path.endswith(".npy")
+    if not named_npy and (found := foreign.open_foreign(path, dataset, ndim)) is not None:
+        arr, key = found
+        label = f"{path}::{key}" if key else path
+        check_array(arr, label, ndim)
+        return ArrayInput(spec, path, key, arr)
+    if named_npy or magic.startswith(foreign.NPY_MAGIC):
+        if dataset is not None:
+            raise UsageError(f"{spec}: a .npy file holds one array; drop '::{dataset}'")
+        arr = open_npy(path)
+        check_array(arr, path, ndim)
+        return ArrayInput(spec, path, None, arr)
+    h5 = open_h5(path)
+    try:
+        kind = root_kind(h5)
+        check_kind(path, kind, kinds)
+        names = list_datasets(h5)
+        if dataset is None:
+            dataset = DEFAULT_DATASET.get(kind or "")
+            if dataset is None or dataset not in h5:
+                candidates = [n for n in names if h5[n].ndim in ndim]
+                if len(candidates) != 1:
+                    raise DataError(f"{path}: name a dataset as {path}::/NAME; it has {', '.join(names) or 'none'}")
+                dataset = candidates[0]
+        if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
+            raise DataError(f"{path}: no dataset {dataset}; it has {', '.join(names) or 'none'}")
+        arr = h5[dataset]
+        check_array(arr, f"{path}::{dataset}", ndim)
+        attrs = {k: plain(v) for k, v in h5.attrs.items()}
+        return ArrayInput(spec, path, dataset, arr, kind=kind, attrs=attrs, h5=h5)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        h5.close()
+        where = f"{path}::{dataset}" if dataset else path
+        raise DataError(f"{where}: cannot read HDF5 file (truncated or corrupt): {one_line(exc)}") from None
+    except BaseException:
+        h5.close()
+        raise
+
+
+def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tuple[int, ...] = (2,)) -> ArrayInput:
+    """What a caller passed as parameter `name`, as an ArrayInput: a `PATH[::/dataset]` string or
+    path, an h5py.Dataset, an ArrayInput, or an array (numpy arrays and memory maps are read in
+    place, without a copy)."""
+    if isinstance(value, ArrayInput):
+        return value
+    if isinstance(value, (str, PathLike)):
+        return open_array(str(value), kinds=kinds, ndim=ndim)
+    if isinstance(value, h5py.Dataset):
+        check_array(value, f"{value.file.filename}::{value.name}", ndim)
+        return ArrayInput(value.name, value.file.filename, value.name, value)
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    check_array(array, name, ndim)
+    return ArrayInput(name, None, None, array, name=name)

@@ -1,0 +1,304 @@
+"""Score sources: where the scores a driver walks come from, tile by tile.
+
+Scores come either from embeddings (a block product in float32, rows L2-normalised for cosine)
+or from a precomputed matrix read tile by tile (`MatrixScores`), or from scores computed once and
+kept (`CachedScores`, for tune's many passes over the same validation scores). Every source
+offers the `ScoreSource` protocol; a source with `sub_columns` also computes its own product tiles
+for the top-k driver (`prepare_columns`, `product_tile`), the others read rows (`read_rows`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import numpy as np
+
+from qbnorm_cli.core.sampling import spread
+from qbnorm_cli.core.scale import ScoreStats
+from qbnorm_cli.errors import DataError, param
+from qbnorm_cli.io.specs import ArrayInput
+from qbnorm_cli.io.validate import as_float32
+from qbnorm_cli.streaming import parallel
+from qbnorm_cli.streaming.budget import Budget, aligned, spans
+
+SIMILARITIES = ("cosine", "dot")
+
+
+class ScoreSource(Protocol):
+    """Tiles of a rows × columns score matrix (queries or bank rows × gallery items)."""
+
+    n_rows: int
+    n_cols: int
+    sub_columns: bool  # tiles may cover part of a column block (product tiles of its own)
+
+    def column_block(self, c0: int, c1: int) -> None:
+        """Make columns c0:c1 the current block."""
+
+    def tile(self, r0: int, r1: int) -> np.ndarray:
+        """Scores of rows r0:r1 against the current column block, float32."""
+
+    def col_bytes(self) -> int:
+        """Bytes held per column of a block (the gallery rows of an embedding product)."""
+
+    @property
+    def row_chunk(self) -> int | None:
+        """Rows per HDF5 chunk of what rows are read from (None: held, or not chunked)."""
+
+    @property
+    def col_chunk(self) -> int | None:
+        """Columns per HDF5 chunk of what columns are read from."""
+
+
+class Embeddings:
+    """Row blocks of an embedding matrix as float32, L2-normalised for cosine similarity.
+
+    The whole matrix is read and kept when it fits `share` of the budget: at once (so that bad
+    values are reported before any work), or with eager=False on first use by `block` or
+    `rows_of` (a gallery read only in `ordered` blocks is then never held twice). Thread-safe.
+    """
+
+    def __init__(self, source: ArrayInput, similarity: str, budget: Budget, share: float = 0.25,
+                 eager: bool = True):
+        self.source = source
+        self.cosine = similarity == "cosine"
+        self._last: tuple[int, int, np.ndarray] | None = None
+        self._all = None
+        self._fits = budget.fits(source.rows * source.cols * 4, share)
+        self._lock = threading.Lock()
+        if eager:
+            self._whole()
+
+    @property
+    def rows(self) -> int:
+        return self.source.rows
+
+    @property
+    def held(self) -> bool:
+        """Whether the whole matrix is held (or will be, on first use): its blocks cost no reads."""
+        return self._fits
+
+    @property
+    def dim(self) -> int:
+        return self.source.cols
+
+    def _whole(self) -> np.ndarray | None:
+        if self._fits and self._all is None:
+            with self._lock:
+                if self._all is None:
+                    self._all = self._load(0, self.source.rows)
+        return self._all
+
+    def block(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0:r1 (the last block is kept: callers ask for the same block tile after tile)."""
+        if (whole := self._whole()) is not None:
+            return whole[r0:r1]
+        with self._lock:
+            if self._last is None or self._last[:2] != (r0, r1):
+                self._last = (r0, r1, self._load(r0, r1))
+            return self._last[2]
+
+    def rows_of(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Rows of a slice or of ascending row numbers, for one caller of several at once (no
+        shared block kept)."""
+        if (whole := self._whole()) is not None:
+            return whole[rows]
+        if isinstance(rows, slice):
+            return self._load(rows.start, rows.stop)
+        if rows[-1] - rows[0] < 4 * rows.size:
+            return self._load(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
+        return np.concatenate([self._load(int(r), int(r) + 1) for r in rows])
+
+    def ordered(self, c0: int, c1: int, order: np.ndarray | None) -> np.ndarray:
+        """Rows c0 + order[p] at position p (rows c0:c1 when order is None; nothing writes to it)."""
+        if order is None:
+            return self.block(c0, c1)
+        if self._all is not None:
+            return self._all[c0 + order]
+        out = np.empty((c1 - c0, self.dim), dtype=np.float32)
+        position = np.empty_like(order)
+        position[order] = np.arange(order.size)
+
+        def place(span):  # read in file order, scatter into place (on all cores: the first
+            a, b = span   # touch of fresh memory costs as much as the copy)
+            out[position[a:b]] = self._load(c0 + a, c0 + b)
+
+        step = aligned(max(1, (4 << 20) // (4 * max(self.dim, 1))), self.source.chunk_rows)
+        list(parallel.run_tasks(place, spans(c1 - c0, step)))
+        return out
+
+    def _load(self, r0: int, r1: int) -> np.ndarray:
+        # A row holding NaN or Inf has a non-finite norm: for float32 rows normalised for cosine,
+        # the norms stand in for a check of every value (and its temporaries, whose first touch
+        # costs as much as the pass); as_float32 then names the first bad row.
+        by_norms = self.cosine and self.source.dtype == np.float32
+        block = self.source.read(r0, r1, finite=not by_norms)
+        if self.cosine:
+            norms = np.linalg.norm(block, axis=1, keepdims=True)
+            if by_norms and not np.isfinite(norms).all():
+                as_float32(block, self.source.label, r0)
+            if not norms.all():
+                row = r0 + int(np.argmin(norms[:, 0] > 0))
+                dot = param("similarity='dot'")
+                raise DataError(f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
+                                f"(drop the row or use {dot})")
+            owned = block.flags.owndata and block.flags.writeable
+            block = np.divide(block, norms, out=block if owned else None)
+        return np.ascontiguousarray(block, dtype=np.float32)
+
+
+class EmbeddingScores:
+    """s(row, col) = row · col for two embedding matrices, tile by tile."""
+
+    def __init__(self, rows: Embeddings, cols: Embeddings):
+        if rows.dim != cols.dim:
+            raise DataError(
+                f"{rows.source.label} has dimension {rows.dim} but {cols.source.label} has {cols.dim}"
+            )
+        self.rows, self.cols = rows, cols
+        self.n_rows, self.n_cols = rows.rows, cols.rows
+        self._cols = None
+        self._buf = np.empty(0, dtype=np.float32)
+        self._ordered = None
+        self._ordered_key = None
+
+    def column_block(self, c0: int, c1: int) -> None:
+        self._cols = self.cols.block(c0, c1)
+
+    def tile(self, r0: int, r1: int) -> np.ndarray:
+        """Scores of rows r0:r1 against the current column block, float32.
+
+        The result lives in a buffer reused by the next call: use it before asking for another.
+        """
+        cols = self._cols
+        shape = (r1 - r0, cols.shape[0])
+        size = shape[0] * shape[1]
+        if self._buf.size < size:
+            self._buf = np.empty(size, dtype=np.float32)
+        out = self._buf[:size].reshape(shape)
+        return np.matmul(self.rows.block(r0, r1), cols.T, out=out)
+
+    def col_bytes(self) -> int:
+        return self.cols.dim * 4
+
+    @property
+    def row_chunk(self) -> int | None:
+        return None if self.rows.held else self.rows.source.chunk_rows
+
+    @property
+    def col_chunk(self) -> int | None:
+        return self.cols.source.chunk_rows  # gallery rows are score columns
+
+    sub_columns = True  # tiles may cover part of a column block: the gallery block stays in memory
+
+    # -- for ranking.py: several threads, each computing its own product tiles ------------------
+    def prepare_columns(self, c0: int, c1: int, order: np.ndarray | None) -> None:
+        """Hold gallery rows c0:c1 in `order` for product_tile (kept while the same block recurs)."""
+        key = (c0, c1, None if order is None else order.tobytes())
+        if self._ordered_key != key:
+            self._ordered = None  # the previous block goes first
+            self._ordered = self.cols.ordered(c0, c1, order)
+            self._ordered_key = key
+
+    def product_tile(self, rows, s0: int, s1: int, scratch) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of query rows `rows` (a slice or row numbers) against positions s0:s1 of the
+        prepared block: a query-major view of a gallery-major product (BLAS is fastest that way
+        round), and a mask buffer of the same layout, both in this thread's scratch."""
+        queries = self.rows.rows_of(rows)
+        out, mask = scratch((s1 - s0, queries.shape[0]))
+        np.matmul(self._ordered[s0:s1], queries.T, out=out)
+        return out.T, mask.T
+
+
+class MatrixScores:
+    """Tiles of a precomputed score matrix (rows × gallery)."""
+
+    sub_columns = False  # read whole rows of the column block: files are laid out by rows
+
+    def __init__(self, source: ArrayInput):
+        self.source = source
+        self.n_rows, self.n_cols = source.shape
+        self._span = (0, self.n_cols)
+
+    def column_block(self, c0: int, c1: int) -> None:
+        self._span = (c0, c1)
+
+    def tile(self, r0: int, r1: int) -> np.ndarray:
+        return self.source.read(r0, r1, *self._span)
+
+    def col_bytes(self) -> int:
+        return 0
+
+    @property
+    def row_chunk(self) -> int | None:
+        return self.source.chunk_rows
+
+    @property
+    def col_chunk(self) -> int | None:
+        return self.source.chunk_cols
+
+    def read_rows(self, rows: slice | np.ndarray, c0: int, c1: int) -> np.ndarray:
+        """Rows of a slice or of ascending row numbers, columns c0:c1."""
+        if isinstance(rows, slice):
+            return self.source.read(rows.start, rows.stop, c0, c1)
+        return self.source.read(int(rows[0]), int(rows[-1]) + 1, c0, c1)[rows - rows[0]]
+
+
+class CachedScores:
+    """Row × column scores computed once and kept when they fit a quarter of the budget (tune
+    reads the same validation scores once per setting); otherwise the wrapped source, tile by tile."""
+
+    def __init__(self, scores: ScoreSource, budget: Budget):
+        self.inner = scores
+        self.n_rows, self.n_cols = scores.n_rows, scores.n_cols
+        self.full = None
+        self._span = (0, self.n_cols)
+        if budget.fits(self.n_rows * self.n_cols * 4 * 2, 0.25):
+            self.full = np.empty((self.n_rows, self.n_cols), dtype=np.float32)
+            scores.column_block(0, self.n_cols)
+            for r0, r1 in spans(self.n_rows, max(1, (1 << 24) // max(self.n_cols, 1))):
+                self.full[r0:r1] = scores.tile(r0, r1)
+
+    def column_block(self, c0: int, c1: int) -> None:
+        if self.full is None:
+            self.inner.column_block(c0, c1)
+        self._span = (c0, c1)
+
+    def tile(self, r0: int, r1: int) -> np.ndarray:
+        if self.full is None:
+            return self.inner.tile(r0, r1)
+        return self.full[r0:r1, self._span[0]:self._span[1]]
+
+    @property
+    def sub_columns(self) -> bool:
+        return self.full is None and self.inner.sub_columns
+
+    def prepare_columns(self, c0: int, c1: int, order: np.ndarray | None) -> None:
+        self.inner.prepare_columns(c0, c1, order)
+
+    def product_tile(self, rows, s0: int, s1: int, scratch) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.product_tile(rows, s0, s1, scratch)
+
+    def read_rows(self, rows: slice | np.ndarray, c0: int, c1: int) -> np.ndarray:
+        """Rows of a slice or of ascending row numbers, columns c0:c1 (for the top-k driver)."""
+        if self.full is None:
+            return self.inner.read_rows(rows, c0, c1)
+        return self.full[rows, c0:c1]
+
+    def col_bytes(self) -> int:
+        return 0 if self.full is not None else self.inner.col_bytes()
+
+    @property
+    def row_chunk(self) -> int | None:
+        return None if self.full is not None else self.inner.row_chunk
+
+    @property
+    def col_chunk(self) -> int | None:
+        return None if self.full is not None else self.inner.col_chunk
+
+
+def sample_stats(scores: ScoreSource, rows: int = 256, max_cols: int | None = None) -> ScoreStats:
+    """Score statistics of up to `rows` evenly spaced rows (and the first `max_cols` columns) of a
+    score source: the scale a β is judged against before (or without) a full pass."""
+    scores.column_block(0, scores.n_cols if max_cols is None else min(scores.n_cols, max_cols))
+    return ScoreStats.of(np.concatenate([np.array(scores.tile(r, r + 1)) for r in spread(scores.n_rows, rows)]))
