@@ -299,8 +299,8 @@ def tuned_on_warning(params_path, params: dict, inputs: list[dict]) -> str | Non
     hits = tuned_on(params, inputs)
     if not hits:
         return None
-    return (f"{', '.join(hits)} {'is' if len(hits) == 1 else 'are'} the validation data {params_path} was tuned "
-            "on: figures measured on it are optimistic; apply the settings to a held-out test split")
+    return (f"{', '.join(hits)}: the validation data {params_path} was tuned on; figures measured on it are "
+            "optimistic: apply the settings to a held-out test split")
 
 
 def _resolved(path: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from qbnorm_cli import api
@@ -16,7 +15,7 @@ from qbnorm_cli.core import hubness as hub
 BAR_WIDTH = 24
 
 
-def _histogram(name: str, k: int, nk: np.ndarray):
+def _histogram(name: str, k: int, nk):
     from rich.panel import Panel
     from rich.table import Table
 

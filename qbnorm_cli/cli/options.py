@@ -13,8 +13,6 @@ from typing import Annotated
 
 import typer
 
-from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, parse_memory
-
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output; accept mismatches.")]
@@ -26,8 +24,7 @@ Similarity = Annotated[str, typer.Option("--similarity", metavar="cosine|dot",
                                          help="How embeddings are compared: cosine (rows L2-normalised) or dot.")]
 Output = Annotated[str, typer.Option("--output", "-o", metavar="OUT.h5", help="Output HDF5 file.")]
 
-DEFAULT_MEMORY_TEXT = "1GiB"
-assert parse_memory(DEFAULT_MEMORY_TEXT) == DEFAULT_MEMORY
+DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
 # Library parameters whose option is not simply --name: repeatable options are singular, positional
 # arguments are named by their metavar, and one --force covers the library's two consents.

@@ -12,24 +12,9 @@ import time
 import warnings
 from contextlib import contextmanager
 
-import numpy as np
-
 from qbnorm_cli.cli.options import FLAG_NAMES
 from qbnorm_cli.errors import QbnormWarning
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
+from qbnorm_cli.io.atomic import jsonable
 
 
 class Reporter:
@@ -76,7 +61,7 @@ class Reporter:
 
     def result(self, document: dict) -> None:
         if self.json_output:
-            sys.stdout.write(json.dumps(_jsonable(document), indent=2, sort_keys=False) + "\n")
+            sys.stdout.write(json.dumps(jsonable(document), indent=2, sort_keys=False) + "\n")
             sys.stdout.flush()
 
     @contextmanager

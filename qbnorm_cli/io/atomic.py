@@ -244,7 +244,7 @@ def write_json(path, document: dict, *, force: bool, inputs=()) -> None:
     if "::" in str(path):
         raise UsageError(f"{path}: JSON is written to a plain file, e.g. params.json")
     check_target(target, force, inputs)
-    text = json.dumps(document, indent=2) + "\n"
+    text = json.dumps(jsonable(document), indent=2) + "\n"
     with _signals_deferred():
         try:
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".qbnorm-tmp")
@@ -267,6 +267,21 @@ def write_json(path, document: dict, *, force: bool, inputs=()) -> None:
                     os.unlink(tmp)
                 except OSError:
                     pass
+
+
+def jsonable(value):
+    """`value` with numpy arrays and scalars as plain Python values, non-finite floats as None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def created_now() -> str:

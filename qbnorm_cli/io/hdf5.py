@@ -58,6 +58,11 @@ def open_h5(path: str) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as exc:
+        if "locking" in str(exc):  # already open in this process with locking on (a caller's h5py.File)
+            try:
+                return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+            except OSError:
+                pass
         raise DataError(f"{path}: cannot read HDF5 file (truncated or corrupt): {one_line(exc)}") from None
 
 

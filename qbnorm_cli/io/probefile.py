@@ -72,6 +72,11 @@ class Probe:
         self.warnings = list(warnings or [])
         self.diagnostics: dict = {}  # the bank's coverage of the gallery (core.statistics.bank_diagnostics)
 
+    def __repr__(self) -> str:
+        where = f", path={self.path!r}" if self.path else ""
+        return (f"Probe(gallery_rows={self.n_gallery}, bank_rows={self.n_bank}, betas={self.betas()}, "
+                f"gallery_betas={self.betas(gallery=True)}{where})")
+
     @property
     def label(self) -> str:
         return self.path or "the probe"

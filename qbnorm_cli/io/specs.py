@@ -214,10 +214,11 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
             if dataset is None or dataset not in h5:
                 candidates = [n for n in names if h5[n].ndim in ndim]
                 if len(candidates) != 1:
-                    raise DataError(f"{path}: name a dataset as {path}::/NAME; it has {', '.join(names) or 'none'}")
+                    listing = ", ".join(names) or "no datasets"
+                    raise DataError(f"{path}: name a dataset as {path}::/NAME; it has {listing}")
                 dataset = candidates[0]
         if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
-            raise DataError(f"{path}: no dataset {dataset}; it has {', '.join(names) or 'none'}")
+            raise DataError(f"{path}: no dataset {dataset}; it has {', '.join(names) or 'no datasets'}")
         arr = h5[dataset]
         check_array(arr, f"{path}::{dataset}", ndim)
         attrs = {k: plain(v) for k, v in h5.attrs.items()}

@@ -1,0 +1,160 @@
+"""The package's shape, checked from its source: imports point one way (cli → api → streaming → io
+→ methods → core), without cycles or private names across modules; each method's name is written
+in the registry only; the CLI's commands hold no numerical code; the library prints nothing."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from qbnorm_cli import methods
+
+PACKAGE = Path(__file__).resolve().parent.parent / "qbnorm_cli"
+# What each part may import from the package (besides itself). The registry sits between the
+# files that read probes and the core it builds normalisers from.
+LAYERS = {
+    "core": {"errors"},
+    "errors": set(),
+    "version": set(),
+    "startup": set(),
+    "methods": {"core", "errors"},
+    "io": {"core", "errors", "version", "methods"},
+    "streaming": {"core", "errors", "io"},
+    "api": {"core", "errors", "version", "methods", "io", "streaming"},
+    "cli": {"core", "errors", "version", "methods", "io", "streaming", "api", "startup"},
+    "__init__": {"startup", "api", "core", "errors", "io", "methods", "version"},
+    "__main__": {"cli"},
+}
+
+
+def modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(("qbnorm_cli", *parts)).removesuffix(".__init__")
+        out[name] = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return out
+
+
+MODULES = modules()
+
+
+def part(module: str) -> str:
+    """The layer a module belongs to: its first component under qbnorm_cli."""
+    rest = module.split(".")[1:]
+    return rest[0] if rest else "__init__"
+
+
+def imports(tree: ast.Module, module: str) -> list[tuple[str, list[str]]]:
+    """(imported module, names) for every import in the module, at any depth (function-level too)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{module}: a relative import (the package imports absolutely)"
+            base = node.module or ""
+            names = [alias.name for alias in node.names]
+            submodules = [f"{base}.{n}" for n in names if f"{base}.{n}" in MODULES]
+            # `from package import submodule` depends on the submodule (the package's own code runs
+            # first, but what is used is the submodule)
+            if len(submodules) < len(names):
+                out.append((base, [n for n in names if f"{base}.{n}" not in MODULES]))
+            out += [(m, []) for m in submodules]
+    return [(m, names) for m, names in out if m == "qbnorm_cli" or m.startswith("qbnorm_cli.")]
+
+
+GRAPH = {name: {m for m, _ in imports(tree, name) if m in MODULES and m != name} for name, tree in MODULES.items()}
+
+
+def test_layers_import_downwards_only():
+    wrong = []
+    for name, targets in GRAPH.items():
+        for target in targets:
+            if target == "qbnorm_cli" or part(target) == part(name):
+                continue
+            if part(target) not in LAYERS[part(name)]:
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, wrong
+
+
+def test_no_import_cycles():
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, path):
+        state[node] = 1
+        for target in sorted(GRAPH[node]):
+            if target == "qbnorm_cli":
+                continue
+            if state.get(target) == 1:
+                cycles.append(" → ".join([*path[path.index(target):], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = 2
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles
+
+
+def test_the_package_itself_is_imported_only_by_nothing_inside():
+    """qbnorm_cli/__init__ is the public face: no module inside imports from it (it imports them)."""
+    inside = [name for name, tree in MODULES.items() if name != "qbnorm_cli"
+              for m, _ in imports(tree, name) if m == "qbnorm_cli"]
+    # `from qbnorm_cli import api` names a subpackage, which `imports` lists separately
+    assert all(name.startswith("qbnorm_cli.") for name in inside)
+    for name, tree in MODULES.items():
+        for m, names in imports(tree, name):
+            if m == "qbnorm_cli":
+                assert all(f"qbnorm_cli.{n}" in MODULES for n in names), (name, names)
+
+
+def test_no_private_names_across_modules():
+    found = [f"{name}: from {m} import {n}" for name, tree in MODULES.items()
+             for m, names in imports(tree, name) for n in names if n.startswith("_") and not n.startswith("__")]
+    found += [f"{name}: {m}" for name, tree in MODULES.items() for m, _ in imports(tree, name)
+              if any(p.startswith("_") and not p.startswith("__") for p in m.split("."))]
+    attribute_access = []
+    for name, tree in MODULES.items():
+        aliases = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   and (node.module or "").startswith("qbnorm_cli") for alias in node.names}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                attribute_access.append(f"{name}: {node.value.id}.{node.attr}")
+    assert not found and not attribute_access, found + attribute_access
+
+
+def test_each_method_name_is_written_in_the_registry_only():
+    names = set(methods.METHODS)
+    outside = []
+    for name, tree in MODULES.items():
+        if name == "qbnorm_cli.methods":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                outside.append(f"{name}:{node.lineno} {node.value!r}")
+    assert not outside, outside
+
+
+@pytest.mark.parametrize("name", [n for n in MODULES if part(n) == "cli"])
+def test_commands_hold_no_numerical_code(name):
+    """A command parses, calls the library and reports: it needs neither numpy nor the kernels."""
+    targets = {m for m, _ in imports(MODULES[name], name)}
+    third_party = {alias.name.split(".")[0] for node in ast.walk(MODULES[name]) if isinstance(node, ast.Import)
+                   for alias in node.names}
+    third_party |= {(node.module or "").split(".")[0] for node in ast.walk(MODULES[name])
+                    if isinstance(node, ast.ImportFrom) and not node.level}
+    assert "numpy" not in third_party and "h5py" not in third_party, name
+    assert not {t for t in targets if part(t) in ("streaming",) or t.startswith("qbnorm_cli.core.statistics")}, name
+
+
+def test_the_library_never_prints():
+    printing = [f"{name}:{node.lineno}" for name, tree in MODULES.items() if part(name) not in ("cli", "startup")
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    assert not printing, printing
