@@ -31,14 +31,25 @@ def row_top(M, k: int) -> np.ndarray:
     return np.argsort(-_f64(M), axis=1, kind="stable")[:, :k]
 
 
-def activation(P, k: int) -> np.ndarray:
-    """A: gallery items among the top-k of at least one bank row."""
+def activation_count(P, k: int) -> np.ndarray:
+    """How many bank rows have gallery item j among their top-k (ties towards the lower index)."""
     P = _f64(P)
-    mask = np.zeros(P.shape[1], dtype=bool)
+    count = np.zeros(P.shape[1], dtype=np.int64)
     for i in range(P.shape[0]):
         for j in row_top(P[i:i + 1], k)[0]:
-            mask[j] = True
-    return mask
+            count[j] += 1
+    return count
+
+
+def activation(P, k: int, min_count: int = 1) -> np.ndarray:
+    """A: gallery items among the top-k of at least min_count bank rows (min_count=1: at least one).
+
+    min_count=θ > 1 is the min-count activation set: an item must be retrieved by θ bank queries
+    before DIS treats it as a hub.
+    """
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    return activation_count(P, k) >= min_count
 
 
 def raw_top1(S) -> np.ndarray:
@@ -72,10 +83,11 @@ def _gate(S, raw_scores, normed, active):
     return np.where(gated[:, None], normed, raw_scores), gated
 
 
-def dynamic_inverted_softmax(S, P, beta: float, k: int = 1):
+def dynamic_inverted_softmax(S, P, beta: float, k: int = 1, min_count: int = 1):
+    """DIS (Bogolin et al., CVPR 2022): IS on the queries whose raw top-1 is in activation(P, k, min_count)."""
     S = _f64(S)
     normed, _ = inverted_softmax(S, P, beta)
-    return _gate(S, S, normed, activation(P, k))
+    return _gate(S, S, normed, activation(P, k, min_count))
 
 
 def csls(S, P, K: int = 10):
@@ -115,21 +127,25 @@ def dual_inverted_softmax(S, P, H, beta: float, gallery_beta: float):
     return scores, np.ones(len(S), dtype=bool)
 
 
-def dual_dynamic_inverted_softmax(S, P, H, beta: float, gallery_beta: float, k: int = 1):
+def dual_dynamic_inverted_softmax(S, P, H, beta: float, gallery_beta: float, k: int = 1, min_count: int = 1):
+    """Dual-IS on the queries whose raw top-1 is in activation(P, k, θ) ∪ activation(H, k, θ)."""
     S = _f64(S)
     normed, _ = dual_inverted_softmax(S, P, H, beta, gallery_beta)
-    return _gate(S, S, normed, activation(P, k) | activation(H, k))
+    return _gate(S, S, normed, activation(P, k, min_count) | activation(H, k, min_count))
 
 
 def normalise(method: str, S, P, H=None, *, beta: float = 20.0, gallery_beta: float = 1.0, k: int = 1,
-              topk_mean: int | None = None, alpha: float = 0.75):
-    """Dispatch by method name with qbnorm's defaults (csls K=10, nnn k=128)."""
+              topk_mean: int | None = None, alpha: float = 0.75, min_count: int = 1):
+    """Dispatch by method name with qbnorm's defaults (csls K=10, nnn k=128).
+
+    min_count: θ of dis / dual-dis.
+    """
     if method == "none":
         return none(S)
     if method == "is":
         return inverted_softmax(S, P, beta)
     if method == "dis":
-        return dynamic_inverted_softmax(S, P, beta, k)
+        return dynamic_inverted_softmax(S, P, beta, k, min_count)
     if method == "csls":
         return csls(S, P, topk_mean or 10)
     if method == "nnn":
@@ -139,7 +155,7 @@ def normalise(method: str, S, P, H=None, *, beta: float = 20.0, gallery_beta: fl
     if method == "dual-is":
         return dual_inverted_softmax(S, P, H, beta, gallery_beta)
     if method == "dual-dis":
-        return dual_dynamic_inverted_softmax(S, P, H, beta, gallery_beta, k)
+        return dual_dynamic_inverted_softmax(S, P, H, beta, gallery_beta, k, min_count)
     raise ValueError(method)
 
 
