@@ -18,8 +18,9 @@ import numpy as np
 from scipy.special import logsumexp
 
 METHODS = ("none", "is", "dis", "csls", "nnn", "gc", "dual-is", "dual-dis")
-# Oracle-only so far (the package does not implement them yet): Sinkhorn, dual-bank Sinkhorn.
-EXTRA_METHODS = ("sn", "dbsn")
+# Oracle-only so far (the package does not implement them yet): Sinkhorn, dual-bank Sinkhorn,
+# Distribution Normalisation.
+EXTRA_METHODS = ("sn", "dbsn", "dn")
 
 
 def _f64(a) -> np.ndarray:
@@ -244,12 +245,22 @@ def dual_bank_sinkhorn_normalisation(S, P, PB, beta: float, iters: int | None = 
     return beta * S + log_u[None, :], np.ones(len(S), dtype=bool)
 
 
+def distribution_normalisation(S, P, lam: float = 0.25):
+    """DN (Zhou et al., NeurIPS 2023), the query bank standing in for the test queries.
+
+    S[q, j] − λ·μ_QB·g_j with μ_QB the mean bank embedding; from P that is the column mean
+    mean_b P[b, j] (P[b, j] = qb_b·g_j, so mean_b P[b, j] = μ_QB·g_j).
+    """
+    S = _f64(S)
+    return S - lam * _f64(P).mean(axis=0)[None, :], np.ones(len(S), dtype=bool)
+
+
 def normalise(method: str, S, P, H=None, *, beta: float = 20.0, gallery_beta: float = 1.0, k: int = 1,
-              topk_mean: int | None = None, alpha: float = 0.75, min_count: int = 1, PB=None,
-              iters: int | None = None, tol: float = 1e-10):
+              topk_mean: int | None = None, alpha: float = 0.75, min_count: int = 1, lam: float = 0.25,
+              PB=None, iters: int | None = None, tol: float = 1e-10):
     """Dispatch by method name with qbnorm's defaults (csls K=10, nnn k=128).
 
-    min_count: θ of dis / dual-dis; PB (bank × gallery-bank), iters, tol: sn / dbsn.
+    min_count: θ of dis / dual-dis; lam: λ of dn; PB (bank × gallery-bank), iters, tol: sn / dbsn.
     """
     if method == "none":
         return none(S)
@@ -273,6 +284,8 @@ def normalise(method: str, S, P, H=None, *, beta: float = 20.0, gallery_beta: fl
         if PB is None:
             raise ValueError("dbsn needs PB, the bank × gallery-bank scores")
         return dual_bank_sinkhorn_normalisation(S, P, PB, beta, iters, tol)
+    if method == "dn":
+        return distribution_normalisation(S, P, lam)
     raise ValueError(method)
 
 

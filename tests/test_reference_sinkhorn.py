@@ -1,5 +1,5 @@
-"""Hand-checked cases of the oracle's newer methods: Sinkhorn (sn), dual-bank Sinkhorn (dbsn)
-and DIS with a min-count activation set (θ).
+"""Hand-checked cases of the oracle's newer methods: Sinkhorn (sn), dual-bank Sinkhorn (dbsn),
+Distribution Normalisation (dn) and DIS with a min-count activation set (θ).
 
 Tolerances: everything is float64 (ε = 2.2e-16). One log-sum-exp over n ≤ 12 terms of size ≤ 50
 is exact to about n·ε·50 ≈ 1e-13, and N ≤ 40 iterations compound that to well under 1e-11; so
@@ -230,6 +230,27 @@ def test_dual_bank_with_an_empty_gallery_bank_is_sn():
         ref.dual_bank_sinkhorn(P, np.zeros((4, 2)), 7.0)
 
 
+# -- Distribution Normalisation ----------------------------------------------------------------------
+
+def test_dn_hand_checked():
+    # column means of P: (0.5, 0.2, 0.0); λ = 0.5 subtracts (0.25, 0.1, 0.0)
+    P = np.array([[0.9, 0.1, 0.2], [0.1, 0.3, -0.2]])
+    S = np.array([[0.5, 0.4, 0.3]])
+    scores, normalised = ref.distribution_normalisation(S, P, lam=0.5)
+    np.testing.assert_allclose(scores, [[0.25, 0.3, 0.3]], rtol=0, atol=FEW_OPS)
+    assert normalised.all()
+
+
+@pytest.mark.parametrize("lam", [0.25, 0.5, 1.0])
+def test_dn_from_P_equals_the_embedding_form(lam):
+    rng = np.random.default_rng(17)
+    unit = lambda X: X / np.linalg.norm(X, axis=1, keepdims=True)
+    QB, Q, G = unit(rng.normal(size=(9, 6))), unit(rng.normal(size=(4, 6))), unit(rng.normal(size=(5, 6)))
+    S, P = Q @ G.T, QB @ G.T
+    embedding_form = S - lam * (QB.mean(axis=0) @ G.T)[None, :]   # S − λ·μ_QB·g_j
+    np.testing.assert_allclose(ref.distribution_normalisation(S, P, lam)[0], embedding_form, rtol=0, atol=FEW_OPS)
+
+
 # -- DIS with a min-count activation set ------------------------------------------------------------------
 
 # The DIS worked example of test_normalisers: top-1 of the bank rows is item 0, 0, 1
@@ -289,6 +310,8 @@ def test_normalise_dispatches_the_new_methods():
                                   ref.sinkhorn_normalisation(S, P, 9.0, iters=4)[0])
     np.testing.assert_array_equal(ref.normalise("dbsn", S, P, PB=PB, beta=9.0)[0],
                                   ref.dual_bank_sinkhorn_normalisation(S, P, PB, 9.0)[0])
+    np.testing.assert_array_equal(ref.normalise("dn", S, P, lam=0.4)[0], ref.distribution_normalisation(S, P, 0.4)[0])
+    np.testing.assert_array_equal(ref.normalise("dn", S, P)[0], ref.distribution_normalisation(S, P, 0.25)[0])
     with pytest.raises(ValueError, match="PB"):
         ref.normalise("dbsn", S, P, beta=9.0)
-    assert set(ref.EXTRA_METHODS) == {"sn", "dbsn"}
+    assert set(ref.EXTRA_METHODS) == {"sn", "dbsn", "dn"}
