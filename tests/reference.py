@@ -4,6 +4,7 @@ Independent of qbnorm_cli: whole matrices, float64, scipy's logsumexp, stable so
 ordering and brute-force counting for Globally-Corrected ranks.
 
   P[i, j]  bank × gallery          S[q, j]  query × gallery          H[h, j]  gallery-bank × gallery
+  PB[i, h] bank × gallery-bank (dual-bank Sinkhorn only: the bank queries against the gallery bank items)
 
 Every method returns (scores, normalised): the full (Q, G) float64 score matrix and a (Q,) bool
 vector saying which rows were normalised (rows left alone keep their raw scores).
@@ -11,10 +12,15 @@ vector saying which rows were normalised (rows left alone keep their raw scores)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy.special import logsumexp
 
 METHODS = ("none", "is", "dis", "csls", "nnn", "gc", "dual-is", "dual-dis")
+# Oracle-only so far (the package does not implement them yet): Sinkhorn, dual-bank Sinkhorn,
+# Distribution Normalisation.
+EXTRA_METHODS = ("sn", "dbsn", "dn")
 
 
 def _f64(a) -> np.ndarray:
@@ -31,14 +37,25 @@ def row_top(M, k: int) -> np.ndarray:
     return np.argsort(-_f64(M), axis=1, kind="stable")[:, :k]
 
 
-def activation(P, k: int) -> np.ndarray:
-    """A: gallery items among the top-k of at least one bank row."""
+def activation_count(P, k: int) -> np.ndarray:
+    """How many bank rows have gallery item j among their top-k (ties towards the lower index)."""
     P = _f64(P)
-    mask = np.zeros(P.shape[1], dtype=bool)
+    count = np.zeros(P.shape[1], dtype=np.int64)
     for i in range(P.shape[0]):
         for j in row_top(P[i:i + 1], k)[0]:
-            mask[j] = True
-    return mask
+            count[j] += 1
+    return count
+
+
+def activation(P, k: int, min_count: int = 1) -> np.ndarray:
+    """A: gallery items among the top-k of at least min_count bank rows (min_count=1: at least one).
+
+    min_count=θ > 1 is the min-count activation set: an item must be retrieved by θ bank queries
+    before DIS treats it as a hub.
+    """
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    return activation_count(P, k) >= min_count
 
 
 def raw_top1(S) -> np.ndarray:
@@ -72,10 +89,11 @@ def _gate(S, raw_scores, normed, active):
     return np.where(gated[:, None], normed, raw_scores), gated
 
 
-def dynamic_inverted_softmax(S, P, beta: float, k: int = 1):
+def dynamic_inverted_softmax(S, P, beta: float, k: int = 1, min_count: int = 1):
+    """DIS (Bogolin et al., CVPR 2022): IS on the queries whose raw top-1 is in activation(P, k, min_count)."""
     S = _f64(S)
     normed, _ = inverted_softmax(S, P, beta)
-    return _gate(S, S, normed, activation(P, k))
+    return _gate(S, S, normed, activation(P, k, min_count))
 
 
 def csls(S, P, K: int = 10):
@@ -115,21 +133,141 @@ def dual_inverted_softmax(S, P, H, beta: float, gallery_beta: float):
     return scores, np.ones(len(S), dtype=bool)
 
 
-def dual_dynamic_inverted_softmax(S, P, H, beta: float, gallery_beta: float, k: int = 1):
+def dual_dynamic_inverted_softmax(S, P, H, beta: float, gallery_beta: float, k: int = 1, min_count: int = 1):
+    """Dual-IS on the queries whose raw top-1 is in activation(P, k, θ) ∪ activation(H, k, θ)."""
     S = _f64(S)
     normed, _ = dual_inverted_softmax(S, P, H, beta, gallery_beta)
-    return _gate(S, S, normed, activation(P, k) | activation(H, k))
+    return _gate(S, S, normed, activation(P, k, min_count) | activation(H, k, min_count))
+
+
+# -- Sinkhorn normalisation -------------------------------------------------------------------------
+#
+# Entropic optimal transport between the gallery items (rows j, mass 1/n_g each) and the bank
+# queries (columns b, mass 1/n_b each) with kernel K[j, b] = exp(β·P[b, j]), i.e. POT's cost
+# M = −P at reg = 1/β (the DBSN code's M = 1 − P only multiplies K by e^{−β}, which v absorbs:
+# log u is the same). The coupling is π[j, b] = u_j·K[j, b]·v_b. Everything is in log space, so no
+# kernel entry ever underflows, whatever β.
+
+
+class SinkhornResult(NamedTuple):
+    log_u: np.ndarray        # (n_rows,) log row scalings: the gallery items (and the gallery bank for DBSN)
+    log_v: np.ndarray        # (n_b,) log column scalings: the bank queries
+    iterations: int          # full (v, u) updates done
+    change: float            # max |Δ log u|, |Δ log v| of the last iteration (inf when none was done)
+    marginal_error: float    # max |π marginal − uniform| over both marginals, at (log_u, log_v)
+
+
+def sinkhorn_log_v(K_log, log_u) -> np.ndarray:
+    """log v_b = −log n_b − LSE_j(K_log[b, j] + log u_j), K_log = β·P (n_b × n_rows)."""
+    K_log = _f64(K_log)
+    return -np.log(K_log.shape[0]) - logsumexp(K_log + _f64(log_u)[None, :], axis=1)
+
+
+def sinkhorn_log_u(K_log, log_v) -> np.ndarray:
+    """log u_j = −log n_rows − LSE_b(K_log[b, j] + log v_b), K_log = β·P (n_b × n_rows)."""
+    K_log = _f64(K_log)
+    return -np.log(K_log.shape[1]) - logsumexp(K_log + _f64(log_v)[:, None], axis=0)
+
+
+def sinkhorn_coupling(K_log, log_u, log_v) -> np.ndarray:
+    """π as an (n_b × n_rows) matrix: π[b, j] = exp(K_log[b, j] + log u_j + log v_b)."""
+    return np.exp(_f64(K_log) + _f64(log_u)[None, :] + _f64(log_v)[:, None])
+
+
+def sinkhorn_marginal_error(K_log, log_u, log_v) -> float:
+    """max over both marginals of |Σ π − 1/n|: rows (gallery) sum over b, columns (bank) over j."""
+    pi = sinkhorn_coupling(K_log, log_u, log_v)
+    n_b, n_rows = pi.shape
+    return float(max(np.abs(pi.sum(axis=0) - 1 / n_rows).max(), np.abs(pi.sum(axis=1) - 1 / n_b).max()))
+
+
+def _sinkhorn_scalings(K_log, iters: int | None, tol: float, max_iters: int) -> SinkhornResult:
+    """POT sinkhorn_knopp's order in log space: u = v = uniform, then per iteration v, then u.
+
+    iters=N: exactly N iterations, no stopping test (N=0 leaves u uniform: raw scores).
+    iters=None: iterate until max(|Δ log u|, |Δ log v|) < tol; RuntimeError after max_iters.
+    """
+    K_log = _f64(K_log)
+    n_b, n_rows = K_log.shape
+    log_u = np.full(n_rows, -np.log(n_rows))
+    log_v = np.full(n_b, -np.log(n_b))
+    change = np.inf
+    limit = max_iters if iters is None else iters
+    done = 0
+    while done < limit:
+        new_v = sinkhorn_log_v(K_log, log_u)
+        new_u = sinkhorn_log_u(K_log, new_v)
+        change = float(max(np.abs(new_v - log_v).max(), np.abs(new_u - log_u).max()))
+        log_u, log_v = new_u, new_v
+        done += 1
+        if iters is None and change < tol:
+            break
+    else:
+        if iters is None:
+            raise RuntimeError(f"Sinkhorn did not reach change < {tol} in {max_iters} iterations (last {change})")
+    return SinkhornResult(log_u, log_v, done, change, sinkhorn_marginal_error(K_log, log_u, log_v))
+
+
+def sinkhorn(P, beta: float, iters: int | None = None, tol: float = 1e-10, max_iters: int = 100_000) -> SinkhornResult:
+    """Sinkhorn scalings of the gallery items against the bank queries (Pan et al., ACM MM 2025, SN).
+
+    Rows j = gallery items (marginal 1/n_g), columns b = bank queries (1/n_b), kernel exp(β·P[b, j]).
+    log_u has one entry per gallery item.
+    """
+    return _sinkhorn_scalings(beta * _f64(P), iters, tol, max_iters)
+
+
+def dual_bank_sinkhorn(P, PB, beta: float, iters: int | None = None, tol: float = 1e-10,
+                       max_iters: int = 100_000) -> SinkhornResult:
+    """Dual-bank Sinkhorn (Pan et al., ACM MM 2025, DBSN): the rows are the test gallery AND the gallery bank.
+
+    P is bank × gallery (n_b × n_g), PB is bank × gallery-bank (n_b × n_gb): the row set is G ∪ GB
+    with ONE uniform marginal 1/(n_g + n_gb) over all of it, the columns the bank queries (1/n_b).
+    log_u has n_g + n_gb entries, the test gallery's first.
+    """
+    P, PB = _f64(P), _f64(PB)
+    if P.shape[0] != PB.shape[0]:
+        raise ValueError(f"P and PB need the same bank rows, got {P.shape[0]} and {PB.shape[0]}")
+    return _sinkhorn_scalings(beta * np.concatenate([P, PB], axis=1), iters, tol, max_iters)
+
+
+def sinkhorn_normalisation(S, P, beta: float, iters: int | None = None, tol: float = 1e-10):
+    """SN: η[q, j] = β·S[q, j] + log u_j with u from sinkhorn(P, β)."""
+    S = _f64(S)
+    log_u = sinkhorn(P, beta, iters, tol).log_u
+    return beta * S + log_u[None, :], np.ones(len(S), dtype=bool)
+
+
+def dual_bank_sinkhorn_normalisation(S, P, PB, beta: float, iters: int | None = None, tol: float = 1e-10):
+    """DBSN: η[q, j] = β·S[q, j] + log u_j, u the test gallery's part of dual_bank_sinkhorn(P, PB, β)."""
+    S = _f64(S)
+    log_u = dual_bank_sinkhorn(P, PB, beta, iters, tol).log_u[:S.shape[1]]
+    return beta * S + log_u[None, :], np.ones(len(S), dtype=bool)
+
+
+def distribution_normalisation(S, P, lam: float = 0.25):
+    """DN (Zhou et al., NeurIPS 2023), the query bank standing in for the test queries.
+
+    S[q, j] − λ·μ_QB·g_j with μ_QB the mean bank embedding; from P that is the column mean
+    mean_b P[b, j] (P[b, j] = qb_b·g_j, so mean_b P[b, j] = μ_QB·g_j).
+    """
+    S = _f64(S)
+    return S - lam * _f64(P).mean(axis=0)[None, :], np.ones(len(S), dtype=bool)
 
 
 def normalise(method: str, S, P, H=None, *, beta: float = 20.0, gallery_beta: float = 1.0, k: int = 1,
-              topk_mean: int | None = None, alpha: float = 0.75):
-    """Dispatch by method name with qbnorm's defaults (csls K=10, nnn k=128)."""
+              topk_mean: int | None = None, alpha: float = 0.75, min_count: int = 1, lam: float = 0.25,
+              PB=None, iters: int | None = None, tol: float = 1e-10):
+    """Dispatch by method name with qbnorm's defaults (csls K=10, nnn k=128).
+
+    min_count: θ of dis / dual-dis; lam: λ of dn; PB (bank × gallery-bank), iters, tol: sn / dbsn.
+    """
     if method == "none":
         return none(S)
     if method == "is":
         return inverted_softmax(S, P, beta)
     if method == "dis":
-        return dynamic_inverted_softmax(S, P, beta, k)
+        return dynamic_inverted_softmax(S, P, beta, k, min_count)
     if method == "csls":
         return csls(S, P, topk_mean or 10)
     if method == "nnn":
@@ -139,7 +277,15 @@ def normalise(method: str, S, P, H=None, *, beta: float = 20.0, gallery_beta: fl
     if method == "dual-is":
         return dual_inverted_softmax(S, P, H, beta, gallery_beta)
     if method == "dual-dis":
-        return dual_dynamic_inverted_softmax(S, P, H, beta, gallery_beta, k)
+        return dual_dynamic_inverted_softmax(S, P, H, beta, gallery_beta, k, min_count)
+    if method == "sn":
+        return sinkhorn_normalisation(S, P, beta, iters, tol)
+    if method == "dbsn":
+        if PB is None:
+            raise ValueError("dbsn needs PB, the bank × gallery-bank scores")
+        return dual_bank_sinkhorn_normalisation(S, P, PB, beta, iters, tol)
+    if method == "dn":
+        return distribution_normalisation(S, P, lam)
     raise ValueError(method)
 
 
