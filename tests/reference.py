@@ -8,6 +8,9 @@ ordering and brute-force counting for Globally-Corrected ranks.
 
 Every method returns (scores, normalised): the full (Q, G) float64 score matrix and a (Q,) bool
 vector saying which rows were normalised (rows left alone keep their raw scores).
+
+The last section restates the official evaluation (collaborative-experts / QB-Norm `metric.py`:
+t2v_metrics, v2t_metrics, cols2metrics) as per-query float ranks and the metrics built from them.
 """
 
 from __future__ import annotations
@@ -294,3 +297,124 @@ def top_n(scores, n: int):
     scores = _f64(scores)
     idx = row_top(scores, n)
     return np.take_along_axis(scores, idx, axis=1), idx
+
+
+# --------------------------------------------------------------------------------------------------
+# The official metric.py protocol
+# --------------------------------------------------------------------------------------------------
+# What collaborative-experts' `model/metric.py`, as shipped by QB-Norm (ioanacroi/qb-norm metric.py),
+# computes, restated from its definitions. Its input is a similarity matrix `sims` in the "t2v layout":
+# rows = queries (captions), columns = items (videos); distances are d = −sims.
+#
+#   position(v, row)  the mean of the 0-based positions p with sorted(row)[p] − v == 0 ("averaging"
+#                     break_ties): #entries of the row strictly below v + (#entries equal to v − 1)/2.
+#                     Equality is exact float equality (an infinite v is never found, as inf − inf
+#                     is nan).
+#   t2v rank of q     position(d[q, gt[q]], d[q, :]), the best over several relevant items; metric.py
+#                     itself knows only the contiguous layout gt[q] = q // (Q // G) with Q = G·(Q // G).
+#                     Masked queries are dropped from the ranks (and from the count).
+#   v2t rank of i     over the transposed rows D = d.T (items × captions): masked captions get the
+#                     distance MISSING_VAL in every row, then rank(i) = min over the unmasked captions c
+#                     of item i of position(D[i, c], D[i, :]); inf when item i has none. Its own other
+#                     captions compete, so two of its captions tied at the top each sit at 0.5.
+#                     metric.py's captions of item i are the contiguous c in [i·cpv, (i+1)·cpv) with
+#                     cpv = C // G; with a general gt they are the captions q with gt[q] == i.
+#                     Every item counts, masked or not.
+#   metrics           R@K = 100·#(rank == 0)/n for K = 1 (a rank of 0.5 is a miss), 100·#(rank < K)/n
+#                     for K = 5, 10, 50; MdR = median + 1; MnR = mean + 1; GeomR = geometric mean of the
+#                     unrounded R@1, R@5, R@10. metric.py then rounds every figure to one decimal.
+
+MISSING_VAL = 1e8
+
+
+def _tie_averaged_position(value: float, ordered: np.ndarray) -> float:
+    """Mean 0-based position of `value` in the sorted row `ordered`, by exact equality; nan if absent."""
+    with np.errstate(invalid="ignore"):   # inf − inf
+        positions = np.flatnonzero(ordered - value == 0)
+    return float(positions.mean()) if positions.size else float("nan")
+
+
+def _official_relevant(gt, n_queries: int, n_items: int) -> np.ndarray:
+    """(Q, m) ground truth, −1 padded; None means metric.py's contiguous layout q // (Q // G)."""
+    if gt is None:
+        per_item = n_queries // n_items
+        if per_item == 0 or per_item * n_items != n_queries:
+            raise ValueError(f"contiguous layout needs Q a multiple of G, got {n_queries} × {n_items}")
+        return (np.arange(n_queries) // per_item)[:, None]
+    gt = np.asarray(gt, dtype=np.int64)
+    return gt.reshape(n_queries, -1)
+
+
+def official_ranks_t2v(sims, query_masks=None, gt=None) -> np.ndarray:
+    """t2v_metrics' float 0-based rank of every unmasked query row of `sims` (queries × items)."""
+    dists = -_f64(sims)
+    n_queries, n_items = dists.shape
+    relevant = _official_relevant(gt, n_queries, n_items)
+    ranks = np.full(n_queries, np.inf)
+    for q in range(n_queries):
+        ordered = np.sort(dists[q])
+        for j in relevant[q]:
+            if j < 0:
+                continue
+            position = _tie_averaged_position(dists[q, j], ordered)
+            if np.isnan(position):
+                raise ValueError(f"query {q}: ground-truth distance not found (metric.py asserts here)")
+            ranks[q] = min(ranks[q], position)
+    if query_masks is not None:
+        ranks = ranks[np.asarray(query_masks).reshape(-1).astype(bool)]
+    return ranks
+
+
+def official_ranks_v2t(sims, query_masks=None, gt=None) -> np.ndarray:
+    """v2t_metrics' float 0-based rank of every item (column of `sims`, queries × items)."""
+    dists = -_f64(sims).T
+    n_items, n_caps = dists.shape
+    captions_of: list[list[int]] = [[] for _ in range(n_items)]
+    if gt is None:
+        per_item = n_caps // n_items
+        for i in range(n_items):
+            captions_of[i] = list(range(i * per_item, (i + 1) * per_item))
+    else:
+        relevant = np.asarray(gt, dtype=np.int64).reshape(n_caps, -1)
+        for c in range(n_caps):
+            for i in relevant[c]:
+                if i >= 0:
+                    captions_of[i].append(c)
+    kept = np.ones(n_caps, dtype=bool) if query_masks is None else np.asarray(query_masks).reshape(-1).astype(bool)
+    ranks = np.full(n_items, np.inf)
+    for i in range(n_items):
+        row = dists[i].copy()
+        row[~kept] = MISSING_VAL
+        ordered = np.sort(row)
+        for c in captions_of[i]:
+            if row[c] == MISSING_VAL:
+                continue
+            position = _tie_averaged_position(row[c], ordered)
+            if not np.isnan(position):
+                ranks[i] = min(ranks[i], position)
+    return ranks
+
+
+def official_metrics(ranks, num_queries: int | None = None) -> dict:
+    """cols2metrics before its rounding: R@1 (rank == 0), R@5/10/50 (rank < K), MdR, MnR, GeomR."""
+    ranks = _f64(ranks)
+    n = ranks.size if num_queries is None else num_queries
+    out = {"R@1": 100.0 * np.count_nonzero(ranks == 0) / n}
+    for k in (5, 10, 50):
+        out[f"R@{k}"] = 100.0 * np.count_nonzero(ranks < k) / n
+    out["MdR"] = float(np.median(ranks)) + 1.0
+    out["MnR"] = float(np.mean(ranks)) + 1.0
+    recalls = [out["R@1"], out["R@5"], out["R@10"]]
+    out["GeomR"] = 0.0 if min(recalls) == 0 else float(np.prod(recalls) ** (1.0 / 3.0))
+    return out
+
+
+def official_rounded(metrics: dict, numpy_recalls: bool = False) -> dict:
+    """cols2metrics' final round(x, 1). Python's round is exact for Python floats (the recalls) but
+    numpy's round(np.float64) is rint(10·x)/10 (MdR, MnR, GeomR; the recalls too when metric.py
+    divided by a numpy count, as t2v does with query masks): 38.15 → 38.1 vs 38.2."""
+    out = {}
+    for name, value in metrics.items():
+        numpy_round = name in ("MdR", "MnR", "GeomR") or numpy_recalls
+        out[name] = float(np.round(value, 1)) if numpy_round else round(float(value), 1)
+    return out
