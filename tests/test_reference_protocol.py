@@ -200,7 +200,7 @@ def test_v2t_matches_counting_with_ties_and_masks():
 def test_rank_values_agree_with_qbnorm_ranks():
     # qbnorm's dense kernel ranks the same way (#greater + half the other ties, best relevant);
     # the protocols part only at R@1, where metric.py asks rank == 0 and a half rank misses
-    from qbnorm_cli import metrics
+    from qbnorm_cli.core import metrics
 
     rng = np.random.default_rng(6)
     sims = rng.integers(0, 4, (24, 6)).astype(np.float32)
