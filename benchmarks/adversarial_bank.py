@@ -16,7 +16,8 @@ import argparse
 
 import numpy as np
 
-from qbnorm_cli.io.files import OutputFile, open_array
+from qbnorm_cli.io.atomic import OutputFile
+from qbnorm_cli.io.specs import open_array
 
 
 def raw_top1(queries: np.ndarray, gallery: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -54,7 +55,8 @@ def main() -> None:
     rows = adversarial_rows(top1, args.size)
     params = {"strategy": "adversarial (QB-Norm): queries of the most retrieved gallery items first",
               "size": len(rows), "gallery": gallery.label}
-    with OutputFile(args.output, "bank", force=args.force, params=params, inputs=[source, gallery]) as out:
+    with OutputFile(args.output, "bank", force=args.force, params=params, inputs=[source, gallery],
+                    provenance="benchmarks/adversarial_bank.py") as out:
         out.create("/embeddings", data=queries[rows])
         out.create("/source_index", data=rows)
     items = np.unique(top1[rows]).size

@@ -105,3 +105,12 @@ def test_the_measured_package_is_byte_compiled(monkeypatch):
     compile_package()
     modules = sorted((ROOT / "qbnorm_cli").rglob("*.py"))
     assert modules and all(Path(importlib.util.cache_from_source(m)).is_file() for m in modules)
+
+
+def test_benchmark_scripts_import():
+    """Every script in benchmarks/ imports (a moved library module must not break one unnoticed)."""
+    import importlib
+
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        if path.stem != "__main__":
+            importlib.import_module(f"benchmarks.{path.stem}")
