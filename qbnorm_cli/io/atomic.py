@@ -269,6 +269,35 @@ def write_json(path, document: dict, *, force: bool, inputs=()) -> None:
                     pass
 
 
+def write_with(path, writer, *, force: bool, inputs=()) -> None:
+    """A file written atomically by `writer(temporary_path)` (a figure, …), under the same rules
+    as OutputFile: beside the target, renamed into place when complete, removed on any failure."""
+    target = Path(path)
+    check_target(target, force, inputs)
+    with _signals_deferred():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".qbnorm-tmp")
+            os.close(fd)
+        except OSError as exc:
+            raise RuntimeFailure(f"{target}: cannot write: {exc.strerror or exc}") from None
+    try:
+        writer(tmp)
+        os.chmod(tmp, _file_mode())
+        with _signals_deferred():
+            check_interrupt()
+            os.replace(tmp, target)
+            tmp = None
+    except OSError as exc:
+        raise RuntimeFailure(f"{target}: write failed: {exc.strerror or one_line(exc)}") from None
+    finally:
+        if tmp is not None:
+            with _signals_deferred():
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
 def jsonable(value):
     """`value` with numpy arrays and scalars as plain Python values, non-finite floats as None."""
     if isinstance(value, dict):

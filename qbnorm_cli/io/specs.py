@@ -8,7 +8,8 @@ problem in one line.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from os import PathLike
 
@@ -30,6 +31,8 @@ DEFAULT_DATASET = {
     "evaluation": "/ranks",
     "hubness": "/k_occurrence",
 }
+# Root attributes that describe a file's stored orientation: not carried over to a transposed read.
+ORIENTED_ATTRS = ("gallery_rows", "gallery_identity")
 EMBEDDING_KINDS = ("embeddings", "bank")
 SIMILARITY_KINDS = ("similarity",)
 FINGERPRINT_ROWS = 16
@@ -66,12 +69,15 @@ class ArrayInput:
     attrs: dict = field(default_factory=dict)
     h5: h5py.File | None = None
     name: str | None = None
+    transposed: bool = False  # read transposed: `array` is a `Transposed` view of the stored one
 
     @property
     def label(self) -> str:
         if self.path is None:
-            return self.name or "array"
-        return f"{self.path}::{self.dataset}" if self.dataset else self.path
+            base = self.name or "array"
+        else:
+            base = f"{self.path}::{self.dataset}" if self.dataset else self.path
+        return f"{base} (transposed)" if self.transposed else base
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,7 +119,7 @@ class ArrayInput:
         stored as float64, float16 or integers, or handed over as an array, is the same gallery.
         """
         if self.uuid:
-            return f"{self.uuid}:{self.dataset}"
+            return f"{self.uuid}:{self.dataset}" + (":T" if self.transposed else "")
         digest = hashlib.sha1(repr(self.shape).encode())
         picks = spread(self.rows, FINGERPRINT_ROWS)
         try:  # one selection: an HDF5 read per row costs a millisecond
@@ -127,10 +133,13 @@ class ArrayInput:
 
     def describe(self) -> dict:
         """The record written into outputs' `inputs` attribute."""
-        return {
+        record = {
             "path": self.path, "dataset": self.dataset, "kind": self.kind,
             "uuid": self.uuid, "identity": self.identity, "shape": list(self.shape),
         }
+        if self.transposed:
+            record["transposed"] = True
+        return record
 
     def read(self, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None,
              finite: bool = True) -> np.ndarray:
@@ -165,6 +174,77 @@ class ArrayInput:
         if self.h5 is not None:
             self.h5.close()
             self.h5 = None
+
+
+class Transposed:
+    """A stored 2-D array (h5py dataset) read transposed: view[i, j] = stored[j, i].
+
+    A row block of the view is a column block of the stored array. HDF5 reads a column block of a
+    contiguous dataset, or of one chunked by whole rows (qbnorm's own outputs), by touching every
+    stored row, so the cost of a transposed pass is (number of blocks) × (the file); a dataset
+    chunked in tiles is read chunk by chunk, once. Blocks smaller than `panel_bytes` are therefore
+    served from a panel of that size read at once (the panel is the only extra memory; one lock
+    serialises readers, as h5py does anyway).
+    """
+
+    ndim = 2
+
+    def __init__(self, stored, panel_bytes: int = 0):
+        self.stored = stored
+        self.shape = (int(stored.shape[1]), int(stored.shape[0]))
+        self.dtype = stored.dtype
+        chunks = getattr(stored, "chunks", None)
+        self.chunks = (int(chunks[1]), int(chunks[0])) if chunks else None
+        self.panel_bytes = int(panel_bytes)
+        self._panel: tuple[int, int, int, int, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(self.stored[c0:c1, r0:r1]).T)
+
+    def _block(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        width = max(c1 - c0, 1) * self.dtype.itemsize
+        rows = self.panel_bytes // width
+        if rows <= 2 * (r1 - r0):  # a panel would not save a pass
+            return self._read(r0, r1, c0, c1)
+        with self._lock:
+            panel = self._panel
+            if panel is None or not (panel[0] <= r0 and r1 <= panel[1] and panel[2] == c0 and panel[3] == c1):
+                self._panel = None  # the old panel goes first
+                end = min(self.shape[0], r0 + rows)
+                panel = (r0, end, c0, c1, self._read(r0, end, c0, c1))
+                self._panel = panel
+        return panel[4][r0 - panel[0]:r1 - panel[0]]
+
+    def __getitem__(self, key):
+        if key is Ellipsis or (isinstance(key, tuple) and not key):
+            return self._read(0, self.shape[0], 0, self.shape[1])
+        rows, cols = (key if isinstance(key, tuple) else (key, slice(None)))
+        c0, c1, step = cols.indices(self.shape[1]) if isinstance(cols, slice) else (None, None, None)
+        if step not in (None, 1):
+            raise ValueError("a transposed read takes contiguous column ranges")
+        if isinstance(rows, slice):
+            r0, r1, rstep = rows.indices(self.shape[0])
+            if rstep != 1:
+                raise ValueError("a transposed read takes contiguous row ranges")
+            return self._block(r0, max(r0, r1), c0, max(c0, c1))
+        picks = np.asarray(rows, dtype=np.int64)  # ascending row numbers: one stored column selection
+        return np.ascontiguousarray(np.asarray(self.stored[c0:c1, picks.tolist()]).T)
+
+
+def transposed(source: ArrayInput, panel_bytes: int = 0) -> ArrayInput:
+    """`source` read transposed (rows ↔ columns); its orientation-bound root attributes are dropped.
+    An array in memory or a memory map is transposed in place (a numpy view)."""
+    if source.transposed:
+        raise UsageError(f"{source.label}: already read transposed")
+    if source.array.ndim != 2:
+        raise DataError(f"{source.label}: only a 2-D array can be read transposed")
+    array = source.array.T if isinstance(source.array, np.ndarray) else Transposed(source.array, panel_bytes)
+    attrs = {k: v for k, v in source.attrs.items() if k not in ORIENTED_ATTRS}
+    return replace(source, array=array, attrs=attrs, transposed=True)
 
 
 def open_npy(path: str) -> np.ndarray:
@@ -232,10 +312,13 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
         raise
 
 
-def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tuple[int, ...] = (2,)) -> ArrayInput:
+def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tuple[int, ...] = (2,),
+             transpose: bool = False, panel_bytes: int = 0) -> ArrayInput:
     """What a caller passed as parameter `name`, as an ArrayInput: a `PATH[::/dataset]` string or
     path, an h5py.Dataset, an ArrayInput, or an array (numpy arrays and memory maps are read in
-    place, without a copy)."""
+    place, without a copy). `transpose`: read it transposed (`transposed`)."""
+    if transpose:
+        return transposed(as_input(value, name, kinds=kinds, ndim=ndim), panel_bytes)
     if isinstance(value, ArrayInput):
         return value
     if isinstance(value, (str, PathLike)):
