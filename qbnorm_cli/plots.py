@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qbnorm_cli import methods as registry
+from qbnorm_cli.core.metrics import LOWER_IS_BETTER
 from qbnorm_cli.errors import RuntimeFailure, UsageError, param
 from qbnorm_cli.io.atomic import check_target, write_with
 from qbnorm_cli.version import VERSION
@@ -23,6 +24,11 @@ LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
 PARAMETER_SYMBOLS = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α"}
 DPI = 150
+MAX_SERIES = 6  # lines per tuning panel; beyond, the best over the further parameters
+
+
+def _combinations(settings: list[dict], names: list[str]) -> int:
+    return len({tuple(s.get(n) for n in names) for s in settings})
 
 
 def _figure_class(what: str):
@@ -86,10 +92,27 @@ def _title(names: list[str]) -> str:
 
 # --- hubness -------------------------------------------------------------------------------------
 
+def _log_binned(nk: list[int], items: list[int]) -> tuple[list[float], list[float]]:
+    """The mean number of items per N_k value over the bins [1, 2), [2, 4), [4, 8), …, placed at the
+    geometric middle of each bin's values: the trend through a noisy histogram on log-log axes."""
+    xs, ys = [], []
+    lo = 1
+    top = max(nk, default=0)
+    while lo <= top:
+        hi = 2 * lo
+        total = sum(c for v, c in zip(nk, items, strict=True) if lo <= v < hi)
+        if total:
+            xs.append(float((lo * (hi - 1)) ** 0.5))
+            ys.append(total / (hi - lo))
+        lo = hi
+    return xs, ys
+
+
 def hubness_data(results) -> dict:
     """The k-occurrence distributions of `hubness` results (one dict or a list, or the `inputs` of a
     hubness document): per input and k, each N_k value ≥ 1 with the number of items taking it
-    (a log axis has no 0: the items with N_k = 0, the anti-hubs, are counted apart), and the skewness."""
+    (a log axis has no 0: the items with N_k = 0, the anti-hubs, are counted apart), the same
+    averaged over power-of-2 bins of N_k (`binned`), and the skewness."""
     results = [results] if isinstance(results, dict) else list(results)
     inputs = []
     for i, res in enumerate(results):
@@ -97,34 +120,44 @@ def hubness_data(results) -> dict:
             nk, items = row["distribution"]["nk"], row["distribution"]["items"]
             zero = items[0] if nk and nk[0] == 0 else 0
             pairs = [(v, c) for v, c in zip(nk, items, strict=True) if v > 0]
+            values, counts = [v for v, _ in pairs], [c for _, c in pairs]
+            bx, by = _log_binned(values, counts)
             inputs.append({"name": _name(res, i), "k": row["k"], "skewness": row["skewness"],
-                           "nk": [v for v, _ in pairs], "items": [c for _, c in pairs], "zero_items": zero,
-                           "gallery_rows": res.get("gallery_rows")})
+                           "nk": values, "items": counts, "zero_items": zero,
+                           "binned": {"nk": bx, "items_per_value": by}, "gallery_rows": res.get("gallery_rows")})
     return {"x": "N_k (queries that retrieve the item in their top k)", "y": "number of items",
             "scale": "log-log", "series": inputs}
 
 
 def hubness_figure(results, *, title: str | None = None):
     """The k-occurrence distribution of each input on shared log-log axes, one panel per k: N_k on
-    x, the number of items with that N_k on y (a long right tail = hubs), skewness in the legend."""
+    x, the number of items with that N_k on y (markers; a long right tail = hubs), a line through
+    its power-of-2-bin averages, skewness and the anti-hub count in the legend."""
     Figure = _figure_class("hubness_figure")
     data = hubness_data(results)
     ks = sorted({s["k"] for s in data["series"]})
     names = list(dict.fromkeys(s["name"] for s in data["series"]))
-    fig = Figure(figsize=(5.2 * len(ks), 4.0), layout="constrained")
+    fig = Figure(figsize=(5.6 * len(ks), 4.2), layout="constrained")
     axes = fig.subplots(1, len(ks), sharex=True, sharey=True, squeeze=False)[0]
     for ax, k in zip(axes, ks, strict=True):
+        handles, labels = [], []
         for i, name in enumerate(names):
             for s in data["series"]:
-                if s["k"] == k and s["name"] == name:
-                    ax.plot(s["nk"], s["items"], markersize=4, linewidth=1.2, **_style(i),
-                            label=f"{name}: skewness {s['skewness']:.2f}, {s['zero_items']} with N_{k} = 0")
+                if s["k"] != k or s["name"] != name:
+                    continue
+                style = _style(i)
+                line = ax.plot(s["binned"]["nk"], s["binned"]["items_per_value"], linewidth=1.6,
+                               linestyle=style["linestyle"], marker="")[0]
+                points = ax.plot(s["nk"], s["items"], linestyle="", marker=style["marker"], markersize=4,
+                                 markerfacecolor=(1, 1, 1, 0), color=line.get_color(), alpha=0.8)[0]
+                handles.append((line, points))
+                labels.append(f"{name}: skewness {s['skewness']:.2f}, N_{k} = 0 for {s['zero_items']}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(f"N_{k} (times an item is in a query's top {k})")
-        ax.set_title(f"k = {k}")
+        ax.set_xlabel(f"N_{k} (queries with the item in their top {k})")
+        ax.set_title(f"k = {k}: markers each N_{k} value, lines power-of-2 bin means", fontsize="medium")
         ax.grid(True, which="major", linestyle=":", linewidth=0.6)
-        ax.legend(fontsize="small")
+        ax.legend(handles, labels, fontsize="small")
     axes[0].set_ylabel("number of items")
     fig.suptitle(title or f"k-occurrence distribution: {_title(names)}")
     return fig
@@ -204,16 +237,25 @@ def tuning_data(result: dict) -> dict:
         varying = [n for n in names if len({s.get(n) for s in settings}) > 1]
         x = "beta" if "beta" in varying else (varying[0] if varying else (names[0] if names else None))
         others = [n for n in varying if n != x]
-        groups: dict[tuple, list[dict]] = {}
+        if len(others) > 1 and _combinations(settings, others) > MAX_SERIES:
+            best_over, others = others[1:], others[:1]  # one line per value of the first; the best of the rest
+        else:
+            best_over = []
+        sign = -1 if metric in LOWER_IS_BETTER else 1
+        groups: dict[tuple, dict] = {}
         for s in settings:
-            groups.setdefault(tuple(s.get(n) for n in others), []).append(s)
+            line = groups.setdefault(tuple(s.get(n) for n in others), {})
+            value = s["metrics"][metric]
+            if s.get(x) not in line or sign * value > sign * line[s.get(x)]:
+                line[s.get(x)] = value
         series = []
-        for key, members in groups.items():
-            members.sort(key=lambda s: (s.get(x) is None, s.get(x) or 0))
+        for key, line in groups.items():
+            xs = sorted(line, key=lambda v: (v is None, v or 0))
             label = " ".join(f"{PARAMETER_SYMBOLS[n]}={v:g}" for n, v in zip(others, key, strict=True)) or method
-            series.append({"label": label, "x": [s.get(x) for s in members],
-                           "y": [s["metrics"][metric] for s in members]})
-        top = max(settings, key=lambda s: s["metrics"][metric] * (-1 if metric in ("MdR", "MnR") else 1))
+            if best_over:
+                label += " (best " + ", ".join(PARAMETER_SYMBOLS[n] for n in best_over) + ")"
+            series.append({"label": label, "x": xs, "y": [line[v] for v in xs]})
+        top = max(settings, key=lambda s: sign * s["metrics"][metric])
         panels.append({"method": method, "x": x, "series": series,
                        "best": {"x": top.get(x), "y": top["metrics"][metric]}})
     chosen = {"method": best["method"], **{n: best.get(n) for n in PARAMETER_SYMBOLS},
@@ -239,8 +281,8 @@ def tuning_figure(result: dict, *, title: str | None = None):
             ax.plot(xs, s["y"], markersize=4, linewidth=1.2, label=s["label"], **_style(i))
         ax.axhline(data["raw"], color="0.4", linestyle="--", linewidth=1.0, label="raw")
         best = panel["best"]
-        ax.plot([best["x"] or 0], [best["y"]], marker="o", markersize=11, markerfacecolor=(1, 1, 1, 0), color="black",
-                linestyle="", label="best of method")
+        ax.plot([best["x"] or 0], [best["y"]], marker="o", markersize=11, markerfacecolor=(1, 1, 1, 0),
+                markeredgecolor="black", markeredgewidth=1.4, linestyle="", label="best of method")
         if panel["method"] == data["chosen"]["method"]:
             ax.plot([best["x"] or 0], [best["y"]], marker="*", markersize=14, color="black", linestyle="",
                     label="chosen")

@@ -84,7 +84,7 @@ def command(
             block_rows=block_rows, output=output, force=force, progress=report.progress,
             provenance=options.provenance(ctx), described={"gt": gt, "query_mask": query_mask})
     if plot is not None:
-        plots.save_figure(plots.recall_figure(document["inputs"]), plot, force=force, inputs=scores)
+        plots.save_figure(plots.recall_figure(document["inputs"], direction=document["direction"]), plot, force=force, inputs=scores)
         document["plot"] = {"file": plot, **plots.recall_data(document["inputs"])}
     failures = document.pop("failures", [])
     results = document["inputs"]
