@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/qbnorm normalise --queries $(SAMPLE)::/queries --gallery $(SAMPLE)::/gallery \
 		--probe $(OUT)/probe.h5 --method dis -o $(OUT)/dis.h5
 	$(BIN)/qbnorm evaluate $(OUT)/raw.h5 $(OUT)/dis.h5 --gt $(SAMPLE)::/gt --plot $(OUT)/recall.png
-	$(BIN)/qbnorm evaluate $(OUT)/raw.h5 $(OUT)/dis.h5 --queries-per-item 5 --direction v2t
+	$(BIN)/qbnorm evaluate $(OUT)/raw.h5 --queries-per-item 5 --direction v2t
 	$(BIN)/qbnorm hubness $(OUT)/raw.h5 $(OUT)/dis.h5 --k 10 --plot $(OUT)/hubness.png
 
 test: setup

@@ -419,3 +419,14 @@ def official_rounded(metrics: dict, numpy_recalls: bool = False) -> dict:
         numpy_round = name in ("MdR", "MnR", "GeomR") or numpy_recalls
         out[name] = float(np.round(value, 1)) if numpy_round else round(float(value), 1)
     return out
+
+
+def expected_tie_hits(row, relevant, k: int) -> float:
+    """P(a relevant item is among the first k) over every order of `row` that sorts its scores
+    descending, ties in any order (McSherry & Najork 2008): by enumeration, for short rows."""
+    import itertools
+
+    row = _f64(row)
+    relevant = {int(j) for j in np.atleast_1d(relevant) if j >= 0}
+    orders = [p for p in itertools.permutations(range(row.size)) if np.all(np.diff(row[list(p)]) <= 0)]
+    return float(np.mean([any(j in relevant for j in p[:k]) for p in orders]))
