@@ -86,6 +86,17 @@ def _name(result: dict, i: int) -> str:
     return Path(str(label).split("::")[0]).stem if label else f"input {i + 1}"
 
 
+def _names(results: list[dict], names) -> list[str]:
+    """Each input's name: as given, else its `name` or its file's stem; repeats numbered."""
+    given = list(names) if names is not None else [_name(r, i) for i, r in enumerate(results)]
+    if len(given) != len(results):
+        raise UsageError(f"{param('names')}: {len(given)} names for {len(results)} inputs")
+    out = []
+    for i, name in enumerate(given):
+        out.append(f"{name} #{given[:i].count(name) + 1}" if given.count(name) > 1 else str(name))
+    return out
+
+
 def _title(names: list[str]) -> str:
     return " vs ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])} and {len(names) - 3} more"
 
@@ -108,33 +119,33 @@ def _log_binned(nk: list[int], items: list[int]) -> tuple[list[float], list[floa
     return xs, ys
 
 
-def hubness_data(results) -> dict:
+def hubness_data(results, names=None) -> dict:
     """The k-occurrence distributions of `hubness` results (one dict or a list, or the `inputs` of a
     hubness document): per input and k, each N_k value ≥ 1 with the number of items taking it
     (a log axis has no 0: the items with N_k = 0, the anti-hubs, are counted apart), the same
     averaged over power-of-2 bins of N_k (`binned`), and the skewness."""
     results = [results] if isinstance(results, dict) else list(results)
     inputs = []
-    for i, res in enumerate(results):
+    for name, res in zip(_names(results, names), results, strict=True):
         for row in res["by_k"]:
             nk, items = row["distribution"]["nk"], row["distribution"]["items"]
             zero = items[0] if nk and nk[0] == 0 else 0
             pairs = [(v, c) for v, c in zip(nk, items, strict=True) if v > 0]
             values, counts = [v for v, _ in pairs], [c for _, c in pairs]
             bx, by = _log_binned(values, counts)
-            inputs.append({"name": _name(res, i), "k": row["k"], "skewness": row["skewness"],
+            inputs.append({"name": name, "k": row["k"], "skewness": row["skewness"],
                            "nk": values, "items": counts, "zero_items": zero,
                            "binned": {"nk": bx, "items_per_value": by}, "gallery_rows": res.get("gallery_rows")})
     return {"x": "N_k (queries that retrieve the item in their top k)", "y": "number of items",
             "scale": "log-log", "series": inputs}
 
 
-def hubness_figure(results, *, title: str | None = None):
+def hubness_figure(results, *, names=None, title: str | None = None):
     """The k-occurrence distribution of each input on shared log-log axes, one panel per k: N_k on
     x, the number of items with that N_k on y (markers; a long right tail = hubs), a line through
     its power-of-2-bin averages, skewness and the anti-hub count in the legend."""
     Figure = _figure_class("hubness_figure")
-    data = hubness_data(results)
+    data = hubness_data(results, names)
     ks = sorted({s["k"] for s in data["series"]})
     names = list(dict.fromkeys(s["name"] for s in data["series"]))
     fig = Figure(figsize=(5.6 * len(ks), 4.2), layout="constrained")
@@ -165,25 +176,25 @@ def hubness_figure(results, *, title: str | None = None):
 
 # --- recall ----------------------------------------------------------------------------------------
 
-def recall_data(results) -> dict:
+def recall_data(results, names=None) -> dict:
     """Recall@K curves of `evaluate` results (one dict or a list, or an evaluation document's
     `inputs`): K and R@K per input, as far as each input knows (None beyond)."""
     results = [results] if isinstance(results, dict) else list(results)
     series = []
-    for i, res in enumerate(results):
+    for name, res in zip(_names(results, names), results, strict=True):
         curve = res["recall_curve"]
         known = [(k, v) for k, v in zip(curve["K"], curve["R@K"], strict=True) if v is not None]
-        series.append({"name": _name(res, i), "K": [k for k, _ in known], "R@K": [v for _, v in known],
+        series.append({"name": name, "K": [k for k, _ in known], "R@K": [v for _, v in known],
                        "listed": res.get("listed")})
     direction = (results[0].get("protocol") or {}).get("direction") if results else None
     return {"x": "K", "y": "R@K (%)", "scale": "log-x", "direction": direction, "series": series}
 
 
-def recall_figure(results, *, title: str | None = None, direction: str | None = None):
+def recall_figure(results, *, names=None, title: str | None = None, direction: str | None = None):
     """Recall@K against K (log x) for each input, K = 1 … 100 or as far as the input knows (a
     ranking's top N)."""
     Figure = _figure_class("recall_figure")
-    data = recall_data(results)
+    data = recall_data(results, names)
     direction = direction or data["direction"]
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.subplots()

@@ -131,3 +131,19 @@ def test_cli_qbnorm_in_the_v2t_direction_from_t2v_dumps(cli, tmp_path):
     code, _, err = cli("probe", "--bank", tmp_path / "bank.npy", "--gallery", tmp_path / "sims.npy",
                        "--transpose", "-o", tmp_path / "q.h5")
     assert code == 2 and "--transpose reads precomputed scores transposed; give --bank-sims" in err
+
+
+def test_convert_writes_a_transposed_copy_in_tiles(cli, tmp_path):
+    sims = np.random.default_rng(6).standard_normal((700, 300)).astype(np.float32)
+    np.save(tmp_path / "t2v.npy", sims)
+    doc = json.loads(cli.ok("convert", tmp_path / "t2v.npy", "-o", tmp_path / "v2t.h5", "--kind", "similarity",
+                            "--transpose", "--memory", "1MiB", "--json"))
+    assert (doc["rows"], doc["cols"], doc["transposed"]) == (300, 700, True)
+    with h5py.File(tmp_path / "v2t.h5", "r") as h5:
+        np.testing.assert_array_equal(h5["scores"][()], sims.T)
+        assert h5["scores"].chunks == (300, 256) and h5.attrs["gallery_rows"] == 700
+    a = qbnorm_cli.evaluate(str(tmp_path / "t2v.npy"), queries_per_item=7, direction="v2t")
+    b = qbnorm_cli.evaluate(str(tmp_path / "v2t.h5"), queries_per_item=7, direction="v2t", transpose=True)
+    assert a["metrics"] == b["metrics"]
+    code, _, err = cli("convert", tmp_path / "t2v.npy", "-o", tmp_path / "e.h5", "--transpose")
+    assert code == 2 and "--transpose writes score matrices transposed; pass --kind similarity" in err
