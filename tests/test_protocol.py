@@ -228,3 +228,44 @@ def test_cli_v2t_from_a_t2v_dump_and_its_transposed_copy(cli, tmp_path):
         assert doc["inputs"][0]["metrics"] == pytest.approx(figures, rel=0, abs=0)
     code, _, err = cli("evaluate", tmp_path / "t2v.npy", "--direction", "x2y", "--queries-per-item", 5)
     assert code == 2 and "--direction 'x2y'" in err
+
+
+def test_cli_v2t_evaluation_file_gates_and_table(cli, tmp_path):
+    sims = np.random.default_rng(12).integers(0, 4, (12, 3)).astype(np.float32)
+    np.save(tmp_path / "s.npy", sims)
+    ranks, figures = official(sims, "v2t")
+    code, out, err = cli("evaluate", tmp_path / "s.npy", "--direction", "v2t", "--queries-per-item", 4,
+                         "-o", tmp_path / "e.h5", "--fail-under", f"R@5={figures['R@5'] + 1}", "--json")
+    assert code == 4 and "Retrieval v2t (3 items ranking 12 captions)" in err
+    doc = json.loads(out)
+    assert doc["passed"] is False and doc["inputs"][0]["metrics"] == figures
+    with h5py.File(tmp_path / "e.h5", "r") as h5:
+        np.testing.assert_array_equal(h5["ranks"][0], ranks)
+        assert json.loads(h5.attrs["protocol"])["direction"] == "v2t"
+        assert json.loads(h5.attrs["params"])["direction"] == "v2t"
+
+
+def test_ranking_files_read_transposed_need_their_gallery_size(tmp_path):
+    sims = np.random.default_rng(13).standard_normal((10, 2)).astype(np.float32)
+    top = ranking_of(sims.T, 4)
+    with h5py.File(tmp_path / "r.h5", "w") as h5:
+        h5["neighbors"] = top.indices
+        h5["scores"] = top.scores
+    with pytest.raises(DataError, match="gallery_rows"):
+        qbnorm_cli.evaluate(f"{tmp_path}/r.h5::/neighbors", queries_per_item=5, direction="v2t", transpose=True)
+    with h5py.File(tmp_path / "r.h5", "a") as h5:
+        h5.attrs["gallery_rows"] = 10
+    res = qbnorm_cli.evaluate(f"{tmp_path}/r.h5::/neighbors", queries_per_item=5, direction="v2t", transpose=True)
+    dense = qbnorm_cli.evaluate(sims, queries_per_item=5, direction="v2t")
+    assert res["censored_queries"] == 0 and res["metrics"] == dense["metrics"]   # both items' best caption listed
+
+
+def test_ranking_a_log_domain_file_across_its_rows_is_warned_about(tmp_path):
+    sample = "sample_data/multi30k-sample.h5"
+    from pathlib import Path
+
+    spec = str(Path(__file__).resolve().parent.parent / sample)
+    probe = qbnorm_cli.probe(f"{spec}::/train_queries", f"{spec}::/gallery", betas=[20])
+    qbnorm_cli.normalise(f"{spec}::/queries", f"{spec}::/gallery", probe, method="dis", output=tmp_path / "dis.h5")
+    with pytest.warns(qbnorm_cli.QbnormWarning, match="log-domain scores"):
+        qbnorm_cli.evaluate(str(tmp_path / "dis.h5"), queries_per_item=5, direction="v2t")

@@ -147,3 +147,12 @@ def test_convert_writes_a_transposed_copy_in_tiles(cli, tmp_path):
     assert a["metrics"] == b["metrics"]
     code, _, err = cli("convert", tmp_path / "t2v.npy", "-o", tmp_path / "e.h5", "--transpose")
     assert code == 2 and "--transpose writes score matrices transposed; pass --kind similarity" in err
+
+
+def test_cli_hubness_transposed_is_the_hubness_of_the_copy(cli, stored):
+    _, S, paths = stored
+    a = json.loads(cli.ok("hubness", f"{paths['row-chunks']}::/S", "--transpose", "--k", 2, "--json",
+                          "--memory", "1MiB"))
+    b = qbnorm_cli.hubness(S, k=2)
+    assert a["inputs"][0]["by_k"][0]["skewness"] == b["by_k"][0]["skewness"]
+    assert a["inputs"][0]["queries"] == 19 and a["inputs"][0]["gallery_rows"] == 23
