@@ -174,12 +174,52 @@ def test_v2t_from_per_item_lists_is_exact_where_listed(n):
     assert res["recall_curve"]["K"] == list(range(1, min(n, 40) + 1))
 
 
-def test_lists_answer_only_the_direction_of_their_rows():
-    sims = np.random.default_rng(8).standard_normal((10, 5))
-    with pytest.raises(DataError, match="top-N lists do not hold"):
-        qbnorm_cli.evaluate(ranking_of(sims, 3), queries_per_item=2, direction="v2t")
-    with pytest.raises(DataError, match="top-N lists do not hold"):
-        qbnorm_cli.evaluate(ranking_of(sims.T, 3), queries_per_item=2, direction="t2v", transpose=True)
+@pytest.mark.parametrize(("direction", "transpose"), [("v2t", False), ("t2v", True)])
+@pytest.mark.parametrize("n", [1, 2, 4, 12])
+@pytest.mark.parametrize("seed", range(3))
+def test_lists_along_their_columns_are_exact_where_determined(direction, transpose, n, seed):
+    """v2t from per-caption lists (and t2v from per-item lists): a rank is exact where every
+    row's last listed score leaves no room for a hidden score above the best answer, else a
+    lower bound; every known figure is metric.py's."""
+    rng = np.random.default_rng(seed)
+    sims = rng.standard_normal((30, 6)).astype(np.float32)     # distinct: the lists are cut cleanly
+    sims[::5] += 1.5                                           # strong first captions: many exact ranks
+    mask = rng.random(30) > 0.2 if direction == "v2t" else None
+    ranks, _ = official(sims, direction, mask)
+    rows = sims.T if transpose else sims
+    res = qbnorm_cli.evaluate(ranking_of(rows, min(n, rows.shape[1])), queries_per_item=5, direction=direction,
+                              transpose=transpose, query_mask=mask, block_rows=7)
+    got = res["ranks"]
+    censored = res["censored"]
+    np.testing.assert_array_equal(got[~censored], ranks[~censored])
+    assert np.all(got[censored] <= ranks[censored])
+    dense = qbnorm_cli.evaluate(sims, queries_per_item=5, direction=direction, query_mask=mask)
+    for name, value in res["metrics"].items():
+        assert value is None or value == dense["metrics"][name], name
+    if n >= rows.shape[1]:                                      # complete lists: everything is known
+        assert not censored.any() and res["metrics"] == dense["metrics"]
+
+
+def test_column_bounds_by_hand():
+    # 4 captions × 3 items, top-2 lists; item 0's captions are c0, c1 (2 per item)
+    neighbors = np.array([[0, 1], [2, 0], [1, 2], [1, 0]])
+    scores = np.array([[0.9, 0.5], [0.8, 0.7], [0.9, 0.3], [0.6, 0.2]])
+    relevant = np.array([0, 0, 1, 1])                          # caption → item
+    best, hidden, has, lasts = metrics.list_column_bounds(neighbors, scores, relevant, 3)
+    np.testing.assert_array_equal(best, [0.9, 0.9, -np.inf])   # item 2 has no captions
+    counts = metrics.list_column_counts(neighbors, scores, relevant, best, hidden)
+    st = metrics.list_column_standing(best, hidden, has, lasts, counts)
+    # item 0: c0 lists it at 0.9; c2 (last 0.3) and c3 (lists it) cannot hide a score ≥ 0.9: exact, rank 0
+    # item 1: c2 lists it at 0.9, c3 at 0.6; c0 lists it at 0.5, c1 (last 0.7) cannot hide ≥ 0.9: exact, rank 0
+    np.testing.assert_array_equal(metrics.rank_values(st), [0, 0, np.inf])
+    np.testing.assert_array_equal(st.censored, [False, False, False])
+    scores[1, 1] = 0.95                                        # c1's last is now above item 0's best listed...
+    scores[1, 0] = 0.99                                        # (lists stay sorted)
+    best, hidden, has, lasts = metrics.list_column_bounds(neighbors, scores, relevant, 3)
+    st = metrics.list_column_standing(best, hidden, has, lasts,
+                                      metrics.list_column_counts(neighbors, scores, relevant, best, hidden))
+    # ... and c1 lists item 0 at 0.95 itself: item 0's best answer is 0.95, c0 (0.9) below: still exact
+    np.testing.assert_array_equal(metrics.rank_values(st)[:2], [0, 0])
 
 
 # ------------------------------------------------------------------------------------- expected ties

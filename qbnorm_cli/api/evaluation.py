@@ -55,38 +55,26 @@ def _layout(source: ScoreFile, transpose: bool) -> tuple[int, int | None]:
     return source.n_gallery, source.rows
 
 
-def _no_column_lists(source: ScoreFile, direction: str, transpose: bool) -> DataError:
-    rows_are = "items" if transpose else "captions"
-    other = "captions" if transpose else "items"
-    return DataError(
-        f"{source.label}: a ranking lists the top {source.listed} {other} of each of its {rows_are}; {direction} ranks "
-        f"need every {rows_are[:-1]}'s score of each {other[:-1]}, which top-N lists do not hold (only the similarity "
-        f"file has them). Evaluate the similarity file, or rank the other way round (normalise with "
-        f"{param('transpose=True')} and {param('top_k')}) and evaluate that ranking "
-        f"{'without' if transpose else 'with'} {param('transpose=True')}")
-
-
 def _standing(source: ScoreFile, direction: str, transpose: bool, relevant: np.ndarray, mask: np.ndarray,
               n_items: int, budget: Budget, advance) -> metrics.Standing:
     """The standings of one input's queries (t2v: the unmasked captions; v2t: every item)."""
     along_rows = (direction == "t2v") != transpose  # are the stored rows the queries?
-    if not along_rows and source.is_ranking:
-        raise _no_column_lists(source, direction, transpose)
     if not along_rows and "log" in str(source.scores.attrs.get("score_domain", "")):
         warn(f"{source.label} holds log-domain scores (compare within a row); ranking along its columns "
              f"compares them across its rows. Normalise in the {direction} direction "
              f"({param('transpose=True')}) and evaluate that output")
+    columns = evaluation.column_list_standings if source.is_ranking else evaluation.column_standings
     if direction == "t2v":
         if along_rows:
             st = evaluation.row_standings(source, relevant, budget, advance)
         else:
-            st = evaluation.column_standings(source, metrics.inverse_relevant(relevant, n_items), budget, advance)
+            st = columns(source, metrics.inverse_relevant(relevant, n_items), budget, advance)
         return st.select(mask)
     missing = None if mask.all() else ~mask
     if along_rows:  # stored rows are the items
         return evaluation.row_standings(source, metrics.inverse_relevant(relevant, n_items), budget, advance,
                                         missing_columns=missing, skip_missing=True)
-    return evaluation.column_standings(source, relevant, budget, advance, masked_rows=missing, skip_missing=True)
+    return columns(source, relevant, budget, advance, masked_rows=missing, skip_missing=True)
 
 
 def _curve_depth(source: ScoreFile, direction: str, transpose: bool, n_captions: int, n_items: int) -> int:
@@ -114,6 +102,11 @@ def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budge
             row = int(np.argmax(empty))
             raise DataError(f"{gt_in.label if gt_in else 'ground truth'}: query {row} has no relevant item "
                             f"(all −1); drop it with {param('query_mask')}")
+    if direction == "v2t":
+        for s, (_, g) in zip(sources, layouts, strict=True):
+            if g is None:
+                raise DataError(f"{s.label}: v2t counts every item, and this ranking file does not say how many "
+                                "there are (set its root attribute gallery_rows)")
     n_items_all = [g if g is not None else int(relevant.max()) + 1 for _, g in layouts]
     if direction == "v2t" and len(set(n_items_all)) > 1:
         raise DataError(f"the inputs rank different numbers of items ({', '.join(map(str, n_items_all))}); "
@@ -161,9 +154,12 @@ def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask
     ties averaged per caption; masked captions rank last and answer nothing; every item counts).
     ties: "official" (metric.py) or "expected" (the expectation over every order of tied items;
     core/metrics.py). From a ranking only the top N of each of its rows is known: figures that
-    need more are None, never estimated (`exact` and `bounds` say which); a ranking answers only
-    the direction of its rows. Returns a dict {"metrics": {"R@1": …}, "exact", "bounds", "queries",
-    "recall_curve", "ranks", "protocol", …} per input (a list for a list).
+    need more are None, never estimated (`exact` and `bounds` say which). Along its rows a ranking
+    is exact up to its N; along its columns (v2t from per-caption lists, t2v from per-item lists)
+    a rank is exact only where every row's last listed score leaves no room for an unlisted score
+    above the best answer, a lower bound elsewhere (core/metrics.py). Returns a dict
+    {"metrics": {"R@1": …}, "exact", "bounds", "queries", "recall_curve", "ranks", "protocol", …}
+    per input (a list for a list).
     """
     budget = make_budget(memory, block_rows)
     values = list(scores) if _many(scores) else [scores]

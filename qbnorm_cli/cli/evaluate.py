@@ -67,7 +67,9 @@ def command(
     layout (rows = captions, columns = items; --transpose for items × captions); --gt and
     --queries-per-item say which items each caption is relevant to, in both directions. From a
     ranking file only the top N of each row is known (items outside a list are taken to rank
-    below it): figures that need ranks beyond N are reported as n/a, never estimated.
+    below it): figures that need ranks beyond N are reported as n/a, never estimated; along the
+    lists' columns (v2t from per-caption lists) a rank is known only where every list's last
+    score pins it down.
 
     Example: qbnorm evaluate raw.h5 dis.h5 --gt data.h5::/gt --fail-under R@1=30
 

@@ -235,6 +235,84 @@ def list_standing(neighbors: np.ndarray, scores: np.ndarray, relevant: np.ndarra
     return _standing(greater, tied, relevant_tied, has_relevant, censored=~found)
 
 
+# --- top-N lists, one query per column (v2t from per-caption lists, t2v from per-item lists) -------
+# A row r's list gives the scores of its listed columns; of every other column j only that
+# s[r, j] < last[r], its lowest listed score (the list convention above). Column j's best answer
+# b (its best listed relevant score) and its standing are then exact when no row could hide a
+# score ≥ b: every row not listing j has last[r] ≤ b (relevant rows included: their unlisted
+# score is < last[r] ≤ b). Otherwise only a lower bound is known: the listed scores certainly
+# above every answer (> b and ≥ the last score of every row whose relevant score is unlisted).
+# Masked rows (v2t: masked captions) take no part (they score −1e8: below every real score).
+
+def _listed(neighbors: np.ndarray, scores: np.ndarray, relevant: np.ndarray, masked_rows, skip_missing: bool):
+    neighbors = np.asarray(neighbors, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    q = len(neighbors)
+    relevant = _distinct(np.asarray(relevant, dtype=np.int64).reshape(q, -1))
+    live = np.ones(q, dtype=bool) if masked_rows is None else ~np.asarray(masked_rows, dtype=bool)
+    filled = (neighbors >= 0) & live[:, None]
+    is_rel = np.zeros(neighbors.shape, dtype=bool)
+    listed_rel = np.zeros(relevant.shape, dtype=bool)
+    for col in range(relevant.shape[1]):
+        item = relevant[:, col][:, None]
+        match = (neighbors == item) & (item >= 0) & filled
+        is_rel |= match
+        listed_rel[:, col] = match.any(axis=1)
+    answer = is_rel & (scores != MISSING_SCORE) if skip_missing else is_rel
+    last = np.where(filled.any(axis=1), np.where(filled, scores, np.inf).min(axis=1), np.inf)
+    return neighbors, scores, relevant, live, filled, answer, listed_rel, last
+
+
+def list_column_bounds(neighbors, scores, relevant, n_cols: int, *, masked_rows=None, skip_missing: bool = False):
+    """Pass 1 over a block of list rows: per column the best listed answer (−inf: none), the
+    highest last score of a row whose relevant score is unlisted (−inf: none), whether any unmasked
+    relevant row exists, and each unmasked row's last score (inf for an empty list)."""
+    neighbors, scores, relevant, live, _, answer, listed_rel, last = _listed(
+        neighbors, scores, relevant, masked_rows, skip_missing)
+    best = np.full(n_cols, -np.inf)
+    np.maximum.at(best, neighbors[answer], scores[answer])
+    unlisted = (relevant >= 0) & ~listed_rel & live[:, None]
+    hidden = np.full(n_cols, -np.inf)
+    np.maximum.at(hidden, relevant[unlisted], np.broadcast_to(last[:, None], relevant.shape)[unlisted])
+    has = np.zeros(n_cols, dtype=bool)
+    has[relevant[(relevant >= 0) & live[:, None]]] = True
+    return best, hidden, has, last[live]
+
+
+def list_column_counts(neighbors, scores, relevant, best: np.ndarray, hidden: np.ndarray, *, masked_rows=None,
+                       skip_missing: bool = False):
+    """Pass 2: per column the listed scores above / equal to its best answer, the relevant ones
+    equal to it, the listed scores certainly above every answer, and the listing rows whose last
+    score is above the best answer (they hide nothing of that column)."""
+    n_cols = len(best)
+    neighbors, scores, _, _, filled, answer, _, last = _listed(neighbors, scores, relevant, masked_rows,
+                                                              skip_missing)
+    cols = neighbors[filled]
+    values = scores[filled]
+    b = best[cols]
+    counts = {
+        "greater": np.bincount(cols[values > b], minlength=n_cols),
+        "tied": np.bincount(cols[values == b], minlength=n_cols),
+        "relevant_tied": np.bincount(neighbors[answer][scores[answer] == best[neighbors[answer]]], minlength=n_cols),
+        "certain": np.bincount(cols[(values > b) & (values >= hidden[cols]) & ~answer[filled]], minlength=n_cols),
+        "listing_above": np.bincount(cols[np.broadcast_to(last[:, None], filled.shape)[filled] > b],
+                                     minlength=n_cols),
+    }
+    return counts
+
+
+def list_column_standing(best, hidden, has, lasts: np.ndarray, counts: dict) -> Standing:
+    """Standings of the columns from both passes (`lasts`: every unmasked row's last score)."""
+    ordered = np.sort(lasts)
+    above = ordered.size - np.searchsorted(ordered, best, side="right")   # live rows with last > b
+    unknown_above = above - counts["listing_above"]
+    exact = np.isfinite(best) & (hidden <= best) & (unknown_above == 0)
+    greater = np.where(exact, counts["greater"], counts["certain"]).astype(np.float64)
+    tied = np.where(exact, counts["tied"], 1)
+    relevant_tied = np.where(exact, np.maximum(counts["relevant_tied"], 1), 1)
+    return _standing(greater, tied, relevant_tied, has, censored=~exact)
+
+
 def concatenate(parts: list[Standing]) -> Standing:
     return Standing(*(np.concatenate([getattr(p, f) for p in parts]) for f in
                       ("greater", "tied", "relevant_tied", "censored")))

@@ -72,6 +72,42 @@ def column_standings(source: ScoreFile, relevant: np.ndarray, budget: Budget, pr
     return metrics.column_standing(best, relevant_tied, greater, tied)
 
 
+def column_list_standings(source: ScoreFile, relevant: np.ndarray, budget: Budget,
+                          progress: Callable[[int], None] = _none, *, masked_rows: np.ndarray | None = None,
+                          skip_missing: bool = False) -> metrics.Standing:
+    """Standings of the columns of top-N lists (core.metrics.list_column_*): exact where every
+    row's last listed score pins them down, censored (a lower bound) elsewhere. Two passes over
+    the lists in row blocks; holds O(columns) and one last score per row."""
+    n_cols = source.n_gallery
+    step = budget.rows(source.listed * 48, share=0.5, total=source.rows, align=source.scores.chunk_rows)
+    best = np.full(n_cols, -np.inf)
+    hidden = np.full(n_cols, -np.inf)
+    has = np.zeros(n_cols, dtype=bool)
+    lasts = []
+
+    def block(r0, r1):
+        return (source.read_neighbors(r0, r1), source.read_scores(r0, r1), relevant[r0:r1],
+                None if masked_rows is None else masked_rows[r0:r1])
+
+    for r0, r1 in spans(source.rows, step):
+        neighbors, scores, rel, masked = block(r0, r1)
+        b, h, a, last = metrics.list_column_bounds(neighbors, scores, rel, n_cols, masked_rows=masked,
+                                                   skip_missing=skip_missing)
+        np.maximum(best, b, out=best)
+        np.maximum(hidden, h, out=hidden)
+        has |= a
+        lasts.append(last)
+        progress((r1 - r0) // 2)
+    counts: dict[str, np.ndarray] = {}
+    for r0, r1 in spans(source.rows, step):
+        neighbors, scores, rel, masked = block(r0, r1)
+        for name, value in metrics.list_column_counts(neighbors, scores, rel, best, hidden, masked_rows=masked,
+                                                      skip_missing=skip_missing).items():
+            counts[name] = counts[name] + value if name in counts else value
+        progress(r1 - r0 - (r1 - r0) // 2)
+    return metrics.list_column_standing(best, hidden, has, np.concatenate(lasts), counts)
+
+
 def drop_self(block: np.ndarray, r0: int, width: int) -> np.ndarray:
     """Remove each row's own index from its neighbour list and keep the first `width` others."""
     rows = np.arange(r0, r0 + block.shape[0])[:, None]
