@@ -260,7 +260,7 @@ def tuning_data(result: dict) -> dict:
             if s.get(x) not in line or sign * value > sign * line[s.get(x)]:
                 line[s.get(x)] = value
         series = []
-        for key, line in groups.items():
+        for key, line in sorted(groups.items(), key=lambda item: [(v is None, v or 0) for v in item[0]]):
             xs = sorted(line, key=lambda v: (v is None, v or 0))
             label = " ".join(f"{PARAMETER_SYMBOLS[n]}={v:g}" for n, v in zip(others, key, strict=True)) or method
             if best_over:

@@ -120,10 +120,14 @@ class ArrayInput:
         """
         if self.uuid:
             return f"{self.uuid}:{self.dataset}" + (":T" if self.transposed else "")
-        digest = hashlib.sha1(repr(self.shape).encode())
-        picks = spread(self.rows, FINGERPRINT_ROWS)
+        array = self.array
+        if self.transposed:  # the stored rows' fingerprint, marked: never a transposed read of the whole
+            array = array.stored if isinstance(array, Transposed) else array.T
+        shape = tuple(array.shape)
+        digest = hashlib.sha1((repr(shape) + (":T" if self.transposed else "")).encode())
+        picks = spread(shape[0], FINGERPRINT_ROWS)
         try:  # one selection: an HDF5 read per row costs a millisecond
-            values = np.asarray(self.array[picks]) if picks else np.empty((0, *self.shape[1:]))
+            values = np.asarray(array[picks]) if picks else np.empty((0, *shape[1:]))
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise DataError(f"{self.label}: cannot read {len(picks)} sample rows ({one_line(exc)})") from None
         with np.errstate(all="ignore"):
