@@ -22,9 +22,14 @@ FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 EXTRA = "pip install 'qbnorm[plot]'"
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
-PARAMETER_SYMBOLS = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α"}
+SYMBOLS = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α", "theta": "θ", "lam": "λ",
+           "lambda_": "λ"}  # how people write them; any other registry parameter goes by its name
 DPI = 150
 MAX_SERIES = 6  # lines per tuning panel; beyond, the best over the further parameters
+
+
+def _symbol(name: str) -> str:
+    return SYMBOLS.get(name, name)
 
 
 def _combinations(settings: list[dict], names: list[str]) -> int:
@@ -244,7 +249,7 @@ def tuning_data(result: dict) -> dict:
             methods.setdefault(row["method"], []).append(row)
     panels = []
     for method, settings in methods.items():
-        names = [n for n in PARAMETER_SYMBOLS if any(s.get(n) is not None for s in settings)]
+        names = [n for n in registry.PARAMETERS if any(s.get(n) is not None for s in settings)]
         varying = [n for n in names if len({s.get(n) for s in settings}) > 1]
         x = "beta" if "beta" in varying else (varying[0] if varying else (names[0] if names else None))
         others = [n for n in varying if n != x]
@@ -262,14 +267,14 @@ def tuning_data(result: dict) -> dict:
         series = []
         for key, line in sorted(groups.items(), key=lambda item: [(v is None, v or 0) for v in item[0]]):
             xs = sorted(line, key=lambda v: (v is None, v or 0))
-            label = " ".join(f"{PARAMETER_SYMBOLS[n]}={v:g}" for n, v in zip(others, key, strict=True)) or method
+            label = " ".join(f"{_symbol(n)}={v:g}" for n, v in zip(others, key, strict=True)) or method
             if best_over:
-                label += " (best " + ", ".join(PARAMETER_SYMBOLS[n] for n in best_over) + ")"
+                label += " (best " + ", ".join(_symbol(n) for n in best_over) + ")"
             series.append({"label": label, "x": xs, "y": [line[v] for v in xs]})
         top = max(settings, key=lambda s: sign * s["metrics"][metric])
         panels.append({"method": method, "x": x, "series": series,
                        "best": {"x": top.get(x), "y": top["metrics"][metric]}})
-    chosen = {"method": best["method"], **{n: best.get(n) for n in PARAMETER_SYMBOLS},
+    chosen = {"method": best["method"], **{n: best.get(n) for n in registry.PARAMETERS},
               "value": best["metrics"][metric]}
     return {"metric": metric, "raw": raw, "panels": panels, "chosen": chosen}
 
@@ -299,7 +304,7 @@ def tuning_figure(result: dict, *, title: str | None = None):
                     label="chosen")
         if panel["x"] in ("beta", "gallery_beta") and all((v or 0) > 0 for s in panel["series"] for v in s["x"]):
             ax.set_xscale("log")
-        ax.set_xlabel(PARAMETER_SYMBOLS.get(panel["x"], panel["x"] or ""))
+        ax.set_xlabel(_symbol(panel["x"]) if panel["x"] else "")
         ax.set_title(panel["method"])
         ax.grid(True, linestyle=":", linewidth=0.6)
         ax.legend(fontsize="x-small")
@@ -308,7 +313,7 @@ def tuning_figure(result: dict, *, title: str | None = None):
     for ax in axes[::cols]:
         ax.set_ylabel(f"validation {metric}")
     chosen = data["chosen"]
-    setting = " ".join([chosen["method"]] + [f"{PARAMETER_SYMBOLS[n]}={chosen[n]:g}" for n in PARAMETER_SYMBOLS
+    setting = " ".join([chosen["method"]] + [f"{_symbol(n)}={chosen[n]:g}" for n in registry.PARAMETERS
                                              if chosen.get(n) is not None])
     fig.suptitle(title or f"tune: validation {metric} per setting; chosen {setting} ({chosen['value']:.2f})")
     return fig
