@@ -49,11 +49,15 @@ def embeddings(value, name: str) -> ArrayInput:
 TRANSPOSE_PANEL_SHARE = 8  # a transposed HDF5 read holds a panel of 1/8 of the budget (io.specs.Transposed)
 
 
+def panel_bytes(budget: Budget | None) -> int:
+    """The panel a transposed read may hold: an eighth of the budget (none when blocks are fixed)."""
+    return budget.memory // TRANSPOSE_PANEL_SHARE if budget is not None and budget.block_rows is None else 0
+
+
 def similarities(value, name: str, transpose: bool = False, budget: Budget | None = None) -> ArrayInput:
     """A precomputed score matrix; with `transpose`, read transposed (rows ↔ columns), in column
     blocks of the stored matrix served from panels of an eighth of the budget."""
-    panel = budget.memory // TRANSPOSE_PANEL_SHARE if budget is not None and budget.block_rows is None else 0
-    return as_input(value, name, kinds=SIMILARITY_KINDS, transpose=transpose, panel_bytes=panel)
+    return as_input(value, name, kinds=SIMILARITY_KINDS, transpose=transpose, panel_bytes=panel_bytes(budget))
 
 
 def no_transpose(transpose: bool, sims_name: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import TRANSPOSE_PANEL_SHARE, check_choice, progress_or_none, warn
+from qbnorm_cli.api.common import check_choice, panel_bytes, progress_or_none, warn
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, UsageError, param
@@ -328,8 +328,7 @@ def _subject(value, name: str, transpose: bool = False, budget: Budget | None = 
         if source.is_ranking:
             raise UsageError(f"{param('transpose=True')}: {source.label} is a ranking (each row's top N); the "
                              "neighbourhoods of its columns are not in it. Give the similarity file")
-        panel = budget.memory // TRANSPOSE_PANEL_SHARE if budget is not None and budget.block_rows is None else 0
-        source = ScoreFile(transposed(source.scores, panel), None, source.rows)
+        source = ScoreFile(transposed(source.scores, panel_bytes(budget)), None, source.rows)
     return _ScoreSubject(source, name)
 
 
