@@ -1,4 +1,4 @@
-# make demo: set up a virtual environment and run the pipeline on sample_data/
+# make demo: set up a virtual environment and run the pipeline on sample_data/ (figures in demo_out/)
 # make test: set up and run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ OUT := demo_out
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,plot]'  # every extra: CI runs their tests
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,8 +24,9 @@ demo: setup
 		--probe $(OUT)/probe.h5 --method none -o $(OUT)/raw.h5
 	$(BIN)/qbnorm normalise --queries $(SAMPLE)::/queries --gallery $(SAMPLE)::/gallery \
 		--probe $(OUT)/probe.h5 --method dis -o $(OUT)/dis.h5
-	$(BIN)/qbnorm evaluate $(OUT)/raw.h5 $(OUT)/dis.h5 --gt $(SAMPLE)::/gt
-	$(BIN)/qbnorm hubness $(OUT)/raw.h5 $(OUT)/dis.h5 --k 10
+	$(BIN)/qbnorm evaluate $(OUT)/raw.h5 $(OUT)/dis.h5 --gt $(SAMPLE)::/gt --plot $(OUT)/recall.png
+	$(BIN)/qbnorm evaluate $(OUT)/raw.h5 --queries-per-item 5 --direction v2t
+	$(BIN)/qbnorm hubness $(OUT)/raw.h5 $(OUT)/dis.h5 --k 10 --plot $(OUT)/hubness.png
 
 test: setup
 	$(BIN)/python -m pytest

@@ -11,6 +11,10 @@ Comparisons (NAME):
   memory    target 3: peak memory of probe and of normalise (top-100) as the gallery grows
   scaling   target 4: time against queries × gallery and bank × gallery; a larger bank costs
             normalise nothing
+  transpose QB-Norm in the v2t direction on t2v-layout dumps (probe --bank-sims --transpose,
+            normalise --sims --transpose, evaluate --direction v2t) against the same commands on
+            transposed copies, for contiguous, row-chunked and tile-chunked HDF5 dumps; checks
+            that the outputs are identical
 
 Sizes: default = the issue's shapes for matmul and official, the mid size for memory (10k ×
 250k → 1M); --quick finishes in under a minute; --full adds memory at 100k × 1M (long: about 1e14
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import functools
 import itertools
 import json
 import os
@@ -62,10 +67,16 @@ SIZES = {
                 "quick": (128, 20000, (1000, 4000), 1000, (10000, 40000), (1000, 8000)),
                 "default": (512, 50000, (2000, 8000), 2000, (25000, 100000), (2000, 16000)),
                 "full": (512, 50000, (2000, 4000, 8000), 2000, (25000, 50000, 100000), (2000, 8000, 32000))},
+    # transpose: test captions, items, bank items (20 captions per item)
+    "transpose": {"tiny": (600, 30, 300), "quick": (5980, 299, 3000), "default": (59800, 2990, 6000),
+                  "full": (59800, 2990, 6000)},
 }
 # repeats of each timed pair (scaling: best of); quick stays under a minute on 2 cores
-REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1},
-           "default": {"matmul": 3, "official": 3, "scaling": 2}, "full": {"matmul": 5, "official": 5, "scaling": 3}}
+REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1, "transpose": 1},
+           "default": {"matmul": 3, "official": 3, "scaling": 2, "transpose": 2},
+           "full": {"matmul": 5, "official": 5, "scaling": 3, "transpose": 3}}
+TRANSPOSE_LAYOUTS = ("contiguous", "rows", "tiles")
+TRANSPOSE_MEMORY = ("1GiB", "16MiB")  # the default budget, and one that splits every read into many blocks
 
 
 @dataclass
@@ -166,7 +177,65 @@ def fmt_mib(x: float) -> str:
     return f"{x:8.0f} MiB"
 
 
-class Bench:
+class TransposeBench:
+    """The `transpose` comparison (a mixin of Bench)."""
+
+    def transpose(self) -> None:
+        nt, ng, nb = SIZES["transpose"][self.mode]
+        self.say(f"== transpose: v2t QB-Norm from t2v dumps read --transpose vs transposed copies read plainly; "
+                 f"{nt:,} captions × {ng:,} items, bank {nb:,} items × {nt:,} captions")
+        bank_t2v, test_t2v = self.path("tr_bank.h5"), self.path("tr_test.h5")
+        data.write_similarities(bank_t2v, nt, nb, seed=51, per_item=20, noise_seed=1)  # captions × bank
+        data.write_similarities(test_t2v, nt, ng, seed=52, per_item=20, noise_seed=2)  # captions × items
+        copies = {}
+        for name, t2v in (("bank", bank_t2v), ("test", test_t2v)):
+            copies[name] = self.path(f"tr_{name}_T.h5")
+            data.write_transposed(t2v, copies[name], "rows")
+        rows = []
+        for layout, memory in itertools.product(TRANSPOSE_LAYOUTS, TRANSPOSE_MEMORY):
+            dumps = {}
+            for name, t2v in (("bank", bank_t2v), ("test", test_t2v)):
+                dumps[name] = t2v if layout == "contiguous" else self.path(f"tr_{name}_{layout}.h5")
+                if layout != "contiguous" and not os.path.exists(dumps[name]):
+                    data.write_layout(t2v, dumps[name], layout)
+            steps = {}
+            for step in ("probe", "normalise", "evaluate"):
+                flipped = functools.partial(self._transpose_step, step, dumps["bank"], dumps["test"], True, layout,
+                                            memory)
+                plain = functools.partial(self._transpose_step, step, copies["bank"], copies["test"], False, layout,
+                                          memory)
+
+                plain()  # the probe (and the outputs) each side's later steps read
+                flipped()
+                pairs = interleaved(self.repeats_of("transpose"), flipped, plain)
+                steps[step] = (median_ratio(pairs), statistics.median(a.seconds for a, _ in pairs),
+                               statistics.median(b.seconds for _, b in pairs),
+                               max(a.peak_mib for a, _ in pairs), max(b.peak_mib for _, b in pairs))
+            same = compare_rankings(self.path(f"tr_out_{layout}_T.h5"), self.path(f"tr_out_{layout}_plain.h5"))
+            for step, (ratio, ta, tb, ma, mb) in steps.items():
+                self.say(f"   {layout:10s} {memory:>6s} {step:9s} --transpose {fmt_s(ta)} peak {fmt_mib(ma)}   "
+                         f"copy {fmt_s(tb)} peak {fmt_mib(mb)}   ratio {ratio:.2f}")
+            self.say(f"   {layout:10s} {memory:>6s} outputs: {same}")
+            rows.append({"layout": layout, "memory": memory, "steps": {k: v[0] for k, v in steps.items()},
+                         "outputs": same})
+        self.results["transpose"] = {"rows": rows}
+
+    def _transpose_step(self, step: str, bank: str, test: str, flipped: bool, layout: str, memory: str):
+        side = "T" if flipped else "plain"
+        probe, out = self.path(f"tr_probe_{layout}_{side}.h5"), self.path(f"tr_out_{layout}_{side}.h5")
+        flag = ["--transpose", "--memory", memory] if flipped else ["--memory", memory]
+        if step == "probe":
+            return run(qbnorm("probe", "--bank-sims", bank, *flag, "-o", probe))
+        if step == "normalise":
+            return run(qbnorm("normalise", "--sims", test, *flag, "--probe", probe, "--method", "dis", "-o", out))
+        # the raw v2t evaluation of the dump: two passes over its rows, against one over the copy's
+        if flipped:
+            return run(qbnorm("evaluate", test, "--direction", "v2t", "--queries-per-item", 20, "--memory", memory))
+        return run(qbnorm("evaluate", test, "--transpose", "--direction", "v2t", "--queries-per-item", 20,
+                          "--memory", memory))
+
+
+class Bench(TransposeBench):
     def __init__(self, mode: str, workdir: Path, repeats: int | None):
         self.mode = mode
         self.dir = workdir

@@ -77,3 +77,27 @@ def write_similarities(path: str, n_rows: int, n_gallery: int, seed: int, *, per
         for r0 in range(0, n_rows, CHUNK_ROWS):
             r1 = min(n_rows, r0 + CHUNK_ROWS)
             ds[r0:r1] = query_rows(r0, r1, dim, seed, n_gallery, per_item, noise_seed) @ gallery.T
+
+
+def write_layout(source: str, path: str, layout: str) -> None:
+    """A copy of `source`'s /scores chunked by whole rows of about 1 MiB (`rows`, as qbnorm writes
+    its outputs) or in 256 × 256 tiles (`tiles`)."""
+    with h5py.File(source, "r") as src, h5py.File(path, "w") as dst:
+        scores = src["scores"]
+        n, m = scores.shape
+        chunks = (max(1, min(n, (1 << 20) // (4 * m))), m) if layout == "rows" else (min(n, 256), min(m, 256))
+        ds = dst.create_dataset("scores", shape=(n, m), dtype=np.float32, chunks=chunks)
+        for r0 in range(0, n, CHUNK_ROWS):
+            ds[r0:r0 + CHUNK_ROWS] = scores[r0:r0 + CHUNK_ROWS]
+
+
+def write_transposed(source: str, path: str, layout: str = "rows") -> None:
+    """source's /scores transposed (m × n), chunked by whole rows: read in column strips."""
+    with h5py.File(source, "r") as src, h5py.File(path, "w") as dst:
+        scores = src["scores"]
+        n, m = scores.shape
+        ds = dst.create_dataset("scores", shape=(m, n), dtype=np.float32,
+                                chunks=(max(1, min(m, (1 << 20) // (4 * n))), n))
+        step = max(1, (64 << 20) // (4 * n))
+        for c0 in range(0, m, step):
+            ds[c0:c0 + step] = scores[:, c0:c0 + step].T

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import scipy.stats
 from scipy.special import logsumexp
 
 METHODS = ("none", "is", "dis", "csls", "nnn", "gc", "dual-is", "dual-dis")
@@ -404,8 +405,8 @@ def official_metrics(ranks, num_queries: int | None = None) -> dict:
         out[f"R@{k}"] = 100.0 * np.count_nonzero(ranks < k) / n
     out["MdR"] = float(np.median(ranks)) + 1.0
     out["MnR"] = float(np.mean(ranks)) + 1.0
-    recalls = [out["R@1"], out["R@5"], out["R@10"]]
-    out["GeomR"] = 0.0 if min(recalls) == 0 else float(np.prod(recalls) ** (1.0 / 3.0))
+    with np.errstate(divide="ignore"):   # metric.py's own call; a zero recall gives 0
+        out["GeomR"] = float(scipy.stats.mstats.gmean([out["R@1"], out["R@5"], out["R@10"]]))
     return out
 
 
@@ -418,3 +419,14 @@ def official_rounded(metrics: dict, numpy_recalls: bool = False) -> dict:
         numpy_round = name in ("MdR", "MnR", "GeomR") or numpy_recalls
         out[name] = float(np.round(value, 1)) if numpy_round else round(float(value), 1)
     return out
+
+
+def expected_tie_hits(row, relevant, k: int) -> float:
+    """P(a relevant item is among the first k) over every order of `row` that sorts its scores
+    descending, ties in any order (McSherry & Najork 2008): by enumeration, for short rows."""
+    import itertools
+
+    row = _f64(row)
+    relevant = {int(j) for j in np.atleast_1d(relevant) if j >= 0}
+    orders = [p for p in itertools.permutations(range(row.size)) if np.all(np.diff(row[list(p)]) <= 0)]
+    return float(np.mean([any(j in relevant for j in p[:k]) for p in orders]))

@@ -23,7 +23,8 @@ LAYERS = {
     "io": {"core", "errors", "version", "methods"},
     "streaming": {"core", "errors", "io"},
     "api": {"core", "errors", "version", "methods", "io", "streaming"},
-    "cli": {"core", "errors", "version", "methods", "io", "streaming", "api", "startup"},
+    "plots": {"core", "errors", "version", "methods", "io"},  # figures of the api's results (matplotlib inside)
+    "cli": {"core", "errors", "version", "methods", "io", "streaming", "api", "startup", "plots"},
     "__init__": {"startup", "api", "core", "errors", "io", "methods", "version"},
     "__main__": {"cli"},
 }

@@ -45,6 +45,23 @@ def test_scaling(tmp_path):
     assert len(results["scaling"]["lines"]) == 6
 
 
+def test_transpose(tmp_path):
+    text, results = runner(tmp_path, "transpose")
+    rows = results["transpose"]["rows"]
+    assert [(r["layout"], r["memory"]) for r in rows] == [(layout, memory) for layout in ("contiguous", "rows", "tiles")
+                                                         for memory in ("1GiB", "16MiB")]
+    assert all(r["outputs"].startswith("identical") for r in rows), rows
+    assert "ratio" in text
+
+
+def test_transposed_io_measures_every_layout():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.transposed_io", "--tiny"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("npy", "contiguous", "rows", "tiles", "convert --transpose"):
+        assert name in proc.stdout
+
+
 def test_unknown_comparison_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", "nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

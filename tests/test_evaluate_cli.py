@@ -51,7 +51,8 @@ def test_json_metrics_of_one_input(files, capsys):
     code, out, err = run(capsys, "evaluate", files / "raw.npy", "--gt", files / "gt.npy", "--json")
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["protocol"] == metrics.PROTOCOL
+    assert doc["protocol"] == metrics.protocol("t2v", "official")
+    assert doc["protocol"]["name"] == "metric.py" and doc["direction"] == "t2v"
     assert doc["valid_queries"] == 4
     [res] = doc["inputs"]
     expected = metrics.recall_summary(RANKS)

@@ -58,20 +58,34 @@ def test_recall_summary_values():
     assert out["GeomR"] == tol.approx64((40 * 60 * 80) ** (1 / 3))
 
 
+def standing(rank, censored=None) -> metrics.Standing:
+    """Standings of untied queries: `rank` items above each (a lower bound where censored)."""
+    rank = np.asarray(rank, dtype=np.float64)
+    ones = np.ones(rank.size, dtype=np.int64)
+    return metrics.Standing(rank, ones, ones.copy(), np.zeros(rank.size, bool) if censored is None else censored)
+
+
 def test_summarise_dense_is_exact_and_matches_recall_summary():
-    rank = np.array([0, 2, 4, 9, 12, 55.5])
-    out = metrics.summarise(rank)
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 6, (60, 9)).astype(np.float32)   # many ties, some at the top
+    st = metrics.row_standing(scores, rng.integers(0, 9, 60))
+    out = metrics.summarise(st)
     assert all(out["exact"].values())
     assert out["bounds"] == {}
-    for name, value in metrics.recall_summary(rank).items():
-        assert out["metrics"][name] == tol.approx64(value)
+    for name, value in metrics.recall_summary(metrics.rank_values(st)).items():
+        assert out["metrics"][name] == value
+
+
+def list_ranks(neighbors, scores, relevant):
+    st = metrics.list_standing(neighbors, scores, relevant)
+    return metrics.rank_values(st), st.censored
 
 
 def test_topn_ranks_in_list_out_of_list_and_ties():
     neighbors = np.array([[4, 2, 7], [4, 2, 7], [1, 3, 0], [5, 6, 8], [5, 6, 8]])
     scores = np.array([[0.9, 0.5, 0.4], [0.9, 0.5, 0.4], [0.6, 0.6, 0.6], [0.9, 0.8, 0.8], [0.9, 0.8, 0.8]])
     relevant = np.array([2, 9, 0, 8, 5])
-    rank, censored = metrics.topn_ranks(neighbors, scores, relevant)
+    rank, censored = list_ranks(neighbors, scores, relevant)
     # found at position 1; missing (≥ N = 3); tied with the 2 others of the list → 1; tied pair at 1–2 → 1.5; best
     np.testing.assert_array_equal(rank, [1, 3, 1, 1.5, 0])
     np.testing.assert_array_equal(censored, [False, True, False, False, False])
@@ -80,8 +94,8 @@ def test_topn_ranks_in_list_out_of_list_and_ties():
 def test_topn_ranks_multi_positive_and_empty_slots():
     neighbors = np.array([[3, 1, -1], [3, 1, -1]])
     scores = np.array([[0.9, 0.5, -np.inf], [0.9, 0.5, -np.inf]])
-    rank, censored = metrics.topn_ranks(neighbors, scores, np.array([[7, 1], [7, 8]]))
-    np.testing.assert_array_equal(rank, [1, 3])
+    rank, censored = list_ranks(neighbors, scores, np.array([[7, 1], [7, 8]]))
+    np.testing.assert_array_equal(rank, [1, 2])   # 2 items listed: an unlisted one is ≥ 2
     np.testing.assert_array_equal(censored, [False, True])
 
 
@@ -91,7 +105,7 @@ def test_topn_ranks_agree_with_dense_ranks():
     gt = rng.integers(0, 60, 200)
     n = 8
     order = np.argsort(-dense, axis=1, kind="stable")[:, :n]
-    rank, censored = metrics.topn_ranks(order, np.take_along_axis(dense, order, axis=1), gt)
+    rank, censored = list_ranks(order, np.take_along_axis(dense, order, axis=1), gt)
     exact = metrics.ranks(dense, gt)
     np.testing.assert_array_equal(rank[~censored], exact[~censored])
     np.testing.assert_array_equal(censored, exact >= n)
@@ -100,11 +114,9 @@ def test_topn_ranks_agree_with_dense_ranks():
 
 def test_summarise_censored_figures():
     # 5 queries, top N = 10: three exact ranks, two known only as ≥ 10.
-    rank = np.array([0.0, 4.0, 6.0, 10.0, 10.0])
-    censored = np.array([False, False, False, True, True])
-    out = metrics.summarise(rank, censored)
+    out = metrics.summarise(standing([0.0, 4.0, 6.0, 10.0, 10.0], np.array([False, False, False, True, True])))
     m, exact = out["metrics"], out["exact"]
-    assert m["R@1"] == tol.approx64(20.0) and m["R@5"] == tol.approx64(40.0) and m["R@10"] == tol.approx64(60.0)
+    assert m["R@1"] == 20.0 and m["R@5"] == 40.0 and m["R@10"] == 60.0
     assert m["R@50"] is None and not exact["R@50"]
     assert m["MdR"] == 7.0 and exact["MdR"]          # 3 of 5 within the list: the median is known
     assert m["MnR"] is None and not exact["MnR"]
@@ -113,10 +125,9 @@ def test_summarise_censored_figures():
 
 
 def test_summarise_median_unknown_when_half_or_fewer_within():
-    rank = np.array([0.0, 1.0, 10.0, 10.0])
-    out = metrics.summarise(rank, np.array([False, False, True, True]))
+    out = metrics.summarise(standing([0.0, 1.0, 10.0, 10.0], np.array([False, False, True, True])))
     assert out["metrics"]["MdR"] is None and not out["exact"]["MdR"]
-    assert out["metrics"]["R@10"] == tol.approx64(50.0)
+    assert out["metrics"]["R@10"] == 50.0
 
 
 def test_censored_median_agrees_with_any_completion():

@@ -46,8 +46,24 @@ def embeddings(value, name: str) -> ArrayInput:
     return as_input(value, name, kinds=EMBEDDING_KINDS)
 
 
-def similarities(value, name: str) -> ArrayInput:
-    return as_input(value, name, kinds=SIMILARITY_KINDS)
+TRANSPOSE_PANEL_SHARE = 8  # a transposed HDF5 read holds a panel of 1/8 of the budget (io.specs.Transposed)
+
+
+def panel_bytes(budget: Budget | None) -> int:
+    """The panel a transposed read may hold: an eighth of the budget (none when blocks are fixed)."""
+    return budget.memory // TRANSPOSE_PANEL_SHARE if budget is not None and budget.block_rows is None else 0
+
+
+def similarities(value, name: str, transpose: bool = False, budget: Budget | None = None) -> ArrayInput:
+    """A precomputed score matrix; with `transpose`, read transposed (rows ↔ columns), in column
+    blocks of the stored matrix served from panels of an eighth of the budget."""
+    return as_input(value, name, kinds=SIMILARITY_KINDS, transpose=transpose, panel_bytes=panel_bytes(budget))
+
+
+def no_transpose(transpose: bool, sims_name: str) -> None:
+    if transpose:
+        raise UsageError(f"{param('transpose=True')} reads precomputed scores transposed; give {param(sims_name)} "
+                         "(embeddings are compared as given)")
 
 
 def one_of(a, b, name_a: str, name_b: str) -> None:
@@ -56,14 +72,16 @@ def one_of(a, b, name_a: str, name_b: str) -> None:
 
 
 def score_source(rows, cols, sims, *, rows_name: str, cols_name: str, sims_name: str, similarity: str,
-                 budget: Budget, what: str, eager_cols: bool = True, cols_embeddings: Embeddings | None = None):
-    """Scores of `rows` × `cols` embeddings (cosine or dot), or the precomputed `sims`:
-    (source, inputs, the columns' Embeddings or None)."""
+                 budget: Budget, what: str, eager_cols: bool = True, cols_embeddings: Embeddings | None = None,
+                 transpose: bool = False):
+    """Scores of `rows` × `cols` embeddings (cosine or dot), or the precomputed `sims` (read
+    transposed with `transpose`): (source, inputs, the columns' Embeddings or None)."""
     if sims is not None:
         if rows is not None or cols is not None:
             raise UsageError(f"give either {param(sims_name)} or {param(rows_name)} with {param(cols_name)}, not both")
-        sims_in = similarities(sims, sims_name)
+        sims_in = similarities(sims, sims_name, transpose, budget)
         return MatrixScores(sims_in), [sims_in], None
+    no_transpose(transpose, sims_name)
     if rows is None or (cols is None and cols_embeddings is None):
         raise UsageError(f"{what} needs {param(rows_name)} and {param(cols_name)} (or {param(sims_name)})")
     check_choice(similarity, SIMILARITIES, "similarity")

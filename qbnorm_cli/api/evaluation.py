@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import progress_or_none, warn
+from qbnorm_cli.api.common import check_choice, panel_bytes, progress_or_none, warn
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, UsageError, param
-from qbnorm_cli.io.atomic import OutputFile
+from qbnorm_cli.io.atomic import OutputFile, jsonable
 from qbnorm_cli.io.groundtruth import ground_truth, query_mask
 from qbnorm_cli.io.hdf5 import check_readable, open_h5, read_attrs
 from qbnorm_cli.io.probefile import Probe
 from qbnorm_cli.io.scorefiles import ScoreFile, open_scores
-from qbnorm_cli.io.specs import split_spec
+from qbnorm_cli.io.specs import split_spec, transposed
 from qbnorm_cli.streaming import evaluation
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget, spans
 
@@ -45,60 +45,136 @@ def display_names(labels: list[tuple[str | None, str | None]], fallback: str = "
 
 # --- evaluate ------------------------------------------------------------------------------------
 
-def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budget: Budget, progress):
-    n_queries = sources[0].rows
-    for s in sources[1:]:
-        if s.rows != n_queries:
-            raise DataError(f"{s.label} has {s.rows} queries but {sources[0].label} has {n_queries}")
-    relevant, gt_in = ground_truth(gt, queries_per_item, n_queries, [(s.label, s.n_gallery) for s in sources],
+def _layout(source: ScoreFile, transpose: bool) -> tuple[int, int | None]:
+    """(captions, items) of an input as read: the t2v layout, rows = captions (queries of t2v)."""
+    if not transpose:
+        return source.rows, source.n_gallery
+    if source.n_gallery is None:
+        raise DataError(f"{source.label}: a ranking file without a gallery_rows attribute cannot be read "
+                        "transposed (set the root attribute gallery_rows: the number of captions)")
+    return source.n_gallery, source.rows
+
+
+def _standing(source: ScoreFile, direction: str, transpose: bool, relevant: np.ndarray, mask: np.ndarray,
+              n_items: int, budget: Budget, advance) -> metrics.Standing:
+    """The standings of one input's queries (t2v: the unmasked captions; v2t: every item)."""
+    along_rows = (direction == "t2v") != transpose  # are the stored rows the queries?
+    if not along_rows and "log" in str(source.scores.attrs.get("score_domain", "")):
+        warn(f"{source.label} holds log-domain scores (compare within a row); ranking along its columns "
+             f"compares them across its rows. Normalise in the {direction} direction "
+             f"({param('transpose=True')}) and evaluate that output")
+    columns = evaluation.column_list_standings if source.is_ranking else evaluation.column_standings
+    if direction == "t2v":
+        if along_rows:
+            st = evaluation.row_standings(source, relevant, budget, advance)
+        else:
+            st = columns(source, metrics.inverse_relevant(relevant, n_items), budget, advance)
+        return st.select(mask)
+    missing = None if mask.all() else ~mask
+    if along_rows:  # stored rows are the items
+        return evaluation.row_standings(source, metrics.inverse_relevant(relevant, n_items), budget, advance,
+                                        missing_columns=missing, skip_missing=True)
+    return columns(source, relevant, budget, advance, masked_rows=missing, skip_missing=True)
+
+
+def _curve_depth(source: ScoreFile, direction: str, transpose: bool, n_captions: int, n_items: int) -> int:
+    """How far a Recall@K curve goes: K ≤ 100, the candidates ranked, and a ranking's N."""
+    candidates = source.listed if source.is_ranking else (n_items if direction == "t2v" else n_captions)
+    return max(1, min(metrics.CURVE_KMAX, candidates))
+
+
+def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budget: Budget, progress,
+               direction: str = "t2v", transpose: bool = False, ties: str = "official"):
+    check_choice(direction, metrics.DIRECTIONS, "direction")
+    check_choice(ties, metrics.TIES, "ties")
+    layouts = [_layout(s, transpose) for s in sources]
+    n_captions = layouts[0][0]
+    for s, (c, _) in zip(sources[1:], layouts[1:], strict=True):
+        if c != n_captions:
+            raise DataError(f"{s.label} has {c} captions (queries) but {sources[0].label} has {n_captions}")
+    relevant, gt_in = ground_truth(gt, queries_per_item, n_captions, [(s.label, g) for s, (_, g) in
+                                                                      zip(sources, layouts, strict=True)],
                                    sources[0].label)
-    mask, mask_in = query_mask(mask_value, n_queries)
-    empty = mask & ~(relevant >= 0).any(axis=1)
-    if empty.any():
-        row = int(np.argmax(empty))
-        raise DataError(f"{gt_in.label if gt_in else 'ground truth'}: query {row} has no relevant item "
-                        f"(all −1); drop it with {param('query_mask')}")
-    n_valid = int(mask.sum())
+    mask, mask_in = query_mask(mask_value, n_captions)
+    if direction == "t2v":
+        empty = mask & ~(relevant >= 0).any(axis=1)
+        if empty.any():
+            row = int(np.argmax(empty))
+            raise DataError(f"{gt_in.label if gt_in else 'ground truth'}: query {row} has no relevant item "
+                            f"(all −1); drop it with {param('query_mask')}")
+    if direction == "v2t":
+        for s, (_, g) in zip(sources, layouts, strict=True):
+            if g is None:
+                raise DataError(f"{s.label}: v2t counts every item, and this ranking file does not say how many "
+                                "there are (set its root attribute gallery_rows)")
+    n_items_all = [g if g is not None else int(relevant.max()) + 1 for _, g in layouts]
+    if direction == "v2t" and len(set(n_items_all)) > 1:
+        raise DataError(f"the inputs rank different numbers of items ({', '.join(map(str, n_items_all))}); "
+                        f"v2t evaluates every item")
+    n_valid = int(mask.sum()) if direction == "t2v" else n_items_all[0]
     results = []
-    with progress_or_none(progress)("evaluate", len(sources) * n_queries, unit="queries") as advance:
-        for source in sources:
-            rank, censored = evaluation.ranks(source, relevant, budget, advance)
-            summary = metrics.summarise(rank[mask], censored[mask])
+    total = sum(s.rows for s in sources)
+    with progress_or_none(progress)("evaluate", total, unit="rows") as advance:
+        for source, n_items in zip(sources, n_items_all, strict=True):
+            st = _standing(source, direction, transpose, relevant, mask, n_items, budget, advance)
+            summary = metrics.summarise(st, ties)
+            depth = _curve_depth(source, direction, transpose, n_captions, n_items)
+            rank = metrics.rank_values(st, ties)
+            if direction == "t2v":
+                full_rank = np.full(n_captions, np.nan)
+                full_rank[mask] = rank
+                full_censored = np.zeros(n_captions, dtype=bool)
+                full_censored[mask] = st.censored
+            else:
+                full_rank, full_censored = rank, st.censored
             results.append({
                 "input": source.label, "kind": "ranking" if source.is_ranking else "similarity",
                 "gallery_rows": source.n_gallery, "listed": source.listed, "queries": n_valid,
-                "censored_queries": int((censored & mask).sum()), **summary,
-                "ranks": np.where(mask, rank, np.nan), "censored": censored & mask,
+                "censored_queries": int(st.censored.sum()), **summary,
+                "recall_curve": {"K": list(range(1, depth + 1)), "R@K": metrics.recall_curve(st, ties, depth)},
+                "ranks": full_rank, "censored": full_censored,
             })
     return results, mask, [i for i in (gt_in, mask_in) if i is not None]
 
 
-def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask=None, memory=DEFAULT_MEMORY,
-             block_rows: int | None = None, progress=None):
-    """Recall@K, median and mean rank and GeomR of dense scores (rows = queries) or a ranking.
+def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask=None, direction: str = "t2v",
+             transpose: bool = False, ties: str = "official", memory=DEFAULT_MEMORY, block_rows: int | None = None,
+             progress=None):
+    """Recall@K, median and mean rank and GeomR as metric.py computes them, unrounded.
 
-    scores: a (Q, G) array, a `Ranking`, or a similarity or ranking file (`PATH[::/dataset]`); or a
-    list of them (evaluated against one ground truth). gt: (Q,) relevant gallery indices, or
-    (Q, m) with −1 padding (an array or a file); or queries_per_item N: query i ↔ item i // N.
-    query_mask: (Q,) booleans, False drops a query.
+    scores: a (C, G) array, a `Ranking`, or a similarity or ranking file (`PATH[::/dataset]`); or a
+    list of them (evaluated against one ground truth). They are in metric.py's t2v layout, rows =
+    captions (queries), columns = items; with transpose=True they are stored the other way round
+    (items × captions, e.g. normalised in the v2t direction; a ranking's rows are then items).
+    gt: (C,) relevant items of each caption, or (C, m) with −1 padding (an array or a file); or
+    queries_per_item N: caption i ↔ item i // N. query_mask: (C,) booleans, False masks a caption.
 
-    Ranks follow the collaborative-experts / QB-Norm protocol (core/metrics.py, ties averaged).
-    From a ranking only the top N is known: figures that need ranks beyond it are None, never
-    estimated (`exact` and `bounds` say which). Returns a dict {"metrics": {"R@1": …}, "exact",
-    "bounds", "queries", "ranks", …} per input (a list for a list).
+    direction: "t2v" (t2v_metrics: each caption ranks the items; masked captions are dropped) or
+    "v2t" (v2t_metrics: each item ranks every caption; its rank is the best of its own captions',
+    ties averaged per caption; masked captions rank last and answer nothing; every item counts).
+    ties: "official" (metric.py) or "expected" (the expectation over every order of tied items;
+    core/metrics.py). From a ranking only the top N of each of its rows is known: figures that
+    need more are None, never estimated (`exact` and `bounds` say which). Along its rows a ranking
+    is exact up to its N; along its columns (v2t from per-caption lists, t2v from per-item lists)
+    a rank is exact only where every row's last listed score leaves no room for an unlisted score
+    above the best answer, a lower bound elsewhere (core/metrics.py). Returns a dict
+    {"metrics": {"R@1": …}, "exact", "bounds", "queries", "recall_curve", "ranks", "protocol", …}
+    per input (a list for a list).
     """
     budget = make_budget(memory, block_rows)
     values = list(scores) if _many(scores) else [scores]
     if not values:
         raise UsageError(f"{param('scores')}: give at least one input")
     sources = [open_scores(v, f"scores[{i}]" if _many(scores) else "scores") for i, v in enumerate(values)]
-    results, _, _ = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress)
+    results, _, _ = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress, direction, transpose,
+                               ties)
     for record in results:
-        record["protocol"] = metrics.PROTOCOL
+        record["protocol"] = metrics.protocol(direction, ties)
     return results if _many(scores) else results[0]
 
 
 def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None = None, query_mask=None,
+                      direction: str = "t2v", transpose: bool = False, ties: str = "official",
                       gates: Sequence[tuple[str, float]] = (), memory=DEFAULT_MEMORY, block_rows: int | None = None,
                       output=None, force: bool = False, progress=None, provenance: str | None = None,
                       described: dict | None = None) -> dict:
@@ -111,25 +187,28 @@ def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None
     names = display_names([(s.scores.path, None if s.is_ranking else s.scores.dataset) for s in sources])
     described = described or {}
     params = {"gt": described.get("gt"), "queries_per_item": queries_per_item,
-              "query_mask": described.get("query_mask"), "fail_under": [f"{m}={t:g}" for m, t in gates],
+              "query_mask": described.get("query_mask"), "direction": direction, "transpose": transpose,
+              "ties": ties, "fail_under": [f"{m}={t:g}" for m, t in gates],
               "memory": budget.memory, "block_rows": block_rows}
     out = None
     if output is not None:
         records = [i for s in sources for i in s.inputs]
         out = OutputFile(str(output), "evaluation", force=force, params=params, inputs=records, provenance=provenance)
-    results, mask, extra_inputs = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress)
+    results, mask, extra_inputs = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress,
+                                             direction, transpose, ties)
     if out is not None:
         out.inputs += [i.describe() for i in extra_inputs]
-    n_queries = len(mask)
     all_ranks = np.stack([r.pop("ranks") for r in results])
     all_censored = np.stack([r.pop("censored") for r in results])
     results = [{"name": name, **r} for name, r in zip(names, results, strict=True)]
     difference = metrics.difference(results[0]["metrics"], results[-1]["metrics"]) if len(results) >= 2 else None
     checks, failures = metrics.check_gates(results, gates)
+    protocol = metrics.protocol(direction, ties)
     document = {
-        "protocol": metrics.PROTOCOL, "queries": n_queries, "valid_queries": int(mask.sum()),
+        "protocol": protocol, "direction": direction, "ties": ties, "transpose": transpose,
+        "captions": len(mask), "queries": all_ranks.shape[1], "valid_queries": results[0]["queries"],
         "ground_truth": described.get("gt") or f"contiguous, {queries_per_item} queries per item",
-        "query_mask": described.get("query_mask"), "inputs": results,
+        "query_mask": described.get("query_mask"), "masked_captions": int((~mask).sum()), "inputs": results,
     }
     if difference is not None:
         document["difference"] = {"of": f"{names[-1]} − {names[0]}", "metrics": difference}
@@ -141,12 +220,13 @@ def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None
         with out:
             ds = out.create("/ranks", data=all_ranks)
             ds.attrs["rows"] = json.dumps(names)
-            ds.attrs["description"] = ("0-based tie-averaged rank per input × query; NaN = masked; where "
-                                       "/censored is true only a lower bound is known (ranking inputs)")
+            ds.attrs["description"] = (f"0-based rank per input × query ({direction}: "
+                                       f"{'captions' if direction == 't2v' else 'items'}; ties {ties}); NaN = masked; "
+                                       "where /censored is true only a lower bound is known (ranking inputs)")
             out.create("/censored", data=all_censored)
-            out.h5.attrs["protocol"] = metrics.PROTOCOL
-            out.h5.attrs["metrics"] = json.dumps(results)
-            out.h5.attrs["valid_queries"] = int(mask.sum())
+            out.h5.attrs["protocol"] = json.dumps(protocol)
+            out.h5.attrs["metrics"] = json.dumps(jsonable(results))
+            out.h5.attrs["valid_queries"] = results[0]["queries"]
             if difference is not None:
                 out.h5.attrs["difference"] = json.dumps(difference)
         document["output"] = str(output)
@@ -237,12 +317,19 @@ def _is_probe_file(spec) -> bool:
         h5.close()
 
 
-def _subject(value, name: str):
-    if isinstance(value, Probe):
-        return _ProbeSubject(value, name)
-    if _is_probe_file(value):
-        return _ProbeSubject(Probe.load(value), name)
-    return _ScoreSubject(open_scores(value, name), name)
+def _subject(value, name: str, transpose: bool = False, budget: Budget | None = None):
+    if isinstance(value, Probe) or _is_probe_file(value):
+        if transpose:
+            raise UsageError(f"{param('transpose=True')}: {name} is a probe (its bank queries' top items); it "
+                             "cannot be read transposed")
+        return _ProbeSubject(value if isinstance(value, Probe) else Probe.load(value), name)
+    source = open_scores(value, name)
+    if transpose:
+        if source.is_ranking:
+            raise UsageError(f"{param('transpose=True')}: {source.label} is a ranking (each row's top N); the "
+                             "neighbourhoods of its columns are not in it. Give the similarity file")
+        source = ScoreFile(transposed(source.scores, panel_bytes(budget)), None, source.rows)
+    return _ScoreSubject(source, name)
 
 
 def _ks(k) -> list[int]:
@@ -267,30 +354,34 @@ def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progr
                 counts[value] = nk
                 row = hub.measures(nk, value, subject.n_queries)
                 row["coverage_pct"] = hub.coverage(nk)
+                row["distribution"] = hub.distribution(nk)
                 per_k.append(row)
             results.append({"input": subject.label, "kind": subject.kind, "queries": subject.n_queries,
                             "gallery_rows": subject.n_gallery, "by_k": per_k, "k_occurrence": counts})
     return results
 
 
-def hubness(scores, *, k=DEFAULT_K, exclude_self: bool = False, memory=DEFAULT_MEMORY, block_rows: int | None = None,
-            progress=None):
+def hubness(scores, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY,
+            block_rows: int | None = None, progress=None):
     """Hubness of retrieval results: N_k(j) counts the queries with item j among their k best.
 
     scores: a (Q, G) array, a `Ranking`, a similarity or ranking file, a `Probe` or probe file (the
     bank-side view: its bank queries' top items); or a list of them. k: one K or several.
-    exclude_self: ignore the diagonal of a square gallery × gallery matrix. Returns a dict per
+    exclude_self: ignore the diagonal of a square gallery × gallery matrix. transpose: read
+    similarity inputs transposed (the columns become the queries: v2t from a t2v dump). Returns a dict per
     input: {"by_k": [measures at each k (core/hubness.py: skewness, Robin Hood, Gini, …)],
     "k_occurrence": {k: N_k}, …} (a list for a list).
     """
     budget = make_budget(memory, block_rows)
     values = list(scores) if _many(scores) else [scores]
-    subjects = [_subject(v, f"scores[{i}]" if _many(scores) else "scores") for i, v in enumerate(values)]
+    subjects = [_subject(v, f"scores[{i}]" if _many(scores) else "scores", transpose, budget)
+                for i, v in enumerate(values)]
     results = _measured(subjects, _ks(k), exclude_self, budget, progress)
     return results if _many(scores) else results[0]
 
 
-def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False, memory=DEFAULT_MEMORY,
+def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool = False,
+                   memory=DEFAULT_MEMORY,
                    block_rows: int | None = None, output=None, force: bool = False, progress=None,
                    provenance: str | None = None) -> dict:
     """`hubness` of several inputs as one document under their display names, with `output` the
@@ -298,13 +389,14 @@ def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False,
     A probe input whose bank covers under half of the gallery is warned about."""
     budget = make_budget(memory, block_rows)
     ks = _ks(k)
-    subjects = [_subject(v, f"scores[{i}]") for i, v in enumerate(scores)]
+    subjects = [_subject(v, f"scores[{i}]", transpose, budget) for i, v in enumerate(scores)]
     labels = [(s.probe.path, None) if s.kind == "probe" else
               (s.source.scores.path, None if s.source.is_ranking else s.source.scores.dataset) for s in subjects]
     names = display_names(labels)
     for subject, name in zip(subjects, names, strict=True):
         subject.name = name
-    params = {"k": ks, "exclude_self": exclude_self, "memory": budget.memory, "block_rows": block_rows}
+    params = {"k": ks, "exclude_self": exclude_self, "transpose": transpose, "memory": budget.memory,
+              "block_rows": block_rows}
     records = []
     for s in subjects:
         records += s.source.inputs if s.kind != "probe" else [{"path": s.probe.path, "dataset": None, "kind": "probe"}]

@@ -11,13 +11,14 @@ from qbnorm_cli.core.sampling import STRATEGIES, sample_indices
 from qbnorm_cli.errors import UsageError, param
 from qbnorm_cli.io import foreign
 from qbnorm_cli.io.atomic import OutputFile
-from qbnorm_cli.io.specs import as_input
+from qbnorm_cli.io.specs import as_input, transpose_into
 from qbnorm_cli.io.validate import as_float32
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget, spans
 
 DEFAULT_BANK_SIZE = 5000
 CONVERTED = {"embeddings": "/embeddings", "similarity": "/scores"}
 WIDE = 4096  # more columns than any common embedding: probably a score matrix
+TILE, TILE_ROWS = 256, 1024  # chunks of a transposed copy: 1 MiB of float32, strips of TILE source rows
 
 
 def build_bank(source, *, size: int | None = None, strategy: str = "random", seed: int = 0,
@@ -59,30 +60,51 @@ def build_bank(source, *, size: int | None = None, strategy: str = "random", see
     return Written(str(output), "bank", out.uuid, np.zeros(0, dtype=bool), {**params, "dim": dim, "source": src.label})
 
 
-def convert(source, output, *, kind: str = "embeddings", memory=DEFAULT_MEMORY, block_rows: int | None = None,
-            force: bool = False, progress=None, provenance: str | None = None) -> Written:
+def convert(source, output, *, kind: str = "embeddings", transpose: bool = False, memory=DEFAULT_MEMORY,
+            block_rows: int | None = None, force: bool = False, progress=None,
+            provenance: str | None = None) -> Written:
     """Write a foreign dump (.npy, .npz::KEY, a pickled numpy array or dict of them, HDF5 including
     ann-benchmarks files) as a qbnorm file of `kind` embeddings or similarity (float32, streamed in
-    row blocks); a similarity file records its score statistics."""
+    row blocks); a similarity file records its score statistics.
+
+    transpose: write a similarity matrix transposed (e.g. a t2v dump as items × captions for the
+    v2t direction), in one sequential pass over the source: its row blocks become column strips of
+    the output, chunked in tiles of TILE × TILE scores so that every strip writes whole chunks and
+    the output reads back by rows (or transposed) chunk by chunk, once. The fast path when a
+    matrix is read transposed many times: a `transpose=True` read of a contiguous or row-chunked
+    file costs one pass over the file per budget panel (docs/performance.md)."""
     check_choice(kind, tuple(CONVERTED), "kind")
     budget = make_budget(memory, block_rows)
     src = as_input(source, "source")
+    if transpose and kind != "similarity":
+        as_scores = param("kind='similarity'")
+        raise UsageError(f"{param('transpose=True')} writes score matrices transposed; pass {as_scores}")
     n_rows, n_cols = src.shape
     if kind == "embeddings" and n_cols > WIDE:
         as_scores = param("kind='similarity'")
         warn(f"{src.label} has {n_cols} columns, more than embeddings usually do; "
              f"if it is a score matrix, convert it with {as_scores}")
     source_format = foreign.source_format(src.path) if src.path else "array"
-    params = {"kind": kind, "source": src.label, "source_format": source_format,
+    params = {"kind": kind, "source": src.label, "source_format": source_format, "transpose": transpose,
               "source_dtype": str(src.dtype), "memory": budget.memory, "block_rows": block_rows}
     stats = None
     with OutputFile(str(output), kind, force=force, params=params, inputs=[src], provenance=provenance) as out:
-        ds = out.create(CONVERTED[kind], shape=(n_rows, n_cols), dtype=np.float32)
+        shape = (n_cols, n_rows) if transpose else (n_rows, n_cols)
+        ds = out.create(CONVERTED[kind], shape=shape, dtype=np.float32,
+                        chunks=(TILE_ROWS, TILE) if transpose else None)
         low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
+        step = budget.rows(n_cols * 12, share=0.5, total=n_rows, align=src.chunk_rows)
+        if transpose and step >= TILE and budget.block_rows is None:
+            step = step // TILE * TILE  # whole tiles of the output per strip
         with progress_or_none(progress)("convert", n_rows, unit="rows") as advance:
-            for r0, r1 in spans(n_rows, budget.rows(n_cols * 12, share=0.5, total=n_rows, align=src.chunk_rows)):
+            for r0, r1 in spans(n_rows, step):
                 block = src.read(r0, r1)
-                out.write_rows(ds, r0, block)
+                if transpose:
+                    strip = np.empty((n_cols, r1 - r0), dtype=np.float32)
+                    transpose_into(strip, block)
+                    out.write_columns(ds, r0, strip)
+                else:
+                    out.write_rows(ds, r0, block)
                 low, high = min(low, float(block.min())), max(high, float(block.max()))
                 total += float(block.sum(dtype=np.float64))
                 squares += float(np.square(block, dtype=np.float64).sum())
@@ -91,12 +113,12 @@ def convert(source, output, *, kind: str = "embeddings", memory=DEFAULT_MEMORY, 
         attrs["source_format"] = source_format
         if kind == "similarity":
             stats = scale.ScoreStats.from_sums(n_rows * n_cols, total, squares, low, high)
-            attrs["gallery_rows"] = n_cols
+            attrs["gallery_rows"] = shape[1]
             attrs["score_min"], attrs["score_max"] = stats.min, stats.max
             attrs["score_mean"], attrs["score_std"] = stats.mean, stats.std
             attrs["score_scale"] = scale.classify(stats)
-    summary = {"rows": n_rows, "cols": n_cols, "source": src.label, "source_format": source_format,
-               "source_dtype": str(src.dtype)}
+    summary = {"rows": shape[0], "cols": shape[1], "transposed": transpose, "source": src.label,
+               "source_format": source_format, "source_dtype": str(src.dtype)}
     if stats is not None:
         summary["scores"] = stats.as_dict()
         summary["score_scale"] = scale.classify(stats)

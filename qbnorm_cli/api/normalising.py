@@ -41,7 +41,7 @@ def _as_probe(value) -> Probe:
 def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.DEFAULT.name,
               beta: float | None = None, k: int | None = None, gallery_beta: float | None = None,
               topk_mean: int | None = None, alpha: float | None = None, top_k: int | None = None, sims=None,
-              similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
+              transpose: bool = False, similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
               block_rows: int | None = None, output=None, force: bool = False, accept_other_gallery: bool = False,
               progress=None, provenance: str | None = None, extra_params: dict | None = None):
     """Normalise query × gallery similarities with a probe's statistics (`method`: see
@@ -49,7 +49,8 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
 
     queries, gallery: embeddings (arrays, memory maps, h5py datasets, `PATH[::/dataset]` strings),
     compared as the probe compared its bank (or by `similarity`); or `sims`, precomputed query ×
-    gallery scores. probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean, alpha: the
+    gallery scores (transpose=True: stored gallery × queries, read transposed; v2t from a t2v dump:
+    the items become the queries). probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean, alpha: the
     method's parameters (defaults: the registry's, β the probe's). top_k: keep each query's N best
     items instead of every score.
 
@@ -70,7 +71,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
         similarity = similarity or (probed if probed in SIMILARITIES else "cosine")
     scores, inputs, _ = score_source(queries, gallery, sims, rows_name="queries", cols_name="gallery",
                                      sims_name="sims", similarity=similarity, budget=budget, what="normalise",
-                                     eager_cols=not ranked)
+                                     eager_cols=not ranked, transpose=transpose)
     columns = inputs[-1]
     if sims is not None and columns.cols != n_gallery:
         raise DataError(f"{columns.label} has {columns.cols} columns but the probe's gallery has {n_gallery} items")
@@ -97,7 +98,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     params = {
         "method": spec.name, "beta": values.get("beta"), "k": k, "top_k": top_k,
         "gallery_beta": values.get("gallery_beta"), "topk_mean": values.get("topk_mean"), "alpha": values.get("alpha"),
-        "similarity": "precomputed" if sims is not None else similarity, "dtype": dtype,
+        "similarity": "precomputed" if sims is not None else similarity, "transpose": transpose, "dtype": dtype,
         "probe_uuid": probe.uuid, "memory": budget.memory, "block_rows": block_rows, **(extra_params or {}),
     }
     for message in found:

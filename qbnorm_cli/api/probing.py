@@ -21,7 +21,8 @@ from qbnorm_cli.streaming.sources import MatrixScores
 
 def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
           gallery_betas=(methods.DEFAULT_GALLERY_BETA,), topk_means=None, keep_sorted: bool = False,
-          bank_sims=None, gallery_bank_sims=None, similarity: str = "cosine", memory=DEFAULT_MEMORY,
+          bank_sims=None, gallery_bank_sims=None, transpose: bool = False, similarity: str = "cosine",
+          memory=DEFAULT_MEMORY,
           block_rows: int | None = None, output=None, force: bool = False, progress=None,
           provenance: str | None = None) -> Probe:
     """Probe `gallery` with a querybank: every statistic the normalisers need, in one pass.
@@ -50,7 +51,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
 
     query_scores, inputs, gallery_emb = score_source(
         bank, gallery, bank_sims, rows_name="bank", cols_name="gallery", sims_name="bank_sims",
-        similarity=similarity, budget=budget, what="probe")
+        similarity=similarity, budget=budget, what="probe", transpose=transpose)
     n_gallery = query_scores.n_cols
     gallery_identity = inputs[-1].identity if bank_sims is None else inputs[0].attrs.get("gallery_identity")
     check_count(k, "k", n_gallery, "gallery size")
@@ -61,7 +62,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     gallery_acc = None
     one_of(gallery_bank, gallery_bank_sims, "gallery_bank", "gallery_bank_sims")
     if gallery_bank_sims is not None:
-        hsims = similarities(gallery_bank_sims, "gallery_bank_sims")
+        hsims = similarities(gallery_bank_sims, "gallery_bank_sims", transpose, budget)
         if hsims.cols != n_gallery:
             raise DataError(f"{hsims.label} has {hsims.cols} columns but the gallery has {n_gallery} items")
         inputs.append(hsims)
@@ -80,7 +81,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
 
     params = {
         "betas": betas, "k": k, "kmax": kmax, "topk_mean": list(ks), "keep_sorted": keep_sorted,
-        "similarity": "precomputed" if bank_sims is not None else similarity,
+        "similarity": "precomputed" if bank_sims is not None else similarity, "transpose": transpose,
         "gallery_betas": gallery_betas if gallery_acc else None,
         "memory": budget.memory, "block_rows": block_rows,
     }

@@ -17,6 +17,7 @@ def command(
     source: Annotated[str, typer.Argument(metavar="INPUT", help="PATH, PATH::KEY (.npz, pickle) or PATH::/dataset (HDF5).")],
     output: options.Output,
     kind: Annotated[str, typer.Option("--kind", metavar="embeddings|similarity", help="What the array holds: embeddings (rows = items) or a query × gallery score matrix.")] = "embeddings",
+    transpose: Annotated[bool, typer.Option("--transpose", help="Write a score matrix transposed (with --kind similarity; one pass, tile-chunked): the fast path for a dump read --transpose often.")] = False,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
     force: options.Force = False,
@@ -31,14 +32,18 @@ def command(
     converting once gives a self-describing file with provenance that is faster to re-read.
 
     Example: qbnorm convert test_sims.pkl -o sims.h5 --kind similarity
+
+    Example (a t2v dump as items × captions, for the v2t direction): qbnorm convert test_sims.pkl
+    -o v2t.h5 --kind similarity --transpose
     """
     report = Reporter(json_output, quiet)
     with report.capture():
-        written = api.convert(source, output, kind=kind, memory=memory, block_rows=block_rows, force=force,
+        written = api.convert(source, output, kind=kind, transpose=transpose, memory=memory, block_rows=block_rows, force=force,
                               progress=report.progress, provenance=options.provenance(ctx))
     p = written.params
     what = "scores" if kind == "similarity" else "embeddings"
     extra = f"; scores {scale.describe(scale.ScoreStats.from_dict(p['scores']))}" if "scores" in p else ""
-    report.info(f"wrote {output}: {kind} file, {what} {p['rows']} × {p['cols']} float32 from {p['source']} "
+    report.info(f"wrote {output}: {kind} file, {what} {p['rows']} × {p['cols']} float32 from {p['source']}"
+                f"{' transposed' if p['transposed'] else ''} "
                 f"({p['source_format']}, {p['source_dtype']}){extra}")
     report.result({"output": output, "kind": kind, "uuid": written.uuid, **p})

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from qbnorm_cli import api
+from qbnorm_cli import api, plots
 from qbnorm_cli.cli import options
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import metrics
@@ -47,7 +47,11 @@ def command(
     scores: Annotated[list[str], typer.Argument(metavar="SCORES", help="Similarity (Q × G) or ranking (top-N) files: PATH or PATH::/dataset.")],
     gt: Annotated[str | None, typer.Option("--gt", metavar="GT", help="Ground truth: (Q,) gallery indices, or (Q, m) with −1 padding for several relevant items.")] = None,
     queries_per_item: Annotated[int | None, typer.Option("--queries-per-item", metavar="N", help="Contiguous ground truth: query i ↔ gallery item i // N.")] = None,
-    query_mask: Annotated[str | None, typer.Option("--query-mask", metavar="MASK", help="(Q,) bool/0-1 array; 0 drops a (padded) query.")] = None,
+    query_mask: Annotated[str | None, typer.Option("--query-mask", metavar="MASK", help="(Q,) bool/0-1 array over the captions (queries); 0 masks a (padded) caption.")] = None,
+    direction: Annotated[str, typer.Option("--direction", metavar="t2v|v2t", help="t2v: each caption (row) ranks the items; v2t: each item (column) ranks every caption, as metric.py's v2t_metrics.")] = "t2v",
+    transpose: Annotated[bool, typer.Option("--transpose", help="The inputs are stored items × captions (e.g. normalised in the v2t direction); a ranking's rows are then items.")] = False,
+    ties: Annotated[str, typer.Option("--ties", metavar="official|expected", help="official: metric.py (tied positions averaged, R@1 = rank 0); expected: the expectation over every order of tied items.")] = "official",
+    plot: options.Plot = None,
     fail_under: Annotated[list[str] | None, typer.Option("--fail-under", metavar="METRIC=VALUE", help="Exit 4 when a metric of any input is worse (R@K, GeomR below; MdR, MnR above). Repeatable.")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="EVAL.h5", help="Write the ranks and metrics (kind evaluation).")] = None,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
@@ -58,25 +62,45 @@ def command(
 ) -> None:
     """Recall@K, median/mean rank and GeomR of one or more score files (rows = queries).
 
-    Ranks follow the collaborative-experts / QB-Norm protocol (ties averaged). From a ranking
-    file only the top N is known (items outside a list are taken to rank below it): figures that
-    need ranks beyond N are reported as n/a, never estimated.
+    Figures are metric.py's (collaborative-experts / QB-Norm t2v_metrics and v2t_metrics)
+    exactly, unrounded: ranks average tied positions, R@1 counts rank 0. Inputs are in its t2v
+    layout (rows = captions, columns = items; --transpose for items × captions); --gt and
+    --queries-per-item say which items each caption is relevant to, in both directions. From a
+    ranking file only the top N of each row is known (items outside a list are taken to rank
+    below it): figures that need ranks beyond N are reported as n/a, never estimated; along the
+    lists' columns (v2t from per-caption lists) a rank is known only where every list's last
+    score pins it down.
 
     Example: qbnorm evaluate raw.h5 dis.h5 --gt data.h5::/gt --fail-under R@1=30
+
+    Example (image → caption from a t2v dump): qbnorm evaluate sims.h5 --direction v2t --queries-per-item 5
     """
     report = Reporter(json_output, quiet)
     gates = parse_gates(fail_under)
+    if plot is not None:
+        plots.check_plot_target(plot, force=force, inputs=scores, what="evaluate --plot")
     with report.capture():
         document = api.evaluation_report(
-            scores, gt, queries_per_item=queries_per_item, query_mask=query_mask, gates=gates, memory=memory,
+            scores, gt, queries_per_item=queries_per_item, query_mask=query_mask, direction=direction,
+            transpose=transpose, ties=ties, gates=gates, memory=memory,
             block_rows=block_rows, output=output, force=force, progress=report.progress,
             provenance=options.provenance(ctx), described={"gt": gt, "query_mask": query_mask})
+    if plot is not None:
+        plots.save_figure(plots.recall_figure(document["inputs"], direction=document["direction"]), plot, force=force, inputs=scores)
+        document["plot"] = {"file": plot, **plots.recall_data(document["inputs"])}
     failures = document.pop("failures", [])
     results = document["inputs"]
     from rich.table import Table  # on first use: see report.py
 
-    table = Table(title=f"Retrieval ({document['valid_queries']} valid queries of {document['queries']})",
-                  caption=_caption(results))
+    if document["direction"] == "t2v":
+        title = f"Retrieval t2v ({document['valid_queries']} valid queries of {document['queries']})"
+    else:
+        masked = document["masked_captions"]
+        title = (f"Retrieval v2t ({document['queries']} items ranking {document['captions']} captions"
+                 + (f", {masked} masked" if masked else "") + ")")
+    if document["ties"] != "official":
+        title += f", ties {document['ties']}"
+    table = Table(title=title, caption=_caption(results))
     table.add_column("metric")
     for res in results:
         table.add_column(res["name"], justify="right")
@@ -92,6 +116,8 @@ def command(
     report.table(table)
     if output is not None:
         report.info(f"wrote {output}: evaluation of {len(results)} input(s)")
+    if plot is not None:
+        report.info(f"wrote {plot}: Recall@K of {len(results)} input(s)")
     report.result(document)
     if failures:
         raise GateFailure("quality gate failed: " + "; ".join(failures))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from qbnorm_cli import api
+from qbnorm_cli import api, plots
 from qbnorm_cli.api.evaluation import DEFAULT_K
 from qbnorm_cli.cli import options
 from qbnorm_cli.cli.report import Reporter
@@ -49,6 +49,8 @@ def command(
     scores: Annotated[list[str], typer.Argument(metavar="SCORES", help="Similarity, ranking or probe files: PATH or PATH::/dataset.")],
     k: Annotated[list[int] | None, typer.Option("--k", metavar="K", help="Neighbourhood size(s) (repeatable; default 10).")] = None,
     exclude_self: Annotated[bool, typer.Option("--exclude-self", help="Ignore the diagonal of a square gallery × gallery matrix.")] = False,
+    transpose: options.Transpose = False,
+    plot: options.Plot = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="OUT.h5", help="Write the k-occurrences and measures (kind hubness).")] = None,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
@@ -61,14 +63,22 @@ def command(
     N_k(j) counts the queries that have gallery item j among their k best. A probe file gives the
     bank-side view (its bank queries' top items) and the coverage of the DIS activation set.
 
-    Example: qbnorm hubness raw.h5 dis.h5 --k 1 --k 10
+    --plot draws the distribution of N_k of each input on shared log-log axes (N_k on x, the
+    number of items on y; one panel per k), skewness in the legend.
+
+    Example: qbnorm hubness raw.h5 dis.h5 --k 1 --k 10 --plot hubness.png
     """
     report = Reporter(json_output, quiet)
+    if plot is not None:
+        plots.check_plot_target(plot, force=force, inputs=scores, what="hubness --plot")
     with report.capture():
-        document = api.hubness_report(scores, k=k or [DEFAULT_K], exclude_self=exclude_self,
+        document = api.hubness_report(scores, k=k or [DEFAULT_K], exclude_self=exclude_self, transpose=transpose,
                                       memory=memory, block_rows=block_rows, output=output, force=force,
                                       progress=report.progress, provenance=options.provenance(ctx))
     occurrences = document.pop("occurrences")
+    if plot is not None:
+        plots.save_figure(plots.hubness_figure(document["inputs"]), plot, force=force, inputs=scores)
+        document["plot"] = {"file": plot, **plots.hubness_data(document["inputs"])}
     results, ks = document["inputs"], document["k"]
     from rich.columns import Columns  # on first use: see report.py
     from rich.table import Table
@@ -86,6 +96,8 @@ def command(
         report.table(Columns([_histogram(res["name"], value, occurrences[i][value]) for i, res in enumerate(results)]))
     if output is not None:
         report.info(f"wrote {output}: hubness of {len(results)} input(s) at k = {', '.join(map(str, ks))}")
+    if plot is not None:
+        report.info(f"wrote {plot}: k-occurrence distributions of {len(results)} input(s)")
     report.result(document)
 
 

@@ -28,6 +28,7 @@ def command(
     topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (default: the method's).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset (default {methods.PARAMETERS['alpha'].default:g}).")] = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
+    transpose: options.Transpose = False,
     similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="Type of the written scores.")] = "float32",
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
@@ -40,6 +41,10 @@ def command(
 
     Scores of the inverted-softmax methods are log-domain (β·S − log-normaliser): compare them
     within a row, not across rows. Rows that a dynamic method leaves alone keep raw scores.
+
+    --transpose reads --sims transposed: a t2v dump (captions × items) is normalised in the v2t
+    direction, the items as queries (output items × captions; evaluate it with --transpose
+    --direction v2t).
 
     Example: qbnorm normalise --queries q.h5 --gallery g.h5 --probe probe.h5 -o dis.h5 --method dis
     """
@@ -55,7 +60,7 @@ def command(
     with report.capture(), Probe.load(probe) as probed:
         written = api.normalise(
             queries, gallery, probed, method=method or methods.DEFAULT.name, beta=beta, k=k,
-            gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, top_k=top_k, sims=sims,
+            gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, top_k=top_k, sims=sims, transpose=transpose,
             similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows, output=output, force=force,
             accept_other_gallery=force, progress=report.progress, provenance=options.provenance(ctx),
             extra_params={"params_file": params_file})

@@ -23,6 +23,10 @@ BlockRows = Annotated[int | None, typer.Option("--block-rows", min=1, metavar="R
 Similarity = Annotated[str, typer.Option("--similarity", metavar="cosine|dot",
                                          help="How embeddings are compared: cosine (rows L2-normalised) or dot.")]
 Output = Annotated[str, typer.Option("--output", "-o", metavar="OUT.h5", help="Output HDF5 file.")]
+Transpose = Annotated[bool, typer.Option("--transpose", help="Read the similarity inputs transposed (stored the "
+                                         "other way round, e.g. a t2v dump used in the v2t direction).")]
+Plot = Annotated[str | None, typer.Option("--plot", metavar="FILE.png|.svg|.pdf",
+                                          help="Also draw the figure (needs the extra: pip install 'qbnorm[plot]').")]
 
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 

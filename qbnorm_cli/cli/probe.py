@@ -28,6 +28,7 @@ def command(
     topk_mean: Annotated[list[int] | None, typer.Option("--topk-mean", help=f"K for mean-of-top-K statistics (repeatable; default {' and '.join(map(str, methods.default_topk_means()))}).")] = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune`: probe what they need (explicit options override).")] = None,
     keep_sorted: Annotated[bool, typer.Option("--keep-sorted", help="Keep every gallery item's sorted bank scores (O(bank × gallery) storage; needed by gc).")] = False,
+    transpose: options.Transpose = False,
     similarity: options.Similarity = "cosine",
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
@@ -37,7 +38,12 @@ def command(
 ) -> None:
     """Probe the gallery with a querybank: the statistics every normaliser needs, in one pass.
 
+    --transpose reads --bank-sims and --gallery-bank-sims transposed (stored gallery × bank).
+
     Example: qbnorm probe --bank bank.h5 --gallery data.h5::/gallery -o probe.h5 --beta 20 --k 1
+
+    Example (QB-Norm image → caption, bank of gallery-modality items): qbnorm probe --bank-sims
+    captions_x_bank.h5 --transpose -o probe_v2t.h5
     """
     report = Reporter(json_output, quiet)
     tuned = api.load_params(params_file) if params_file else None
@@ -55,7 +61,8 @@ def command(
         result = api.probe(
             bank, gallery, betas=beta or [methods.DEFAULT_BETA], k=1 if k is None else k, gallery_bank=gallery_bank,
             gallery_betas=gallery_beta or [methods.DEFAULT_GALLERY_BETA], topk_means=topk_mean,
-            keep_sorted=keep_sorted, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims, similarity=similarity,
+            keep_sorted=keep_sorted, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims, transpose=transpose,
+            similarity=similarity,
             memory=memory, block_rows=block_rows, output=output, force=force, progress=report.progress,
             provenance=options.provenance(ctx))
         if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …

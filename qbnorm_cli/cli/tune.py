@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from qbnorm_cli import api, methods
+from qbnorm_cli import api, methods, plots
 from qbnorm_cli.api.tuning import PARAMS_KIND, best_per_method
 from qbnorm_cli.cli import options
 from qbnorm_cli.cli.report import Reporter
@@ -30,6 +30,7 @@ def command(
     beta: Annotated[list[float] | None, typer.Option("--beta", help="β values to try instead of the default grid (repeatable).")] = None,
     gallery_beta: Annotated[list[float] | None, typer.Option("--gallery-beta", help="β₂ values to try for the dual methods (repeatable).")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Show every setting, not the best of each method.")] = False,
+    plot: options.Plot = None,
     similarity: options.Similarity = "cosine",
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
@@ -43,9 +44,15 @@ def command(
     normalise of the validation scores. Apply the result to the test split with
     `probe --params PARAMS.json` and `normalise --params PARAMS.json`.
 
+    --plot draws the validation metric against β (or the method's own parameter) for each method,
+    one line per value of its other parameters, the chosen setting starred.
+
     Example: qbnorm tune --queries D::/val_queries --gallery D::/val_gallery --gt D::/val_gt --bank bank.h5 -o params.json
     """
     report = Reporter(json_output, quiet)
+    if plot is not None:
+        plots.check_plot_target(plot, force=force, inputs=[i for i in (queries, gallery, sims, bank, gt) if i],
+                                what="tune --plot")
     names = [m.strip() for m in methods_text.split(",") if m.strip()] if methods_text is not None else None
     with report.capture():
         result = api.tune(queries, gallery, gt, bank, sims=sims, bank_sims=bank_sims, gallery_bank=gallery_bank,
@@ -75,7 +82,11 @@ def command(
     gain = best["metrics"][metric_name] - raw[metric_name]
     report.info(f"wrote {output}: {best['setting'].label()} ({metric_name} {best['metrics'][metric_name]:.2f}, "
                 f"raw {raw[metric_name]:.2f}, {gain:+.2f}); apply with probe/normalise --params {output}")
+    if plot is not None:
+        plots.save_figure(plots.tuning_figure(result), plot, force=force)
+        report.info(f"wrote {plot}: validation {metric_name} of {len(result['settings'])} settings")
     report.result({
+        **({"plot": {"file": plot, **plots.tuning_data(result)}} if plot is not None else {}),
         "output": output, "kind": PARAMS_KIND, "metric": metric_name,
         "best": {**best["setting"].as_dict(), "metrics": best["metrics"]}, "raw": raw,
         "score_scale": result["score_scale"], "scores": stats.as_dict(), "bank": result["bank"],

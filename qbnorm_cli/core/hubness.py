@@ -30,6 +30,14 @@ def k_occurrence(neighbors: np.ndarray, k: int, n_items: int) -> np.ndarray:
     return np.bincount(top[top >= 0], minlength=n_items).astype(np.int64)
 
 
+def distribution(nk: np.ndarray) -> dict:
+    """The k-occurrence distribution: each value N_k takes and how many items take it, ascending
+    (what hubness papers plot on log axes, Radovanović et al. 2010, Fig. 1)."""
+    counts = np.bincount(np.asarray(nk, dtype=np.int64))
+    values = np.flatnonzero(counts)
+    return {"nk": values.tolist(), "items": counts[values].tolist()}
+
+
 def skewness(nk: np.ndarray) -> float:
     """k-skewness m₃ / m₂^{3/2} with central moments mᵢ = mean((N_k − μ)ⁱ): the biased estimator of
     scipy.stats.skew(bias=True), written out because importing scipy.stats costs every command

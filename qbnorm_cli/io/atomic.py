@@ -137,16 +137,18 @@ class OutputFile:
             raise
         return self
 
-    def create(self, name: str, data=None, *, shape=None, dtype=None, **attrs) -> h5py.Dataset:
-        """A dataset chunked by whole rows of about 1 MiB (no compression: floats barely shrink)."""
+    def create(self, name: str, data=None, *, shape=None, dtype=None, chunks=None, **attrs) -> h5py.Dataset:
+        """A dataset chunked by whole rows of about 1 MiB (no compression: floats barely shrink),
+        or by the `chunks` given (clipped to the shape)."""
         check_interrupt()
         self._wait_write()
         if data is not None:
             data = np.asarray(data)
             shape, dtype = data.shape, data.dtype
         dtype = np.dtype(dtype)
-        chunks = None
-        if len(shape) >= 1 and all(shape) and np.prod(shape) * dtype.itemsize > CHUNK_BYTES:
+        if chunks is not None:
+            chunks = tuple(max(1, min(int(c), int(n))) for c, n in zip(chunks, shape, strict=True))
+        elif len(shape) >= 1 and all(shape) and np.prod(shape) * dtype.itemsize > CHUNK_BYTES:
             row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             chunks = (min(shape[0], chunk_rows(row_bytes)), *shape[1:])
         try:
@@ -164,6 +166,15 @@ class OutputFile:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbnorm-write")
         self._pending = self._writer.submit(ds.__setitem__, slice(start, start + len(block)), block)
+
+    def write_columns(self, ds: h5py.Dataset, start: int, block: np.ndarray) -> None:
+        """Write ds[:, start:start+block.shape[1]] in the background, as write_rows does rows."""
+        check_interrupt()
+        self._wait_write()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbnorm-write")
+        self._pending = self._writer.submit(ds.__setitem__, (slice(None), slice(start, start + block.shape[1])),
+                                            block)
 
     def _wait_write(self) -> None:
         pending, self._pending = self._pending, None
@@ -253,6 +264,35 @@ def write_json(path, document: dict, *, force: bool, inputs=()) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, _file_mode())
+        with _signals_deferred():
+            check_interrupt()
+            os.replace(tmp, target)
+            tmp = None
+    except OSError as exc:
+        raise RuntimeFailure(f"{target}: write failed: {exc.strerror or one_line(exc)}") from None
+    finally:
+        if tmp is not None:
+            with _signals_deferred():
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+def write_with(path, writer, *, force: bool, inputs=()) -> None:
+    """A file written atomically by `writer(temporary_path)` (a figure, …), under the same rules
+    as OutputFile: beside the target, renamed into place when complete, removed on any failure."""
+    target = Path(path)
+    check_target(target, force, inputs)
+    with _signals_deferred():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".qbnorm-tmp")
+            os.close(fd)
+        except OSError as exc:
+            raise RuntimeFailure(f"{target}: cannot write: {exc.strerror or exc}") from None
+    try:
+        writer(tmp)
         os.chmod(tmp, _file_mode())
         with _signals_deferred():
             check_interrupt()

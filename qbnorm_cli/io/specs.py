@@ -8,7 +8,8 @@ problem in one line.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from os import PathLike
 
@@ -30,6 +31,8 @@ DEFAULT_DATASET = {
     "evaluation": "/ranks",
     "hubness": "/k_occurrence",
 }
+# Root attributes that describe a file's stored orientation: not carried over to a transposed read.
+ORIENTED_ATTRS = ("gallery_rows", "gallery_identity")
 EMBEDDING_KINDS = ("embeddings", "bank")
 SIMILARITY_KINDS = ("similarity",)
 FINGERPRINT_ROWS = 16
@@ -66,12 +69,15 @@ class ArrayInput:
     attrs: dict = field(default_factory=dict)
     h5: h5py.File | None = None
     name: str | None = None
+    transposed: bool = False  # read transposed: `array` is a `Transposed` view of the stored one
 
     @property
     def label(self) -> str:
         if self.path is None:
-            return self.name or "array"
-        return f"{self.path}::{self.dataset}" if self.dataset else self.path
+            base = self.name or "array"
+        else:
+            base = f"{self.path}::{self.dataset}" if self.dataset else self.path
+        return f"{base} (transposed)" if self.transposed else base
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,11 +119,15 @@ class ArrayInput:
         stored as float64, float16 or integers, or handed over as an array, is the same gallery.
         """
         if self.uuid:
-            return f"{self.uuid}:{self.dataset}"
-        digest = hashlib.sha1(repr(self.shape).encode())
-        picks = spread(self.rows, FINGERPRINT_ROWS)
+            return f"{self.uuid}:{self.dataset}" + (":T" if self.transposed else "")
+        array = self.array
+        if self.transposed:  # the stored rows' fingerprint, marked: never a transposed read of the whole
+            array = array.stored if isinstance(array, Transposed) else array.T
+        shape = tuple(array.shape)
+        digest = hashlib.sha1((repr(shape) + (":T" if self.transposed else "")).encode())
+        picks = spread(shape[0], FINGERPRINT_ROWS)
         try:  # one selection: an HDF5 read per row costs a millisecond
-            values = np.asarray(self.array[picks]) if picks else np.empty((0, *self.shape[1:]))
+            values = np.asarray(array[picks]) if picks else np.empty((0, *shape[1:]))
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise DataError(f"{self.label}: cannot read {len(picks)} sample rows ({one_line(exc)})") from None
         with np.errstate(all="ignore"):
@@ -127,10 +137,13 @@ class ArrayInput:
 
     def describe(self) -> dict:
         """The record written into outputs' `inputs` attribute."""
-        return {
+        record = {
             "path": self.path, "dataset": self.dataset, "kind": self.kind,
             "uuid": self.uuid, "identity": self.identity, "shape": list(self.shape),
         }
+        if self.transposed:
+            record["transposed"] = True
+        return record
 
     def read(self, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None,
              finite: bool = True) -> np.ndarray:
@@ -165,6 +178,112 @@ class ArrayInput:
         if self.h5 is not None:
             self.h5.close()
             self.h5 = None
+
+
+TRANSPOSE_TILE = 256
+ROW_READ_BYTES = 8 << 20  # whole stored rows read at a time when a transposed read walks them
+
+
+def transpose_into(out: np.ndarray, a: np.ndarray) -> None:
+    """out[...] = a.T, copied tile by tile (3× faster than one strided copy of a large array:
+    each tile stays in cache)."""
+    step = TRANSPOSE_TILE
+    for i in range(0, a.shape[0], step):
+        for j in range(0, a.shape[1], step):
+            out[j:j + step, i:i + step] = a[i:i + step, j:j + step].T
+
+
+class Transposed:
+    """A stored 2-D array (h5py dataset, memory map) read transposed: view[i, j] = stored[j, i].
+
+    A row block of the view is a column block of the stored array. A contiguous array, or one
+    chunked by whole rows (qbnorm's own outputs, numpy's .npy), is read by whole stored rows, ~8 MiB
+    at a time, keeping the wanted columns (HDF5 would otherwise read a column block row segment by
+    row segment, 10× slower), so every pass over it reads the whole file: the cost of a transposed
+    walk is (number of panels) × (one sequential read of the file). A dataset chunked in tiles is
+    read by column blocks (its chunks of those columns, each once). Blocks smaller than `panel_bytes`
+    are served from a panel of that size read at once (one lock serialises readers, as h5py does
+    anyway); they are copies, so a reader never sees a panel being replaced.
+    """
+
+    ndim = 2
+
+    def __init__(self, stored, panel_bytes: int = 0):
+        self.stored = stored
+        self.shape = (int(stored.shape[1]), int(stored.shape[0]))
+        self.dtype = stored.dtype
+        chunks = getattr(stored, "chunks", None)
+        self.chunks = (int(chunks[1]), int(chunks[0])) if chunks else None
+        self.by_rows = chunks is None or int(chunks[1]) == int(stored.shape[1])
+        self.panel_bytes = int(panel_bytes)
+        self._panel: tuple[int, int, int, int, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """view[r0:r1, c0:c1] = stored[c0:c1, r0:r1].T, C-contiguous (into `out` if given)."""
+        if out is None:
+            out = np.empty((r1 - r0, c1 - c0), dtype=self.dtype)
+        if not self.by_rows:
+            transpose_into(out, np.asarray(self.stored[c0:c1, r0:r1]))
+            return out
+        chunk = self.chunks[1] if self.chunks else 1
+        step = max(1, ROW_READ_BYTES // max(1, self.stored.shape[1] * self.dtype.itemsize))
+        step = max(chunk, step // chunk * chunk)
+        for a in range(c0, c1, step):
+            b = min(c1, a + step)
+            transpose_into(out[:, a - c0:b - c0], np.asarray(self.stored[a:b])[:, r0:r1])
+        return out
+
+    def _block(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        width = max(c1 - c0, 1) * self.dtype.itemsize
+        rows = self.panel_bytes // width
+        if rows <= 2 * (r1 - r0):  # a panel would not save a pass
+            return self._read(r0, r1, c0, c1)
+        with self._lock:
+            panel = self._panel
+            if panel is None or not (panel[0] <= r0 and r1 <= panel[1] and panel[2] == c0 and panel[3] == c1):
+                end = min(self.shape[0], r0 + rows)
+                shape = (end - r0, c1 - c0)
+                # the panels' memory is reused (tiles leave as copies): touching fresh pages for every
+                # panel costs as much as reading it
+                buffer = panel[4] if panel is not None and panel[4].shape == shape else None
+                self._panel = None
+                panel = (r0, end, c0, c1, self._read(r0, end, c0, c1, buffer))
+                self._panel = panel
+            return panel[4][r0 - panel[0]:r1 - panel[0]].copy()
+
+    def __getitem__(self, key):
+        if key is Ellipsis or (isinstance(key, tuple) and not key):
+            return self._read(0, self.shape[0], 0, self.shape[1])
+        rows, cols = (key if isinstance(key, tuple) else (key, slice(None)))
+        c0, c1, step = cols.indices(self.shape[1]) if isinstance(cols, slice) else (None, None, None)
+        if step not in (None, 1):
+            raise ValueError("a transposed read takes contiguous column ranges")
+        if isinstance(rows, slice):
+            r0, r1, rstep = rows.indices(self.shape[0])
+            if rstep != 1:
+                raise ValueError("a transposed read takes contiguous row ranges")
+            return self._block(r0, max(r0, r1), c0, max(c0, c1))
+        picks = np.asarray(rows, dtype=np.int64)  # ascending row numbers
+        lo, hi = int(picks.min()), int(picks.max()) + 1
+        return self._read(lo, hi, c0, c1)[picks - lo]
+
+
+def transposed(source: ArrayInput, panel_bytes: int = 0) -> ArrayInput:
+    """`source` read transposed (rows ↔ columns); its orientation-bound root attributes are dropped.
+    An array in memory is transposed in place (a numpy view); files, memory maps included, are
+    read through `Transposed`."""
+    if source.transposed:
+        raise UsageError(f"{source.label}: already read transposed")
+    if source.array.ndim != 2:
+        raise DataError(f"{source.label}: only a 2-D array can be read transposed")
+    in_memory = isinstance(source.array, np.ndarray) and not isinstance(source.array, np.memmap)
+    array = source.array.T if in_memory else Transposed(source.array, panel_bytes)
+    attrs = {k: v for k, v in source.attrs.items() if k not in ORIENTED_ATTRS}
+    return replace(source, array=array, attrs=attrs, transposed=True)
 
 
 def open_npy(path: str) -> np.ndarray:
@@ -232,10 +351,13 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
         raise
 
 
-def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tuple[int, ...] = (2,)) -> ArrayInput:
+def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tuple[int, ...] = (2,),
+             transpose: bool = False, panel_bytes: int = 0) -> ArrayInput:
     """What a caller passed as parameter `name`, as an ArrayInput: a `PATH[::/dataset]` string or
     path, an h5py.Dataset, an ArrayInput, or an array (numpy arrays and memory maps are read in
-    place, without a copy)."""
+    place, without a copy). `transpose`: read it transposed (`transposed`)."""
+    if transpose:
+        return transposed(as_input(value, name, kinds=kinds, ndim=ndim), panel_bytes)
     if isinstance(value, ArrayInput):
         return value
     if isinstance(value, (str, PathLike)):
