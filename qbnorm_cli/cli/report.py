@@ -45,7 +45,8 @@ class Reporter:
         silence on success: a cron job's owner reads the warnings from the output or the JSON)."""
         self.warnings.append(message)
         if not self.quiet:
-            print(f"qbnorm: warning: {message}", file=sys.stderr)
+            text = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a damaged file's bytes
+            print(f"qbnorm: warning: {text}", file=sys.stderr)
 
     @contextmanager
     def capture(self):

@@ -123,13 +123,13 @@ def root_kind(h5: h5py.File) -> str | None:
             return None
         version = h5.attrs.get("qbnorm_version")
     kind = plain(kind)
-    if not isinstance(kind, str):
-        raise DataError(f"{path}: attribute qbnorm_kind: expected a string, got {_shown(kind)}; the file is damaged")
+    if not isinstance(kind, str) or not kind.isprintable() or not kind.isascii():
+        raise DataError(f"{path}: attribute qbnorm_kind: expected a string, got {shown(kind)}; the file is damaged")
     version = plain(version)
     if version is None:
         raise DataError(f"{path}: attribute qbnorm_version: missing; the file is damaged")
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
-        raise DataError(f"{path}: attribute qbnorm_version: expected a whole number, got {_shown(version)}; "
+        raise DataError(f"{path}: attribute qbnorm_version: expected a whole number, got {shown(version)}; "
                         "the file is damaged")
     if version > FORMAT_VERSION:
         raise DataError(
@@ -149,9 +149,9 @@ def list_datasets(h5: h5py.File) -> list[str]:
     return names
 
 
-def _shown(value, limit: int = 40) -> str:
-    """A value inside a message: repr, shortened."""
-    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+def shown(value, limit: int = 40) -> str:
+    """A value inside a message: its repr (ASCII, whatever bytes a damaged file holds), shortened."""
+    text = ascii(value.tolist() if isinstance(value, np.ndarray) else value)
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
@@ -183,17 +183,25 @@ def _attribute_bytes(value) -> bytes:
     return f"a{array.dtype.str}{array.shape}".encode() + np.ascontiguousarray(array).tobytes()
 
 
-def attribute_checksums(h5: h5py.File) -> dict[str, str]:
+def all_attributes(h5: h5py.File) -> dict[str, dict]:
+    """{'/': root attributes, '/DATASET': its attributes, …}, values as h5py reads them (one pass;
+    HDF5 errors propagate: callers read inside `reading`)."""
+    objects = {"/": h5}
+    h5.visititems(lambda name, obj: objects.__setitem__("/" + name, obj) if isinstance(obj, h5py.Dataset) else None)
+    return {name: {key: obj.attrs[key] for key in obj.attrs} for name, obj in objects.items()}
+
+
+def attribute_checksums(h5: h5py.File, attributes: dict[str, dict] | None = None) -> dict[str, str]:
     """{'OBJECT:NAME': checksum} of every attribute of the file and its datasets (but this one),
-    written by qbnorm once a file is complete and compared by readers (`schemas.check`)."""
-    objects = [("/", h5)]
-    h5.visititems(lambda name, obj: objects.append(("/" + name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    written by qbnorm once a file is complete and compared by readers (`schemas.check`);
+    `attributes`: what `all_attributes` read, when the caller has it."""
+    attributes = all_attributes(h5) if attributes is None else attributes
     out = {}
-    for name, obj in objects:
-        for key in sorted(obj.attrs):
+    for name, attrs in attributes.items():
+        for key in sorted(attrs):
             if name == "/" and key == ATTRIBUTE_CHECKSUMS:
                 continue
-            out[f"{name}:{key}"] = hashlib.blake2b(_attribute_bytes(obj.attrs[key]), digest_size=8).hexdigest()
+            out[f"{name}:{key}"] = hashlib.blake2b(_attribute_bytes(attrs[key]), digest_size=8).hexdigest()
     return out
 
 

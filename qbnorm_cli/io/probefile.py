@@ -23,7 +23,7 @@ from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurre
 from qbnorm_cli.errors import UsageError, param
 from qbnorm_cli.io import schemas
 from qbnorm_cli.io.atomic import OutputFile
-from qbnorm_cli.io.hdf5 import has_checksum, open_qbnorm, read_attrs, reading
+from qbnorm_cli.io.hdf5 import has_checksum, open_qbnorm, reading
 from qbnorm_cli.methods import DEFAULT_BETA
 
 SORTED = "/sorted_bank_scores"
@@ -122,11 +122,10 @@ class Probe:
         h5 = open_qbnorm(str(path), "probe")
         try:
             layout = schemas.check(h5, "probe", str(path))
-            attrs = read_attrs(h5)
         except BaseException:
             h5.close()
             raise
-        return cls(h5, attrs, path=str(path), params=layout.params, inputs=layout.inputs,
+        return cls(h5, layout.root_attrs, path=str(path), params=layout.params, inputs=layout.inputs,
                    warnings=layout.attrs.get("warnings", []), layout=layout)
 
     def close(self) -> None:

@@ -38,7 +38,16 @@ import numpy as np
 from qbnorm_cli import methods
 from qbnorm_cli.core.scale import SCALE_TEXT
 from qbnorm_cli.errors import DataError
-from qbnorm_cli.io.hdf5 import ATTRIBUTE_CHECKSUMS, HDF5_ERRORS, attribute_checksums, has_checksum, plain, reading
+from qbnorm_cli.io.hdf5 import (
+    ATTRIBUTE_CHECKSUMS,
+    HDF5_ERRORS,
+    all_attributes,
+    attribute_checksums,
+    has_checksum,
+    plain,
+    reading,
+    shown,
+)
 
 FLOATS = ("<f4", "<f8")
 INTS = ("<i4", "<i8")
@@ -136,6 +145,12 @@ class Layout:
     inputs: list
     data_attrs: dict[str, dict] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # dimension → what bound it
+    raw: dict[str, dict] = field(default_factory=dict)     # every object's attributes as h5py read them
+
+    @property
+    def root_attrs(self) -> dict:
+        """Every root attribute as a plain Python value (what readers look up: uuid, gallery_rows …)."""
+        return {key: plain(value) for key, value in self.raw.get("/", {}).items()}
 
     def label(self, name: str | None = None) -> str:
         return f"{self.path}::{name}" if name and name != "/" else self.path
@@ -220,18 +235,24 @@ def _check_values(spec: Data, block: np.ndarray, layout: Layout | None, r0: int 
 
 # --- attributes ----------------------------------------------------------------------------------
 
-def _shown(value, limit: int = 40) -> str:
-    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a number")
 
 
-def _json(value, name: str):
+def _text(value) -> bool:
+    """A string that is valid text (h5py decodes damaged UTF-8 into surrogates)."""
     if not isinstance(value, str):
-        raise Damaged(None, f"attribute {name}: expected JSON text, got {_shown(value)}")
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json(value, name: str):
+    if not _text(value):
+        raise Damaged(None, f"attribute {name}: expected JSON text, got {shown(value)}")
     try:
         return json.loads(value, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
@@ -246,10 +267,10 @@ def attr_value(attr: Attr, raw, where: str | None):
     """An attribute's value checked against its declaration (the parsed value for JSON)."""
     value = plain(raw)
     name = attr.name
-    bad = lambda what: Damaged(where, f"attribute {name}: expected {what}, got {_shown(value)}")
+    bad = lambda what: Damaged(where, f"attribute {name}: expected {what}, got {shown(value)}")
     if attr.type == "str":
-        if not isinstance(value, str):
-            raise bad("a string")
+        if not _text(value):
+            raise bad("a string of text")
         if attr.choices is not None and value not in attr.choices:
             raise bad(f"one of {', '.join(attr.choices)}")
         return value
@@ -286,10 +307,8 @@ def attr_value(attr: Attr, raw, where: str | None):
     return parsed
 
 
-def _read_attrs(obj, decls: tuple[Attr, ...], where: str | None, layout: Layout, label: str) -> dict:
-    with reading(label, "its attributes"):
-        present = set(obj.attrs.keys())
-        raws = {a.name: obj.attrs[a.name] for a in decls if a.name in present}
+def _read_attrs(raws: dict, decls: tuple[Attr, ...], where: str | None, layout: Layout) -> dict:
+    """The declared attributes of one object (`raws`: all its attributes as h5py read them)."""
     out = {}
     for attr in decls:
         if attr.name not in raws:
@@ -328,7 +347,7 @@ def _check_dataset(h5: h5py.File, spec: Data, layout: Layout) -> None:
         raise Damaged(spec.name, f"expected a {want} array, got shape {shape}")
     if dtype.str not in spec.dtypes or not _standard_type(obj):
         raise Damaged(spec.name, f"dtype {dtype} ({dtype.str}) is not one of {', '.join(spec.dtypes)}")
-    layout.data_attrs[spec.name] = _read_attrs(obj, spec.attrs, spec.name, layout, label)
+    layout.data_attrs[spec.name] = _read_attrs(layout.raw.get(spec.name, {}), spec.attrs, spec.name, layout)
     for axis, (dim, size) in enumerate(zip(spec.shape, shape, strict=True)):
         if isinstance(dim, int):
             if size != dim:
@@ -367,8 +386,7 @@ def _check_integrity(h5: h5py.File, layout: Layout, names: list[str]) -> None:
             raise Damaged(name, f"{expected - len(masks)} of its {expected} chunks are missing")
         if any(masks):
             raise Damaged(name, "a chunk skips its checksum")
-    with reading(layout.path, "its attributes"):
-        found = attribute_checksums(h5)
+    found = attribute_checksums(h5, layout.raw)
     for key, value in recorded.items():
         obj, _, attr = key.rpartition(":")
         where = None if obj == "/" else obj
@@ -384,15 +402,17 @@ def check(h5: h5py.File, kind: str, path: str | None = None) -> Layout:
     schema = SCHEMAS[kind]
     layout = Layout(path, schema, {}, {}, {}, [])
     try:
+        with reading(path, "its attributes"):
+            layout.raw = all_attributes(h5)
         checksums = Attr(ATTRIBUTE_CHECKSUMS, "json-object")
-        layout.attrs = _read_attrs(h5, COMMON + schema.attrs + (checksums,), None, layout, path)
+        layout.attrs = _read_attrs(layout.raw["/"], COMMON + schema.attrs + (checksums,), None, layout)
         layout.params = layout.attrs.get("params", {})
         layout.inputs = layout.attrs.get("inputs", [])
         for key, dim in schema.params.items():
             value = layout.params.get(key)
             if value is not None:
                 if not isinstance(value, int) or isinstance(value, bool):
-                    raise Damaged(None, f"attribute params: {key} {_shown(value)} is not a whole number")
+                    raise Damaged(None, f"attribute params: {key} {shown(value)} is not a whole number")
                 layout.bind(dim, value, f"params {key}", None)
         with reading(path, "its list of datasets"):
             present = {name for name in (d.name for d in schema.datasets) if name in h5}
@@ -445,7 +465,7 @@ def _params_agree(layout: Layout, key: str, dataset: str, attr: str) -> None:
     if recorded is None or have is None:
         return
     if not isinstance(recorded, list) or not _same_numbers(recorded, have):
-        raise Damaged(dataset, f"attribute {attr} {_shown(have)} but params {key} is {_shown(recorded)}")
+        raise Damaged(dataset, f"attribute {attr} {shown(have)} but params {key} is {shown(recorded)}")
 
 
 def _probe_relations(layout: Layout) -> None:
@@ -456,18 +476,18 @@ def _probe_relations(layout: Layout) -> None:
     k = layout.params.get("k")
     count_k = layout.data_attrs.get("/activation_count", {}).get("k")
     if k is not None and count_k is not None and k != count_k:
-        raise Damaged("/activation_count", f"attribute k {count_k} but params k is {_shown(k)}")
+        raise Damaged("/activation_count", f"attribute k {count_k} but params k is {shown(k)}")
     kmax = layout.dims.get("kmax")
     recorded = layout.params.get("kmax")
     if recorded is not None and (not isinstance(recorded, int) or min(recorded, layout.dims["G"]) != kmax):
-        raise Damaged("/bank_neighbors", f"{kmax} neighbours per bank row but params kmax is {_shown(recorded)} "
+        raise Damaged("/bank_neighbors", f"{kmax} neighbours per bank row but params kmax is {shown(recorded)} "
                                          f"(for a gallery of {layout.dims['G']})")
     if count_k is not None and kmax is not None and count_k > kmax:
         raise Damaged("/activation_count", f"attribute k {count_k} exceeds the {kmax} neighbours kept per bank row")
     recorded = layout.params.get("similarity")
     if recorded is not None and recorded != layout.attrs.get("similarity"):
         raise Damaged(None, f"attribute similarity {layout.attrs.get('similarity')!r} but params similarity is "
-                            f"{_shown(recorded)}")
+                            f"{shown(recorded)}")
     keep = layout.params.get("keep_sorted")
     if isinstance(keep, bool) and keep != ("/sorted_bank_scores" in layout.data_attrs):
         raise Damaged("/sorted_bank_scores", "missing (params keep_sorted is true)" if keep else
@@ -482,7 +502,7 @@ def _recorded_shape(layout: Layout, position: int) -> tuple[int, int] | None:
     shape = matrices[position].get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and not isinstance(n, bool)
                                                                 for n in shape)):
-        raise Damaged(None, f"attribute inputs: the shape of input {position} is {_shown(shape)}, not two whole "
+        raise Damaged(None, f"attribute inputs: the shape of input {position} is {shown(shape)}, not two whole "
                             "numbers")
     return shape[0], shape[1]
 
@@ -490,11 +510,11 @@ def _recorded_shape(layout: Layout, position: int) -> tuple[int, int] | None:
 def _scores_relations(layout: Layout) -> None:
     method = layout.params.get("method")
     if method is not None and method != layout.attrs.get("method"):
-        raise Damaged(None, f"attribute method {layout.attrs.get('method')!r} but params method is {_shown(method)}")
+        raise Damaged(None, f"attribute method {layout.attrs.get('method')!r} but params method is {shown(method)}")
     ranking = layout.schema.kind == "ranking"
     gallery, listed = layout.dims.get("G"), layout.dims.get("listed")
     if ranking and "top_k" in layout.params and layout.params["top_k"] != listed:
-        raise Damaged("/neighbors", f"{listed} items per query but params top_k is {_shown(layout.params['top_k'])}")
+        raise Damaged("/neighbors", f"{listed} items per query but params top_k is {shown(layout.params['top_k'])}")
     if ranking and listed > gallery:
         raise Damaged(None, f"attribute gallery_rows {gallery} is smaller than the {listed} items listed per query")
     # the inputs it was made from: precomputed scores (queries × gallery), or queries and gallery embeddings

@@ -245,7 +245,7 @@ def dataset_input(h5: h5py.File, path: str, dataset: str | None, ndim: tuple[int
         check_array(arr, f"{path}::{dataset}", ndim)
     except HDF5_ERRORS as exc:
         raise damaged(f"{path}::{dataset}" if dataset else path, exc) from None
-    attrs = read_attrs(h5, path)
+    attrs = layout.root_attrs if layout is not None else read_attrs(h5, path)
     return ArrayInput(spec or f"{path}::{dataset}", path, dataset, arr, kind=kind, attrs=attrs,
                       h5=h5 if owner else None, layout=layout)
 
