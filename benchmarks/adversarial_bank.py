@@ -16,7 +16,8 @@ import argparse
 
 import numpy as np
 
-from qbnorm_cli.io.files import OutputFile, open_array
+from qbnorm_cli.io.atomic import OutputFile
+from qbnorm_cli.io.specs import open_array
 
 
 def raw_top1(queries: np.ndarray, gallery: np.ndarray, block: int = 4096) -> np.ndarray:

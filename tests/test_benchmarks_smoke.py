@@ -105,3 +105,11 @@ def test_the_measured_package_is_byte_compiled(monkeypatch):
     compile_package()
     modules = sorted((ROOT / "qbnorm_cli").rglob("*.py"))
     assert modules and all(Path(importlib.util.cache_from_source(m)).is_file() for m in modules)
+
+
+def test_checksum_cost_script():
+    """benchmarks/checksums.py (standalone, issue 15): the filter-alone measurement at tiny size."""
+    proc = subprocess.run([sys.executable, "benchmarks/checksums.py", "io", "--tiny"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "write without" in proc.stdout and "read  without" in proc.stdout

@@ -283,6 +283,8 @@ def load_params(path) -> dict:
     if version > FORMAT_VERSION:
         raise DataError(f"{where}: qbnorm_version {version} is newer than this qbnorm supports")
     method = doc.get("method")
+    if method is None:
+        raise damaged("method is missing")
     if not isinstance(method, str) or method not in registry.METHODS:
         raise damaged(f"unknown method {method!r} (choose one of {', '.join(registry.METHODS)})")
     used = registry.METHODS[method].parameters
@@ -299,7 +301,7 @@ def load_params(path) -> dict:
         try:
             out[name] = spec.check(value)
         except UsageError as exc:
-            raise damaged(f"{name} {exc.render().partition(': ')[2] or value}") from None
+            raise damaged(exc.render()) from None
     validation = doc.get("validation", {})
     if not isinstance(validation, dict):
         raise damaged(f"validation {_shown(validation)} is not an object")

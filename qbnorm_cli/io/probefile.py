@@ -149,7 +149,8 @@ class Probe:
         if self.layout is None:
             return np.asarray(self.datasets[name][key])
         ds = self.datasets[name]
-        with reading(self.layout.label(name), checksummed=has_checksum(ds), remedy=self.layout.schema.remedy):
+        what = "its values" if key == () else f"rows {row}:"
+        with reading(self.layout.label(name), what, checksummed=has_checksum(ds), remedy=self.layout.schema.remedy):
             block = np.asarray(ds[key])
         self.layout.check_block(name, block, row)
         return block

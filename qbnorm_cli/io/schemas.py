@@ -159,9 +159,10 @@ class Layout:
         return DataError(f"{self.label(where)}: {problem}; the file is damaged: {self.schema.remedy}")
 
     def check_block(self, name: str, block: np.ndarray, r0: int = 0, c0: int = 0) -> None:
-        """The declared values of rows r0: (columns c0:) of dataset `name`, as a reader streams them."""
+        """The declared values of rows r0: (columns c0:) of dataset `name`, as a reader streams them
+        (nothing to do for datasets whose values were checked when the file was opened)."""
         spec = self.schema.data(name)
-        if spec is None or spec.values is None:
+        if spec is None or spec.values is None or spec.at_open:
             return
         try:
             _check_values(spec, block, self, r0, c0)
@@ -474,9 +475,11 @@ def _probe_relations(layout: Layout) -> None:
     if "/gallery_log_norm" in layout.data_attrs:
         _params_agree(layout, "gallery_betas", "/gallery_log_norm", "betas")
     k = layout.params.get("k")
+    for name in ("/activation_count", "/gallery_activation_count"):
+        count_k = layout.data_attrs.get(name, {}).get("k")
+        if k is not None and count_k is not None and k != count_k:
+            raise Damaged(name, f"attribute k {count_k} but params k is {shown(k)}")
     count_k = layout.data_attrs.get("/activation_count", {}).get("k")
-    if k is not None and count_k is not None and k != count_k:
-        raise Damaged("/activation_count", f"attribute k {count_k} but params k is {shown(k)}")
     kmax = layout.dims.get("kmax")
     recorded = layout.params.get("kmax")
     if recorded is not None and (not isinstance(recorded, int) or min(recorded, layout.dims["G"]) != kmax):
@@ -509,8 +512,10 @@ def _recorded_shape(layout: Layout, position: int) -> tuple[int, int] | None:
 
 def _scores_relations(layout: Layout) -> None:
     method = layout.params.get("method")
-    if method is not None and method != layout.attrs.get("method"):
-        raise Damaged(None, f"attribute method {layout.attrs.get('method')!r} but params method is {shown(method)}")
+    if method is not None and "method" not in layout.attrs:
+        raise Damaged(None, f"attribute method: missing (params method is {shown(method)})")
+    if method is not None and method != layout.attrs["method"]:
+        raise Damaged(None, f"attribute method {layout.attrs['method']!r} but params method is {shown(method)}")
     ranking = layout.schema.kind == "ranking"
     gallery, listed = layout.dims.get("G"), layout.dims.get("listed")
     if ranking and "top_k" in layout.params and layout.params["top_k"] != listed:

@@ -9,6 +9,7 @@ import numpy as np
 
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError
+from qbnorm_cli.io.hdf5 import reading, shown
 from qbnorm_cli.io.specs import ArrayInput, as_input, dataset_input
 from qbnorm_cli.io.validate import check_finite
 
@@ -82,9 +83,10 @@ def open_scores(value, name: str = "scores") -> ScoreFile:
         return ScoreFile(scores, neighbors, int(value.gallery_rows))
     first = as_input(value, name, kinds=SCORE_KINDS)
     h5 = first.h5
-    ranking = first.kind == "ranking" or (
-        first.kind is None and h5 is not None and first.dataset == "/neighbors" and "/scores" in h5
-    )
+    with reading(first.label, "its list of datasets"):
+        ranking = first.kind == "ranking" or (
+            first.kind is None and h5 is not None and first.dataset == "/neighbors" and "/scores" in h5
+        )
     if not ranking:
         if first.dtype.kind not in "fiu":
             raise DataError(f"{first.label}: dtype {first.dtype} is not a score type")
@@ -101,7 +103,9 @@ def open_scores(value, name: str = "scores") -> ScoreFile:
         raise DataError(f"{neighbors.label}: neighbour indices must be integers, not {neighbors.dtype}")
     if neighbors.shape != scores.shape:
         raise DataError(f"{first.path}: /neighbors {neighbors.shape} and /scores {scores.shape} differ in shape")
-    gallery = first.attrs.get("gallery_rows")
+    gallery = first.attrs.get("gallery_rows")  # a qbnorm file's is checked by its schema; a foreign one's here
+    if isinstance(gallery, float) and gallery.is_integer():
+        gallery = int(gallery)
     if gallery is not None and (isinstance(gallery, bool) or not isinstance(gallery, int) or gallery < 1):
-        raise DataError(f"{first.path}: attribute gallery_rows: expected a positive whole number, got {gallery!r}")
+        raise DataError(f"{first.path}: attribute gallery_rows: expected a positive whole number, got {shown(gallery)}")
     return ScoreFile(scores, neighbors, gallery)
