@@ -188,12 +188,20 @@ class Battery:
                 with open(os.environ["QBNORM_DAMAGE_LOG"], "a", encoding="utf-8") as fh:
                     fh.write(f"{what}\n")
 
-    def library(self, kind: str, damage: str, path: Path) -> None:
-        """Kinds no command reads (evaluation, hubness): opened as an input, checked by its schema."""
+    def library(self, kind: str, damage: str, path: Path, reference: dict) -> None:
+        """Kinds no command reads (evaluation, hubness): each dataset opened as an input (the
+        schema checked) and read whole; a DataError, or values identical to the undamaged file's."""
         self.count += 1
         try:
-            open_array(str(path), ndim=(1, 2, 3)).close()
-            outcome = "opened"
+            found = {}
+            for name in reference:
+                source = open_array(f"{path}::/{name}", ndim=(1, 2, 3))
+                values = source.read_raw()
+                source.close()
+                found[name] = (values.dtype.str, values.shape, values.tobytes())
+            outcome = "read, identical"
+            if found != reference:
+                self.failures.append(f"{kind} [{damage}]: read, with other values")
         except DataError as exc:
             outcome = "DataError"
             if "\n" in str(exc) or "internal" in str(exc):
@@ -409,9 +417,10 @@ def test_damage_of_files_only_the_library_opens(made, capsys, tmp_path, kind):
     battery = Battery(made, capsys, tmp_path)
     src = made["library_only"][kind]
     rng = np.random.default_rng([200, len(kind)])
+    reference = datasets(src)
     damaged = [(d, p) for d, _, p in structured_damage(src, tmp_path, rng)]
     for damage, path in [*damaged, *byte_damage(src, tmp_path, rng, SCALE)]:
-        battery.library(kind, damage, path)
+        battery.library(kind, damage, path, reference)
         path.unlink()
     battery.report(f"damage of {kind}")
     assert not battery.failures, "\n".join(battery.failures)

@@ -146,6 +146,7 @@ class Layout:
     data_attrs: dict[str, dict] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # dimension → what bound it
     raw: dict[str, dict] = field(default_factory=dict)     # every object's attributes as h5py read them
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # the datasets read whole when opened
 
     @property
     def root_attrs(self) -> dict:
@@ -359,6 +360,7 @@ def _check_dataset(h5: h5py.File, spec: Data, layout: Layout) -> None:
         with reading(label, "its values", checksummed=has_checksum(obj), remedy=layout.schema.remedy):
             values = obj[()]
         _check_values(spec, values, layout)
+        layout.values[spec.name] = values
 
 
 def _chunk_masks(ds: h5py.Dataset) -> list[int]:
@@ -562,17 +564,38 @@ def _evaluation_relations(layout: Layout) -> None:
             raise Damaged(None if name == "metrics" else "/ranks", f"attribute {name} lists {len(value)} inputs "
                                                                     f"but /ranks has {n}")
     valid = layout.attrs.get("valid_queries")
-    if valid is not None and valid > layout.dims.get("Q", 0):
-        raise Damaged(None, f"attribute valid_queries {valid} exceeds the {layout.dims.get('Q')} queries")
+    ranks = layout.values.get("/ranks")
+    if valid is not None and ranks is not None:  # NaN marks a masked query: the others are valid
+        counts = (~np.isnan(ranks)).sum(axis=1)
+        if (counts != valid).any():
+            row = int(np.argmax(counts != valid))
+            raise Damaged("/ranks", f"input {row} has {int(counts[row])} ranked queries but attribute valid_queries "
+                                    f"is {valid}")
+    if ranks is not None and (ranks < 0).any():
+        where = _element(layout.schema.data("/ranks"), layout, _first(ranks < 0))
+        raise Damaged("/ranks", f"a negative rank at {where}")
 
 
 def _hubness_relations(layout: Layout) -> None:
     n = layout.dims.get("inputs")
-    for name, value in (("measures", layout.attrs.get("measures")),
-                        ("rows", layout.data_attrs.get("/k_occurrence", {}).get("rows"))):
+    measures = layout.attrs.get("measures")
+    for name, value in (("measures", measures), ("rows", layout.data_attrs.get("/k_occurrence", {}).get("rows"))):
         if value is not None and len(value) != n:
             raise Damaged(None if name == "measures" else "/k_occurrence",
                           f"attribute {name} lists {len(value)} inputs but /k_occurrence has {n}")
+    counts, ks = layout.values.get("/k_occurrence"), layout.data_attrs.get("/k_occurrence", {}).get("ks")
+    if measures is None or counts is None or ks is None:
+        return
+    for i, record in enumerate(measures):  # a query has at most k items in its top k (fewer: −1 slots)
+        queries = record.get("queries") if isinstance(record, dict) else None
+        if not isinstance(queries, int):
+            raise Damaged(None, f"attribute measures: input {i} records no number of queries")
+        for j, k in enumerate(ks):
+            row = counts[i, j]
+            total = int(np.where(row > 0, row, 0).sum())
+            if row.max(initial=0) > queries or total > int(k) * queries:
+                raise Damaged("/k_occurrence", f"input {i} at k={int(k)}: the counts (largest {int(row.max())}, sum "
+                                               f"{total}) exceed what {queries} queries can give")
 
 
 # --- the schemas ---------------------------------------------------------------------------------
