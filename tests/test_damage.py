@@ -15,7 +15,8 @@ The battery makes small valid files of every kind with the CLI, then damages cop
 
 QBNORM_DAMAGE_SCALE=N multiplies the number of random positions (the suite runs 1), and
 QBNORM_DAMAGE_EVERY_CONSUMER=1 runs each byte-damaged copy through every consumer of its kind
-(the suite: one, in turn; a structured damage of a dataset goes to those that read it); the
+(the suite: one, in turn; a structured damage of a dataset goes to those that read it),
+QBNORM_DAMAGE_SEED=S draws other random positions, QBNORM_DAMAGE_KEEP=DIR keeps what failed; the
 statistics of a run are printed (pytest -s) and written to $QBNORM_DAMAGE_REPORT when set, every
 run's outcome and message to $QBNORM_DAMAGE_LOG.
 """
@@ -40,6 +41,7 @@ from qbnorm_cli.io.specs import open_array
 
 SCALE = int(os.environ.get("QBNORM_DAMAGE_SCALE", "1"))
 EVERY_CONSUMER = os.environ.get("QBNORM_DAMAGE_EVERY_CONSUMER") == "1"  # byte damage: not one in turn
+SEED = int(os.environ.get("QBNORM_DAMAGE_SEED", "0"))  # other random positions (exploration)
 G, B, H, Q, D = 30, 40, 20, 12, 8
 LEGACY = Path(__file__).parent / "fixtures" / "legacy-v1"
 
@@ -172,6 +174,7 @@ class Battery:
             if code == 0:
                 if err or datasets(out) != self.made["reference"][kind, name]:
                     self.failures.append(f"{what} (exit 0 with a different result)")
+                    self.keep(path, out)
                 outcome = "exit 0, identical"
                 out.unlink()
             elif code in (1, 2, 3):
@@ -188,6 +191,16 @@ class Battery:
                 with open(os.environ["QBNORM_DAMAGE_LOG"], "a", encoding="utf-8") as fh:
                     fh.write(f"{what}\n")
 
+    def keep(self, *paths: Path) -> None:
+        """Copies of what failed, with the undamaged files, into $QBNORM_DAMAGE_KEEP (exploration)."""
+        keep = os.environ.get("QBNORM_DAMAGE_KEEP")
+        if keep:
+            target = Path(keep) / f"{self.work.name}-{self.count}"
+            target.mkdir(parents=True, exist_ok=True)
+            for path in paths:
+                shutil.copy(path, target / path.name)
+            shutil.copytree(self.made["root"], target / "valid", dirs_exist_ok=True)
+
     def library(self, kind: str, damage: str, path: Path, reference: dict) -> None:
         """Kinds no command reads (evaluation, hubness): each dataset opened as an input (the
         schema checked) and read whole; a DataError, or values identical to the undamaged file's."""
@@ -202,6 +215,7 @@ class Battery:
             outcome = "read, identical"
             if found != reference:
                 self.failures.append(f"{kind} [{damage}]: read, with other values")
+                self.keep(path)
         except DataError as exc:
             outcome = "DataError"
             if "\n" in str(exc) or "internal" in str(exc):
@@ -404,7 +418,7 @@ def test_structured_damage(made, capsys, tmp_path, kind):
 @pytest.mark.parametrize("kind", HDF5_KINDS)
 def test_byte_damage(made, capsys, tmp_path, kind):
     battery = Battery(made, capsys, tmp_path)
-    rng = np.random.default_rng([100, HDF5_KINDS.index(kind)])
+    rng = np.random.default_rng([100, HDF5_KINDS.index(kind), SEED])
     for number, (damage, path) in enumerate(byte_damage(made["files"][kind], tmp_path, rng, SCALE)):
         battery.check(kind, damage, path, turn=None if EVERY_CONSUMER else number)
         path.unlink()
@@ -416,7 +430,7 @@ def test_byte_damage(made, capsys, tmp_path, kind):
 def test_damage_of_files_only_the_library_opens(made, capsys, tmp_path, kind):
     battery = Battery(made, capsys, tmp_path)
     src = made["library_only"][kind]
-    rng = np.random.default_rng([200, len(kind)])
+    rng = np.random.default_rng([200, len(kind), SEED])
     reference = datasets(src)
     damaged = [(d, p) for d, _, p in structured_damage(src, tmp_path, rng)]
     for damage, path in [*damaged, *byte_damage(src, tmp_path, rng, SCALE)]:

@@ -144,7 +144,9 @@ class OutputFile:
 
     def create(self, name: str, data=None, *, shape=None, dtype=None, **attrs) -> h5py.Dataset:
         """A dataset chunked by whole rows of about 1 MiB (one chunk when smaller), each chunk with
-        its Fletcher-32 checksum (no compression: floats barely shrink)."""
+        its Fletcher-32 checksum (no compression: floats barely shrink). Its fill value (what HDF5
+        returns for a chunk its index has lost) is one no reader accepts: NaN, or the smallest
+        integer."""
         check_interrupt()
         self._wait_write()
         if data is not None:
@@ -155,9 +157,10 @@ class OutputFile:
         if checksum:
             row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             chunks = (min(shape[0], chunk_rows(row_bytes)), *shape[1:])
+        fill = np.nan if dtype.kind == "f" else np.iinfo(dtype).min if dtype.kind == "i" else None
         try:
             ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks,
-                                        fletcher32=checksum)
+                                        fletcher32=checksum, fillvalue=fill if checksum else None)
             for key, value in attrs.items():
                 ds.attrs[key] = value
         except OSError as exc:

@@ -188,7 +188,12 @@ def all_attributes(h5: h5py.File) -> dict[str, dict]:
     HDF5 errors propagate: callers read inside `reading`)."""
     objects = {"/": h5}
     h5.visititems(lambda name, obj: objects.__setitem__("/" + name, obj) if isinstance(obj, h5py.Dataset) else None)
-    return {name: {key: obj.attrs[key] for key in obj.attrs} for name, obj in objects.items()}
+    out = {name: {key: obj.attrs[key] for key in obj.attrs} for name, obj in objects.items()}
+    for name, attrs in out.items():
+        for key in attrs:
+            if not isinstance(key, str):  # h5py hands over a name that is not UTF-8 as bytes
+                raise ValueError(f"{name} has an attribute whose name is not text: {shown(key)}")
+    return out
 
 
 def attribute_checksums(h5: h5py.File, attributes: dict[str, dict] | None = None) -> dict[str, str]:

@@ -363,16 +363,18 @@ def _check_dataset(h5: h5py.File, spec: Data, layout: Layout) -> None:
         layout.values[spec.name] = values
 
 
-def _chunk_masks(ds: h5py.Dataset) -> list[int]:
-    """The filter mask of every allocated chunk (a set bit: that filter was skipped for the chunk)."""
-    masks: list[int] = []
-    ds.id.chunk_iter(lambda info: masks.append(info.filter_mask))
-    return masks
+def _chunk_index(ds: h5py.Dataset) -> list[tuple[tuple[int, ...], int]]:
+    """(offset, filter mask) of every allocated chunk (a set mask bit: that filter was skipped)."""
+    found: list[tuple[tuple[int, ...], int]] = []
+    ds.id.chunk_iter(lambda info: found.append((tuple(info.chunk_offset), info.filter_mask)))
+    return found
 
 
 def _check_integrity(h5: h5py.File, layout: Layout, names: list[str]) -> None:
     """A file written with checksums: every dataset has its Fletcher-32 filter and all its chunks
-    (an unallocated chunk reads as zeros without any error), and its attributes are unchanged."""
+    (HDF5 reads a chunk its index does not find as the fill value, with no checksum to fail: a
+    single chunk is looked up here, the chunks of larger datasets read as NaN or the smallest
+    integer, which their readers refuse), and its attributes are unchanged."""
     recorded = layout.attrs.get(ATTRIBUTE_CHECKSUMS)
     if recorded is None:
         return  # written before checksums: read as before
@@ -383,12 +385,23 @@ def _check_integrity(h5: h5py.File, layout: Layout, names: list[str]) -> None:
                 continue
             if not ds.fletcher32 or ds.chunks is None:
                 raise Damaged(name, "the dataset lost its checksum filter")
-            expected = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks, strict=True))
-            masks = _chunk_masks(ds)
-        if len(masks) != expected:
-            raise Damaged(name, f"{expected - len(masks)} of its {expected} chunks are missing")
-        if any(masks):
+            shape, chunks = ds.shape, ds.chunks
+            index = _chunk_index(ds)
+        expected = math.prod(-(-n // c) for n, c in zip(shape, chunks, strict=True))
+        # every chunk on the grid, once: a chunk the index lost (or moved) reads as zeros, unchecked
+        on_grid = {offset for offset, _ in index
+                   if all(o % c == 0 and o < n for o, c, n in zip(offset, chunks, shape, strict=True))}
+        if len(on_grid) != expected or len(index) != expected:
+            raise Damaged(name, f"its chunk index lists {len(on_grid)} of its {expected} chunks"
+                                + (f" and {len(index) - len(on_grid)} others" if len(index) > len(on_grid) else ""))
+        if any(mask for _, mask in index):
             raise Damaged(name, "a chunk skips its checksum")
+        if expected == 1:  # found by the lookup reads use (the index iterates keys the lookup may miss)
+            with reading(layout.label(name), "its chunk index"):
+                try:
+                    ds.id.read_direct_chunk(index[0][0])
+                except RuntimeError:
+                    raise Damaged(name, "its chunk index does not find its chunk") from None
     found = attribute_checksums(h5, layout.raw)
     for key, value in recorded.items():
         obj, _, attr = key.rpartition(":")
