@@ -543,3 +543,24 @@ def test_files_written_before_checksums_still_read(capsys, tmp_path, monkeypatch
     assert run(capsys, *norm, "-o", "tuned.h5", "--params", "params.json")[0] == 0
     for name in ("evaluation.h5", "hubness.h5", "bank.h5", "queries.h5"):
         open_array(name, ndim=(1, 2, 3)).close()
+
+
+def test_a_chunk_the_index_loses_reads_as_values_readers_refuse(tmp_path):
+    """HDF5 returns a dataset's fill value for a chunk its index does not find, with no checksum to
+    fail: qbnorm's fill values are NaN and the smallest integer, which every reader refuses, and a
+    file whose chunks are not all there is refused when it is opened."""
+    from qbnorm_cli.io.atomic import OutputFile
+    from qbnorm_cli.io.specs import as_input
+
+    path = tmp_path / "partial.h5"
+    with OutputFile(str(path), "embeddings", force=False, params={}) as out:
+        ds = out.create("/embeddings", shape=(4096, 512), dtype=np.float32)
+        ints = out.create("/extra", shape=(4096, 512), dtype=np.int32)
+        out.write_rows(ds, 0, np.ones((512, 512), dtype=np.float32))  # the other chunks never written
+        out.write_rows(ints, 0, np.ones((512, 512), dtype=np.int32))
+    with h5py.File(path, "r", locking=False) as h5:
+        assert np.isnan(h5["embeddings"].fillvalue) and h5["extra"].fillvalue == np.iinfo(np.int32).min
+        with pytest.raises(DataError, match=r"non-finite value .* in row 512"):
+            as_input(h5["embeddings"], "gallery").read()
+    with pytest.raises(DataError, match="chunk index lists 1 of its 8 chunks; the file is damaged: convert again"):
+        open_array(str(path))
