@@ -531,7 +531,7 @@ def test_files_written_before_checksums_still_read(capsys, tmp_path, monkeypatch
     assert run(capsys, *norm, "-o", "dense-now.h5")[0] == 0
     assert run(capsys, *norm, "-o", "ranking-now.h5", "--top-k", 5, "--method", "dual-dis")[0] == 0
     assert run(capsys, "probe", "--bank", "bank.h5", "--gallery", "gallery.h5", "--gallery-bank", "gallery_bank.h5",
-               "--keep-sorted", "--topk-mean", 3, "-o", "probe-now.h5", "-q")[0] == 0
+               "--keep-sorted", "--topk-mean", 3, "--similarity", "dot", "-o", "probe-now.h5", "-q")[0] == 0
     for then, now in (("dense.h5", "dense-now.h5"), ("ranking.h5", "ranking-now.h5"), ("probe.h5", "probe-now.h5")):
         assert datasets(then) == datasets(now)
     code, out, err = run(capsys, "evaluate", "dense.h5", "ranking.h5", "--gt", "gt.npy", "--json")
