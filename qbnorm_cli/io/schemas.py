@@ -17,9 +17,11 @@ Datasets of O(gallery) size are read whole and checked at open (checking them co
 to using them); the large ones (score matrices, neighbour lists, sorted bank scores) are checked
 by their readers as they stream (`check_values`, `Layout.check_block`). Files written since
 checksums were introduced are also checked for integrity: every dataset must carry its Fletcher-32
-checksum and all of its chunks, and the attributes must match the `attribute_checksums` qbnorm
-recorded when it wrote the file (HDF5 checksums dataset payloads only). Files of format version 1
-written before that (no checksums) read as before.
+checksum and its chunk index all of its chunks (HDF5 reads a chunk its index misses as the fill
+value, unchecked: single chunks are looked up, larger datasets were written with fill values no
+reader accepts), and the attributes must match the `attribute_checksums` qbnorm recorded when it
+wrote the file (HDF5 checksums dataset payloads only). Files of format version 1 written before
+that (no checksums) read as before.
 
 Every violation is a DataError naming the file, the dataset or attribute and what is wrong, with
 what remakes the file: `probe.h5::/log_norm: NaN at β=20, item 17; the file is damaged: probe again`.
