@@ -77,6 +77,12 @@ class QbnormWarning(UserWarning):
         return self.render()
 
 
+def plain_text(message: str) -> str:
+    """A message with its parameters spelled as the library spells them and no markers (for
+    records: a file's `warnings` attribute, a result's warnings)."""
+    return QbnormError(message).render()
+
+
 def one_line(exc: BaseException) -> str:
     """Another library's exception text as one line (messages here are always one line)."""
     return " ".join(str(exc).split())

@@ -26,6 +26,7 @@ from qbnorm_cli.errors import UsageError, param
 BETA_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 GALLERY_BETA_GRID = (1.0, 2.0, 5.0, 10.0, 20.0)
 SCALED = "scaled"  # a grid that follows the score scale (core.scale.beta_grid)
+WHOLE_MAX = 2**31 - 1  # k and K are stored as 32-bit integers (and no gallery is larger)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Parameter:
     default: float | int | None = None  # None: from the probe (its only β), or required
     minimum: float | None = None         # values must be ≥ this (> 0 when exclusive)
     exclusive: bool = False
+    maximum: int | None = None           # whole numbers: at most this (what a file can record)
 
     def check(self, value):
         """The value as `kind`, or UsageError naming the parameter."""
@@ -53,15 +55,18 @@ class Parameter:
             raise UsageError(f"{param(self.name)} {value}: must be a finite number{bound}")
         if low:
             raise UsageError(f"{param(self.name)} {value}: must be at least {self.minimum:g}")
+        if self.maximum is not None and number > self.maximum:
+            raise UsageError(f"{param(self.name)} {value}: must be at most {self.maximum}")
         return number
 
 
 PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("beta", float, "inverse temperature β of the inverted softmax (β₁ of the dual methods); "
               "default: the probe's", minimum=0, exclusive=True),
-    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1),
+    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1,
+              maximum=WHOLE_MAX),
     Parameter("gallery_beta", float, "β₂ of the gallery bank; default: the probe's", minimum=0, exclusive=True),
-    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1),
+    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, maximum=WHOLE_MAX),
     Parameter("alpha", float, "weight α of the gallery offset", default=0.75),
 )}
 

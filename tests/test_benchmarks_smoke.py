@@ -131,3 +131,11 @@ def test_benchmark_scripts_import():
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         if path.stem != "__main__":
             importlib.import_module(f"benchmarks.{path.stem}")
+
+
+def test_checksum_cost_script():
+    """benchmarks/checksums.py (standalone, issue 15): the filter-alone measurement at tiny size."""
+    proc = subprocess.run([sys.executable, "benchmarks/checksums.py", "io", "--tiny"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "write without" in proc.stdout and "read  without" in proc.stdout

@@ -12,6 +12,8 @@ from helpers import dexter_similarity, run
 
 from qbnorm_cli import FORMAT_VERSION
 from qbnorm_cli.core import hubness as hub
+from qbnorm_cli.core.statistics import occurrence
+from qbnorm_cli.io.probefile import Probe, Stored
 
 
 def by_k(doc, i=0) -> dict:
@@ -95,11 +97,15 @@ def test_usage_errors(tmp_path, capsys):
 
 
 def write_probe(path, neighbors: np.ndarray, gallery_rows: int):
-    with h5py.File(path, "w") as h5:
-        h5.attrs["qbnorm_kind"] = "probe"
-        h5.attrs["qbnorm_version"] = FORMAT_VERSION
-        h5.attrs["gallery_rows"] = gallery_rows
-        h5["bank_neighbors"] = neighbors.astype(np.int32)
+    """A probe file with these bank neighbours (its other statistics are placeholders)."""
+    zeros = np.zeros((1, gallery_rows))
+    datasets = {
+        "/log_norm": Stored(zeros, {"betas": np.array([20.0])}),
+        "/bank_neighbors": Stored(neighbors.astype(np.int32)),
+        "/activation_count": Stored(occurrence(neighbors, 1, gallery_rows), {"k": 1}),
+        "/topk_mean": Stored(zeros, {"ks": np.array([1])}),
+    }
+    Probe(datasets, {"gallery_rows": gallery_rows, "bank_rows": len(neighbors), "similarity": "cosine"}).save(path)
 
 
 def test_probe_bank_side_hubness_and_coverage_warning(tmp_path, capsys):
@@ -110,7 +116,11 @@ def test_probe_bank_side_hubness_and_coverage_warning(tmp_path, capsys):
     rows = by_k(json.loads(out))
     assert rows[1]["coverage_pct"] == tol.approx64(20.0) and rows[2]["coverage_pct"] == tol.approx64(40.0)
     assert rows[1]["max_nk"] == 3 and rows[1]["queries"] == 4
-    assert "warning" in err and "--method dis" in err and "20.0%" in err
+    assert err == ""  # --quiet: the warning is in the JSON document only
+    first, second = json.loads(out)["warnings"]  # top 1 and top 2 cover 20 % and 40 % of the gallery
+    assert "--method dis" in first and "20.0%" in first and "40.0%" in second
+    code, _, err = run(capsys, "hubness", tmp_path / "probe.h5", "--k", 1)
+    assert code == 0 and "qbnorm: warning:" in err and "20.0%" in err
     code, _, err = run(capsys, "hubness", tmp_path / "probe.h5", "--k", 3)
     assert code == 2 and "kmax" in err
     code, _, err = run(capsys, "hubness", tmp_path / "probe.h5", "--k", 1, "--exclude-self")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tolerance as tol
 from conftest import read_h5
@@ -92,3 +94,27 @@ def test_normalise_warns_when_queries_and_bank_scales_differ(tmp_path, cli):
     np.save(tmp_path / "logits.npy", 100 * np.load(tmp_path / "sims.npy"))
     code, _, err = cli("normalise", "--probe", probe, "--sims", tmp_path / "logits.npy", "-o", tmp_path / "x.h5")
     assert code == 0 and "score queries and bank the same way" in err
+
+
+def test_quiet_is_silent_on_success_and_warnings_are_recorded(tmp_path, cli):
+    """--quiet prints nothing, warnings included; they are in the --json document and the output."""
+    _logit_dumps(tmp_path, 100.0)
+    probe = tmp_path / "probe.h5"
+    code, out, err = cli("probe", "--bank-sims", tmp_path / "bank_sims.npy", "-o", probe, "--beta", 20,
+                         "--quiet", "--json")
+    assert code == 0 and err == ""
+    [warning] = json.loads(out)["warnings"]
+    assert warning.startswith("--beta 20 looks wrong")
+    assert json.loads(read_h5(probe)["attrs"]["warnings"]) == [warning.replace("--beta", "beta")]
+    out_file = tmp_path / "is.h5"
+    code, out, err = cli("normalise", "--probe", probe, "--sims", tmp_path / "sims.npy", "-o", out_file,
+                         "--method", "is", "--beta", 20, "-q", "--json")
+    assert code == 0 and err == "" and "--beta 20 looks wrong" in json.loads(out)["warnings"][0]
+    assert "beta 20 looks wrong" in json.loads(read_h5(out_file)["attrs"]["warnings"])[0]
+    np.save(tmp_path / "wide.npy", np.ones((3, 5000), dtype=np.float32))
+    code, out, err = cli("convert", tmp_path / "wide.npy", "-o", tmp_path / "wide.h5", "-q", "--json")
+    assert code == 0 and err == "" and "--kind similarity" in json.loads(out)["warnings"][0]
+    assert "kind='similarity'" in json.loads(read_h5(tmp_path / "wide.h5")["attrs"]["warnings"])[0]
+    code, out, err = cli("convert", tmp_path / "sims.npy", "-o", tmp_path / "quiet.h5", "--json")
+    assert code == 0 and json.loads(out)["warnings"] == []
+    assert json.loads(read_h5(tmp_path / "quiet.h5")["attrs"]["warnings"]) == []

@@ -167,9 +167,12 @@ def test_low_coverage_bank_warns(tmp_path, cli):
     _low_coverage_data(tmp_path)
     code, out, err = cli("probe", "--bank", tmp_path / "adversarial.npy", "--gallery", tmp_path / "gallery.npy",
                          "-o", tmp_path / "adv.h5", "--json", "--quiet")
-    assert code == 0
-    assert "low bank coverage" in err and "--method dis" in err and "re-sample" in err
+    assert code == 0 and err == ""  # --quiet: silent on success, the warning recorded instead
     doc = json.loads(out)
+    [warning] = doc["warnings"]
+    assert "low bank coverage" in warning and "--method dis" in warning and "re-sample" in warning
+    assert json.loads(read_h5(tmp_path / "adv.h5")["attrs"]["warnings"]) == [warning.replace("--method dis",
+                                                                                             "method='dis'")]
     assert doc["coverage"] == 2 / 40 and doc["occurrence_skewness"] > 3
     code, out, err = cli("probe", "--bank", tmp_path / "bank.npy", "--gallery", tmp_path / "gallery.npy",
                          "-o", tmp_path / "ok.h5", "--json")
@@ -189,4 +192,9 @@ def test_bank_diagnostics_pure():
 def test_tune_warns_when_the_bank_is_the_validation_queries(tmp_path, cli):
     code, _, err = cli("tune", *VAL, "--bank", f"{SAMPLE}::/val_queries", "-o", tmp_path / "p.json",
                        "--methods", "is", "--beta", 50, "--quiet")
+    assert code == 0 and err == ""
+    [warning] = json.loads((tmp_path / "p.json").read_text())["warnings"]
+    assert "holds the validation queries" in warning
+    code, _, err = cli("tune", *VAL, "--bank", f"{SAMPLE}::/val_queries", "-o", tmp_path / "p.json", "--force",
+                       "--methods", "is", "--beta", 50)
     assert code == 0 and "holds the validation queries" in err

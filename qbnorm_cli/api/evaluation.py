@@ -15,7 +15,7 @@ from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, UsageError, param
 from qbnorm_cli.io.atomic import OutputFile, jsonable
 from qbnorm_cli.io.groundtruth import ground_truth, query_mask
-from qbnorm_cli.io.hdf5 import check_readable, open_h5, read_attrs
+from qbnorm_cli.io.hdf5 import check_readable, open_h5, root_kind
 from qbnorm_cli.io.probefile import Probe
 from qbnorm_cli.io.scorefiles import ScoreFile, open_scores
 from qbnorm_cli.io.specs import split_spec, transposed
@@ -241,17 +241,15 @@ class _ProbeSubject:
 
     def __init__(self, probe: Probe, name: str):
         self.probe, self.name = probe, name
-        self.neighbors = probe.datasets["/bank_neighbors"] if "/bank_neighbors" in probe.datasets else None
-        if self.neighbors is None:
-            raise DataError(f"{probe.label}: the probe has no /bank_neighbors")
-        self.n_queries, self.n_gallery = self.neighbors.shape[0], probe.n_gallery
+        self.width = probe.kmax()
+        self.n_queries, self.n_gallery = probe.n_bank or len(probe.neighbors(k=1)), probe.n_gallery
         self.label, self.kind = probe.label, "probe"
 
     def check(self, kmax: int, exclude_self: bool) -> None:
         if exclude_self:
             raise UsageError(f"{param('exclude_self=True')}: {self.label} is a probe (bank × gallery); "
                              "the bank is not the gallery")
-        width = self.neighbors.shape[1]
+        width = self.width
         if kmax > width:
             raise UsageError(f"{param('k')} {kmax}: {self.label} keeps the top {width} items per bank query (kmax); "
                              f"probe again with {param('k')} {kmax}")
@@ -259,9 +257,9 @@ class _ProbeSubject:
     def top(self, kmax: int, exclude_self: bool, budget: Budget, advance) -> np.ndarray:
         q = self.n_queries
         out = np.empty((q, kmax), dtype=np.int64)
-        step = budget.rows(self.neighbors.shape[1] * 16, share=0.5, total=q)
+        step = budget.rows(self.width * 16, share=0.5, total=q)
         for r0, r1 in spans(q, step):
-            out[r0:r1] = np.asarray(self.neighbors[r0:r1, :kmax])
+            out[r0:r1] = self.probe.neighbors(rows=slice(r0, r1), k=kmax)
             advance(r1 - r0)
         if out.min() < 0 or out.max() >= self.n_gallery:
             raise DataError(f"{self.label}: bank neighbour indices outside the gallery of {self.n_gallery}")
@@ -312,7 +310,7 @@ def _is_probe_file(spec) -> bool:
         return False  # opening it as scores names the problem
     h5 = open_h5(path)
     try:
-        return read_attrs(h5).get("qbnorm_kind") == "probe"
+        return root_kind(h5) == "probe"
     finally:
         h5.close()
 
@@ -406,11 +404,15 @@ def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False,
     occurrences = [r.pop("k_occurrence") for r in results]
     results = [{"name": name, **r} for name, r in zip(names, results, strict=True)]
     robust = param(f"method={registry.DEFAULT.name!r}")
+    found = []
     for res in results:
         for row in res["by_k"] if res["kind"] == "probe" else ():
             if row["coverage_pct"] < hub.LOW_COVERAGE_PCT:
-                warn(f"{res['name']}: the top {row['k']} of the bank's queries cover only {row['coverage_pct']:.1f}% "
-                     f"of the gallery (< {hub.LOW_COVERAGE_PCT:g}%); use {robust}, enlarge or re-sample the bank")
+                found.append(f"{res['name']}: the top {row['k']} of the bank's queries cover only "
+                             f"{row['coverage_pct']:.1f}% of the gallery (< {hub.LOW_COVERAGE_PCT:g}%); use {robust}, "
+                             "enlarge or re-sample the bank")
+    for message in found:
+        warn(message)
     document = {"k": ks, "exclude_self": exclude_self, "inputs": results}
     if out is not None:
         width = max(s.n_gallery for s in subjects)
@@ -424,6 +426,7 @@ def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False,
             ds.attrs["rows"] = json.dumps(names)
             ds.attrs["description"] = "N_k per input × k × gallery item; −1 pads a smaller gallery"
             out.h5.attrs["measures"] = json.dumps(results)
+            out.warnings = found
         document["output"] = str(output)
         document["uuid"] = out.uuid
     document["occurrences"] = occurrences

@@ -8,7 +8,7 @@ from qbnorm_cli.api.common import check_choice, embeddings, progress_or_none, wa
 from qbnorm_cli.api.normalising import Written
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.sampling import STRATEGIES, sample_indices
-from qbnorm_cli.errors import UsageError, param
+from qbnorm_cli.errors import UsageError, param, plain_text
 from qbnorm_cli.io import foreign
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.specs import as_input, transpose_into
@@ -80,10 +80,13 @@ def convert(source, output, *, kind: str = "embeddings", transpose: bool = False
         as_scores = param("kind='similarity'")
         raise UsageError(f"{param('transpose=True')} writes score matrices transposed; pass {as_scores}")
     n_rows, n_cols = src.shape
+    found = []
     if kind == "embeddings" and n_cols > WIDE:
         as_scores = param("kind='similarity'")
-        warn(f"{src.label} has {n_cols} columns, more than embeddings usually do; "
-             f"if it is a score matrix, convert it with {as_scores}")
+        found.append(f"{src.label} has {n_cols} columns, more than embeddings usually do; "
+                     f"if it is a score matrix, convert it with {as_scores}")
+    for message in found:
+        warn(message)
     source_format = foreign.source_format(src.path) if src.path else "array"
     params = {"kind": kind, "source": src.label, "source_format": source_format, "transpose": transpose,
               "source_dtype": str(src.dtype), "memory": budget.memory, "block_rows": block_rows}
@@ -111,6 +114,7 @@ def convert(source, output, *, kind: str = "embeddings", transpose: bool = False
                 advance(r1 - r0)
         attrs = out.h5.attrs
         attrs["source_format"] = source_format
+        out.warnings = found
         if kind == "similarity":
             stats = scale.ScoreStats.from_sums(n_rows * n_cols, total, squares, low, high)
             attrs["gallery_rows"] = shape[1]
@@ -122,4 +126,5 @@ def convert(source, output, *, kind: str = "embeddings", transpose: bool = False
     if stats is not None:
         summary["scores"] = stats.as_dict()
         summary["score_scale"] = scale.classify(stats)
-    return Written(str(output), kind, out.uuid, np.zeros(0, dtype=bool), summary)
+    return Written(str(output), kind, out.uuid, np.zeros(0, dtype=bool), summary,
+                   tuple(plain_text(w) for w in found))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from qbnorm_cli import methods
 from qbnorm_cli.api.common import check_choice, check_count, progress_or_none, score_source, warn
+from qbnorm_cli.api.tuning import tuned_on_warning
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.results import Ranking
-from qbnorm_cli.errors import DataError, param
+from qbnorm_cli.errors import DataError, param, plain_text
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.probefile import Probe
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
@@ -43,7 +43,8 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
               topk_mean: int | None = None, alpha: float | None = None, top_k: int | None = None, sims=None,
               transpose: bool = False, similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
               block_rows: int | None = None, output=None, force: bool = False, accept_other_gallery: bool = False,
-              progress=None, provenance: str | None = None, extra_params: dict | None = None):
+              progress=None, provenance: str | None = None, extra_params: dict | None = None,
+              tuned: dict | None = None):
     """Normalise query × gallery similarities with a probe's statistics (`method`: see
     qbnorm_cli.methods.METHODS; default dis).
 
@@ -52,7 +53,8 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     gallery scores (transpose=True: stored gallery × queries, read transposed; v2t from a t2v dump:
     the items become the queries). probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean, alpha: the
     method's parameters (defaults: the registry's, β the probe's). top_k: keep each query's N best
-    items instead of every score.
+    items instead of every score. tuned: the settings of a params file (`load_params`) these
+    options came from: a warning when the inputs are the validation data they were tuned on.
 
     Returns the dense (Q, G) scores (`dtype`), or with `top_k` a `Ranking` (indices, scores,
     normalised); with `output`, writes the similarity or ranking file there instead (streamed, atomic)
@@ -101,6 +103,9 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
         "similarity": "precomputed" if sims is not None else similarity, "transpose": transpose, "dtype": dtype,
         "probe_uuid": probe.uuid, "memory": budget.memory, "block_rows": block_rows, **(extra_params or {}),
     }
+    record = [*inputs, {"path": probe.path, "dataset": None, "kind": "probe", "uuid": probe.uuid}]
+    if tuned is not None:
+        found = [w for w in (*found, tuned_on_warning(tuned["path"], tuned, [i.describe() for i in inputs])) if w]
     for message in found:
         warn(message)
     n_rows = scores.n_rows
@@ -122,7 +127,6 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
             return Ranking(indices_out, values_out, normalised, n_gallery)
         return values_out
 
-    record = [*inputs, {"path": probe.path, "dataset": None, "kind": "probe", "uuid": probe.uuid}]
     with OutputFile(str(output), kind, force=force, params=params, inputs=record, provenance=provenance) as out:
         score_ds = out.create("/scores", shape=(n_rows, width), dtype=dtype)
         neigh_ds = out.create("/neighbors", shape=(n_rows, width), dtype=np.int32) if ranked else None
@@ -144,8 +148,9 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
             attrs["gallery_identity"] = identity
         if spec.log_domain:
             attrs["score_domain"] = "log (compare within a row)"
-        attrs["warnings"] = json.dumps(found)
-    return Written(str(output), kind, out.uuid, normalised, params, tuple(found), tuple(out.inputs))
+        out.warnings = found
+    return Written(str(output), kind, out.uuid, normalised, params, tuple(plain_text(w) for w in found),
+                   tuple(out.inputs))
 
 
 def _scale_warnings(probe: Probe, method: methods.Method, values: dict, scores) -> tuple[list[str], str | None]:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 
 import numpy as np
 
 from qbnorm_cli import methods
 from qbnorm_cli.api.common import check_count, one_of, progress_or_none, score_source, similarities, warn
+from qbnorm_cli.api.tuning import tuned_on_warning
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
-from qbnorm_cli.errors import DataError, UsageError, param
+from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics, write_attrs
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
@@ -24,7 +24,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
           bank_sims=None, gallery_bank_sims=None, transpose: bool = False, similarity: str = "cosine",
           memory=DEFAULT_MEMORY,
           block_rows: int | None = None, output=None, force: bool = False, progress=None,
-          provenance: str | None = None) -> Probe:
+          provenance: str | None = None, tuned: dict | None = None) -> Probe:
     """Probe `gallery` with a querybank: every statistic the normalisers need, in one pass.
 
     bank, gallery, gallery_bank: embeddings (arrays, memory maps, h5py datasets, `PATH[::/dataset]`
@@ -36,6 +36,8 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     registry's defaults); keep_sorted: keep every item's sorted bank scores (O(bank × gallery),
     needed by gc). memory: the byte budget blocks are sized to (or `block_rows` per block).
     output: also write the probe file there, as it is computed (atomically; `force` overwrites).
+    tuned: the settings of a params file (`load_params`) these options came from: a warning when
+    the gallery is the validation gallery they were tuned on.
 
     Returns a `Probe` (in memory, or read from `output`). Warnings (a β on the wrong scale, a bank
     that covers little of the gallery) are issued as `QbnormWarning` and kept in `Probe.warnings`.
@@ -125,18 +127,20 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
         if gallery_stats is not None:
             found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False) for b in gallery_betas]
         found.append(coverage_warning(diagnostics, n_gallery, param(f"method={methods.DEFAULT.name!r}")))
+        if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
+            found.append(tuned_on_warning(tuned["path"], tuned, [i.describe() for i in inputs[1:2]]))
         found = [w for w in found if w]
-        attrs["warnings"] = json.dumps(found)
         if out is not None:
             for name, stored in datasets.items():
                 out.create(name, data=stored.data, **stored.attrs)
             write_attrs(out, attrs)
+            out.warnings = found
     for message in found:
         warn(message)
     if out is not None:
         result = Probe.load(output)
     else:
         result = Probe(datasets, {**attrs, "uuid": None}, params=params, inputs=[i.describe() for i in inputs])
-    result.warnings = found
+    result.warnings = [plain_text(w) for w in found]
     result.diagnostics = diagnostics
     return result

@@ -18,7 +18,7 @@ from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import check_choice, progress_or_none, score_source, similarities, warn
 from qbnorm_cli.core import metrics, scale
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
-from qbnorm_cli.errors import DataError, UsageError, param
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, param, plain_text
 from qbnorm_cli.io.atomic import check_target, created_now, write_json
 from qbnorm_cli.io.groundtruth import read_relevant
 from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics
@@ -131,7 +131,7 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
         check_target(Path(output), force, list(inputs.values()))
         if "::" in str(output):
             raise UsageError(f"{output}: the settings are written to a plain JSON file, e.g. params.json")
-    _warn_overlaps(inputs)
+    overlap = _overlap_warning(inputs)
 
     chosen = registry.tuned_methods(methods, gallery_scores is not None)
     stats = sample_stats(bank_scores, max_cols=4096)
@@ -169,7 +169,7 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     full_stats = query_acc.score_stats()
     scale_name = scale.classify(full_stats)
     diag = bank_diagnostics(query_acc.neighbors.indices, 1, n_gallery)
-    found = [coverage_warning(diag, n_gallery, param(f"method={registry.DEFAULT.name!r}"))]
+    found = [overlap, coverage_warning(diag, n_gallery, param(f"method={registry.DEFAULT.name!r}"))]
 
     scores = CachedScores(val_scores, budget)
     rows = []
@@ -183,9 +183,9 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     best = ranked[0]
     validation = {role: {**item.describe(), "path": str(Path(item.path).resolve()) if item.path else None}
                   for role, item in inputs.items()}
-    document = params_document(best["setting"], best["metrics"], raw, metric_name, validation, full_stats,
-                               scale_name, ranked, len(settings), provenance)
     found = [w for w in found if w]
+    document = params_document(best["setting"], best["metrics"], raw, metric_name, validation, full_stats,
+                               scale_name, ranked, len(settings), provenance, [plain_text(w) for w in found])
     for message in found:
         warn(message)
     if output is not None:
@@ -193,7 +193,7 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     return {"best": best, "raw": raw, "ranked": ranked, "settings": settings, "metric": metric_name,
             "bank": diag, "scores": full_stats, "score_scale": scale_name, "document": document,
             "queries": val_scores.n_rows, "gallery_rows": n_gallery, "note": edge_note(best["setting"], settings),
-            "warnings": found}
+            "warnings": document["warnings"]}
 
 
 def _bank_scores(role, emb_spec, sims_spec, gallery_emb, n_gallery, similarity, budget, inputs):
@@ -215,12 +215,13 @@ def _bank_scores(role, emb_spec, sims_spec, gallery_emb, n_gallery, similarity, 
     return scores
 
 
-def _warn_overlaps(inputs: dict) -> None:
+def _overlap_warning(inputs: dict) -> str | None:
     """Tuning is only honest when the bank is not the validation queries themselves."""
     query_side, bank = inputs.get("queries"), inputs.get("bank")
     if query_side is not None and bank is not None and query_side.identity == bank.identity:
-        warn(f"the bank {bank.label} holds the validation queries {query_side.label} themselves; "
-             "build it from training queries, or the tuned gain will not carry over")
+        return (f"the bank {bank.label} holds the validation queries {query_side.label} themselves; "
+                "build it from training queries, or the tuned gain will not carry over")
+    return None
 
 
 # --- the params file -------------------------------------------------------------------------------
@@ -230,7 +231,8 @@ def _metric_values(result: dict) -> dict:
 
 
 def params_document(setting: Setting, result: dict, raw: dict, metric: str, validation: dict, stats,
-                    scale_name: str, ranked: list[dict], evaluated: int, provenance: str | None) -> dict:
+                    scale_name: str, ranked: list[dict], evaluated: int, provenance: str | None,
+                    warnings: list[str] = ()) -> dict:
     return {
         "qbnorm_kind": PARAMS_KIND, "qbnorm_version": FORMAT_VERSION, "created_by": f"qbnorm {VERSION}",
         "created_at": created_now(), "command": provenance or "qbnorm_cli.tune (Python)",
@@ -240,41 +242,80 @@ def params_document(setting: Setting, result: dict, raw: dict, metric: str, vali
         "validation": validation, "settings_evaluated": evaluated,
         "candidates": [{**row["setting"].as_dict(), "metrics": _metric_values(row["metrics"])}
                        for row in ranked[:TOP_CANDIDATES]],
+        "warnings": list(warnings),
     }
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
 
 
 def load_params(path) -> dict:
     """The settings of a params file from `tune`: {"method", every parameter (None where unused),
-    "validation"}."""
+    "validation", "path"}. The file is checked as tune writes it: a qbnorm params file of a known
+    method, every parameter of that method present and valid, numbers finite, the validation
+    record well formed; anything else is a DataError naming the file and the key."""
     p = Path(path)
+    where = f"{param('params')} {path}"
     if not p.is_file():
-        raise UsageError(f"{param('params')} {path}: no such file")
+        raise UsageError(f"{where}: no such file")
+
+    def damaged(problem: str) -> DataError:
+        return DataError(f"{where}: {problem}; write it again with tune")
+
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{param('params')} {path}: not a JSON file ({exc})") from None
+        text = p.read_text(encoding="utf-8")
+    except PermissionError:
+        raise RuntimeFailure(f"{where}: permission denied") from None
+    except OSError as exc:
+        raise RuntimeFailure(f"{where}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not a JSON file ({exc})") from None
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{where}: not a JSON file ({' '.join(str(exc).split())})") from None
     if not isinstance(doc, dict) or doc.get("qbnorm_kind") != PARAMS_KIND:
-        raise DataError(f"{param('params')} {path}: not a qbnorm params file (write one with tune)")
-    try:
-        version = int(doc.get("qbnorm_version", 0))
-    except (TypeError, ValueError):
-        raise DataError(f"{param('params')} {path}: qbnorm_version {doc.get('qbnorm_version')!r} "
-                        "is not a number") from None
+        raise DataError(f"{where}: not a qbnorm params file (write one with tune)")
+    version = doc.get("qbnorm_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise damaged(f"qbnorm_version {version!r} is not a format version")
     if version > FORMAT_VERSION:
-        raise DataError(f"{param('params')} {path}: qbnorm_version {version} is newer than this qbnorm supports")
-    if doc.get("method") not in registry.METHODS:
-        raise DataError(f"{param('params')} {path}: unknown method {doc.get('method')!r}")
-    validation = doc.get("validation")
-    out = {"method": doc["method"], "validation": validation if isinstance(validation, dict) else {}}
+        raise DataError(f"{where}: qbnorm_version {version} is newer than this qbnorm supports")
+    method = doc.get("method")
+    if method is None:
+        raise damaged("method is missing")
+    if not isinstance(method, str) or method not in registry.METHODS:
+        raise damaged(f"unknown method {method!r} (choose one of {', '.join(registry.METHODS)})")
+    used = registry.METHODS[method].parameters
+    out = {"method": method, "path": str(path)}
     for name, spec in registry.PARAMETERS.items():
         value = doc.get(name)
-        if isinstance(value, bool):
-            raise DataError(f"{param('params')} {path}: {name} {value!r} is not a number")
+        if value is None:
+            if name in used:
+                raise damaged(f"{name} is missing ({method} uses it)")
+            out[name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise damaged(f"{name} {value!r} is not a number")
         try:
-            out[name] = None if value is None else spec.kind(value)
-        except (TypeError, ValueError, OverflowError):
-            raise DataError(f"{param('params')} {path}: {name} {value!r} is not a number") from None
+            out[name] = spec.check(value)
+        except UsageError as exc:
+            raise damaged(exc.render()) from None
+    validation = doc.get("validation", {})
+    if not isinstance(validation, dict):
+        raise damaged(f"validation {_shown(validation)} is not an object")
+    for role, record in validation.items():
+        if not isinstance(record, dict) or not all(
+                isinstance(record.get(key), (str, type(None))) for key in ("path", "dataset", "identity")):
+            raise damaged(f"validation {role} {_shown(record)} is not a record of path, dataset and identity")
+    out["validation"] = validation
     return out
+
+
+def _shown(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def tuned_on(params: dict, inputs: list[dict]) -> list[str]:

@@ -56,8 +56,10 @@ def _terminate(signum, frame):
 
 
 def _line(text: object) -> str:
-    """Messages are one line, whatever a library put into an exception."""
-    return " ".join(str(text).split())
+    """Messages are one line, whatever a library put into an exception, and printable whatever a
+    damaged file put into it (text that is not UTF-8 is shown escaped)."""
+    text = " ".join(str(text).split())
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _one_line_errors(func):
@@ -151,6 +153,17 @@ def _usage_error(exc: _ParseError) -> int:
     return exc.exit_code
 
 
+_COMMAND: list = []
+
+
+def _click_command():
+    """The app as a click command, built once (typer rebuilds it from the signatures on every call:
+    50 ms, which tests and notebooks calling main() many times would pay each time)."""
+    if not _COMMAND:
+        _COMMAND.append(typer.main.get_command(app))
+    return _COMMAND[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this directly)."""
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
@@ -159,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_signal_handlers()
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
-        code = app(args=argv, prog_name="qbnorm", standalone_mode=False,
-                   obj={"provenance": " ".join(["qbnorm", *argv])})
+        code = _click_command().main(args=argv, prog_name="qbnorm", standalone_mode=False,
+                                     obj={"provenance": " ".join(["qbnorm", *argv])})
         code = code if isinstance(code, int) else 0
     except SystemExit as exc:
         code = exc.code

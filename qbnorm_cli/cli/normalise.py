@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import api, methods
-from qbnorm_cli.api.tuning import tuned_on_warning
 from qbnorm_cli.cli import options
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.io.probefile import Probe
@@ -63,9 +62,7 @@ def command(
             gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, top_k=top_k, sims=sims, transpose=transpose,
             similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows, output=output, force=force,
             accept_other_gallery=force, progress=report.progress, provenance=options.provenance(ctx),
-            extra_params={"params_file": params_file})
-        if tuned is not None and (warning := tuned_on_warning(params_file, tuned, written.inputs[:-1])):
-            report.warn(warning)
+            extra_params={"params_file": params_file}, tuned=tuned)
     n_rows, done = len(written.normalised), int(written.normalised.sum())
     report.info(f"wrote {output}: {written.kind} of {n_rows} queries, method {written.params['method']}; "
                 f"{done} of {n_rows} rows normalised")

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import api, methods
-from qbnorm_cli.api.tuning import tuned_on_warning
 from qbnorm_cli.cli import options
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import scale
@@ -64,10 +63,7 @@ def command(
             keep_sorted=keep_sorted, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims, transpose=transpose,
             similarity=similarity,
             memory=memory, block_rows=block_rows, output=output, force=force, progress=report.progress,
-            provenance=options.provenance(ctx))
-        if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
-            if (warning := tuned_on_warning(params_file, tuned, result.inputs[1:2])) is not None:
-                report.warn(warning)
+            provenance=options.provenance(ctx), tuned=tuned)
     diag = result.diagnostics
     stats = scale.ScoreStats.from_attrs(result.attrs)
     report.info(

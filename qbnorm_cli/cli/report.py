@@ -1,5 +1,7 @@
 """What a command tells the user: one JSON document on stdout (--json), everything human on
 stderr, progress bars only when stderr is a terminal, nothing at all on success with --quiet.
+Warnings are printed unless --quiet; either way they are recorded: in the --json document
+("warnings") and, by the library, in the output file (its `warnings` attribute).
 
 rich is imported on first use: a command that prints nothing (--quiet, --json, a pipe) does
 not pay the 40 ms its import takes."""
@@ -39,9 +41,12 @@ class Reporter:
             self.console.print(message)
 
     def warn(self, message: str) -> None:
-        """Warnings are shown even with --quiet: they are about the result, not progress."""
+        """Record a warning for the --json document; print it unless --quiet (which promises
+        silence on success: a cron job's owner reads the warnings from the output or the JSON)."""
         self.warnings.append(message)
-        print(f"qbnorm: warning: {message}", file=sys.stderr)
+        if not self.quiet:
+            text = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a damaged file's bytes
+            print(f"qbnorm: warning: {text}", file=sys.stderr)
 
     @contextmanager
     def capture(self):
@@ -60,7 +65,9 @@ class Reporter:
             self.console.print(table)
 
     def result(self, document: dict) -> None:
+        """The --json document, with the run's warnings (a list, empty when there were none)."""
         if self.json_output:
+            document = {**document, "warnings": list(self.warnings)}
             sys.stdout.write(json.dumps(jsonable(document), indent=2, sort_keys=False) + "\n")
             sys.stdout.flush()
 

@@ -168,7 +168,7 @@ class BankAccumulator:
         width = c1 - c0
         self._colmax = np.full(width, -np.inf)
         self._sums = np.zeros((len(self.betas), width))
-        kcol = max(self.topk_ks, default=0)
+        kcol = min(max(self.topk_ks, default=0), self.n_rows)  # a larger K means all of them
         self._top = ColumnTopK(width, kcol) if kcol else None
         self._sorted = np.empty((self.n_rows, width), dtype=np.float32) if self.keep_sorted else None
 

@@ -2,9 +2,12 @@
 complete, removed on any failure or interrupt; never over an existing file without `force`.
 
 HDF5 outputs (`OutputFile`) record how they were made (kind, format version, uuid, the
-provenance the caller passes in, parameters, inputs); JSON outputs (`write_json`) follow the same
-rules. Interrupts noted by a signal handler (the CLI installs one) are checked before every write
-and before the rename, so an interrupted run never completes an output.
+provenance the caller passes in, parameters, inputs, the warnings the run issued) and carry
+checksums: every dataset HDF5's Fletcher-32 filter (verified by HDF5 on every read), the
+attributes a checksum of each (`attribute_checksums`, compared by io/schemas.check). JSON
+outputs (`write_json`) follow the same rules. Interrupts noted by a signal handler (the CLI
+installs one) are checked before every write and before the rename, so an interrupted run never
+completes an output.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from qbnorm_cli.errors import RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.errors import RuntimeFailure, UsageError, one_line, param, plain_text
+from qbnorm_cli.io.hdf5 import ATTRIBUTE_CHECKSUMS, attribute_checksums
 from qbnorm_cli.io.specs import ArrayInput
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
 
@@ -97,6 +101,7 @@ class OutputFile:
         self.params = params
         self.inputs = [i.describe() if isinstance(i, ArrayInput) else i for i in inputs]
         self.uuid = str(_uuid.uuid4())
+        self.warnings: list[str] = []  # recorded as the `warnings` attribute when the file is complete
         self.h5: h5py.File | None = None
         self._tmp: str | None = None
         self._writer: ThreadPoolExecutor | None = None
@@ -138,21 +143,28 @@ class OutputFile:
         return self
 
     def create(self, name: str, data=None, *, shape=None, dtype=None, chunks=None, **attrs) -> h5py.Dataset:
-        """A dataset chunked by whole rows of about 1 MiB (no compression: floats barely shrink),
-        or by the `chunks` given (clipped to the shape)."""
+        """A dataset chunked by whole rows of about 1 MiB (one chunk when smaller), or by the
+        `chunks` given (clipped to the shape), each chunk with its Fletcher-32 checksum (no
+        compression: floats barely shrink). Its fill value (what HDF5 returns for a chunk its index
+        has lost) is one no reader accepts: NaN, or the smallest integer."""
         check_interrupt()
         self._wait_write()
         if data is not None:
             data = np.asarray(data)
             shape, dtype = data.shape, data.dtype
         dtype = np.dtype(dtype)
-        if chunks is not None:
+        checksum = len(shape) >= 1 and all(shape)  # HDF5 chunks no scalar or empty dataset
+        if not checksum:
+            chunks = None
+        elif chunks is not None:
             chunks = tuple(max(1, min(int(c), int(n))) for c, n in zip(chunks, shape, strict=True))
-        elif len(shape) >= 1 and all(shape) and np.prod(shape) * dtype.itemsize > CHUNK_BYTES:
+        else:
             row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             chunks = (min(shape[0], chunk_rows(row_bytes)), *shape[1:])
+        fill = np.nan if dtype.kind == "f" else np.iinfo(dtype).min if dtype.kind == "i" else None
         try:
-            ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks)
+            ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks,
+                                        fletcher32=checksum, fillvalue=fill if checksum else None)
             for key, value in attrs.items():
                 ds.attrs[key] = value
         except OSError as exc:
@@ -200,6 +212,8 @@ class OutputFile:
             self._wait_write()
             self._stop_writer()
             check_interrupt()
+            self.h5.attrs["warnings"] = json.dumps([plain_text(w) for w in self.warnings])
+            self.h5.attrs[ATTRIBUTE_CHECKSUMS] = json.dumps(attribute_checksums(self.h5), sort_keys=True)
             self.h5.flush()
             self.h5.close()
             self.h5 = None

@@ -189,13 +189,16 @@ def _ann_benchmarks_error(path: str) -> DataError | None:
     except OSError:
         return None
     with h5:
-        if "qbnorm_kind" in h5.attrs or not {"train", "test"} <= set(h5.keys()):
+        try:
+            if "qbnorm_kind" in h5.attrs or not {"train", "test"} <= set(h5.keys()):
+                return None
+            parts = [
+                f"{path}::/{name} ({_describe(h5[name])}: {meaning})"
+                for name, meaning in ANN_BENCHMARKS.items() if name in h5
+            ]
+            distance = h5.attrs.get("distance")
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError):  # damaged: specs.open_array says so
             return None
-        parts = [
-            f"{path}::/{name} ({_describe(h5[name])}: {meaning})"
-            for name, meaning in ANN_BENCHMARKS.items() if name in h5
-        ]
-        distance = h5.attrs.get("distance")
         distance = distance.decode() if isinstance(distance, bytes) else distance
         note = f"; its distance is {distance}" if distance else ""
         if distance and distance not in ("angular", "cosine"):

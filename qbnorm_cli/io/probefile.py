@@ -9,20 +9,21 @@ Datasets (G = gallery size, N = bank rows, Nh = gallery-bank rows):
   /sorted_bank_scores     (G, N) float32 ascending, only with keep_sorted (for gc)
 Root attributes: gallery_rows, bank_rows, gallery_bank_rows, similarity, gallery_identity (the
 gallery's identity, so that normalise can refuse another gallery), score_min/max/mean/std (and
-gallery_score_* for the gallery bank), score_scale.
+gallery_score_* for the gallery bank), score_scale, warnings. io/schemas.py declares the same
+layout and `Probe.load` checks a file against it; what is read later (neighbour lists, sorted bank
+scores) is checked as it is read.
 """
 
 from __future__ import annotations
-
-import json
 
 import h5py
 import numpy as np
 
 from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurrence
 from qbnorm_cli.errors import UsageError, param
+from qbnorm_cli.io import schemas
 from qbnorm_cli.io.atomic import OutputFile
-from qbnorm_cli.io.hdf5 import open_qbnorm, read_attrs
+from qbnorm_cli.io.hdf5 import has_checksum, open_qbnorm, reading
 from qbnorm_cli.methods import DEFAULT_BETA
 
 SORTED = "/sorted_bank_scores"
@@ -41,6 +42,23 @@ class Stored:
 
     def __getitem__(self, key):
         return self.data[key]
+
+
+class CheckedRows:
+    """A probe file's dataset read by row slices (the sorted bank scores, for gc): each slice read
+    through `reading` and checked against the schema's declared values."""
+
+    def __init__(self, ds: h5py.Dataset, layout: schemas.Layout):
+        self.ds, self.layout = ds, layout
+        self.shape = tuple(ds.shape)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start = key.indices(self.shape[0])[0] if isinstance(key, slice) else 0
+        label = self.layout.label(self.ds.name)
+        with reading(label, f"rows {start}:", checksummed=has_checksum(self.ds), remedy=self.layout.schema.remedy):
+            block = np.asarray(self.ds[key])
+        self.layout.check_block(self.ds.name, block, start)
+        return block
 
 
 def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: int) -> dict[str, Stored]:
@@ -63,8 +81,10 @@ class Probe:
     """
 
     def __init__(self, datasets, attrs: dict, *, path: str | None = None, params: dict | None = None,
-                 inputs: list | None = None, warnings: list[str] | None = None):
+                 inputs: list | None = None, warnings: list[str] | None = None,
+                 layout: schemas.Layout | None = None):
         self.datasets = datasets  # {name: Stored} in memory, or an open h5py.File
+        self.layout = layout      # what schemas.check found in the file (None in memory)
         self.attrs = dict(attrs)
         self.path = path
         self.params = dict(params or {})
@@ -97,12 +117,16 @@ class Probe:
 
     @classmethod
     def load(cls, path) -> Probe:
-        """A probe file written by `qbnorm probe` or `Probe.save` (kept open until `close`)."""
+        """A probe file written by `qbnorm probe` or `Probe.save` (kept open until `close`),
+        checked against its schema (io/schemas.py): DataError when it is damaged."""
         h5 = open_qbnorm(str(path), "probe")
-        attrs = read_attrs(h5)
-        recorded = {name: _json(attrs.get(name), default) for name, default in
-                    (("params", {}), ("inputs", []), ("warnings", []))}
-        return cls(h5, attrs, path=str(path), **recorded)
+        try:
+            layout = schemas.check(h5, "probe", str(path))
+        except BaseException:
+            h5.close()
+            raise
+        return cls(h5, layout.root_attrs, path=str(path), params=layout.params, inputs=layout.inputs,
+                   warnings=layout.attrs.get("warnings", []), layout=layout)
 
     def close(self) -> None:
         if isinstance(self.datasets, h5py.File):
@@ -114,24 +138,51 @@ class Probe:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _need(self, name: str, what: str, option: str):
-        if name not in self.datasets:
+    def _has(self, name: str) -> bool:
+        if self.layout is not None:  # a file: the datasets its schema check found
+            return name in self.layout.data_attrs
+        return name in self.datasets
+
+    def _read(self, name: str, key=(), row: int = 0) -> np.ndarray:
+        """datasets[name][key], read through `reading` from a file and checked against the schema's
+        declared values where they are checked as read (`row`: the first row read)."""
+        if self.layout is None:
+            return np.asarray(self.datasets[name][key])
+        ds = self.datasets[name]
+        what = "its values" if key == () else f"rows {row}:"
+        with reading(self.layout.label(name), what, checksummed=has_checksum(ds), remedy=self.layout.schema.remedy):
+            block = np.asarray(ds[key])
+        self.layout.check_block(name, block, row)
+        return block
+
+    def _attr(self, name: str, attr: str):
+        if self.layout is not None:
+            return self.layout.data_attrs[name][attr]
+        return self.datasets[name].attrs[attr]
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if self.layout is not None:
+            with reading(self.layout.label(name)):
+                return tuple(self.datasets[name].shape)
+        return tuple(self.datasets[name].shape)
+
+    def _need(self, name: str, what: str, option: str) -> None:
+        if not self._has(name):
             raise UsageError(f"{self.label}: the probe has no {what}; probe again with {param(option)}")
-        return self.datasets[name]
 
     def _pick(self, name: str, attr: str, value: float, option: str, probe_option: str) -> np.ndarray:
-        ds = self._need(name, probe_option.replace("_", " "), probe_option)
-        have = [float(v) for v in ds.attrs[attr]]
+        self._need(name, probe_option.replace("_", " "), probe_option)
+        have = [float(v) for v in self._attr(name, attr)]
         for row, v in enumerate(have):
             if np.isclose(v, value, rtol=1e-12, atol=0):
-                return np.asarray(ds[row], dtype=np.float64)
+                return np.asarray(self._read(name, row), dtype=np.float64)
         listing = ", ".join(f"{v:g}" for v in have)
         raise UsageError(f"{param(option)} {value:g}: {self.label} has {attr} {listing}; "
                          f"probe again with {param(probe_option)} {value:g}")
 
     def betas(self, gallery: bool = False) -> list[float]:
         name = "/gallery_log_norm" if gallery else "/log_norm"
-        return [float(v) for v in self.datasets[name].attrs["betas"]] if name in self.datasets else []
+        return [float(v) for v in self._attr(name, "betas")] if self._has(name) else []
 
     def log_norm(self, beta: float) -> np.ndarray:
         return self._pick("/log_norm", "betas", beta, "beta", "betas")
@@ -142,28 +193,35 @@ class Probe:
     def topk_mean(self, k: int) -> np.ndarray:
         return self._pick("/topk_mean", "ks", k, "topk_mean", "topk_means")
 
-    def neighbors(self, gallery: bool = False) -> np.ndarray:
-        """Each bank row's best gallery items, best first (bank × kmax)."""
+    def neighbors(self, gallery: bool = False, rows: slice = slice(None), k: int | None = None) -> np.ndarray:
+        """Each bank row's best gallery items, best first (bank × kmax; `rows` of them, the first
+        `k` of each)."""
         name = "/gallery_bank_neighbors" if gallery else "/bank_neighbors"
-        return np.asarray(self._need(name, "gallery bank" if gallery else "bank neighbours",
-                                     "gallery_bank" if gallery else "k")[()])
+        self._need(name, "gallery bank" if gallery else "bank neighbours", "gallery_bank" if gallery else "k")
+        return self._read(name, (rows, slice(None, k)), rows.indices(self._shape(name)[0])[0])
+
+    def kmax(self, gallery: bool = False) -> int:
+        """How many best items the probe keeps per bank row."""
+        name = "/gallery_bank_neighbors" if gallery else "/bank_neighbors"
+        self._need(name, "gallery bank" if gallery else "bank neighbours", "gallery_bank" if gallery else "k")
+        return self._shape(name)[1]
 
     def activation(self, k: int, gallery: bool = False) -> np.ndarray:
         """The DIS activation set: items in the top-k of at least one bank row (of the gallery bank)."""
-        name = "/gallery_bank_neighbors" if gallery else "/bank_neighbors"
-        ds = self._need(name, "gallery bank" if gallery else "bank neighbours", "gallery_bank" if gallery else "k")
-        if k > ds.shape[1]:
-            raise UsageError(f"{param('k')} {k}: {self.label} keeps the top {ds.shape[1]} items per bank row; "
+        kmax = self.kmax(gallery)
+        if k > kmax:
+            raise UsageError(f"{param('k')} {k}: {self.label} keeps the top {kmax} items per bank row; "
                              f"probe again with {param('k')} {k}")
-        return activation_mask(np.asarray(ds[:, :k]), k, self.n_gallery)
+        return activation_mask(self.neighbors(gallery, k=k), k, self.n_gallery)
 
     def sorted_bank(self):
-        """Every gallery item's bank scores, ascending (G × N; an HDF5 dataset when read from a file)."""
-        if SORTED not in self.datasets:
+        """Every gallery item's bank scores, ascending (G × N; read by row slices, and checked as
+        read, when it comes from a file)."""
+        if not self._has(SORTED):
             raise UsageError(f"{self.label} has no sorted bank scores (gc needs them); probe again with "
                              f"{param('keep_sorted=True')}")
         ds = self.datasets[SORTED]
-        return ds.data if isinstance(ds, Stored) else ds
+        return ds.data if isinstance(ds, Stored) else CheckedRows(ds, self.layout)
 
     def default_beta(self) -> float:
         """The probe's β when it has one, or 20 among several; else UsageError asking for one."""
@@ -188,23 +246,18 @@ class Probe:
         """Write the probe file atomically; returns its uuid."""
         with OutputFile(str(path), "probe", force=force, params=self.params, inputs=self.inputs,
                         provenance=provenance) as out:
-            for name in self.datasets:
-                ds = self.datasets[name]
-                out.create(name, data=np.asarray(ds[()]), **dict(ds.attrs))
+            names = list(self.layout.data_attrs) if self.layout is not None else list(self.datasets)
+            for name in names:
+                attrs = self.layout.data_attrs[name] if self.layout is not None else dict(self.datasets[name].attrs)
+                out.create(name, data=self._read(name), **attrs)
             write_attrs(out, self.attrs)
+            out.warnings = list(self.warnings)
         return out.uuid
-
-
-def _json(text, default):
-    try:
-        return json.loads(text) if isinstance(text, str) else default
-    except ValueError:
-        return default
 
 
 KEPT_ATTRS = ("gallery_rows", "bank_rows", "gallery_bank_rows", "similarity", "gallery_identity",
               "score_min", "score_max", "score_mean", "score_std", "score_scale",
-              "gallery_score_min", "gallery_score_max", "gallery_score_mean", "gallery_score_std", "warnings")
+              "gallery_score_min", "gallery_score_max", "gallery_score_mean", "gallery_score_std")
 
 
 def write_attrs(out: OutputFile, attrs: dict) -> None:

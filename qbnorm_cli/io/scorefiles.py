@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli.core.results import Ranking
-from qbnorm_cli.errors import DataError, one_line
-from qbnorm_cli.io.specs import ArrayInput, as_input, open_array
+from qbnorm_cli.errors import DataError
+from qbnorm_cli.io.hdf5 import reading, shown
+from qbnorm_cli.io.specs import ArrayInput, as_input, dataset_input
 from qbnorm_cli.io.validate import check_finite
 
 SCORE_KINDS = ("similarity", "ranking")
@@ -47,26 +48,26 @@ class ScoreFile:
 
     def read_scores(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0:r1 in their stored float type (float32 stays float32; no precision lost)."""
-        try:
+        with self.scores.reading(f"rows {r0}:{r1}"):
             block = np.asarray(self.scores.array[r0:r1])
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise DataError(f"{self.scores.label}: cannot read rows {r0}:{r1} ({one_line(exc)})") from None
         if block.dtype.kind != "f":
             block = block.astype(np.float64)
         check_finite(block, self.scores.label, r0)
         return block
 
     def read_neighbors(self, r0: int, r1: int) -> np.ndarray:
-        try:
+        """Rows r0:r1 of the neighbour indices, each in [0, gallery) or −1 (a padded entry)."""
+        with self.neighbors.reading(f"rows {r0}:{r1}"):
             block = np.asarray(self.neighbors.array[r0:r1]).astype(np.int64)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise DataError(f"{self.neighbors.label}: cannot read rows {r0}:{r1} ({one_line(exc)})") from None
         bad = (block < -1) | ((block >= self.n_gallery) if self.n_gallery is not None else False)
         if bad.any():
             row = int(np.argmax(bad.any(axis=1)))
             value = int(block[bad][0])
-            raise DataError(f"{self.neighbors.label}: neighbour index {value} in row {r0 + row} is outside "
-                            f"the gallery{f' of {self.n_gallery} items' if self.n_gallery else ''}")
+            message = (f"neighbour index {value} in row {r0 + row} is outside the gallery"
+                       f"{f' of {self.n_gallery} items' if self.n_gallery else ''}")
+            layout = self.neighbors.layout
+            raise layout.error(self.neighbors.dataset, message) if layout is not None else \
+                DataError(f"{self.neighbors.label}: {message}")
         return block
 
 
@@ -82,18 +83,29 @@ def open_scores(value, name: str = "scores") -> ScoreFile:
         return ScoreFile(scores, neighbors, int(value.gallery_rows))
     first = as_input(value, name, kinds=SCORE_KINDS)
     h5 = first.h5
-    ranking = first.kind == "ranking" or (
-        first.kind is None and h5 is not None and first.dataset == "/neighbors" and "/scores" in h5
-    )
+    with reading(first.label, "its list of datasets"):
+        ranking = first.kind == "ranking" or (
+            first.kind is None and h5 is not None and first.dataset == "/neighbors" and "/scores" in h5
+        )
     if not ranking:
         if first.dtype.kind not in "fiu":
             raise DataError(f"{first.label}: dtype {first.dtype} is not a score type")
         return ScoreFile(first, None, first.cols)
-    neighbors = first if first.dataset == "/neighbors" else open_array(f"{first.path}::/neighbors")
-    scores = open_array(f"{first.path}::/scores")
+    try:  # the other dataset of the same open file (its schema was checked when `first` was opened)
+        other = {name: first if first.dataset == name else
+                 dataset_input(h5, first.path, name, kind=first.kind, layout=first.layout, owner=False)
+                 for name in ("/neighbors", "/scores")}
+    except BaseException:
+        first.close()
+        raise
+    neighbors, scores = other["/neighbors"], other["/scores"]
     if neighbors.dtype.kind not in "iu":
         raise DataError(f"{neighbors.label}: neighbour indices must be integers, not {neighbors.dtype}")
     if neighbors.shape != scores.shape:
         raise DataError(f"{first.path}: /neighbors {neighbors.shape} and /scores {scores.shape} differ in shape")
-    gallery = first.attrs.get("gallery_rows")
-    return ScoreFile(scores, neighbors, int(gallery) if gallery is not None else None)
+    gallery = first.attrs.get("gallery_rows")  # a qbnorm file's is checked by its schema; a foreign one's here
+    if isinstance(gallery, float) and gallery.is_integer():
+        gallery = int(gallery)
+    if gallery is not None and (isinstance(gallery, bool) or not isinstance(gallery, int) or gallery < 1):
+        raise DataError(f"{first.path}: attribute gallery_rows: expected a positive whole number, got {shown(gallery)}")
+    return ScoreFile(scores, neighbors, gallery)

@@ -18,8 +18,18 @@ import numpy as np
 
 from qbnorm_cli.core.sampling import spread
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
-from qbnorm_cli.io import foreign
-from qbnorm_cli.io.hdf5 import check_readable, list_datasets, open_h5, plain, root_kind
+from qbnorm_cli.io import foreign, schemas
+from qbnorm_cli.io.hdf5 import (
+    HDF5_ERRORS,
+    check_readable,
+    damaged,
+    has_checksum,
+    list_datasets,
+    open_h5,
+    read_attrs,
+    reading,
+    root_kind,
+)
 from qbnorm_cli.io.validate import as_float32, check_array
 
 # The dataset a qbnorm file of each kind is read from when the input names none.
@@ -70,6 +80,7 @@ class ArrayInput:
     h5: h5py.File | None = None
     name: str | None = None
     transposed: bool = False  # read transposed: `array` is a `Transposed` view of the stored one
+    layout: schemas.Layout | None = None  # a qbnorm file: what its schema check found
 
     @property
     def label(self) -> str:
@@ -126,10 +137,8 @@ class ArrayInput:
         shape = tuple(array.shape)
         digest = hashlib.sha1((repr(shape) + (":T" if self.transposed else "")).encode())
         picks = spread(shape[0], FINGERPRINT_ROWS)
-        try:  # one selection: an HDF5 read per row costs a millisecond
+        with self.reading(f"{len(picks)} sample rows"):  # one selection: an HDF5 read per row costs a millisecond
             values = np.asarray(array[picks]) if picks else np.empty((0, *shape[1:]))
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise DataError(f"{self.label}: cannot read {len(picks)} sample rows ({one_line(exc)})") from None
         with np.errstate(all="ignore"):
             for row in values:
                 digest.update(np.ascontiguousarray(row, dtype=np.float32).tobytes())
@@ -149,30 +158,30 @@ class ArrayInput:
              finite: bool = True) -> np.ndarray:
         """Rows r0:r1 (and columns c0:c1) as float32; refuses NaN/Inf naming the first bad row."""
         r1 = self.rows if r1 is None else r1
-        try:
+        with self.reading(f"rows {r0}:{r1}"):
             if self.array.ndim == 1 or (c0 == 0 and (c1 is None or c1 == self.cols)):
                 block = np.asarray(self.array[r0:r1])
             else:
                 block = np.asarray(self.array[r0:r1, c0:c1])
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise DataError(f"{self.label}: cannot read rows {r0}:{r1} ({one_line(exc)})") from None
         if finite:
             return as_float32(block, self.label, r0)
         return block.astype(np.float32, copy=False)
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """The rows of ascending row numbers `rows`, in their stored dtype (one selection)."""
-        try:
+        with self.reading(f"{len(rows)} rows"):
             return np.asarray(self.array[rows])
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise DataError(f"{self.label}: cannot read rows ({one_line(exc)})") from None
 
     def read_raw(self) -> np.ndarray:
         """The whole array in its stored dtype (ground truth, masks, indices)."""
-        try:
+        with self.reading("its values"):
             return np.asarray(self.array[()])
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise DataError(f"{self.label}: cannot read ({one_line(exc)})") from None
+
+    def reading(self, what: str):
+        """HDF5 library errors while reading `what` become one DataError (io/hdf5.reading): a
+        failed Fletcher-32 check is a checksum mismatch, anything else a damaged file."""
+        remedy = self.layout.schema.remedy if self.layout is not None else None
+        return reading(self.label, what, checksummed=has_checksum(self.array), remedy=remedy)
 
     def close(self) -> None:
         if self.h5 is not None:
@@ -327,7 +336,20 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
     try:
         kind = root_kind(h5)
         check_kind(path, kind, kinds)
-        names = list_datasets(h5)
+        layout = schemas.check(h5, kind, path) if kind in schemas.SCHEMAS else None
+        return dataset_input(h5, path, dataset, ndim, kind=kind, layout=layout, spec=spec)
+    except BaseException:
+        h5.close()
+        raise
+
+
+def dataset_input(h5: h5py.File, path: str, dataset: str | None, ndim: tuple[int, ...] = (2,), *,
+                  kind: str | None = None, layout: schemas.Layout | None = None, spec: str | None = None,
+                  owner: bool = True) -> ArrayInput:
+    """One dataset of an open HDF5 file (its kind's default dataset when `dataset` is None) as an
+    ArrayInput; `owner`: closing the input closes the file."""
+    names = list_datasets(h5)
+    try:
         if dataset is None:
             dataset = DEFAULT_DATASET.get(kind or "")
             if dataset is None or dataset not in h5:
@@ -340,15 +362,11 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
             raise DataError(f"{path}: no dataset {dataset}; it has {', '.join(names) or 'no datasets'}")
         arr = h5[dataset]
         check_array(arr, f"{path}::{dataset}", ndim)
-        attrs = {k: plain(v) for k, v in h5.attrs.items()}
-        return ArrayInput(spec, path, dataset, arr, kind=kind, attrs=attrs, h5=h5)
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
-        h5.close()
-        where = f"{path}::{dataset}" if dataset else path
-        raise DataError(f"{where}: cannot read HDF5 file (truncated or corrupt): {one_line(exc)}") from None
-    except BaseException:
-        h5.close()
-        raise
+    except HDF5_ERRORS as exc:
+        raise damaged(f"{path}::{dataset}" if dataset else path, exc) from None
+    attrs = layout.root_attrs if layout is not None else read_attrs(h5, path)
+    return ArrayInput(spec or f"{path}::{dataset}", path, dataset, arr, kind=kind, attrs=attrs,
+                      h5=h5 if owner else None, layout=layout)
 
 
 def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tuple[int, ...] = (2,),
