@@ -40,7 +40,8 @@ def _as_probe(value) -> Probe:
 
 def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.DEFAULT.name,
               beta: float | None = None, k: int | None = None, gallery_beta: float | None = None,
-              topk_mean: int | None = None, alpha: float | None = None, top_k: int | None = None, sims=None,
+              topk_mean: int | None = None, alpha: float | None = None, min_count: int | None = None,
+              lam: float | None = None, top_k: int | None = None, sims=None,
               similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
               block_rows: int | None = None, output=None, force: bool = False, accept_other_gallery: bool = False,
               progress=None, provenance: str | None = None, extra_params: dict | None = None):
@@ -49,8 +50,9 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
 
     queries, gallery: embeddings (arrays, memory maps, h5py datasets, `PATH[::/dataset]` strings),
     compared as the probe compared its bank (or by `similarity`); or `sims`, precomputed query ×
-    gallery scores. probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean, alpha: the
-    method's parameters (defaults: the registry's, β the probe's). top_k: keep each query's N best
+    gallery scores. probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean, alpha,
+    min_count (θ of dis, dual-dis), lam (λ of dn): the method's parameters (defaults: the registry's,
+    β the probe's; parameters the method does not take are ignored). top_k: keep each query's N best
     items instead of every score.
 
     Returns the dense (Q, G) scores (`dtype`), or with `top_k` a `Ranking` (indices, scores,
@@ -87,16 +89,21 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
         check_count(top_k, "top_k", n_gallery, "gallery size")
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
-    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha}
+    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha,
+             "min_count": min_count, "lam": lam}
     values = methods.settings(spec, given, probe)
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")
     found, score_scale = _scale_warnings(probe, spec, values, scores)
     norm = methods.build(spec, probe, values)
+    if norm.gate is not None and not norm.gate.any():
+        found.append(f"no gallery item is in the top-{k} of {values.get('min_count', 1)} or more bank queries: "
+                     f"{spec.name} leaves every row raw; lower {param('min_count')}")
 
     params = {
         "method": spec.name, "beta": values.get("beta"), "k": k, "top_k": top_k,
         "gallery_beta": values.get("gallery_beta"), "topk_mean": values.get("topk_mean"), "alpha": values.get("alpha"),
+        "min_count": values.get("min_count"), "lam": values.get("lam"),
         "similarity": "precomputed" if sims is not None else similarity, "dtype": dtype,
         "probe_uuid": probe.uuid, "memory": budget.memory, "block_rows": block_rows, **(extra_params or {}),
     }

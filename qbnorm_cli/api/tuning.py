@@ -16,6 +16,7 @@ import numpy as np
 
 from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import check_choice, progress_or_none, score_source, similarities, warn
+from qbnorm_cli.api.probing import SinkhornSettings, cross_bank_scores, sinkhorn_potentials
 from qbnorm_cli.core import metrics, scale
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param
@@ -91,16 +92,23 @@ def edge_note(best: Setting, settings: list[Setting]) -> str | None:
 
 
 def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims=None, gallery_bank=None,
-         gallery_bank_sims=None, metric: str = "geom", methods=None, betas=None, gallery_betas=None,
+         gallery_bank_sims=None, bank_gallery_bank_sims=None, metric: str = "geom", methods=None, betas=None,
+         gallery_betas=None,
          similarity: str = "cosine", memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None,
          force: bool = False, progress=None, provenance: str | None = None) -> dict:
     """Evaluate every setting of the chosen methods on validation data and pick the best.
 
     queries, gallery, gt: the validation split (embeddings, or `sims` precomputed scores, and its
     ground truth); bank: training queries (or `bank_sims`); gallery_bank: gallery-modality items
-    (enables the dual methods). metric: geom | R@1 | R@5 | R@10 | MdR (minimised). methods:
+    (enables the dual methods; dbsn needs the bank's scores against it: both as embeddings, or
+    `bank_gallery_bank_sims`). metric: geom | R@1 | R@5 | R@10 | MdR (minimised). methods:
     method names (default: the registry's tuned methods). betas, gallery_betas: values instead of
     the grids (which follow the score scale). output: write the best settings as a params file.
+
+    Cost: one probe pass for every statistic of the grid; with sn or dbsn in it, the Sinkhorn
+    iterations of every β of their grid (until converged, probe's defaults), each one more pass over
+    the bank × validation-gallery scores (for dbsn: and bank × gallery-bank), held in memory when
+    they fit half the budget; then one streamed normalise per setting.
 
     Returns {"best": setting and metrics, "raw": the baseline's metrics, "ranked": every setting
     best first, "bank": the bank's diagnostics, "document": what the params file holds, …}.
@@ -133,7 +141,10 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
             raise UsageError(f"{output}: the settings are written to a plain JSON file, e.g. params.json")
     _warn_overlaps(inputs)
 
-    chosen = registry.tuned_methods(methods, gallery_scores is not None)
+    cross_scores = cross_bank_scores(bank_scores, gallery_scores, bank_gallery_bank_sims, [])
+    if cross_scores is not None and bank_gallery_bank_sims is not None:
+        inputs["bank_gallery_bank"] = cross_scores.source
+    chosen = registry.tuned_methods(methods, gallery_scores is not None, cross_scores is not None)
     stats = sample_stats(bank_scores, max_cols=4096)
     scaled = {"beta": scale.beta_grid(registry.BETA_GRID, stats),
               "gallery_beta": scale.beta_grid(registry.GALLERY_BETA_GRID, stats)}
@@ -163,13 +174,19 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     with advance_with("probe", sum(s.n_rows for s, _ in banks) * n_gallery, per=n_gallery) as advance:
         run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
     store = statistics(query_acc, gallery_acc, 1)
+    sinkhorn_found: list[str] = []
+    if needs.sinkhorn_betas or needs.dual_sinkhorn_betas:
+        potentials, sinkhorn_found = sinkhorn_potentials(bank_scores, cross_scores, needs.sinkhorn_betas,
+                                                         needs.dual_sinkhorn_betas, SinkhornSettings(), budget,
+                                                         progress)
+        store.update(potentials)
     if sorted_bank is not None:
         store[SORTED] = Stored(sorted_bank)
     probe = Probe(store, {"gallery_rows": n_gallery}, path="the tuning probe")
     full_stats = query_acc.score_stats()
     scale_name = scale.classify(full_stats)
     diag = bank_diagnostics(query_acc.neighbors.indices, 1, n_gallery)
-    found = [coverage_warning(diag, n_gallery, param(f"method={registry.DEFAULT.name!r}"))]
+    found = [coverage_warning(diag, n_gallery, param(f"method={registry.DEFAULT.name!r}")), *sinkhorn_found]
 
     scores = CachedScores(val_scores, budget)
     rows = []
