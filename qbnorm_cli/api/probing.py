@@ -89,14 +89,15 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
     problems = [(state, 1) for state in single] + [(state, 2) for state in dual]
     passes = max((state.limit + 1 for state, _ in problems), default=0)
     with progress_or_none(progress)("sinkhorn", passes, unit="passes") as advance:
-        run_sinkhorn(segments, problems, budget, progress=advance)
+        held = run_sinkhorn(segments, problems, budget, progress=advance)
     out: dict[str, Stored] = {}
     found = []
     for states, is_dual in ((single, False), (dual, True)):
         if not states:
             continue
         out.update(sinkhorn_statistics([s.result() for s in states], n_gallery, iters=settings.iters,
-                                       tol=settings.tol, max_iters=settings.max_iters, dual=is_dual))
+                                       tol=settings.tol, max_iters=settings.max_iters,
+                                       held=all(held[:2 if is_dual else 1]), dual=is_dual))
         for state in states:
             if state.hit_limit:
                 what = "dual-bank Sinkhorn" if is_dual else "Sinkhorn"

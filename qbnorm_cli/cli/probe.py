@@ -89,8 +89,9 @@ def command(
     for name, what in (("sinkhorn", "Sinkhorn"), ("dual_sinkhorn", "dual-bank Sinkhorn")):
         for run in runs[name]:
             state = "converged" if run["converged"] else "stopped"
+            where = "scores held in memory" if run["held"] else "scores recomputed on every iteration"
             report.info(f"{what} β={run['beta']:g}: {state} after {run['iterations']} iterations (last change "
-                        f"{run['change']:.2g}, marginal error {run['marginal_error']:.2g})")
+                        f"{run['change']:.2g}, marginal error {run['marginal_error']:.2g}; {where})")
     report.result({
         "output": output, "kind": "probe", "uuid": result.uuid, "bank_rows": result.n_bank,
         "gallery_rows": result.n_gallery, "betas": result.betas(), "k": result.params["k"],

@@ -13,7 +13,8 @@ Datasets (G = gallery size, N = bank rows, Nh = gallery-bank rows):
                           change (max |Δ log u|, |Δ log v| of the last iteration), marginal_error
                           (max_b |Σ_j π[b, j] − 1/N|), converged (change < tol, int8); and tol,
                           max_iters (0 for both when a fixed number was asked for), fixed_iters (0: until
-                          converged)
+                          converged), scores_held (1: the scores were kept in memory, 0: recomputed on
+                          every iteration)
   /dual_sinkhorn_log_u    (n_betas, G) float64, with sinkhorn and a gallery bank: the gallery's part of
                           the scalings of exp(β·[P | PB]) (rows: the gallery, then the Nh gallery-bank
                           items; PB = bank × gallery-bank scores), the same attrs plus gallery_bank_rows
@@ -71,7 +72,7 @@ SINKHORN = {False: "/sinkhorn_log_u", True: "/dual_sinkhorn_log_u"}
 
 
 def sinkhorn_statistics(results: list[SinkhornResult], n_gallery: int, *, iters: int | None, tol: float | None,
-                        max_iters: int | None, dual: bool = False) -> dict[str, Stored]:
+                        max_iters: int | None, held: bool, dual: bool = False) -> dict[str, Stored]:
     """The Sinkhorn potentials of a probe (the schema above): the first n_gallery entries of each
     β's log u, and how each run ended."""
     attrs = {
@@ -81,6 +82,7 @@ def sinkhorn_statistics(results: list[SinkhornResult], n_gallery: int, *, iters:
         "marginal_error": np.array([r.marginal_error for r in results]),
         "converged": np.array([r.converged for r in results], dtype=np.int8),
         "fixed_iters": int(iters or 0), "tol": float(tol or 0.0), "max_iters": int(max_iters or 0),
+        "scores_held": int(held),
     }
     if dual:
         attrs["gallery_bank_rows"] = int(results[0].log_u.size - n_gallery) if results else 0
@@ -221,14 +223,16 @@ class Probe:
                          f"probe again with {param('betas')} {beta:g} and {param('sinkhorn=True')}")
 
     def sinkhorn_runs(self, dual: bool = False) -> list[dict]:
-        """How each β's Sinkhorn iterations ended: beta, iterations, change, marginal_error, converged."""
+        """How each β's Sinkhorn iterations ended: beta, iterations, change, marginal_error, converged,
+        and whether the scores were held in memory (held) or recomputed on every iteration."""
         name = SINKHORN[dual]
         if name not in self.datasets:
             return []
         attrs = self.datasets[name].attrs
-        fields = ("iterations", "change", "marginal_error", "converged")
-        return [{"beta": float(beta), **{f: (int if f == "iterations" else bool if f == "converged" else float)(
-                    attrs[f][i]) for f in fields}} for i, beta in enumerate(attrs["betas"])]
+        kinds = {"iterations": int, "change": float, "marginal_error": float, "converged": bool}
+        held = bool(attrs["scores_held"]) if "scores_held" in attrs else None
+        return [{"beta": float(beta), **{f: kind(attrs[f][i]) for f, kind in kinds.items()}, "held": held}
+                for i, beta in enumerate(attrs["betas"])]
 
     def sorted_bank(self):
         """Every gallery item's bank scores, ascending (G × N; an HDF5 dataset when read from a file)."""
