@@ -377,7 +377,7 @@ def test_api_errors_name_the_parameters(emb, probed):
         qbnorm_cli.normalise(emb.queries, emb.gallery, plain, method="dbsn", similarity="dot")
     cases = [({"sinkhorn_iters": 0}, r"^sinkhorn_iters 0: must be at least 1"),
              ({"sinkhorn_iters": 2.5}, r"^sinkhorn_iters 2.5: expected a whole number"),
-             ({"sinkhorn_tol": 0.0}, r"^sinkhorn_tol 0: must be a finite number > 0"),
+             ({"sinkhorn_tol": 0.0}, r"^sinkhorn_tol 0.0: must be a finite number > 0"),
              ({"sinkhorn_tol": float("nan")}, r"^sinkhorn_tol nan: must be a finite number > 0"),
              ({"sinkhorn_max_iters": 0}, r"^sinkhorn_max_iters 0: must be at least 1"),
              ({"sinkhorn_iters": 5, "sinkhorn_tol": 1e-3}, r"give either sinkhorn_iters .* or sinkhorn_tol")]
@@ -422,3 +422,15 @@ def test_permuting_the_gallery_or_the_bank_permutes_the_scalings(rnd):
     moved, _ = streamed(rnd.P[queries], 20.0, iters=30, budget=Budget(block_rows=5))
     tol.assert_close(moved.log_u, base.log_u, b)
     tol.assert_close(moved.log_v, base.log_v[queries], b)
+
+
+def test_a_probe_in_memory_saves_and_loads_its_potentials(tmp_path, probed):
+    probed.save(tmp_path / "p.h5")
+    with qbnorm_cli.Probe.load(tmp_path / "p.h5") as loaded:
+        assert loaded.sinkhorn_runs() == probed.sinkhorn_runs()
+        assert loaded.sinkhorn_runs(dual=True) == probed.sinkhorn_runs(dual=True)
+        for beta in (2.0, 5.0):
+            for dual in (False, True):
+                np.testing.assert_array_equal(loaded.sinkhorn_log_u(beta, dual), probed.sinkhorn_log_u(beta, dual))
+        np.testing.assert_array_equal(loaded.column_mean(), probed.column_mean())
+        assert loaded.params["sinkhorn_tol"] == 1e-9

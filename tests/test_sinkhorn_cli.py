@@ -122,7 +122,7 @@ def test_option_errors(cli, tmp_path, sims):
         ([*base, "--sinkhorn-tol", 1e-3], 2, "--sinkhorn-tol needs --sinkhorn"),
         ([*base, "--sinkhorn", "--sinkhorn-iters", 0], 2, "--sinkhorn-iters 0: must be at least 1"),
         ([*base, "--sinkhorn", "--sinkhorn-max-iters", 0], 2, "--sinkhorn-max-iters 0: must be at least 1"),
-        ([*base, "--sinkhorn", "--sinkhorn-tol", 0], 2, "--sinkhorn-tol 0: must be a finite number > 0"),
+        ([*base, "--sinkhorn", "--sinkhorn-tol", 0], 2, "--sinkhorn-tol 0.0: must be a finite number > 0"),
         ([*base, "--sinkhorn", "--sinkhorn-tol", "nan"], 2, "--sinkhorn-tol nan: must be a finite number > 0"),
         ([*base, "--sinkhorn", "--sinkhorn-iters", 3, "--sinkhorn-tol", 1e-3], 2,
          "give either --sinkhorn-iters (a fixed number of iterations) or --sinkhorn-tol (iterate until converged)"),

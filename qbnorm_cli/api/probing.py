@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -44,13 +43,9 @@ class SinkhornSettings:
                 other = "sinkhorn_tol" if tol is not None else "sinkhorn_max_iters"
                 raise UsageError(f"give either {param('sinkhorn_iters')} (a fixed number of iterations) or "
                                  f"{param(other)} (iterate until converged), not both")
-            return cls(_whole(iters, "sinkhorn_iters"), None, None)
-        if tol is not None:
-            tol = _number(tol, "sinkhorn_tol")
-            if not (math.isfinite(tol) and tol > 0):
-                raise UsageError(f"{param('sinkhorn_tol')} {tol:g}: must be a finite number > 0")
-        return cls(None, DEFAULT_TOL if tol is None else tol,
-                   DEFAULT_MAX_ITERS if max_iters is None else _whole(max_iters, "sinkhorn_max_iters"))
+            return cls(_ITERS.check(iters), None, None)
+        return cls(None, DEFAULT_TOL if tol is None else _TOL.check(tol),
+                   DEFAULT_MAX_ITERS if max_iters is None else _MAX_ITERS.check(max_iters))
 
     def state(self, beta: float, n_bank: int, n_rows: int) -> Sinkhorn:
         if self.iters is not None:
@@ -61,19 +56,10 @@ class SinkhornSettings:
         return {"sinkhorn_iters": self.iters, "sinkhorn_tol": self.tol, "sinkhorn_max_iters": self.max_iters}
 
 
-def _number(value, name: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{param(name)} {value!r}: expected a number") from None
-
-
-def _whole(value, name: str) -> int:
-    if isinstance(value, bool) or _number(value, name) != int(_number(value, name)):
-        raise UsageError(f"{param(name)} {value!r}: expected a whole number")
-    if int(value) < 1:
-        raise UsageError(f"{param(name)} {value}: must be at least 1")
-    return int(value)
+_ITERS = methods.Parameter("sinkhorn_iters", int, "exactly this many Sinkhorn iterations", minimum=1)
+_TOL = methods.Parameter("sinkhorn_tol", float, "stop at a change of the log scalings below this", minimum=0,
+                         exclusive=True)
+_MAX_ITERS = methods.Parameter("sinkhorn_max_iters", int, "at most this many iterations", minimum=1)
 
 
 def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas, dual_betas,

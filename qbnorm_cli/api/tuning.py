@@ -93,9 +93,8 @@ def edge_note(best: Setting, settings: list[Setting]) -> str | None:
 
 def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims=None, gallery_bank=None,
          gallery_bank_sims=None, bank_gallery_bank_sims=None, metric: str = "geom", methods=None, betas=None,
-         gallery_betas=None,
-         similarity: str = "cosine", memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None,
-         force: bool = False, progress=None, provenance: str | None = None) -> dict:
+         gallery_betas=None, similarity: str = "cosine", memory=DEFAULT_MEMORY, block_rows: int | None = None,
+         output=None, force: bool = False, progress=None, provenance: str | None = None) -> dict:
     """Evaluate every setting of the chosen methods on validation data and pick the best.
 
     queries, gallery, gt: the validation split (embeddings, or `sims` precomputed scores, and its

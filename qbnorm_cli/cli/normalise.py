@@ -62,8 +62,7 @@ def command(
         written = api.normalise(
             queries, gallery, probed, method=method or methods.DEFAULT.name, beta=beta, k=k,
             gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam, top_k=top_k,
-            sims=sims,
-            similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows, output=output, force=force,
+            sims=sims, similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows, output=output, force=force,
             accept_other_gallery=force, progress=report.progress, provenance=options.provenance(ctx),
             extra_params={"params_file": params_file})
         if tuned is not None and (warning := tuned_on_warning(params_file, tuned, written.inputs[:-1])):
