@@ -15,8 +15,12 @@ Comparisons (NAME):
             normalise --sims --transpose, evaluate --direction v2t) against the same commands on
             transposed copies, for contiguous, row-chunked and tile-chunked HDF5 dumps; checks
             that the outputs are identical
+  sinkhorn  `qbnorm probe --sinkhorn` (sn: converged, and the paper's 10 iterations) against the IS
+            probe of the same data, bank 20k × gallery 100k × 512 by default; not in the default
+            run (each iteration is one more pass over bank × gallery: tens of minutes at that size
+            on 2 cores): ask for it with --only sinkhorn
 
-Sizes: default = the issue's shapes for matmul and official, the mid size for memory (10k ×
+Sizes: default = the issue's shapes for matmul, official and sinkhorn, the mid size for memory (10k ×
 250k → 1M); --quick finishes in under a minute; --full adds memory at 100k × 1M (long: about 1e14
 flops per command on 2 cores); --tiny is the smoke test's.
 
@@ -70,11 +74,15 @@ SIZES = {
     # transpose: test captions, items, bank items (20 captions per item)
     "transpose": {"tiny": (600, 30, 300), "quick": (5980, 299, 3000), "default": (59800, 2990, 6000),
                   "full": (59800, 2990, 6000)},
+    # sinkhorn: bank, gallery, dim
+    "sinkhorn": {"tiny": (300, 2000, 32), "quick": (2000, 20000, 128), "default": (20000, 100000, 512),
+                 "full": (20000, 100000, 512)},
 }
+DEFAULT_RUN = ("matmul", "official", "memory", "scaling")  # sinkhorn and transpose only on request (--only)
 # repeats of each timed pair (scaling: best of); quick stays under a minute on 2 cores
-REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1, "transpose": 1},
-           "default": {"matmul": 3, "official": 3, "scaling": 2, "transpose": 2},
-           "full": {"matmul": 5, "official": 5, "scaling": 3, "transpose": 3}}
+REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1, "transpose": 1, "sinkhorn": 1},
+           "default": {"matmul": 3, "official": 3, "scaling": 2, "transpose": 2, "sinkhorn": 1},
+           "full": {"matmul": 5, "official": 5, "scaling": 3, "transpose": 3, "sinkhorn": 3}}
 TRANSPOSE_LAYOUTS = ("contiguous", "rows", "tiles")
 TRANSPOSE_MEMORY = ("1GiB", "16MiB")  # the default budget, and one that splits every read into many blocks
 
@@ -428,6 +436,42 @@ class Bench(TransposeBench):
                  "normalise reads only the probe's O(gallery) vectors)")
         self.results["scaling"] = {"lines": lines, "bank_small_s": t_small, "bank_large_s": t_large}
 
+    # -- Sinkhorn probe cost --------------------------------------------------------------------
+    def sinkhorn(self) -> None:
+        nb, ng, dim = SIZES["sinkhorn"][self.mode]
+        self.say(f"== sinkhorn: probe --sinkhorn against the IS probe, bank {nb:,} × gallery {ng:,} × {dim}")
+        g, b, out = self.path("sk_gallery.h5"), self.path("sk_bank.h5"), self.path("sk_probe.h5")
+        data.write_embeddings(g, ng, dim, seed=51)
+        data.write_embeddings(b, nb, dim, seed=51, queries_of=ng, noise_seed=1)
+        # β where β·std of the bank scores is 3, as β = 100 is for the Multi30k cosines (std 0.029):
+        # Sinkhorn's iteration count depends on β × the score spread
+        scale = json.loads(run([*qbnorm("probe", "--bank", b, "--gallery", g, "-o", out), "--json"]).stdout)
+        beta = float(f"{3 / scale['scores']['std']:.2g}")
+        probe = ["probe", "--bank", b, "--gallery", g, "--beta", beta, "-o", out]
+
+        def plain():
+            return run(qbnorm(*probe))
+
+        def sinkhorn(*extra):
+            return lambda: run([*qbnorm(*probe, "--sinkhorn", *extra), "--json"])
+
+        rows = {}
+        for label, extra in (("converged (tol 1e-6)", ()), ("10 iterations", ("--sinkhorn-iters", 10))):
+            pairs = interleaved(self.repeats_of("sinkhorn"), sinkhorn(*extra), plain)
+            ratio = median_ratio(pairs)
+            t_sn = statistics.median(a.seconds for a, _ in pairs)
+            t_is = statistics.median(b.seconds for _, b in pairs)
+            runs = json.loads(pairs[0][0].stdout)["sinkhorn"][0]
+            passes = runs["iterations"] + 1
+            self.say(f"   sn {label:20s} {fmt_s(t_sn)}   IS probe {fmt_s(t_is)}   ratio {ratio:5.2f}   "
+                     f"({runs['iterations']} iterations, {'held' if runs['held'] else 'recomputed'}; "
+                     f"{(t_sn - t_is) / passes:.2f} s per pass; peak {fmt_mib(max(a.peak_mib for a, _ in pairs))})")
+            self.say(f"      per repeat (sn/IS): {per_repeat(pairs)}")
+            rows[label] = {"ratio": ratio, "sn_s": t_sn, "is_s": t_is, "iterations": runs["iterations"],
+                           "held": runs["held"]}
+        self.results["sinkhorn"] = {"beta": beta, "bank": nb, "gallery": ng, "dim": dim, "runs": rows,
+                                    "ratio": rows["converged (tol 1e-6)"]["ratio"]}
+
 
 def compare_rankings(ours_path: str, dense_path: str, top: int = 10) -> str:
     """Top-`top` rankings of every row, qbnorm's log-domain scores against the exp-domain ones."""
@@ -460,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_const", dest="mode", const="quick", help="under a minute")
     size.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="the full target-3 size (100k × 1M: hours on 2 cores)")
-    parser.add_argument("--only", default="matmul,official,memory,scaling", help="comma-separated comparisons")
+    parser.add_argument("--only", default=",".join(DEFAULT_RUN),
+                        help=f"comparisons (default {','.join(DEFAULT_RUN)}; also sinkhorn, transpose)")
     parser.add_argument("--repeat", type=int, default=None, help="repeats per timed pair (default: by mode)")
     parser.add_argument("--keep", metavar="DIR", help="generate into DIR and keep it")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")

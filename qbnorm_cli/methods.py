@@ -8,8 +8,8 @@ from it, `tune` walks the grid of every method's parameters, and the CLI's check
 from the same entries: adding a method is adding one entry (and its tests).
 
 The formulas, in log form (which ranks exactly as the exponential forms), with P[i, j] the bank ×
-gallery scores, H[h, j] the gallery-bank × gallery scores and S[q, j] the query × gallery scores,
-are given with each entry below.
+gallery scores, H[h, j] the gallery-bank × gallery scores, PB[i, h] the bank × gallery-bank scores
+and S[q, j] the query × gallery scores, are given with each entry below.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ BETA_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 GALLERY_BETA_GRID = (1.0, 2.0, 5.0, 10.0, 20.0)
 SCALED = "scaled"  # a grid that follows the score scale (core.scale.beta_grid)
 WHOLE_MAX = 2**31 - 1  # k and K are stored as 32-bit integers (and no gallery is larger)
+ONE_PASS = "probe: one pass over bank × gallery; normalise: plain retrieval plus an O(gallery) offset"
+SINKHORN_COST = ("probe --sinkhorn: one pass, then one per iteration (a float64 exp per {scores}; the products "
+                 "again when those scores do not fit half of --memory); normalise: plain retrieval plus an "
+                 "O(gallery) offset")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,10 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("gallery_beta", float, "β₂ of the gallery bank; default: the probe's", minimum=0, exclusive=True),
     Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, maximum=WHOLE_MAX),
     Parameter("alpha", float, "weight α of the gallery offset", default=0.75),
+    Parameter("min_count", int, "θ: an item is a hub when it is in the top-k of at least θ bank queries",
+              default=1, minimum=1),
+    Parameter("lam", float, "weight λ of the mean bank embedding (Distribution Normalisation)", default=0.25,
+              minimum=0),
 )}
 
 
@@ -80,6 +88,9 @@ class Needs:
     topk_mean: bool = False         # mean of the K largest P[:, j]
     sorted_bank: bool = False       # P[:, j] ascending, per item
     gallery_bank: bool = False      # the same from a gallery bank (H)
+    column_mean: bool = False       # mean_i P[i, j]
+    sinkhorn: bool = False          # log u of the Sinkhorn scalings of P for its β
+    dual_sinkhorn: bool = False     # log u of the Sinkhorn scalings of [P | PB] (the gallery's part)
 
 
 @dataclass(frozen=True)
@@ -96,13 +107,15 @@ class Method:
     log_domain: bool = False  # scores are β·S − log-normaliser: compare them within a row only
     tuned: bool = True        # part of tune's default methods
     baseline: bool = False    # the raw scores through the same path
+    cost: str = ONE_PASS      # what probe and normalise pay for it
 
     def default(self, name: str):
         return self.defaults.get(name, PARAMETERS[name].default)
 
     @property
     def dual(self) -> bool:
-        return self.needs.gallery_bank
+        """Whether it needs a gallery bank (H, or the bank × gallery-bank scores PB)."""
+        return self.needs.gallery_bank or self.needs.dual_sinkhorn
 
 
 def _is(probe, p) -> Normaliser:
@@ -110,7 +123,8 @@ def _is(probe, p) -> Normaliser:
 
 
 def _dis(probe, p) -> Normaliser:
-    return Normaliser(scale=p["beta"], offset=probe.log_norm(p["beta"]), gate=probe.activation(p["k"]))
+    return Normaliser(scale=p["beta"], offset=probe.log_norm(p["beta"]),
+                      gate=probe.activation(p["k"], min_count=p["min_count"]))
 
 
 def _csls(probe, p) -> Normaliser:  # r_q averages the row's K best: at most the whole gallery
@@ -133,40 +147,74 @@ def _dual_is(probe, p) -> Normaliser:
 
 def _dual_dis(probe, p) -> Normaliser:
     scale, offset = _dual(probe, p)
-    gate = probe.activation(p["k"]) | probe.activation(p["k"], gallery=True)
+    gate = probe.activation(p["k"], min_count=p["min_count"]) | \
+        probe.activation(p["k"], gallery=True, min_count=p["min_count"])
     return Normaliser(scale=scale, offset=offset, gate=gate)
+
+
+def _sn(probe, p) -> Normaliser:  # η = β·S + log u_j
+    return Normaliser(scale=p["beta"], offset=-probe.sinkhorn_log_u(p["beta"]))
+
+
+def _dbsn(probe, p) -> Normaliser:
+    return Normaliser(scale=p["beta"], offset=-probe.sinkhorn_log_u(p["beta"], dual=True))
+
+
+def _dn(probe, p) -> Normaliser:
+    return Normaliser(offset=p["lam"] * probe.column_mean())
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("none", "raw similarities (the baseline, through the same path)", "—", (),
-           lambda probe, p: Normaliser(identity=True), baseline=True, tuned=False),
+           lambda probe, p: Normaliser(identity=True), baseline=True, tuned=False,
+           cost="normalise: plain retrieval"),
     Method("is", "Inverted Softmax: β·S − logsumexp over the bank (Smith et al. ICLR 2017; QB-Norm Eq. 3)",
            "Smith et al., ICLR 2017; Bogolin et al., CVPR 2022, Eq. 3: β·S[q, j] − LSE_i(β·P[i, j])",
            ("beta",), _is, Needs(log_norm=True), grid={"beta": SCALED}, log_domain=True),
     Method("dis", "Dynamic Inverted Softmax: IS only when the raw top-1 is a bank hub (Bogolin et al. CVPR 2022)",
            "Bogolin et al., CVPR 2022, Sec. 3.4: IS on the rows whose raw top-1 is in the activation set A "
            "(items in the top-k of some bank query), raw scores elsewhere",
-           ("beta", "k"), _dis, Needs(log_norm=True, neighbors=True), grid={"beta": SCALED, "k": (1, 2, 5)},
-           log_domain=True),
+           ("beta", "k", "min_count"), _dis, Needs(log_norm=True, neighbors=True),
+           grid={"beta": SCALED, "k": (1, 2, 5), "min_count": (1, 3, 5)}, log_domain=True),
     Method("csls", "Cross-domain Similarity Local Scaling: 2·S − r_q − r_j, mean of top-K (Conneau et al. ICLR 2018)",
            "Conneau et al., ICLR 2018: 2·S[q, j] − r_q − r_j, r = mean of the K largest similarities",
            ("topk_mean",), _csls, Needs(topk_mean=True), defaults={"topk_mean": 10}, grid={"topk_mean": (5, 10, 20)},
-           within_gallery=("topk_mean",)),
+           within_gallery=("topk_mean",), cost=ONE_PASS + " and each row's top-K"),
     Method("nnn", "Nearest Neighbor Normalization: S − α·mean top-k bank scores (Chowdhury et al. EMNLP 2024)",
            "Chowdhury et al., EMNLP 2024: S[q, j] − α·b_j, b_j = mean of the k largest P[:, j]",
            ("topk_mean", "alpha"), _nnn, Needs(topk_mean=True), defaults={"topk_mean": 128},
            grid={"topk_mean": (16, 64, 128), "alpha": (0.5, 0.75, 1.0)}),
     Method("gc", "Globally-Corrected: S − rank of S among the item's bank scores (Dinu et al. ICLR-W 2015)",
            "Dinu et al., ICLR workshop 2015: −(Rank(S[q, j], P[:, j]) − S[q, j])", (),
-           lambda probe, p: Normaliser(sorted_bank=probe.sorted_bank()), Needs(sorted_bank=True), tuned=False),
+           lambda probe, p: Normaliser(sorted_bank=probe.sorted_bank()), Needs(sorted_bank=True), tuned=False,
+           cost="probe --keep-sorted: one pass, and every bank score kept sorted (O(bank × gallery) storage); "
+                "normalise: plus a binary search per score"),
     Method("dual-is", "Dual Inverted Softmax with query and gallery banks (DBNorm, Wang et al. EMNLP 2023)",
            "Wang et al., EMNLP 2023 (DBNorm): (β₁+β₂)·S − LSE_i(β₁·P[i, j]) − LSE_h(β₂·H[h, j])",
            ("beta", "gallery_beta"), _dual_is, Needs(log_norm=True, gallery_bank=True),
-           grid={"beta": SCALED, "gallery_beta": SCALED}, log_domain=True),
+           grid={"beta": SCALED, "gallery_beta": SCALED}, log_domain=True, cost=ONE_PASS.replace(
+               "bank × gallery", "bank × gallery and gallery bank × gallery")),
     Method("dual-dis", "Dual IS only when the raw top-1 is a hub of either bank (DBNorm, Wang et al. EMNLP 2023)",
            "Wang et al., EMNLP 2023 (DBNorm): dual IS on the rows whose raw top-1 is in A_q ∪ A_g",
-           ("beta", "gallery_beta", "k"), _dual_dis, Needs(log_norm=True, neighbors=True, gallery_bank=True),
-           grid={"beta": SCALED, "gallery_beta": SCALED, "k": (1, 2, 5)}, log_domain=True),
+           ("beta", "gallery_beta", "k", "min_count"), _dual_dis,
+           Needs(log_norm=True, neighbors=True, gallery_bank=True),
+           grid={"beta": SCALED, "gallery_beta": SCALED, "k": (1, 2, 5)}, log_domain=True, cost=ONE_PASS.replace(
+               "bank × gallery", "bank × gallery and gallery bank × gallery")),
+    Method("sn", "Sinkhorn Normalisation: β·S + log u, u the Sinkhorn scaling of the bank × gallery coupling "
+                 "(Pan et al. ACM MM 2025)",
+           "Pan et al., ACM MM 2025 (SN): β·S[q, j] + log u_j, (u, v) the Sinkhorn scalings of exp(β·P[b, j]) "
+           "between uniform gallery and bank marginals",
+           ("beta",), _sn, Needs(sinkhorn=True), grid={"beta": SCALED}, log_domain=True,
+           cost=SINKHORN_COST.format(scores="bank × gallery score")),
+    Method("dbsn", "Dual-Bank Sinkhorn: SN whose rows are the gallery and a gallery bank (Pan et al. ACM MM 2025)",
+           "Pan et al., ACM MM 2025 (DBSN): β·S[q, j] + log u_j, u the Sinkhorn scaling of exp(β·[P | PB]) over "
+           "the gallery and the gallery bank (one uniform marginal) against the bank queries",
+           ("beta",), _dbsn, Needs(dual_sinkhorn=True), grid={"beta": SCALED}, log_domain=True,
+           cost=SINKHORN_COST.format(scores="bank × (gallery + gallery bank) score")),
+    Method("dn", "Distribution Normalisation: S − λ·(mean bank embedding · g_j) (Zhou et al. NeurIPS 2023)",
+           "Zhou et al., NeurIPS 2023 (DN), the query bank standing in for the test queries: "
+           "S[q, j] − λ·μ_QB·g_j = S[q, j] − λ·mean_i P[i, j]",
+           ("lam",), _dn, Needs(column_mean=True), grid={"lam": (0.1, 0.25, 0.5, 0.75, 1.0)}),
 )}
 
 DEFAULT = METHODS["dis"]
@@ -189,8 +237,8 @@ def names(*, include_baseline: bool = True) -> list[str]:
 
 
 def help_text() -> str:
-    """One line per method: `name: help`."""
-    return "\n\n".join(f"{m.name}: {m.help}" for m in METHODS.values())
+    """One paragraph per method: `name: help. Cost: …`."""
+    return "\n\n".join(f"{m.name}: {m.help}. Cost: {m.cost}." for m in METHODS.values())
 
 
 def default_topk_means() -> tuple[int, ...]:
@@ -244,11 +292,18 @@ def grid(methods: list[Method], scaled_grids: Mapping[str, list[float]], fixed: 
     return out
 
 
-def tuned_methods(requested: list[str] | None, has_gallery_bank: bool) -> list[Method]:
+def tuned_methods(requested: list[str] | None, has_gallery_bank: bool,
+                  has_bank_gallery_bank: bool | None = None) -> list[Method]:
     """The methods tune tries: those named (checked), or the default ones (the dual ones only with
-    a gallery bank)."""
+    a gallery bank: its scores against the gallery (H), and for dbsn the bank's scores against it
+    (PB; `has_bank_gallery_bank`, by default as `has_gallery_bank`))."""
+    has_cross = has_gallery_bank if has_bank_gallery_bank is None else has_bank_gallery_bank
+
+    def available(m: Method) -> bool:
+        return (has_gallery_bank or not m.needs.gallery_bank) and (has_cross or not m.needs.dual_sinkhorn)
+
     if requested is None:
-        return [m for m in METHODS.values() if m.tuned and (has_gallery_bank or not m.dual)]
+        return [m for m in METHODS.values() if m.tuned and available(m)]
     if not requested:
         raise UsageError(f"{param('methods')}: name at least one method")
     chosen = []
@@ -256,9 +311,13 @@ def tuned_methods(requested: list[str] | None, has_gallery_bank: bool) -> list[M
         method = METHODS.get(name)
         if method is None:
             raise UsageError(f"{param('methods')} {name!r}: choose from {', '.join(names(include_baseline=False))}")
-        if method.dual and not has_gallery_bank:
+        if method.needs.gallery_bank and not has_gallery_bank:
             raise UsageError(f"{param('methods')} {name}: needs a gallery bank "
                              f"({param('gallery_bank')} or {param('gallery_bank_sims')})")
+        if method.needs.dual_sinkhorn and not has_cross:
+            raise UsageError(f"{param('methods')} {name}: needs the bank's scores against a gallery bank "
+                             f"({param('gallery_bank')} with {param('bank')} embeddings, or "
+                             f"{param('bank_gallery_bank_sims')})")
         if not method.baseline and method not in chosen:
             chosen.append(method)
     return chosen
@@ -274,20 +333,26 @@ class ProbeRequest:
     topk_means: tuple[int, ...]
     keep_sorted: bool
     gallery_bank: bool
+    sinkhorn_betas: list[float] = field(default_factory=list)       # SN's potentials for these β
+    dual_sinkhorn_betas: list[float] = field(default_factory=list)  # DBSN's
 
     @classmethod
     def of(cls, settings_: list[tuple[Method, dict]]) -> ProbeRequest:
+        def betas_of(need: str) -> list[float]:
+            return sorted({v["beta"] for m, v in settings_ if getattr(m.needs, need) and "beta" in v})
+
         betas = sorted({v["beta"] for _, v in settings_ if "beta" in v}) or [DEFAULT_BETA]
         gallery = sorted({v["gallery_beta"] for _, v in settings_ if "gallery_beta" in v}) or [DEFAULT_GALLERY_BETA]
         kmax = max([v["k"] for _, v in settings_ if "k" in v] or [1])
         ks = tuple(sorted({v["topk_mean"] for _, v in settings_ if "topk_mean" in v}))
         return cls(betas, gallery, kmax, ks, any(m.needs.sorted_bank for m, _ in settings_),
-                   any(m.dual for m, _ in settings_))
+                   any(m.needs.gallery_bank for m, _ in settings_), betas_of("sinkhorn"), betas_of("dual_sinkhorn"))
 
 
 def label(method: Method, values: Mapping) -> str:
     """A setting as people read it: `dis β=20 k=1`."""
-    symbols = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α"}
+    symbols = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α", "min_count": "θ",
+               "lam": "λ"}
     parts = ["raw" if method.baseline else method.name]
     parts += [f"{symbols.get(name, name)}={values[name]:g}" for name in PARAMETERS if name in values]
     return " ".join(parts)

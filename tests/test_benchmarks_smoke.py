@@ -62,6 +62,22 @@ def test_transposed_io_measures_every_layout():
         assert name in proc.stdout
 
 
+def test_sinkhorn(tmp_path):
+    text, results = runner(tmp_path, "sinkhorn")
+    assert "sn converged (tol 1e-6)" in text and "sn 10 iterations" in text and "per repeat (sn/IS)" in text
+    runs = results["sinkhorn"]["runs"]
+    assert runs["10 iterations"]["iterations"] == 10 and runs["converged (tol 1e-6)"]["iterations"] >= 1
+    assert results["sinkhorn"]["ratio"] > 0 and runs["10 iterations"]["held"] is True
+
+
+def test_sinkhorn_is_not_in_the_default_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.__main__ import DEFAULT_RUN, SIZES
+
+    assert "sinkhorn" in SIZES and "sinkhorn" not in DEFAULT_RUN
+    assert SIZES["sinkhorn"]["default"] == (20000, 100000, 512)
+
+
 def test_unknown_comparison_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", "nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

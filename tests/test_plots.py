@@ -101,12 +101,14 @@ def test_tune_plot_marks_the_chosen_setting(cli, tmp_path):
     data = doc["plot"]
     assert data["metric"] == "GeomR" and data["raw"] == doc["raw"]["GeomR"]
     panels = {p["method"]: p for p in data["panels"]}
-    assert panels["dis"]["x"] == "beta" and [s["label"] for s in panels["dis"]["series"]] == ["k=1", "k=2", "k=5"]
+    # dis has k (3 values) × θ (3 values) per β: more than 6 series, so one per k, the best over θ
+    labels = [s["label"] for s in panels["dis"]["series"]]
+    assert panels["dis"]["x"] == "beta" and labels == [f"k={k} (best min_count)" for k in (1, 2, 5)]
     for s in panels["dis"]["series"]:
-        k = int(s["label"][2:])
+        k = int(s["label"].split()[0][2:])
         for beta, value in zip(s["x"], s["y"], strict=True):
-            [row] = [r for r in doc["settings"] if r["method"] == "dis" and r["k"] == k and r["beta"] == beta]
-            assert value == row["metrics"]["GeomR"]
+            rows = [r for r in doc["settings"] if r["method"] == "dis" and r["k"] == k and r["beta"] == beta]
+            assert len(rows) == 3 and value == max(r["metrics"]["GeomR"] for r in rows)
     assert data["chosen"]["method"] == doc["best"]["method"]
     assert data["chosen"]["value"] == doc["best"]["metrics"]["GeomR"]
     assert out.read_bytes()[:5] == b"%PDF-"

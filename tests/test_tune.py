@@ -14,6 +14,7 @@ from qbnorm_cli.api import tuning as tn
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.statistics import bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError
+from qbnorm_cli.io.paramsfile import load_params
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "multi30k-sample.h5"
 VAL = [f"--queries={SAMPLE}::/val_queries", f"--gallery={SAMPLE}::/val_gallery", f"--gt={SAMPLE}::/val_gt"]
@@ -45,8 +46,8 @@ def test_tune_writes_the_winner_and_beats_raw(tuned):
     assert doc["score_scale"] == "cosine"
     assert doc["validation"]["queries"]["dataset"] == "/val_queries"
     assert doc["validation"]["queries"]["identity"] and doc["validation"]["bank"]["dataset"] == "/train_queries"
-    # 1 raw + 3 is + 9 dis + 3 csls + 9 nnn + 6 dual-is
-    assert doc["settings_evaluated"] == 31
+    # 1 raw + 3 is + 27 dis (β × k × θ) + 3 csls + 9 nnn + 6 dual-is
+    assert doc["settings_evaluated"] == 49
 
 
 def test_tune_table_json_and_metric(tmp_path, cli):
@@ -114,23 +115,29 @@ def test_probe_params_needs_gallery_bank_for_dual(tmp_path, cli):
 
 def test_load_params_errors(tmp_path):
     with pytest.raises(UsageError):
-        tn.load_params(str(tmp_path / "missing.json"))
+        load_params(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(DataError, match="not a JSON file"):
-        tn.load_params(str(bad))
+        load_params(str(bad))
     bad.write_text(json.dumps({"method": "is"}))
     with pytest.raises(DataError, match="not a qbnorm params file"):
-        tn.load_params(str(bad))
+        load_params(str(bad))
     bad.write_text(json.dumps({"qbnorm_kind": "params", "method": "magic"}))
     with pytest.raises(DataError, match="unknown method"):
-        tn.load_params(str(bad))
+        load_params(str(bad))
 
 
 def test_grid_and_methods():
     names = lambda chosen: [m.name for m in chosen]
-    assert names(methods.tuned_methods(None, False)) == ["is", "dis", "csls", "nnn"]
-    assert names(methods.tuned_methods(None, True))[-2:] == ["dual-is", "dual-dis"]
+    assert names(methods.tuned_methods(None, False)) == ["is", "dis", "csls", "nnn", "sn", "dn"]
+    assert names(methods.tuned_methods(None, True)) == ["is", "dis", "csls", "nnn", "dual-is", "dual-dis", "sn",
+                                                        "dbsn", "dn"]
+    # a gallery bank given as gallery-bank × gallery scores only: dbsn lacks the bank × gallery-bank scores
+    assert "dbsn" not in names(methods.tuned_methods(None, True, False))
+    assert names(methods.tuned_methods(None, False, True)) == ["is", "dis", "csls", "nnn", "sn", "dbsn", "dn"]
+    with pytest.raises(UsageError, match="dbsn: needs the bank's scores against a gallery bank"):
+        methods.tuned_methods(["dbsn"], True, False)
     with pytest.raises(UsageError):
         methods.tuned_methods(["is", "magic"], True)
     with pytest.raises(UsageError, match="needs a gallery bank"):
@@ -139,9 +146,12 @@ def test_grid_and_methods():
     scaled = {"beta": scale.beta_grid(methods.BETA_GRID, None), "gallery_beta": list(methods.GALLERY_BETA_GRID)}
     settings = [tn.Setting(m, v) for m, v in methods.grid(chosen, scaled)]
     assert settings[0].method.baseline
-    dis_ks = methods.get("dis").grid["k"]
-    assert len([s for s in settings if s.method.name == "dis"]) == len(methods.BETA_GRID) * len(dis_ks)
-    assert [s.values for s in settings if s.method.name == "dis"][:2] == [{"beta": 1.0, "k": 1}, {"beta": 1.0, "k": 2}]
+    dis_ks, thetas = methods.get("dis").grid["k"], methods.get("dis").grid["min_count"]
+    assert len([s for s in settings if s.method.name == "dis"]) == len(methods.BETA_GRID) * len(dis_ks) * len(thetas)
+    assert [s.values for s in settings if s.method.name == "dis"][:2] == [{"beta": 1.0, "k": 1, "min_count": 1},
+                                                                          {"beta": 1.0, "k": 1, "min_count": 3}]
+    # dual-dis tries θ at its default only (its grid is large already)
+    assert {s.values["min_count"] for s in settings if s.method.name == "dual-dis"} == {1}
     needs = methods.ProbeRequest.of([(s.method, s.values) for s in settings])
     assert needs.betas == sorted(methods.BETA_GRID) and needs.kmax == max(dis_ks)
     assert needs.topk_means == methods.get("nnn").grid["topk_mean"] and needs.gallery_bank

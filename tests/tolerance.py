@@ -70,6 +70,18 @@ def lse64(n: int, beta: float, spread: float, magnitude: float) -> float:
     return U64 * ((n + 1) * per_term + 2 * n) + 4 * U64 * magnitude
 
 
+def sinkhorn64(iterations: int, n_terms: int, magnitude: float, beta: float = 0.0, score_error: float = 0.0) -> float:
+    """|log u − exact|, |log v − exact| after `iterations` (v, u) updates of the Sinkhorn iteration
+    evaluated in float64 (qbnorm's kernel or the reference's). Each half-update is an LSE over at
+    most n_terms terms whose exponents β·P[b, j] + (the other scaling) are at most `magnitude` in
+    size: within lse64's bound with twice that magnitude standing in for the spread (the exponent,
+    its shift and their difference are each rounded). Each half-update is also 1-Lipschitz in the
+    other scaling and β-Lipschitz in the scores (off by score_error), so the errors of the
+    2·iterations half-updates add up."""
+    per_half = lse64(n_terms, 1.0, 2.0 * magnitude, magnitude) + beta * score_error
+    return 2 * iterations * per_half
+
+
 def eval64(magnitude: float, operations: int = 4) -> float:
     """float64 rounding of a formula of a few operations on values of this magnitude."""
     return gamma(operations, U64) * magnitude
@@ -107,7 +119,8 @@ def assert_separated(scores, n: int, tolerance: float) -> None:
                             f"(rows {np.flatnonzero(near.any(axis=1)).tolist()}): choose other data")
 
 
-def method_scales(method: str, *, beta: float = 20.0, gallery_beta: float = 1.0, alpha: float = 0.75):
+def method_scales(method: str, *, beta: float = 20.0, gallery_beta: float = 1.0, alpha: float = 0.75,
+                  lam: float = 0.25):
     """(scale, offset weights) of a method's η = scale·S − offsets, for `scaled`: how much an error
     in the scores it reads can move its normalised scores (tests/reference.py has the formulas).
     gc adds an integer rank, exact while no score lies within the error of a bank score."""
@@ -120,6 +133,7 @@ def method_scales(method: str, *, beta: float = 20.0, gallery_beta: float = 1.0,
         "gc": (1.0, ()),
         "dual-is": (beta + gallery_beta, (beta, gallery_beta)),
         "dual-dis": (beta + gallery_beta, (beta, gallery_beta)),
+        "dn": (1.0, (lam,)),  # S − λ·mean_i P[i, j]: a mean moves by the scores' error
     }[method]
 
 

@@ -8,11 +8,11 @@ import numpy as np
 
 from qbnorm_cli import methods
 from qbnorm_cli.api.common import check_choice, check_count, progress_or_none, score_source, warn
-from qbnorm_cli.api.tuning import tuned_on_warning
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, param, plain_text
 from qbnorm_cli.io.atomic import OutputFile
+from qbnorm_cli.io.paramsfile import tuned_on_warning
 from qbnorm_cli.io.probefile import Probe
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
 from qbnorm_cli.streaming.engine import run_normalise
@@ -40,8 +40,9 @@ def _as_probe(value) -> Probe:
 
 def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.DEFAULT.name,
               beta: float | None = None, k: int | None = None, gallery_beta: float | None = None,
-              topk_mean: int | None = None, alpha: float | None = None, top_k: int | None = None, sims=None,
-              transpose: bool = False, similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
+              topk_mean: int | None = None, alpha: float | None = None, min_count: int | None = None,
+              lam: float | None = None, top_k: int | None = None, sims=None, transpose: bool = False,
+              similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
               block_rows: int | None = None, output=None, force: bool = False, accept_other_gallery: bool = False,
               progress=None, provenance: str | None = None, extra_params: dict | None = None,
               tuned: dict | None = None):
@@ -51,10 +52,12 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     queries, gallery: embeddings (arrays, memory maps, h5py datasets, `PATH[::/dataset]` strings),
     compared as the probe compared its bank (or by `similarity`); or `sims`, precomputed query ×
     gallery scores (transpose=True: stored gallery × queries, read transposed; v2t from a t2v dump:
-    the items become the queries). probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean, alpha: the
-    method's parameters (defaults: the registry's, β the probe's). top_k: keep each query's N best
-    items instead of every score. tuned: the settings of a params file (`load_params`) these
-    options came from: a warning when the inputs are the validation data they were tuned on.
+    the items become the queries). probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean,
+    alpha, min_count (θ of dis, dual-dis), lam (λ of dn): the method's parameters (defaults: the
+    registry's, β the probe's; parameters the method does not take are ignored). top_k: keep each
+    query's N best items instead of every score. tuned: the settings of a params file
+    (`load_params`) these options came from: a warning when the inputs are the validation data they
+    were tuned on.
 
     Returns the dense (Q, G) scores (`dtype`), or with `top_k` a `Ranking` (indices, scores,
     normalised); with `output`, writes the similarity or ranking file there instead (streamed, atomic)
@@ -90,16 +93,21 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
         check_count(top_k, "top_k", n_gallery, "gallery size")
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
-    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha}
+    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha,
+             "min_count": min_count, "lam": lam}
     values = methods.settings(spec, given, probe)
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")
     found, score_scale = _scale_warnings(probe, spec, values, scores)
     norm = methods.build(spec, probe, values)
+    if norm.gate is not None and not norm.gate.any():
+        found.append(f"no gallery item is in the top-{k} of {values.get('min_count', 1)} or more bank queries: "
+                     f"{spec.name} leaves every row raw; lower {param('min_count')}")
 
     params = {
         "method": spec.name, "beta": values.get("beta"), "k": k, "top_k": top_k,
         "gallery_beta": values.get("gallery_beta"), "topk_mean": values.get("topk_mean"), "alpha": values.get("alpha"),
+        "min_count": values.get("min_count"), "lam": values.get("lam"),
         "similarity": "precomputed" if sims is not None else similarity, "transpose": transpose, "dtype": dtype,
         "probe_uuid": probe.uuid, "memory": budget.memory, "block_rows": block_rows, **(extra_params or {}),
     }

@@ -3,25 +3,103 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 
 from qbnorm_cli import methods
 from qbnorm_cli.api.common import check_count, one_of, progress_or_none, score_source, similarities, warn
-from qbnorm_cli.api.tuning import tuned_on_warning
 from qbnorm_cli.core import scale
+from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io.atomic import OutputFile
-from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics, write_attrs
-from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
+from qbnorm_cli.io.paramsfile import tuned_on_warning
+from qbnorm_cli.io.probefile import SORTED, Probe, Stored, sinkhorn_statistics, statistics, write_attrs
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget
 from qbnorm_cli.streaming.engine import run_probe
-from qbnorm_cli.streaming.sources import MatrixScores
+from qbnorm_cli.streaming.sinkhorn import run_sinkhorn
+from qbnorm_cli.streaming.sources import EmbeddingScores, MatrixScores, ScoreSource
+
+
+@dataclass(frozen=True)
+class SinkhornSettings:
+    """How the Sinkhorn iterations stop: exactly `iters`, or at a change below `tol` (≤ `max_iters`)."""
+
+    iters: int | None = None
+    tol: float | None = DEFAULT_TOL
+    max_iters: int | None = DEFAULT_MAX_ITERS
+
+    @classmethod
+    def checked(cls, enabled: bool, iters, tol, max_iters) -> SinkhornSettings | None:
+        given = [name for name, value in (("sinkhorn_iters", iters), ("sinkhorn_tol", tol),
+                                          ("sinkhorn_max_iters", max_iters)) if value is not None]
+        if not enabled:
+            if given:
+                raise UsageError(f"{param(given[0])} needs {param('sinkhorn=True')}")
+            return None
+        if iters is not None:
+            if tol is not None or max_iters is not None:
+                other = "sinkhorn_tol" if tol is not None else "sinkhorn_max_iters"
+                raise UsageError(f"give either {param('sinkhorn_iters')} (a fixed number of iterations) or "
+                                 f"{param(other)} (iterate until converged), not both")
+            return cls(_ITERS.check(iters), None, None)
+        return cls(None, DEFAULT_TOL if tol is None else _TOL.check(tol),
+                   DEFAULT_MAX_ITERS if max_iters is None else _MAX_ITERS.check(max_iters))
+
+    def state(self, beta: float, n_bank: int, n_rows: int) -> Sinkhorn:
+        if self.iters is not None:
+            return Sinkhorn(beta, n_bank, n_rows, iters=self.iters)
+        return Sinkhorn(beta, n_bank, n_rows, tol=self.tol, max_iters=self.max_iters)
+
+    def as_params(self) -> dict:
+        return {"sinkhorn_iters": self.iters, "sinkhorn_tol": self.tol, "sinkhorn_max_iters": self.max_iters}
+
+
+_ITERS = methods.Parameter("sinkhorn_iters", int, "exactly this many Sinkhorn iterations", minimum=1)
+_TOL = methods.Parameter("sinkhorn_tol", float, "stop at a change of the log scalings below this", minimum=0,
+                         exclusive=True)
+_MAX_ITERS = methods.Parameter("sinkhorn_max_iters", int, "at most this many iterations", minimum=1)
+
+
+def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas, dual_betas,
+                        settings: SinkhornSettings, budget: Budget, progress) -> tuple[dict[str, Stored], list[str]]:
+    """The Sinkhorn potentials of every β (SN: rows = the gallery) and of every dual β (DBSN: rows =
+    the gallery, then the gallery bank, whose bank × gallery-bank scores are `cross_scores`), as
+    the probe's datasets, and a warning for each run that stopped at max_iters unconverged."""
+    n_bank, n_gallery = bank_scores.n_rows, bank_scores.n_cols
+    single = [settings.state(b, n_bank, n_gallery) for b in betas]
+    dual = [settings.state(b, n_bank, n_gallery + cross_scores.n_cols) for b in dual_betas] \
+        if cross_scores is not None else []
+    segments = [bank_scores] if cross_scores is None or not dual else [bank_scores, cross_scores]
+    problems = [(state, 1) for state in single] + [(state, 2) for state in dual]
+    passes = max((state.limit + 1 for state, _ in problems), default=0)
+    with progress_or_none(progress)("sinkhorn", passes, unit="passes") as advance:
+        held = run_sinkhorn(segments, problems, budget, progress=advance)
+    out: dict[str, Stored] = {}
+    found = []
+    for states, is_dual in ((single, False), (dual, True)):
+        if not states:
+            continue
+        out.update(sinkhorn_statistics([s.result() for s in states], n_gallery, iters=settings.iters,
+                                       tol=settings.tol, max_iters=settings.max_iters,
+                                       held=all(held[:2 if is_dual else 1]), dual=is_dual))
+        for state in states:
+            if state.hit_limit:
+                what = "dual-bank Sinkhorn" if is_dual else "Sinkhorn"
+                found.append(f"{what} at β={state.beta:g} did not converge: the log scalings still changed by "
+                             f"{state.change:.2g} after {state.iterations} iterations ({param('sinkhorn_max_iters')} "
+                             f"{settings.max_iters}), more than {param('sinkhorn_tol')} {settings.tol:g}; its "
+                             f"potentials are kept as they are (marginal error {state.marginal_error:.2g}): raise "
+                             f"{param('sinkhorn_max_iters')}, or use a smaller β")
+    return out, found
 
 
 def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
           gallery_betas=(methods.DEFAULT_GALLERY_BETA,), topk_means=None, keep_sorted: bool = False,
-          bank_sims=None, gallery_bank_sims=None, transpose: bool = False, similarity: str = "cosine",
+          sinkhorn: bool = False, sinkhorn_iters: int | None = None, sinkhorn_tol: float | None = None,
+          sinkhorn_max_iters: int | None = None, bank_sims=None, gallery_bank_sims=None,
+          bank_gallery_bank_sims=None, transpose: bool = False, similarity: str = "cosine",
           memory=DEFAULT_MEMORY,
           block_rows: int | None = None, output=None, force: bool = False, progress=None,
           provenance: str | None = None, tuned: dict | None = None) -> Probe:
@@ -34,15 +112,29 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     forms the DIS activation set (at least 10 items per bank query are kept, so that k up to 10
     works later); topk_means: the K of the mean-of-top-K statistics of CSLS and NNN (default: the
     registry's defaults); keep_sorted: keep every item's sorted bank scores (O(bank × gallery),
-    needed by gc). memory: the byte budget blocks are sized to (or `block_rows` per block).
-    output: also write the probe file there, as it is computed (atomically; `force` overwrites).
-    tuned: the settings of a params file (`load_params`) these options came from: a warning when
-    the gallery is the validation gallery they were tuned on.
+    needed by gc). The bank's mean score of each item (for dn) is always kept.
+
+    sinkhorn: also compute the Sinkhorn potentials of each β (sn; and dbsn's when the bank's scores
+    against a gallery bank are known: from `bank` and `gallery_bank` embeddings, or precomputed as
+    `bank_gallery_bank_sims`, bank × gallery-bank), iterating until the log scalings change by less
+    than `sinkhorn_tol` (default 1e-6), at most `sinkhorn_max_iters` (default 1000; a warning when
+    reached), or for exactly `sinkhorn_iters`. Each iteration is one more pass over the bank ×
+    gallery scores (held in memory as float32 when they fit half the budget, else recomputed).
+
+    memory: the byte budget blocks are sized to (or `block_rows` per block). output: also write the
+    probe file there, as it is computed (atomically; `force` overwrites). tuned: the settings of a
+    params file (`load_params`) these options came from: a warning when the gallery is the
+    validation gallery they were tuned on.
 
     Returns a `Probe` (in memory, or read from `output`). Warnings (a β on the wrong scale, a bank
-    that covers little of the gallery) are issued as `QbnormWarning` and kept in `Probe.warnings`.
+    that covers little of the gallery, Sinkhorn stopped unconverged) are issued as `QbnormWarning`
+    and kept in `Probe.warnings`.
     """
     budget = make_budget(memory, block_rows)
+    sinkhorn_settings = SinkhornSettings.checked(bool(sinkhorn), sinkhorn_iters, sinkhorn_tol, sinkhorn_max_iters)
+    if bank_gallery_bank_sims is not None and sinkhorn_settings is None:
+        raise UsageError(f"{param('bank_gallery_bank_sims')} is for the dual-bank Sinkhorn: add "
+                         f"{param('sinkhorn=True')}")
     betas = [methods.PARAMETERS["beta"].check(b) for b in np.atleast_1d(betas)]
     gallery_betas = [methods.PARAMETERS["gallery_beta"].check(b) for b in np.atleast_1d(gallery_betas)]
     ks = tuple(sorted({methods.PARAMETERS["topk_mean"].check(v)
@@ -80,11 +172,17 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     if gallery_bank is not None or gallery_bank_sims is not None:
         gallery_acc = BankAccumulator(gallery_scores.n_rows, n_gallery, np.array(gallery_betas), kmax)
         banks.append((gallery_scores, gallery_acc))
+    cross_scores = None
+    if sinkhorn_settings is not None:
+        cross_scores = cross_bank_scores(query_scores, gallery_scores if gallery_acc else None,
+                                         bank_gallery_bank_sims, inputs)
 
     params = {
         "betas": betas, "k": k, "kmax": kmax, "topk_mean": list(ks), "keep_sorted": keep_sorted,
         "similarity": "precomputed" if bank_sims is not None else similarity, "transpose": transpose,
         "gallery_betas": gallery_betas if gallery_acc else None,
+        "sinkhorn": sinkhorn_settings is not None, "dual_sinkhorn": cross_scores is not None,
+        **(sinkhorn_settings or SinkhornSettings(None, None, None)).as_params(),
         "memory": budget.memory, "block_rows": block_rows,
     }
     out = OutputFile(str(output), "probe", force=force, params=params, inputs=inputs, provenance=provenance) \
@@ -109,6 +207,11 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
         with progress_or_none(progress)("probe", total, per=n_gallery) as advance:
             run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
         datasets = statistics(query_acc, gallery_acc, k)
+        sinkhorn_found = []
+        if sinkhorn_settings is not None:
+            potentials, sinkhorn_found = sinkhorn_potentials(query_scores, cross_scores, betas, betas,
+                                                             sinkhorn_settings, budget, progress)
+            datasets.update(potentials)
         if keep_sorted and out is None:
             datasets[SORTED] = Stored(sorted_store)
         score_stats = query_acc.score_stats()
@@ -129,7 +232,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
         found.append(coverage_warning(diagnostics, n_gallery, param(f"method={methods.DEFAULT.name!r}")))
         if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
             found.append(tuned_on_warning(tuned["path"], tuned, [i.describe() for i in inputs[1:2]]))
-        found = [w for w in found if w]
+        found = [w for w in found + sinkhorn_found if w]
         if out is not None:
             for name, stored in datasets.items():
                 out.create(name, data=stored.data, **stored.attrs)
@@ -144,3 +247,21 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     result.warnings = [plain_text(w) for w in found]
     result.diagnostics = diagnostics
     return result
+
+
+def cross_bank_scores(bank_scores: ScoreSource, gallery_scores: ScoreSource | None, sims, inputs: list,
+                      ) -> ScoreSource | None:
+    """The bank × gallery-bank scores dbsn needs: precomputed (`sims`, recorded in `inputs`), or the
+    product of the bank and gallery-bank embeddings; None when neither is at hand."""
+    if sims is not None:
+        source = similarities(sims, "bank_gallery_bank_sims")
+        if source.rows != bank_scores.n_rows:
+            raise DataError(f"{source.label} has {source.rows} rows but the bank has {bank_scores.n_rows} queries")
+        if gallery_scores is not None and source.cols != gallery_scores.n_rows:
+            raise DataError(f"{source.label} has {source.cols} columns but the gallery bank has "
+                            f"{gallery_scores.n_rows} items")
+        inputs.append(source)
+        return MatrixScores(source)
+    if isinstance(bank_scores, EmbeddingScores) and isinstance(gallery_scores, EmbeddingScores):
+        return EmbeddingScores(bank_scores.rows, gallery_scores.rows)
+    return None

@@ -8,7 +8,6 @@ as a small JSON file (kind `params`) that `probe` and `normalise` read back.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +15,13 @@ import numpy as np
 
 from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import check_choice, progress_or_none, score_source, similarities, warn
+from qbnorm_cli.api.probing import SinkhornSettings, cross_bank_scores, sinkhorn_potentials
 from qbnorm_cli.core import metrics, scale
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
-from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, param, plain_text
+from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io.atomic import check_target, created_now, write_json
 from qbnorm_cli.io.groundtruth import read_relevant
+from qbnorm_cli.io.paramsfile import PARAMS_KIND
 from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
 from qbnorm_cli.streaming.engine import run_normalise, run_probe
@@ -28,8 +29,6 @@ from qbnorm_cli.streaming.sources import CachedScores, MatrixScores, sample_stat
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
 
 METRICS = {"geom": "GeomR", "R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "MdR": "MdR"}
-PARAMS_KIND = "params"
-TUNED_ROLES = ("queries", "gallery", "sims")  # banks are meant to be shared between splits
 TOP_CANDIDATES = 10
 SETTING_FIELDS = tuple(registry.PARAMETERS)  # every parameter, None where a method does not use it
 
@@ -91,16 +90,22 @@ def edge_note(best: Setting, settings: list[Setting]) -> str | None:
 
 
 def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims=None, gallery_bank=None,
-         gallery_bank_sims=None, metric: str = "geom", methods=None, betas=None, gallery_betas=None,
-         similarity: str = "cosine", memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None,
-         force: bool = False, progress=None, provenance: str | None = None) -> dict:
+         gallery_bank_sims=None, bank_gallery_bank_sims=None, metric: str = "geom", methods=None, betas=None,
+         gallery_betas=None, similarity: str = "cosine", memory=DEFAULT_MEMORY, block_rows: int | None = None,
+         output=None, force: bool = False, progress=None, provenance: str | None = None) -> dict:
     """Evaluate every setting of the chosen methods on validation data and pick the best.
 
     queries, gallery, gt: the validation split (embeddings, or `sims` precomputed scores, and its
     ground truth); bank: training queries (or `bank_sims`); gallery_bank: gallery-modality items
-    (enables the dual methods). metric: geom | R@1 | R@5 | R@10 | MdR (minimised). methods:
+    (enables the dual methods; dbsn needs the bank's scores against it: both as embeddings, or
+    `bank_gallery_bank_sims`). metric: geom | R@1 | R@5 | R@10 | MdR (minimised). methods:
     method names (default: the registry's tuned methods). betas, gallery_betas: values instead of
     the grids (which follow the score scale). output: write the best settings as a params file.
+
+    Cost: one probe pass for every statistic of the grid; with sn or dbsn in it, the Sinkhorn
+    iterations of every β of their grid (until converged, probe's defaults), each one more pass over
+    the bank × validation-gallery scores (for dbsn: and bank × gallery-bank), held in memory when
+    they fit half the budget; then one streamed normalise per setting.
 
     Returns {"best": setting and metrics, "raw": the baseline's metrics, "ranked": every setting
     best first, "bank": the bank's diagnostics, "document": what the params file holds, …}.
@@ -133,7 +138,10 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
             raise UsageError(f"{output}: the settings are written to a plain JSON file, e.g. params.json")
     overlap = _overlap_warning(inputs)
 
-    chosen = registry.tuned_methods(methods, gallery_scores is not None)
+    cross_scores = cross_bank_scores(bank_scores, gallery_scores, bank_gallery_bank_sims, [])
+    if cross_scores is not None and bank_gallery_bank_sims is not None:
+        inputs["bank_gallery_bank"] = cross_scores.source
+    chosen = registry.tuned_methods(methods, gallery_scores is not None, cross_scores is not None)
     stats = sample_stats(bank_scores, max_cols=4096)
     scaled = {"beta": scale.beta_grid(registry.BETA_GRID, stats),
               "gallery_beta": scale.beta_grid(registry.GALLERY_BETA_GRID, stats)}
@@ -163,13 +171,19 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     with advance_with("probe", sum(s.n_rows for s, _ in banks) * n_gallery, per=n_gallery) as advance:
         run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
     store = statistics(query_acc, gallery_acc, 1)
+    sinkhorn_found: list[str] = []
+    if needs.sinkhorn_betas or needs.dual_sinkhorn_betas:
+        potentials, sinkhorn_found = sinkhorn_potentials(bank_scores, cross_scores, needs.sinkhorn_betas,
+                                                         needs.dual_sinkhorn_betas, SinkhornSettings(), budget,
+                                                         progress)
+        store.update(potentials)
     if sorted_bank is not None:
         store[SORTED] = Stored(sorted_bank)
     probe = Probe(store, {"gallery_rows": n_gallery}, path="the tuning probe")
     full_stats = query_acc.score_stats()
     scale_name = scale.classify(full_stats)
     diag = bank_diagnostics(query_acc.neighbors.indices, 1, n_gallery)
-    found = [overlap, coverage_warning(diag, n_gallery, param(f"method={registry.DEFAULT.name!r}"))]
+    found = [overlap, coverage_warning(diag, n_gallery, param(f"method={registry.DEFAULT.name!r}")), *sinkhorn_found]
 
     scores = CachedScores(val_scores, budget)
     rows = []
@@ -244,108 +258,3 @@ def params_document(setting: Setting, result: dict, raw: dict, metric: str, vali
                        for row in ranked[:TOP_CANDIDATES]],
         "warnings": list(warnings),
     }
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number")
-
-
-def load_params(path) -> dict:
-    """The settings of a params file from `tune`: {"method", every parameter (None where unused),
-    "validation", "path"}. The file is checked as tune writes it: a qbnorm params file of a known
-    method, every parameter of that method present and valid, numbers finite, the validation
-    record well formed; anything else is a DataError naming the file and the key."""
-    p = Path(path)
-    where = f"{param('params')} {path}"
-    if not p.is_file():
-        raise UsageError(f"{where}: no such file")
-
-    def damaged(problem: str) -> DataError:
-        return DataError(f"{where}: {problem}; write it again with tune")
-
-    try:
-        text = p.read_text(encoding="utf-8")
-    except PermissionError:
-        raise RuntimeFailure(f"{where}: permission denied") from None
-    except OSError as exc:
-        raise RuntimeFailure(f"{where}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{where}: not a JSON file ({exc})") from None
-    try:
-        doc = json.loads(text, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        raise DataError(f"{where}: not a JSON file ({' '.join(str(exc).split())})") from None
-    if not isinstance(doc, dict) or doc.get("qbnorm_kind") != PARAMS_KIND:
-        raise DataError(f"{where}: not a qbnorm params file (write one with tune)")
-    version = doc.get("qbnorm_version", FORMAT_VERSION)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise damaged(f"qbnorm_version {version!r} is not a format version")
-    if version > FORMAT_VERSION:
-        raise DataError(f"{where}: qbnorm_version {version} is newer than this qbnorm supports")
-    method = doc.get("method")
-    if method is None:
-        raise damaged("method is missing")
-    if not isinstance(method, str) or method not in registry.METHODS:
-        raise damaged(f"unknown method {method!r} (choose one of {', '.join(registry.METHODS)})")
-    used = registry.METHODS[method].parameters
-    out = {"method": method, "path": str(path)}
-    for name, spec in registry.PARAMETERS.items():
-        value = doc.get(name)
-        if value is None:
-            if name in used:
-                raise damaged(f"{name} is missing ({method} uses it)")
-            out[name] = None
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise damaged(f"{name} {value!r} is not a number")
-        try:
-            out[name] = spec.check(value)
-        except UsageError as exc:
-            raise damaged(exc.render()) from None
-    validation = doc.get("validation", {})
-    if not isinstance(validation, dict):
-        raise damaged(f"validation {_shown(validation)} is not an object")
-    for role, record in validation.items():
-        if not isinstance(record, dict) or not all(
-                isinstance(record.get(key), (str, type(None))) for key in ("path", "dataset", "identity")):
-            raise damaged(f"validation {role} {_shown(record)} is not a record of path, dataset and identity")
-    out["validation"] = validation
-    return out
-
-
-def _shown(value, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def tuned_on(params: dict, inputs: list[dict]) -> list[str]:
-    """Labels of `inputs` (describe() records) that are the validation inputs the params were
-    tuned on (same data identity, or the same file and dataset)."""
-    validation = params.get("validation", {})
-    recorded = [validation[role] for role in TUNED_ROLES if isinstance(validation.get(role), dict)]
-    hits = []
-    for item in inputs:
-        for rec in recorded:
-            same_id = rec.get("identity") and rec.get("identity") == item.get("identity")
-            same_path = (rec.get("path") and item.get("path") and _resolved(rec["path"]) == _resolved(item["path"])
-                         and (rec.get("dataset") or None) == (item.get("dataset") or None))
-            if same_id or same_path:
-                label = f"{item['path']}::{item['dataset']}" if item.get("dataset") else item.get("path")
-                hits.append(label)
-                break
-    return hits
-
-
-def tuned_on_warning(params_path, params: dict, inputs: list[dict]) -> str | None:
-    hits = tuned_on(params, inputs)
-    if not hits:
-        return None
-    return (f"{', '.join(hits)}: the validation data {params_path} was tuned on; figures measured on it are "
-            "optimistic: apply the settings to a held-out test split")
-
-
-def _resolved(path: str) -> str:
-    try:
-        return str(Path(path).resolve())
-    except OSError:
-        return path

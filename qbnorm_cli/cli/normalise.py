@@ -26,6 +26,8 @@ def command(
     gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help="β₂ for the gallery bank (dual methods).")] = None,
     topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (default: the method's).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset (default {methods.PARAMETERS['alpha'].default:g}).")] = None,
+    min_count: Annotated[int | None, typer.Option("--min-count", metavar="θ", help=f"Activation set: items in the top-k of at least θ bank queries (default {methods.PARAMETERS['min_count'].default}).")] = None,
+    lam: Annotated[float | None, typer.Option("--lambda", metavar="L", help=f"Weight λ of the mean bank embedding (default {methods.PARAMETERS['lam'].default:g}).")] = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
     transpose: options.Transpose = False,
     similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe.")] = None,
@@ -46,6 +48,8 @@ def command(
     --direction v2t).
 
     Example: qbnorm normalise --queries q.h5 --gallery g.h5 --probe probe.h5 -o dis.h5 --method dis
+
+    Example: qbnorm normalise --queries q.h5 --gallery g.h5 --probe probe.h5 -o sn.h5 --method sn --beta 100 --top-k 100
     """
     report = Reporter(json_output, quiet)
     tuned = api.load_params(params_file) if params_file else None
@@ -56,11 +60,14 @@ def command(
         gallery_beta = gallery_beta if gallery_beta is not None else tuned["gallery_beta"]
         topk_mean = topk_mean if topk_mean is not None else tuned["topk_mean"]
         alpha = alpha if alpha is not None else tuned["alpha"]
+        min_count = min_count if min_count is not None else tuned["min_count"]
+        lam = lam if lam is not None else tuned["lam"]
     with report.capture(), Probe.load(probe) as probed:
         written = api.normalise(
             queries, gallery, probed, method=method or methods.DEFAULT.name, beta=beta, k=k,
-            gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, top_k=top_k, sims=sims, transpose=transpose,
-            similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows, output=output, force=force,
+            gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam, top_k=top_k,
+            sims=sims, transpose=transpose, similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows,
+            output=output, force=force,
             accept_other_gallery=force, progress=report.progress, provenance=options.provenance(ctx),
             extra_params={"params_file": params_file}, tuned=tuned)
     n_rows, done = len(written.normalised), int(written.normalised.sum())

@@ -37,6 +37,7 @@ FLAGS = {
     "gallery_betas": "--gallery-beta",
     "topk_means": "--topk-mean",
     "accept_other_gallery": "--force",
+    "lam": "--lambda",  # `lambda` is a Python keyword: the library says lam
     "scores": "SCORES",
     "source": "SOURCE",
 }

@@ -28,6 +28,11 @@ def command(
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune`: probe what they need (explicit options override).")] = None,
     keep_sorted: Annotated[bool, typer.Option("--keep-sorted", help="Keep every gallery item's sorted bank scores (O(bank × gallery) storage; needed by gc).")] = False,
     transpose: options.Transpose = False,
+    sinkhorn: Annotated[bool, typer.Option("--sinkhorn", help="Also compute the Sinkhorn potentials of each --beta (sn; dbsn's too with --gallery-bank or --bank-gallery-bank-sims): one more pass over bank × gallery per iteration.")] = False,
+    sinkhorn_iters: Annotated[int | None, typer.Option("--sinkhorn-iters", metavar="N", help="Run exactly N Sinkhorn iterations (the paper's truncated runs) instead of iterating to convergence.")] = None,
+    sinkhorn_tol: Annotated[float | None, typer.Option("--sinkhorn-tol", metavar="T", help="Stop once the log scalings change by less than T in an iteration (default 1e-6).")] = None,
+    sinkhorn_max_iters: Annotated[int | None, typer.Option("--sinkhorn-max-iters", metavar="N", help="At most N iterations to converge (default 1000; a warning when reached).")] = None,
+    bank_gallery_bank_sims: Annotated[str | None, typer.Option("--bank-gallery-bank-sims", help="Precomputed bank × gallery-bank scores (rows: bank queries; columns: gallery-bank items), for dbsn without embeddings.")] = None,
     similarity: options.Similarity = "cosine",
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
@@ -39,10 +44,16 @@ def command(
 
     --transpose reads --bank-sims and --gallery-bank-sims transposed (stored gallery × bank).
 
+    With --sinkhorn, the Sinkhorn potentials of sn (and dbsn) are iterated afterwards, each iteration
+    one more pass over the bank × gallery scores (kept in memory when they fit half of --memory,
+    recomputed otherwise); the iterations run and the final marginal error are recorded.
+
     Example: qbnorm probe --bank bank.h5 --gallery data.h5::/gallery -o probe.h5 --beta 20 --k 1
 
     Example (QB-Norm image → caption, bank of gallery-modality items): qbnorm probe --bank-sims
     captions_x_bank.h5 --transpose -o probe_v2t.h5
+
+    Example: qbnorm probe --bank qbank.h5 --gallery-bank gbank.h5 --gallery data.h5::/gallery -o probe.h5 --beta 100 --sinkhorn
     """
     report = Reporter(json_output, quiet)
     tuned = api.load_params(params_file) if params_file else None
@@ -52,16 +63,21 @@ def command(
         gallery_beta = gallery_beta or ([tuned["gallery_beta"]] if tuned["gallery_beta"] is not None else None)
         topk_mean = topk_mean or ([tuned["topk_mean"]] if tuned["topk_mean"] is not None else None)
         k = k if k is not None else tuned["k"]
-        if method.dual and not (gallery_bank or gallery_bank_sims):
+        if method.needs.gallery_bank and not (gallery_bank or gallery_bank_sims):
             raise UsageError(f"{param('params')} {params_file}: {method.name} needs {param('gallery_bank')} "
                              f"(or {param('gallery_bank_sims')})")
+        if method.needs.dual_sinkhorn and not (gallery_bank or bank_gallery_bank_sims):
+            raise UsageError(f"{param('params')} {params_file}: {method.name} needs {param('gallery_bank')} "
+                             f"(or {param('bank_gallery_bank_sims')})")
         keep_sorted = keep_sorted or method.needs.sorted_bank
+        sinkhorn = sinkhorn or method.needs.sinkhorn or method.needs.dual_sinkhorn
     with report.capture():
         result = api.probe(
             bank, gallery, betas=beta or [methods.DEFAULT_BETA], k=1 if k is None else k, gallery_bank=gallery_bank,
             gallery_betas=gallery_beta or [methods.DEFAULT_GALLERY_BETA], topk_means=topk_mean,
-            keep_sorted=keep_sorted, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims, transpose=transpose,
-            similarity=similarity,
+            keep_sorted=keep_sorted, sinkhorn=sinkhorn, sinkhorn_iters=sinkhorn_iters, sinkhorn_tol=sinkhorn_tol,
+            sinkhorn_max_iters=sinkhorn_max_iters, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims,
+            bank_gallery_bank_sims=bank_gallery_bank_sims, transpose=transpose, similarity=similarity,
             memory=memory, block_rows=block_rows, output=output, force=force, progress=report.progress,
             provenance=options.provenance(ctx), tuned=tuned)
     diag = result.diagnostics
@@ -71,11 +87,19 @@ def command(
         f"activation set (k={diag['k']}) covers {100 * diag['coverage']:.1f}% of the gallery; bank-side k-occurrence "
         f"skewness {diag['occurrence_skewness']:.2f}; bank scores {scale.describe(stats)}"
     )
+    runs = {"sinkhorn": result.sinkhorn_runs(), "dual_sinkhorn": result.sinkhorn_runs(dual=True)}
+    for name, what in (("sinkhorn", "Sinkhorn"), ("dual_sinkhorn", "dual-bank Sinkhorn")):
+        for run in runs[name]:
+            state = "converged" if run["converged"] else "stopped"
+            where = "scores held in memory" if run["held"] else "scores recomputed on every iteration"
+            report.info(f"{what} β={run['beta']:g}: {state} after {run['iterations']} iterations (last change "
+                        f"{run['change']:.2g}, marginal error {run['marginal_error']:.2g}; {where})")
     report.result({
         "output": output, "kind": "probe", "uuid": result.uuid, "bank_rows": result.n_bank,
         "gallery_rows": result.n_gallery, "betas": result.betas(), "k": result.params["k"],
         "topk_mean": result.params["topk_mean"], "coverage": diag["coverage"],
         "occurrence_skewness": diag["occurrence_skewness"], "scores": stats.as_dict(),
         "score_scale": result.attrs["score_scale"], "gallery_bank_rows": int(result.attrs["gallery_bank_rows"]),
+        **({name: value for name, value in runs.items() if value} if result.params.get("sinkhorn") else {}),
     })
     result.close()

@@ -7,11 +7,12 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import api, methods, plots
-from qbnorm_cli.api.tuning import PARAMS_KIND, best_per_method
+from qbnorm_cli.api.tuning import best_per_method
 from qbnorm_cli.cli import options
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import scale
 from qbnorm_cli.errors import QbnormError
+from qbnorm_cli.io.paramsfile import PARAMS_KIND
 
 
 def command(
@@ -25,6 +26,7 @@ def command(
     bank_sims: Annotated[str | None, typer.Option("--bank-sims", help="Precomputed bank × validation-gallery scores.")] = None,
     gallery_bank: Annotated[str | None, typer.Option("--gallery-bank", help="Gallery-modality bank embeddings (enables dual-is, dual-dis).")] = None,
     gallery_bank_sims: Annotated[str | None, typer.Option("--gallery-bank-sims", help="Precomputed gallery-bank × validation-gallery scores.")] = None,
+    bank_gallery_bank_sims: Annotated[str | None, typer.Option("--bank-gallery-bank-sims", help="Precomputed bank × gallery-bank scores (dbsn without embeddings).")] = None,
     metric: Annotated[str, typer.Option("--metric", metavar="geom|R@1|R@5|R@10|MdR", help="What to maximise (MdR: minimise); geom = geometric mean of R@1, R@5, R@10.")] = "geom",
     methods_text: Annotated[str | None, typer.Option("--methods", metavar="M,M,…", help=f"Methods to try (default {','.join(m.name for m in methods.METHODS.values() if m.tuned and not m.dual)} and, with a gallery bank, {','.join(m.name for m in methods.METHODS.values() if m.tuned and m.dual)}; others on request).")] = None,
     beta: Annotated[list[float] | None, typer.Option("--beta", help="β values to try instead of the default grid (repeatable).")] = None,
@@ -40,8 +42,9 @@ def command(
 ) -> None:
     """Evaluate methods × β × k … on validation data and write the best settings as JSON.
 
-    One probe pass computes the statistics of every setting; each setting is then one streamed
-    normalise of the validation scores. Apply the result to the test split with
+    One probe pass computes the statistics of every setting (with sn or dbsn in the grid, then the
+    Sinkhorn iterations of each of their β: one more pass over the bank scores per iteration); each
+    setting is then one streamed normalise of the validation scores. Apply the result to the test split with
     `probe --params PARAMS.json` and `normalise --params PARAMS.json`.
 
     --plot draws the validation metric against β (or the method's own parameter) for each method,
@@ -56,7 +59,8 @@ def command(
     names = [m.strip() for m in methods_text.split(",") if m.strip()] if methods_text is not None else None
     with report.capture():
         result = api.tune(queries, gallery, gt, bank, sims=sims, bank_sims=bank_sims, gallery_bank=gallery_bank,
-                          gallery_bank_sims=gallery_bank_sims, metric=metric, methods=names, betas=beta,
+                          gallery_bank_sims=gallery_bank_sims, bank_gallery_bank_sims=bank_gallery_bank_sims,
+                          metric=metric, methods=names, betas=beta,
                           gallery_betas=gallery_beta, similarity=similarity, memory=memory, block_rows=block_rows,
                           output=output, force=force, progress=report.progress, provenance=options.provenance(ctx))
     ranked, best, raw, metric_name = result["ranked"], result["best"], result["raw"], result["metric"]

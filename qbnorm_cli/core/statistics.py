@@ -6,6 +6,7 @@ P[i, j] = s(b_i, g_j) for bank item i and gallery item j. Per gallery column j:
   topk_mean[K, j]  = mean of the K largest P[:, j]       (CSLS r_j, Conneau et al. 2018;
                                                           NNN b_j, Chowdhury et al. 2024)
   sorted scores    = P[:, j] ascending                   (Globally-Corrected ranks, Dinu et al. 2015)
+  column_mean[j]   = mean_i P[i, j]                      (Distribution Normalisation, Zhou et al. 2023)
 Per bank row i: its kmax highest-scoring gallery items (the DIS activation set, QB-Norm Sec. 3.4).
 
 The gallery is split into column blocks; every column statistic is complete once all bank rows of
@@ -150,6 +151,7 @@ class BankAccumulator:
     keep_sorted: bool = False
     log_norm: np.ndarray = field(init=False)
     topk_mean: np.ndarray = field(init=False)
+    column_mean: np.ndarray = field(init=False)
     neighbors: topk.RunningTopK = field(init=False)
     score_min: float = np.inf
     score_max: float = -np.inf
@@ -160,6 +162,7 @@ class BankAccumulator:
         self.betas = np.asarray(self.betas, dtype=np.float64)
         self.log_norm = np.full((len(self.betas), self.n_gallery), -np.inf)
         self.topk_mean = np.zeros((len(self.topk_ks), self.n_gallery))
+        self.column_mean = np.zeros(self.n_gallery)
         self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax, self.n_gallery))
         self._block = None
 
@@ -168,6 +171,7 @@ class BankAccumulator:
         width = c1 - c0
         self._colmax = np.full(width, -np.inf)
         self._sums = np.zeros((len(self.betas), width))
+        self._column_sums = np.zeros(width)
         kcol = min(max(self.topk_ks, default=0), self.n_rows)  # a larger K means all of them
         self._top = ColumnTopK(width, kcol) if kcol else None
         self._sorted = np.empty((self.n_rows, width), dtype=np.float32) if self.keep_sorted else None
@@ -195,7 +199,8 @@ class BankAccumulator:
             finish()
 
     def _log_sum_exp(self, tile: np.ndarray, tile_max: np.ndarray, chunks):
-        """Running per-column max m and Σ exp(β·(P − m)) in float64; also the score sums.
+        """Running per-column max m and Σ exp(β·(P − m)) in float64; also the score sums (per column:
+        the pass that sums every score anyway gives the column means at no extra cost).
 
         Starts the work on the worker threads and returns the function that folds it in."""
         new_max = np.maximum(self._colmax, tile_max)
@@ -208,28 +213,30 @@ class BankAccumulator:
         colmax, betas = self._colmax, self.betas
 
         def chunk(r0: int, r1: int):
-            total = sumsq = 0.0
+            sumsq = 0.0
             sums = np.zeros((len(betas), tile.shape[1]))
+            column_sums = np.zeros(tile.shape[1])
             step = max(1, _SUB_ITEMS // max(tile.shape[1], 1))
             for a in range(r0, r1, step):  # cache-sized pieces through a reused buffer
                 part = tile[a:min(a + step, r1)]
                 x = _scratch(part.size, 0).reshape(part.shape)
                 work = x if len(betas) == 1 else _scratch(part.size, 1).reshape(part.shape)
                 x[...] = part
-                total += float(x.sum())
+                column_sums += x.sum(axis=0)
                 sumsq += float(np.einsum("i,i->", x.ravel(), x.ravel()))  # not BLAS: threads
                 np.subtract(x, colmax, out=x)  # exact: both are float32 values
                 for b, beta in enumerate(betas):
                     np.multiply(x, beta, out=work)
                     np.exp(work, out=work)
                     sums[b] += work.sum(axis=0)
-            return total, sumsq, sums
+            return column_sums, sumsq, sums
 
         wait = chunks(tile.shape[0], tile.size, chunk)
 
         def finish() -> None:
-            for total, sumsq, sums in wait():
-                self.score_sum += total
+            for column_sums, sumsq, sums in wait():
+                self._column_sums += column_sums
+                self.score_sum += float(column_sums.sum())
                 self.score_sumsq += sumsq
                 self._sums += sums
 
@@ -243,10 +250,11 @@ class BankAccumulator:
                 self.log_norm[b, c0:c1] = beta * self._colmax + np.log(self._sums[b])
         if self._top is not None:
             self.topk_mean[:, c0:c1] = self._top.means(self.topk_ks)
+        self.column_mean[c0:c1] = self._column_sums / self.n_rows
         sorted_block = None
         if self._sorted is not None:
             sorted_block = np.sort(self._sorted.T, axis=1)
-        self._block = self._colmax = self._sums = self._top = self._sorted = None
+        self._block = self._colmax = self._sums = self._column_sums = self._top = self._sorted = None
         return sorted_block
 
     def score_stats(self) -> ScoreStats:

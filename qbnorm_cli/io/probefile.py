@@ -5,8 +5,19 @@ Datasets (G = gallery size, N = bank rows, Nh = gallery-bank rows):
   /bank_neighbors         (N, kmax) int32: each bank row's best gallery items, best first
   /activation_count       (G,) int32, attr k: bank-side k-occurrence for the chosen k
   /topk_mean              (n_ks, G) float64, attr ks: mean of the K largest P[:, j]
+  /column_mean            (G,) float64: mean_i P[i, j] (Distribution Normalisation)
   /gallery_log_norm, /gallery_bank_neighbors, /gallery_activation_count  the same for H (optional)
   /sorted_bank_scores     (G, N) float32 ascending, only with keep_sorted (for gc)
+  /sinkhorn_log_u         (n_betas, G) float64, only with sinkhorn: log u_j of the Sinkhorn scalings
+                          of exp(β·P) (core/sinkhorn.py); attrs betas, and per β: iterations (int64),
+                          change (max |Δ log u|, |Δ log v| of the last iteration), marginal_error
+                          (max_b |Σ_j π[b, j] − 1/N|), converged (change < tol, int8); and tol,
+                          max_iters (0 for both when a fixed number was asked for), fixed_iters (0: until
+                          converged), scores_held (1: the scores were kept in memory, 0: recomputed on
+                          every iteration)
+  /dual_sinkhorn_log_u    (n_betas, G) float64, with sinkhorn and a gallery bank: the gallery's part of
+                          the scalings of exp(β·[P | PB]) (rows: the gallery, then the Nh gallery-bank
+                          items; PB = bank × gallery-bank scores), the same attrs plus gallery_bank_rows
 Root attributes: gallery_rows, bank_rows, gallery_bank_rows, similarity, gallery_identity (the
 gallery's identity, so that normalise can refuse another gallery), score_min/max/mean/std (and
 gallery_score_* for the gallery bank), score_scale, warnings. io/schemas.py declares the same
@@ -19,6 +30,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from qbnorm_cli.core.sinkhorn import SinkhornResult
 from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurrence
 from qbnorm_cli.errors import UsageError, param
 from qbnorm_cli.io import schemas
@@ -64,13 +76,36 @@ class CheckedRows:
 def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: int) -> dict[str, Stored]:
     """The probe's datasets (the schema above) from the accumulators of a probe pass; the sorted
     bank scores, when kept, are added by whoever collected them."""
-    out = {"/topk_mean": Stored(bank.topk_mean, {"ks": np.asarray(bank.topk_ks, dtype=np.int64)})}
+    out = {"/topk_mean": Stored(bank.topk_mean, {"ks": np.asarray(bank.topk_ks, dtype=np.int64)}),
+           "/column_mean": Stored(bank.column_mean)}
     for prefix, name, acc in (("", "bank", bank), ("gallery_", "gallery_bank", gallery_bank)):
         if acc is not None:
             out[f"/{prefix}log_norm"] = Stored(acc.log_norm, {"betas": np.asarray(acc.betas)})
             out[f"/{name}_neighbors"] = Stored(acc.neighbors.indices.astype(np.int32))
             out[f"/{prefix}activation_count"] = Stored(occurrence(acc.neighbors.indices, k, acc.n_gallery), {"k": k})
     return out
+
+
+SINKHORN = {False: "/sinkhorn_log_u", True: "/dual_sinkhorn_log_u"}
+
+
+def sinkhorn_statistics(results: list[SinkhornResult], n_gallery: int, *, iters: int | None, tol: float | None,
+                        max_iters: int | None, held: bool, dual: bool = False) -> dict[str, Stored]:
+    """The Sinkhorn potentials of a probe (the schema above): the first n_gallery entries of each
+    β's log u, and how each run ended."""
+    attrs = {
+        "betas": np.array([r.beta for r in results]),
+        "iterations": np.array([r.iterations for r in results], dtype=np.int64),
+        "change": np.array([r.change for r in results]),
+        "marginal_error": np.array([r.marginal_error for r in results]),
+        "converged": np.array([r.converged for r in results], dtype=np.int8),
+        "fixed_iters": int(iters or 0), "tol": float(tol or 0.0), "max_iters": int(max_iters or 0),
+        "scores_held": int(held),
+    }
+    if dual:
+        attrs["gallery_bank_rows"] = int(results[0].log_u.size - n_gallery) if results else 0
+    data = np.stack([r.log_u[:n_gallery] for r in results]) if results else np.zeros((0, n_gallery))
+    return {SINKHORN[dual]: Stored(data, attrs)}
 
 
 class Probe:
@@ -206,13 +241,55 @@ class Probe:
         self._need(name, "gallery bank" if gallery else "bank neighbours", "gallery_bank" if gallery else "k")
         return self._shape(name)[1]
 
-    def activation(self, k: int, gallery: bool = False) -> np.ndarray:
-        """The DIS activation set: items in the top-k of at least one bank row (of the gallery bank)."""
+    def activation(self, k: int, gallery: bool = False, min_count: int = 1) -> np.ndarray:
+        """The DIS activation set: items in the top-k of at least `min_count` bank rows (of the
+        gallery bank); min_count 1 is QB-Norm's set, more keeps only the items many queries retrieve."""
         kmax = self.kmax(gallery)
         if k > kmax:
             raise UsageError(f"{param('k')} {k}: {self.label} keeps the top {kmax} items per bank row; "
                              f"probe again with {param('k')} {k}")
-        return activation_mask(self.neighbors(gallery, k=k), k, self.n_gallery)
+        top = self.neighbors(gallery, k=k)
+        if min_count <= 1:
+            return activation_mask(top, k, self.n_gallery)
+        return occurrence(top, k, self.n_gallery) >= min_count
+
+    def column_mean(self) -> np.ndarray:
+        """mean_i P[i, j], the bank's mean score of each item (Distribution Normalisation)."""
+        if not self._has("/column_mean"):
+            raise UsageError(f"{self.label} has no column means of the bank scores (it was made by an older "
+                             "qbnorm); probe again")
+        return np.asarray(self._read("/column_mean"), dtype=np.float64)
+
+    def sinkhorn_betas(self, dual: bool = False) -> list[float]:
+        name = SINKHORN[dual]
+        return [float(v) for v in self._attr(name, "betas")] if self._has(name) else []
+
+    def sinkhorn_log_u(self, beta: float, dual: bool = False) -> np.ndarray:
+        """log u_j of the (dual-bank) Sinkhorn scalings at this β (core/sinkhorn.py)."""
+        name = SINKHORN[dual]
+        if not self._has(name):
+            what = "dual-bank Sinkhorn potentials" if dual else "Sinkhorn potentials"
+            how = f"{param('sinkhorn=True')} and {param('gallery_bank')}" if dual else param("sinkhorn=True")
+            raise UsageError(f"{self.label}: the probe has no {what}; probe again with {how}")
+        have = self.sinkhorn_betas(dual)
+        for row, v in enumerate(have):
+            if np.isclose(v, beta, rtol=1e-12, atol=0):
+                return np.asarray(self._read(name, row), dtype=np.float64)
+        listing = ", ".join(f"{v:g}" for v in have)
+        raise UsageError(f"{param('beta')} {beta:g}: {self.label} has Sinkhorn potentials for betas {listing}; "
+                         f"probe again with {param('betas')} {beta:g} and {param('sinkhorn=True')}")
+
+    def sinkhorn_runs(self, dual: bool = False) -> list[dict]:
+        """How each β's Sinkhorn iterations ended: beta, iterations, change, marginal_error, converged,
+        and whether the scores were held in memory (held) or recomputed on every iteration."""
+        name = SINKHORN[dual]
+        if not self._has(name):
+            return []
+        attr = lambda a: self._attr(name, a)
+        kinds = {"iterations": int, "change": float, "marginal_error": float, "converged": bool}
+        held = bool(attr("scores_held"))
+        return [{"beta": float(beta), **{f: kind(attr(f)[i]) for f, kind in kinds.items()}, "held": held}
+                for i, beta in enumerate(attr("betas"))]
 
     def sorted_bank(self):
         """Every gallery item's bank scores, ascending (G × N; read by row slices, and checked as

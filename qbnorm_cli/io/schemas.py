@@ -624,6 +624,20 @@ def _statistic(name: str, rows_dim: str, attr: Attr, rows: str, required: bool |
                 cols="item")
 
 
+def _sinkhorn(name: str, dim: str, dual: bool) -> Data:
+    """Sinkhorn potentials (io/probefile.py): log u per β, and how each β's iterations ended."""
+    per_beta = (Attr("betas", "numbers", required=True, dim=dim, positive=True),
+                Attr("iterations", "ints", required=True, dim=dim, low=0),
+                Attr("change", "numbers", required=True, dim=dim, low=0),
+                Attr("marginal_error", "numbers", required=True, dim=dim, low=0),
+                Attr("converged", "ints", required=True, dim=dim, low=0))
+    settings = (Attr("fixed_iters", "int", low=0), Attr("tol", "number", low=0), Attr("max_iters", "int", low=0),
+                Attr("scores_held", "int", required=True, low=0))
+    extra = (Attr("gallery_bank_rows", "int", low=0),) if dual else ()
+    return Data(name, ("<f8",), (dim, "G"), attrs=per_beta + settings + extra, required=False, values="finite",
+                rows="β", cols="item")
+
+
 def _probe() -> FileSchema:
     betas = lambda dim: Attr("betas", "numbers", required=True, dim=dim, positive=True)
     return FileSchema(
@@ -649,6 +663,9 @@ def _probe() -> FileSchema:
                  required="Nh", values="count", bound="Nh", cols="item"),
             Data("/sorted_bank_scores", ("<f4",), ("G", "N"), required=False, values="ascending", at_open=False,
                  rows="item", cols="bank score"),
+            Data("/column_mean", ("<f8",), ("G",), required=False, values="finite", cols="item"),
+            _sinkhorn("/sinkhorn_log_u", "n_sinkhorn", dual=False),
+            _sinkhorn("/dual_sinkhorn_log_u", "n_dual_sinkhorn", dual=True),
         ),
         relations=(_probe_relations,),
         together=(("/gallery_log_norm", "/gallery_bank_neighbors", "/gallery_activation_count"),),

@@ -1,0 +1,436 @@
+"""Sinkhorn Normalisation (sn) and Dual-Bank Sinkhorn (dbsn): the kernel (core.sinkhorn) and its
+driver (streaming.sinkhorn) against the dense float64 oracle (tests/reference.py), hand-checked
+fractions, the inverted-softmax equivalence, adversarial inputs, held vs recomputed scores, and the
+probe/normalise API on top."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import reference as ref
+import tolerance as tol
+from conftest import N_BANK, N_GALLERY, f32_exact
+
+import qbnorm_cli
+from qbnorm_cli import QbnormWarning, UsageError
+from qbnorm_cli.core.sinkhorn import Sinkhorn
+from qbnorm_cli.io.specs import as_input
+from qbnorm_cli.streaming import parallel
+from qbnorm_cli.streaming.budget import Budget
+from qbnorm_cli.streaming.sinkhorn import plan, run_sinkhorn
+from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, MatrixScores
+
+BUDGETS = {
+    "default": Budget(),                 # one block, held
+    "rows1": Budget(block_rows=1),       # one item per block, one bank row per tile
+    "rows7": Budget(block_rows=7),       # blocks and tiles that do not divide the data
+    "mem400": Budget(memory=400),        # the budget's own choice: tiny blocks
+}
+
+
+def matrix(M) -> MatrixScores:
+    return MatrixScores(as_input(np.asarray(M, dtype=np.float32), "mem"))
+
+
+def random_pb(seed: int = 3, n_gallery_bank: int = 13) -> np.ndarray:
+    """Bank × gallery-bank scores, float32-exact, for the dual-bank problems."""
+    return f32_exact(np.random.default_rng(seed).uniform(-1, 1, (N_BANK, n_gallery_bank)))
+
+
+def streamed(P, beta, *, PB=None, iters=None, tol_=1e-10, max_iters=100_000, budget=Budget(), hold=None,
+             log_v=None):
+    """(sn state, dbsn state or None) after run_sinkhorn over float32 score matrices."""
+    P = np.asarray(P)
+    single = Sinkhorn(beta, P.shape[0], P.shape[1], iters=iters, tol=tol_, max_iters=max_iters, log_v=log_v)
+    segments, problems = [matrix(P)], [(single, 1)]
+    dual = None
+    if PB is not None:
+        dual = Sinkhorn(beta, P.shape[0], P.shape[1] + PB.shape[1], iters=iters, tol=tol_, max_iters=max_iters)
+        segments.append(matrix(PB))
+        problems.append((dual, 2))
+    run_sinkhorn(segments, problems, budget, hold=hold)
+    return single, dual
+
+
+def core_run(P, beta, **kwargs) -> Sinkhorn:
+    """The core kernel alone on float64 scores, the whole matrix as one block (no float32 reading)."""
+    P = np.asarray(P, dtype=np.float64)
+    state = Sinkhorn(beta, P.shape[0], P.shape[1], **kwargs)
+    T = np.ascontiguousarray(P.T)
+    while not state.done:
+        state.begin_pass()
+        if state.first:
+            state.fold_first(state.first_part(T, 0))
+        else:
+            state.fold(state.sweep(T, 0))
+        state.end_pass()
+    return state
+
+
+def bound(P, beta, result, iterations=None) -> float:
+    """tolerance.sinkhorn64 for the problem of P (exponent magnitudes from the reference's scalings),
+    for one float64 evaluation against the exact values: two are within twice this of each other."""
+    magnitude = beta * float(np.abs(P).max()) + float(np.abs(result.log_u).max()) + float(np.abs(result.log_v).max())
+    n_terms = max(np.shape(P))
+    return tol.sinkhorn64(result.iterations if iterations is None else iterations, n_terms, magnitude)
+
+
+def assert_scalings(state, want, P, beta) -> None:
+    """The package's state agrees with a reference SinkhornResult of the same number of iterations."""
+    assert state.iterations == want.iterations
+    b = 2 * bound(P, beta, want)
+    tol.assert_close(state.log_u, want.log_u, b)
+    tol.assert_close(state.log_v, want.log_v, b)
+    # the marginal errors: π entries within e^{2b} relative, sums of 1/n_b … plus the oracle's rounding
+    rounding = tol.gamma(4 * max(P.shape), tol.U64)
+    tol.assert_close(state.marginal_error, want.marginal_error, 4 * b / P.shape[0] + rounding)
+
+
+def assert_stops_clearly(P, beta, tol_) -> ref.SinkhornResult:
+    """The oracle's converged run, on data whose stopping iteration no rounding within the bound can move."""
+    want = ref.sinkhorn(P, beta, tol=tol_)
+    before = ref.sinkhorn(P, beta, iters=want.iterations - 1)
+    b = 2 * bound(P, beta, want)
+    assert want.change < tol_ - 2 * b and before.change > tol_ + 2 * b, "stops near the tolerance: choose other data"
+    return want
+
+
+# --- the oracle, through every block path -----------------------------------------------------------
+
+@pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
+@pytest.mark.parametrize("beta", [1.0, 20.0, 100.0])
+@pytest.mark.parametrize("iters", [1, 2, 10])
+def test_fixed_iterations_equal_the_reference(rnd, budget, beta, iters):
+    PB = random_pb()
+    sn, dbsn = streamed(rnd.P, beta, PB=PB, iters=iters, budget=budget)
+    assert_scalings(sn, ref.sinkhorn(rnd.P, beta, iters=iters), rnd.P, beta)
+    assert_scalings(dbsn, ref.dual_bank_sinkhorn(rnd.P, PB, beta, iters=iters), np.hstack([rnd.P, PB]), beta)
+    assert sn.done and dbsn.done and dbsn.log_u.shape == (N_GALLERY + PB.shape[1],)
+
+
+@pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
+@pytest.mark.parametrize(("beta", "tol_"), [(1.0, 1e-10), (5.0, 1e-6), (20.0, 1e-6), (20.0, 1e-8)])
+def test_converged_runs_stop_where_the_reference_stops(rnd, budget, beta, tol_):
+    want = assert_stops_clearly(rnd.P, beta, tol_)
+    sn, _ = streamed(rnd.P, beta, tol_=tol_, budget=budget)
+    assert_scalings(sn, want, rnd.P, beta)
+    assert sn.converged and not sn.hit_limit and sn.change < tol_
+
+
+def test_dual_bank_converges_with_the_reference(rnd):
+    PB = random_pb()
+    stacked = np.hstack([rnd.P, PB])
+    want = assert_stops_clearly(stacked, 20.0, 1e-7)
+    for budget in (Budget(), Budget(block_rows=5)):
+        _, dbsn = streamed(rnd.P, 20.0, PB=PB, tol_=1e-7, budget=budget)
+        assert_scalings(dbsn, want, stacked, 20.0)
+        np.testing.assert_array_equal(want.log_u[:N_GALLERY].shape, dbsn.log_u[:N_GALLERY].shape)
+
+
+def test_from_embeddings_equals_the_reference(emb):
+    """Scores computed block by block from (dyadic, exactly multiplied) embeddings, with a gallery bank."""
+    data = emb.scores()
+    PB = emb.bank.astype(np.float64) @ emb.gallery_bank.astype(np.float64).T
+    for budget, hold in ((Budget(), None), (Budget(block_rows=4), None), (Budget(block_rows=4), True)):
+        bank = Embeddings(as_input(emb.bank, "bank"), "dot", budget)
+        segments = [EmbeddingScores(bank, Embeddings(as_input(emb.gallery, "gallery"), "dot", budget)),
+                    EmbeddingScores(bank, Embeddings(as_input(emb.gallery_bank, "gallery_bank"), "dot", budget))]
+        sn = Sinkhorn(2.0, N_BANK, N_GALLERY, iters=12)
+        dbsn = Sinkhorn(2.0, N_BANK, N_GALLERY + len(emb.gallery_bank), iters=12)
+        run_sinkhorn(segments, [(sn, 1), (dbsn, 2)], budget, hold=hold)
+        assert_scalings(sn, ref.sinkhorn(data.P, 2.0, iters=12), data.P, 2.0)
+        assert_scalings(dbsn, ref.dual_bank_sinkhorn(data.P, PB, 2.0, iters=12), np.hstack([data.P, PB]), 2.0)
+
+
+def test_held_and_recomputed_scores_give_the_same_bits(rnd, emb):
+    PB = random_pb()
+    for budget in (Budget(), Budget(block_rows=3), Budget(memory=400)):
+        held = streamed(rnd.P, 20.0, PB=PB, iters=15, budget=budget, hold=True)
+        again = streamed(rnd.P, 20.0, PB=PB, iters=15, budget=budget, hold=False)
+        for a, b in zip(held, again, strict=True):
+            np.testing.assert_array_equal(a.log_u, b.log_u)
+            np.testing.assert_array_equal(a.log_v, b.log_v)
+            assert a.marginal_error == b.marginal_error and a.change == b.change
+    budget = Budget(block_rows=5)
+    runs = []
+    for hold in (True, False):
+        bank = Embeddings(as_input(emb.bank, "bank"), "cosine", budget)
+        state = Sinkhorn(30.0, N_BANK, N_GALLERY, tol=1e-9)
+        run_sinkhorn([EmbeddingScores(bank, Embeddings(as_input(emb.gallery, "gallery"), "cosine", budget))],
+                     [(state, 1)], budget, hold=hold)
+        runs.append(state)
+    np.testing.assert_array_equal(runs[0].log_u, runs[1].log_u)
+    assert runs[0].iterations == runs[1].iterations
+
+
+def test_the_budget_decides_what_is_held():
+    scores = matrix(np.zeros((1000, 100)))  # 400 kB of float32 scores
+    assert plan([scores], Budget(memory=1 << 20))[1] == [True]      # within half of 1 MiB
+    assert plan([scores], Budget(memory=700_000))[1] == [False]     # not within half
+    assert plan([scores, scores], Budget(memory=1 << 20))[1] == [True, False]  # the second would not fit too
+    assert plan([scores], Budget(block_rows=10))[1] == [False]      # blocks fixed by hand: recomputed
+    blocks, _ = plan([scores, matrix(np.zeros((1000, 30)))], Budget(block_rows=40))
+    assert [(b.segment, b.c0, b.c1, b.offset) for b in blocks] == [(0, 0, 40, 0), (0, 40, 80, 40), (0, 80, 100, 80),
+                                                                  (1, 0, 30, 100)]
+
+
+def test_on_several_cores_the_result_is_the_same_every_time(rnd, monkeypatch):
+    """Work split over threads (forced on this small data) is folded in order: deterministic, and
+    within the bound of the one-thread result."""
+    serial, _ = streamed(rnd.P, 20.0, iters=8)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_ITEMS", 0)
+    monkeypatch.setattr(parallel, "workers", lambda: 3)
+    runs = [streamed(rnd.P, 20.0, iters=8)[0] for _ in range(3)]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run.log_u, runs[0].log_u)
+        np.testing.assert_array_equal(run.log_v, runs[0].log_v)
+    want = ref.sinkhorn(rnd.P, 20.0, iters=8)
+    tol.assert_close(runs[0].log_u, serial.log_u, 2 * bound(rnd.P, 20.0, want))
+
+
+# --- hand-checked values ---------------------------------------------------------------------------
+
+K_HAND = [[4, 1, 1], [2, 2, 1]]  # K = exp(β·P) at β = 1, bank × gallery
+
+
+def test_one_iteration_matches_fractions_worked_by_hand():
+    # tests/test_reference_sinkhorn.py works these out: v = (1/4, 3/10), u = (5/24, 20/51, 20/33)
+    P = np.log(np.array(K_HAND, dtype=np.float64))
+    state = core_run(P, 1.0, iters=1)
+    few = tol.sinkhorn64(1, 3, 2.0)
+    tol.assert_close(state.log_v, np.log([1 / 4, 3 / 10]), few)
+    tol.assert_close(state.log_u, np.log([5 / 24, 20 / 51, 20 / 33]), few)
+    # the bank marginal at (u, v): Σ_j K[b, j]·u_j·v_b = (1/4)(20/24 + 20/51 + 20/33), (3/10)(10/24 + 40/51 + 20/33)
+    u = [Fraction(5, 24), Fraction(20, 51), Fraction(20, 33)]
+    v = [Fraction(1, 4), Fraction(3, 10)]
+    mass = [float(v[b] * sum(K_HAND[b][j] * u[j] for j in range(3))) for b in range(2)]
+    tol.assert_close(state.marginal_error, max(abs(m - 0.5) for m in mass), 4 * few)
+    assert state.iterations == 1 and state.done and not state.converged
+
+
+def test_a_doubly_stochastic_kernel_is_fixed_after_one_iteration():
+    beta = 3.0
+    state = core_run(np.eye(2), beta, tol=1e-12)
+    few = tol.sinkhorn64(2, 2, 2 * beta)
+    tol.assert_close(state.log_u, np.log([0.5, 0.5]), few)
+    tol.assert_close(state.log_v, -np.log1p(np.exp(beta)) * np.ones(2), few)
+    assert state.iterations == 2 and state.change <= few and state.marginal_error <= few
+
+
+# --- inverted softmax ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("const", [0.0, -2.5, 7.0])
+def test_one_u_update_from_constant_v_is_inverted_softmax(rnd, const):
+    """log u_j = −log n_g − LSE_b(β·P[b, j] + c): the IS offset −L_j, shifted by a constant."""
+    beta = 20.0
+    state, _ = streamed(rnd.P, beta, iters=1, log_v=np.full(N_BANK, const), budget=Budget(block_rows=4))
+    want = -ref.log_norm(rnd.P, beta) - const - math.log(N_GALLERY)
+    magnitude = beta * 2 + abs(const) + float(np.abs(want).max())
+    tol.assert_close(state.log_u, want, 2 * tol.lse64(N_BANK, beta, 2.0, magnitude))
+    # and η = β·S + log u ranks every row exactly as IS does (data without near-ties)
+    sn_scores = beta * rnd.S + state.log_u
+    is_scores, _ = ref.inverted_softmax(rnd.S, rnd.P, beta)
+    tol.assert_separated(is_scores, 5, 4 * tol.lse64(N_BANK, beta, 2.0, magnitude))
+    np.testing.assert_array_equal(ref.row_top(sn_scores, 5), ref.row_top(is_scores, 5))
+
+
+# --- adversarial inputs --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta", [100.0, 300.0, 1000.0])
+def test_large_beta_converges_and_stays_finite(beta):
+    # exp(1000·P) overflows float64 beyond P ≈ 0.71; neither the oracle nor the kernel forms it
+    P = f32_exact(np.random.default_rng(23).uniform(-1, 1, (5, 7)))  # the oracle's own test data (< 800 iterations)
+    want = ref.sinkhorn(P, beta, tol=1e-10)
+    for budget in (Budget(), Budget(block_rows=2)):
+        state, _ = streamed(P, beta, tol_=1e-10, budget=budget)
+        assert np.isfinite(state.log_u).all() and np.isfinite(state.log_v).all()
+        assert state.converged and state.marginal_error < 1e-10
+        assert state.iterations == want.iterations
+        tol.assert_close(state.log_u, want.log_u, 2 * bound(P, beta, want))
+
+
+def test_duplicated_bank_rows_change_nothing(rnd):
+    """The same transport problem with each bank query's mass split over two copies."""
+    twice = np.vstack([rnd.P, rnd.P])
+    for iters in (3, None):
+        one, _ = streamed(rnd.P, 10.0, iters=iters)
+        two, _ = streamed(twice, 10.0, iters=iters)
+        assert one.iterations == two.iterations
+        b = 2 * bound(twice, 10.0, ref.sinkhorn(twice, 10.0, iters=one.iterations))
+        tol.assert_close(two.log_u, one.log_u, b)
+        tol.assert_close(two.log_v, np.tile(one.log_v - np.log(2), 2), b)
+
+
+def test_an_item_no_bank_query_is_near_still_gets_its_mass():
+    rng = np.random.default_rng(10)
+    P = f32_exact(rng.uniform(-0.2, 0.2, (6, 4)) + 0.5)
+    P[:, 3] = f32_exact(-0.9)
+    want = ref.sinkhorn(P, 50.0)
+    state, _ = streamed(P, 50.0)
+    assert np.isfinite(state.log_u).all() and state.marginal_error < 1e-10
+    assert np.argmax(state.log_u) == 3 and state.log_u[3] - np.delete(state.log_u, 3).max() > 50.0
+    tol.assert_close(state.log_u, want.log_u, 2 * bound(P, 50.0, want))
+
+
+@pytest.mark.parametrize("beta", [100.0, 1000.0])
+def test_float32_embeddings_at_large_beta_stay_finite(beta):
+    rng = np.random.default_rng(4)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    bank, gallery = unit(rng.standard_normal((60, 16))), unit(rng.standard_normal((40, 16)))
+    budget = Budget(block_rows=16)
+    for iters in (25, None):  # truncated, and iterating (at most 300 iterations: β = 1000 needs far more)
+        state = Sinkhorn(beta, 60, 40, iters=iters, max_iters=300)
+        scores = EmbeddingScores(Embeddings(as_input(bank, "b"), "cosine", budget),
+                                 Embeddings(as_input(gallery, "g"), "cosine", budget))
+        run_sinkhorn([scores], [(state, 1)], budget)
+        assert np.isfinite(state.log_u).all() and np.isfinite(state.log_v).all()
+        assert 0 <= state.marginal_error <= 1  # a truncated run at β = 1000 is far from the marginals
+        if iters is None:
+            assert state.converged != state.hit_limit and (state.marginal_error < 1e-6 or state.hit_limit)
+
+
+def test_a_run_that_stops_at_the_limit_says_so(rnd):
+    state, _ = streamed(rnd.P, 100.0, tol_=1e-12, max_iters=3)
+    assert state.iterations == 3 and state.hit_limit and not state.converged
+    fixed, _ = streamed(rnd.P, 100.0, iters=3)
+    assert not fixed.hit_limit  # a fixed number of iterations is what was asked for
+    np.testing.assert_array_equal(fixed.log_u, state.log_u)
+
+
+# --- probe and normalise -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def probed(emb):
+    """A probe of dyadic embeddings (dot: exact float32 products) with sn and dbsn potentials."""
+    return qbnorm_cli.probe(emb.bank, emb.gallery, gallery_bank=emb.gallery_bank, betas=[2.0, 5.0],
+                            similarity="dot", sinkhorn=True, sinkhorn_tol=1e-9, block_rows=6)
+
+
+def test_probe_records_the_potentials_of_every_beta(emb, probed):
+    data = emb.scores()
+    PB = emb.bank.astype(np.float64) @ emb.gallery_bank.astype(np.float64).T
+    assert probed.sinkhorn_betas() == [2.0, 5.0] and probed.sinkhorn_betas(dual=True) == [2.0, 5.0]
+    for beta, run, dual_run in zip((2.0, 5.0), probed.sinkhorn_runs(), probed.sinkhorn_runs(dual=True), strict=True):
+        want = ref.sinkhorn(data.P, beta, tol=1e-9)
+        assert run == {"beta": beta, "iterations": want.iterations, "change": pytest.approx(want.change, rel=1e-3),
+                       "marginal_error": run["marginal_error"], "converged": True,
+                       "held": False}  # block_rows fixed by hand: recomputed on every pass
+        tol.assert_close(probed.sinkhorn_log_u(beta), want.log_u, 2 * bound(data.P, beta, want))
+        want = ref.dual_bank_sinkhorn(data.P, PB, beta, tol=1e-9)
+        assert dual_run["iterations"] == want.iterations and dual_run["converged"]
+        tol.assert_close(probed.sinkhorn_log_u(beta, dual=True), want.log_u[:N_GALLERY],
+                         2 * bound(np.hstack([data.P, PB]), beta, want))
+    assert probed.params["sinkhorn"] and probed.params["dual_sinkhorn"] and probed.params["sinkhorn_tol"] == 1e-9
+    attrs = probed.datasets["/sinkhorn_log_u"].attrs
+    assert attrs["tol"] == 1e-9 and attrs["max_iters"] == 1000 and attrs["fixed_iters"] == 0
+    assert probed.datasets["/dual_sinkhorn_log_u"].attrs["gallery_bank_rows"] == len(emb.gallery_bank)
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_sn_and_dbsn_normalise_as_the_reference(emb, probed, top_k):
+    data = emb.scores()
+    PB = emb.bank.astype(np.float64) @ emb.gallery_bank.astype(np.float64).T
+    for method in ("sn", "dbsn"):
+        want, _ = ref.normalise(method, data.S, data.P, PB=PB, beta=5.0, tol=1e-9)
+        stacked = np.hstack([data.P, PB]) if method == "dbsn" else data.P
+        b = 2 * bound(stacked, 5.0, ref.sinkhorn(stacked, 5.0, tol=1e-9)) + tol.eval64(float(np.abs(want).max()))
+        got = qbnorm_cli.normalise(emb.queries, emb.gallery, probed, method=method, beta=5.0, similarity="dot",
+                                   top_k=top_k)
+        if top_k is None:
+            tol.assert_close(got, want, b)
+        else:
+            tol.assert_separated(want, top_k, b)
+            np.testing.assert_array_equal(got.indices, ref.row_top(want, top_k))
+            assert got.normalised.all()
+
+
+def test_fixed_iterations_through_the_api(emb):
+    data = emb.scores()
+    probe = qbnorm_cli.probe(emb.bank, emb.gallery, betas=[5.0], similarity="dot", sinkhorn=True, sinkhorn_iters=3)
+    want = ref.sinkhorn(data.P, 5.0, iters=3)
+    assert probe.sinkhorn_runs()[0]["iterations"] == 3
+    tol.assert_close(probe.sinkhorn_log_u(5.0), want.log_u, 2 * bound(data.P, 5.0, want))
+    assert probe.params["sinkhorn_iters"] == 3 and probe.params["sinkhorn_tol"] is None
+    assert probe.sinkhorn_betas(dual=True) == []  # no gallery bank: sn only
+
+
+def test_the_api_warns_when_the_limit_is_hit(emb):
+    with pytest.warns(QbnormWarning, match=r"Sinkhorn at β=1 did not converge.*after 4 iterations "
+                                           r"\(sinkhorn_max_iters 4\)"):
+        probe = qbnorm_cli.probe(emb.bank, emb.gallery, betas=[1.0], similarity="dot", sinkhorn=True,
+                                 sinkhorn_max_iters=4, sinkhorn_tol=1e-12)
+    assert probe.sinkhorn_runs()[0]["converged"] is False and any("did not converge" in w for w in probe.warnings)
+
+
+def test_api_errors_name_the_parameters(emb, probed):
+    plain = qbnorm_cli.probe(emb.bank, emb.gallery, betas=[2.0], similarity="dot")
+    with pytest.raises(UsageError, match=r"the probe has no Sinkhorn potentials; probe again with sinkhorn=True"):
+        qbnorm_cli.normalise(emb.queries, emb.gallery, plain, method="sn", similarity="dot")
+    with pytest.raises(UsageError, match=r"^beta 7: .* Sinkhorn potentials for betas 2, 5; probe again with betas 7"):
+        qbnorm_cli.normalise(emb.queries, emb.gallery, probed, method="sn", beta=7.0, similarity="dot")
+    with pytest.raises(UsageError, match=r"no dual-bank Sinkhorn potentials; probe again with sinkhorn=True and "
+                                         r"gallery_bank"):
+        qbnorm_cli.normalise(emb.queries, emb.gallery, plain, method="dbsn", similarity="dot")
+    cases = [({"sinkhorn_iters": 0}, r"^sinkhorn_iters 0: must be at least 1"),
+             ({"sinkhorn_iters": 2.5}, r"^sinkhorn_iters 2.5: expected a whole number"),
+             ({"sinkhorn_tol": 0.0}, r"^sinkhorn_tol 0.0: must be a finite number > 0"),
+             ({"sinkhorn_tol": float("nan")}, r"^sinkhorn_tol nan: must be a finite number > 0"),
+             ({"sinkhorn_max_iters": 0}, r"^sinkhorn_max_iters 0: must be at least 1"),
+             ({"sinkhorn_iters": 5, "sinkhorn_tol": 1e-3}, r"give either sinkhorn_iters .* or sinkhorn_tol")]
+    for kwargs, message in cases:
+        with pytest.raises(UsageError, match=message):
+            qbnorm_cli.probe(emb.bank, emb.gallery, sinkhorn=True, **kwargs)
+    with pytest.raises(UsageError, match=r"^sinkhorn_iters needs sinkhorn=True"):
+        qbnorm_cli.probe(emb.bank, emb.gallery, sinkhorn_iters=5)
+    with pytest.raises(UsageError, match=r"^bank_gallery_bank_sims is for the dual-bank Sinkhorn: add sinkhorn=True"):
+        qbnorm_cli.probe(emb.bank, emb.gallery, bank_gallery_bank_sims=np.zeros((N_BANK, 3)))
+
+
+def test_precomputed_bank_gallery_bank_scores(emb):
+    data = emb.scores()
+    PB = emb.bank.astype(np.float64) @ emb.gallery_bank.astype(np.float64).T
+    probe = qbnorm_cli.probe(bank_sims=data.P, bank_gallery_bank_sims=PB, betas=[5.0], sinkhorn=True,
+                             sinkhorn_iters=6)
+    want = ref.dual_bank_sinkhorn(data.P, PB, 5.0, iters=6)
+    tol.assert_close(probe.sinkhorn_log_u(5.0, dual=True), want.log_u[:N_GALLERY],
+                     2 * bound(np.hstack([data.P, PB]), 5.0, want))
+    assert len(probe.inputs) == 2  # the bank × gallery and the bank × gallery-bank scores
+    with pytest.raises(qbnorm_cli.DataError, match=r"has 36 rows but the bank has 37 queries"):
+        qbnorm_cli.probe(bank_sims=data.P, bank_gallery_bank_sims=PB[1:], sinkhorn=True)
+    with pytest.raises(qbnorm_cli.DataError, match=r"has 28 columns but the gallery bank has 29 items"):
+        qbnorm_cli.probe(bank_sims=data.P, gallery_bank_sims=data.H, bank_gallery_bank_sims=PB[:, 1:], sinkhorn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QbnormWarning)
+        # without the bank × gallery-bank scores there is no dbsn (sn only), and no complaint
+        probe = qbnorm_cli.probe(bank_sims=data.P, gallery_bank_sims=data.H, betas=[5.0], sinkhorn=True,
+                                 sinkhorn_iters=2)
+    assert probe.sinkhorn_betas(dual=True) == [] and probe.sinkhorn_betas() == [5.0]
+
+
+def test_permuting_the_gallery_or_the_bank_permutes_the_scalings(rnd):
+    rng = np.random.default_rng(8)
+    items, queries = rng.permutation(N_GALLERY), rng.permutation(N_BANK)
+    base, _ = streamed(rnd.P, 20.0, iters=30, budget=Budget(block_rows=5))
+    b = 2 * bound(rnd.P, 20.0, ref.sinkhorn(rnd.P, 20.0, iters=30))
+    moved, _ = streamed(rnd.P[:, items], 20.0, iters=30, budget=Budget(block_rows=5))
+    tol.assert_close(moved.log_u, base.log_u[items], b)
+    tol.assert_close(moved.log_v, base.log_v, b)
+    moved, _ = streamed(rnd.P[queries], 20.0, iters=30, budget=Budget(block_rows=5))
+    tol.assert_close(moved.log_u, base.log_u, b)
+    tol.assert_close(moved.log_v, base.log_v[queries], b)
+
+
+def test_a_probe_in_memory_saves_and_loads_its_potentials(tmp_path, probed):
+    probed.save(tmp_path / "p.h5")
+    with qbnorm_cli.Probe.load(tmp_path / "p.h5") as loaded:
+        assert loaded.sinkhorn_runs() == probed.sinkhorn_runs()
+        assert loaded.sinkhorn_runs(dual=True) == probed.sinkhorn_runs(dual=True)
+        for beta in (2.0, 5.0):
+            for dual in (False, True):
+                np.testing.assert_array_equal(loaded.sinkhorn_log_u(beta, dual), probed.sinkhorn_log_u(beta, dual))
+        np.testing.assert_array_equal(loaded.column_mean(), probed.column_mean())
+        assert loaded.params["sinkhorn_tol"] == 1e-9
