@@ -11,6 +11,9 @@ Comparisons (NAME):
   memory    target 3: peak memory of probe and of normalise (top-100) as the gallery grows
   scaling   target 4: time against queries × gallery and bank × gallery; a larger bank costs
             normalise nothing
+  serving   `qbnorm search` on faiss exports against a plain faiss IndexFlatIP search of the same
+            shapes (offset methods ≤ 1.1×, dis ≤ 1.1 × (1 + gated share)); HNSW/IVF recall and
+            speed-up (benchmarks/serving.py)
 
 Sizes: default = the issue's shapes for matmul and official, the mid size for memory (10k ×
 250k → 1M); --quick finishes in under a minute; --full adds memory at 100k × 1M (long: about 1e14
@@ -41,7 +44,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from benchmarks import data
+from benchmarks import data, serving
 
 QBNORM = [sys.executable, "-m", "qbnorm_cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,10 +65,12 @@ SIZES = {
                 "quick": (128, 20000, (1000, 4000), 1000, (10000, 40000), (1000, 8000)),
                 "default": (512, 50000, (2000, 8000), 2000, (25000, 100000), (2000, 16000)),
                 "full": (512, 50000, (2000, 4000, 8000), 2000, (25000, 50000, 100000), (2000, 8000, 32000))},
+    "serving": serving.SIZES,
 }
 # repeats of each timed pair (scaling: best of); quick stays under a minute on 2 cores
-REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1},
-           "default": {"matmul": 3, "official": 3, "scaling": 2}, "full": {"matmul": 5, "official": 5, "scaling": 3}}
+REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1, "serving": 2},
+           "default": {"matmul": 3, "official": 3, "scaling": 2, "serving": 3},
+           "full": {"matmul": 5, "official": 5, "scaling": 3, "serving": 5}}
 
 
 @dataclass
@@ -359,6 +364,10 @@ class Bench:
                  "normalise reads only the probe's O(gallery) vectors)")
         self.results["scaling"] = {"lines": lines, "bank_small_s": t_small, "bank_large_s": t_large}
 
+    # -- serving: qbnorm search against plain faiss ---------------------------------------------
+    def serving(self) -> None:
+        serving.compare(self, sys.modules[__name__])
+
 
 def compare_rankings(ours_path: str, dense_path: str, top: int = 10) -> str:
     """Top-`top` rankings of every row, qbnorm's log-domain scores against the exp-domain ones."""
@@ -391,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_const", dest="mode", const="quick", help="under a minute")
     size.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="the full target-3 size (100k × 1M: hours on 2 cores)")
-    parser.add_argument("--only", default="matmul,official,memory,scaling", help="comma-separated comparisons")
+    parser.add_argument("--only", default="matmul,official,memory,scaling,serving", help="comma-separated comparisons")
     parser.add_argument("--repeat", type=int, default=None, help="repeats per timed pair (default: by mode)")
     parser.add_argument("--keep", metavar="DIR", help="generate into DIR and keep it")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")

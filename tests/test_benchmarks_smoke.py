@@ -105,3 +105,18 @@ def test_the_measured_package_is_byte_compiled(monkeypatch):
     compile_package()
     modules = sorted((ROOT / "qbnorm_cli").rglob("*.py"))
     assert modules and all(Path(importlib.util.cache_from_source(m)).is_file() for m in modules)
+
+
+def test_serving(tmp_path):
+    """qbnorm search on faiss exports against plain faiss, and the approximate indexes (needs faiss)."""
+    import pytest
+
+    pytest.importorskip("faiss")
+    text, results = runner(tmp_path, "serving")
+    assert "plain faiss" in text and "speed-up over flat" in text and "recall@10" in text
+    serving = results["serving"]
+    assert set(serving["methods"]) == {"is", "nnn", "csls", "dual-is", "dis"}
+    assert all(r["ratio"] > 0 and r["searches_per_query"] >= 1 for r in serving["methods"].values())
+    assert serving["methods"]["is"]["searches_per_query"] == 1
+    assert set(serving["approximate"]) == {"plain-hnsw", "plain-ivf", "dis-hnsw", "dis-ivf"}
+    assert all(0 < r["recall"] <= 1 for r in serving["approximate"].values())

@@ -379,17 +379,17 @@ def test_lancedb_round_trip_gives_the_same_top_k(sample, method, tmp_path):
 
 
 def test_cosine_would_renormalise_the_augmented_vectors(sample, tmp_path):
-    """Why the docs insist on the dot metric: cosine divides by |[g, x]|, which differs per item."""
+    """Why the docs insist on the dot metric: cosine divides by |[g, x]|, which differs per item
+    (on this data it changes the top-10 of 70 % of the queries; the dot metric only near-ties)."""
     lancedb = pytest.importorskip("lancedb")
     export = exported(sample, "is", output=tmp_path / "db", format="lancedb")
     table = lancedb.connect(str(tmp_path / "db")).open_table("gallery")
-    q = augmented.with_constant(unit64(sample.queries[:50]).astype(np.float32), export.recipe["constant"])
-    want = normalised_top(sample, "is", 10).indices[:50]
-    differ = 0
-    for row in range(50):
-        ids = table.search(q[row]).distance_type("cosine").limit(10).select(["id", "_distance"]).to_arrow()["id"]
-        differ += ids.to_pylist() != want[row].tolist()
-    assert differ > 5
+    q = augmented.with_constant(unit64(sample.queries).astype(np.float32), export.recipe["constant"])
+    found = table.search(list(q)).distance_type("cosine").limit(10).select(["id", "_distance"]).to_arrow()
+    order = np.lexsort((found["_distance"].to_numpy(), found["query_index"].to_numpy()))
+    cosine = found["id"].to_numpy()[order].reshape(len(q), 10)
+    want = normalised_top(sample, "is", 10).indices
+    assert (cosine != want).any(axis=1).mean() > 0.25
 
 
 # --- the CLI: the pipeline, files, bad input ---------------------------------------------------------
