@@ -175,6 +175,12 @@ def test_exact_search_equals_normalise_top_k(synthetic, method, tmp_path):
         got = qbnorm_cli.search(index, synthetic.queries, top_k=TOP, row_term=True)
         assert isinstance(got, qbnorm_cli.Ranking)
         assert_same(got, want, rows_bound)
+    # blocks of 7 gallery rows exported and 5 query rows × 5 vectors searched: the same vectors and ranking
+    # (products of other tile shapes may round otherwise on some BLAS kernels: scores within the bounds)
+    blocked = exported(synthetic, method, output=tmp_path / "b.h5", block_rows=7)
+    np.testing.assert_array_equal(read_h5(tmp_path / "b.h5")["/vectors"], in_memory.vectors)
+    assert_same(qbnorm_cli.search(blocked, synthetic.queries, top_k=TOP, row_term=True, block_rows=5), want,
+                rows_bound)
 
 
 def test_every_affine_method_of_the_registry_is_exportable_and_gc_is_refused(synthetic):
@@ -260,6 +266,30 @@ def test_a_hand_checked_export(tmp_path):
     ip = (q.astype(np.float64) @ vectors.astype(np.float64).T)[0]
     # η = 2·S − offset with S = (0.6, 0.8, 0): (0.2, −0.4, −4); η = 2·ip − m
     np.testing.assert_allclose(2 * ip - center, [0.2, -0.4, -4.0], atol=1e-6)
+
+
+def test_engine_results_are_put_in_qbnorm_s_order():
+    """Value descending, ties towards the lower index, empty slots (−1) last: as a full lexsort."""
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        values = rng.integers(0, 4, (7, 6)).astype(np.float32)
+        indices = rng.permutation(42).reshape(7, 6)
+        indices[rng.random((7, 6)) < 0.15] = -1
+        got_values, got_indices = augmented.ordered(values, indices)
+        empty = indices < 0
+        want = np.where(empty, -np.inf, values.astype(np.float64))
+        order = np.lexsort((np.where(empty, np.iinfo(np.int64).max, indices), -want), axis=-1)
+        np.testing.assert_array_equal(got_values, np.take_along_axis(want, order, axis=1))
+        np.testing.assert_array_equal(got_indices, np.take_along_axis(indices, order, axis=1))
+
+
+def test_recall_and_the_recall_sample():
+    found = np.array([[1, 2, 3], [4, 5, -1], [7, 8, 9]])
+    exact = np.array([[3, 2, 1], [4, 6, 5], [-1, -1, -1]])
+    np.testing.assert_array_equal(augmented.recall(found, exact), [1.0, 2 / 3, 1.0])
+    rows = augmented.sample_rows(1000, 0.05)
+    assert rows.size == 50 and (np.diff(rows) > 0).all() and np.array_equal(rows, augmented.sample_rows(1000, 0.05))
+    assert augmented.sample_rows(10, 1e-6).size == 1 and augmented.sample_rows(10, 1.0).size == 10
 
 
 # --- the real sample data: near-ties counted -------------------------------------------------------
@@ -531,7 +561,9 @@ def test_bad_search_options_are_refused(cli, files, tmp_path):
     for extra, message in ((["--top-k", 81], "larger than the gallery size (80)"),
                            (["--top-k", 3, "--check-recall", 0], "--check-recall 0.0: a fraction"),
                            (["--top-k", 3, "--backend", "lancedb"], "--backend lancedb"),
-                           (["--top-k", 3, "--nprobe", 0], "--nprobe 0")):
+                           (["--top-k", 3, "--nprobe", 0], "--nprobe 0"),
+                           (["--top-k", 3, "--nprobe", 4], f"--nprobe 4: {tmp_path / 'e.h5'} is a flat index"),
+                           (["--top-k", 3, "--ef-search", 4], "--ef-search tunes hnsw indexes")):
         code, _, err = cli(*base, *extra)
         assert code == 2 and message in err, err
     code, _, err = cli("search", "--index", probe, "--queries", spec(files, "queries"), "--top-k", 3,

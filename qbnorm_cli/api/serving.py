@@ -241,12 +241,20 @@ class _Opened:
                 self.label, self.recipe, self.gate = "the export", index.recipe, index.gate
                 self.record = {"path": None, "dataset": None, "kind": indexfile.KIND, "uuid": index.uuid}
                 vectors = np.ascontiguousarray(index.vectors, dtype=np.float32)
+                for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+                    if value is not None:
+                        raise UsageError(f"{param(name)} {value}: the export is searched exactly (no index to tune)")
                 self._vectors(lambda c0, c1: vectors[c0:c1], backend, budget)
                 return
         opened = indexfile.open_export(index, what=what)
         self.closing = opened
         self.label, self.recipe, self.gate, self.record = opened.label, opened.recipe, opened.gate, opened.describe()
         storage = opened.storage
+        kind = recipe_index_type(self.recipe)
+        for name, value, needs in (("nprobe", nprobe, "ivf"), ("ef_search", ef_search, "hnsw")):
+            if value is not None and kind != needs:
+                raise UsageError(f"{param(name)} {value}: {self.label} is a {kind} index; {param(name)} tunes "
+                                 f"{needs} indexes")
         if storage in ("hdf5", "npy"):
             vectors = opened.vectors
             self._vectors(lambda c0, c1: vectors.read(c0, c1), backend, budget)
@@ -255,11 +263,11 @@ class _Opened:
             faiss = indexfile.need("faiss", f"{what} on a faiss index")
             inner = opened.faiss_index
             params = indexfile.faiss_parameters(faiss, inner, nprobe, ef_search)
-            approximate = recipe_index_type(self.recipe) != "flat"
+            approximate = kind != "flat"
             self.searcher = EngineSearch(lambda x, k: indexfile.faiss_search(inner, params, x, k),
                                          opened.n_rows, approximate)
             read = indexfile.faiss_rows(faiss, inner)
-            self.exact = (lambda: ExactSearch(lambda c0, c1: indexfile.faiss_block(faiss, inner, c0, c1), opened.n_rows,
+            self.exact = (lambda: ExactSearch(lambda c0, c1: indexfile.faiss_block(inner, c0, c1), opened.n_rows,
                                               opened.dim, budget)) if read is not None else None
         else:
             self._only(backend, "lancedb", storage)

@@ -84,8 +84,17 @@ def ordered(values: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.nda
     indices = np.asarray(indices, dtype=np.int64)
     empty = indices < 0
     values = np.where(empty, -np.inf, np.asarray(values, dtype=np.float64))
-    order = np.lexsort((np.where(empty, np.iinfo(np.int64).max, indices), -values), axis=-1)
-    return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
+    key = np.where(empty, np.iinfo(np.int64).max, indices)
+    # an engine returns its rows sorted by value: only rows with ties (or out of order) are sorted again
+    later, earlier = values[:, 1:], values[:, :-1]
+    unsorted = ((later > earlier) | ((later == earlier) & (key[:, 1:] < key[:, :-1]))).any(axis=1)
+    if unsorted.any():
+        rows = np.flatnonzero(unsorted)
+        order = np.lexsort((key[rows], -values[rows]), axis=-1)
+        values[rows] = np.take_along_axis(values[rows], order, axis=1)
+        indices = indices.copy()
+        indices[rows] = np.take_along_axis(indices[rows], order, axis=1)
+    return values, indices
 
 
 def coordinate_stats(blocks) -> tuple[float, float, int]:

@@ -403,7 +403,7 @@ def faiss_rows(faiss, index):
     return read
 
 
-def faiss_block(faiss, index, c0: int, c1: int) -> np.ndarray:
+def faiss_block(index, c0: int, c1: int) -> np.ndarray:
     """Rows c0:c1 of an exact index's vectors (float32)."""
     return np.asarray(index.reconstruct_n(c0, c1 - c0), dtype=np.float32)
 
