@@ -251,6 +251,22 @@ def test_the_extra_column_looks_like_one_more_coordinate(sample):
         tol.assert_close(-c * column, shift, tol.stored32(shift))  # c·x carries only x's float32 rounding
 
 
+def test_a_given_constant_serves_the_same_ranking(synthetic):
+    """Any c > 0 is exact arithmetic-wise (a power of two keeps c·x exact): only the column's scale moves."""
+    assert_separated(synthetic, "dis")
+    want = normalised_top(synthetic, "dis")
+    for c in (1.0, 8.0):
+        export = exported(synthetic, "dis", constant=c)
+        assert export.recipe["constant"] == c and export.recipe["extra_column"]["constant_rule"] == "given"
+        norm = synthetic.normaliser("dis")
+        tol.assert_close(-c * export.vectors[:, -1], (norm.offset - norm.offset.mean()) / norm.scale,
+                         tol.stored32((norm.offset - norm.offset.mean()) / norm.scale))
+        got = qbnorm_cli.search(export, synthetic.queries, top_k=TOP)
+        np.testing.assert_array_equal(got.indices, want.indices)
+    with pytest.raises(UsageError, match="constant 0: must be a finite number > 0"):
+        exported(synthetic, "dis", constant=0)
+
+
 def test_a_hand_checked_export(tmp_path):
     """Three 2-d unit items, offsets (1, 2, 4), scale 2 ('is'-like arithmetic by hand): m = 7/3,
     shift = (offset − m)/2 = (−2/3, −1/6, 5/6)."""

@@ -84,7 +84,8 @@ def not_offset_message(method: methods.Method) -> str:
 
 def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | None = None, k: int | None = None,
            gallery_beta: float | None = None, topk_mean: int | None = None, alpha: float | None = None,
-           similarity: str | None = None, format: str = "hdf5", index_type: str = "flat", hnsw_m: int = 32,
+           similarity: str | None = None, constant: float | None = None, format: str = "hdf5",
+           index_type: str = "flat", hnsw_m: int = 32,
            ef_construction: int = 200, ef_search: int = 128, nlist: int | None = None, nprobe: int = 16,
            memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None, force: bool = False,
            accept_other_gallery: bool = False, progress=None, provenance: str | None = None,
@@ -95,7 +96,9 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     probe: a `Probe` or probe file of this gallery; gallery: its embeddings (as normalise takes
     them; cosine rows are L2-normalised first). beta, k, gallery_beta, topk_mean, alpha: the
     method's parameters (defaults: the registry's, β the probe's). Every method whose normaliser
-    is affine (η = scale·S − offset[j], gated or not) can be exported; gc cannot.
+    is affine (η = scale·S − offset[j], gated or not) can be exported; gc cannot. constant: the
+    query's c (default: the power of two that makes the extra column look like one more coordinate;
+    core/augmented.py says why, docs/serving.md when to choose another).
 
     Without `output`, returns the vectors ((G, d+1) float32), the activation flags of a gated
     method and the recipe in memory. With `output`, writes `format`: hdf5 (a qbnorm file of kind
@@ -117,6 +120,8 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
         raise UsageError(f"{param('format')} {format}: writes files; give {param('output')}")
     if spec.needs.sorted_bank:
         raise UsageError(not_offset_message(spec))
+    if constant is not None and not (isinstance(constant, (int, float)) and np.isfinite(constant) and constant > 0):
+        raise UsageError(f"{param('constant')} {constant!r}: must be a finite number > 0")
     budget = make_budget(memory, block_rows)
     probe = _as_probe(probe)
     n_gallery = probe.n_gallery
@@ -154,11 +159,13 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     dim = source.cols
     step = budget.rows(dim * 4 * 4, share=0.25, total=n_gallery, align=source.chunk_rows)
     rms, widest, _ = augmented.coordinate_stats(rows.block(r0, r1) for r0, r1 in spans(n_gallery, step))
-    constant = augmented.query_constant(shift, rms, widest)
+    chosen = augmented.query_constant(shift, rms, widest)
+    constant = chosen if constant is None else float(np.float32(constant))
     options = indexfile.IndexOptions(index_type, hnsw_m, ef_construction, ef_search, nlist, nprobe)
     recipe = _recipe(spec, values, norm, center, constant, similarity, dim, n_gallery, gate, identity, probe)
     recipe["extra_column"] = {"constant_rule": "the power of two c with std(x) ≤ the coordinates' rms and "
-                              "max |x| ≤ their largest |value|", "coordinate_rms": rms, "coordinate_max": widest,
+                              "max |x| ≤ their largest |value|" if constant == chosen else "given",
+                              "automatic_constant": chosen, "coordinate_rms": rms, "coordinate_max": widest,
                               "x_std": float(np.std(shift) / constant), "x_max": float(np.abs(shift).max() / constant)
                               if shift.size else 0.0}
 

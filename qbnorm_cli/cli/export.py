@@ -31,6 +31,7 @@ def command(
     ef_search: Annotated[int, typer.Option("--ef-search", metavar="N", help="HNSW: candidate list while searching (search --ef-search overrides).")] = 128,
     nlist: Annotated[int | None, typer.Option("--nlist", metavar="N", help="IVF: inverted lists (default 4·√gallery).")] = None,
     nprobe: Annotated[int, typer.Option("--nprobe", metavar="N", help="IVF: lists probed per query (search --nprobe overrides).")] = 16,
+    constant: Annotated[float | None, typer.Option("--constant", metavar="C", help="The query's constant c (default: the power of two that makes the extra column look like one more coordinate; see docs/serving.md).")] = None,
     similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe (cosine: rows L2-normalised).")] = None,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
@@ -60,7 +61,7 @@ def command(
     with report.capture(), Probe.load(probe) as probed:
         exported = api.export(
             probed, gallery, method=method or methods.DEFAULT.name, beta=beta, k=k, gallery_beta=gallery_beta,
-            topk_mean=topk_mean, alpha=alpha, similarity=similarity, format=format, index_type=index_type,
+            topk_mean=topk_mean, alpha=alpha, similarity=similarity, constant=constant, format=format, index_type=index_type,
             hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
             memory=memory, block_rows=block_rows, output=output, force=force, accept_other_gallery=force,
             progress=report.progress, provenance=options.provenance(ctx), extra_params={"params_file": params_file})
