@@ -132,5 +132,5 @@ def test_serving_columns(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = json.loads(out.read_text())
-    assert [line["variant"] for line in lines][0] == "qbnorm's c" and len(lines) == 6
+    assert lines[0]["variant"] == "qbnorm's c" and len(lines) == 6
     assert all(0 <= line[key] <= 1 for line in lines for key in ("SQ8 uniform", "PQ8", "HNSW32"))
