@@ -230,11 +230,10 @@ def test_offset_methods_take_one_search_and_the_row_term_changes_no_ranking(synt
             np.testing.assert_array_equal(plain.scores, with_term.scores)
 
 
-def test_the_extra_column_looks_like_one_more_coordinate(sample):
-    """c is the power of two that keeps the column's spread within a typical coordinate's and its
-    range within the coordinates' range, and the column is centred (core/augmented.py says why)."""
-    gallery = unit64(sample.gallery)
-    rms, widest = float(np.sqrt(np.mean(gallery ** 2))), float(np.abs(gallery).max())
+def test_the_extra_column_sits_inside_the_coordinates_range(sample):
+    """c is the smallest power of two that keeps the column inside the range of the gallery's
+    coordinates (it then fills more than half of it), and the column is centred (core/augmented.py)."""
+    widest = float(np.abs(unit64(sample.gallery).astype(np.float32)).max())
     for method in EXPORTABLE:
         export = exported(sample, method)
         recipe, column = export.recipe, export.vectors[:, -1].astype(np.float64)
@@ -244,8 +243,7 @@ def test_the_extra_column_looks_like_one_more_coordinate(sample):
         if norm.identity or norm.offset is None:
             assert c == 1.0 and not column.any()
             continue
-        assert column.std() <= rms * (1 + 1e-6) and np.abs(column).max() <= widest * (1 + 1e-6)
-        assert column.std() > rms / 2 or np.abs(column).max() > widest / 2  # c no larger than needed
+        assert widest / 2 < np.abs(column).max() <= widest * (1 + tol.U32)
         assert abs(column.mean()) <= 1e-6 * np.abs(column).max()
         shift = (norm.offset - norm.offset.mean()) / norm.scale
         tol.assert_close(-c * column, shift, tol.stored32(shift))  # c·x carries only x's float32 rounding
@@ -273,11 +271,13 @@ def test_a_hand_checked_export(tmp_path):
     shift, center = augmented.shifts(np.array([1.0, 2.0, 4.0]), 2.0, 3)
     assert center == pytest.approx(7 / 3)
     np.testing.assert_allclose(shift, [-2 / 3, -1 / 6, 5 / 6], rtol=1e-15)
-    c = augmented.query_constant(shift, coordinate_rms=0.5, coordinate_max=1.0)
-    # std(shift) = 0.6236…, /0.5 = 1.247…; max |shift| / 1 = 0.833…: c = 2 (the power of two ≥ 1.247)
-    assert c == 2.0
+    # max |shift| = 5/6 against coordinates up to 1: c = 1; up to 0.3: 5/6/0.3 = 2.78, c = 4
+    assert augmented.query_constant(shift, coordinate_max=1.0) == 1.0
+    assert augmented.query_constant(shift, coordinate_max=0.3) == 4.0
+    assert augmented.query_constant(np.zeros(3), coordinate_max=0.3) == 1.0
+    c = 4.0
     vectors = augmented.augment(np.eye(3, 2, dtype=np.float32), shift, c)
-    np.testing.assert_allclose(vectors[:, 2], [1 / 3, 1 / 12, -5 / 12], rtol=1e-7)
+    np.testing.assert_allclose(vectors[:, 2], [1 / 6, 1 / 24, -5 / 24], rtol=1e-7)
     q = augmented.with_constant(np.array([[0.6, 0.8]], dtype=np.float32), c)
     ip = (q.astype(np.float64) @ vectors.astype(np.float64).T)[0]
     # η = 2·S − offset with S = (0.6, 0.8, 0): (0.2, −0.4, −4); η = 2·ip − m

@@ -97,8 +97,8 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     them; cosine rows are L2-normalised first). beta, k, gallery_beta, topk_mean, alpha: the
     method's parameters (defaults: the registry's, β the probe's). Every method whose normaliser
     is affine (η = scale·S − offset[j], gated or not) can be exported; gc cannot. constant: the
-    query's c (default: the power of two that makes the extra column look like one more coordinate;
-    core/augmented.py says why, docs/serving.md when to choose another).
+    query's c (default: the smallest power of two that keeps the extra column inside the gallery
+    coordinates' range; core/augmented.py says why, docs/serving.md when to choose another).
 
     Without `output`, returns the vectors ((G, d+1) float32), the activation flags of a gated
     method and the recipe in memory. With `output`, writes `format`: hdf5 (a qbnorm file of kind
@@ -159,12 +159,12 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     dim = source.cols
     step = budget.rows(dim * 4 * 4, share=0.25, total=n_gallery, align=source.chunk_rows)
     rms, widest, _ = augmented.coordinate_stats(rows.block(r0, r1) for r0, r1 in spans(n_gallery, step))
-    chosen = augmented.query_constant(shift, rms, widest)
+    chosen = augmented.query_constant(shift, widest)
     constant = chosen if constant is None else float(np.float32(constant))
     options = indexfile.IndexOptions(index_type, hnsw_m, ef_construction, ef_search, nlist, nprobe)
     recipe = _recipe(spec, values, norm, center, constant, similarity, dim, n_gallery, gate, identity, probe)
-    recipe["extra_column"] = {"constant_rule": "the power of two c with std(x) ≤ the coordinates' rms and "
-                              "max |x| ≤ their largest |value|" if constant == chosen else "given",
+    recipe["extra_column"] = {"constant_rule": "the smallest power of two c with max |x| ≤ the coordinates' "
+                              "largest |value|" if constant == chosen else "given",
                               "automatic_constant": chosen, "coordinate_rms": rms, "coordinate_max": widest,
                               "x_std": float(np.std(shift) / constant), "x_max": float(np.abs(shift).max() / constant)
                               if shift.size else 0.0}

@@ -31,7 +31,7 @@ def command(
     ef_search: Annotated[int, typer.Option("--ef-search", metavar="N", help="HNSW: candidate list while searching (search --ef-search overrides).")] = 128,
     nlist: Annotated[int | None, typer.Option("--nlist", metavar="N", help="IVF: inverted lists (default 4·√gallery).")] = None,
     nprobe: Annotated[int, typer.Option("--nprobe", metavar="N", help="IVF: lists probed per query (search --nprobe overrides).")] = 16,
-    constant: Annotated[float | None, typer.Option("--constant", metavar="C", help="The query's constant c (default: the power of two that makes the extra column look like one more coordinate; see docs/serving.md).")] = None,
+    constant: Annotated[float | None, typer.Option("--constant", metavar="C", help="The query's constant c (default: the smallest power of two that keeps the extra column inside the coordinates' range; see docs/serving.md).")] = None,
     similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe (cosine: rows L2-normalised).")] = None,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,

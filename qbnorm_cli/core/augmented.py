@@ -12,16 +12,18 @@ ranking for the query [q, c], and the raw one (S) for [q, 0]: η = scale·⟨·,
 term r_q (CSLS's mean of the row's K best raw scores) is a per-query constant: it moves a row's
 scores, never its ranking.
 
-c is free. It is chosen so that the extra column looks like one more coordinate of the gallery
-vectors (`query_constant`): its spread no larger than a typical coordinate's (root mean square)
-and its range inside the coordinates' range. Quantised indexes need that: a PQ sub-quantiser
-whose sub-space holds a column much wider than the others spends its centroids on that column
-(and one much narrower loses it in the quantisation noise, which the query's c then multiplies),
-a scalar quantiser with one range for all dimensions clips or coarsens a column outside it, and
-HNSW/IVF build their graph and coarse clusters from ⟨g'_i, g'_j⟩ = ⟨g_i, g_j⟩ + x_i·x_j, which a
-large column would dominate. m (the offsets' mean) keeps the column centred: an offset common to
-every item carries no ranking information, only magnitude that float32 sums round against. c is
-a power of two, so c·x_j is exact and the augmented product carries only the rounding of x_j.
+c is free. It is chosen so that the extra column sits inside the range of the gallery's
+coordinates and fills at least half of it (`query_constant`), as one more coordinate would.
+Indexes that do not compute the product exactly need that: a scalar quantiser with one range for
+all dimensions widens its range for a column outside it (every dimension coarser) and quantises a
+much narrower one coarsely against its spread; a PQ sub-quantiser spends its centroids on its
+sub-space's coordinates in proportion to their spread, so a narrow column loses the offsets, which
+the query's c then multiplies back; and HNSW/IVF build their graph and coarse clusters from
+⟨g'_i, g'_j⟩ = ⟨g_i, g_j⟩ + x_i·x_j, which a wide column would dominate (benchmarks/serving_columns.py
+measures each; docs/serving.md has the figures). m (the offsets' mean) keeps the column centred: an
+offset common to every item carries no ranking information, only magnitude that float32 sums round
+against. c is a power of two, so c·x_j is exact and the augmented product carries only the
+rounding of x_j.
 """
 
 from __future__ import annotations
@@ -43,23 +45,15 @@ def shifts(offset: np.ndarray | None, scale: float, n_items: int) -> tuple[np.nd
     return (offset - center) / scale, center
 
 
-def query_constant(shift: np.ndarray, coordinate_rms: float, coordinate_max: float) -> float:
-    """The power of two c with x = −shift/c no more spread than a typical gallery coordinate
-    (std(x) ≤ coordinate_rms) and inside the coordinates' range (max |x| ≤ coordinate_max);
-    1 when the shifts are all 0 (the extra column is then 0 and c changes nothing)."""
+def query_constant(shift: np.ndarray, coordinate_max: float) -> float:
+    """The smallest power of two c with x = −shift/c inside the gallery coordinates' range
+    (max |x| ≤ coordinate_max; it then fills more than half of it); 1 when the shifts are all 0
+    (the extra column is then 0 and c changes nothing) or the coordinates are all 0."""
     shift = np.asarray(shift, dtype=np.float64)
     widest = float(np.abs(shift).max()) if shift.size else 0.0
-    if widest == 0.0:
+    if widest == 0.0 or not coordinate_max > 0:
         return 1.0
-    needed = []
-    if coordinate_rms > 0:
-        needed.append(float(shift.std()) / coordinate_rms)
-    if coordinate_max > 0:
-        needed.append(widest / coordinate_max)
-    target = max(needed, default=1.0)
-    if not target > 0:
-        return 1.0
-    return float(2.0 ** math.ceil(math.log2(target)))
+    return float(2.0 ** math.ceil(math.log2(widest / coordinate_max)))
 
 
 def augment(rows: np.ndarray, shift: np.ndarray, constant: float) -> np.ndarray:
