@@ -396,6 +396,9 @@ def test_an_ivf_index_that_returns_fewer_items_leaves_empty_slots_evaluate_reads
     assert (written["/neighbors"] == -1).any() and np.isfinite(written["/scores"]).all()
     np.save(tmp_path / "gt.npy", np.zeros(len(larger.queries), dtype=np.int64))
     cli.ok("evaluate", tmp_path / "top.h5", "--gt", tmp_path / "gt.npy", "-q")
+    with pytest.warns(qbnorm_cli.QbnormWarning, match="fewer than 80 items"):
+        in_memory = qbnorm_cli.search(tmp_path / "ivf", larger.queries, top_k=80)
+    assert np.isfinite(in_memory.scores).all() and qbnorm_cli.evaluate(in_memory, np.zeros(300, dtype=np.int64))
 
 
 # --- LanceDB: a real vector database, in-process ------------------------------------------------------

@@ -34,7 +34,7 @@ FORMATS = indexfile.STORAGES
 INDEX_TYPES = indexfile.INDEX_TYPES
 BACKENDS = ("numpy", "faiss", "lancedb")
 DTYPES = ("float32", "float64")
-EMPTY_SCORE = float(np.finfo(np.float32).min)  # an empty slot's score in a file (its index is −1)
+EMPTY_SCORE = float(np.finfo(np.float32).min)  # an empty slot's score (its index is −1): finite, as evaluate wants
 
 
 @dataclass(frozen=True)
@@ -395,7 +395,7 @@ def _search(opened: _Opened, queries, top_k, check_recall, row_term, dtype, budg
         scores_out = np.empty((n_rows, top_k), dtype=dtype)
         indices_out = np.empty((n_rows, top_k), dtype=np.int64)
         for q0, scores, indices, _ in blocks():
-            scores_out[q0:q0 + len(scores)] = scores
+            scores_out[q0:q0 + len(scores)] = np.where(indices < 0, EMPTY_SCORE, scores)
             indices_out[q0:q0 + len(scores)] = indices
     found = []
     recall_report = None
