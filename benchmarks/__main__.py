@@ -19,6 +19,9 @@ Comparisons (NAME):
             probe of the same data, bank 20k × gallery 100k × 512 by default; not in the default
             run (each iteration is one more pass over bank × gallery: tens of minutes at that size
             on 2 cores): ask for it with --only sinkhorn
+  serving   `qbnorm search` on faiss exports against a plain faiss IndexFlatIP search of the same
+            shapes (offset methods ≤ 1.1×, dis ≤ 1.1 × (1 + gated share)); HNSW/IVF recall and
+            speed-up (benchmarks/serving.py)
 
 Sizes: default = the issue's shapes for matmul, official and sinkhorn, the mid size for memory (10k ×
 250k → 1M); --quick finishes in under a minute; --full adds memory at 100k × 1M (long: about 1e14
@@ -50,7 +53,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from benchmarks import data
+from benchmarks import data, serving
 
 QBNORM = [sys.executable, "-m", "qbnorm_cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,12 +80,14 @@ SIZES = {
     # sinkhorn: bank, gallery, dim
     "sinkhorn": {"tiny": (300, 2000, 32), "quick": (2000, 20000, 128), "default": (20000, 100000, 512),
                  "full": (20000, 100000, 512)},
+    "serving": serving.SIZES,
 }
-DEFAULT_RUN = ("matmul", "official", "memory", "scaling")  # sinkhorn and transpose only on request (--only)
+DEFAULT_RUN = ("matmul", "official", "memory", "scaling")  # the others only on request (--only): long at full size
 # repeats of each timed pair (scaling: best of); quick stays under a minute on 2 cores
-REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1, "transpose": 1, "sinkhorn": 1},
-           "default": {"matmul": 3, "official": 3, "scaling": 2, "transpose": 2, "sinkhorn": 1},
-           "full": {"matmul": 5, "official": 5, "scaling": 3, "transpose": 3, "sinkhorn": 3}}
+REPEATS = {"tiny": {},
+           "quick": {"matmul": 3, "official": 2, "scaling": 1, "transpose": 1, "sinkhorn": 1, "serving": 2},
+           "default": {"matmul": 3, "official": 3, "scaling": 2, "transpose": 2, "sinkhorn": 1, "serving": 3},
+           "full": {"matmul": 5, "official": 5, "scaling": 3, "transpose": 3, "sinkhorn": 3, "serving": 5}}
 TRANSPOSE_LAYOUTS = ("contiguous", "rows", "tiles")
 TRANSPOSE_MEMORY = ("1GiB", "16MiB")  # the default budget, and one that splits every read into many blocks
 
@@ -472,6 +477,10 @@ class Bench(TransposeBench):
         self.results["sinkhorn"] = {"beta": beta, "bank": nb, "gallery": ng, "dim": dim, "runs": rows,
                                     "ratio": rows["converged (tol 1e-6)"]["ratio"]}
 
+    # -- serving: qbnorm search against plain faiss ---------------------------------------------
+    def serving(self) -> None:
+        serving.compare(self, sys.modules[__name__])
+
 
 def compare_rankings(ours_path: str, dense_path: str, top: int = 10) -> str:
     """Top-`top` rankings of every row, qbnorm's log-domain scores against the exp-domain ones."""
@@ -505,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="the full target-3 size (100k × 1M: hours on 2 cores)")
     parser.add_argument("--only", default=",".join(DEFAULT_RUN),
-                        help=f"comparisons (default {','.join(DEFAULT_RUN)}; also sinkhorn, transpose)")
+                        help=f"comparisons (default {','.join(DEFAULT_RUN)}; also sinkhorn, transpose, serving)")
     parser.add_argument("--repeat", type=int, default=None, help="repeats per timed pair (default: by mode)")
     parser.add_argument("--keep", metavar="DIR", help="generate into DIR and keep it")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")

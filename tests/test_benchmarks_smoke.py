@@ -155,3 +155,32 @@ def test_checksum_cost_script():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "write without" in proc.stdout and "read  without" in proc.stdout
+
+
+def test_serving(tmp_path):
+    """qbnorm search on faiss exports against plain faiss, and the approximate indexes (needs faiss)."""
+    import pytest
+
+    pytest.importorskip("faiss")
+    text, results = runner(tmp_path, "serving")
+    assert "plain faiss" in text and "speed-up over flat" in text and "recall@10" in text
+    serving = results["serving"]
+    assert set(serving["methods"]) == {"is", "nnn", "csls", "dual-is", "dis"}
+    assert all(r["ratio"] > 0 and r["searches_per_query"] >= 1 for r in serving["methods"].values())
+    assert serving["methods"]["is"]["searches_per_query"] == 1
+    assert set(serving["approximate"]) == {"plain-hnsw", "plain-ivf", "dis-hnsw", "dis-ivf"}
+    assert all(0 < r["recall"] <= 1 for r in serving["approximate"].values())
+
+
+def test_serving_columns(tmp_path):
+    """The extra column's scale against SQ, PQ and HNSW indexes runs end to end (needs faiss)."""
+    import pytest
+
+    pytest.importorskip("faiss")
+    out = tmp_path / "columns.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serving_columns", "--tiny", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = json.loads(out.read_text())
+    assert lines[0]["variant"] == "qbnorm's c" and len(lines) == 6
+    assert all(0 <= line[key] <= 1 for line in lines for key in ("SQ8 uniform", "PQ8", "HNSW32"))

@@ -152,3 +152,16 @@ def approx64(value, operations: int = 8):
     import pytest
 
     return pytest.approx(value, rel=gamma(operations, U64), abs=0)
+
+
+def augmented32(d: int, shift: float = 0.0, magnitude: float = 1.0) -> float:
+    """|fl32(⟨[q, c], [g, x]⟩) − (q·g − shift)| for qbnorm export's augmented vectors: x = fl32(−shift/c)
+    with c a power of two (c·x is then exact), a float32 product of length d + 1 whose terms sum in
+    magnitude to at most magnitude + |shift| (any kernel, any order), plus x's rounding u·|shift|."""
+    return gamma(d + 1) * (magnitude + abs(shift)) + U32 * abs(shift)
+
+
+def one_minus32(magnitude: float) -> float:
+    """The rounding of a distance reported as fl32(1 − ⟨x, y⟩) (LanceDB's dot metric), read back as
+    ⟨x, y⟩ = 1 − distance: u·(1 + |⟨x, y⟩|)."""
+    return U32 * (1.0 + abs(magnitude))

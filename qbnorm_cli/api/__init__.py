@@ -4,8 +4,9 @@ from qbnorm_cli.api.evaluation import evaluate, evaluation_report, hubness, hubn
 from qbnorm_cli.api.files import build_bank, convert
 from qbnorm_cli.api.normalising import Written, normalise
 from qbnorm_cli.api.probing import probe
+from qbnorm_cli.api.serving import Exported, SearchResult, export, search
 from qbnorm_cli.api.tuning import tune
 from qbnorm_cli.io.paramsfile import load_params
 
-__all__ = ["Written", "build_bank", "convert", "evaluate", "evaluation_report", "hubness", "hubness_report",
-           "load_params", "normalise", "probe", "tune"]
+__all__ = ["Exported", "SearchResult", "Written", "build_bank", "convert", "evaluate", "evaluation_report", "export",
+           "hubness", "hubness_report", "load_params", "normalise", "probe", "search", "tune"]

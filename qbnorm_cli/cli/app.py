@@ -14,7 +14,7 @@ import sys
 import typer
 
 from qbnorm_cli import startup
-from qbnorm_cli.cli import build_bank, convert, evaluate, hubness, normalise, probe, tune
+from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, normalise, probe, search, tune
 from qbnorm_cli.cli.options import FLAG_NAMES
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
 from qbnorm_cli.io import atomic
@@ -100,6 +100,8 @@ COMMANDS = {
     "hubness": hubness.command,
     "convert": convert.command,
     "tune": tune.command,
+    "export": export.command,
+    "search": search.command,
 }
 for _name, _func in COMMANDS.items():
     app.command(_name, no_args_is_help=True)(_one_line_errors(_func))

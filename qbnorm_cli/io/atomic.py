@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -347,3 +348,85 @@ def _same_file(a, b) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+class OutputDirectory:
+    """A directory output (an index and the files beside it) built in a temporary directory next
+    to the target and renamed into place when complete; removed on any failure or interrupt, the
+    target then left as it was. An existing target is replaced only with `force`, and a directory
+    only when `owned(path)` says that a previous run wrote it: never a directory of other files.
+
+    Use as a context manager; it yields the temporary directory to write into.
+    """
+
+    def __init__(self, path, *, force: bool, inputs=(), owned=None, what: str = "an output") -> None:
+        self.path = Path(path)
+        parent = self.path.parent
+        if "::" in str(path):
+            raise UsageError(f"{path}: {what} is a directory, named without '::'")
+        if not parent.is_dir():
+            raise UsageError(f"{path}: no such directory {str(parent)!r}")
+        target = self.path.resolve()
+        for item in inputs:
+            ipath = item.path if isinstance(item, ArrayInput) else item.get("path")
+            if ipath and (Path(ipath).resolve() == target or target in Path(ipath).resolve().parents):
+                raise UsageError(f"{path}: output would overwrite an input; choose another path")
+        if self.path.exists() or self.path.is_symlink():
+            if not force:
+                raise UsageError(f"{path}: exists; pass {param('force=True')} to overwrite")
+            if self.path.is_dir() and not (owned is not None and owned(self.path)):
+                raise UsageError(f"{path}: is a directory that qbnorm did not write; choose another path")
+        self._tmp: str | None = None
+
+    def __enter__(self) -> Path:
+        with _signals_deferred():
+            try:
+                self._tmp = tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-tmp")
+            except OSError as exc:
+                raise RuntimeFailure(f"{self.path}: cannot create a directory in {str(self.path.parent)!r}: "
+                                     f"{exc.strerror or exc}") from None
+        return Path(self._tmp)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        old = None
+        try:
+            check_interrupt()
+            os.chmod(self._tmp, 0o777 & ~_umask())
+            with _signals_deferred():
+                check_interrupt()
+                if self.path.is_dir() and not self.path.is_symlink():
+                    old = tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-old")
+                    os.replace(self.path, os.path.join(old, "previous"))
+                elif self.path.exists() or self.path.is_symlink():
+                    os.unlink(self.path)
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+        except OSError as exc:
+            if old is not None and not self.path.exists():  # put the previous output back
+                try:
+                    os.replace(os.path.join(old, "previous"), self.path)
+                except OSError:
+                    pass
+            self._discard()
+            raise RuntimeFailure(f"{self.path}: write failed: {exc.strerror or one_line(exc)}") from None
+        except BaseException:
+            self._discard()
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _discard(self) -> None:
+        with _signals_deferred():
+            if self._tmp:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -514,9 +514,12 @@ def _probe_relations(layout: Layout) -> None:
                       "present, but params keep_sorted is false")
 
 
+NOT_MATRICES = ("probe", "index-vectors")  # inputs recorded without a shape: a probe, an index export
+
+
 def _recorded_shape(layout: Layout, position: int) -> tuple[int, int] | None:
-    """The shape of the `position`-th input matrix a file records (probe records left out)."""
-    matrices = [i for i in layout.inputs if isinstance(i, dict) and i.get("kind") != "probe"]
+    """The shape of the `position`-th input matrix a file records (probes and index exports left out)."""
+    matrices = [i for i in layout.inputs if isinstance(i, dict) and i.get("kind") not in NOT_MATRICES]
     if position >= len(matrices):
         return None
     shape = matrices[position].get("shape")

@@ -1,0 +1,483 @@
+"""Index exports: the augmented gallery vectors an inner-product index serves normalised retrieval
+from (core/augmented.py), the dynamic methods' per-item activation flags, and the query-side
+recipe, in one of four stores:
+
+  hdf5     one qbnorm file of kind `index-vectors`: /vectors (G, d+1) float32, /gate (G,) bool
+           (gated methods only), the recipe as attributes (`recipe`: JSON, and its main fields);
+  npy      a directory: vectors.npy, gate.npy, recipe.json (for tools that speak neither HDF5
+           nor faiss: every vector database's client loads a float32 .npy);
+  faiss    a directory: index.faiss (faiss.read_index reads it: IndexFlatIP, IndexHNSWFlat or
+           IndexIVFFlat, inner-product metric), gate.npy, recipe.json;
+  lancedb  a directory that is a LanceDB database: table `gallery` (id, vector, gate), and
+           recipe.json; the table's schema metadata carries the export's uuid.
+
+The recipe records the fingerprint of rows spread over the vectors (or, for LanceDB, the uuid),
+so that a store from another export (another gallery, method or setting) is refused. faiss and
+lancedb are optional extras, imported only here and only when a store needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid as _uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qbnorm_cli.core.augmented import FINGERPRINT_ROWS, fingerprint
+from qbnorm_cli.core.sampling import spread
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.io.atomic import OutputDirectory, OutputFile, check_interrupt, created_now, jsonable
+from qbnorm_cli.io.hdf5 import check_readable, open_qbnorm, read_attrs
+from qbnorm_cli.io.specs import ArrayInput, open_array, open_npy
+from qbnorm_cli.version import FORMAT_VERSION, VERSION
+
+KIND = "index-vectors"
+RECIPE_FORMAT = "qbnorm-index-vectors"
+STORAGES = ("hdf5", "npy", "faiss", "lancedb")
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+RECIPE_FILE, VECTORS_FILE, GATE_FILE, FAISS_FILE, TABLE = "recipe.json", "vectors.npy", "gate.npy", "index.faiss", \
+    "gallery"
+EXTRAS = {"faiss": ("faiss", "faiss"), "lancedb": ("lancedb", "lancedb")}  # storage: (module, extra)
+# The recipe's scalar fields also written as attributes of an HDF5 export (h5dump shows them).
+ATTR_FIELDS = ("method", "similarity", "scale", "center", "constant", "dim", "gallery_rows", "gated",
+               "gallery_identity", "query_recipe")
+
+
+def need(extra: str, what: str):
+    """The optional module of `extra` (faiss, lancedb), or RuntimeFailure naming the extra."""
+    module, name = EXTRAS[extra]
+    try:
+        return __import__(module)
+    except ImportError:
+        raise RuntimeFailure(f"{what} needs {module}: pip install 'qbnorm[{name}]'") from None
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """A faiss index to build: exact `flat`, or approximate `hnsw` (M, efConstruction, efSearch)
+    or `ivf` (nlist inverted lists, nprobe probed at search time)."""
+
+    index_type: str = "flat"
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    nlist: int | None = None  # None: 4·√G, at most G/39 (faiss wants 39 training points per list)
+    nprobe: int = 16
+
+    def lists(self, n_rows: int) -> int:
+        if self.nlist is not None:
+            return self.nlist
+        return max(1, min(round(4 * float(np.sqrt(n_rows))), n_rows // 39))
+
+    def describe(self, n_rows: int) -> dict:
+        if self.index_type == "hnsw":
+            return {"type": "hnsw", "M": self.hnsw_m, "ef_construction": self.ef_construction,
+                    "ef_search": self.ef_search}
+        if self.index_type == "ivf":
+            return {"type": "ivf", "nlist": self.lists(n_rows), "nprobe": self.nprobe}
+        return {"type": "flat"}
+
+
+def _faiss_index(faiss, options: IndexOptions, dim: int, n_rows: int):
+    metric = faiss.METRIC_INNER_PRODUCT
+    if options.index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, options.hnsw_m, metric)
+        index.hnsw.efConstruction = options.ef_construction
+        index.hnsw.efSearch = options.ef_search
+        return index
+    if options.index_type == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, options.lists(n_rows), metric)
+        index.nprobe = options.nprobe
+        return index
+    return faiss.IndexFlatIP(dim)
+
+
+class _Picked:
+    """The fingerprint's rows, collected as the vectors stream past."""
+
+    def __init__(self, n_rows: int, dim: int):
+        self.picks = spread(n_rows, FINGERPRINT_ROWS)
+        self.rows = np.zeros((len(self.picks), dim), dtype=np.float32)
+        self.n_rows = n_rows
+
+    def see(self, r0: int, block: np.ndarray) -> None:
+        for slot, row in enumerate(self.picks):
+            if r0 <= row < r0 + len(block):
+                self.rows[slot] = block[row - r0]
+
+    def digest(self) -> str:
+        return fingerprint(lambda picks: self.rows, self.n_rows)
+
+
+def owned_export(path: Path) -> bool:
+    """Whether a directory is an export qbnorm wrote (it may be replaced with force)."""
+    try:
+        return json.loads((path / RECIPE_FILE).read_text(encoding="utf-8")).get("format") == RECIPE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | None, *, n_rows: int, dim: int,
+                 options: IndexOptions = IndexOptions(), train=None, force: bool = False, inputs=(),
+                 params: dict | None = None, provenance: str | None = None) -> dict:
+    """Write the export: `blocks` yields (first row, float32 (rows, dim) augmented vectors) in order;
+    `train()` gives the rows an IVF index is trained on. Returns the recipe as written (with its
+    uuid, fingerprint, files and the index's parameters)."""
+    recipe = dict(recipe, format=RECIPE_FORMAT, format_version=FORMAT_VERSION, storage=storage,
+                  created_by=f"qbnorm {VERSION}", created_at=created_now(), metric="inner_product")
+    picked = _Picked(n_rows, dim)
+
+    def seen():
+        for r0, block in blocks:
+            check_interrupt()
+            picked.see(r0, block)
+            yield r0, block
+
+    if storage == "hdf5":
+        with OutputFile(str(output), KIND, force=force, params=params or {}, inputs=list(inputs),
+                        provenance=provenance) as out:
+            ds = out.create("/vectors", shape=(n_rows, dim), dtype=np.float32)
+            for r0, block in seen():
+                out.write_rows(ds, r0, block)
+            if gate is not None:
+                out.create("/gate", data=np.asarray(gate, dtype=bool))
+            recipe.update(uuid=out.uuid, fingerprint=picked.digest(), files={"vectors": "/vectors", "gate": "/gate"}
+                          if gate is not None else {"vectors": "/vectors"})
+            _write_attrs(out.h5.attrs, recipe)
+        return recipe
+    module = need(storage, param(f"format={storage!r}")) if storage in EXTRAS else None
+    recipe["uuid"] = str(_uuid.uuid4())
+    with OutputDirectory(output, force=force, inputs=list(inputs), owned=owned_export, what="the export") as tmp:
+        files = {}
+        if storage == "npy":
+            vectors = np.lib.format.open_memmap(tmp / VECTORS_FILE, mode="w+", dtype=np.float32, shape=(n_rows, dim))
+            for r0, block in seen():
+                vectors[r0:r0 + len(block)] = block
+            vectors.flush()
+            del vectors
+            files["vectors"] = VECTORS_FILE
+        elif storage == "faiss":
+            recipe["index"] = options.describe(n_rows)
+            index = _faiss_index(module, options, dim, n_rows)
+            try:
+                if not index.is_trained:
+                    index.train(np.ascontiguousarray(train(), dtype=np.float32))
+                for _, block in seen():
+                    index.add(np.ascontiguousarray(block))
+                module.write_index(index, str(tmp / FAISS_FILE))
+            except RuntimeError as exc:
+                raise RuntimeFailure(f"{output}: faiss failed: {one_line(exc)}") from None
+            files["index"] = FAISS_FILE
+        else:
+            _write_table(module, tmp, seen(), gate, dim, recipe)
+            files["table"] = TABLE
+        if gate is not None and storage != "lancedb":
+            np.save(tmp / GATE_FILE, np.asarray(gate, dtype=bool))
+            files["gate"] = GATE_FILE
+        recipe.update(fingerprint=picked.digest(), files=files)
+        try:
+            (tmp / RECIPE_FILE).write_text(json.dumps(jsonable(recipe), indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise RuntimeFailure(f"{output}: write failed: {exc.strerror or one_line(exc)}") from None
+    return recipe
+
+
+def _write_attrs(attrs, recipe: dict) -> None:
+    attrs["recipe"] = json.dumps(jsonable(recipe), sort_keys=True)
+    for name in ATTR_FIELDS:
+        value = recipe.get(name)
+        if value is not None:
+            attrs[name] = value
+
+
+def _write_table(lancedb, where: Path, blocks, gate, dim: int, recipe: dict) -> None:
+    import pyarrow as pa  # lancedb's own dependency
+
+    fields = [pa.field("id", pa.int64()), pa.field("vector", pa.list_(pa.float32(), dim))]
+    if gate is not None:
+        fields.append(pa.field("gate", pa.bool_()))
+    schema = pa.schema(fields, metadata={"qbnorm_uuid": recipe["uuid"], "qbnorm_method": str(recipe.get("method"))})
+
+    def batches():
+        for r0, block in blocks:
+            ids = np.arange(r0, r0 + len(block), dtype=np.int64)
+            columns = [pa.array(ids), pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), dim)]
+            if gate is not None:
+                columns.append(pa.array(np.asarray(gate[r0:r0 + len(block)], dtype=bool)))
+            yield pa.record_batch(columns, schema=schema)
+
+    try:
+        lancedb.connect(str(where)).create_table(TABLE, data=batches(), schema=schema)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise RuntimeFailure(f"{where}: lancedb failed: {one_line(exc)}") from None
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+class Export:
+    """An export opened for searching: its recipe, activation flags and store."""
+
+    def __init__(self, path: str, recipe: dict, gate, *, vectors: ArrayInput | None = None, faiss_index=None,
+                 table=None, h5=None, attrs: dict | None = None):
+        self.path, self.recipe, self.gate = path, recipe, gate
+        self.vectors, self.faiss_index, self.table, self._h5 = vectors, faiss_index, table, h5
+        self.attrs = attrs or {}
+
+    @property
+    def storage(self) -> str:
+        return self.recipe["storage"]
+
+    @property
+    def label(self) -> str:
+        return self.path
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.recipe["gallery_rows"])
+
+    @property
+    def dim(self) -> int:
+        """The augmented vectors' dimension (the embeddings' + 1)."""
+        return int(self.recipe["dim"]) + 1
+
+    def describe(self) -> dict:
+        return {"path": self.path, "dataset": None, "kind": KIND, "uuid": self.recipe.get("uuid"),
+                "storage": self.storage}
+
+    def close(self) -> None:
+        if self.vectors is not None:
+            self.vectors.close()
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self) -> Export:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _recipe(text: str, where: str) -> dict:
+    try:
+        recipe = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{where}: not a JSON recipe ({one_line(exc)})") from None
+    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
+        raise DataError(f"{where}: not a qbnorm index recipe")
+    try:
+        version = int(recipe.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: unreadable format_version") from None
+    if version > FORMAT_VERSION:
+        raise DataError(f"{where}: format_version {version} is newer than this qbnorm supports ({FORMAT_VERSION}); "
+                        f"upgrade qbnorm")
+    missing = [k for k in ("method", "similarity", "scale", "center", "constant", "dim", "gallery_rows", "gated",
+                           "storage") if k not in recipe]
+    if missing:
+        raise DataError(f"{where}: the recipe lacks {', '.join(missing)}")
+    return recipe
+
+
+def open_export(path, *, what: str = "search") -> Export:
+    """An export written by `write_export`: an HDF5 file of kind index-vectors, or a directory
+    with recipe.json. Refuses a store that does not hold the vectors its recipe describes."""
+    path = str(path)
+    if os.path.isdir(path):
+        return _open_directory(path, what)
+    magic = check_readable(path)
+    if Path(path).name == FAISS_FILE or magic[:2] in (b"Ix", b"IH", b"Iw"):
+        raise DataError(f"{path}: a bare faiss index; pass the export's directory (with its {RECIPE_FILE})")
+    h5 = open_qbnorm(path, KIND)
+    try:
+        attrs = read_attrs(h5)
+        recipe = _recipe(attrs.get("recipe", ""), path)
+        vectors = open_array(f"{path}::/vectors")
+        gate = None
+        if recipe["gated"]:
+            if "/gate" not in h5:
+                raise DataError(f"{path}: no dataset /gate; the recipe says the method is gated")
+            gate = np.asarray(h5["/gate"][()], dtype=bool)
+    except BaseException:
+        h5.close()
+        raise
+    export = Export(path, recipe, gate, vectors=vectors, h5=h5, attrs=attrs)
+    _check_vectors(export, vectors.shape, path, lambda picks: vectors.read_rows(np.asarray(picks)))
+    return export
+
+
+def _open_directory(path: str, what: str) -> Export:
+    recipe_path = os.path.join(path, RECIPE_FILE)
+    if not os.path.isfile(recipe_path):
+        raise DataError(f"{path}: not a qbnorm index export (no {RECIPE_FILE})")
+    try:
+        text = Path(recipe_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{recipe_path}: cannot read ({one_line(exc)})") from None
+    recipe = _recipe(text, recipe_path)
+    storage = recipe["storage"]
+    if storage not in ("npy", "faiss", "lancedb"):
+        raise DataError(f"{recipe_path}: unknown storage {storage!r}")
+    gate = None
+    if recipe["gated"] and storage != "lancedb":
+        gate_path = os.path.join(path, GATE_FILE)
+        if not os.path.isfile(gate_path):
+            raise DataError(f"{path}: no {GATE_FILE}; the recipe says the method is gated")
+        gate = np.asarray(open_npy(gate_path))
+        if gate.shape != (int(recipe["gallery_rows"]),) or gate.dtype != bool:
+            raise DataError(f"{gate_path}: expected ({recipe['gallery_rows']},) bool flags, got {gate.shape} "
+                            f"{gate.dtype}")
+    if storage == "npy":
+        file = os.path.join(path, VECTORS_FILE)
+        vectors = open_array(file)
+        export = Export(path, recipe, gate, vectors=vectors)
+        _check_vectors(export, vectors.shape, file, lambda picks: vectors.read_rows(np.asarray(picks)))
+        return export
+    if storage == "faiss":
+        faiss = need("faiss", f"{what} on a faiss index")
+        file = os.path.join(path, FAISS_FILE)
+        check_readable(file)
+        try:
+            index = faiss.read_index(file)
+        except RuntimeError as exc:
+            raise DataError(f"{file}: cannot read the faiss index ({one_line(exc)})") from None
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise DataError(f"{file}: the index does not use the inner-product metric")
+        export = Export(path, recipe, gate, faiss_index=index)
+        _check_vectors(export, (index.ntotal, index.d), file, faiss_rows(faiss, index))
+        return export
+    lancedb = need("lancedb", f"{what} on a LanceDB table")
+    try:
+        table = lancedb.connect(path).open_table(TABLE)
+        rows = table.count_rows()
+        schema = table.schema
+    except (OSError, RuntimeError, ValueError, FileNotFoundError) as exc:
+        raise DataError(f"{path}: cannot open the LanceDB table {TABLE!r} ({one_line(exc)})") from None
+    where = f"{path} (LanceDB table {TABLE})"
+    vector = schema.field("vector").type if "vector" in schema.names else None
+    width = getattr(vector, "list_size", None)
+    export = Export(path, recipe, None, table=table)
+    _check_shape(export, (rows, width), where)
+    uuid = (schema.metadata or {}).get(b"qbnorm_uuid", b"").decode()
+    if uuid != recipe.get("uuid"):
+        raise DataError(f"{where}: written by another export than {recipe_path} describes (uuid differs)")
+    if recipe["gated"]:
+        if "gate" not in schema.names:
+            raise DataError(f"{where}: no gate column; the recipe says the method is gated")
+        export.gate = lance_gate(table, rows)
+    return export
+
+
+def _check_shape(export: Export, shape, where: str) -> None:
+    want = (export.n_rows, export.dim)
+    if tuple(shape) != want:
+        raise DataError(f"{where} holds {shape[0]} vectors of dimension {shape[1]}, but its recipe describes "
+                        f"{want[0]} of {want[1]} (the index of another gallery?)")
+
+
+def _check_vectors(export: Export, shape, where: str, read_rows) -> None:
+    _check_shape(export, shape, where)
+    want = export.recipe.get("fingerprint")
+    if want is None or read_rows is None:
+        return
+    if fingerprint(read_rows, export.n_rows) != want:
+        raise DataError(f"{where} holds other vectors than its recipe describes (the index of another gallery "
+                        f"or setting?); export again")
+
+
+def faiss_rows(faiss, index):
+    """read_rows(list) → the stored vectors of an index that keeps them exactly, else None."""
+    inner = faiss.downcast_index(index)
+    exact = (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)
+    if not isinstance(inner, exact):
+        return None
+    if isinstance(inner, faiss.IndexIVFFlat):
+        inner.make_direct_map()
+
+    def read(picks):
+        return np.stack([index.reconstruct(int(i)) for i in picks]) if len(picks) else np.zeros((0, index.d))
+
+    return read
+
+
+def faiss_block(index, c0: int, c1: int) -> np.ndarray:
+    """Rows c0:c1 of an exact index's vectors (float32)."""
+    return np.asarray(index.reconstruct_n(c0, c1 - c0), dtype=np.float32)
+
+
+def faiss_parameters(faiss, index, nprobe: int | None, ef_search: int | None):
+    """Per-search parameters of an approximate index (None for exact ones or when not given)."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexHNSW) and ef_search is not None:
+        return faiss.SearchParametersHNSW(efSearch=int(ef_search))
+    if isinstance(inner, faiss.IndexIVF) and nprobe is not None:
+        return faiss.SearchParametersIVF(nprobe=int(nprobe))
+    return None
+
+
+def faiss_search(index, params, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=params)
+    except RuntimeError as exc:
+        raise RuntimeFailure(f"faiss search failed: {one_line(exc)}") from None
+
+
+LANCE_BATCH = 1024  # queries per LanceDB request
+
+
+def lance_gate(table, rows: int) -> np.ndarray:
+    """The activation flags of a LanceDB table's gate column."""
+    flagged = table.search().where("gate").select(["id"]).limit(rows).to_arrow()
+    gate = np.zeros(rows, dtype=bool)
+    gate[np.asarray(flagged["id"].to_numpy(), dtype=np.int64)] = True
+    return gate
+
+
+def lance_vectors(table, c0: int, c1: int) -> np.ndarray:
+    """Rows c0:c1 of a LanceDB table's vectors (float32), in id order."""
+    found = table.search().where(f"id >= {int(c0)} AND id < {int(c1)}").select(["id", "vector"]).limit(c1 - c0) \
+        .to_arrow()
+    ids = np.asarray(found["id"].to_numpy(), dtype=np.int64)
+    vectors = found["vector"].combine_chunks()
+    block = np.asarray(vectors.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ids), -1)
+    out = np.empty((c1 - c0, block.shape[1]), dtype=np.float32)
+    out[ids - c0] = block
+    return out
+
+
+def lance_search(table, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """LanceDB's own search with its dot metric (its _distance is 1 − ⟨x, y⟩): (⟨x, y⟩, ids), −1 where
+    it returned fewer than k."""
+    values = np.full((len(x), k), -np.inf)
+    ids = np.full((len(x), k), -1, dtype=np.int64)
+    for a in range(0, len(x), LANCE_BATCH):
+        part = x[a:a + LANCE_BATCH]
+        try:
+            found = (table.search([row for row in part]).distance_type("dot").limit(k)
+                     .select(["id", "_distance"]).to_arrow())
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise RuntimeFailure(f"LanceDB search failed: {one_line(exc)}") from None
+        query = (np.asarray(found["query_index"].to_numpy(), dtype=np.int64) if "query_index" in found.column_names
+                 else np.zeros(found.num_rows, dtype=np.int64))
+        item = np.asarray(found["id"].to_numpy(), dtype=np.int64)
+        dot = 1.0 - np.asarray(found["_distance"].to_numpy(), dtype=np.float64)
+        order = np.lexsort((item, -dot, query))
+        query, item, dot = query[order], item[order], dot[order]
+        slot = np.arange(query.size) - np.searchsorted(query, query)
+        keep = slot < k
+        values[a + query[keep], slot[keep]] = dot[keep]
+        ids[a + query[keep], slot[keep]] = item[keep]
+    return values, ids
+
+
+def check_storage(storage: str, index_type: str) -> None:
+    if storage not in STORAGES:
+        raise UsageError(f"{param('format')} {storage!r}: choose one of {', '.join(STORAGES)}")
+    if index_type not in INDEX_TYPES:
+        raise UsageError(f"{param('index_type')} {index_type!r}: choose one of {', '.join(INDEX_TYPES)}")
+    if index_type != "flat" and storage != "faiss":
+        raise UsageError(f"{param('index_type')} {index_type}: approximate indexes are built with "
+                         f"{param('format=faiss')}")
