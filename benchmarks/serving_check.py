@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"data {D}; work in {work}", flush=True)
         cli("probe", "--bank", f"{D}::/train_queries", "--gallery", gallery, "--gallery-bank", f"{D}::/train_gallery",
-            "--beta", 20, "--k", 1, "-o", probe, "--force", "--quiet")
+            "--beta", 20, "--k", 1, "--sinkhorn", "-o", probe, "--force", "--quiet")  # sinkhorn: sn and dbsn
         failures = []
         print(f"{'method':9s} {'store':8s} {'differing rows':>15s} {'near-ties':>10s} {'worst gap':>10s} "
               f"{'bound':>10s} {'R@1 normalise':>14s} {'R@1 search':>11s}", flush=True)
