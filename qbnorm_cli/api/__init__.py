@@ -5,6 +5,7 @@ from qbnorm_cli.api.files import build_bank, convert
 from qbnorm_cli.api.normalising import Written, normalise
 from qbnorm_cli.api.probing import probe
 from qbnorm_cli.api.tuning import load_params, tune
+from qbnorm_cli.streaming.cluster import Cluster
 
-__all__ = ["Written", "build_bank", "convert", "evaluate", "evaluation_report", "hubness", "hubness_report",
+__all__ = ["Cluster", "Written", "build_bank", "convert", "evaluate", "evaluation_report", "hubness", "hubness_report",
            "load_params", "normalise", "probe", "tune"]

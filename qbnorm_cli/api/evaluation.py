@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import progress_or_none, warn
+from qbnorm_cli.api.common import clustered, progress_or_none, warn
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, UsageError, param
@@ -19,6 +19,7 @@ from qbnorm_cli.io.hdf5 import check_readable, open_h5, read_attrs
 from qbnorm_cli.io.probefile import Probe
 from qbnorm_cli.io.scorefiles import ScoreFile, open_scores
 from qbnorm_cli.io.specs import split_spec
+from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming import evaluation
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget, spans
 
@@ -45,7 +46,7 @@ def display_names(labels: list[tuple[str | None, str | None]], fallback: str = "
 
 # --- evaluate ------------------------------------------------------------------------------------
 
-def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budget: Budget, progress):
+def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budget: Budget, progress, session=None):
     n_queries = sources[0].rows
     for s in sources[1:]:
         if s.rows != n_queries:
@@ -62,7 +63,10 @@ def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budge
     results = []
     with progress_or_none(progress)("evaluate", len(sources) * n_queries, unit="queries") as advance:
         for source in sources:
-            rank, censored = evaluation.ranks(source, relevant, budget, advance)
+            if session is None:
+                rank, censored = evaluation.ranks(source, relevant, budget, advance)
+            else:
+                rank, censored = clustering.ranks(session, source, relevant, budget, advance)
             summary = metrics.summarise(rank[mask], censored[mask])
             results.append({
                 "input": source.label, "kind": "ranking" if source.is_ranking else "similarity",
@@ -74,13 +78,14 @@ def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budge
 
 
 def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask=None, memory=DEFAULT_MEMORY,
-             block_rows: int | None = None, progress=None):
+             block_rows: int | None = None, progress=None, cluster=None):
     """Recall@K, median and mean rank and GeomR of dense scores (rows = queries) or a ranking.
 
     scores: a (Q, G) array, a `Ranking`, or a similarity or ranking file (`PATH[::/dataset]`); or a
     list of them (evaluated against one ground truth). gt: (Q,) relevant gallery indices, or
     (Q, m) with −1 padding (an array or a file); or queries_per_item N: query i ↔ item i // N.
-    query_mask: (Q,) booleans, False drops a query.
+    query_mask: (Q,) booleans, False drops a query. cluster: rank the queries on a dask cluster
+    (docs/distributed.md; the same ranks).
 
     Ranks follow the collaborative-experts / QB-Norm protocol (core/metrics.py, ties averaged).
     From a ranking only the top N is known: figures that need ranks beyond it are None, never
@@ -92,7 +97,8 @@ def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask
     if not values:
         raise UsageError(f"{param('scores')}: give at least one input")
     sources = [open_scores(v, f"scores[{i}]" if _many(scores) else "scores") for i, v in enumerate(values)]
-    results, _, _ = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress)
+    with clustered(cluster) as session:
+        results, _, _ = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress, session)
     for record in results:
         record["protocol"] = metrics.PROTOCOL
     return results if _many(scores) else results[0]
@@ -101,11 +107,11 @@ def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask
 def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None = None, query_mask=None,
                       gates: Sequence[tuple[str, float]] = (), memory=DEFAULT_MEMORY, block_rows: int | None = None,
                       output=None, force: bool = False, progress=None, provenance: str | None = None,
-                      described: dict | None = None) -> dict:
+                      described: dict | None = None, cluster=None) -> dict:
     """`evaluate` of several inputs as one document: each input's figures under its display name,
     the difference last − first, the quality gates (metric, threshold) checked, and with `output`
     the per-query ranks written to an evaluation file. `described` holds how the ground truth and
-    mask were given (recorded as such)."""
+    mask were given (recorded as such). With `cluster`, document["cluster"] reports the run."""
     budget = make_budget(memory, block_rows)
     sources = [open_scores(v, f"scores[{i}]") for i, v in enumerate(scores)]
     names = display_names([(s.scores.path, None if s.is_ranking else s.scores.dataset) for s in sources])
@@ -117,7 +123,8 @@ def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None
     if output is not None:
         records = [i for s in sources for i in s.inputs]
         out = OutputFile(str(output), "evaluation", force=force, params=params, inputs=records, provenance=provenance)
-    results, mask, extra_inputs = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress)
+    with clustered(cluster) as session:
+        results, mask, extra_inputs = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress, session)
     if out is not None:
         out.inputs += [i.describe() for i in extra_inputs]
     n_queries = len(mask)
@@ -133,6 +140,8 @@ def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None
     }
     if difference is not None:
         document["difference"] = {"of": f"{names[-1]} − {names[0]}", "metrics": difference}
+    if session is not None:
+        document["cluster"] = session.report()
     if gates:
         document["gates"] = checks
         document["passed"] = not failures
@@ -176,7 +185,7 @@ class _ProbeSubject:
             raise UsageError(f"{param('k')} {kmax}: {self.label} keeps the top {width} items per bank query (kmax); "
                              f"probe again with {param('k')} {kmax}")
 
-    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance) -> np.ndarray:
+    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance, session=None) -> np.ndarray:
         q = self.n_queries
         out = np.empty((q, kmax), dtype=np.int64)
         step = budget.rows(self.neighbors.shape[1] * 16, share=0.5, total=q)
@@ -215,7 +224,9 @@ class _ScoreSubject:
             if kmax > limit:
                 raise UsageError(f"{param('k')} {kmax}: larger than the {limit} candidate items of {self.label}")
 
-    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance) -> np.ndarray:
+    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance, session=None) -> np.ndarray:
+        if session is not None:
+            return clustering.neighbours(session, self.source, kmax, exclude_self, budget, advance)
         return evaluation.neighbours(self.source, kmax, exclude_self, budget, advance)
 
 
@@ -253,14 +264,14 @@ def _ks(k) -> list[int]:
     return ks
 
 
-def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progress) -> list[dict]:
+def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progress, session=None) -> list[dict]:
     for subject in subjects:
         subject.check(max(ks), exclude_self)
     results = []
     total = sum(s.n_queries for s in subjects)
     with progress_or_none(progress)("hubness", total, unit="queries") as advance:
         for subject in subjects:
-            neigh = subject.top(max(ks), exclude_self, budget, advance)
+            neigh = subject.top(max(ks), exclude_self, budget, advance, session)
             per_k, counts = [], {}
             for value in ks:
                 nk = hub.k_occurrence(neigh, value, subject.n_gallery)
@@ -274,28 +285,31 @@ def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progr
 
 
 def hubness(scores, *, k=DEFAULT_K, exclude_self: bool = False, memory=DEFAULT_MEMORY, block_rows: int | None = None,
-            progress=None):
+            progress=None, cluster=None):
     """Hubness of retrieval results: N_k(j) counts the queries with item j among their k best.
 
     scores: a (Q, G) array, a `Ranking`, a similarity or ranking file, a `Probe` or probe file (the
     bank-side view: its bank queries' top items); or a list of them. k: one K or several.
-    exclude_self: ignore the diagonal of a square gallery × gallery matrix. Returns a dict per
+    exclude_self: ignore the diagonal of a square gallery × gallery matrix. cluster: find each
+    query's top items on a dask cluster (docs/distributed.md; the same items). Returns a dict per
     input: {"by_k": [measures at each k (core/hubness.py: skewness, Robin Hood, Gini, …)],
     "k_occurrence": {k: N_k}, …} (a list for a list).
     """
     budget = make_budget(memory, block_rows)
     values = list(scores) if _many(scores) else [scores]
     subjects = [_subject(v, f"scores[{i}]" if _many(scores) else "scores") for i, v in enumerate(values)]
-    results = _measured(subjects, _ks(k), exclude_self, budget, progress)
+    with clustered(cluster) as session:
+        results = _measured(subjects, _ks(k), exclude_self, budget, progress, session)
     return results if _many(scores) else results[0]
 
 
 def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False, memory=DEFAULT_MEMORY,
                    block_rows: int | None = None, output=None, force: bool = False, progress=None,
-                   provenance: str | None = None) -> dict:
+                   provenance: str | None = None, cluster=None) -> dict:
     """`hubness` of several inputs as one document under their display names, with `output` the
     k-occurrences written to a hubness file (`document["occurrences"]`: each input's N_k by k).
-    A probe input whose bank covers under half of the gallery is warned about."""
+    A probe input whose bank covers under half of the gallery is warned about. With `cluster`,
+    document["cluster"] reports the run."""
     budget = make_budget(memory, block_rows)
     ks = _ks(k)
     subjects = [_subject(v, f"scores[{i}]") for i, v in enumerate(scores)]
@@ -310,7 +324,8 @@ def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False,
         records += s.source.inputs if s.kind != "probe" else [{"path": s.probe.path, "dataset": None, "kind": "probe"}]
     out = OutputFile(str(output), "hubness", force=force, params=params, inputs=records, provenance=provenance) \
         if output is not None else None
-    results = _measured(subjects, ks, exclude_self, budget, progress)
+    with clustered(cluster) as session:
+        results = _measured(subjects, ks, exclude_self, budget, progress, session)
     occurrences = [r.pop("k_occurrence") for r in results]
     results = [{"name": name, **r} for name, r in zip(names, results, strict=True)]
     robust = param(f"method={registry.DEFAULT.name!r}")
@@ -320,6 +335,8 @@ def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False,
                 warn(f"{res['name']}: the top {row['k']} of the bank's queries cover only {row['coverage_pct']:.1f}% "
                      f"of the gallery (< {hub.LOW_COVERAGE_PCT:g}%); use {robust}, enlarge or re-sample the bank")
     document = {"k": ks, "exclude_self": exclude_self, "inputs": results}
+    if session is not None:
+        document["cluster"] = session.report()
     if out is not None:
         width = max(s.n_gallery for s in subjects)
         data = np.full((len(subjects), len(ks), width), -1, dtype=np.int64)

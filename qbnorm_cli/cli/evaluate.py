@@ -52,6 +52,7 @@ def command(
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="EVAL.h5", help="Write the ranks and metrics (kind evaluation).")] = None,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
+    cluster: options.Cluster = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -70,7 +71,7 @@ def command(
         document = api.evaluation_report(
             scores, gt, queries_per_item=queries_per_item, query_mask=query_mask, gates=gates, memory=memory,
             block_rows=block_rows, output=output, force=force, progress=report.progress,
-            provenance=options.provenance(ctx), described={"gt": gt, "query_mask": query_mask})
+            provenance=options.provenance(ctx), described={"gt": gt, "query_mask": query_mask}, cluster=cluster)
     failures = document.pop("failures", [])
     results = document["inputs"]
     from rich.table import Table  # on first use: see report.py
@@ -92,6 +93,7 @@ def command(
     report.table(table)
     if output is not None:
         report.info(f"wrote {output}: evaluation of {len(results)} input(s)")
+    report.cluster(document.get("cluster"))
     report.result(document)
     if failures:
         raise GateFailure("quality gate failed: " + "; ".join(failures))

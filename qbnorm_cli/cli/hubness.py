@@ -52,6 +52,7 @@ def command(
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="OUT.h5", help="Write the k-occurrences and measures (kind hubness).")] = None,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
+    cluster: options.Cluster = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -67,7 +68,7 @@ def command(
     with report.capture():
         document = api.hubness_report(scores, k=k or [DEFAULT_K], exclude_self=exclude_self,
                                       memory=memory, block_rows=block_rows, output=output, force=force,
-                                      progress=report.progress, provenance=options.provenance(ctx))
+                                      progress=report.progress, provenance=options.provenance(ctx), cluster=cluster)
     occurrences = document.pop("occurrences")
     results, ks = document["inputs"], document["k"]
     from rich.columns import Columns  # on first use: see report.py
@@ -86,6 +87,7 @@ def command(
         report.table(Columns([_histogram(res["name"], value, occurrences[i][value]) for i, res in enumerate(results)]))
     if output is not None:
         report.info(f"wrote {output}: hubness of {len(results)} input(s) at k = {', '.join(map(str, ks))}")
+    report.cluster(document.get("cluster"))
     report.result(document)
 
 

@@ -23,6 +23,11 @@ BlockRows = Annotated[int | None, typer.Option("--block-rows", min=1, metavar="R
 Similarity = Annotated[str, typer.Option("--similarity", metavar="cosine|dot",
                                          help="How embeddings are compared: cosine (rows L2-normalised) or dot.")]
 Output = Annotated[str, typer.Option("--output", "-o", metavar="OUT.h5", help="Output HDF5 file.")]
+Cluster = Annotated[str | None, typer.Option(
+    "--cluster", metavar="ADDRESS",
+    help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here), "
+         "tcp://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
+         "per worker (needs qbnorm[dask]; see docs/distributed.md).")]
 
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 

@@ -31,6 +31,7 @@ def command(
     similarity: options.Similarity = "cosine",
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
+    cluster: options.Cluster = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -57,7 +58,7 @@ def command(
             gallery_betas=gallery_beta or [methods.DEFAULT_GALLERY_BETA], topk_means=topk_mean,
             keep_sorted=keep_sorted, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims, similarity=similarity,
             memory=memory, block_rows=block_rows, output=output, force=force, progress=report.progress,
-            provenance=options.provenance(ctx))
+            provenance=options.provenance(ctx), cluster=cluster)
         if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
             if (warning := tuned_on_warning(params_file, tuned, result.inputs[1:2])) is not None:
                 report.warn(warning)
@@ -68,11 +69,13 @@ def command(
         f"activation set (k={diag['k']}) covers {100 * diag['coverage']:.1f}% of the gallery; bank-side k-occurrence "
         f"skewness {diag['occurrence_skewness']:.2f}; bank scores {scale.describe(stats)}"
     )
+    report.cluster(result.cluster)
     report.result({
         "output": output, "kind": "probe", "uuid": result.uuid, "bank_rows": result.n_bank,
         "gallery_rows": result.n_gallery, "betas": result.betas(), "k": result.params["k"],
         "topk_mean": result.params["topk_mean"], "coverage": diag["coverage"],
         "occurrence_skewness": diag["occurrence_skewness"], "scores": stats.as_dict(),
         "score_scale": result.attrs["score_scale"], "gallery_bank_rows": int(result.attrs["gallery_bank_rows"]),
+        **({"cluster": result.cluster} if result.cluster else {}),
     })
     result.close()

@@ -16,12 +16,17 @@ from contextlib import contextmanager
 _POOL: ThreadPoolExecutor | None = None
 
 
+THREADS_VARIABLE = "QBNORM_THREADS"  # at most this many threads (a cluster's workers sharing a machine)
+
+
 def workers() -> int:
-    """Cores this process may run on."""
+    """Cores this process may run on (at most $QBNORM_THREADS when that is set)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    limit = os.environ.get(THREADS_VARIABLE, "")
+    return min(cores, int(limit)) if limit.isdigit() and int(limit) > 0 else cores
 
 
 def pool() -> ThreadPoolExecutor:
@@ -65,10 +70,13 @@ def run_tasks(fn: Callable, items: Iterable) -> Iterator:
 PARALLEL_MIN_ITEMS = 1 << 18
 
 
-def start_row_chunks(n_rows: int, n_items: int, fn):
+def start_row_chunks(n_rows: int, n_items: int, fn, count: int | None = None):
     """Start fn(r0, r1) over row chunks, on all cores when the work is large; returns a function
-    that waits for the results (in order). The caller may work meanwhile."""
-    count = workers()
+    that waits for the results (in order). The caller may work meanwhile.
+
+    The chunks are cut for `count` cores (default: this process's): results summed chunk by
+    chunk depend on it, so a cluster's task cuts them for the client's cores, whatever its own."""
+    count = workers() if count is None else count
     if count == 1 or n_items < PARALLEL_MIN_ITEMS or n_rows < 2 * count:
         done = [fn(0, n_rows)]
         return lambda: done
