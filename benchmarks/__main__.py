@@ -11,6 +11,9 @@ Comparisons (NAME):
   memory    target 3: peak memory of probe and of normalise (top-100) as the gallery grows
   scaling   target 4: time against queries × gallery and bank × gallery; a larger bank costs
             normalise nothing
+  cluster   issue 19: `normalise --method dis --top-k 100` and `probe` with --cluster local:2 (a
+            LocalCluster of two worker processes) against the same commands run locally; checks
+            that the outputs are identical
 
 Sizes: default = the issue's shapes for matmul and official, the mid size for memory (10k ×
 250k → 1M); --quick finishes in under a minute; --full adds memory at 100k × 1M (long: about 1e14
@@ -62,10 +65,14 @@ SIZES = {
                 "quick": (128, 20000, (1000, 4000), 1000, (10000, 40000), (1000, 8000)),
                 "default": (512, 50000, (2000, 8000), 2000, (25000, 100000), (2000, 16000)),
                 "full": (512, 50000, (2000, 4000, 8000), 2000, (25000, 50000, 100000), (2000, 8000, 32000))},
+    # cluster: queries, gallery, dim, bank (as matmul)
+    "cluster": {"tiny": (200, 3000, 64, 200), "quick": (2000, 40000, 512, 1000),
+                "default": (10000, 100000, 512, 2000), "full": (10000, 100000, 512, 2000)},
 }
 # repeats of each timed pair (scaling: best of); quick stays under a minute on 2 cores
-REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1},
-           "default": {"matmul": 3, "official": 3, "scaling": 2}, "full": {"matmul": 5, "official": 5, "scaling": 3}}
+REPEATS = {"tiny": {}, "quick": {"matmul": 3, "official": 2, "scaling": 1, "cluster": 2},
+           "default": {"matmul": 3, "official": 3, "scaling": 2, "cluster": 3},
+           "full": {"matmul": 5, "official": 5, "scaling": 3, "cluster": 5}}
 
 
 @dataclass
@@ -359,6 +366,58 @@ class Bench:
                  "normalise reads only the probe's O(gallery) vectors)")
         self.results["scaling"] = {"lines": lines, "bank_small_s": t_small, "bank_large_s": t_large}
 
+    # -- issue 19 ------------------------------------------------------------------------------
+    def cluster(self) -> None:
+        nq, ng, dim, nb = SIZES["cluster"][self.mode]
+        self.say(f"== cluster (issue 19): --cluster local:2 against the local run; normalise --method dis --top-k 100, "
+                 f"{nq:,} queries × {ng:,} gallery × {dim}; probe with a bank of {nb:,}")
+        q, g, b = (self.path(f"cl_{x}") for x in ("queries.h5", "gallery.h5", "bank.h5"))
+        data.write_embeddings(g, ng, dim, seed=11)
+        data.write_embeddings(q, nq, dim, seed=11, queries_of=ng, noise_seed=1)
+        data.write_embeddings(b, nb, dim, seed=11, queries_of=ng, noise_seed=2)
+        probe = self.path("cl_probe.h5")
+        startup = min(run([*QBNORM, "--version"]).seconds for _ in range(1 if self.mode == "tiny" else 3))
+
+        def normalise(out, *cluster):
+            return lambda: run(qbnorm("normalise", "--queries", q, "--gallery", g, "--probe", probe, "--method", "dis",
+                                      "--top-k", 100, "-o", self.path(out), *cluster))
+
+        def probing(out, *cluster):
+            return lambda: run(qbnorm("probe", "--bank", b, "--gallery", g, "-o", self.path(out), *cluster))
+
+        rows = {}
+        for name, local, clustered in (
+                ("probe", probing("cl_probe.h5"), probing("cl_probe_cluster.h5", "--cluster", "local:2")),
+                ("normalise", normalise("cl_top.h5"), normalise("cl_top_cluster.h5", "--cluster", "local:2"))):
+            pairs = interleaved(self.repeats_of("cluster") if name == "normalise" else 1, clustered, local)
+            rows[name] = pairs
+            t_cluster = statistics.median(a.seconds for a, _ in pairs)
+            t_local = statistics.median(b.seconds for _, b in pairs)
+            self.say(f"   {name:9s} local {fmt_s(t_local)}   local:2 {fmt_s(t_cluster)}   "
+                     f"ratio {median_ratio(pairs):.2f}   (whole processes, cluster start and stop included)")
+            self.say(f"      per repeat (local:2 / local): {per_repeat(pairs)}")
+        ratio = median_ratio(rows["normalise"])
+        self.say(f"   normalise ratio local:2 / local: {ratio:.2f} (aim ≤ 1.3 on 2 cores, where no speed-up is "
+                 f"possible: {'met' if ratio <= 1.3 else 'NOT met'}); process start-up {startup:.2f} s")
+        same = all(same_datasets(self.path(a), self.path(b)) for a, b in
+                   (("cl_probe.h5", "cl_probe_cluster.h5"), ("cl_top.h5", "cl_top_cluster.h5")))
+        self.say(f"   outputs: {'identical datasets' if same else 'DIFFERENT'}")
+        self.results["cluster"] = {
+            "ratio": ratio, "probe_ratio": median_ratio(rows["probe"]), "identical": same, "startup_s": startup,
+            **{f"{name}_{side}_s": statistics.median(p[i].seconds for p in pairs)
+               for name, pairs in rows.items() for i, side in ((1, "local"), (0, "cluster"))}}
+
+
+def same_datasets(a: str, b: str) -> bool:
+    """Every dataset of two HDF5 files equal byte for byte (values, dtype, shape)."""
+    def read(path):
+        found = {}
+        with h5py.File(path, "r") as h5:
+            h5.visititems(lambda name, obj: found.__setitem__(name, (obj.dtype.str, obj.shape, obj[()].tobytes()))
+                          if isinstance(obj, h5py.Dataset) else None)
+        return found
+    return read(a) == read(b)
+
 
 def compare_rankings(ours_path: str, dense_path: str, top: int = 10) -> str:
     """Top-`top` rankings of every row, qbnorm's log-domain scores against the exp-domain ones."""
@@ -391,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_const", dest="mode", const="quick", help="under a minute")
     size.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="the full target-3 size (100k × 1M: hours on 2 cores)")
-    parser.add_argument("--only", default="matmul,official,memory,scaling", help="comma-separated comparisons")
+    parser.add_argument("--only", default="matmul,official,memory,scaling,cluster", help="comma-separated comparisons")
     parser.add_argument("--repeat", type=int, default=None, help="repeats per timed pair (default: by mode)")
     parser.add_argument("--keep", metavar="DIR", help="generate into DIR and keep it")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -45,6 +45,12 @@ def test_scaling(tmp_path):
     assert len(results["scaling"]["lines"]) == 6
 
 
+def test_cluster(tmp_path):
+    text, results = runner(tmp_path, "cluster")
+    assert "ratio local:2 / local" in text and "identical datasets" in text
+    assert results["cluster"]["identical"] and results["cluster"]["normalise_cluster_s"] > 0
+
+
 def test_unknown_comparison_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", "nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

@@ -95,7 +95,7 @@ def _import_distributed():
 
 def _local_workers(text: str) -> int:
     if text == "local":
-        return parallel.workers()
+        return parallel.cores()
     count = text.partition(":")[2]
     if not count.isdigit() or int(count) < 1:
         raise UsageError(f"{param('cluster')} {text!r}: expected local:N with N ≥ 1 worker processes")
@@ -124,11 +124,16 @@ def _start(spec: Cluster):
     timeout = _timeout(spec)
     if text == "local" or text.startswith("local:"):
         n = _local_workers(text)
-        threads = max(1, parallel.workers() // n)  # each worker's share of this machine's cores
+        threads = max(1, parallel.cores() // n)  # each worker's share of this machine's cores
+        import dask.config
+
         try:
-            local = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, silence_logs=logging.ERROR,
-                                             env={parallel.THREADS_VARIABLE: str(threads)})
+            # dask sets MALLOC_TRIM_THRESHOLD_ for its workers, which also turns off glibc's growing
+            # mmap threshold: every large temporary would then be fresh pages, faulted in anew
+            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+                local = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                 dashboard_address=None, silence_logs=logging.ERROR,
+                                                 env={parallel.THREADS_VARIABLE: str(threads)})
         except Exception as exc:
             raise RuntimeFailure(f"{param('cluster')} {text}: cannot start a local cluster ({one_line(exc)})") from None
         try:
@@ -176,6 +181,7 @@ class Session:
         nthreads = client.nthreads()
         self.workers = len(nthreads)
         self.threads = max(1, sum(nthreads.values()))
+        self.addresses = [address for address, count in sorted(nthreads.items()) for _ in range(count)]
         # the client's cores and BLAS threads: the tasks cut their sums and products for them
         self.client_threads = parallel.workers()
         self.blas, self.kernels = _blas()
@@ -233,9 +239,12 @@ class Session:
         try:
             while delivered < len(tasks):
                 while submitted < len(tasks) and submitted - delivered < window:
+                    # spread over the workers (the scheduler would keep them beside the data they
+                    # share), still free to move: a lost worker's tasks go elsewhere
                     future = self.client.submit(
-                        _task, kind, submitted, self.before_task, self.blas, fn, *shared, tasks[submitted],
-                        key=f"qbnorm-{kind}-{self.token}-{self.tasks + submitted}", pure=False)
+                        _task, kind, submitted, self.before_task, (self.client_threads, self.blas), fn, *shared,
+                        tasks[submitted], key=f"qbnorm-{kind}-{self.token}-{self.tasks + submitted}", pure=False,
+                        workers=[self.addresses[submitted % len(self.addresses)]], allow_other_workers=True)
                     self.bytes_sent += _nbytes(tasks[submitted])
                     futures[future.key] = submitted
                     live.append(future)
@@ -318,14 +327,17 @@ def _identity(value):
     return value
 
 
-def _task(kind: str, number: int, before_task, blas: int, fn: Callable, *args):
-    """Run one task: the hook, BLAS on the client's thread count, the bytes it read."""
+def _task(kind: str, number: int, before_task, machine: tuple[int, int], fn: Callable, *args):
+    """Run one task as the client's machine would run its part: its work cut for the client's
+    cores, BLAS on the client's threads (`machine`), whatever this worker's own (they do the work);
+    returns the result, the bytes read from the inputs and this worker's BLAS kernels."""
     if before_task is not None:
         before_task(kind, number)
     from threadpoolctl import threadpool_limits
 
+    threads, blas = machine
     start = _READ[0]
-    with threadpool_limits(limits=blas, user_api="blas"):
+    with parallel.planned_for(threads), threadpool_limits(limits=blas, user_api="blas"):
         result = fn(*args)
     return result, _READ[0] - start, _worker_kernels()
 
@@ -550,7 +562,7 @@ def _probe_task(spec: dict, recipes: list, window: tuple[int, int]) -> dict:
         acc = BankAccumulator(shape["n_rows"], c1 - c0, np.asarray(shape["betas"]), shape["kmax"],
                               tuple(shape["topk_ks"]), shape["keep_sorted"])
         totals: list[tuple[float, float]] = []
-        chunks = functools.partial(_recorded_chunks, totals, spec["threads"])
+        chunks = functools.partial(_recorded_chunks, totals)
 
         def on_sorted(_, a, b, block, number=number):
             if number == 0:
@@ -569,10 +581,10 @@ def _probe_task(spec: dict, recipes: list, window: tuple[int, int]) -> dict:
     return out
 
 
-def _recorded_chunks(totals: list, count: int, n_rows: int, n_items: int, fn):
-    """parallel.start_row_chunks cut for the client's cores, noting each chunk's score sums in
+def _recorded_chunks(totals: list, n_rows: int, n_items: int, fn):
+    """parallel.start_row_chunks (cut for the client's cores), noting each chunk's score sums in
     order: the client adds them to its running totals as the local pass would."""
-    wait = parallel.start_row_chunks(n_rows, n_items, fn, count=count)
+    wait = parallel.start_row_chunks(n_rows, n_items, fn)
 
     def results():
         done = wait()
@@ -589,7 +601,7 @@ def run_probe(session: Session, banks: list[tuple[object, BankAccumulator]], n_g
     blocks = list(spans(n_gallery, width))
     shared_data: dict = {}
     recipes = [_recipe(session, scores, shared_data) for scores, _ in banks]
-    spec = {"budget": budget, "width": width, "threads": session.client_threads,
+    spec = {"budget": budget, "width": width,
             "banks": [{"n_rows": acc.n_rows, "betas": acc.betas.tolist(), "kmax": acc.kmax,
                        "topk_ks": list(acc.topk_ks), "keep_sorted": acc.keep_sorted} for _, acc in banks]}
     windows = [(g[0][0], g[-1][1]) for g in _groups(blocks, session.target_tasks(len(blocks)))]
@@ -634,9 +646,14 @@ def _dense_task(spec: dict, recipe: dict, shipped: dict, ranges: list[tuple[int,
 def _rank_task(spec: dict, recipe: dict, shipped: dict, ranges: list[tuple[int, int]]) -> list:
     norm = _normaliser(shipped)
     out = []
+    plan = spec["plan"]
     with _held(recipe, spec["budget"]) as scores:
         for q0, q1 in ranges:
-            values, indices, gated = ranking.rank_rows(scores, norm, spec["plan"], q0, q1)
+            # BLAS on one thread or several, as the whole super-block's tiles decide it
+            start = q0 - (q0 % plan.super_rows)
+            tiles = math.ceil((min(start + plan.super_rows, scores.n_rows) - start) / plan.geom.rows)
+            values, indices, gated = ranking.rank_rows(scores, norm, plan, q0, q1,
+                                                       threaded=parallel.threads_for(tiles))
             out.append((q0, values, indices.astype(spec["index_dtype"]), gated))
     return out
 

@@ -464,7 +464,7 @@ def list_lengths(norm: Normaliser, top_k: int) -> tuple[int, int]:
 
 def rank_block(scores: ScoreSource, norm: Normaliser, lists: Lists, c0: int, c1: int, q0: int, geom: Geometry,
                progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
-               trace: Trace | None = None) -> None:
+               trace: Trace | None = None, threaded: bool | None = None) -> None:
     """Fold gallery columns c0:c1 into `lists` (query rows q0: of the scores), row tile by row
     tile on all cores, each tile recomputing the few rows whose thresholds were too high."""
     ordered = scores.sub_columns and norm.affine
@@ -473,7 +473,7 @@ def rank_block(scores: ScoreSource, norm: Normaliser, lists: Lists, c0: int, c1:
         scores.prepare_columns(c0, c1, block.order)
     run = _Run(scores, norm, lists, block, q0, geom, tiling, trace if trace is not None else Trace())
     spans_ = list(spans(lists.raw[0].shape[0], geom.rows))
-    for done in parallel.run_tasks(lambda span: _row_tile(run, *span), spans_):
+    for done in parallel.run_tasks(lambda span: _row_tile(run, *span), spans_, threaded):
         if progress:
             progress(done)
 
@@ -526,13 +526,14 @@ def ranking_plan(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: i
 
 def rank_rows(scores: ScoreSource, norm: Normaliser, plan: Plan, q0: int, q1: int,
               progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
-              trace: Trace | None = None) -> tuple:
+              trace: Trace | None = None, threaded: bool | None = None) -> tuple:
     """(values, indices, normalised) of query rows q0:q1 over the whole gallery. With q0 a
-    multiple of plan.geom.rows into a super-block, the product tiles are the super-block's own:
-    rows cut this way give the same lists as the whole super-block."""
+    multiple of plan.geom.rows into a super-block, and `threaded` as the super-block's tiles
+    decide it (parallel.threads_for), the products are the super-block's own: rows cut this way
+    give the same lists as the whole super-block."""
     lists = Lists(q1 - q0, plan.raw_k, plan.norm_k)
     for c0, c1 in spans(scores.n_cols, plan.geom.block_columns):
-        rank_block(scores, norm, lists, c0, c1, q0, plan.geom, progress, tiling, trace)
+        rank_block(scores, norm, lists, c0, c1, q0, plan.geom, progress, tiling, trace, threaded)
     return finish(lists, norm, plan.top_k)
 
 
