@@ -35,6 +35,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import threading
 import time
 import uuid
@@ -127,19 +128,23 @@ def _start(spec: Cluster):
         threads = max(1, parallel.cores() // n)  # each worker's share of this machine's cores
         import dask.config
 
+        local = None
         try:
             # dask sets MALLOC_TRIM_THRESHOLD_ for its workers, which also turns off glibc's growing
             # mmap threshold: every large temporary would then be fresh pages, faulted in anew
-            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+                    interrupts_held():
+                _start_resource_tracker()
                 local = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                                  dashboard_address=None, silence_logs=logging.ERROR,
-                                                 env={parallel.THREADS_VARIABLE: str(threads)})
-        except Exception as exc:
-            raise RuntimeFailure(f"{param('cluster')} {text}: cannot start a local cluster ({one_line(exc)})") from None
-        try:
+                                                 env={parallel.THREADS_VARIABLE: str(threads)},
+                                                 preload=[__name__])  # dask_setup below
             return distributed.Client(local, set_as_default=False), local, text
+        except Exception as exc:
+            _close_local(local)
+            raise RuntimeFailure(f"{param('cluster')} {text}: cannot start a local cluster ({one_line(exc)})") from None
         except BaseException:
-            local.close()
+            _close_local(local)
             raise
     if "://" in text:
         where = {"address": text}
@@ -159,6 +164,70 @@ def _start(spec: Cluster):
         client.close()
         raise RuntimeFailure(f"{param('cluster')} {text}: the scheduler has no worker (waited {timeout:g} s)") from None
     return client, None, text
+
+
+TERMINATING = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def interrupts_held(discard: bool = False):
+    """Ctrl-C, SIGTERM and SIGHUP held back while a LocalCluster starts or stops, delivered at the
+    end: an interrupt then never lands between a cluster's start and the moment it is known to be
+    closed. discard: the run is complete (its output in place), so one that came meanwhile is
+    dropped, as the program drops those after its output is complete (startup.ignore_late_signals)."""
+    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    if held:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(TERMINATING))
+    try:
+        yield
+    finally:
+        if held:
+            pending = set(signal.sigpending()) & set(TERMINATING) if discard else set()
+            handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in pending}  # drops them
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+
+def _start_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started with SIGHUP ignored (it ignores SIGINT and
+    SIGTERM itself): a lost terminal would end it, and the named semaphores of the workers with it
+    (a worker restarted then fails to start)."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return
+    from multiprocessing import resource_tracker
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())  # ensure_running unblocks SIGINT and SIGTERM
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited across exec, unlike a handler
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _close_local(local, done: bool = False) -> None:
+    """Stop a LocalCluster. One that does not stop cleanly (a worker dying or restarting
+    meanwhile) has its worker processes ended: none outlives the run, and dask's own close at
+    exit finds nothing left to do. done: the run is complete (interrupts_held)."""
+    if local is None:
+        return
+    from distributed.core import Status
+
+    with interrupts_held(discard=done):
+        try:
+            local.close(timeout=10)
+        except Exception:
+            pass
+        if local.status != Status.closed:
+            for nanny in list(local.workers.values()):
+                pid = getattr(getattr(nanny, "process", None), "pid", None)
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            local.status = Status.closed
 
 
 def _blas() -> tuple[int, str]:
@@ -310,12 +379,22 @@ def connect(cluster) -> Iterator[Session]:
                 client.run(clear_cache)  # a long-lived cluster keeps nothing of this run
         finally:
             if owned:
-                client.close()
-            if local is not None:
-                local.close()
+                with interrupts_held(discard=clean):
+                    client.close()
+            _close_local(local, done=clean)
 
 
 # --- on the worker --------------------------------------------------------------------------------
+
+def dask_setup(worker) -> None:
+    """A LocalCluster's workers (preload): Ctrl-C on a terminal reaches every process of its group,
+    but the client alone ends the run (it cancels the tasks and closes the cluster). Workers of
+    the `qbnorm` program already ignore it from their start (startup.py)."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave it
+        pass
+
 
 _READ = [0]             # bytes read from inputs by this process's tasks
 _READ_LOCK = threading.Lock()
