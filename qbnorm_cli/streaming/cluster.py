@@ -207,26 +207,33 @@ def _start_resource_tracker() -> None:
 
 
 def _close_local(local, done: bool = False) -> None:
-    """Stop a LocalCluster. One that does not stop cleanly (a worker dying or restarting
-    meanwhile) has its worker processes ended: none outlives the run, and dask's own close at
-    exit finds nothing left to do. done: the run is complete (interrupts_held)."""
+    """Stop a LocalCluster: its worker processes ended, then the rest closed; none outlives the
+    run, and dask's own close at exit finds nothing left to do. done: the run is complete
+    (interrupts_held)."""
     if local is None:
         return
     from distributed.core import Status
 
+    def end_workers():
+        for nanny in list(local.workers.values()):
+            nanny.auto_restart = False
+            pid = getattr(getattr(nanny, "process", None), "pid", None)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
     with interrupts_held(discard=done):
+        # the workers hold nothing the run needs now: ending them first stops the cluster in a
+        # tenth of the time their own orderly close takes (0.06 s against 0.4 s here)
+        end_workers()
         try:
             local.close(timeout=10)
         except Exception:
             pass
         if local.status != Status.closed:
-            for nanny in list(local.workers.values()):
-                pid = getattr(getattr(nanny, "process", None), "pid", None)
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+            end_workers()
             local.status = Status.closed
 
 
@@ -753,7 +760,11 @@ def run_normalise(session: Session, scores, norm: Normaliser, budget: Budget, to
                  for a, b in spans(q1 - q0, plan.geom.rows)]
         index_dtype = np.int32 if n_cols < 2**31 else np.int64
         fn, spec = _rank_task, {"budget": budget, "plan": plan, "index_dtype": index_dtype}
-    tasks = [_joined(g) for g in _groups(units, session.target_tasks(len(units)))]
+    count = session.target_tasks(len(units))
+    if top_k is not None and plan.geom.block_columns < n_cols:
+        # the gallery is read block by block for every task: as few tasks as keep every worker busy
+        count = min(count, max(session.threads, len(list(spans(n_rows, plan.super_rows)))))
+    tasks = [_joined(g) for g in _groups(units, count)]
     if top_k is not None:  # a range may not cross a super-block: its tiles would shift
         starts = {q0 for q0, _ in spans(n_rows, plan.super_rows)}
         tasks = [_split_at(ranges, starts) for ranges in tasks]
