@@ -263,6 +263,7 @@ class Session:
         self.blas, self.kernels = _blas()
         self.worker_kernels: set[str] = set()
         self.tasks = 0
+        self.submitted = 0
         self.bytes_sent = 0
         self.bytes_returned = 0
         self.bytes_read = 0
@@ -311,7 +312,7 @@ class Session:
         waiting = as_completed(loop=self.client.loop)
         window = max(2, IN_FLIGHT_PER_THREAD * self.threads)
         submitted = delivered = 0
-        live = []
+        live: dict[int, object] = {}  # not yet delivered: a delivered future is let go (its result with it)
         try:
             while delivered < len(tasks):
                 while submitted < len(tasks) and submitted - delivered < window:
@@ -319,11 +320,12 @@ class Session:
                     # share), still free to move: a lost worker's tasks go elsewhere
                     future = self.client.submit(
                         _task, kind, submitted, self.before_task, (self.client_threads, self.blas), fn, *shared,
-                        tasks[submitted], key=f"qbnorm-{kind}-{self.token}-{self.tasks + submitted}", pure=False,
+                        tasks[submitted], key=f"qbnorm-{kind}-{self.token}-{self.submitted}", pure=False,
                         workers=[self.addresses[submitted % len(self.addresses)]], allow_other_workers=True)
+                    self.submitted += 1
                     self.bytes_sent += _nbytes(tasks[submitted])
                     futures[future.key] = submitted
-                    live.append(future)
+                    live[submitted] = future
                     waiting.add(future)
                     submitted += 1
                 future = next(waiting)
@@ -334,10 +336,14 @@ class Session:
                         raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was lost with its "
                                              f"worker too often ({one_line(error)})") from None
                     raise error
+                if future.status != "finished":
+                    raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was {future.status} on "
+                                         "the cluster (was it restarted, or its data lost?)")
                 finished[number] = future
                 if progress:
                     progress(work[number])
                 while delivered in finished:
+                    del live[delivered]
                     result, read, kernels = finished.pop(delivered).result()
                     self.bytes_returned += _nbytes(result)
                     self.bytes_read += read
@@ -346,7 +352,7 @@ class Session:
                     yield result
         finally:
             self.tasks += delivered
-            pending = [f for f in live if not f.done()]
+            pending = [f for f in live.values() if not f.done()]
             if pending:
                 self.client.cancel(pending, force=True)
             finished.clear()
