@@ -32,7 +32,6 @@ cluster is asked for.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import signal
@@ -126,6 +125,8 @@ def _start(spec: Cluster):
     if text == "local" or text.startswith("local:"):
         n = _local_workers(text)
         threads = max(1, parallel.cores() // n)  # each worker's share of this machine's cores
+        import logging
+
         import dask.config
 
         local = None
