@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         import distributed
 
         import qbnorm_cli
+        from qbnorm_cli.streaming.cluster import local_cluster
 
-        local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                         env={"QBNORM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))})
+        local = local_cluster(2)  # as --cluster local:2 starts it
         with distributed.Client(local, set_as_default=False) as client:
             markers = work / "killed"
             markers.mkdir(exist_ok=True)

@@ -29,6 +29,7 @@ from helpers import KillWorkerOnce, RemoveFile, leftovers, wait_for_file
 
 import qbnorm_cli
 from qbnorm_cli.cli import main
+from qbnorm_cli.streaming.cluster import local_cluster
 
 slow = pytest.mark.slow
 D = 24
@@ -83,8 +84,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def client():
     """Two worker processes of one thread (qbnorm's threads: one each), as `--cluster local:2` starts."""
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       env={"QBNORM_THREADS": "1"})
+    cluster = local_cluster(2)
     with distributed.Client(cluster, set_as_default=False) as c:
         yield c
     cluster.close()

@@ -124,22 +124,10 @@ def _start(spec: Cluster):
     timeout = _timeout(spec)
     if text == "local" or text.startswith("local:"):
         n = _local_workers(text)
-        threads = max(1, parallel.cores() // n)  # each worker's share of this machine's cores
-        import logging
-
-        import dask.config
-
         local = None
         try:
-            # dask sets MALLOC_TRIM_THRESHOLD_ for its workers, which also turns off glibc's growing
-            # mmap threshold: every large temporary would then be fresh pages, faulted in anew
-            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
-                    interrupts_held():
-                _start_resource_tracker()
-                local = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                                 dashboard_address=None, silence_logs=logging.ERROR,
-                                                 env={parallel.THREADS_VARIABLE: str(threads)},
-                                                 preload=[__name__])  # dask_setup below
+            with interrupts_held():
+                local = local_cluster(n)
             return distributed.Client(local, set_as_default=False), local, text
         except Exception as exc:
             _close_local(local)
@@ -236,6 +224,35 @@ def _close_local(local, done: bool = False) -> None:
         if local.status != Status.closed:
             end_workers()
             local.status = Status.closed
+
+
+# dask's nanny puts these in the environment of the process that starts a worker, and leaves them
+# there: each would then reach every later child of the client (one BLAS thread, glibc's trimming)
+_NOT_FOR_WORKERS = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def local_cluster(n: int):
+    """A LocalCluster of `n` single-threaded worker processes on this machine, as `--cluster
+    local:N` starts it: each worker's qbnorm threads are its share of the cores (QBNORM_THREADS),
+    its environment is the client's (not dask's MALLOC_TRIM_THRESHOLD_, which also turns glibc's
+    growing mmap threshold off, so that every large temporary would be fresh pages, nor its one
+    BLAS thread: a task sets the client's), and the client's environment is left as it was."""
+    import logging
+
+    import dask.config
+    import distributed
+
+    threads = max(1, parallel.cores() // n)
+    before = dict(os.environ)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": None for name in _NOT_FOR_WORKERS}):
+            _start_resource_tracker()
+            return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                            silence_logs=logging.ERROR, env={parallel.THREADS_VARIABLE: str(threads)},
+                                            preload=[__name__])  # dask_setup below
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def _blas() -> tuple[int, str]:
