@@ -91,6 +91,14 @@ class KillWorkerOnce:
 
 
 @dataclass(frozen=True)
+class KillWorker:
+    """Every task kills its worker process (workers without a nanny are not restarted)."""
+
+    def __call__(self, kind: str, number: int) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
 class RemoveFile:
     """Every task first removes `path` (a worker that cannot see an input the client sees)."""
 

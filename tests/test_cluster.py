@@ -25,7 +25,7 @@ import distributed  # the qbnorm[dask] extra: `make setup` installs it, so CI ru
 import h5py
 import numpy as np
 import pytest
-from helpers import KillWorkerOnce, RemoveFile, leftovers, wait_for_file
+from helpers import KillWorker, KillWorkerOnce, RemoveFile, leftovers, wait_for_file
 
 import qbnorm_cli
 from qbnorm_cli.cli import main
@@ -410,7 +410,9 @@ def dask_processes(tmp_path):
     """`dask scheduler` and two `dask worker` processes on 127.0.0.1 (ports chosen by the system)."""
     bin_dir = Path(sys.executable).parent
     scheduler_file = tmp_path / "scheduler.json"
-    env = dict(os.environ, QBNORM_THREADS="1")
+    tests = str(Path(__file__).parent)  # the hooks (helpers.py) unpickle there too
+    env = dict(os.environ, QBNORM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p))
     procs = [subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                                "--scheduler-file", scheduler_file], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=env)]
@@ -444,6 +446,16 @@ def test_dask_scheduler_and_workers_over_tcp(data, probes, local_run, tmp_path, 
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert_same_files(local_run[0] / "probe_here.h5", tmp_path / "probe_file.h5")
+
+
+@slow
+def test_a_cluster_left_without_workers_ends_the_run(data, tmp_path, dask_processes):
+    """Every task kills its worker, and nothing restarts them: the client does not wait forever."""
+    address, _ = dask_processes
+    doomed = qbnorm_cli.Cluster(address, timeout=2, before_task=KillWorker())
+    with pytest.raises(qbnorm_cli.RuntimeFailure, match=f"^cluster {address}: the cluster has had no worker for 2 s"):
+        qbnorm_cli.probe(emb(data, "bank"), emb(data, "gallery"), output=tmp_path / "p.h5", cluster=doomed)
+    assert not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
 
 
 @slow

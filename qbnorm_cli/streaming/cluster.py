@@ -60,6 +60,8 @@ EXTRA = "pip install 'qbnorm[dask]'"
 DOCS = "docs/distributed.md"
 TASKS_PER_THREAD = 4   # tasks per worker thread, at most: balance, progress and cheap reruns
 IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead of the one the client waits for, per worker thread
+WATCH_SECONDS = 2.0    # how often a client waiting for tasks looks whether the cluster still has workers
+POLL_SECONDS = 0.01    # how often it looks for finished tasks
 CACHE_ENTRIES = 4      # score sources a worker keeps between tasks (the bank, the gallery held)
 
 
@@ -269,8 +271,9 @@ def _blas() -> tuple[int, str]:
 class Session:
     """A client connected to a cluster, and what has been run on it (`report`)."""
 
-    def __init__(self, client, local, label: str, before_task):
+    def __init__(self, client, local, label: str, before_task, patience: float = 30.0):
         self.client, self.local, self.label, self.before_task = client, local, label, before_task
+        self.patience = patience  # how long a cluster without workers is waited for (the connect timeout)
         self.started = time.perf_counter()
         nthreads = client.nthreads()
         self.workers = len(nthreads)
@@ -305,6 +308,21 @@ class Session:
             return self.client.submit(_identity, value, key=f"qbnorm-data-{self.token}-{uuid.uuid4().hex[:8]}",
                                       pure=False)
 
+    def _finished(self, kind, future, number, finished, work, progress, killed) -> None:
+        """A task done: its failure raised as one line, or its result kept for its turn."""
+        if future.status == "error":
+            error = future.exception()
+            if isinstance(error, killed):
+                raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was lost with its "
+                                     f"worker too often ({one_line(error)})") from None
+            raise error
+        if future.status != "finished":
+            raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was {future.status} on "
+                                 "the cluster (was it restarted, or its data lost?)")
+        finished[number] = future
+        if progress:
+            progress(work[number])
+
     def _kernels(self, kernels: str) -> None:
         if kernels not in self.worker_kernels:
             self.worker_kernels.add(kernels)
@@ -329,6 +347,8 @@ class Session:
         finished: dict[int, object] = {}
         waiting = as_completed(loop=self.client.loop)
         window = max(2, IN_FLIGHT_PER_THREAD * self.threads)
+        watched = time.monotonic()
+        alone_since = None  # when the cluster was last seen without a worker
         submitted = delivered = 0
         live: dict[int, object] = {}  # not yet delivered: a delivered future is let go (its result with it)
         try:
@@ -346,20 +366,20 @@ class Session:
                     live[submitted] = future
                     waiting.add(future)
                     submitted += 1
-                future = next(waiting)
-                number = futures.pop(future.key)
-                if future.status == "error":
-                    error = future.exception()
-                    if isinstance(error, KilledWorker):
-                        raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was lost with its "
-                                             f"worker too often ({one_line(error)})") from None
-                    raise error
-                if future.status != "finished":
-                    raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was {future.status} on "
-                                         "the cluster (was it restarted, or its data lost?)")
-                finished[number] = future
-                if progress:
-                    progress(work[number])
+                if not waiting.has_ready():
+                    time.sleep(POLL_SECONDS)
+                    if time.monotonic() - watched > WATCH_SECONDS:  # is anyone left to do the work?
+                        watched = time.monotonic()
+                        if self.client.nthreads():
+                            alone_since = None
+                        elif alone_since is None:
+                            alone_since = watched
+                        elif watched - alone_since > self.patience:
+                            raise RuntimeFailure(f"{param('cluster')} {self.label}: the cluster has had no worker "
+                                                 f"for {self.patience:g} s; {kind} tasks cannot run")
+                    continue
+                for future in sorted(waiting.next_batch(block=False), key=lambda f: futures[f.key]):
+                    self._finished(kind, future, futures.pop(future.key), finished, work, progress, KilledWorker)
                 while delivered in finished:
                     del live[delivered]
                     result, read, kernels = finished.pop(delivered).result()
@@ -401,7 +421,7 @@ def connect(cluster) -> Iterator[Session]:
     owned = client is not spec.address
     clean = False
     try:
-        session = Session(client, local, label, spec.before_task)
+        session = Session(client, local, label, spec.before_task, _timeout(spec))
         yield session
         clean = True
     finally:
