@@ -249,8 +249,9 @@ def local_cluster(n: int):
     try:
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": None for name in _NOT_FOR_WORKERS}):
             _start_resource_tracker()
-            return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                            silence_logs=logging.ERROR, env={parallel.THREADS_VARIABLE: str(threads)},
+            return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                            dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+                                            env={parallel.THREADS_VARIABLE: str(threads)},
                                             preload=[__name__])  # dask_setup below
     finally:
         os.environ.clear()
@@ -316,9 +317,9 @@ class Session:
                 raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was lost with its "
                                      f"worker too often ({one_line(error)})") from None
             raise error
-        if future.status != "finished":
-            raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was {future.status} on "
-                                 "the cluster (was it restarted, or its data lost?)")
+        if future.status == "cancelled":
+            raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was cancelled on the cluster "
+                                 "(was it restarted, or its data lost?)")
         finished[number] = future
         if progress:
             progress(work[number])
@@ -379,7 +380,10 @@ class Session:
                                                  f"for {self.patience:g} s; {kind} tasks cannot run")
                     continue
                 for future in sorted(waiting.next_batch(block=False), key=lambda f: futures[f.key]):
-                    self._finished(kind, future, futures.pop(future.key), finished, work, progress, KilledWorker)
+                    if future.status in ("finished", "error", "cancelled"):
+                        self._finished(kind, future, futures.pop(future.key), finished, work, progress, KilledWorker)
+                    else:  # lost with its worker meanwhile: the scheduler computes it again
+                        waiting.add(future)
                 while delivered in finished:
                     del live[delivered]
                     result, read, kernels = finished.pop(delivered).result()
