@@ -22,6 +22,9 @@ Comparisons (NAME):
   serving   `qbnorm search` on faiss exports against a plain faiss IndexFlatIP search of the same
             shapes (offset methods ≤ 1.1×, dis ≤ 1.1 × (1 + gated share)); HNSW/IVF recall and
             speed-up (benchmarks/serving.py)
+  cluster   issue 19: `normalise --method dis --top-k 100` and `probe` with --cluster local:2 (a
+            LocalCluster of two worker processes) against the same commands run locally; checks
+            that the outputs are identical
 
 Sizes: default = the issue's shapes for matmul, official and sinkhorn, the mid size for memory (10k ×
 250k → 1M); --quick finishes in under a minute; --full adds memory at 100k × 1M (long: about 1e14
@@ -81,13 +84,19 @@ SIZES = {
     "sinkhorn": {"tiny": (300, 2000, 32), "quick": (2000, 20000, 128), "default": (20000, 100000, 512),
                  "full": (20000, 100000, 512)},
     "serving": serving.SIZES,
+    # cluster: queries, gallery, dim, bank (as matmul)
+    "cluster": {"tiny": (200, 3000, 64, 200), "quick": (2000, 40000, 512, 1000),
+                "default": (10000, 100000, 512, 2000), "full": (10000, 100000, 512, 2000)},
 }
 DEFAULT_RUN = ("matmul", "official", "memory", "scaling")  # the others only on request (--only): long at full size
 # repeats of each timed pair (scaling: best of); quick stays under a minute on 2 cores
 REPEATS = {"tiny": {},
-           "quick": {"matmul": 3, "official": 2, "scaling": 1, "transpose": 1, "sinkhorn": 1, "serving": 2},
-           "default": {"matmul": 3, "official": 3, "scaling": 2, "transpose": 2, "sinkhorn": 1, "serving": 3},
-           "full": {"matmul": 5, "official": 5, "scaling": 3, "transpose": 3, "sinkhorn": 3, "serving": 5}}
+           "quick": {"matmul": 3, "official": 2, "scaling": 1, "transpose": 1, "sinkhorn": 1, "serving": 2,
+                     "cluster": 2},
+           "default": {"matmul": 3, "official": 3, "scaling": 2, "transpose": 2, "sinkhorn": 1, "serving": 3,
+                       "cluster": 3},
+           "full": {"matmul": 5, "official": 5, "scaling": 3, "transpose": 3, "sinkhorn": 3, "serving": 5,
+                    "cluster": 5}}
 TRANSPOSE_LAYOUTS = ("contiguous", "rows", "tiles")
 TRANSPOSE_MEMORY = ("1GiB", "16MiB")  # the default budget, and one that splits every read into many blocks
 
@@ -481,6 +490,58 @@ class Bench(TransposeBench):
     def serving(self) -> None:
         serving.compare(self, sys.modules[__name__])
 
+    # -- issue 19 ------------------------------------------------------------------------------
+    def cluster(self) -> None:
+        nq, ng, dim, nb = SIZES["cluster"][self.mode]
+        self.say(f"== cluster (issue 19): --cluster local:2 against the local run; normalise --method dis --top-k 100, "
+                 f"{nq:,} queries × {ng:,} gallery × {dim}; probe with a bank of {nb:,}")
+        q, g, b = (self.path(f"cl_{x}") for x in ("queries.h5", "gallery.h5", "bank.h5"))
+        data.write_embeddings(g, ng, dim, seed=11)
+        data.write_embeddings(q, nq, dim, seed=11, queries_of=ng, noise_seed=1)
+        data.write_embeddings(b, nb, dim, seed=11, queries_of=ng, noise_seed=2)
+        probe = self.path("cl_probe.h5")
+        startup = min(run([*QBNORM, "--version"]).seconds for _ in range(1 if self.mode == "tiny" else 3))
+
+        def normalise(out, *cluster):
+            return lambda: run(qbnorm("normalise", "--queries", q, "--gallery", g, "--probe", probe, "--method", "dis",
+                                      "--top-k", 100, "-o", self.path(out), *cluster))
+
+        def probing(out, *cluster):
+            return lambda: run(qbnorm("probe", "--bank", b, "--gallery", g, "-o", self.path(out), *cluster))
+
+        rows = {}
+        for name, local, clustered in (
+                ("probe", probing("cl_probe.h5"), probing("cl_probe_cluster.h5", "--cluster", "local:2")),
+                ("normalise", normalise("cl_top.h5"), normalise("cl_top_cluster.h5", "--cluster", "local:2"))):
+            pairs = interleaved(self.repeats_of("cluster") if name == "normalise" else 1, clustered, local)
+            rows[name] = pairs
+            t_cluster = statistics.median(a.seconds for a, _ in pairs)
+            t_local = statistics.median(b.seconds for _, b in pairs)
+            self.say(f"   {name:9s} local {fmt_s(t_local)}   local:2 {fmt_s(t_cluster)}   "
+                     f"ratio {median_ratio(pairs):.2f}   (whole processes, cluster start and stop included)")
+            self.say(f"      per repeat (local:2 / local): {per_repeat(pairs)}")
+        ratio = median_ratio(rows["normalise"])
+        self.say(f"   normalise ratio local:2 / local: {ratio:.2f} (aim ≤ 1.3 on 2 cores, where no speed-up is "
+                 f"possible: {'met' if ratio <= 1.3 else 'NOT met'}); process start-up {startup:.2f} s")
+        same = all(same_datasets(self.path(a), self.path(b)) for a, b in
+                   (("cl_probe.h5", "cl_probe_cluster.h5"), ("cl_top.h5", "cl_top_cluster.h5")))
+        self.say(f"   outputs: {'identical datasets' if same else 'DIFFERENT'}")
+        self.results["cluster"] = {
+            "ratio": ratio, "probe_ratio": median_ratio(rows["probe"]), "identical": same, "startup_s": startup,
+            **{f"{name}_{side}_s": statistics.median(p[i].seconds for p in pairs)
+               for name, pairs in rows.items() for i, side in ((1, "local"), (0, "cluster"))}}
+
+
+def same_datasets(a: str, b: str) -> bool:
+    """Every dataset of two HDF5 files equal byte for byte (values, dtype, shape)."""
+    def read(path):
+        found = {}
+        with h5py.File(path, "r") as h5:
+            h5.visititems(lambda name, obj: found.__setitem__(name, (obj.dtype.str, obj.shape, obj[()].tobytes()))
+                          if isinstance(obj, h5py.Dataset) else None)
+        return found
+    return read(a) == read(b)
+
 
 def compare_rankings(ours_path: str, dense_path: str, top: int = 10) -> str:
     """Top-`top` rankings of every row, qbnorm's log-domain scores against the exp-domain ones."""
@@ -514,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="the full target-3 size (100k × 1M: hours on 2 cores)")
     parser.add_argument("--only", default=",".join(DEFAULT_RUN),
-                        help=f"comparisons (default {','.join(DEFAULT_RUN)}; also sinkhorn, transpose, serving)")
+                        help=f"comparisons (default {','.join(DEFAULT_RUN)}; "
+                             "also sinkhorn, transpose, serving, cluster)")
     parser.add_argument("--repeat", type=int, default=None, help="repeats per timed pair (default: by mode)")
     parser.add_argument("--keep", metavar="DIR", help="generate into DIR and keep it")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")

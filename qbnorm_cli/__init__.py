@@ -9,7 +9,19 @@ under the same memory budget.
 
 from qbnorm_cli import startup  # noqa: F401  isort: skip  (first of all: Ctrl-C while the `qbnorm` program loads)
 
-from qbnorm_cli.api import build_bank, convert, evaluate, export, hubness, load_params, normalise, probe, search, tune
+from qbnorm_cli.api import (
+    Cluster,
+    build_bank,
+    convert,
+    evaluate,
+    export,
+    hubness,
+    load_params,
+    normalise,
+    probe,
+    search,
+    tune,
+)
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, QbnormError, QbnormWarning, RuntimeFailure, UsageError
 from qbnorm_cli.io.probefile import Probe
@@ -19,7 +31,7 @@ from qbnorm_cli.version import FORMAT_VERSION, VERSION
 __version__ = VERSION
 
 __all__ = [
-    "FORMAT_VERSION", "METHODS", "DataError", "Probe", "QbnormError", "QbnormWarning", "Ranking", "RuntimeFailure",
-    "UsageError", "__version__", "build_bank", "convert", "evaluate", "export", "hubness", "load_params", "normalise",
-    "probe", "search", "tune",
+    "FORMAT_VERSION", "METHODS", "Cluster", "DataError", "Probe", "QbnormError", "QbnormWarning", "Ranking",
+    "RuntimeFailure", "UsageError", "__version__", "build_bank", "convert", "evaluate", "export", "hubness",
+    "load_params", "normalise", "probe", "search", "tune",
 ]

@@ -22,9 +22,37 @@ def interrupted(signum, frame) -> None:
     os._exit(130)
 
 
-def is_program() -> bool:
+def _names_program() -> bool:
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
     return os.path.basename(argv0) == "qbnorm" or argv0.endswith(os.path.join("qbnorm_cli", "__main__.py"))
+
+
+def is_spawned() -> bool:
+    """Whether this process was spawned by multiprocessing (which hands it its parent's sys.argv)."""
+    return "--multiprocessing-fork" in getattr(sys, "orig_argv", ())
+
+
+def is_program() -> bool:
+    """Whether this process is the `qbnorm` program (not one it spawned)."""
+    return _names_program() and not is_spawned()
+
+
+def ignore_interrupts() -> None:
+    """A worker of the `qbnorm` program's local dask cluster: Ctrl-C on a terminal (SIGINT), a
+    lost terminal (SIGHUP) or a job stopped as a whole (SIGTERM to its process group) reach every
+    process of the group, but the program alone ends the run (cancelling the tasks, closing the
+    cluster: its workers end with it), so they do not die of it first."""
+    try:
+        os.setpgid(0, 0)  # out of the terminal's foreground group: its Ctrl-C no longer reaches here
+    except (AttributeError, OSError):
+        pass
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        try:
+            if signum is not None:
+                signal.signal(signum, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread
+            return
 
 
 def guard() -> None:
@@ -63,3 +91,5 @@ def ignore_late_signals() -> None:
 
 if is_program():
     guard()
+elif _names_program() and is_spawned():
+    ignore_interrupts()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +68,51 @@ def normaliser(probe, method: str, **params) -> Normaliser:
     """The registry's normaliser of `method` with these parameters (the rest at their defaults)."""
     spec = methods.get(method)
     return methods.build(spec, probe, methods.settings(spec, params, probe))
+
+
+# --- hooks for qbnorm_cli.Cluster(before_task=…): run on a worker before each task ------------------
+
+@dataclass(frozen=True)
+class KillWorkerOnce:
+    """The first task numbered `number` kills its worker process (SIGKILL), once: the marker file
+    says it happened (created exclusively, so two workers never both die)."""
+
+    marker: str
+    number: int = 1
+
+    def __call__(self, kind: str, number: int) -> None:
+        if number != self.number:
+            return
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class KillWorker:
+    """Every task kills its worker process (workers without a nanny are not restarted)."""
+
+    def __call__(self, kind: str, number: int) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class RemoveFile:
+    """Every task first removes `path` (a worker that cannot see an input the client sees)."""
+
+    path: str
+
+    def __call__(self, kind: str, number: int) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def wait_for_file(path: str, timeout: float = 120.0) -> None:
+    """Hold a worker's thread until `path` exists (a busy cluster)."""
+    end = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.05)

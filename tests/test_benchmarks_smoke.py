@@ -78,6 +78,12 @@ def test_sinkhorn_is_not_in_the_default_run(monkeypatch):
     assert SIZES["sinkhorn"]["default"] == (20000, 100000, 512)
 
 
+def test_cluster(tmp_path):
+    text, results = runner(tmp_path, "cluster")
+    assert "ratio local:2 / local" in text and "identical datasets" in text
+    assert results["cluster"]["identical"] and results["cluster"]["normalise_cluster_s"] > 0
+
+
 def test_unknown_comparison_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", "nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

@@ -7,6 +7,7 @@ from qbnorm_cli.api.probing import probe
 from qbnorm_cli.api.serving import Exported, SearchResult, export, search
 from qbnorm_cli.api.tuning import tune
 from qbnorm_cli.io.paramsfile import load_params
+from qbnorm_cli.streaming.cluster import Cluster
 
-__all__ = ["Exported", "SearchResult", "Written", "build_bank", "convert", "evaluate", "evaluation_report", "export",
-           "hubness", "hubness_report", "load_params", "normalise", "probe", "search", "tune"]
+__all__ = ["Cluster", "Exported", "SearchResult", "Written", "build_bank", "convert", "evaluate", "evaluation_report",
+           "export", "hubness", "hubness_report", "load_params", "normalise", "probe", "search", "tune"]

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from qbnorm_cli.errors import DataError, QbnormWarning, UsageError, param
 from qbnorm_cli.io.specs import EMBEDDING_KINDS, SIMILARITY_KINDS, ArrayInput, as_input
+from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import Budget
 from qbnorm_cli.streaming.sources import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores
 
@@ -73,9 +74,10 @@ def one_of(a, b, name_a: str, name_b: str) -> None:
 
 def score_source(rows, cols, sims, *, rows_name: str, cols_name: str, sims_name: str, similarity: str,
                  budget: Budget, what: str, eager_cols: bool = True, cols_embeddings: Embeddings | None = None,
-                 transpose: bool = False):
+                 transpose: bool = False, eager: bool = True):
     """Scores of `rows` × `cols` embeddings (cosine or dot), or the precomputed `sims` (read
-    transposed with `transpose`): (source, inputs, the columns' Embeddings or None)."""
+    transposed with `transpose`): (source, inputs, the columns' Embeddings or None). eager=False
+    reads nothing yet (a cluster's workers read the data)."""
     if sims is not None:
         if rows is not None or cols is not None:
             raise UsageError(f"give either {param(sims_name)} or {param(rows_name)} with {param(cols_name)}, not both")
@@ -90,11 +92,21 @@ def score_source(rows, cols, sims, *, rows_name: str, cols_name: str, sims_name:
     if cols_embeddings is None:
         cols_in = embeddings(cols, cols_name)
         inputs.append(cols_in)
-        cols_embeddings = Embeddings(cols_in, similarity, budget, eager=eager_cols)
-    scores = EmbeddingScores(Embeddings(rows_in, similarity, budget), cols_embeddings)
+        cols_embeddings = Embeddings(cols_in, similarity, budget, eager=eager_cols and eager)
+    scores = EmbeddingScores(Embeddings(rows_in, similarity, budget, eager=eager), cols_embeddings)
     return scores, inputs, cols_embeddings
 
 
 def check_columns(source_input: ArrayInput, n_gallery: int, what: str) -> None:
     if source_input.cols != n_gallery:
         raise DataError(f"{source_input.label} has {source_input.cols} columns but {what} has {n_gallery} items")
+
+
+@contextmanager
+def clustered(cluster):
+    """A session on the dask cluster `cluster` (streaming.cluster), or None: run here."""
+    if cluster is None:
+        yield None
+        return
+    with clustering.connect(cluster) as session:
+        yield session

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import check_choice, panel_bytes, progress_or_none, warn
+from qbnorm_cli.api.common import check_choice, clustered, panel_bytes, progress_or_none, warn
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, UsageError, param
@@ -19,6 +19,7 @@ from qbnorm_cli.io.hdf5 import check_readable, open_h5, root_kind
 from qbnorm_cli.io.probefile import Probe
 from qbnorm_cli.io.scorefiles import ScoreFile, open_scores
 from qbnorm_cli.io.specs import split_spec, transposed
+from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming import evaluation
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget, spans
 
@@ -55,8 +56,13 @@ def _layout(source: ScoreFile, transpose: bool) -> tuple[int, int | None]:
     return source.n_gallery, source.rows
 
 
+def _map_rows(session, kind: str):
+    """How a pass over an input's rows runs: here, or as `kind` tasks on the cluster of `session`."""
+    return evaluation.here if session is None else clustering.score_rows(session, kind)
+
+
 def _standing(source: ScoreFile, direction: str, transpose: bool, relevant: np.ndarray, mask: np.ndarray,
-              n_items: int, budget: Budget, advance) -> metrics.Standing:
+              n_items: int, budget: Budget, advance, map_rows=evaluation.here) -> metrics.Standing:
     """The standings of one input's queries (t2v: the unmasked captions; v2t: every item)."""
     along_rows = (direction == "t2v") != transpose  # are the stored rows the queries?
     if not along_rows and "log" in str(source.scores.attrs.get("score_domain", "")):
@@ -64,17 +70,22 @@ def _standing(source: ScoreFile, direction: str, transpose: bool, relevant: np.n
              f"compares them across its rows. Normalise in the {direction} direction "
              f"({param('transpose=True')}) and evaluate that output")
     columns = evaluation.column_list_standings if source.is_ranking else evaluation.column_standings
+
+    def rows_as_queries(relevant_of_rows, **options):
+        return metrics.concatenate(map_rows(evaluation.row_standings, source, advance, relevant=relevant_of_rows,
+                                            budget=budget, **options))
+
     if direction == "t2v":
         if along_rows:
-            st = evaluation.row_standings(source, relevant, budget, advance)
+            st = rows_as_queries(relevant)
         else:
-            st = columns(source, metrics.inverse_relevant(relevant, n_items), budget, advance)
+            st = columns(source, metrics.inverse_relevant(relevant, n_items), budget, advance, map_rows=map_rows)
         return st.select(mask)
     missing = None if mask.all() else ~mask
     if along_rows:  # stored rows are the items
-        return evaluation.row_standings(source, metrics.inverse_relevant(relevant, n_items), budget, advance,
-                                        missing_columns=missing, skip_missing=True)
-    return columns(source, relevant, budget, advance, masked_rows=missing, skip_missing=True)
+        return rows_as_queries(metrics.inverse_relevant(relevant, n_items), missing_columns=missing,
+                               skip_missing=True)
+    return columns(source, relevant, budget, advance, masked_rows=missing, skip_missing=True, map_rows=map_rows)
 
 
 def _curve_depth(source: ScoreFile, direction: str, transpose: bool, n_captions: int, n_items: int) -> int:
@@ -84,7 +95,7 @@ def _curve_depth(source: ScoreFile, direction: str, transpose: bool, n_captions:
 
 
 def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budget: Budget, progress,
-               direction: str = "t2v", transpose: bool = False, ties: str = "official"):
+               direction: str = "t2v", transpose: bool = False, ties: str = "official", session=None):
     check_choice(direction, metrics.DIRECTIONS, "direction")
     check_choice(ties, metrics.TIES, "ties")
     layouts = [_layout(s, transpose) for s in sources]
@@ -116,7 +127,8 @@ def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budge
     total = sum(s.rows for s in sources)
     with progress_or_none(progress)("evaluate", total, unit="rows") as advance:
         for source, n_items in zip(sources, n_items_all, strict=True):
-            st = _standing(source, direction, transpose, relevant, mask, n_items, budget, advance)
+            st = _standing(source, direction, transpose, relevant, mask, n_items, budget, advance,
+                           _map_rows(session, "evaluate"))
             summary = metrics.summarise(st, ties)
             depth = _curve_depth(source, direction, transpose, n_captions, n_items)
             rank = metrics.rank_values(st, ties)
@@ -139,7 +151,7 @@ def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budge
 
 def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask=None, direction: str = "t2v",
              transpose: bool = False, ties: str = "official", memory=DEFAULT_MEMORY, block_rows: int | None = None,
-             progress=None):
+             progress=None, cluster=None):
     """Recall@K, median and mean rank and GeomR as metric.py computes them, unrounded.
 
     scores: a (C, G) array, a `Ranking`, or a similarity or ranking file (`PATH[::/dataset]`); or a
@@ -157,17 +169,19 @@ def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask
     need more are None, never estimated (`exact` and `bounds` say which). Along its rows a ranking
     is exact up to its N; along its columns (v2t from per-caption lists, t2v from per-item lists)
     a rank is exact only where every row's last listed score leaves no room for an unlisted score
-    above the best answer, a lower bound elsewhere (core/metrics.py). Returns a dict
-    {"metrics": {"R@1": …}, "exact", "bounds", "queries", "recall_curve", "ranks", "protocol", …}
-    per input (a list for a list).
+    above the best answer, a lower bound elsewhere (core/metrics.py). cluster: rank on a dask
+    cluster (docs/distributed.md; the same figures). Returns a dict {"metrics": {"R@1": …},
+    "exact", "bounds", "queries", "recall_curve", "ranks", "protocol", …} per input (a list for a
+    list).
     """
     budget = make_budget(memory, block_rows)
     values = list(scores) if _many(scores) else [scores]
     if not values:
         raise UsageError(f"{param('scores')}: give at least one input")
     sources = [open_scores(v, f"scores[{i}]" if _many(scores) else "scores") for i, v in enumerate(values)]
-    results, _, _ = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress, direction, transpose,
-                               ties)
+    with clustered(cluster) as session:
+        results, _, _ = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress, direction,
+                                   transpose, ties, session)
     for record in results:
         record["protocol"] = metrics.protocol(direction, ties)
     return results if _many(scores) else results[0]
@@ -177,11 +191,11 @@ def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None
                       direction: str = "t2v", transpose: bool = False, ties: str = "official",
                       gates: Sequence[tuple[str, float]] = (), memory=DEFAULT_MEMORY, block_rows: int | None = None,
                       output=None, force: bool = False, progress=None, provenance: str | None = None,
-                      described: dict | None = None) -> dict:
+                      described: dict | None = None, cluster=None) -> dict:
     """`evaluate` of several inputs as one document: each input's figures under its display name,
     the difference last − first, the quality gates (metric, threshold) checked, and with `output`
     the per-query ranks written to an evaluation file. `described` holds how the ground truth and
-    mask were given (recorded as such)."""
+    mask were given (recorded as such). With `cluster`, document["cluster"] reports the run."""
     budget = make_budget(memory, block_rows)
     sources = [open_scores(v, f"scores[{i}]") for i, v in enumerate(scores)]
     names = display_names([(s.scores.path, None if s.is_ranking else s.scores.dataset) for s in sources])
@@ -194,8 +208,9 @@ def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None
     if output is not None:
         records = [i for s in sources for i in s.inputs]
         out = OutputFile(str(output), "evaluation", force=force, params=params, inputs=records, provenance=provenance)
-    results, mask, extra_inputs = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress,
-                                             direction, transpose, ties)
+    with clustered(cluster) as session:
+        results, mask, extra_inputs = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress,
+                                                 direction, transpose, ties, session)
     if out is not None:
         out.inputs += [i.describe() for i in extra_inputs]
     all_ranks = np.stack([r.pop("ranks") for r in results])
@@ -212,6 +227,8 @@ def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None
     }
     if difference is not None:
         document["difference"] = {"of": f"{names[-1]} − {names[0]}", "metrics": difference}
+    if session is not None:
+        document["cluster"] = session.report()
     if gates:
         document["gates"] = checks
         document["passed"] = not failures
@@ -254,7 +271,7 @@ class _ProbeSubject:
             raise UsageError(f"{param('k')} {kmax}: {self.label} keeps the top {width} items per bank query (kmax); "
                              f"probe again with {param('k')} {kmax}")
 
-    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance) -> np.ndarray:
+    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance, session=None) -> np.ndarray:
         q = self.n_queries
         out = np.empty((q, kmax), dtype=np.int64)
         step = budget.rows(self.width * 16, share=0.5, total=q)
@@ -293,8 +310,9 @@ class _ScoreSubject:
             if kmax > limit:
                 raise UsageError(f"{param('k')} {kmax}: larger than the {limit} candidate items of {self.label}")
 
-    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance) -> np.ndarray:
-        return evaluation.neighbours(self.source, kmax, exclude_self, budget, advance)
+    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance, session=None) -> np.ndarray:
+        return np.concatenate(_map_rows(session, "hubness")(evaluation.neighbours, self.source, advance, kmax=kmax,
+                                                 exclude_self=exclude_self, budget=budget))
 
 
 def _is_probe_file(spec) -> bool:
@@ -338,14 +356,14 @@ def _ks(k) -> list[int]:
     return ks
 
 
-def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progress) -> list[dict]:
+def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progress, session=None) -> list[dict]:
     for subject in subjects:
         subject.check(max(ks), exclude_self)
     results = []
     total = sum(s.n_queries for s in subjects)
     with progress_or_none(progress)("hubness", total, unit="queries") as advance:
         for subject in subjects:
-            neigh = subject.top(max(ks), exclude_self, budget, advance)
+            neigh = subject.top(max(ks), exclude_self, budget, advance, session)
             per_k, counts = [], {}
             for value in ks:
                 nk = hub.k_occurrence(neigh, value, subject.n_gallery)
@@ -360,31 +378,34 @@ def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progr
 
 
 def hubness(scores, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY,
-            block_rows: int | None = None, progress=None):
+            block_rows: int | None = None, progress=None, cluster=None):
     """Hubness of retrieval results: N_k(j) counts the queries with item j among their k best.
 
     scores: a (Q, G) array, a `Ranking`, a similarity or ranking file, a `Probe` or probe file (the
     bank-side view: its bank queries' top items); or a list of them. k: one K or several.
     exclude_self: ignore the diagonal of a square gallery × gallery matrix. transpose: read
-    similarity inputs transposed (the columns become the queries: v2t from a t2v dump). Returns a dict per
-    input: {"by_k": [measures at each k (core/hubness.py: skewness, Robin Hood, Gini, …)],
+    similarity inputs transposed (the columns become the queries: v2t from a t2v dump). cluster:
+    find each query's top items on a dask cluster (docs/distributed.md; the same items). Returns a
+    dict per input: {"by_k": [measures at each k (core/hubness.py: skewness, Robin Hood, Gini, …)],
     "k_occurrence": {k: N_k}, …} (a list for a list).
     """
     budget = make_budget(memory, block_rows)
     values = list(scores) if _many(scores) else [scores]
     subjects = [_subject(v, f"scores[{i}]" if _many(scores) else "scores", transpose, budget)
                 for i, v in enumerate(values)]
-    results = _measured(subjects, _ks(k), exclude_self, budget, progress)
+    with clustered(cluster) as session:
+        results = _measured(subjects, _ks(k), exclude_self, budget, progress, session)
     return results if _many(scores) else results[0]
 
 
 def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool = False,
                    memory=DEFAULT_MEMORY,
                    block_rows: int | None = None, output=None, force: bool = False, progress=None,
-                   provenance: str | None = None) -> dict:
+                   provenance: str | None = None, cluster=None) -> dict:
     """`hubness` of several inputs as one document under their display names, with `output` the
     k-occurrences written to a hubness file (`document["occurrences"]`: each input's N_k by k).
-    A probe input whose bank covers under half of the gallery is warned about."""
+    A probe input whose bank covers under half of the gallery is warned about. With `cluster`,
+    document["cluster"] reports the run."""
     budget = make_budget(memory, block_rows)
     ks = _ks(k)
     subjects = [_subject(v, f"scores[{i}]", transpose, budget) for i, v in enumerate(scores)]
@@ -400,7 +421,8 @@ def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False,
         records += s.source.inputs if s.kind != "probe" else [{"path": s.probe.path, "dataset": None, "kind": "probe"}]
     out = OutputFile(str(output), "hubness", force=force, params=params, inputs=records, provenance=provenance) \
         if output is not None else None
-    results = _measured(subjects, ks, exclude_self, budget, progress)
+    with clustered(cluster) as session:
+        results = _measured(subjects, ks, exclude_self, budget, progress, session)
     occurrences = [r.pop("k_occurrence") for r in results]
     results = [{"name": name, **r} for name, r in zip(names, results, strict=True)]
     robust = param(f"method={registry.DEFAULT.name!r}")
@@ -414,6 +436,8 @@ def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False,
     for message in found:
         warn(message)
     document = {"k": ks, "exclude_self": exclude_self, "inputs": results}
+    if session is not None:
+        document["cluster"] = session.report()
     if out is not None:
         width = max(s.n_gallery for s in subjects)
         data = np.full((len(subjects), len(ks), width), -1, dtype=np.int64)

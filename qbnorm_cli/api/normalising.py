@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_choice, check_count, progress_or_none, score_source, warn
+from qbnorm_cli.api.common import check_choice, check_count, clustered, progress_or_none, score_source, warn
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, param, plain_text
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.paramsfile import tuned_on_warning
 from qbnorm_cli.io.probefile import Probe
+from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
 from qbnorm_cli.streaming.engine import run_normalise
 from qbnorm_cli.streaming.sources import SIMILARITIES, MatrixScores, sample_stats
@@ -32,6 +34,12 @@ class Written:
     params: dict
     warnings: tuple[str, ...] = ()
     inputs: tuple[dict, ...] = ()  # what was read, as recorded in the file
+    cluster: dict | None = None    # what a run on a dask cluster cost (workers, tasks, bytes moved)
+
+
+def _engine(session):
+    """The streaming driver of run_normalise's protocol: here, or on a cluster's session."""
+    return run_normalise if session is None else functools.partial(clustering.run_normalise, session)
 
 
 def _as_probe(value) -> Probe:
@@ -45,7 +53,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
               similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
               block_rows: int | None = None, output=None, force: bool = False, accept_other_gallery: bool = False,
               progress=None, provenance: str | None = None, extra_params: dict | None = None,
-              tuned: dict | None = None):
+              tuned: dict | None = None, cluster=None):
     """Normalise query × gallery similarities with a probe's statistics (`method`: see
     qbnorm_cli.methods.METHODS; default dis).
 
@@ -58,6 +66,9 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     query's N best items instead of every score. tuned: the settings of a params file
     (`load_params`) these options came from: a warning when the inputs are the validation data they
     were tuned on.
+    cluster: run on a dask cluster ("local", "local:N", "tcp://HOST:PORT", a scheduler file, a
+    distributed.Client or a Cluster; docs/distributed.md), with the same results to the bit and
+    `memory` per worker.
 
     Returns the dense (Q, G) scores (`dtype`), or with `top_k` a `Ranking` (indices, scores,
     normalised); with `output`, writes the similarity or ranking file there instead (streamed, atomic)
@@ -76,7 +87,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
         similarity = similarity or (probed if probed in SIMILARITIES else "cosine")
     scores, inputs, _ = score_source(queries, gallery, sims, rows_name="queries", cols_name="gallery",
                                      sims_name="sims", similarity=similarity, budget=budget, what="normalise",
-                                     eager_cols=not ranked, transpose=transpose)
+                                     eager_cols=not ranked, transpose=transpose, eager=cluster is None)
     columns = inputs[-1]
     if sims is not None and columns.cols != n_gallery:
         raise DataError(f"{columns.label} has {columns.cols} columns but the probe's gallery has {n_gallery} items")
@@ -124,9 +135,9 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     if output is None:
         values_out = np.empty((n_rows, width), dtype=dtype)
         indices_out = np.empty((n_rows, width), dtype=np.int64) if ranked else None
-        with advance_with("normalise", n_rows * n_gallery, per=n_gallery) as advance:
-            for q0, (block, indices, gated) in run_normalise(scores, norm, budget, top_k, progress=advance,
-                                                             dtype=np.dtype(dtype)):
+        with clustered(cluster) as session, advance_with("normalise", n_rows * n_gallery, per=n_gallery) as advance:
+            for q0, (block, indices, gated) in _engine(session)(scores, norm, budget, top_k, progress=advance,
+                                                                dtype=np.dtype(dtype)):
                 values_out[q0:q0 + len(block)] = block
                 if ranked:
                     indices_out[q0:q0 + len(block)] = indices
@@ -135,12 +146,13 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
             return Ranking(indices_out, values_out, normalised, n_gallery)
         return values_out
 
-    with OutputFile(str(output), kind, force=force, params=params, inputs=record, provenance=provenance) as out:
+    with clustered(cluster) as session, \
+            OutputFile(str(output), kind, force=force, params=params, inputs=record, provenance=provenance) as out:
         score_ds = out.create("/scores", shape=(n_rows, width), dtype=dtype)
         neigh_ds = out.create("/neighbors", shape=(n_rows, width), dtype=np.int32) if ranked else None
         with advance_with("normalise", n_rows * n_gallery, per=n_gallery) as advance:
-            for q0, (block, indices, gated) in run_normalise(scores, norm, budget, top_k, progress=advance,
-                                                             dtype=np.dtype(dtype)):
+            for q0, (block, indices, gated) in _engine(session)(scores, norm, budget, top_k, progress=advance,
+                                                                dtype=np.dtype(dtype)):
                 out.write_rows(score_ds, q0, block.astype(dtype, copy=False))
                 if neigh_ds is not None:
                     out.write_rows(neigh_ds, q0, indices.astype(np.int32))
@@ -158,7 +170,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
             attrs["score_domain"] = "log (compare within a row)"
         out.warnings = found
     return Written(str(output), kind, out.uuid, normalised, params, tuple(plain_text(w) for w in found),
-                   tuple(out.inputs))
+                   tuple(out.inputs), session.report() if session is not None else None)
 
 
 def _scale_warnings(probe: Probe, method: methods.Method, values: dict, scores) -> tuple[list[str], str | None]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_count, one_of, progress_or_none, score_source, similarities, warn
+from qbnorm_cli.api.common import check_count, clustered, one_of, progress_or_none, score_source, similarities, warn
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
@@ -16,6 +16,7 @@ from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.paramsfile import tuned_on_warning
 from qbnorm_cli.io.probefile import SORTED, Probe, Stored, sinkhorn_statistics, statistics, write_attrs
+from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget
 from qbnorm_cli.streaming.engine import run_probe
 from qbnorm_cli.streaming.sinkhorn import run_sinkhorn
@@ -102,7 +103,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
           bank_gallery_bank_sims=None, transpose: bool = False, similarity: str = "cosine",
           memory=DEFAULT_MEMORY,
           block_rows: int | None = None, output=None, force: bool = False, progress=None,
-          provenance: str | None = None, tuned: dict | None = None) -> Probe:
+          provenance: str | None = None, tuned: dict | None = None, cluster=None) -> Probe:
     """Probe `gallery` with a querybank: every statistic the normalisers need, in one pass.
 
     bank, gallery, gallery_bank: embeddings (arrays, memory maps, h5py datasets, `PATH[::/dataset]`
@@ -125,6 +126,9 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     probe file there, as it is computed (atomically; `force` overwrites). tuned: the settings of a
     params file (`load_params`) these options came from: a warning when the gallery is the
     validation gallery they were tuned on.
+    cluster: run on a dask cluster ("local", "local:N", "tcp://HOST:PORT", a scheduler file, a
+    distributed.Client or a Cluster; docs/distributed.md): the same probe to the bit, `memory`
+    per worker; `Probe.cluster` then reports the workers, tasks and bytes moved.
 
     Returns a `Probe` (in memory, or read from `output`). Warnings (a β on the wrong scale, a bank
     that covers little of the gallery, Sinkhorn stopped unconverged) are issued as `QbnormWarning`
@@ -145,7 +149,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
 
     query_scores, inputs, gallery_emb = score_source(
         bank, gallery, bank_sims, rows_name="bank", cols_name="gallery", sims_name="bank_sims",
-        similarity=similarity, budget=budget, what="probe", transpose=transpose)
+        similarity=similarity, budget=budget, what="probe", transpose=transpose, eager=cluster is None)
     n_gallery = query_scores.n_cols
     gallery_identity = inputs[-1].identity if bank_sims is None else inputs[0].attrs.get("gallery_identity")
     check_count(k, "k", n_gallery, "gallery size")
@@ -167,7 +171,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
                              f"{param('gallery_bank_sims')}")
         gallery_scores, more, _ = score_source(
             gallery_bank, None, None, rows_name="gallery_bank", cols_name="gallery", sims_name="gallery_bank_sims",
-            similarity=similarity, budget=budget, what="probe", cols_embeddings=gallery_emb)
+            similarity=similarity, budget=budget, what="probe", cols_embeddings=gallery_emb, eager=cluster is None)
         inputs += more
     if gallery_bank is not None or gallery_bank_sims is not None:
         gallery_acc = BankAccumulator(gallery_scores.n_rows, n_gallery, np.array(gallery_betas), kmax)
@@ -188,7 +192,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     out = OutputFile(str(output), "probe", force=force, params=params, inputs=inputs, provenance=provenance) \
         if output is not None else None
     total = sum(scores.n_rows for scores, _ in banks) * n_gallery
-    with out if out is not None else nullcontext():
+    with clustered(cluster) as session, out if out is not None else nullcontext():
         sorted_store = None
         if keep_sorted:
             if out is not None:
@@ -205,7 +209,10 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
                 sorted_store[c0:c1] = block
 
         with progress_or_none(progress)("probe", total, per=n_gallery) as advance:
-            run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
+            if session is None:
+                run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
+            else:
+                clustering.run_probe(session, banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
         datasets = statistics(query_acc, gallery_acc, k)
         sinkhorn_found = []
         if sinkhorn_settings is not None:
@@ -246,6 +253,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
         result = Probe(datasets, {**attrs, "uuid": None}, params=params, inputs=[i.describe() for i in inputs])
     result.warnings = [plain_text(w) for w in found]
     result.diagnostics = diagnostics
+    result.cluster = session.report() if session is not None else None
     return result
 
 

@@ -425,7 +425,7 @@ def _search(opened: _Opened, queries, top_k, check_recall, row_term, dtype, budg
                 attrs["recall"] = json.dumps(recall_report)
             attrs["warnings"] = json.dumps(found)
         written = SearchWritten(str(output), "ranking", out.uuid, normalised, params, tuple(found), tuple(out.inputs),
-                                recall_report, _searches(norm, normalised, row_term))
+                                recall=recall_report, searches_per_query=_searches(norm, normalised, row_term))
     else:
         recall_report = _recall(opened, rows, sample, kept, norm, center, constant, top_k, row_term)
         found += _empty_warning(empty[0], top_k)

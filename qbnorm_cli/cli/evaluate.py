@@ -56,6 +56,7 @@ def command(
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="EVAL.h5", help="Write the ranks and metrics (kind evaluation).")] = None,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
+    cluster: options.Cluster = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -84,7 +85,8 @@ def command(
             scores, gt, queries_per_item=queries_per_item, query_mask=query_mask, direction=direction,
             transpose=transpose, ties=ties, gates=gates, memory=memory,
             block_rows=block_rows, output=output, force=force, progress=report.progress,
-            provenance=options.provenance(ctx), described={"gt": gt, "query_mask": query_mask})
+            provenance=options.provenance(ctx), described={"gt": gt, "query_mask": query_mask},
+            cluster=cluster)
     if plot is not None:
         plots.save_figure(plots.recall_figure(document["inputs"], direction=document["direction"]), plot, force=force, inputs=scores)
         document["plot"] = {"file": plot, **plots.recall_data(document["inputs"])}
@@ -118,6 +120,7 @@ def command(
         report.info(f"wrote {output}: evaluation of {len(results)} input(s)")
     if plot is not None:
         report.info(f"wrote {plot}: Recall@K of {len(results)} input(s)")
+    report.cluster(document.get("cluster"))
     report.result(document)
     if failures:
         raise GateFailure("quality gate failed: " + "; ".join(failures))

@@ -54,6 +54,7 @@ def command(
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="OUT.h5", help="Write the k-occurrences and measures (kind hubness).")] = None,
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
+    cluster: options.Cluster = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -74,7 +75,7 @@ def command(
     with report.capture():
         document = api.hubness_report(scores, k=k or [DEFAULT_K], exclude_self=exclude_self, transpose=transpose,
                                       memory=memory, block_rows=block_rows, output=output, force=force,
-                                      progress=report.progress, provenance=options.provenance(ctx))
+                                      progress=report.progress, provenance=options.provenance(ctx), cluster=cluster)
     occurrences = document.pop("occurrences")
     if plot is not None:
         plots.save_figure(plots.hubness_figure(document["inputs"]), plot, force=force, inputs=scores)
@@ -98,6 +99,7 @@ def command(
         report.info(f"wrote {output}: hubness of {len(results)} input(s) at k = {', '.join(map(str, ks))}")
     if plot is not None:
         report.info(f"wrote {plot}: k-occurrence distributions of {len(results)} input(s)")
+    report.cluster(document.get("cluster"))
     report.result(document)
 
 

@@ -34,6 +34,7 @@ def command(
     dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="Type of the written scores.")] = "float32",
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
+    cluster: options.Cluster = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -69,14 +70,16 @@ def command(
             sims=sims, transpose=transpose, similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows,
             output=output, force=force,
             accept_other_gallery=force, progress=report.progress, provenance=options.provenance(ctx),
-            extra_params={"params_file": params_file}, tuned=tuned)
+            extra_params={"params_file": params_file}, tuned=tuned, cluster=cluster)
     n_rows, done = len(written.normalised), int(written.normalised.sum())
     report.info(f"wrote {output}: {written.kind} of {n_rows} queries, method {written.params['method']}; "
                 f"{done} of {n_rows} rows normalised")
+    report.cluster(written.cluster)
     report.result({
         "output": output, "kind": written.kind, "uuid": written.uuid, "method": written.params["method"],
         "queries": n_rows, "gallery_rows": int(probed.n_gallery), "normalised_rows": done,
         "normalised_share": float(written.normalised.mean()), "params": written.params,
+        **({"cluster": written.cluster} if written.cluster else {}),
     })
 
 

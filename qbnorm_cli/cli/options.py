@@ -27,6 +27,11 @@ Transpose = Annotated[bool, typer.Option("--transpose", help="Read the similarit
                                          "other way round, e.g. a t2v dump used in the v2t direction).")]
 Plot = Annotated[str | None, typer.Option("--plot", metavar="FILE.png|.svg|.pdf",
                                           help="Also draw the figure (needs the extra: pip install 'qbnorm[plot]').")]
+Cluster = Annotated[str | None, typer.Option(
+    "--cluster", metavar="ADDRESS",
+    help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here), "
+         "tcp://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
+         "per worker (needs qbnorm[dask]; see docs/distributed.md).")]
 
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 

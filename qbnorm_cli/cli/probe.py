@@ -36,6 +36,7 @@ def command(
     similarity: options.Similarity = "cosine",
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
+    cluster: options.Cluster = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -79,7 +80,7 @@ def command(
             sinkhorn_max_iters=sinkhorn_max_iters, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims,
             bank_gallery_bank_sims=bank_gallery_bank_sims, transpose=transpose, similarity=similarity,
             memory=memory, block_rows=block_rows, output=output, force=force, progress=report.progress,
-            provenance=options.provenance(ctx), tuned=tuned)
+            provenance=options.provenance(ctx), tuned=tuned, cluster=cluster)
     diag = result.diagnostics
     stats = scale.ScoreStats.from_attrs(result.attrs)
     report.info(
@@ -94,6 +95,7 @@ def command(
             where = "scores held in memory" if run["held"] else "scores recomputed on every iteration"
             report.info(f"{what} β={run['beta']:g}: {state} after {run['iterations']} iterations (last change "
                         f"{run['change']:.2g}, marginal error {run['marginal_error']:.2g}; {where})")
+    report.cluster(result.cluster)
     report.result({
         "output": output, "kind": "probe", "uuid": result.uuid, "bank_rows": result.n_bank,
         "gallery_rows": result.n_gallery, "betas": result.betas(), "k": result.params["k"],
@@ -101,5 +103,6 @@ def command(
         "occurrence_skewness": diag["occurrence_skewness"], "scores": stats.as_dict(),
         "score_scale": result.attrs["score_scale"], "gallery_bank_rows": int(result.attrs["gallery_bank_rows"]),
         **({name: value for name, value in runs.items() if value} if result.params.get("sinkhorn") else {}),
+        **({"cluster": result.cluster} if result.cluster else {}),
     })
     result.close()

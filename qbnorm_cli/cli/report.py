@@ -60,6 +60,13 @@ class Reporter:
             else:
                 warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
+    def cluster(self, stats: dict | None) -> None:
+        """One line on what a run on a dask cluster did."""
+        if stats:
+            self.info(f"cluster {stats['address']}: {stats['workers']} workers, {stats['tasks']} tasks; "
+                      f"{stats['bytes_read'] / 1e6:,.1f} MB read by the workers, {stats['bytes_sent'] / 1e6:,.1f} MB sent "
+                      f"to them, {stats['bytes_returned'] / 1e6:,.1f} MB returned")
+
     def table(self, table) -> None:
         if not self.quiet:
             self.console.print(table)

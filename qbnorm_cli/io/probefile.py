@@ -126,6 +126,7 @@ class Probe:
         self.inputs = list(inputs or [])
         self.warnings = list(warnings or [])
         self.diagnostics: dict = {}  # the bank's coverage of the gallery (core.statistics.bank_diagnostics)
+        self.cluster: dict | None = None  # what a run on a dask cluster cost (workers, tasks, bytes moved)
 
     def __repr__(self) -> str:
         where = f", path={self.path!r}" if self.path else ""

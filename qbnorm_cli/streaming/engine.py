@@ -9,6 +9,7 @@ asked for.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,17 +39,8 @@ def tile_rows(width: int, budget: Budget, total: int, align: int | None = None) 
     return rows
 
 
-def run_probe(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget,
-              on_sorted: Callable[[int, int, int, np.ndarray], None] | None = None,
-              progress: Callable[[int], None] | None = None) -> None:
-    """One pass over the gallery's column blocks, every bank folded into its accumulator.
-
-    `on_sorted(bank_number, c0, c1, sorted_block)` receives each block's sorted scores when an
-    accumulator keeps them (Globally-Corrected retrieval).
-
-    Cost: O(bank × gallery × d) for embeddings (one matrix product), plus one float64 exp per
-    score and β; the column statistics are O(gallery), the block state O(block width).
-    """
+def probe_width(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget) -> int:
+    """Gallery columns per block of a probe pass: every block but the last is this wide."""
     col_bytes = max(scores.col_bytes() for scores, _ in banks)
     state = max(16 * (len(acc.betas) + 2 * max(acc.topk_ks, default=0)) + (4 * acc.n_rows if acc.keep_sorted else 0)
                 for _, acc in banks)
@@ -58,17 +50,40 @@ def run_probe(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, 
         # A product tile is as wide as the block: keep blocks cache-sized (the column statistics
         # of a block are complete after one pass over the bank, so narrow blocks cost nothing).
         width = aligned(min(width, PROBE_COLUMNS), col_chunk)
-    for c0, c1 in spans(n_gallery, width):
-        for number, (scores, acc) in enumerate(banks):
-            scores.column_block(c0, c1)
-            acc.start_block(c0, c1)
-            for r0, r1 in spans(scores.n_rows, tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk)):
-                acc.update(r0, scores.tile(r0, r1), chunks=parallel.start_row_chunks)
-                if progress:
-                    progress((r1 - r0) * (c1 - c0))
-            sorted_block = acc.finish_block()
-            if sorted_block is not None and on_sorted is not None:
-                on_sorted(number, c0, c1, sorted_block)
+    return width
+
+
+def probe_block(banks: list[tuple[ScoreSource, BankAccumulator]], c0: int, c1: int, budget: Budget,
+                on_sorted: Callable[[int, int, int, np.ndarray], None] | None = None,
+                progress: Callable[[int], None] | None = None, chunks=parallel.start_row_chunks) -> None:
+    """Gallery columns c0:c1 against every bank, folded into its accumulator: the bank's row
+    tiles in order, each tile's exponentials in `chunks` (parallel.start_row_chunks)."""
+    for number, (scores, acc) in enumerate(banks):
+        scores.column_block(c0, c1)
+        acc.start_block(c0, c1)
+        for r0, r1 in spans(scores.n_rows, tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk)):
+            acc.update(r0, scores.tile(r0, r1), chunks=chunks)
+            if progress:
+                progress((r1 - r0) * (c1 - c0))
+        sorted_block = acc.finish_block()
+        if sorted_block is not None and on_sorted is not None:
+            on_sorted(number, c0, c1, sorted_block)
+
+
+def run_probe(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget,
+              on_sorted: Callable[[int, int, int, np.ndarray], None] | None = None,
+              progress: Callable[[int], None] | None = None) -> None:
+    """One pass over the gallery's column blocks (`probe_width` wide), every bank folded into its
+    accumulator (`probe_block`).
+
+    `on_sorted(bank_number, c0, c1, sorted_block)` receives each block's sorted scores when an
+    accumulator keeps them (Globally-Corrected retrieval).
+
+    Cost: O(bank × gallery × d) for embeddings (one matrix product), plus one float64 exp per
+    score and β; the column statistics are O(gallery), the block state O(block width).
+    """
+    for c0, c1 in spans(n_gallery, probe_width(banks, n_gallery, budget)):
+        probe_block(banks, c0, c1, budget, on_sorted, progress)
 
 
 def _dense_whole_rows(raw: np.ndarray, norm: Normaliser, out: np.ndarray) -> np.ndarray:
@@ -124,22 +139,17 @@ class _DenseRows:
         return scores.astype(self.dtype, copy=False), None, gated
 
 
-def run_normalise(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: int | None = None,
-                  progress: Callable[[int], None] | None = None, dtype=np.float64,
-                  tiling: ranking.Tiling = ranking.Tiling(), trace: ranking.Trace | None = None,
-                  ) -> Iterable[tuple[int, tuple]]:
-    """Yield (first row, (scores, indices or None, normalised)) for consecutive query row blocks.
+@dataclass(frozen=True)
+class DensePlan:
+    """How dense output is cut: gallery columns per block, whether a block holds whole rows (the
+    gallery in one block), and query rows per super-block (the unit of output)."""
 
-    Dense output (top_k None) yields scores for whole rows, computed in float64 and rounded once to
-    `dtype`; ranking output (ranking.run_ranking) yields the top_k best per row (float64), best
-    first, ties towards the lower gallery index (`tiling` and `trace` as ranking.run_ranking takes them).
+    width: int
+    whole_rows: bool
+    super_rows: int
 
-    Cost: O(queries × gallery × d) for embeddings (the matrix product); the rest is a few passes
-    over each cache-sized tile. A larger bank changes nothing here: its statistics are O(gallery).
-    """
-    if top_k is not None:
-        yield from ranking.run_ranking(scores, norm, budget, top_k, progress, tiling, trace)
-        return
+
+def dense_plan(scores: ScoreSource, budget: Budget) -> DensePlan:
     n_rows, n_cols = scores.n_rows, scores.n_cols
     width = column_block_width(n_cols, scores.col_bytes(), 0, budget, align=scores.col_chunk)
     whole_rows = width >= n_cols
@@ -147,13 +157,40 @@ def run_normalise(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: 
     super_rows = budget.rows(row_state_bytes, share=0.5, total=n_rows, align=scores.row_chunk)
     if whole_rows and budget.block_rows is None:
         super_rows = min(super_rows, aligned(max(1, DENSE_BLOCK_BYTES // (8 * n_cols)), scores.row_chunk))
-    for q0, q1 in spans(n_rows, super_rows):
-        state = None  # the previous block's state goes before the next one is allocated
-        state = _DenseRows(q1 - q0, n_cols, norm, whole_rows, dtype)
-        for c0, c1 in spans(n_cols, width):
-            scores.column_block(c0, c1)
-            for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0, scores.row_chunk)):
-                state.update(r0, c0, scores.tile(q0 + r0, q0 + r1))
-                if progress:
-                    progress((r1 - r0) * (c1 - c0))
-        yield q0, state.finish()
+    return DensePlan(width, whole_rows, super_rows)
+
+
+def dense_rows(scores: ScoreSource, norm: Normaliser, budget: Budget, plan: DensePlan, q0: int, q1: int,
+               progress: Callable[[int], None] | None = None, dtype=np.float64) -> tuple:
+    """(scores, None, normalised) of the super-block of query rows q0:q1."""
+    n_cols = scores.n_cols
+    state = _DenseRows(q1 - q0, n_cols, norm, plan.whole_rows, dtype)
+    for c0, c1 in spans(n_cols, plan.width):
+        scores.column_block(c0, c1)
+        for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0, scores.row_chunk)):
+            state.update(r0, c0, scores.tile(q0 + r0, q0 + r1))
+            if progress:
+                progress((r1 - r0) * (c1 - c0))
+    return state.finish()
+
+
+def run_normalise(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: int | None = None,
+                  progress: Callable[[int], None] | None = None, dtype=np.float64,
+                  tiling: ranking.Tiling = ranking.Tiling(), trace: ranking.Trace | None = None,
+                  ) -> Iterable[tuple[int, tuple]]:
+    """Yield (first row, (scores, indices or None, normalised)) for consecutive query row blocks.
+
+    Dense output (top_k None) yields scores for whole rows, computed in float64 and rounded once to
+    `dtype`, super-block by super-block (`dense_plan`, `dense_rows`); ranking output
+    (ranking.run_ranking) yields the top_k best per row (float64), best first, ties towards the
+    lower gallery index (`tiling` and `trace` as ranking.run_ranking takes them).
+
+    Cost: O(queries × gallery × d) for embeddings (the matrix product); the rest is a few passes
+    over each cache-sized tile. A larger bank changes nothing here: its statistics are O(gallery).
+    """
+    if top_k is not None:
+        yield from ranking.run_ranking(scores, norm, budget, top_k, progress, tiling, trace)
+        return
+    plan = dense_plan(scores, budget)
+    for q0, q1 in spans(scores.n_rows, plan.super_rows):
+        yield q0, dense_rows(scores, norm, budget, plan, q0, q1, progress, dtype)

@@ -12,22 +12,47 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 _POOL: ThreadPoolExecutor | None = None
 
 
-def workers() -> int:
-    """Cores this process may run on."""
+THREADS_VARIABLE = "QBNORM_THREADS"  # at most this many threads (a cluster's workers sharing a machine)
+_PLANNED: ContextVar[int | None] = ContextVar("qbnorm_planned_workers", default=None)
+
+
+def cores() -> int:
+    """Cores this process may run on (at most $QBNORM_THREADS when that is set): its threads."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        found = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        found = max(1, os.cpu_count() or 1)
+    limit = os.environ.get(THREADS_VARIABLE, "")
+    return min(found, int(limit)) if limit.isdigit() and int(limit) > 0 else found
+
+
+def workers() -> int:
+    """The cores the work is cut for: this process's, or inside `planned_for(n)` those of the
+    machine a cluster's task reproduces. Sums split into row chunks, and whether BLAS runs on one
+    thread under run_tasks, depend on it (and results with them); how many threads then do the
+    work (`cores`) does not."""
+    return _PLANNED.get() or cores()
+
+
+@contextmanager
+def planned_for(count: int):
+    """Cut the work in this block (this thread) as a process with `count` cores would."""
+    token = _PLANNED.set(count)
+    try:
+        yield
+    finally:
+        _PLANNED.reset(token)
 
 
 def pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="qbnorm")
+        _POOL = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="qbnorm")
     return _POOL
 
 
@@ -40,11 +65,18 @@ def single_threaded_blas():
         yield
 
 
-def run_tasks(fn: Callable, items: Iterable) -> Iterator:
+def threads_for(count: int) -> bool:
+    """Whether run_tasks runs `count` items on the pool (BLAS on one thread), or here in turn."""
+    return workers() > 1 and count >= 2
+
+
+def run_tasks(fn: Callable, items: Iterable, threaded: bool | None = None) -> Iterator:
     """fn(item) for every item, on all cores when there are several. Results come in the items'
-    order, each as soon as it and those before it are done."""
+    order, each as soon as it and those before it are done. `threaded` overrides
+    threads_for(len(items)): BLAS runs on one thread under the pool (a product rounds otherwise
+    on several), so a cluster's task with some of a run's items decides as the whole run did."""
     items = list(items)
-    if workers() == 1 or len(items) < 2:
+    if not (threads_for(len(items)) if threaded is None else threaded):
         for item in items:
             yield fn(item)
         return
@@ -67,7 +99,8 @@ PARALLEL_MIN_ITEMS = 1 << 18
 
 def start_row_chunks(n_rows: int, n_items: int, fn):
     """Start fn(r0, r1) over row chunks, on all cores when the work is large; returns a function
-    that waits for the results (in order). The caller may work meanwhile."""
+    that waits for the results (in order). The caller may work meanwhile. The chunks are cut for
+    `workers()` cores: results summed chunk by chunk depend on it."""
     count = workers()
     if count == 1 or n_items < PARALLEL_MIN_ITEMS or n_rows < 2 * count:
         done = [fn(0, n_rows)]

@@ -19,7 +19,8 @@ tile and gallery column block,
 3. The candidates and the rows' running top-k are ranked exactly once per row tile
    (topk.rank). A row's result is exact when at least k of its entries are ≥ θ, or θ = −inf:
    everything not collected is then below its k-th best. Rows that fail the check (rare by
-   construction) are recomputed against the whole block, with θ the k-th best's lower bound.
+   construction) are recomputed against the whole block, with θ the k-th best's lower bound,
+   by the tile they belong to (so that a tile's result depends on that tile alone).
    When the block holds the whole gallery, a dynamic gate (DIS) is decided first from each
    row's raw top-1, and each row is ranked by the one list its output takes.
 
@@ -389,12 +390,19 @@ def _store(lists: Lists, rows, raw, norm, keep=slice(None)) -> None:
     lists.norm[0][rows], lists.norm[1][rows] = norm[0][keep], norm[1][keep]
 
 
-def _row_tile(run: _Run, r0: int, r1: int):
-    """Fold the block into rows r0:r1; returns (scores done, rows left to recompute)."""
+def _row_tile(run: _Run, r0: int, r1: int) -> int:
+    """Fold the block into rows r0:r1, recomputing at once those whose thresholds were too high:
+    a tile's lists then depend on that tile alone, never on which other rows share its block or
+    super-block (the product of a row with other rows rounds otherwise than with fewer: float32
+    scores from gemm depend on the operands' shapes). Returns the scores done."""
     raw, norm, unsure = _fold_rows(run, slice(r0, r1), r1 - r0, run.block.subs)
     sure = np.flatnonzero(~unsure)
     _store(run.lists, r0 + sure, raw, norm, sure)
-    return (r1 - r0) * run.block.width, r0 + np.flatnonzero(unsure)
+    redo = r0 + np.flatnonzero(unsure)
+    step = max(1, int(run.geom.rows * run.geom.sub_columns // run.block.width))  # a tile's worth of scores
+    for a, b in spans(redo.size, step):
+        _recompute(run, redo[a:b])
+    return (r1 - r0) * run.block.width
 
 
 def _recompute(run: _Run, rows: np.ndarray) -> None:
@@ -416,8 +424,9 @@ def _recompute(run: _Run, rows: np.ndarray) -> None:
 class _Run:
     """One gallery block against one super-block of query rows."""
 
-    def __init__(self, scores, norm: Normaliser, lists: Lists, block: Block, q0: int, tiling: Tiling, trace: Trace):
-        self.scores, self.norm, self.lists, self.block, self.q0 = scores, norm, lists, block, q0
+    def __init__(self, scores, norm: Normaliser, lists: Lists, block: Block, q0: int, geom: Geometry, tiling: Tiling,
+                 trace: Trace):
+        self.scores, self.norm, self.lists, self.block, self.q0, self.geom = scores, norm, lists, block, q0, geom
         self.tiling, self.trace = tiling, trace
         # the whole gallery in this block: its raw top-1 is final, and with it the dynamic gate
         self.gate_decided = (norm.gate is not None and not norm.row_topk and lists.raw_k > 0 and lists.norm_k > 0
@@ -455,26 +464,18 @@ def list_lengths(norm: Normaliser, top_k: int) -> tuple[int, int]:
 
 def rank_block(scores: ScoreSource, norm: Normaliser, lists: Lists, c0: int, c1: int, q0: int, geom: Geometry,
                progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
-               trace: Trace | None = None) -> None:
+               trace: Trace | None = None, threaded: bool | None = None) -> None:
     """Fold gallery columns c0:c1 into `lists` (query rows q0: of the scores), row tile by row
-    tile on all cores, then recompute together the few rows whose thresholds were too high."""
+    tile on all cores, each tile recomputing the few rows whose thresholds were too high."""
     ordered = scores.sub_columns and norm.affine
     block = Block(c0, c1, norm, geom.sub_columns, ordered, tiling.sample_columns)
     if scores.sub_columns:
         scores.prepare_columns(c0, c1, block.order)
-    run = _Run(scores, norm, lists, block, q0, tiling, trace if trace is not None else Trace())
+    run = _Run(scores, norm, lists, block, q0, geom, tiling, trace if trace is not None else Trace())
     spans_ = list(spans(lists.raw[0].shape[0], geom.rows))
-    redo = []
-    for done, rows in parallel.run_tasks(lambda span: _row_tile(run, *span), spans_):
-        redo.append(rows)
+    for done in parallel.run_tasks(lambda span: _row_tile(run, *span), spans_, threaded):
         if progress:
             progress(done)
-    redo = np.concatenate(redo)
-    if redo.size:
-        step = max(1, int(geom.rows * geom.sub_columns // block.width))  # a tile's worth of scores
-        step = min(step, math.ceil(redo.size / parallel.workers()))     # and work for every core
-        parts = [redo[a:a + step] for a in range(0, redo.size, step)]
-        list(parallel.run_tasks(lambda rows: _recompute(run, rows), parts))
 
 
 def finish(lists: Lists, norm: Normaliser, top_k: int):
@@ -499,6 +500,43 @@ def finish(lists: Lists, norm: Normaliser, top_k: int):
     return values, indices, gated
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How a ranking run is cut: its tile geometry, query rows per super-block (the unit whose
+    lists are held at once) and the lengths of the raw and normalised lists."""
+
+    geom: Geometry
+    super_rows: int
+    raw_k: int
+    norm_k: int
+    top_k: int
+
+
+def ranking_plan(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: int, tiling: Tiling = Tiling(),
+                 workers: int | None = None) -> Plan:
+    """The plan of run_ranking for `workers` threads (default: this process's cores)."""
+    n_rows, n_cols = scores.n_rows, scores.n_cols
+    raw_k, norm_k = list_lengths(norm, top_k)
+    geom = geometry(scores, n_rows, n_cols, budget, workers or parallel.workers(), tiling)
+    # per row: the lists (value and index), their candidates (≈ safety·k each) and the merges
+    row_bytes = 16 * (raw_k + norm_k) * (2 + tiling.safety) + 32
+    super_rows = budget.rows(row_bytes, share=0.5, total=n_rows, align=geom.rows)
+    return Plan(geom, super_rows, raw_k, norm_k, top_k)
+
+
+def rank_rows(scores: ScoreSource, norm: Normaliser, plan: Plan, q0: int, q1: int,
+              progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
+              trace: Trace | None = None, threaded: bool | None = None) -> tuple:
+    """(values, indices, normalised) of query rows q0:q1 over the whole gallery. With q0 a
+    multiple of plan.geom.rows into a super-block, and `threaded` as the super-block's tiles
+    decide it (parallel.threads_for), the products are the super-block's own: rows cut this way
+    give the same lists as the whole super-block."""
+    lists = Lists(q1 - q0, plan.raw_k, plan.norm_k)
+    for c0, c1 in spans(scores.n_cols, plan.geom.block_columns):
+        rank_block(scores, norm, lists, c0, c1, q0, plan.geom, progress, tiling, trace, threaded)
+    return finish(lists, norm, plan.top_k)
+
+
 def run_ranking(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: int,
                 progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
                 trace: Trace | None = None) -> Iterable[tuple[int, tuple]]:
@@ -506,14 +544,6 @@ def run_ranking(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: in
     the top_k best per row (float64), best first, ties towards the lower gallery index.
 
     `tiling` cuts the work (any tiling gives the same result); `trace` counts what was done."""
-    n_rows, n_cols = scores.n_rows, scores.n_cols
-    raw_k, norm_k = list_lengths(norm, top_k)
-    geom = geometry(scores, n_rows, n_cols, budget, parallel.workers(), tiling)
-    # per row: the lists (value and index), their candidates (≈ safety·k each) and the merges
-    row_bytes = 16 * (raw_k + norm_k) * (2 + tiling.safety) + 32
-    super_rows = budget.rows(row_bytes, share=0.5, total=n_rows, align=geom.rows)
-    for q0, q1 in spans(n_rows, super_rows):
-        lists = Lists(q1 - q0, raw_k, norm_k)
-        for c0, c1 in spans(n_cols, geom.block_columns):
-            rank_block(scores, norm, lists, c0, c1, q0, geom, progress, tiling, trace)
-        yield q0, finish(lists, norm, top_k)
+    plan = ranking_plan(scores, norm, budget, top_k, tiling)
+    for q0, q1 in spans(scores.n_rows, plan.super_rows):
+        yield q0, rank_rows(scores, norm, plan, q0, q1, progress, tiling, trace)
