@@ -318,10 +318,17 @@ def test_a_worker_killed_mid_run_changes_nothing(client, data, probes, tmp_path)
         ("topk", lambda out, cluster: qbnorm_cli.normalise(emb(data, "queries"), emb(data, "gallery"),
                                                            str(probes["embeddings"]), top_k=10, block_rows=100,
                                                            output=out, cluster=cluster)),
+        # short runs right after the kills above: their tasks were once left unrunnable for good
+        ("evaluate", lambda out, cluster: qbnorm_cli.api.evaluation_report(
+            [str(tmp_path / "topk_here.h5")], emb(data, "gt"), output=out, cluster=cluster)),
+        ("hubness", lambda out, cluster: qbnorm_cli.api.hubness_report(
+            [str(tmp_path / "topk_here.h5")], k=[10], output=out, cluster=cluster)),
     ):
         marker = tmp_path / f"{name}.killed"
+        first = name in ("evaluate", "hubness")  # one task of a small file: kill the first
         run(tmp_path / f"{name}_here.h5", None)
-        run(tmp_path / f"{name}_there.h5", qbnorm_cli.Cluster(client, before_task=KillWorkerOnce(str(marker))))
+        run(tmp_path / f"{name}_there.h5", qbnorm_cli.Cluster(client, before_task=KillWorkerOnce(
+            str(marker), number=0 if first else 1)))
         assert marker.exists(), "no worker was killed"
         assert_same_files(tmp_path / f"{name}_here.h5", tmp_path / f"{name}_there.h5")
     client.wait_for_workers(2, timeout=60)

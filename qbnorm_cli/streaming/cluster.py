@@ -281,7 +281,6 @@ class Session:
         nthreads = client.nthreads()
         self.workers = len(nthreads)
         self.threads = max(1, sum(nthreads.values()))
-        self.addresses = [address for address, count in sorted(nthreads.items()) for _ in range(count)]
         # the client's cores and BLAS threads: the tasks cut their sums and products for them
         self.client_threads = parallel.workers()
         self.blas, self.kernels = _blas()
@@ -357,12 +356,12 @@ class Session:
         try:
             while delivered < len(tasks):
                 while submitted < len(tasks) and submitted - delivered < window:
-                    # spread over the workers (the scheduler would keep them beside the data they
-                    # share), still free to move: a lost worker's tasks go elsewhere
+                    # no worker restrictions, not even loose ones: a task restricted to a worker that
+                    # is lost while no other is running stays unrunnable for good (distributed
+                    # 2026.8 ignores allow_other_workers when workers join again)
                     future = self.client.submit(
                         _task, kind, submitted, self.before_task, (self.client_threads, self.blas), fn, *shared,
-                        tasks[submitted], key=f"qbnorm-{kind}-{self.token}-{self.submitted}", pure=False,
-                        workers=[self.addresses[submitted % len(self.addresses)]], allow_other_workers=True)
+                        tasks[submitted], key=f"qbnorm-{kind}-{self.token}-{self.submitted}", pure=False)
                     self.submitted += 1
                     self.bytes_sent += _nbytes(tasks[submitted])
                     futures[future.key] = submitted
