@@ -598,3 +598,29 @@ def test_library_errors_name_parameters(synthetic):
         exported(synthetic, "is", format="npy")
     with pytest.raises(DataError, match="has dimension 8 but the export was exported from 16"):
         qbnorm_cli.search(exported(synthetic, "is"), synthetic.queries[:, :8], top_k=3)
+
+
+def test_a_small_batch_takes_faiss_matrix_product_and_the_same_top_items():
+    """Between SMALL_BATCH and the BLAS threshold faiss would scan once per query (~15× slower per
+    query, the dis gate's second search): the batch is padded into a product; same items, scores
+    within the float32 product's bound (two summation orders)."""
+    faiss = pytest.importorskip("faiss")
+    from qbnorm_cli.io import indexfile
+
+    rng = np.random.default_rng(1)
+    dim = 64
+    gallery = rng.standard_normal((400, dim)).astype(np.float32)
+    queries = rng.standard_normal((40, dim)).astype(np.float32)
+    index = faiss.IndexFlatIP(dim)
+    index.add(gallery)
+    blas_rows = indexfile.faiss_blas_rows(faiss, index)
+    assert indexfile.SMALL_BATCH <= len(queries) < blas_rows
+    exact = queries.astype(np.float64) @ gallery.T.astype(np.float64)
+    bound = tol.product32(dim, float((np.abs(queries).astype(np.float64) @ np.abs(gallery).T).max()))
+    tol.assert_separated(exact, 10, bound)
+    padded = indexfile.faiss_search(index, None, queries, 10, blas_rows)
+    scanned = indexfile.faiss_search(index, None, queries, 10)
+    assert padded[0].shape == (40, 10) and (padded[1] == scanned[1]).all()
+    tol.assert_close(padded[0], np.take_along_axis(exact, padded[1], axis=1), bound)
+    hnsw = faiss.IndexHNSWFlat(dim, 8, faiss.METRIC_INNER_PRODUCT)
+    assert indexfile.faiss_blas_rows(faiss, hnsw) == 0  # approximate indexes search as they do

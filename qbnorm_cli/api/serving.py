@@ -271,7 +271,8 @@ class _Opened:
             inner = opened.faiss_index
             params = indexfile.faiss_parameters(faiss, inner, nprobe, ef_search)
             approximate = kind != "flat"
-            self.searcher = EngineSearch(lambda x, k: indexfile.faiss_search(inner, params, x, k),
+            blas_rows = indexfile.faiss_blas_rows(faiss, inner)
+            self.searcher = EngineSearch(lambda x, k: indexfile.faiss_search(inner, params, x, k, blas_rows),
                                          opened.n_rows, approximate)
             read = indexfile.faiss_rows(faiss, inner)
             self.exact = (lambda: ExactSearch(lambda c0, c1: indexfile.faiss_block(inner, c0, c1), opened.n_rows,
@@ -298,7 +299,9 @@ class _Opened:
             index = faiss.IndexFlatIP(dim)
             for c0, c1 in spans(n, max(1, (64 << 20) // (4 * dim))):
                 index.add(np.ascontiguousarray(read(c0, c1)))
-            self.searcher = EngineSearch(lambda x, k: indexfile.faiss_search(index, None, x, k), n, False)
+            blas_rows = indexfile.faiss_blas_rows(faiss, index)
+            self.searcher = EngineSearch(lambda x, k: indexfile.faiss_search(index, None, x, k, blas_rows), n,
+                                         False)
         else:
             self.searcher = ExactSearch(read, n, dim, budget)
         self.exact = lambda: ExactSearch(read, n, dim, budget)
