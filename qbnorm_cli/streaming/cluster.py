@@ -65,6 +65,7 @@ IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead of the one the client waits fo
 WATCH_SECONDS = 2.0    # how often a client waiting for tasks looks whether the cluster still has workers
 POLL_SECONDS = 0.01    # how often it looks for finished tasks
 CACHE_ENTRIES = 4      # score sources a worker keeps between tasks (the bank, the gallery held)
+SHARE_BYTES = 1 << 16  # a pass's arrays larger than this go to the workers once, through the scheduler
 
 
 @dataclass(frozen=True)
@@ -862,9 +863,6 @@ def _rows_task(fn: Callable, recipe: dict, names: tuple[str, ...], *values_and_r
     """A pass of streaming.evaluation over a range of rows of a stored input (`score_rows`)."""
     *values, rows = values_and_rows
     return fn(_score_file(recipe), rows=rows, **dict(zip(names, values, strict=True)))
-
-
-SHARE_BYTES = 1 << 16  # arrays larger than this go to the workers once, through the scheduler
 
 
 def score_rows(session: Session, kind: str) -> Callable:
