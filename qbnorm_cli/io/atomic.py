@@ -271,28 +271,7 @@ def write_json(path, document: dict, *, force: bool, inputs=()) -> None:
         raise UsageError(f"{path}: JSON is written to a plain file, e.g. params.json")
     check_target(target, force, inputs)
     text = json.dumps(jsonable(document), indent=2) + "\n"
-    with _signals_deferred():
-        try:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".qbnorm-tmp")
-        except OSError as exc:
-            raise RuntimeFailure(f"{target}: cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _file_mode())
-        with _signals_deferred():
-            check_interrupt()
-            os.replace(tmp, target)
-            tmp = None
-    except OSError as exc:
-        raise RuntimeFailure(f"{target}: write failed: {exc.strerror or one_line(exc)}") from None
-    finally:
-        if tmp is not None:
-            with _signals_deferred():
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+    write_with(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), force=force, inputs=inputs)
 
 
 def write_with(path, writer, *, force: bool, inputs=()) -> None:
