@@ -56,6 +56,11 @@ class Stored:
         return self.data[key]
 
 
+def _row_for(values: list[float], value: float) -> int | None:
+    """The row of a per-parameter dataset (one row per β or K) computed for `value`, or None."""
+    return next((row for row, v in enumerate(values) if np.isclose(v, value, rtol=1e-12, atol=0)), None)
+
+
 class CheckedRows:
     """A probe file's dataset read by row slices (the sorted bank scores, for gc): each slice read
     through `reading` and checked against the schema's declared values."""
@@ -209,9 +214,8 @@ class Probe:
     def _pick(self, name: str, attr: str, value: float, option: str, probe_option: str) -> np.ndarray:
         self._need(name, probe_option.replace("_", " "), probe_option)
         have = [float(v) for v in self._attr(name, attr)]
-        for row, v in enumerate(have):
-            if np.isclose(v, value, rtol=1e-12, atol=0):
-                return np.asarray(self._read(name, row), dtype=np.float64)
+        if (row := _row_for(have, value)) is not None:
+            return np.asarray(self._read(name, row), dtype=np.float64)
         listing = ", ".join(f"{v:g}" for v in have)
         raise UsageError(f"{param(option)} {value:g}: {self.label} has {attr} {listing}; "
                          f"probe again with {param(probe_option)} {value:g}")
@@ -273,9 +277,8 @@ class Probe:
             how = f"{param('sinkhorn=True')} and {param('gallery_bank')}" if dual else param("sinkhorn=True")
             raise UsageError(f"{self.label}: the probe has no {what}; probe again with {how}")
         have = self.sinkhorn_betas(dual)
-        for row, v in enumerate(have):
-            if np.isclose(v, beta, rtol=1e-12, atol=0):
-                return np.asarray(self._read(name, row), dtype=np.float64)
+        if (row := _row_for(have, beta)) is not None:
+            return np.asarray(self._read(name, row), dtype=np.float64)
         listing = ", ".join(f"{v:g}" for v in have)
         raise UsageError(f"{param('beta')} {beta:g}: {self.label} has Sinkhorn potentials for betas {listing}; "
                          f"probe again with {param('betas')} {beta:g} and {param('sinkhorn=True')}")
