@@ -490,6 +490,25 @@ def test_cli_export_search_evaluate_and_hubness_like_normalise(cli, files, tmp_p
             [{k: v for k, v in r.items() if k not in strip} for r in b["inputs"]]
 
 
+@pytest.mark.parametrize(("method", "option"), [("dis", ("--min-count", 2)), ("dn", ("--lambda", 0.5))])
+def test_export_takes_theta_and_lambda_as_normalise_does(cli, files, tmp_path, method, option):
+    probe = probe_file(cli, files, tmp_path)
+    runs = {}
+    for name, extra in (("default", ()), ("given", option)):
+        cli.ok("normalise", "--probe", probe, "--queries", spec(files, "queries"), "--gallery", spec(files, "gallery"),
+               "--method", method, *extra, "--top-k", TOP, "-o", tmp_path / f"n-{name}.h5", "-q")
+        cli.ok("export", "--probe", probe, "--gallery", spec(files, "gallery"), "--method", method, *extra,
+               "-o", tmp_path / f"e-{name}.h5", "-q")
+        cli.ok("search", "--index", tmp_path / f"e-{name}.h5", "--queries", spec(files, "queries"), "--top-k", TOP,
+               "-o", tmp_path / f"s-{name}.h5", "-q")
+        runs[name] = read_h5(tmp_path / f"n-{name}.h5"), read_h5(tmp_path / f"s-{name}.h5")
+    for n, s in runs.values():
+        for name in ("/neighbors", "/normalised"):
+            np.testing.assert_array_equal(s[name], n[name])
+    changed = "/normalised" if method == "dis" else "/neighbors"  # θ shrinks the gate, λ moves rankings
+    assert not np.array_equal(runs["default"][0][changed], runs["given"][0][changed])
+
+
 def test_export_of_gc_is_refused_clearly(cli, files, tmp_path):
     probe = tmp_path / "sorted.h5"
     cli.ok("probe", "--bank", spec(files, "bank"), "--gallery", spec(files, "gallery"), "--keep-sorted", "-o", probe,

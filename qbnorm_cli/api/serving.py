@@ -84,7 +84,8 @@ def not_offset_message(method: methods.Method) -> str:
 
 def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | None = None, k: int | None = None,
            gallery_beta: float | None = None, topk_mean: int | None = None, alpha: float | None = None,
-           similarity: str | None = None, constant: float | None = None, format: str = "hdf5",
+           min_count: int | None = None, lam: float | None = None, similarity: str | None = None,
+           constant: float | None = None, format: str = "hdf5",
            index_type: str = "flat", hnsw_m: int = 32,
            ef_construction: int = 200, ef_search: int = 128, nlist: int | None = None, nprobe: int = 16,
            memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None, force: bool = False,
@@ -94,8 +95,9 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     inner-product index, with the query-side recipe.
 
     probe: a `Probe` or probe file of this gallery; gallery: its embeddings (as normalise takes
-    them; cosine rows are L2-normalised first). beta, k, gallery_beta, topk_mean, alpha: the
-    method's parameters (defaults: the registry's, β the probe's). Every method whose normaliser
+    them; cosine rows are L2-normalised first). beta, k, gallery_beta, topk_mean, alpha, min_count
+    (θ of dis, dual-dis), lam (λ of dn): the method's parameters (defaults: the registry's, β the
+    probe's; parameters the method does not take are ignored). Every method whose normaliser
     is affine (η = scale·S − offset[j], gated or not) can be exported; gc cannot. constant: the
     query's c (default: the smallest power of two that keeps the extra column inside the gallery
     coordinates' range; core/augmented.py says why, docs/serving.md when to choose another).
@@ -139,7 +141,8 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
                         f"pass {param('accept_other_gallery=True')} to use it anyway")
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
-    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha}
+    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha,
+             "min_count": min_count, "lam": lam}
     values = methods.settings(spec, given, probe)
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")

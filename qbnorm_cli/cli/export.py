@@ -23,6 +23,8 @@ def command(
     gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help="β₂ for the gallery bank (dual methods).")] = None,
     topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (default: the method's).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset (default {methods.PARAMETERS['alpha'].default:g}).")] = None,
+    min_count: options.MinCount = None,
+    lam: options.Lam = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
     format: Annotated[str, typer.Option("--format", metavar="hdf5|npy|faiss|lancedb", help="hdf5: one qbnorm file (kind index-vectors); npy: vectors.npy + gate.npy + recipe.json; faiss: index.faiss + …; lancedb: a LanceDB table.")] = "hdf5",
     index_type: Annotated[str, typer.Option("--index-type", metavar="flat|hnsw|ivf", help="faiss index: exact flat, or approximate HNSW / IVF.")] = "flat",
@@ -51,17 +53,12 @@ def command(
     """
     report = Reporter(json_output, quiet)
     tuned = api.load_params(params_file) if params_file else None
-    if tuned is not None:  # explicit options win; a method ignores the parameters it does not use
-        method = method or tuned["method"]
-        beta = beta if beta is not None else tuned["beta"]
-        k = k if k is not None else tuned["k"]
-        gallery_beta = gallery_beta if gallery_beta is not None else tuned["gallery_beta"]
-        topk_mean = topk_mean if topk_mean is not None else tuned["topk_mean"]
-        alpha = alpha if alpha is not None else tuned["alpha"]
+    chosen = options.with_params(tuned, method=method, beta=beta, k=k, gallery_beta=gallery_beta,
+                                 topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam)
+    chosen["method"] = chosen["method"] or methods.DEFAULT.name
     with report.capture(), Probe.load(probe) as probed:
         exported = api.export(
-            probed, gallery, method=method or methods.DEFAULT.name, beta=beta, k=k, gallery_beta=gallery_beta,
-            topk_mean=topk_mean, alpha=alpha, similarity=similarity, constant=constant, format=format, index_type=index_type,
+            probed, gallery, **chosen, similarity=similarity, constant=constant, format=format, index_type=index_type,
             hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
             memory=memory, block_rows=block_rows, output=output, force=force, accept_other_gallery=force,
             progress=report.progress, provenance=options.provenance(ctx), extra_params={"params_file": params_file})

@@ -26,8 +26,8 @@ def command(
     gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help="β₂ for the gallery bank (dual methods).")] = None,
     topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (default: the method's).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset (default {methods.PARAMETERS['alpha'].default:g}).")] = None,
-    min_count: Annotated[int | None, typer.Option("--min-count", metavar="θ", help=f"Activation set: items in the top-k of at least θ bank queries (default {methods.PARAMETERS['min_count'].default}).")] = None,
-    lam: Annotated[float | None, typer.Option("--lambda", metavar="L", help=f"Weight λ of the mean bank embedding (default {methods.PARAMETERS['lam'].default:g}).")] = None,
+    min_count: options.MinCount = None,
+    lam: options.Lam = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
     transpose: options.Transpose = False,
     similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe.")] = None,
@@ -54,20 +54,12 @@ def command(
     """
     report = Reporter(json_output, quiet)
     tuned = api.load_params(params_file) if params_file else None
-    if tuned is not None:  # explicit options win; a method ignores the parameters it does not use
-        method = method or tuned["method"]
-        beta = beta if beta is not None else tuned["beta"]
-        k = k if k is not None else tuned["k"]
-        gallery_beta = gallery_beta if gallery_beta is not None else tuned["gallery_beta"]
-        topk_mean = topk_mean if topk_mean is not None else tuned["topk_mean"]
-        alpha = alpha if alpha is not None else tuned["alpha"]
-        min_count = min_count if min_count is not None else tuned["min_count"]
-        lam = lam if lam is not None else tuned["lam"]
+    chosen = options.with_params(tuned, method=method, beta=beta, k=k, gallery_beta=gallery_beta,
+                                 topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam)
+    chosen["method"] = chosen["method"] or methods.DEFAULT.name
     with report.capture(), Probe.load(probe) as probed:
         written = api.normalise(
-            queries, gallery, probed, method=method or methods.DEFAULT.name, beta=beta, k=k,
-            gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam, top_k=top_k,
-            sims=sims, transpose=transpose, similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows,
+            queries, gallery, probed, **chosen, top_k=top_k, sims=sims, transpose=transpose, similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows,
             output=output, force=force,
             accept_other_gallery=force, progress=report.progress, provenance=options.provenance(ctx),
             extra_params={"params_file": params_file}, tuned=tuned, cluster=cluster)

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from qbnorm_cli import methods
+
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output; accept mismatches.")]
@@ -32,6 +34,14 @@ Cluster = Annotated[str | None, typer.Option(
     help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here), "
          "tcp://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
          "per worker (needs qbnorm[dask]; see docs/distributed.md).")]
+
+MinCount = Annotated[int | None, typer.Option(
+    "--min-count", metavar="θ",
+    help=f"Activation set: items in the top-k of at least θ bank queries "
+         f"(default {methods.PARAMETERS['min_count'].default}).")]
+Lam = Annotated[float | None, typer.Option(
+    "--lambda", metavar="L",
+    help=f"Weight λ of the mean bank embedding (default {methods.PARAMETERS['lam'].default:g}).")]
 
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
@@ -83,3 +93,11 @@ def provenance(ctx: typer.Context) -> str:
     """The command line of this run (main() hands it to the app), recorded in every output."""
     obj = ctx.find_root().obj
     return (obj or {}).get("provenance", "qbnorm")
+
+
+def with_params(tuned: Mapping | None, **given) -> dict:
+    """A method and its parameters: each option as given, else the params file's setting (tune's;
+    explicit options win, and a method ignores the parameters it does not use)."""
+    if tuned is None:
+        return given
+    return {name: tuned[name] if value is None else value for name, value in given.items()}
