@@ -401,6 +401,19 @@ def test_an_ivf_index_that_returns_fewer_items_leaves_empty_slots_evaluate_reads
     assert np.isfinite(in_memory.scores).all() and qbnorm_cli.evaluate(in_memory, np.zeros(300, dtype=np.int64))
 
 
+def test_search_records_its_warnings_in_the_output_and_the_result(larger, tmp_path):
+    """The short-rows warning is in the ranking file's `warnings` and in SearchWritten.warnings,
+    spelled as the library spells parameters (it was overwritten by [] and kept raw markers)."""
+    pytest.importorskip("faiss")
+    exported(larger, "is", output=tmp_path / "ivf", format="faiss", index_type="ivf", nlist=100, nprobe=1)
+    with pytest.warns(qbnorm_cli.QbnormWarning, match="fewer than 80 items"):
+        written = qbnorm_cli.search(tmp_path / "ivf", larger.queries, top_k=80, output=tmp_path / "top.h5")
+    with h5py.File(tmp_path / "top.h5", "r") as f:
+        recorded = json.loads(f.attrs["warnings"])
+    assert recorded == list(written.warnings) and len(recorded) == 1
+    assert "fewer than 80 items" in recorded[0] and "nprobe" in recorded[0] and "\x1f" not in recorded[0]
+
+
 # --- LanceDB: a real vector database, in-process ------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["dis", "csls", "dual-is"])

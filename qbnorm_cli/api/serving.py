@@ -22,7 +22,7 @@ from qbnorm_cli.api.normalising import Written
 from qbnorm_cli.core import augmented, scale
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.results import Ranking
-from qbnorm_cli.errors import DataError, UsageError, param
+from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import indexfile
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.probefile import Probe
@@ -429,8 +429,9 @@ def _search(opened: _Opened, queries, top_k, check_recall, row_term, dtype, budg
             attrs["searches_per_query"] = _searches(norm, normalised, row_term)
             if recall_report is not None:
                 attrs["recall"] = json.dumps(recall_report)
-            attrs["warnings"] = json.dumps(found)
-        written = SearchWritten(str(output), "ranking", out.uuid, normalised, params, tuple(found), tuple(out.inputs),
+            out.warnings = found
+        written = SearchWritten(str(output), "ranking", out.uuid, normalised, params,
+                                tuple(plain_text(w) for w in found), tuple(out.inputs),
                                 recall=recall_report, searches_per_query=_searches(norm, normalised, row_term))
     else:
         recall_report = _recall(opened, rows, sample, kept, norm, center, constant, top_k, row_term)
