@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import reference as ref
 
+import qbnorm_cli
+
 ROUNDING = 1e-11   # N ≤ 40 iterations of log-sum-exp over ≤ 12 terms of size ≤ 50 (see above)
 FEW_OPS = 1e-14    # a handful of float64 operations on O(1) values
 
@@ -314,4 +316,7 @@ def test_normalise_dispatches_the_new_methods():
     np.testing.assert_array_equal(ref.normalise("dn", S, P)[0], ref.distribution_normalisation(S, P, 0.25)[0])
     with pytest.raises(ValueError, match="PB"):
         ref.normalise("dbsn", S, P, beta=9.0)
-    assert set(ref.EXTRA_METHODS) == {"sn", "dbsn", "dn"}
+
+
+def test_the_oracle_covers_every_method_of_the_registry():
+    assert set(ref.METHODS) == set(qbnorm_cli.METHODS)
