@@ -125,6 +125,20 @@ def test_plain_commands_do_not_import_dask(tmp_path):
     assert proc.stdout.strip() == "[]"
 
 
+def test_the_blas_check_reads_numpys_blas_only():
+    """scipy.linalg loads a BLAS of its own, which computes none of qbnorm's products: loading it on
+    the client must not make the client's kernels differ from a worker's (a false warning)."""
+    script = textwrap.dedent("""
+        from qbnorm_cli.streaming.cluster import numpy_blas
+        before = numpy_blas()
+        import scipy.linalg  # noqa: F401
+        print(before == numpy_blas())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
+
+
 def test_a_missing_extra_is_one_line_naming_it(cli, data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` fails as if not installed
     code, _, err = cli("probe", "--bank", emb(data, "bank"), "--gallery", emb(data, "gallery"), "-o",

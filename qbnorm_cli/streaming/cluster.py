@@ -261,11 +261,17 @@ def local_cluster(n: int):
         os.environ.update(before)
 
 
-def _blas() -> tuple[int, str]:
-    """This process's BLAS threads (what its products run on) and kernels (what they round like)."""
+def numpy_blas() -> tuple[int, str]:
+    """The threads (what its products run on) and kernels (what they round like) of the BLAS that
+    numpy's products call. Other BLAS libraries in the process (scipy's own, loaded by
+    scipy.linalg) compute none of qbnorm's products and would make equal machines look different."""
     from threadpoolctl import threadpool_info
 
     found = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy/ and numpy.libs/
+    own = [i for i in found if os.path.basename(os.path.dirname(i["filepath"])).startswith("numpy")
+           and os.path.dirname(os.path.dirname(i["filepath"])) == numpy_dir]
+    found = own or found  # a numpy linked against a system BLAS: every BLAS loaded (one, as a rule)
     threads = max([i["num_threads"] for i in found] or [1])
     kernels = ", ".join(sorted({f"{i.get('internal_api')} {i.get('version')} {i.get('architecture') or ''}".strip()
                                 for i in found})) or "no BLAS found"
@@ -284,7 +290,7 @@ class Session:
         self.threads = max(1, sum(nthreads.values()))
         # the client's cores and BLAS threads: the tasks cut their sums and products for them
         self.client_threads = parallel.workers()
-        self.blas, self.kernels = _blas()
+        self.blas, self.kernels = numpy_blas()
         self.worker_kernels: set[str] = set()
         self.tasks = 0
         self.submitted = 0
@@ -480,7 +486,7 @@ def _task(kind: str, number: int, before_task, machine: tuple[int, int], fn: Cal
 
 @functools.cache
 def _worker_kernels() -> str:
-    return _blas()[1]
+    return numpy_blas()[1]
 
 
 def clear_cache() -> None:
