@@ -8,10 +8,11 @@ OUT := demo_out
 
 .PHONY: setup demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml examples/qbnorm-softened-is/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,plot,faiss,lancedb,dask]'  # every extra: CI runs their tests
+	$(BIN)/python -m pip install --quiet --no-deps -e examples/qbnorm-softened-is  # the example plug-in (tests/test_plugins.py)
 	touch $@
 
 setup: $(VENV)/.installed

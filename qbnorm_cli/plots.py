@@ -22,14 +22,14 @@ FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 EXTRA = "pip install 'qbnorm[plot]'"
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
-SYMBOLS = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α", "theta": "θ", "lam": "λ",
-           "lambda_": "λ"}  # how people write them; any other registry parameter goes by its name
 DPI = 150
 MAX_SERIES = 6  # lines per tuning panel; beyond, the best over the further parameters
 
 
 def _symbol(name: str) -> str:
-    return SYMBOLS.get(name, name)
+    """How people write a parameter: its registry symbol (anything else goes by its name)."""
+    parameter = registry.PARAMETERS.get(name)
+    return parameter.shown if parameter is not None else name
 
 
 def _combinations(settings: list[dict], names: list[str]) -> int:

@@ -10,9 +10,11 @@ this module before anything else.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
+import warnings
 
 PREVIOUS: dict = {}
 
@@ -24,7 +26,11 @@ def interrupted(signum, frame) -> None:
 
 def _names_program() -> bool:
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
-    return os.path.basename(argv0) == "qbnorm" or argv0.endswith(os.path.join("qbnorm_cli", "__main__.py"))
+    # `python -m qbnorm_cli` imports the package while sys.argv[0] is still "-m": the command line says it
+    original = list(getattr(sys, "orig_argv", ()))
+    by_module = any(a == "-m" and b == "qbnorm_cli" for a, b in itertools.pairwise(original))
+    return os.path.basename(argv0) == "qbnorm" or argv0.endswith(os.path.join("qbnorm_cli", "__main__.py")) or \
+        by_module
 
 
 def is_spawned() -> bool:
@@ -91,5 +97,8 @@ def ignore_late_signals() -> None:
 
 if is_program():
     guard()
+    # The registry warns once as it loads about plug-ins it left out; the program reports them with
+    # each command's warnings instead (one line, silent with --quiet, in the --json document).
+    warnings.filterwarnings("ignore", module=r"qbnorm_cli\.methods$")
 elif _names_program() and is_spawned():
     ignore_interrupts()

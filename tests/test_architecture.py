@@ -1,6 +1,6 @@
 """The package's shape, checked from its source: imports point one way (cli → api → streaming → io
 → methods → core), without cycles or private names across modules; each method's name is written
-in the registry only; the CLI's commands hold no numerical code; the library prints nothing."""
+in its own module only; the CLI's commands hold no numerical code; the library prints nothing."""
 
 from __future__ import annotations
 
@@ -130,16 +130,30 @@ def test_no_private_names_across_modules():
     assert not found and not attribute_access, found + attribute_access
 
 
-def test_each_method_name_is_written_in_the_registry_only():
-    names = set(methods.METHODS)
+def test_each_method_name_is_written_in_its_own_module_only():
+    """A method is one module of qbnorm_cli/methods/: its name (a string anywhere else) would tie
+    another module to it."""
+    home = {m.name: m.build.__module__ for m in methods.METHODS.values()}
     outside = []
     for name, tree in MODULES.items():
-        if name == "qbnorm_cli.methods":
-            continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in home \
+                    and home[node.value] != name:
                 outside.append(f"{name}:{node.lineno} {node.value!r}")
     assert not outside, outside
+
+
+def test_each_method_is_one_module_of_the_methods_package():
+    homes = [methods.METHODS[name].build.__module__ for name in methods.BUILT_IN_NAMES]
+    assert len(set(homes)) == len(homes) and all(h.startswith("qbnorm_cli.methods.") for h in homes), homes
+    assert {f"qbnorm_cli.methods.{m}" for m in methods.BUILT_IN} == set(homes)
+
+
+def test_parameters_are_declared_in_the_registry_only():
+    """Parameter(...) is called in qbnorm_cli/methods/ alone (its base declares them)."""
+    calls = [f"{name}:{node.lineno}" for name, tree in MODULES.items() if part(name) != "methods"
+             for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Parameter"]
+    assert not calls, calls
 
 
 @pytest.mark.parametrize("name", [n for n in MODULES if part(n) == "cli"])

@@ -14,6 +14,7 @@ import time
 import warnings
 from contextlib import contextmanager
 
+from qbnorm_cli import methods
 from qbnorm_cli.cli.options import FLAG_NAMES
 from qbnorm_cli.errors import QbnormWarning
 from qbnorm_cli.io.atomic import jsonable
@@ -50,7 +51,10 @@ class Reporter:
 
     @contextmanager
     def capture(self):
-        """The library's QbnormWarnings raised inside, reported with the options' spelling."""
+        """The library's QbnormWarnings raised inside, reported with the options' spelling; first,
+        the plug-ins the registry left out (each run says so, as the library does once)."""
+        for problem in methods.PLUGIN_PROBLEMS:
+            self.warn(problem)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", QbnormWarning)
             yield

@@ -1,0 +1,128 @@
+"""The base of every method: `Parameter`, `Needs` and `Method`, and the parameters methods share.
+
+A `Method` says what it computes (its help line and the formula's source), which parameters it
+takes (each a `Parameter`: kind, default, bounds, help and the symbol people write), which probe
+statistics it needs, and how its `Normaliser` (core/normalisers.py: η = scale·S − offset[j] − r_q
+with a gate) is built from a probe. Each method is one module of this package (a plug-in, one
+module of another package, registered under the entry point group `qbnorm.methods`); the package
+(`qbnorm_cli.methods`) collects them into the registry.
+
+Formulas are written with P[i, j] the bank × gallery scores, H[h, j] the gallery-bank × gallery
+scores, PB[i, h] the bank × gallery-bank scores and S[q, j] the query × gallery scores, in log form
+(which ranks exactly as the exponential forms).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from qbnorm_cli.core.normalisers import Normaliser
+from qbnorm_cli.errors import UsageError, param
+
+# β grids for cosine-scale scores; `core.scale.beta_grid` adds their equivalents on other scales
+BETA_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
+GALLERY_BETA_GRID = (1.0, 2.0, 5.0, 10.0, 20.0)
+SCALED = "scaled"  # a grid that follows the score scale (core.scale.beta_grid)
+WHOLE_MAX = 2**31 - 1  # k and K are stored as 32-bit integers (and no gallery is larger)
+ONE_PASS = "probe: one pass over bank × gallery; normalise: plain retrieval plus an O(gallery) offset"
+SINKHORN_COST = ("probe --sinkhorn: one pass, then one per iteration (a float64 exp per {scores}; the products "
+                 "again when those scores do not fit half of --memory); normalise: plain retrieval plus an "
+                 "O(gallery) offset")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A method parameter: the library's keyword (the CLI's flag is --name, dashes for underscores)."""
+
+    name: str
+    kind: type
+    help: str
+    default: float | int | None = None  # None: from the probe (its only β), or required
+    symbol: str = ""                     # how people write it (tables, figure labels); the name when empty
+    minimum: float | None = None         # values must be ≥ this (> 0 when exclusive)
+    exclusive: bool = False
+    maximum: int | None = None           # whole numbers: at most this (what a file can record)
+
+    def check(self, value):
+        """The value as `kind`, or UsageError naming the parameter."""
+        try:
+            number = self.kind(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{param(self.name)} {value!r}: expected a number") from None
+        if self.kind is int and number != value:
+            raise UsageError(f"{param(self.name)} {value}: expected a whole number")
+        low = self.minimum is not None and (number <= self.minimum if self.exclusive else number < self.minimum)
+        if self.kind is float and (low or not math.isfinite(number)):
+            bound = "" if self.minimum is None else f" {'>' if self.exclusive else '≥'} {self.minimum:g}"
+            raise UsageError(f"{param(self.name)} {value}: must be a finite number{bound}")
+        if low:
+            raise UsageError(f"{param(self.name)} {value}: must be at least {self.minimum:g}")
+        if self.maximum is not None and number > self.maximum:
+            raise UsageError(f"{param(self.name)} {value}: must be at most {self.maximum}")
+        return number
+
+    @property
+    def shown(self) -> str:
+        return self.symbol or self.name
+
+
+PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
+    Parameter("beta", float, "inverse temperature β of the inverted softmax (β₁ of the dual methods); "
+              "default: the probe's", minimum=0, exclusive=True, symbol="β"),
+    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1,
+              maximum=WHOLE_MAX),
+    Parameter("gallery_beta", float, "β₂ of the gallery bank; default: the probe's", minimum=0, exclusive=True,
+              symbol="β₂"),
+    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, maximum=WHOLE_MAX, symbol="K"),
+    Parameter("alpha", float, "weight α of the gallery offset", default=0.75, symbol="α"),
+    Parameter("min_count", int, "θ: an item is a hub when it is in the top-k of at least θ bank queries",
+              default=1, minimum=1, symbol="θ"),
+    Parameter("lam", float, "weight λ of the mean bank embedding (Distribution Normalisation)", default=0.25,
+              minimum=0, symbol="λ"),
+)}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Probe statistics a method reads (io/probefile.py has their layout)."""
+
+    log_norm: bool = False          # LSE_i(β·P[i, j]) for its β
+    neighbors: bool = False         # each bank row's top items (activation sets)
+    topk_mean: bool = False         # mean of the K largest P[:, j]
+    sorted_bank: bool = False       # P[:, j] ascending, per item
+    gallery_bank: bool = False      # the same from a gallery bank (H)
+    column_mean: bool = False       # mean_i P[i, j]
+    sinkhorn: bool = False          # log u of the Sinkhorn scalings of P for its β
+    dual_sinkhorn: bool = False     # log u of the Sinkhorn scalings of [P | PB] (the gallery's part)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    help: str
+    source: str
+    parameters: tuple[str, ...]
+    build: Callable[[object, Mapping], Normaliser]  # (probe statistics, parameter values) → Normaliser
+    needs: Needs = Needs()
+    defaults: Mapping[str, float | int] = field(default_factory=dict)  # per-method defaults
+    grid: Mapping[str, tuple | str] = field(default_factory=dict)      # values `tune` tries
+    within_gallery: tuple[str, ...] = ()  # parameters that count gallery items: at most the gallery size
+    log_domain: bool = False  # scores are β·S − log-normaliser: compare them within a row only
+    tuned: bool = True        # part of tune's default methods
+    baseline: bool = False    # the raw scores through the same path
+    default_method: bool = False  # what normalise, export and tune use when no method is named
+    cost: str = ONE_PASS      # what probe and normalise pay for it
+
+    def default(self, name: str):
+        return self.defaults.get(name, PARAMETERS[name].default)
+
+    @property
+    def dual(self) -> bool:
+        """Whether it needs a gallery bank (H, or the bank × gallery-bank scores PB)."""
+        return self.needs.gallery_bank or self.needs.dual_sinkhorn
+
+DEFAULT_BETA = 20.0          # for cosine similarities (QB-Norm's setting)
+DEFAULT_GALLERY_BETA = 1.0   # a gentle mean-score correction from the gallery bank
+KMAX_MIN = 10                # probe keeps at least this many top items per bank row
