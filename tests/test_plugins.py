@@ -172,3 +172,4 @@ def test_a_broken_installed_plugin_warns_once_in_the_library_and_each_command(tm
                            text=True, env=env, timeout=120)
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert json.loads(quiet.stdout)["warnings"] == [line]
+

@@ -112,8 +112,14 @@ DEFAULT = next(m for m in METHODS.values() if m.default_method)
 BASELINE = next(m for m in METHODS.values() if m.baseline)
 
 
-def get(name: str) -> Method:
-    """The method of this name, or UsageError listing them."""
+def get(name: str | Method) -> Method:
+    """The method of this name (or a `Method` itself, checked as a plug-in's is: a method not yet
+    packaged can be tried from Python), or UsageError listing them."""
+    if isinstance(name, Method):
+        reason = problem_with(name, {n: m for n, m in METHODS.items() if m is not name})
+        if reason is not None:
+            raise UsageError(f"{param('method')}: {reason}")
+        return name
     try:
         return METHODS[name]
     except (KeyError, TypeError):
