@@ -87,8 +87,9 @@ def command(
       groupie ratio       max N_k / (k·Q): 1/(k·Q) … 1/k
       coverage            % of items with N_k > 0 (100 − anti-hub rate)
 
-    --plot draws, per k, the complementary CDF of N_k/μ of each input on log axes (the share of
-    items retrieved at least x times the mean; a long, high tail = hubs), skewness in the legend.
+    --plot draws, per k, the complementary CDF of N_k of each input on log axes (the share of
+    items retrieved at least x times; a long, high tail = hubs; μ and 2μ dotted), skewness in the
+    legend; each input keeps its colour in every qbnorm figure.
 
     Example: qbnorm hubness raw.h5 dis.h5 --k 1 --k 10 --plot hubness.png
 
