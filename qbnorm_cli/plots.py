@@ -33,8 +33,9 @@ PALETTE = ("#000000", "#56B4E9", "#0072B2", "#E69F00", "#009E73", "#999999", "#C
 LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)))
 MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*", "<", ">", "h")
 BASELINE_NAMES = ("raw", "baseline")  # what people call the unnormalised scores' file
-SYMBOLS = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α", "theta": "θ", "lam": "λ",
-           "lambda_": "λ"}  # how people write them; any other registry parameter goes by its name
+# How people write the parameters; any other registry parameter goes by its name.
+SYMBOLS = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α", "theta": "θ",
+           "min_count": "θ", "lam": "λ", "lambda_": "λ"}
 DPI = 150
 MAX_SERIES = 6  # lines per tuning panel; beyond, the best over the further parameters
 
@@ -353,36 +354,46 @@ def tuning_data(result: dict) -> dict:
 
 def tuning_figure(result: dict, *, title: str | None = None):
     """The validation metric against β (or the method's own parameter: K, α) for each method, one
-    line per value of its other parameters (k, β₂, …), the raw baseline dashed, each method's
-    best point circled and the chosen setting starred."""
+    panel per method in its colour (`style_of`), one line per value of its other parameters (k,
+    β₂, …; a panel legend when there are several), the raw baseline dashed, each method's best
+    point circled and the chosen setting starred (one legend for the three, below the panels)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     Figure = _figure_class("tuning_figure")
     data = tuning_data(result)
     panels = data["panels"]
     cols = min(3, max(1, len(panels)))
     rows = -(-len(panels) // cols) if panels else 1
-    fig = Figure(figsize=(4.4 * cols, 3.4 * rows), layout="constrained")
+    fig = Figure(figsize=(3.6 * cols, 2.7 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
     metric = data["metric"]
     slot = slots([registry.BASELINE.name] + [panel["method"] for panel in panels])
+    raw_style = {"color": style_of(slot[registry.BASELINE.name])["color"], "linestyle": "--", "linewidth": 1.0}
+    best_style = {"marker": "o", "markersize": 10, "markerfacecolor": (1, 1, 1, 0), "markeredgecolor": "black",
+                  "markeredgewidth": 1.3, "linestyle": ""}
+    chosen_style = {"marker": "*", "markersize": 13, "color": "black", "linestyle": ""}
     for ax, panel in zip(axes, panels, strict=False):
         colour = style_of(slot[panel["method"]])["color"]  # the method's colour; its settings by line style
         for i, s in enumerate(panel["series"]):
             xs = [v if v is not None else 0 for v in s["x"]]
-            ax.plot(xs, s["y"], markersize=4, linewidth=1.2, label=s["label"], color=colour, **_style(i))
-        ax.axhline(data["raw"], color=style_of(slot[registry.BASELINE.name])["color"], linestyle="--",
-                   linewidth=1.0, label="raw")
+            ax.plot(xs, s["y"], markersize=3.5, linewidth=1.2, label=s["label"], color=colour, **_style(i))
+        ax.axhline(data["raw"], **raw_style)
         best = panel["best"]
-        ax.plot([best["x"] or 0], [best["y"]], marker="o", markersize=11, markerfacecolor=(1, 1, 1, 0),
-                markeredgecolor="black", markeredgewidth=1.4, linestyle="", label="best of method")
+        ax.plot([best["x"] or 0], [best["y"]], **best_style)
         if panel["method"] == data["chosen"]["method"]:
-            ax.plot([best["x"] or 0], [best["y"]], marker="*", markersize=14, color="black", linestyle="",
-                    label="chosen")
+            ax.plot([best["x"] or 0], [best["y"]], **chosen_style)
         if panel["x"] in ("beta", "gallery_beta") and all((v or 0) > 0 for s in panel["series"] for v in s["x"]):
             ax.set_xscale("log")
-        ax.set_xlabel(_symbol(panel["x"]) if panel["x"] else "")
-        ax.set_title(panel["method"])
-        ax.grid(True, linestyle=":", linewidth=0.6)
-        ax.legend(fontsize="x-small")
+            ax.xaxis.set_major_formatter("{x:g}")
+        elif all(isinstance(v, int) for s in panel["series"] for v in s["x"]):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # K, k: no tick at 7.5
+        symbol = _symbol(panel["x"]) if panel["x"] else ""
+        ax.set_xlabel(f"${symbol}$" if len(symbol) == 1 else symbol)  # mathtext italics for one letter
+        ax.set_title(panel["method"], color=colour, fontweight="bold", fontsize="medium")
+        ax.grid(True, linestyle=":", linewidth=0.5, color="0.8")
+        if len(panel["series"]) > 1:
+            ax.legend(fontsize="x-small", frameon=False)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax in axes[::cols]:
@@ -390,5 +401,9 @@ def tuning_figure(result: dict, *, title: str | None = None):
     chosen = data["chosen"]
     setting = " ".join([chosen["method"]] + [f"{_symbol(n)}={chosen[n]:g}" for n in registry.PARAMETERS
                                              if chosen.get(n) is not None])
-    fig.suptitle(title or f"tune: validation {metric} per setting; chosen {setting} ({chosen['value']:.2f})")
+    keys = [Line2D([], [], **raw_style), Line2D([], [], **best_style), Line2D([], [], **chosen_style)]
+    fig.legend(keys, [f"raw ({data['raw']:.2f})", "best of the method", f"chosen: {setting} ({chosen['value']:.2f})"],
+               loc="outside lower center", ncols=3, fontsize="small", frameon=False)
+    if title:
+        fig.suptitle(title)
     return fig

@@ -132,7 +132,7 @@ def test_tune_plot_marks_the_chosen_setting(cli, tmp_path):
     panels = {p["method"]: p for p in data["panels"]}
     # dis has k (3 values) × θ (3 values) per β: more than 6 series, so one per k, the best over θ
     labels = [s["label"] for s in panels["dis"]["series"]]
-    assert panels["dis"]["x"] == "beta" and labels == [f"k={k} (best min_count)" for k in (1, 2, 5)]
+    assert panels["dis"]["x"] == "beta" and labels == [f"k={k} (best θ)" for k in (1, 2, 5)]
     for s in panels["dis"]["series"]:
         k = int(s["label"].split()[0][2:])
         for beta, value in zip(s["x"], s["y"], strict=True):
