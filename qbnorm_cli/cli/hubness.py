@@ -51,8 +51,8 @@ ROWS = (
 def command(
     ctx: typer.Context,
     scores: Annotated[list[str] | None, typer.Argument(metavar="[SCORES]...", help="Similarity, ranking or probe files: PATH or PATH::/dataset.", show_default=False)] = None,
-    queries: Annotated[str | None, typer.Option("--queries", help="Query embeddings to score against --gallery here (no probe needed; streamed under --memory).")] = None,
-    gallery: Annotated[str | None, typer.Option("--gallery", help="Gallery embeddings for --queries.")] = None,
+    queries: Annotated[str | None, typer.Option("--queries", metavar="Q", help="Query embeddings to score against --gallery here (no probe needed; streamed under --memory).")] = None,
+    gallery: Annotated[str | None, typer.Option("--gallery", metavar="G", help="Gallery embeddings for --queries.")] = None,
     similarity: options.Similarity = "cosine",
     k: Annotated[list[int] | None, typer.Option("--k", metavar="K", help="Neighbourhood size(s) (repeatable; default 10).")] = None,
     exclude_self: Annotated[bool, typer.Option("--exclude-self", help="Ignore the diagonal of a square gallery × gallery matrix (with --queries, each query's own item).")] = False,
