@@ -4,12 +4,18 @@ Each `*_figure` returns a matplotlib `Figure` built from the same data the comma
 `--json` (`*_data`), so a figure can be checked against its numbers. matplotlib is the optional
 extra `qbnorm[plot]`, imported only here and only when a figure is made; figures are made with
 `matplotlib.figure.Figure` directly (no pyplot, no backend switch, no rcParams changed), saved
-through the Agg renderer for PNG and matplotlib's own PDF and SVG writers. Every series has its own
-line style and marker, so the figures read without colour.
+through the Agg renderer for PNG and matplotlib's own PDF and SVG writers.
+
+Every input keeps one colour, line style and marker in every figure (`style_of`): an input named
+after a method (its file's stem: raw, dis, csls, dis_b100 …) takes that method's slot of PALETTE in
+registry order, raw the baseline's; other names take the slots left, in order. The palette is
+Okabe & Ito's colour-blind-safe set, extended; line styles and markers tell the lines apart in
+grey print too. Symbols are matplotlib mathtext ($N_{10}$).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from qbnorm_cli import methods as registry
@@ -20,8 +26,13 @@ from qbnorm_cli.version import VERSION
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 EXTRA = "pip install 'qbnorm[plot]'"
-LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
-MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
+# One colour per method in registry order (the baseline first, black), then spares for other names:
+# Okabe & Ito, "Color universal design" (2008), extended with Tol's muted set.
+PALETTE = ("#000000", "#56B4E9", "#0072B2", "#E69F00", "#009E73", "#999999", "#CC79A7", "#882255", "#D55E00",
+           "#332288", "#44AA99", "#8C510A", "#DDCC77", "#117733", "#AA4499")
+LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*", "<", ">", "h")
+BASELINE_NAMES = ("raw", "baseline")  # what people call the unnormalised scores' file
 DPI = 150
 MAX_SERIES = 6  # lines per tuning panel; beyond, the best over the further parameters
 
@@ -80,7 +91,35 @@ def _metadata(fmt: str) -> dict:
     return meta
 
 
+def _slot_of(name: str) -> int | None:
+    """The palette slot of a method's name (or a name that starts with one: dis_b100, dis20), else None."""
+    methods = list(registry.METHODS)
+    word = name.lower()
+    if word in BASELINE_NAMES or word == registry.BASELINE.name:
+        return methods.index(registry.BASELINE.name)
+    matches = [m for m in methods if word == m or re.match(re.escape(m) + r"(?![a-z-])", word)]
+    return methods.index(max(matches, key=len)) if matches else None
+
+
+def slots(names: list[str]) -> dict[str, int]:
+    """Each name's palette slot: its method's, else the first slot no name here uses, in order."""
+    fixed = {name: _slot_of(name) for name in names}
+    taken = {slot for slot in fixed.values() if slot is not None}
+    spare = (i for i in range(10**6) if i not in taken and i >= len(registry.METHODS))
+    out = {}
+    for name in dict.fromkeys(names):
+        out[name] = fixed[name] if fixed[name] is not None else next(spare)
+    return out
+
+
+def style_of(slot: int) -> dict:
+    """The colour, line style and marker of a palette slot: the same in every figure."""
+    return {"color": PALETTE[slot % len(PALETTE)], "linestyle": LINESTYLES[slot % len(LINESTYLES)],
+            "marker": MARKERS[slot % len(MARKERS)]}
+
+
 def _style(i: int) -> dict:
+    """Line style and marker of the i-th series of one input (the tuning panels' parameter values)."""
     return {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
 
 
@@ -102,33 +141,23 @@ def _names(results: list[dict], names) -> list[str]:
     return out
 
 
-def _title(names: list[str]) -> str:
-    return " vs ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])} and {len(names) - 3} more"
-
-
 # --- hubness -------------------------------------------------------------------------------------
 
-def _log_binned(nk: list[int], items: list[int]) -> tuple[list[float], list[float]]:
-    """The mean number of items per N_k value over the bins [1, 2), [2, 4), [4, 8), …, placed at the
-    geometric middle of each bin's values: the trend through a noisy histogram on log-log axes."""
-    xs, ys = [], []
-    lo = 1
-    top = max(nk, default=0)
-    while lo <= top:
-        hi = 2 * lo
-        total = sum(c for v, c in zip(nk, items, strict=True) if lo <= v < hi)
-        if total:
-            xs.append(float((lo * (hi - 1)) ** 0.5))
-            ys.append(total / (hi - lo))
-        lo = hi
-    return xs, ys
+def _ccdf(nk: list[int], items: list[int], n_items: int) -> list[float]:
+    """P(N_k ≥ v) over the items, at each value v of `nk` (ascending, with the items taking it)."""
+    out, above = [], sum(items)
+    for count in items:
+        out.append(above / n_items)
+        above -= count
+    return out
 
 
 def hubness_data(results, names=None) -> dict:
     """The k-occurrence distributions of `hubness` results (one dict or a list, or the `inputs` of a
-    hubness document): per input and k, each N_k value ≥ 1 with the number of items taking it
-    (a log axis has no 0: the items with N_k = 0, the anti-hubs, are counted apart), the same
-    averaged over power-of-2 bins of N_k (`binned`), and the skewness."""
+    hubness document): per input and k, each N_k value ≥ 1 with the number of items taking it (a
+    log axis has no 0: the items with N_k = 0, the anti-hubs, are counted apart), the share of
+    items with N_k at least that value (`share_at_least`, the complementary CDF the figure draws),
+    the mean μ = k·Q/G, the hub threshold 2μ and the skewness."""
     results = [results] if isinstance(results, dict) else list(results)
     inputs = []
     for name, res in zip(_names(results, names), results, strict=True):
@@ -137,49 +166,61 @@ def hubness_data(results, names=None) -> dict:
             zero = items[0] if nk and nk[0] == 0 else 0
             pairs = [(v, c) for v, c in zip(nk, items, strict=True) if v > 0]
             values, counts = [v for v, _ in pairs], [c for _, c in pairs]
-            bx, by = _log_binned(values, counts)
+            n_items = sum(counts) + zero
             inputs.append({"name": name, "k": row["k"], "skewness": row["skewness"],
                            "nk": values, "items": counts, "zero_items": zero,
-                           "binned": {"nk": bx, "items_per_value": by}, "gallery_rows": res.get("gallery_rows")})
-    return {"x": "N_k (queries that retrieve the item in their top k)", "y": "number of items",
+                           "share_at_least": _ccdf(values, counts, n_items),
+                           "mean_nk": row["mean_nk"], "hub_threshold": row["hub_threshold"],
+                           "antihub_rate_pct": row["antihub_rate_pct"], "gallery_rows": res.get("gallery_rows")})
+    return {"x": "N_k (queries that retrieve the item in their top k)", "y": "share of items with N_k ≥ x",
             "scale": "log-log", "series": inputs}
 
 
 def hubness_figure(results, *, names=None, title: str | None = None):
-    """The k-occurrence distribution of each input on shared log-log axes, one panel per k: N_k on
-    x, the number of items with that N_k on y (markers; a long right tail = hubs), a line through
-    its power-of-2-bin averages, skewness and the anti-hub count in the legend."""
+    """The complementary CDF of N_k of each input on log-log axes, one panel per k: the share of
+    items retrieved at least x times (Radovanović et al. 2010 plot the distribution itself; its
+    CCDF keeps every item and no binning). A heavier, longer tail = more hubness. Dotted: the mean
+    μ = k·Q/G and the hub threshold 2μ. The legend names each input with its skewness."""
     Figure = _figure_class("hubness_figure")
     data = hubness_data(results, names)
     ks = sorted({s["k"] for s in data["series"]})
     names = list(dict.fromkeys(s["name"] for s in data["series"]))
-    fig = Figure(figsize=(5.6 * len(ks), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(ks), sharex=True, sharey=True, squeeze=False)[0]
+    slot = slots(names)
+    fig = Figure(figsize=(4.6 * len(ks) + 0.4, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(ks), squeeze=False)[0]
     for ax, k in zip(axes, ks, strict=True):
-        handles, labels = [], []
-        for i, name in enumerate(names):
-            for s in data["series"]:
-                if s["k"] != k or s["name"] != name:
-                    continue
-                style = _style(i)
-                line = ax.plot(s["binned"]["nk"], s["binned"]["items_per_value"], linewidth=1.6,
-                               linestyle=style["linestyle"], marker="")[0]
-                points = ax.plot(s["nk"], s["items"], linestyle="", marker=style["marker"], markersize=4,
-                                 markerfacecolor=(1, 1, 1, 0), color=line.get_color(), alpha=0.8)[0]
-                handles.append((line, points))
-                labels.append(f"{name}: skewness {s['skewness']:.2f}, N_{k} = 0 for {s['zero_items']}")
+        nk_k = f"N_{{{k}}}"
+        panel = [s for name in names for s in data["series"] if s["k"] == k and s["name"] == name]
+        for s in panel:
+            style = style_of(slot[s["name"]])
+            ax.step(s["nk"], s["share_at_least"], where="pre", linewidth=1.5, color=style["color"],
+                    linestyle=style["linestyle"], label=f"{s['name']}  ${s['skewness']:.2f}$")
+        if panel:
+            mean, threshold = panel[0]["mean_nk"], panel[0]["hub_threshold"]
+            for x, text in ((mean, r"$\mu$"), (threshold, r"$2\mu$")):
+                ax.axvline(x, color="0.55", linestyle=":", linewidth=0.9, zorder=0)
+                ax.annotate(text, (x, 1.0), xytext=(2, -2), textcoords="offset points", ha="left", va="top",
+                            fontsize="small", color="0.35")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(f"N_{k} (queries with the item in their top {k})")
-        ax.set_title(f"k = {k}: markers each N_{k} value, lines power-of-2 bin means", fontsize="medium")
-        ax.grid(True, which="major", linestyle=":", linewidth=0.6)
-        ax.legend(handles, labels, fontsize="small")
-    axes[0].set_ylabel("number of items")
-    fig.suptitle(title or f"k-occurrence distribution: {_title(names)}")
+        ax.xaxis.set_major_formatter("{x:g}")
+        ax.set_xlabel(f"${nk_k}$: queries with the item in their top {k}")
+        ax.set_ylabel(f"share of items with ${nk_k} \\geq x$")
+        if len(ks) > 1:
+            ax.set_title(f"$k = {k}$", fontsize="medium")
+        ax.grid(True, which="major", linestyle=":", linewidth=0.5, color="0.8")
+        ax.legend(title=f"skewness of ${nk_k}$", fontsize="small", title_fontsize="small", loc="lower left",
+                  frameon=False)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
 # --- recall ----------------------------------------------------------------------------------------
+
+RECALL_MARGIN = 0.08  # of the shown spread, at least RECALL_MIN_MARGIN points, above and below the curves
+RECALL_MIN_MARGIN = 1.0
+
 
 def recall_data(results, names=None) -> dict:
     """Recall@K curves of `evaluate` results (one dict or a list, or an evaluation document's
@@ -195,26 +236,57 @@ def recall_data(results, names=None) -> dict:
     return {"x": "K", "y": "R@K (%)", "scale": "log-x", "direction": direction, "series": series}
 
 
+def recall_limits(series: list[dict]) -> tuple[float, float]:
+    """The R@K axis: the curves' range with a margin (RECALL_MARGIN of it, at least
+    RECALL_MIN_MARGIN points), within 0–100: a 6-point spread fills the axis, not a 0–100 strip."""
+    values = [v for s in series for v in s["R@K"]]
+    if not values:
+        return 0.0, 100.0
+    lo, hi = min(values), max(values)
+    pad = max(RECALL_MIN_MARGIN, RECALL_MARGIN * (hi - lo))
+    return max(0.0, lo - pad), min(100.0, hi + pad)
+
+
 def recall_figure(results, *, names=None, title: str | None = None, direction: str | None = None):
     """Recall@K against K (log x) for each input, K = 1 … 100 or as far as the input knows (a
-    ranking's top N)."""
+    ranking's top N), the R@K axis scaled to the curves (`recall_limits`); R@1 in the legend. With
+    several inputs a lower panel shows each one's R@K minus the first's (in points), where a few
+    points' difference is visible."""
     Figure = _figure_class("recall_figure")
     data = recall_data(results, names)
     direction = direction or data["direction"]
-    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
-    ax = fig.subplots()
-    for i, s in enumerate(data["series"]):
+    series = data["series"]
+    slot = slots([s["name"] for s in series])
+    base = series[0] if len(series) > 1 and series[0]["R@K"] else None
+    fig = Figure(figsize=(5.0, 5.0 if base else 3.8), layout="constrained")
+    if base:
+        ax, delta = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
+    else:
+        ax, delta = fig.subplots(), None
+    for s in series:
         label = s["name"] + (f" (top {s['listed']})" if s["listed"] else "")
-        ax.plot(s["K"], s["R@K"], markersize=3, markevery=_marks(len(s["K"])), linewidth=1.3, label=label,
-                **_style(i))
+        if s["R@K"]:
+            label += f"  R@1 {s['R@K'][0]:.1f}"
+        style = style_of(slot[s["name"]])
+        ax.plot(s["K"], s["R@K"], markersize=3.5, markevery=_marks(len(s["K"])), linewidth=1.4, label=label, **style)
+        if delta is not None:
+            n = min(len(s["K"]), len(base["K"]))
+            delta.plot(s["K"][:n], [a - b for a, b in zip(s["R@K"][:n], base["R@K"][:n], strict=True)],
+                       markersize=3.5, markevery=_marks(n), linewidth=1.4, **style)
     ax.set_xscale("log")
-    ax.set_xlabel("K")
-    ax.set_ylabel("Recall@K (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(True, which="both", linestyle=":", linewidth=0.6)
-    ax.legend(fontsize="small", loc="lower right")
-    names = [s["name"] for s in data["series"]]
-    fig.suptitle(title or f"Recall@K{f' ({direction})' if direction else ''}: {_title(names)}")
+    ax.set_ylabel("Recall@$K$ (%)" + (f", {direction}" if direction else ""))
+    ax.set_ylim(*recall_limits(series))
+    ax.legend(fontsize="small", loc="lower right", frameon=False)
+    for axis in (ax, delta) if delta is not None else (ax,):
+        axis.grid(True, which="major", linestyle=":", linewidth=0.5, color="0.8")
+        axis.set_xticks([k for k in (1, 2, 5, 10, 20, 50, 100) if k <= max(len(s["K"]) for s in series)])
+        axis.xaxis.set_major_formatter("{x:g}")
+        axis.xaxis.set_minor_formatter("")
+    (delta if delta is not None else ax).set_xlabel("$K$")
+    if delta is not None:
+        delta.set_ylabel(f"R@$K$ − {base['name']} (points)")
+    if title:
+        fig.suptitle(title)
     return fig
 
 
@@ -281,33 +353,46 @@ def tuning_data(result: dict) -> dict:
 
 def tuning_figure(result: dict, *, title: str | None = None):
     """The validation metric against β (or the method's own parameter: K, α) for each method, one
-    line per value of its other parameters (k, β₂, …), the raw baseline dashed, each method's
-    best point circled and the chosen setting starred."""
+    panel per method in its colour (`style_of`), one line per value of its other parameters (k,
+    β₂, …; a panel legend when there are several), the raw baseline dashed, each method's best
+    point circled and the chosen setting starred (one legend for the three, below the panels)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     Figure = _figure_class("tuning_figure")
     data = tuning_data(result)
     panels = data["panels"]
     cols = min(3, max(1, len(panels)))
     rows = -(-len(panels) // cols) if panels else 1
-    fig = Figure(figsize=(4.4 * cols, 3.4 * rows), layout="constrained")
+    fig = Figure(figsize=(3.6 * cols, 2.7 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
     metric = data["metric"]
+    slot = slots([registry.BASELINE.name] + [panel["method"] for panel in panels])
+    raw_style = {"color": style_of(slot[registry.BASELINE.name])["color"], "linestyle": "--", "linewidth": 1.0}
+    best_style = {"marker": "o", "markersize": 10, "markerfacecolor": (1, 1, 1, 0), "markeredgecolor": "black",
+                  "markeredgewidth": 1.3, "linestyle": ""}
+    chosen_style = {"marker": "*", "markersize": 13, "color": "black", "linestyle": ""}
     for ax, panel in zip(axes, panels, strict=False):
+        colour = style_of(slot[panel["method"]])["color"]  # the method's colour; its settings by line style
         for i, s in enumerate(panel["series"]):
             xs = [v if v is not None else 0 for v in s["x"]]
-            ax.plot(xs, s["y"], markersize=4, linewidth=1.2, label=s["label"], **_style(i))
-        ax.axhline(data["raw"], color="0.4", linestyle="--", linewidth=1.0, label="raw")
+            ax.plot(xs, s["y"], markersize=3.5, linewidth=1.2, label=s["label"], color=colour, **_style(i))
+        ax.axhline(data["raw"], **raw_style)
         best = panel["best"]
-        ax.plot([best["x"] or 0], [best["y"]], marker="o", markersize=11, markerfacecolor=(1, 1, 1, 0),
-                markeredgecolor="black", markeredgewidth=1.4, linestyle="", label="best of method")
+        ax.plot([best["x"] or 0], [best["y"]], **best_style)
         if panel["method"] == data["chosen"]["method"]:
-            ax.plot([best["x"] or 0], [best["y"]], marker="*", markersize=14, color="black", linestyle="",
-                    label="chosen")
+            ax.plot([best["x"] or 0], [best["y"]], **chosen_style)
         if panel["x"] in ("beta", "gallery_beta") and all((v or 0) > 0 for s in panel["series"] for v in s["x"]):
             ax.set_xscale("log")
-        ax.set_xlabel(_symbol(panel["x"]) if panel["x"] else "")
-        ax.set_title(panel["method"])
-        ax.grid(True, linestyle=":", linewidth=0.6)
-        ax.legend(fontsize="x-small")
+            ax.xaxis.set_major_formatter("{x:g}")
+        elif all(isinstance(v, int) for s in panel["series"] for v in s["x"]):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # K, k: no tick at 7.5
+        symbol = _symbol(panel["x"]) if panel["x"] else ""
+        ax.set_xlabel(f"${symbol}$" if len(symbol) == 1 else symbol)  # mathtext italics for one letter
+        ax.set_title(panel["method"], color=colour, fontweight="bold", fontsize="medium")
+        ax.grid(True, linestyle=":", linewidth=0.5, color="0.8")
+        if len(panel["series"]) > 1:
+            ax.legend(fontsize="x-small", frameon=False)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax in axes[::cols]:
@@ -315,5 +400,9 @@ def tuning_figure(result: dict, *, title: str | None = None):
     chosen = data["chosen"]
     setting = " ".join([chosen["method"]] + [f"{_symbol(n)}={chosen[n]:g}" for n in registry.PARAMETERS
                                              if chosen.get(n) is not None])
-    fig.suptitle(title or f"tune: validation {metric} per setting; chosen {setting} ({chosen['value']:.2f})")
+    keys = [Line2D([], [], **raw_style), Line2D([], [], **best_style), Line2D([], [], **chosen_style)]
+    fig.legend(keys, [f"raw ({data['raw']:.2f})", "best of the method", f"chosen: {setting} ({chosen['value']:.2f})"],
+               loc="outside lower center", ncols=3, fontsize="small", frameon=False)
+    if title:
+        fig.suptitle(title)
     return fig

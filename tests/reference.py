@@ -428,3 +428,47 @@ def expected_tie_hits(row, relevant, k: int) -> float:
     relevant = {int(j) for j in np.atleast_1d(relevant) if j >= 0}
     orders = [p for p in itertools.permutations(range(row.size)) if np.all(np.diff(row[list(p)]) <= 0)]
     return float(np.mean([any(j in relevant for j in p[:k]) for p in orders]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hubness measures (Radovanović et al., JMLR 2010; scikit-hubness / kiez `analysis.estimation`)
+# --------------------------------------------------------------------------------------------------
+#   N_k(j)            #queries with item j among their k best (stable sort: ties towards the lower index)
+#   μ                 k·Q/G, the mean N_k (every query fills k slots)
+#   hub               N_k(j) ≥ 2·μ (the peers' hub_size·k with hub_size 2 and Q = G, where μ = k)
+#   hub occurrence    Σ_{hubs} N_k / (k·Q): the share of all k·Q neighbour slots taken by hubs
+#   anti-hub          N_k(j) = 0; anti-hub occurrence: the share of items that are anti-hubs
+#   truncnorm skew.   E[X³] for X a standard normal truncated to [−μ̂/s, ∞), μ̂ and s (ddof 1) of N_k
+
+
+def k_occurrence(S, k: int) -> np.ndarray:
+    """N_k of a dense query × gallery score matrix."""
+    S = _f64(S)
+    counts = np.zeros(S.shape[1], dtype=np.int64)
+    for j in row_top(S, k).ravel():
+        counts[j] += 1
+    return counts
+
+
+def hub_occurrence(nk, k: int, n_queries: int, hub_size: float = 2.0) -> float:
+    """Σ N_k over items with N_k ≥ hub_size·k·Q/G, over the k·Q slots, by a loop over the items."""
+    n_items = len(nk)
+    threshold = hub_size * k * n_queries / n_items
+    return sum(int(v) for v in nk if v >= threshold) / (k * n_queries)
+
+
+def antihub_occurrence(nk) -> float:
+    return sum(1 for v in nk if v == 0) / len(nk)
+
+
+def skewness_truncnorm(nk) -> tuple[float, float]:
+    """∫_a^∞ x³ φ(x) dx / ∫_a^∞ φ(x) dx by quadrature, a = −mean/std(ddof=1), and the bound on its
+    error that follows from quad's error estimates of the two integrals."""
+    from scipy import integrate
+
+    x = _f64(nk)
+    a = -x.mean() / x.std(ddof=1)
+    phi = scipy.stats.norm.pdf
+    mass, mass_err = integrate.quad(phi, a, np.inf, epsabs=1e-14, epsrel=1e-12)
+    third, third_err = integrate.quad(lambda t: t**3 * phi(t), a, np.inf, epsabs=1e-12, epsrel=1e-12)
+    return third / mass, third_err / mass + abs(third) * mass_err / mass**2

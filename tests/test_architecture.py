@@ -130,6 +130,10 @@ def test_no_private_names_across_modules():
     assert not found and not attribute_access, found + attribute_access
 
 
+# The same word in another vocabulary, declared once: --progress none (cli/report.py PROGRESS_OFF).
+OTHER_VOCABULARIES = {("qbnorm_cli.cli.report", "none")}
+
+
 def test_each_method_name_is_written_in_its_own_module_only():
     """A method is one module of qbnorm_cli/methods/: its name (a string anywhere else) would tie
     another module to it."""
@@ -140,6 +144,9 @@ def test_each_method_name_is_written_in_its_own_module_only():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in home \
                     and home[node.value] != name:
                 outside.append(f"{name}:{node.lineno} {node.value!r}")
+    declared = [o for o in outside if any(o.startswith(m + ":") and o.endswith(repr(w)) for m, w in OTHER_VOCABULARIES)]
+    assert len(declared) <= len(OTHER_VOCABULARIES), declared  # each other vocabulary writes its word once
+    outside = [o for o in outside if o not in declared]
     assert not outside, outside
 
 

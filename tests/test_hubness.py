@@ -9,6 +9,7 @@ import pytest
 import tolerance as tol
 from helpers import dexter_similarity
 
+import qbnorm_cli
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import topk
 
@@ -127,3 +128,56 @@ def test_dexter_published_values(k, skew, antihub):
     nk = hub.k_occurrence(neigh, k, len(sim))
     assert round(hub.skewness(nk), 2) == skew
     assert round(hub.antihub_rate(nk), 2) == antihub
+
+
+def test_hub_threshold_is_twice_the_mean_k_occurrence():
+    """Queries outnumbering items: 5 queries per item, k = 10, every item retrieved 50 times. The mean
+    N_k is k·Q/G = 50, so no item is a hub; the old 2k = 20 threshold made every slot a hub's."""
+    nk = np.full(100, 50)
+    assert hub.mean_occurrence(10, 500, 100) == 50.0
+    assert hub.hub_threshold(10, 500, 100) == 100.0
+    assert hub.hub_occurrence(nk, 10, 500) == 0.0 and hub.hub_count(nk, 10, 500) == 0
+    out = hub.measures(nk, 10, 500)
+    assert out["hub_threshold"] == 100.0 and out["hubs"] == 0 and out["hub_occurrence_pct"] == 0.0
+    # Q = G: the threshold is the peers' 2k.
+    assert hub.hub_threshold(10, 100, 100) == 20.0
+
+
+def test_hub_measures_against_the_dense_oracle():
+    import reference as ref
+
+    rng = np.random.default_rng(3)
+    for n_queries, n_items, k in ((500, 100, 10), (60, 300, 5), (200, 200, 3)):
+        base = rng.standard_normal((n_items, 8))
+        S = rng.standard_normal((n_queries, 8)) @ base.T + 3 * base[:, 0]  # item 0-ish columns are hubs
+        nk = ref.k_occurrence(S, k)
+        result = qbnorm_cli.hubness(S, k=k)
+        np.testing.assert_array_equal(result["k_occurrence"][k], nk)
+        row = result["by_k"][0]
+        # integer sums, then a division and a product by 100: within a few ulps
+        assert row["hub_occurrence_pct"] / 100 == tol.approx64(ref.hub_occurrence(nk, k, n_queries), 4)
+        assert row["antihub_rate_pct"] / 100 == tol.approx64(ref.antihub_occurrence(nk), 4)
+        expected, quad_error = ref.skewness_truncnorm(nk)
+        assert abs(row["skewness_truncnorm"] - expected) <= quad_error + 1e3 * tol.U64
+
+
+@pytest.mark.parametrize("x", [x for x in samples() if not np.all(x == x[0])])
+def test_skewness_truncnorm_against_quadrature_and_scipy(x):
+    import reference as ref
+    from scipy import stats
+
+    expected, quad_error = ref.skewness_truncnorm(x)
+    # the closed form: a (mean and std over n values: γ_{2n+8}), exp, erfc and 6 operations (≤ 16 ulps
+    # of a value below 1.6), its sensitivity to a (|d/da| < 3) times a's error
+    a = abs(x.mean() / x.std(ddof=1))
+    closed = 3 * tol.gamma(2 * len(x) + 8, tol.U64) * a + 16 * tol.U64 * 1.6
+    assert abs(hub.skewness_truncnorm(x) - expected) <= quad_error + closed
+    a = -x.mean() / x.std(ddof=1)
+    peers = stats.truncnorm(a, (np.iinfo(np.int64).max - x.mean()) / x.std(ddof=1)).moment(3)
+    assert hub.skewness_truncnorm(x) == pytest.approx(peers, rel=1e-8)
+
+
+def test_skewness_truncnorm_range():
+    assert hub.skewness_truncnorm(np.full(5, 3)) == 0.0
+    assert 0 < hub.skewness_truncnorm(np.array([9, 10, 11])) < 1e-6  # s/μ small: a far in the left tail
+    assert hub.skewness_truncnorm(np.array([0, 0, 0, 1000])) < 4 / np.sqrt(2 * np.pi)

@@ -48,23 +48,39 @@ def test_hubness_plot_is_the_json_data(cli, scores, tmp_path):
     assert [(s["name"], s["k"]) for s in series] == [("raw", 1), ("raw", 10), ("dis", 1), ("dis", 10)]
     for s, res in zip(series, [r for r in doc["inputs"] for _ in (0, 1)], strict=True):
         row = next(r for r in res["by_k"] if r["k"] == s["k"])
-        assert s["skewness"] == row["skewness"]
+        assert s["skewness"] == row["skewness"] and s["mean_nk"] == row["mean_nk"]
         assert sum(s["items"]) + s["zero_items"] == res["gallery_rows"]     # every item counted once
         assert s["nk"] == [v for v in row["distribution"]["nk"] if v > 0]
+        # the complementary CDF: the share of items with N_k ≥ each value, by counting
+        nk = np.repeat(row["distribution"]["nk"], row["distribution"]["items"])
+        assert s["share_at_least"] == [int(np.sum(nk >= v)) / nk.size for v in s["nk"]]  # one division each
     fig = plots.hubness_figure(doc["inputs"])
-    drawn = line_data(fig)                                      # per panel: binned line, then markers, per input
     by_panel = [s for k in (1, 10) for s in series if s["k"] == k]
-    expected = [pair for s in by_panel for pair in ((s["binned"]["nk"], s["binned"]["items_per_value"]),
-                                                     (s["nk"], s["items"]))]
-    assert drawn == [(list(map(float, x)), list(map(float, y))) for x, y in expected]
+    steps = [line for ax in fig.axes for line in ax.lines if line.get_linestyle() != ":"]  # not the μ, 2μ marks
+    assert [(list(map(float, line.get_xdata())), list(map(float, line.get_ydata()))) for line in steps] == \
+        [(list(map(float, s["nk"])), s["share_at_least"]) for s in by_panel]
     assert [ax.get_xscale() for ax in fig.axes] == ["log", "log"] and fig.axes[0].get_yscale() == "log"
-    assert "raw vs dis" in fig.get_suptitle()
+    assert fig.axes[1].get_xlabel().startswith("$N_{10}$") and fig.get_suptitle() == ""
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legend[0].startswith("raw") and f"{series[1]['skewness']:.2f}" in legend[0]
     width, height = png_size(out)
     assert width > 1000 and 400 < height < width            # two panels side by side
     mine = tmp_path / "mine.png"
     plots.save_figure(fig, mine)
     assert mine.read_bytes() == out.read_bytes()               # the file is the figure of the JSON data
     assert not leftovers(tmp_path)
+
+
+def test_each_input_keeps_its_colour_in_every_figure():
+    """raw is the baseline's colour, a method's file its method's, whatever else is drawn beside it
+    and in whichever order; other names take slots no method uses."""
+    first = plots.slots(["raw", "dis", "csls", "tuned"])
+    second = plots.slots(["csls", "mine", "dis_b100", "none"])
+    assert first["raw"] == second["none"] and first["dis"] == second["dis_b100"] and first["csls"] == second["csls"]
+    assert plots.slots(["dis20"])["dis20"] == first["dis"] != plots.slots(["dual-dis"])["dual-dis"]
+    assert len({first[n] for n in first}) == 4 and first["tuned"] >= len(qbnorm_cli.METHODS)
+    colours = [plots.style_of(first[n])["color"] for n in first]
+    assert len(set(colours)) == 4
 
 
 def test_recall_plot_and_its_curves(cli, scores, tmp_path):
@@ -77,9 +93,22 @@ def test_recall_plot_and_its_curves(cli, scores, tmp_path):
             assert s["R@K"][k - 1] == res["metrics"][f"R@{k}"]
         assert all(a <= b for a, b in zip(s["R@K"], s["R@K"][1:], strict=False))
     fig = plots.recall_figure(doc["inputs"], direction="t2v")
-    assert line_data(fig) == [(list(map(float, s["K"])), s["R@K"]) for s in doc["plot"]["series"]]
+    curves, below = fig.axes
+    series = doc["plot"]["series"]
+    assert [(list(map(float, line.get_xdata())), list(map(float, line.get_ydata()))) for line in curves.lines] == \
+        [(list(map(float, s["K"])), s["R@K"]) for s in series]
+    # the lower panel: each input minus the first, in points
+    assert [list(map(float, line.get_ydata())) for line in below.lines] == \
+        [[a - b for a, b in zip(s["R@K"], series[0]["R@K"], strict=True)] for s in series]
+    assert [line.get_color() for line in curves.lines] == [line.get_color() for line in below.lines]
     styles = [line.get_linestyle() for line in fig.axes[0].lines]
     assert len(set(styles)) == len(styles)                     # told apart without colour
+    # the axis spans the curves with a margin, not 0–100 (which hid a 6-point spread)
+    values = [v for s in doc["plot"]["series"] for v in s["R@K"]]
+    lo, hi = fig.axes[0].get_ylim()
+    assert lo < min(values) and hi > max(values) and (lo > 0 or min(values) < 5) and hi - lo < 100
+    assert plots.recall_limits([{"R@K": [50.0, 56.0]}]) == (49.0, 57.0)      # 6 points: ±1 (8 % is less)
+    assert plots.recall_limits([{"R@K": [0.5, 99.9]}]) == (0.0, 100.0)
     assert out.read_text().lstrip().startswith("<?xml")
 
 

@@ -80,3 +80,85 @@ def test_pipe_and_quiet_show_no_progress(work):
     assert "rows/s" not in err and "\x1b" not in err
     code, out, err = qbnorm(work, *normalise_args(), stderr_tty=True, quiet=True)
     assert code == 0 and out == "" and err == ""
+
+
+def lines_env(seconds: str):
+    return {**os.environ, "QBNORM_PROGRESS_SECONDS": seconds}
+
+
+def run_piped(work, *args, env=None) -> tuple[int, str, str]:
+    cmd = [sys.executable, "-m", "qbnorm_cli", *map(str, args), "--force"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or dict(os.environ), cwd=work)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def progress_lines(err: str, what: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(f"qbnorm: {what}: ")]
+
+
+def test_lines_show_signs_of_life_off_a_terminal(work):
+    """Before, a probe or a tune in a cron log printed nothing until it finished."""
+    code, out, err = run_piped(work, *probe_args(), "--progress", "lines", env=lines_env("0"))
+    assert code == 0 and out == "", err
+    lines = progress_lines(err, "probe")
+    assert lines[0] == "qbnorm: probe: started, 3,000 rows" and lines[-1].startswith("qbnorm: probe: done, 3,000 of")
+    assert len(lines) > 3 and all("rows/s" in line for line in lines[1:]), lines
+    assert "\x1b" not in err
+
+
+def test_lines_come_at_most_every_interval(work):
+    code, _, err = run_piped(work, *probe_args(), "--progress", "lines", env=lines_env("3600"))
+    assert code == 0, err
+    assert [line.split(",")[0] for line in progress_lines(err, "probe")] == ["qbnorm: probe: started",
+                                                                              "qbnorm: probe: done"]
+
+
+def test_quiet_silences_lines_and_bad_modes_are_usage_errors(work):
+    code, out, err = run_piped(work, *probe_args(), "--progress", "lines", "--quiet", env=lines_env("0"))
+    assert code == 0 and out == "" and err == ""
+    code, _, err = run_piped(work, *probe_args(), "--progress", "often")
+    assert code == 2 and "--progress 'often'" in err and "auto, bar, lines, none" in err
+    code, _, err = run_piped(work, *probe_args(), "--progress", "lines", env=lines_env("soon"))
+    assert code == 2 and "QBNORM_PROGRESS_SECONDS" in err
+
+
+def test_none_is_silent(work):
+    code, _, err = run_piped(work, *probe_args(), "--progress", "none")
+    assert code == 0 and "probe:" not in err
+
+
+def test_sinkhorn_shows_its_error_against_the_tolerance_not_a_share(work):
+    """Before, the bar was scaled to the 1,000-iteration cap: 5 % and an ETA of 40 s at convergence."""
+    code, _, err = run_piped(work, *probe_args(), "--sinkhorn", "--progress", "lines", env=lines_env("0"))
+    assert code == 0, err
+    lines = progress_lines(err, "sinkhorn")
+    assert lines[0] == "qbnorm: sinkhorn: started"
+    assert any("iteration 3: change" in line and "→ tol 1e-06" in line and "marginal error" in line
+               for line in lines), lines
+    assert not any("%" in line or "passes" in line for line in lines), lines
+    code, _, err = run_piped(work, *probe_args(), "--sinkhorn", "--sinkhorn-iters", 3, "--progress", "lines",
+                             env=lines_env("0"))
+    assert code == 0 and "qbnorm: sinkhorn: done, iteration 3 of 3" in err, err
+
+
+def test_the_bar_of_a_run_with_no_known_end_has_no_percentage():
+    import io
+
+    from rich.console import Console
+
+    from qbnorm_cli.cli.report import Reporter
+
+    for total, shown, hidden in ((None, "→ tol 1e-06", "%"), (10, "%", "→ tol")):
+        report = Reporter(progress="bar")
+        report._console = Console(file=io.StringIO(), force_terminal=True, width=120)
+        with report.progress("sinkhorn", total, unit="passes") as advance:
+            advance(1, note="iteration 1: change 3.2e-05 → tol 1e-06" if total is None else None)
+        text = report._console.file.getvalue()
+        assert shown in text and hidden not in text, text
+
+
+@pytest.mark.parametrize("command", ["probe", "normalise", "evaluate", "hubness", "tune", "export", "search",
+                                     "convert"])
+def test_every_command_that_reports_progress_takes_the_option(command):
+    proc = subprocess.run([sys.executable, "-m", "qbnorm_cli", command, "-h"], capture_output=True, text=True)
+    assert "--progress auto|bar|lines|none" in proc.stdout, proc.stdout

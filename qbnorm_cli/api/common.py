@@ -14,9 +14,10 @@ from qbnorm_cli.streaming.sources import SIMILARITIES, Embeddings, EmbeddingScor
 
 
 @contextmanager
-def no_progress(description: str, total: int, unit: str = "rows", per: int = 1):
-    """The progress protocol, doing nothing: a context manager yielding advance(n) for n items."""
-    yield lambda n: None
+def no_progress(description: str, total: int | None, unit: str = "rows", per: int = 1):
+    """The progress protocol, doing nothing: a context manager yielding advance(n, note=None) for n
+    items (`note`: where work of no known end stands, e.g. an error against its tolerance; total None)."""
+    yield lambda n, note=None: None
 
 
 def progress_or_none(progress):

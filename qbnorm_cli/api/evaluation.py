@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import check_choice, clustered, panel_bytes, progress_or_none, warn
+from qbnorm_cli.api.common import check_choice, clustered, panel_bytes, progress_or_none, score_source, warn
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
+from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.errors import DataError, UsageError, param
 from qbnorm_cli.io.atomic import OutputFile, jsonable
 from qbnorm_cli.io.groundtruth import ground_truth, query_mask
@@ -22,8 +24,14 @@ from qbnorm_cli.io.specs import split_spec, transposed
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming import evaluation
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget, spans
+from qbnorm_cli.streaming.engine import run_normalise
+from qbnorm_cli.streaming.sources import SIMILARITIES
 
 DEFAULT_K = 10
+# What to do with embeddings given where scores are expected (io.scorefiles.looks_like_embeddings)
+EVALUATE_HINT = ("evaluate needs query × gallery scores: normalise writes them ("
+                 + param(f"method={registry.BASELINE.name!r}") + " keeps them raw)")
+HUBNESS_HINT = f"hubness scores embeddings itself: give them as {param('queries')} and {param('gallery')}"
 
 
 def _many(value) -> bool:
@@ -178,7 +186,8 @@ def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask
     values = list(scores) if _many(scores) else [scores]
     if not values:
         raise UsageError(f"{param('scores')}: give at least one input")
-    sources = [open_scores(v, f"scores[{i}]" if _many(scores) else "scores") for i, v in enumerate(values)]
+    sources = [open_scores(v, f"scores[{i}]" if _many(scores) else "scores", EVALUATE_HINT)
+               for i, v in enumerate(values)]
     with clustered(cluster) as session:
         results, _, _ = _evaluated(sources, gt, queries_per_item, query_mask, budget, progress, direction,
                                    transpose, ties, session)
@@ -197,7 +206,7 @@ def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None
     the per-query ranks written to an evaluation file. `described` holds how the ground truth and
     mask were given (recorded as such). With `cluster`, document["cluster"] reports the run."""
     budget = make_budget(memory, block_rows)
-    sources = [open_scores(v, f"scores[{i}]") for i, v in enumerate(scores)]
+    sources = [open_scores(v, f"scores[{i}]", EVALUATE_HINT) for i, v in enumerate(scores)]
     names = display_names([(s.scores.path, None if s.is_ranking else s.scores.dataset) for s in sources])
     described = described or {}
     params = {"gt": described.get("gt"), "queries_per_item": queries_per_item,
@@ -315,6 +324,45 @@ class _ScoreSubject:
                                                  exclude_self=exclude_self, budget=budget))
 
 
+class _EmbeddingSubject:
+    """Query and gallery embeddings as a hubness input, scored here (cosine or dot): each query's top
+    items come from the streaming top-k of raw scores that normalise --top-k runs (streaming.ranking,
+    the identity normaliser), block by block under the budget, never a queries × gallery matrix."""
+
+    def __init__(self, queries, gallery, similarity: str, budget: Budget, eager: bool = True):
+        self.scores, self.inputs, _ = score_source(queries, gallery, None, rows_name="queries", cols_name="gallery",
+                                                   sims_name="scores", similarity=similarity, budget=budget,
+                                                   what="hubness", eager_cols=False, eager=eager)
+        self.n_queries, self.n_gallery = self.scores.n_rows, self.scores.n_cols
+        self.label = f"{self.inputs[0].label} × {self.inputs[1].label}"
+        self.name, self.kind = self.label, "embeddings"
+
+    def check(self, kmax: int, exclude_self: bool) -> None:
+        if exclude_self and self.n_queries != self.n_gallery:
+            raise UsageError(f"{param('exclude_self=True')} needs the gallery as the queries; {self.label} is "
+                             f"{self.n_queries} × {self.n_gallery}")
+        limit = self.n_gallery - 1 if exclude_self else self.n_gallery
+        if kmax > limit:
+            raise UsageError(f"{param('k')} {kmax}: larger than the {limit} candidate items of {self.label}")
+
+    def top(self, kmax: int, exclude_self: bool, budget: Budget, advance, session=None) -> np.ndarray:
+        width = kmax + 1 if exclude_self else kmax  # the query itself is among its own best: drop it
+        out = np.empty((self.n_queries, kmax), dtype=np.int64)
+        scored = 0
+
+        def progress(n_scores: int) -> None:  # the ranking counts scores; hubness counts queries
+            nonlocal scored
+            before = scored // self.n_gallery
+            scored += n_scores
+            advance(scored // self.n_gallery - before)
+
+        engine = run_normalise if session is None else functools.partial(clustering.run_normalise, session)
+        for q0, (_, indices, _) in engine(self.scores, Normaliser(identity=True), budget, width, progress=progress):
+            indices = np.asarray(indices, dtype=np.int64)
+            out[q0:q0 + len(indices)] = evaluation.drop_self(indices, q0, kmax) if exclude_self else indices
+        return out
+
+
 def _is_probe_file(spec) -> bool:
     if not isinstance(spec, (str, Path)):
         return False
@@ -339,7 +387,7 @@ def _subject(value, name: str, transpose: bool = False, budget: Budget | None = 
             raise UsageError(f"{param('transpose=True')}: {name} is a probe (its bank queries' top items); it "
                              "cannot be read transposed")
         return _ProbeSubject(value if isinstance(value, Probe) else Probe.load(value), name)
-    source = open_scores(value, name)
+    source = open_scores(value, name, HUBNESS_HINT)
     if transpose:
         if source.is_ranking:
             raise UsageError(f"{param('transpose=True')}: {source.label} is a ranking (each row's top N); the "
@@ -377,29 +425,53 @@ def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progr
     return results
 
 
-def hubness(scores, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY,
-            block_rows: int | None = None, progress=None, cluster=None):
+def _subjects(scores, queries, gallery, similarity: str, transpose: bool, budget: Budget, eager: bool = True) -> list:
+    """The inputs of hubness: each score, ranking or probe input, then the embeddings to score."""
+    values = [] if scores is None else list(scores) if _many(scores) else [scores]
+    subjects = [_subject(v, f"scores[{i}]" if _many(scores) else "scores", transpose, budget)
+                for i, v in enumerate(values)]
+    if queries is not None or gallery is not None:
+        if queries is None or gallery is None:
+            raise UsageError(f"hubness of embeddings needs {param('queries')} and {param('gallery')}")
+        check_choice(similarity, SIMILARITIES, "similarity")
+        subjects.append(_EmbeddingSubject(queries, gallery, similarity, budget, eager))
+    if not subjects:
+        raise UsageError(f"{param('scores')}: give at least one input, or {param('queries')} and {param('gallery')}")
+    return subjects
+
+
+def hubness(scores=None, *, queries=None, gallery=None, similarity: str = "cosine", k=DEFAULT_K,
+            exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY, block_rows: int | None = None,
+            progress=None, cluster=None):
     """Hubness of retrieval results: N_k(j) counts the queries with item j among their k best.
 
     scores: a (Q, G) array, a `Ranking`, a similarity or ranking file, a `Probe` or probe file (the
-    bank-side view: its bank queries' top items); or a list of them. k: one K or several.
-    exclude_self: ignore the diagonal of a square gallery × gallery matrix. transpose: read
-    similarity inputs transposed (the columns become the queries: v2t from a t2v dump). cluster:
-    find each query's top items on a dask cluster (docs/distributed.md; the same items). Returns a
-    dict per input: {"by_k": [measures at each k (core/hubness.py: skewness, Robin Hood, Gini, …)],
-    "k_occurrence": {k: N_k}, …} (a list for a list).
+    bank-side view: its bank queries' top items); or a list of them. queries, gallery: embeddings
+    (arrays, memory maps, h5py datasets, `PATH[::/dataset]` strings) to score here instead, or as
+    well (compared by `similarity`, cosine or dot; streamed under `memory`, never Q × G at once).
+    k: one K or several. exclude_self: ignore the diagonal of a square gallery × gallery matrix (or
+    each query's own item when the gallery is the queries). transpose: read similarity inputs
+    transposed (the columns become the queries: v2t from a t2v dump). cluster: find each query's top
+    items on a dask cluster (docs/distributed.md; the same items). Returns a dict per input:
+    {"by_k": [measures at each k (core/hubness.py; docs/hubness.md defines them)],
+    "k_occurrence": {k: N_k}, …}: a list for a list of scores or for several inputs.
     """
     budget = make_budget(memory, block_rows)
-    values = list(scores) if _many(scores) else [scores]
-    subjects = [_subject(v, f"scores[{i}]" if _many(scores) else "scores", transpose, budget)
-                for i, v in enumerate(values)]
+    subjects = _subjects(scores, queries, gallery, similarity, transpose, budget, eager=cluster is None)
     with clustered(cluster) as session:
         results = _measured(subjects, _ks(k), exclude_self, budget, progress, session)
-    return results if _many(scores) else results[0]
+    return results if _many(scores) or len(results) > 1 else results[0]
 
 
-def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool = False,
-                   memory=DEFAULT_MEMORY,
+def _short(array) -> str:
+    """An embedding input's short name: its dataset's last part, else its file's stem."""
+    if array.dataset:
+        return array.dataset.rsplit("/", 1)[-1]
+    return Path(array.path).stem if array.path else (array.name or "array")
+
+
+def hubness_report(scores: Sequence = (), *, queries=None, gallery=None, similarity: str = "cosine", k=DEFAULT_K,
+                   exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY,
                    block_rows: int | None = None, output=None, force: bool = False, progress=None,
                    provenance: str | None = None, cluster=None) -> dict:
     """`hubness` of several inputs as one document under their display names, with `output` the
@@ -408,17 +480,23 @@ def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False,
     document["cluster"] reports the run."""
     budget = make_budget(memory, block_rows)
     ks = _ks(k)
-    subjects = [_subject(v, f"scores[{i}]", transpose, budget) for i, v in enumerate(scores)]
+    subjects = _subjects(list(scores), queries, gallery, similarity, transpose, budget, eager=cluster is None)
+    scored = [s for s in subjects if s.kind != "embeddings"]
     labels = [(s.probe.path, None) if s.kind == "probe" else
-              (s.source.scores.path, None if s.source.is_ranking else s.source.scores.dataset) for s in subjects]
-    names = display_names(labels)
+              (s.source.scores.path, None if s.source.is_ranking else s.source.scores.dataset) for s in scored]
+    names = display_names(labels) + [f"{_short(s.inputs[0])} × {_short(s.inputs[1])}" for s in subjects[len(scored):]]
     for subject, name in zip(subjects, names, strict=True):
         subject.name = name
     params = {"k": ks, "exclude_self": exclude_self, "transpose": transpose, "memory": budget.memory,
               "block_rows": block_rows}
+    if queries is not None:
+        params["similarity"] = similarity
     records = []
     for s in subjects:
-        records += s.source.inputs if s.kind != "probe" else [{"path": s.probe.path, "dataset": None, "kind": "probe"}]
+        if s.kind == "probe":
+            records.append({"path": s.probe.path, "dataset": None, "kind": "probe"})
+        else:
+            records += s.inputs if s.kind == "embeddings" else s.source.inputs
     out = OutputFile(str(output), "hubness", force=force, params=params, inputs=records, provenance=provenance) \
         if output is not None else None
     with clustered(cluster) as session:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -63,6 +64,22 @@ _TOL = methods.Parameter("sinkhorn_tol", float, "stop at a change of the log sca
 _MAX_ITERS = methods.Parameter("sinkhorn_max_iters", int, "at most this many iterations", minimum=1)
 
 
+def sinkhorn_note(states, settings: SinkhornSettings) -> str:
+    """Where the Sinkhorn runs stand after a pass: the iteration and, running to a tolerance, the
+    largest change of the log scalings still iterating (what stops a run) against it, with the
+    largest marginal error; with a fixed count, the iteration of that count."""
+    iteration = max((s.iterations for s in states), default=0)
+    if settings.iters is not None:
+        return f"iteration {iteration} of {settings.iters}"
+    running = [s for s in states if not s.done] or states
+    change = max(s.change for s in running)
+    if not math.isfinite(change):
+        return f"iteration {iteration}: the first pass (tol {settings.tol:g})"
+    error = max(s.marginal_error for s in running)
+    return (f"iteration {iteration}: change {change:.1e} → tol {settings.tol:g} "
+            f"(marginal error {error:.1e}; at most {settings.max_iters} iterations)")
+
+
 def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas, dual_betas,
                         settings: SinkhornSettings, budget: Budget, progress) -> tuple[dict[str, Stored], list[str]]:
     """The Sinkhorn potentials of every β (SN: rows = the gallery) and of every dual β (DBSN: rows =
@@ -74,9 +91,13 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
         if cross_scores is not None else []
     segments = [bank_scores] if cross_scores is None or not dual else [bank_scores, cross_scores]
     problems = [(state, 1) for state in single] + [(state, 2) for state in dual]
-    passes = max((state.limit + 1 for state, _ in problems), default=0)
+    states = single + dual
+    # A fixed count of iterations has a known end; a run to tolerance has none (it usually stops long
+    # before max_iters): its progress is the stopping measure against the tolerance, not a percentage.
+    passes = max((state.limit + 1 for state in states), default=0) if settings.iters is not None else None
     with progress_or_none(progress)("sinkhorn", passes, unit="passes") as advance:
-        held = run_sinkhorn(segments, problems, budget, progress=advance)
+        held = run_sinkhorn(segments, problems, budget,
+                            progress=lambda n: advance(n, note=sinkhorn_note(states, settings)))
     out: dict[str, Stored] = {}
     found = []
     for states, is_dual in ((single, False), (dual, True)):

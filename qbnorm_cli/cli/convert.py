@@ -23,6 +23,7 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
 ) -> None:
     """Convert a foreign dump into a qbnorm HDF5 file (float32, streamed in row blocks).
 
@@ -36,7 +37,7 @@ def command(
     Example (a t2v dump as items × captions, for the v2t direction): qbnorm convert test_sims.pkl
     -o v2t.h5 --kind similarity --transpose
     """
-    report = Reporter(json_output, quiet)
+    report = Reporter(json_output, quiet, progress_mode)
     with report.capture():
         written = api.convert(source, output, kind=kind, transpose=transpose, memory=memory, block_rows=block_rows, force=force,
                               progress=report.progress, provenance=options.provenance(ctx))

@@ -60,6 +60,7 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
 ) -> None:
     """Recall@K, median/mean rank and GeomR of one or more score files (rows = queries).
 
@@ -76,7 +77,7 @@ def command(
 
     Example (image → caption from a t2v dump): qbnorm evaluate sims.h5 --direction v2t --queries-per-item 5
     """
-    report = Reporter(json_output, quiet)
+    report = Reporter(json_output, quiet, progress_mode)
     gates = parse_gates(fail_under)
     if plot is not None:
         plots.check_plot_target(plot, force=force, inputs=scores, what="evaluate --plot")

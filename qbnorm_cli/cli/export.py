@@ -40,6 +40,7 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
 ) -> None:
     """Export the augmented gallery vectors [g, −(offset − m)/(scale·c)]: any inner-product index
     (faiss, LanceDB, Qdrant, Milvus, pgvector, Elasticsearch kNN …) then returns the method's
@@ -51,7 +52,7 @@ def command(
 
     Example: qbnorm export --probe probe.h5 --gallery g.h5 --method dis --format faiss --index-type hnsw -o dis.index
     """
-    report = Reporter(json_output, quiet)
+    report = Reporter(json_output, quiet, progress_mode)
     tuned = api.load_params(params_file) if params_file else None
     chosen = options.with_params(tuned, method=method, beta=beta, k=k, gallery_beta=gallery_beta,
                                  topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam)

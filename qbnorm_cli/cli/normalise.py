@@ -38,6 +38,7 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
 ) -> None:
     """Normalise query × gallery similarities with a probe's querybank statistics.
 
@@ -52,7 +53,7 @@ def command(
 
     Example: qbnorm normalise --queries q.h5 --gallery g.h5 --probe probe.h5 -o sn.h5 --method sn --beta 100 --top-k 100
     """
-    report = Reporter(json_output, quiet)
+    report = Reporter(json_output, quiet, progress_mode)
     tuned = api.load_params(params_file) if params_file else None
     chosen = options.with_params(tuned, method=method, beta=beta, k=k, gallery_beta=gallery_beta,
                                  topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam)

@@ -17,6 +17,10 @@ from qbnorm_cli import methods
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
+Progress = Annotated[str, typer.Option(
+    "--progress", metavar="auto|bar|lines|none",
+    help="Progress on stderr: auto (a bar on a terminal, nothing otherwise), bar, lines (a plain line at the start, "
+         "every 10 s and at the end, for logs and cron; QBNORM_PROGRESS_SECONDS sets the interval) or none.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output; accept mismatches.")]
 Memory = Annotated[str, typer.Option("--memory", metavar="SIZE",
                                      help="Memory budget that sets block sizes, e.g. 512MiB, 2GiB.")]
@@ -43,6 +47,7 @@ Lam = Annotated[float | None, typer.Option(
     "--lambda", metavar="L",
     help=f"Weight λ of the mean bank embedding (default {methods.PARAMETERS['lam'].default:g}).")]
 
+DEFAULT_PROGRESS = "auto"
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
 # Library parameters whose option is not simply --name: repeatable options are singular, positional

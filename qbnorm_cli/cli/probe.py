@@ -40,6 +40,7 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
 ) -> None:
     """Probe the gallery with a querybank: the statistics every normaliser needs, in one pass.
 
@@ -56,7 +57,7 @@ def command(
 
     Example: qbnorm probe --bank qbank.h5 --gallery-bank gbank.h5 --gallery data.h5::/gallery -o probe.h5 --beta 100 --sinkhorn
     """
-    report = Reporter(json_output, quiet)
+    report = Reporter(json_output, quiet, progress_mode)
     tuned = api.load_params(params_file) if params_file else None
     if tuned is not None:  # explicit options win; probe what the tuned setting needs
         method = methods.get(tuned["method"])

@@ -28,6 +28,7 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
 ) -> None:
     """Search an export: each query's N best gallery items under the exported method.
 
@@ -38,7 +39,7 @@ def command(
 
     Example: qbnorm search --index dis.index --queries q.h5 --top-k 100 -o dis-top100.h5 --check-recall 0.05
     """
-    report = Reporter(json_output, quiet)
+    report = Reporter(json_output, quiet, progress_mode)
     with report.capture():
         written = api.search(index, queries, top_k=top_k, check_recall=check_recall, backend=backend, nprobe=nprobe,
                              ef_search=ef_search, row_term=row_term, dtype=dtype, memory=memory,

@@ -39,6 +39,7 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
 ) -> None:
     """Evaluate methods × β × k … on validation data and write the best settings as JSON.
 
@@ -52,7 +53,7 @@ def command(
 
     Example: qbnorm tune --queries D::/val_queries --gallery D::/val_gallery --gt D::/val_gt --bank bank.h5 -o params.json
     """
-    report = Reporter(json_output, quiet)
+    report = Reporter(json_output, quiet, progress_mode)
     if plot is not None:
         plots.check_plot_target(plot, force=force, inputs=[i for i in (queries, gallery, sims, bank, gt) if i],
                                 what="tune --plot")

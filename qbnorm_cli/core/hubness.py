@@ -2,19 +2,29 @@
 
 N_k(j) = how many queries have gallery item j among their k highest scores (Radovanović et al.,
 "Hubs in space", JMLR 2010). The measures follow scikit-hubness (`skhubness.analysis`, Feldbauer
-et al., 2018/2020) and the QB-Norm paper's hubness section:
+et al., 2018/2020; kiez.analysis copies them) and the QB-Norm paper's hubness section:
 
   k-skewness       E[(N_k − μ)³] / σ³, the biased moment estimator (scipy.stats.skew, bias=True)
+  truncnorm skew.  E[X³] of a standard normal truncated below at a = −μ/s (s: ddof = 1), the
+                   peers' k_skewness_truncnorm (stats.truncnorm(a, ∞).moment(3)) in closed form
+                   (a² + 2)·φ(a)/(1 − Φ(a)): a monotone function of s/μ in [0, 4/√(2π))
   Robin Hood       Σ_j |N_k(j) − μ| / (2 Σ_j N_k(j)): half the relative mean absolute deviation
   Gini             Σ_i Σ_j |N_k(i) − N_k(j)| / (2 n² μ), via its sorted O(n log n) form
   Atkinson (ε)     1 − (1/μ)·(mean N_k^{1−ε})^{1/(1−ε)}  (ε = 1: 1 − geometric mean / μ)
-  anti-hub rate    100·share of items with N_k = 0
-  hub occurrence   100·Σ_{hubs} N_k / (k·Q), hubs = items with N_k ≥ 2k (scikit-hubness hub_size 2)
+  anti-hub rate    100·share of items with N_k = 0 (the peers' antihub_occurrence, in %)
+  hub occurrence   100·Σ_{hubs} N_k / (k·Q), hubs = items with N_k ≥ 2μ (the peers' hub_occurrence)
   groupie ratio    max N_k / (k·Q)
-with μ the mean of N_k over the n gallery items and Q the number of queries.
+with μ = k·Q/n the mean of N_k over the n gallery items and Q the number of queries.
+
+The hub threshold is HUB_SIZE times the mean k-occurrence μ = k·Q/n. The peers write it 2k, which
+is the same when queries and items are one set (Q = n, μ = k); for a query set Q of another size
+than the gallery, 2k is no longer "twice the average": with 5,000 queries and 1,000 items μ = 50
+and nearly every item would be a hub. Anti-hubs (N_k = 0) need no scale.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -48,6 +58,22 @@ def skewness(nk: np.ndarray) -> float:
     deviation = nk - nk.mean()
     m2 = np.mean(deviation**2)
     return float(np.mean(deviation**3) / m2**1.5)
+
+
+def skewness_truncnorm(nk: np.ndarray) -> float:
+    """scikit-hubness's and kiez's k_skewness_truncnorm: the third raw moment E[X³] of a standard
+    normal truncated to [a, ∞), a = −μ/s, s the sample standard deviation (ddof = 1) of N_k. For a
+    one-sided truncation E[X³] = 2·E[X] + a²·λ = (a² + 2)·λ with λ = φ(a)/(1 − Φ(a)) (the inverse Mills
+    ratio; Johnson, Kotz & Balakrishnan, Continuous Univariate Distributions 1, 1994, §10.1). It
+    grows with s/μ, from 0 (equal N_k, a → −∞) towards 4/√(2π) ≈ 1.596 (a → 0); a ≤ 0, so
+    1 − Φ(a) ≥ ½ and nothing cancels."""
+    nk = np.asarray(nk, dtype=np.float64)
+    if nk.size < 2 or np.all(nk == nk[0]):
+        return 0.0
+    a = -float(nk.mean()) / float(nk.std(ddof=1))
+    density = math.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+    upper_tail = 0.5 * math.erfc(a / math.sqrt(2.0))
+    return (a * a + 2.0) * density / upper_tail
 
 
 def robin_hood(nk: np.ndarray) -> float:
@@ -87,10 +113,26 @@ def antihub_rate(nk: np.ndarray) -> float:
     return 100.0 * float(np.mean(np.asarray(nk) == 0))
 
 
-def hub_occurrence(nk: np.ndarray, k: int, n_queries: int, hub_size: float = HUB_SIZE) -> float:
-    """Percentage of the k·Q neighbour slots taken by hubs (items with N_k ≥ hub_size·k)."""
+def mean_occurrence(k: int, n_queries: int, n_items: int) -> float:
+    """μ = k·Q/n, the mean of N_k when every query fills its k slots: the unit of the hub threshold."""
+    return k * n_queries / n_items
+
+
+def hub_threshold(k: int, n_queries: int, n_items: int, hub_size: float = HUB_SIZE) -> float:
+    """N_k from which an item is a hub: hub_size times the mean k-occurrence k·Q/n (2k when Q = n)."""
+    return hub_size * mean_occurrence(k, n_queries, n_items)
+
+
+def hub_count(nk: np.ndarray, k: int, n_queries: int, hub_size: float = HUB_SIZE) -> int:
+    """How many items are hubs (N_k ≥ hub_threshold)."""
     nk = np.asarray(nk)
-    return 100.0 * float(nk[nk >= hub_size * k].sum()) / (k * n_queries)
+    return int(np.sum(nk >= hub_threshold(k, n_queries, nk.size, hub_size)))
+
+
+def hub_occurrence(nk: np.ndarray, k: int, n_queries: int, hub_size: float = HUB_SIZE) -> float:
+    """Percentage of the k·Q neighbour slots taken by hubs (items with N_k ≥ hub_size·k·Q/n)."""
+    nk = np.asarray(nk)
+    return 100.0 * float(nk[nk >= hub_threshold(k, n_queries, nk.size, hub_size)].sum()) / (k * n_queries)
 
 
 def groupie_ratio(nk: np.ndarray, k: int, n_queries: int) -> float:
@@ -132,12 +174,15 @@ def measures(nk: np.ndarray, k: int, n_queries: int) -> dict:
         "queries": int(n_queries),
         "items": int(nk.size),
         "skewness": skewness(nk),
+        "skewness_truncnorm": skewness_truncnorm(nk),
         "robin_hood": robin_hood(nk),
         "gini": gini(nk),
         "atkinson": atkinson(nk),
         "antihub_rate_pct": antihub_rate(nk),
         "hub_occurrence_pct": hub_occurrence(nk, k, n_queries),
-        "hub_threshold": HUB_SIZE * k,
+        "hub_threshold": hub_threshold(k, n_queries, nk.size),
+        "hubs": hub_count(nk, k, n_queries),
+        "mean_nk": mean_occurrence(k, n_queries, nk.size),
         "groupie_ratio": groupie_ratio(nk, k, n_queries),
         "max_nk": int(np.max(nk)),
         "top_items": [{"item": j, "nk": c} for j, c in top_items(nk)],

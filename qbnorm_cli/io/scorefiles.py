@@ -3,17 +3,25 @@ scores), from a file, an array or a `Ranking`, read in row blocks with their val
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError
 from qbnorm_cli.io.hdf5 import reading, shown
-from qbnorm_cli.io.specs import ArrayInput, as_input, dataset_input
+from qbnorm_cli.io.specs import EMBEDDING_KINDS, ArrayInput, as_input, dataset_input
 from qbnorm_cli.io.validate import check_finite
 
 SCORE_KINDS = ("similarity", "ranking")
+# How foreign files name embedding matrices (and score matrices): the words of a dataset's name,
+# else of a file's stem. A name with a word of each (`query_gallery_sims`) is taken for scores.
+EMBEDDING_WORDS = frozenset({"embeddings", "embedding", "embeds", "embs", "emb", "features", "feats", "vectors",
+                             "vecs", "queries", "gallery", "bank"})
+SCORE_WORDS = frozenset({"sims", "sim", "similarity", "similarities", "scores", "score", "logits", "distances",
+                         "dists", "dist", "neighbors", "neighbours", "ranks", "ranking", "knn"})
 
 
 @dataclass
@@ -71,17 +79,39 @@ class ScoreFile:
         return block
 
 
-def open_scores(value, name: str = "scores") -> ScoreFile:
+def looks_like_embeddings(array: ArrayInput) -> str | None:
+    """Why an input given as scores holds embeddings, or None. A qbnorm file says what it holds
+    (its `qbnorm_kind`: embeddings or bank); a foreign file says it by name only: its dataset's
+    name (else the file's stem) has a word of EMBEDDING_WORDS and none of SCORE_WORDS
+    (`data.h5::/train_queries`, `gallery.npy`; not `test_sims.pkl`)."""
+    if array.kind in EMBEDDING_KINDS:
+        return f"a qbnorm {array.kind} file"
+    if array.kind is not None or array.path is None:
+        return None
+    named = array.dataset.rsplit("/", 1)[-1] if array.dataset else Path(array.path).stem
+    words = set(re.split(r"[^a-z0-9]+", named.lower()))
+    if words & EMBEDDING_WORDS and not words & SCORE_WORDS:
+        return f"{'a dataset' if array.dataset else 'a file'} named {named!r}, {array.rows} × {array.cols}"
+    return None
+
+
+def open_scores(value, name: str = "scores", hint: str = "score them against a gallery first") -> ScoreFile:
     """A similarity or ranking input: a `Ranking`, an array (dense Q × G scores), or a spec of a
     similarity or ranking file (qbnorm's, or a foreign HDF5 file holding /neighbors and /scores of
-    one shape, named by its /neighbors dataset)."""
+    one shape, named by its /neighbors dataset). An input that looks like embeddings
+    (`looks_like_embeddings`) is refused, saying how to get scores (`hint`)."""
     if isinstance(value, Ranking):
         neighbors = as_input(np.asarray(value.indices), f"{name}.indices")
         scores = as_input(np.asarray(value.scores), f"{name}.scores")
         if neighbors.shape != scores.shape:
             raise DataError(f"{name}: indices {neighbors.shape} and scores {scores.shape} differ in shape")
         return ScoreFile(scores, neighbors, int(value.gallery_rows))
-    first = as_input(value, name, kinds=SCORE_KINDS)
+    first = as_input(value, name, kinds=SCORE_KINDS + EMBEDDING_KINDS)
+    reason = looks_like_embeddings(first)
+    if reason is not None:
+        first.close()
+        raise DataError(f"{first.label}: the input looks like embeddings ({reason}), not scores; {hint}. Scores "
+                        "stored under such a name: qbnorm convert FILE --kind similarity -o SIMS.h5 declares them")
     h5 = first.h5
     with reading(first.label, "its list of datasets"):
         ranking = first.kind == "ranking" or (
