@@ -536,7 +536,7 @@ def test_an_index_from_another_gallery_is_refused(cli, files, tmp_path):
     probe = probe_file(cli, files, tmp_path)
     other_probe = probe_file(cli, files, tmp_path, "other")
     code, _, err = cli("export", "--probe", other_probe, "--gallery", spec(files, "gallery"), "-o", tmp_path / "x.h5")
-    assert code == 3 and "another gallery" in err and "--force" in err
+    assert code == 3 and "another gallery" in err and "--accept-mismatch" in err
     formats = ["npy"] + [f for f, module in (("faiss", "faiss"), ("lancedb", "lancedb"))
                          if __import__("importlib").util.find_spec(module)]
     stores = {"npy": "vectors.npy", "faiss": "index.faiss", "lancedb": "gallery.lance"}

@@ -17,7 +17,11 @@ from qbnorm_cli import methods
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output; accept mismatches.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output (nothing else).")]
+AcceptMismatch = Annotated[bool, typer.Option(
+    "--accept-mismatch",
+    help="Use a probe made from another gallery (same size, other data) instead of refusing it (exit 3); "
+         "recorded as a warning in the output and --json.")]
 Memory = Annotated[str, typer.Option("--memory", metavar="SIZE",
                                      help="Memory budget that sets block sizes, e.g. 512MiB, 2GiB.")]
 BlockRows = Annotated[int | None, typer.Option("--block-rows", min=1, metavar="ROWS",
@@ -46,12 +50,11 @@ Lam = Annotated[float | None, typer.Option(
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
 # Library parameters whose option is not simply --name: repeatable options are singular, positional
-# arguments are named by their metavar, and one --force covers the library's two consents.
+# arguments are named by their metavar.
 FLAGS = {
     "betas": "--beta",
     "gallery_betas": "--gallery-beta",
     "topk_means": "--topk-mean",
-    "accept_other_gallery": "--force",
     "lam": "--lambda",  # `lambda` is a Python keyword: the library says lam
     "scores": "SCORES",
     "source": "SOURCE",

@@ -147,6 +147,7 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
             recipe.update(uuid=out.uuid, fingerprint=picked.digest(), files={"vectors": "/vectors", "gate": "/gate"}
                           if gate is not None else {"vectors": "/vectors"})
             _write_attrs(out.h5.attrs, recipe)
+            out.warnings = list(recipe.get("warnings", ()))
         return recipe
     module = need(storage, param(f"format={storage!r}")) if storage in EXTRAS else None
     recipe["uuid"] = str(_uuid.uuid4())

@@ -1,0 +1,98 @@
+"""What a new user trips over (issue 23): options that do one thing, params files that say what
+they need, hints that work."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from qbnorm_cli.cli import main
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """data.h5 (train, test and validation splits), bank.h5, gbank.h5, probe.h5 and the gallery
+    with its rows reversed (g_perm.npy: the same size, other data)."""
+    d = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(23)
+    arrays = {name: rng.normal(size=(n, 8)).astype(np.float32) for name, n in [
+        ("train_queries", 60), ("train_gallery", 50), ("queries", 20), ("gallery", 30),
+        ("val_queries", 20), ("val_gallery", 30)]}
+    with h5py.File(d / "data.h5", "w") as h5:
+        for name, arr in arrays.items():
+            h5.create_dataset(name, data=arr)
+        h5.create_dataset("gt", data=np.arange(20) % 30)
+        h5.create_dataset("val_gt", data=(np.arange(20) * 7) % 30)
+    np.save(d / "g_perm.npy", arrays["gallery"][::-1])
+    data = str(d / "data.h5")
+    for args in (["build-bank", f"{data}::/train_queries", "-o", d / "bank.h5", "--size", "40"],
+                 ["build-bank", f"{data}::/train_gallery", "-o", d / "gbank.h5", "--size", "30"],
+                 ["probe", "--bank", d / "bank.h5", "--gallery", f"{data}::/gallery", "-o", d / "probe.h5"]):
+        assert main([str(a) for a in [*args, "-q"]]) == 0
+    return {"dir": d, "data": data}
+
+
+def attr_json(path, name):
+    with h5py.File(path, "r") as h5:
+        return json.loads(h5.attrs[name])
+
+
+# --- 1. --force only overwrites; --accept-mismatch accepts another gallery, and says so ------------
+
+def normalise_perm(small, out, *extra):
+    d = small["dir"]
+    return ["normalise", "--queries", f"{small['data']}::/queries", "--gallery", d / "g_perm.npy",
+            "--probe", d / "probe.h5", "-o", out, *extra]
+
+
+def test_force_overwrites_but_never_accepts_another_gallery(cli, small, tmp_path):
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"yesterday")
+    code, _, err = cli(*normalise_perm(small, out, "--force"))
+    assert code == 3 and "another gallery" in err and "--accept-mismatch" in err
+    assert out.read_bytes() == b"yesterday"
+
+
+def test_accept_mismatch_is_recorded(cli, small, tmp_path):
+    out = tmp_path / "out.h5"
+    doc = json.loads(cli.ok(*normalise_perm(small, out, "--accept-mismatch", "--json")))
+    (warning,) = [w for w in doc["warnings"] if "another gallery" in w]
+    assert "--accept-mismatch" in warning
+    recorded = attr_json(out, "warnings")
+    assert any("another gallery" in w and "accept_mismatch=True" in w for w in recorded)
+    # the same gallery: nothing to accept, nothing recorded
+    cli.ok("normalise", "--queries", f"{small['data']}::/queries", "--gallery", f"{small['data']}::/gallery",
+           "--probe", small["dir"] / "probe.h5", "-o", out, "--force", "--accept-mismatch", "-q")
+    assert not any("another gallery" in w for w in attr_json(out, "warnings"))
+
+
+def test_export_accept_mismatch(cli, small, tmp_path):
+    d = small["dir"]
+    args = ["export", "--probe", d / "probe.h5", "--gallery", d / "g_perm.npy", "--method", "dis"]
+    code, _, err = cli(*args, "-o", tmp_path / "x.h5", "--force")
+    assert code == 3 and "--accept-mismatch" in err and not (tmp_path / "x.h5").exists()
+    doc = json.loads(cli.ok(*args, "-o", tmp_path / "x.h5", "--accept-mismatch", "--json"))
+    assert any("another gallery" in w for w in doc["warnings"])
+    assert any("another gallery" in w for w in attr_json(tmp_path / "x.h5", "warnings"))
+    cli.ok(*args, "--format", "npy", "-o", tmp_path / "x_npy", "--accept-mismatch", "-q")
+    recipe = json.loads((tmp_path / "x_npy" / "recipe.json").read_text())
+    assert any("another gallery" in w for w in recipe["warnings"])
+
+
+def test_library_accept_mismatch(small):
+    import warnings
+
+    import qbnorm_cli
+    from qbnorm_cli.errors import DataError
+
+    d = small["dir"]
+    queries = f"{small['data']}::/queries"
+    with pytest.raises(DataError, match="accept_mismatch=True"):
+        qbnorm_cli.normalise(queries, str(d / "g_perm.npy"), str(d / "probe.h5"), force=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qbnorm_cli.normalise(queries, str(d / "g_perm.npy"), str(d / "probe.h5"), accept_mismatch=True)
+    assert any("another gallery" in str(w.message) for w in caught)
