@@ -96,3 +96,76 @@ def test_library_accept_mismatch(small):
         warnings.simplefilter("always")
         qbnorm_cli.normalise(queries, str(d / "g_perm.npy"), str(d / "probe.h5"), accept_mismatch=True)
     assert any("another gallery" in str(w.message) for w in caught)
+
+
+# --- 2. a params file records the banks it was tuned with, and probe --params says what to add ------
+
+@pytest.fixture(scope="module")
+def tuned(small):
+    d, data = small["dir"], small["data"]
+    params = d / "params.json"
+    assert main([str(a) for a in ["tune", "--queries", f"{data}::/val_queries", "--gallery", f"{data}::/val_gallery",
+                                  "--gt", f"{data}::/val_gt", "--bank", d / "bank.h5", "--gallery-bank",
+                                  d / "gbank.h5", "--methods", "dbsn,dual-is", "--beta", "20", "-o", params,
+                                  "-q"]]) == 0
+    return params
+
+
+def test_params_file_records_its_banks(small, tuned):
+    doc = json.loads(tuned.read_text())
+    assert doc["method"] in ("dbsn", "dual-is")
+    banks = doc["banks"]
+    assert set(banks) == {"bank", "gallery_bank"}
+    with h5py.File(small["dir"] / "gbank.h5", "r") as h5:
+        uuid = h5.attrs["uuid"]
+    assert banks["gallery_bank"]["option"] == "gallery_bank"
+    assert banks["gallery_bank"]["path"] == str((small["dir"] / "gbank.h5").resolve())
+    assert banks["gallery_bank"]["identity"].startswith(uuid)
+
+
+@pytest.mark.parametrize("method", ["dbsn", "dual-is"])
+def test_probe_params_says_which_gallery_bank_to_add(cli, small, tuned, tmp_path, method):
+    d = small["dir"]
+    doc = json.loads(tuned.read_text())
+    doc.update(method=method, gallery_beta=doc.get("gallery_beta") or 1.0)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(doc))
+    probe = ["probe", "--params", params, "--bank", d / "bank.h5", "--gallery", f"{small['data']}::/gallery"]
+    code, _, err = cli(*probe, "-o", tmp_path / "p.h5")
+    gbank = str((d / "gbank.h5").resolve())
+    assert code == 2 and err.count("\n") == 1
+    assert f"was tuned with --gallery-bank {gbank}" in err and f"add --gallery-bank {gbank}" in err
+    assert doc["banks"]["gallery_bank"]["identity"] in err
+    cli.ok(*probe, "--gallery-bank", d / "gbank.h5", "-o", tmp_path / "p.h5", "-q")
+    # another gallery bank: a warning that the setting was tuned with another one
+    out = cli.ok(*probe, "--gallery-bank", d / "bank.h5", "-o", tmp_path / "p2.h5", "--json")
+    assert any("not the gallery bank" in w for w in json.loads(out)["warnings"])
+
+
+def test_params_file_without_banks_still_reads(cli, small, tuned, tmp_path):
+    """Files written before tune recorded its banks lack "banks": read, and the hint says so."""
+    from qbnorm_cli import load_params
+
+    doc = json.loads(tuned.read_text())
+    del doc["banks"]
+    doc["method"] = "dbsn"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc))
+    assert load_params(old)["banks"] == {}
+    d = small["dir"]
+    probe = ["probe", "--params", old, "--bank", d / "bank.h5", "--gallery", f"{small['data']}::/gallery"]
+    code, _, err = cli(*probe, "-o", tmp_path / "p.h5")
+    assert code == 2 and "does not record the bank it was tuned with" in err and "add --gallery-bank" in err
+    cli.ok(*probe, "--gallery-bank", d / "gbank.h5", "-o", tmp_path / "p.h5", "-q")
+
+
+def test_damaged_banks_record(small, tuned, tmp_path):
+    from qbnorm_cli import load_params
+    from qbnorm_cli.errors import DataError
+
+    doc = json.loads(tuned.read_text())
+    doc["banks"]["gallery_bank"]["option"] = "queries"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="banks gallery_bank"):
+        load_params(bad)
