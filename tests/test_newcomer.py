@@ -169,3 +169,24 @@ def test_damaged_banks_record(small, tuned, tmp_path):
     bad.write_text(json.dumps(doc))
     with pytest.raises(DataError, match="banks gallery_bank"):
         load_params(bad)
+
+
+# --- 8. options and hints that mislead --------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["probe", "--bank", "B", "--gallery", "G", "-o", "P", "--k", "1", "--k", "5"],
+    ["normalise", "--probe", "P", "--sims", "S", "-o", "O", "--method", "is", "--method=dis"],
+    ["normalise", "--probe", "P", "--sims", "S", "-o", "O", "--output", "O2"],
+    ["evaluate", "S.h5", "--gt", "A", "--gt", "B"],
+])
+def test_a_single_valued_option_given_twice_is_refused(cli, argv):
+    code, out, err = cli(*argv)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "given 2 times; it takes one value" in err
+
+
+def test_repeatable_options_and_repeated_flags_still_work(cli, small, tmp_path):
+    d = small["dir"]
+    doc = json.loads(cli.ok("probe", "--bank", d / "bank.h5", "--gallery", f"{small['data']}::/gallery",
+                            "--beta", 5, "--beta", 20, "-o", tmp_path / "p.h5", "--json", "--json"))
+    assert doc["betas"] == [5.0, 20.0]
