@@ -190,3 +190,26 @@ def test_repeatable_options_and_repeated_flags_still_work(cli, small, tmp_path):
     doc = json.loads(cli.ok("probe", "--bank", d / "bank.h5", "--gallery", f"{small['data']}::/gallery",
                             "--beta", 5, "--beta", 20, "-o", tmp_path / "p.h5", "--json", "--json"))
     assert doc["betas"] == [5.0, 20.0]
+
+
+# Every method on a probe without a gallery bank, Sinkhorn potentials or sorted scores: the message
+# names what to probe again with, never a parameter to choose (a β₂ cannot make up for a missing bank).
+MISSING = {"dual-is": ["--gallery-bank GB"], "dual-dis": ["--gallery-bank GB"], "sn": ["--sinkhorn"],
+           "dbsn": ["--sinkhorn", "--gallery-bank GB"], "gc": ["--keep-sorted"]}
+
+
+@pytest.mark.parametrize("extra", [[], ["--gallery-beta", "1"]])
+def test_missing_statistics_say_what_to_probe_again_with(cli, small, tmp_path, extra):
+    from qbnorm_cli import methods
+
+    d = small["dir"]
+    for method in methods.METHODS:
+        out = tmp_path / f"{method}.h5"
+        code, _, err = cli("normalise", "--queries", f"{small['data']}::/queries", "--gallery",
+                           f"{small['data']}::/gallery", "--probe", d / "probe.h5", "--method", method, "-o", out,
+                           *extra, "-q")
+        if method not in MISSING:
+            assert code == 0, err
+            continue
+        assert code == 2 and "probe again with" in err and "choose" not in err, (method, err)
+        assert all(hint in err for hint in MISSING[method]), (method, err)
