@@ -213,3 +213,15 @@ def test_missing_statistics_say_what_to_probe_again_with(cli, small, tmp_path, e
             continue
         assert code == 2 and "probe again with" in err and "choose" not in err, (method, err)
         assert all(hint in err for hint in MISSING[method]), (method, err)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("npy", "dis.npy"), ("npy", "dis.h5"), ("faiss", "dis.faiss")])
+def test_a_directory_export_with_a_file_name_is_refused(cli, small, tmp_path, fmt, name):
+    pytest.importorskip("faiss") if fmt == "faiss" else None
+    d = small["dir"]
+    args = ["export", "--probe", d / "probe.h5", "--gallery", f"{small['data']}::/gallery", "--format", fmt]
+    code, _, err = cli(*args, "-o", tmp_path / name)
+    assert code == 2 and err.count("\n") == 1 and "writes a directory" in err and f"_{fmt}" in err
+    assert not (tmp_path / name).exists()
+    cli.ok(*args, "-o", tmp_path / f"dis_{fmt}", "-q")
+    assert (tmp_path / f"dis_{fmt}").is_dir()

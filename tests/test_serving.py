@@ -171,7 +171,7 @@ def test_exact_search_equals_normalise_top_k(synthetic, method, tmp_path):
     in_memory = exported(synthetic, method)
     assert in_memory.vectors.shape == (80, 17) and in_memory.vectors.dtype == np.float32
     for index in (in_memory, exported(synthetic, method, output=tmp_path / "x.h5"),
-                  exported(synthetic, method, output=tmp_path / "x.npy", format="npy")):
+                  exported(synthetic, method, output=tmp_path / "x_npy", format="npy")):
         got = qbnorm_cli.search(index, synthetic.queries, top_k=TOP, row_term=True)
         assert isinstance(got, qbnorm_cli.Ranking)
         assert_same(got, want, rows_bound)

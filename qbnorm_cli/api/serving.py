@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -120,6 +121,8 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
         _check_positive(nlist, "nlist")
     if output is None and format != "hdf5":
         raise UsageError(f"{param('format')} {format}: writes files; give {param('output')}")
+    if output is not None and format != "hdf5":
+        _check_directory_name(output, format)
     if spec.needs.sorted_bank:
         raise UsageError(not_offset_message(spec))
     if constant is not None and not (isinstance(constant, (int, float)) and np.isfinite(constant) and constant > 0):
@@ -193,6 +196,17 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
                                      options=options, train=train, force=force, inputs=inputs, params=params,
                                      provenance=provenance)
     return Exported(written, None, gate, str(output), tuple(found), tuple(inputs))
+
+
+# Names that look like one file: a directory export named so (`-o dis.npy`) misleads whoever reads it.
+FILE_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".hdf", ".json", ".pkl", ".pickle", ".faiss", ".parquet", ".csv")
+
+
+def _check_directory_name(output, format: str) -> None:
+    path = Path(str(output))
+    if path.suffix.lower() in FILE_SUFFIXES:
+        raise UsageError(f"{output}: {param('format')} {format} writes a directory, not a {path.suffix} file; "
+                         f"name it without a file suffix, e.g. {path.with_name(path.stem + '_' + format)}")
 
 
 def _check_positive(value, name: str) -> None:
