@@ -14,12 +14,11 @@ from pathlib import Path
 
 from qbnorm_cli import methods as registry
 from qbnorm_cli.core.metrics import LOWER_IS_BETTER
-from qbnorm_cli.errors import RuntimeFailure, UsageError, param
+from qbnorm_cli.errors import RuntimeFailure, UsageError, install_hint, param
 from qbnorm_cli.io.atomic import check_target, write_with
 from qbnorm_cli.version import VERSION
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
-EXTRA = "pip install 'qbnorm[plot]'"
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
 SYMBOLS = {"beta": "β", "k": "k", "gallery_beta": "β₂", "topk_mean": "K", "alpha": "α", "theta": "θ", "lam": "λ",
@@ -40,7 +39,7 @@ def _figure_class(what: str):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise RuntimeFailure(f"{what} needs matplotlib: {EXTRA}") from None
+        raise RuntimeFailure(f"{what} needs matplotlib: {install_hint('plot')}") from None
     return Figure
 
 

@@ -225,3 +225,61 @@ def test_a_directory_export_with_a_file_name_is_refused(cli, small, tmp_path, fm
     assert not (tmp_path / name).exists()
     cli.ok(*args, "-o", tmp_path / f"dis_{fmt}", "-q")
     assert (tmp_path / f"dis_{fmt}").is_dir()
+
+
+# --- install hints that work for the way qbnorm was installed --------------------------------------
+
+class FakeDistribution:
+    def __init__(self, direct_url):
+        self.direct_url = direct_url
+
+    def read_text(self, name):
+        assert name == "direct_url.json"
+        return None if self.direct_url is None else json.dumps(self.direct_url)
+
+
+@pytest.mark.parametrize(("direct_url", "hint"), [
+    ({"url": "file:///home/me/qbnorm%20clone", "dir_info": {"editable": True}},
+     "pip install -e '/home/me/qbnorm clone[plot]'"),
+    ({"url": "file:///srv/qbnorm", "dir_info": {}}, "pip install '/srv/qbnorm[plot]'"),
+    (None, "pip install 'qbnorm[plot]'"),  # from an index: no direct_url.json
+    ({"url": "https://example.org/qbnorm-0.1.0.tar.gz", "archive_info": {}}, "pip install 'qbnorm[plot]'"),
+])
+def test_install_hint_follows_the_installation(monkeypatch, direct_url, hint):
+    from importlib import metadata
+
+    from qbnorm_cli import errors
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: FakeDistribution(direct_url))
+    errors._installed_from.cache_clear()
+    try:
+        assert errors.install_hint("plot") == hint
+        assert errors.install_hint("dask") == hint.replace("[plot]", "[dask]")
+    finally:
+        errors._installed_from.cache_clear()
+
+
+def test_install_hint_without_metadata(monkeypatch):
+    from importlib import metadata
+
+    from qbnorm_cli import errors
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    errors._installed_from.cache_clear()
+    try:
+        assert errors.install_hint("faiss") == "pip install 'qbnorm[faiss]'"
+    finally:
+        errors._installed_from.cache_clear()
+
+
+def test_every_extra_hint_is_the_one_function():
+    """No module spells an install command itself: each missing extra's message comes from install_hint."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "qbnorm_cli"
+    spelled = [str(p) for p in package.rglob("*.py") if "pip install" in p.read_text(encoding="utf-8")
+               and p.name != "errors.py"]
+    assert spelled == []

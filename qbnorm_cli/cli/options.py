@@ -32,7 +32,7 @@ Output = Annotated[str, typer.Option("--output", "-o", metavar="OUT.h5", help="O
 Transpose = Annotated[bool, typer.Option("--transpose", help="Read the similarity inputs transposed (stored the "
                                          "other way round, e.g. a t2v dump used in the v2t direction).")]
 Plot = Annotated[str | None, typer.Option("--plot", metavar="FILE.png|.svg|.pdf",
-                                          help="Also draw the figure (needs the extra: pip install 'qbnorm[plot]').")]
+                                          help="Also draw the figure (needs the plot extra: matplotlib).")]
 Cluster = Annotated[str | None, typer.Option(
     "--cluster", metavar="ADDRESS",
     help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here), "

@@ -28,7 +28,7 @@ import numpy as np
 
 from qbnorm_cli.core.augmented import FINGERPRINT_ROWS, fingerprint
 from qbnorm_cli.core.sampling import spread
-from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, install_hint, one_line, param
 from qbnorm_cli.io.atomic import OutputDirectory, OutputFile, check_interrupt, created_now, jsonable
 from qbnorm_cli.io.hdf5 import check_readable, open_qbnorm, read_attrs
 from qbnorm_cli.io.specs import ArrayInput, open_array, open_npy
@@ -52,7 +52,7 @@ def need(extra: str, what: str):
     try:
         return __import__(module)
     except ImportError:
-        raise RuntimeFailure(f"{what} needs {module}: pip install 'qbnorm[{name}]'") from None
+        raise RuntimeFailure(f"{what} needs {module}: {install_hint(name)}") from None
 
 
 @dataclass(frozen=True)
