@@ -37,7 +37,7 @@ Cluster = Annotated[str | None, typer.Option(
     "--cluster", metavar="ADDRESS",
     help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here), "
          "tcp://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
-         "per worker (needs qbnorm[dask]; see docs/distributed.md).")]
+         "per worker (needs the dask extra; see docs/distributed.md).")]
 
 MinCount = Annotated[int | None, typer.Option(
     "--min-count", metavar="θ",
