@@ -291,7 +291,7 @@ def test_disk_full_on_a_tmpfs(data, tiny_disk, capsys, name, leave):
 def hook_commit(monkeypatch, out: Path, action) -> list:
     """Run `action()` just before the rename that commits `out` (each of its primitives)."""
     seen = []
-    real_noreplace, real_replace = atomic.rename_noreplace, os.replace
+    real_noreplace, real_replace = getattr(atomic, "rename_noreplace", None), os.replace
 
     def noreplace(source, target):
         if Path(target) == out and not seen:
@@ -305,20 +305,24 @@ def hook_commit(monkeypatch, out: Path, action) -> list:
             action()
         return real_replace(source, target, **kwargs)
 
-    monkeypatch.setattr(atomic, "rename_noreplace", noreplace)
+    monkeypatch.setattr(atomic, "rename_noreplace", noreplace, raising=False)
     monkeypatch.setattr(atomic.os, "replace", replace)
     return seen
 
 
 def without_renameat2(monkeypatch, primitive: str) -> None:
     if primitive in ("link", "placeholder"):
-        monkeypatch.setattr(atomic, "_RENAMEAT2", None)
+        monkeypatch.setattr(atomic, "_RENAMEAT2", False, raising=False)
     if primitive == "placeholder":
         monkeypatch.setattr(atomic.os, "link", _fails(errno.EPERM, "Operation not permitted"))
 
 
-@pytest.mark.parametrize("primitive", ["renameat2", "link", "placeholder"])
-@pytest.mark.parametrize("name", list(WRITERS))
+RACES = [(name, "renameat2") for name in WRITERS] + [
+    (name, primitive) for primitive in ("link", "placeholder") for name in ("normalise", "evaluate --plot", "tune",
+                                                                            "export npy")]
+
+
+@pytest.mark.parametrize("name, primitive", RACES)
 def test_target_created_during_the_run(data, work, capsys, monkeypatch, name, primitive):
     """Without --force the commit never replaces what another process put at the target while the
     run wrote (a file; a user's directory for directory outputs): exit 2, theirs kept."""

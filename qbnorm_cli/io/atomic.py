@@ -20,9 +20,9 @@ full, I/O error, a file size limit) never reaches HDF5 (`_Storage`): qbnorm repo
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import datetime as _dt
 import errno
+import functools
 import json
 import os
 import shutil
@@ -260,12 +260,13 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
+@functools.cache
 def _libc_renameat2():
+    """glibc's renameat2 (2.28+), or None (another C library or system)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.renameat2
+        function = ctypes.CDLL(None, use_errno=True).renameat2  # the C library the interpreter links
     except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -273,7 +274,7 @@ def _libc_renameat2():
     return function
 
 
-_RENAMEAT2 = _libc_renameat2()
+_RENAMEAT2 = True  # use renameat2 where the C library has it (tests set False to try the fallbacks)
 
 
 def rename_noreplace(source, target) -> None:
@@ -281,8 +282,9 @@ def rename_noreplace(source, target) -> None:
     renameat2(RENAME_NOREPLACE) where the kernel and file system have it; else, for a file, a
     hard link then unlink (link() never replaces), and for a directory an exclusive empty
     placeholder that the rename replaces (rename() replaces only an empty directory)."""
-    if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+    renameat2 = _libc_renameat2() if _RENAMEAT2 else None
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
             return
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
