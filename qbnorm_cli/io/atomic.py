@@ -176,12 +176,20 @@ def reserve(path, fd: int, nbytes: int) -> None:
             check_space(path, Path(path).parent, nbytes - size)
             return
         if exc.errno in _FULL:
-            raise RuntimeFailure(f"no space left on device writing {path} ({_mib(nbytes)} needed)") from None
+            raise RuntimeFailure(f"no space left on device writing {path} ({_free(path)} free)") from None
         raise write_failure(path, exc) from None
 
 
 def _mib(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def _free(path) -> str:
+    try:
+        info = os.statvfs(Path(path).parent)
+    except (OSError, AttributeError):
+        return "no room"
+    return _mib(info.f_bavail * info.f_frsize)
 
 
 class _Storage:
