@@ -192,26 +192,47 @@ def _free(path) -> str:
     return _mib(info.f_bavail * info.f_frsize)
 
 
+def _shielded(method):
+    """A method HDF5 calls back: an interrupt raised inside it (Python runs a signal handler
+    wherever the main thread is) would be a failed write to HDF5. It is noted instead (the run
+    ends at its next check) and the step done again: reads and writes are positioned, so
+    repeating one changes nothing."""
+
+    @functools.wraps(method)
+    def call(*args):
+        while True:
+            try:
+                return method(*args)
+            except KeyboardInterrupt:
+                note_interrupt(signal.SIGINT)
+
+    return call
+
+
 class _Storage:
     """The temporary file as HDF5 writes it (h5py's `fileobj` driver), with positioned reads and
     writes on one descriptor. An error of the file system (disk full, an I/O error, a file size
     limit) is kept in `error` for qbnorm to report, and HDF5 is told its write succeeded (later
     writes are dropped): HDF5 cannot recover from a failed write (closing the file then fails,
-    and freeing its objects crashes the process)."""
+    and freeing its objects crashes the process). Main-thread calls into HDF5 on this file hold
+    signals back (_signals_deferred); the methods are also _shielded."""
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         self.position = 0
         self.error: OSError | None = None
 
+    @_shielded
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position}.get(whence)
         self.position = (os.fstat(self.fd).st_size if base is None else base) + offset
         return self.position
 
+    @_shielded
     def tell(self) -> int:
         return self.position
 
+    @_shielded
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
         got = 0
@@ -227,11 +248,13 @@ class _Storage:
         self.position += len(view)
         return len(view)
 
+    @_shielded
     def read(self, size: int = -1) -> bytes:
         buffer = bytearray(max(size, 0))
         self.readinto(buffer)
         return bytes(buffer)
 
+    @_shielded
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         if self.error is None:
@@ -244,6 +267,7 @@ class _Storage:
         self.position += len(view)
         return len(view)
 
+    @_shielded
     def truncate(self, size: int | None = None) -> int:
         size = self.position if size is None else size
         if self.error is None:
@@ -253,6 +277,7 @@ class _Storage:
                 self.error = exc
         return size
 
+    @_shielded
     def flush(self) -> None:
         pass
 
@@ -412,21 +437,22 @@ class OutputFile:
                     f"{self.path}: cannot create a file in {str(self.path.parent)!r}: {exc.strerror or exc}"
                 ) from None
         try:
-            try:
-                self._storage = _Storage(self._tmp)
-                self.h5 = h5py.File(self._storage, "w", locking=False)  # ours alone; NFS-safe
-                reserve(self.path, self._storage.fd, self._reserved)
-            except OSError as exc:
-                raise write_failure(self.path, exc) from None
-            attrs = self.h5.attrs
-            attrs["qbnorm_kind"] = self.kind
-            attrs["qbnorm_version"] = FORMAT_VERSION
-            attrs["uuid"] = self.uuid
-            attrs["created_by"] = f"qbnorm {VERSION}"
-            attrs["created_at"] = created_now()
-            attrs["command"] = self.provenance
-            attrs["params"] = json.dumps(self.params, sort_keys=True)
-            attrs["inputs"] = json.dumps(self.inputs)
+            with _signals_deferred():  # HDF5 calls back into Python (_Storage): no interrupt inside
+                try:
+                    self._storage = _Storage(self._tmp)
+                    self.h5 = h5py.File(self._storage, "w", locking=False)  # ours alone; NFS-safe
+                    reserve(self.path, self._storage.fd, self._reserved)
+                except OSError as exc:
+                    raise write_failure(self.path, exc) from None
+                attrs = self.h5.attrs
+                attrs["qbnorm_kind"] = self.kind
+                attrs["qbnorm_version"] = FORMAT_VERSION
+                attrs["uuid"] = self.uuid
+                attrs["created_by"] = f"qbnorm {VERSION}"
+                attrs["created_at"] = created_now()
+                attrs["command"] = self.provenance
+                attrs["params"] = json.dumps(self.params, sort_keys=True)
+                attrs["inputs"] = json.dumps(self.inputs)
         except BaseException:
             self._discard()
             raise
@@ -458,10 +484,11 @@ class OutputFile:
         self._reserved += nbytes + nbytes // INDEX_SHARE + (16 << 10)
         reserve(self.path, self._storage.fd, self._reserved)
         try:
-            ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks,
-                                        fletcher32=checksum, fillvalue=fill if checksum else None)
-            for key, value in attrs.items():
-                ds.attrs[key] = value
+            with _signals_deferred():
+                ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks,
+                                            fletcher32=checksum, fillvalue=fill if checksum else None)
+                for key, value in attrs.items():
+                    ds.attrs[key] = value
         except OSError as exc:
             raise write_failure(self.path, exc) from None
         self._check_storage()
@@ -512,12 +539,13 @@ class OutputFile:
             self._wait_write()
             self._stop_writer()
             check_interrupt()
-            self.h5.attrs["warnings"] = json.dumps([plain_text(w) for w in self.warnings])
-            self.h5.attrs[ATTRIBUTE_CHECKSUMS] = json.dumps(attribute_checksums(self.h5), sort_keys=True)
-            self.h5.flush()
-            self._check_storage()
-            self.h5.close()
-            self.h5 = None
+            with _signals_deferred():
+                self.h5.attrs["warnings"] = json.dumps([plain_text(w) for w in self.warnings])
+                self.h5.attrs[ATTRIBUTE_CHECKSUMS] = json.dumps(attribute_checksums(self.h5), sort_keys=True)
+                self.h5.flush()
+                self._check_storage()
+                self.h5.close()
+                self.h5 = None
             self._check_storage()
             self._storage.close()
             self._storage = None
