@@ -401,6 +401,28 @@ def test_signal_at_the_commit(data, work, capsys, monkeypatch, name, force):
     assert leftovers(work) == []
 
 
+@pytest.mark.parametrize("at", [1, 5])
+def test_interrupt_inside_an_hdf5_write(data, work, capsys, monkeypatch, at):
+    """Python runs a signal handler wherever the main thread is, also inside HDF5's call back into
+    qbnorm's file object: it must not turn into a failed write (an internal error, or a crash)."""
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, buffer, offset):
+        calls.append(offset)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(fd, buffer, offset)
+
+    monkeypatch.setattr(atomic.os, "pwrite", pwrite)
+    args, out = writer(data, "normalise", work)
+    code, _, err = run(capsys, *args)
+    monkeypatch.undo()
+    gc.collect()
+    assert len(calls) >= at and code == 130, err
+    assert one_line(err) == "qbnorm: interrupted; no output was written"
+    assert not out.exists() and leftovers(work) == []
+
+
 def test_signal_before_the_commit_writes_nothing(data, work, capsys, monkeypatch):
     args, out = writer(data, "export npy", work, "--force")
     before = make_previous(data, "export npy", out, capsys)
