@@ -109,9 +109,15 @@ def recorded_commits() -> list[str]:
 
 @contextmanager
 def _signals_deferred():
-    """Hold Ctrl-C / SIGTERM back while a temporary file is created, renamed or removed, so an
-    interrupt never lands between the two halves of such a step (it is delivered right after)."""
-    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    """Hold Ctrl-C / SIGTERM back while a temporary file is created, renamed or removed, or HDF5
+    writes the output from the main thread, so an interrupt never lands between the two halves of
+    such a step (it is raised right after): blocked in this thread, and noted without raising by
+    the CLI's handler (note_interrupt) whichever thread the signal reached. Signal handlers run in
+    the main thread only: other threads need no hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    block = hasattr(signal, "pthread_sigmask")
     if block:
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
     _HOLDING.append(1)
@@ -164,6 +170,7 @@ def reserve(path, fd: int, nbytes: int) -> None:
     """Allocate the first `nbytes` of the file open as `fd` now (posix_fallocate), so that a full
     disk is found before the data is computed and never half-way through a write; where the file
     system cannot allocate ahead, check its free space instead."""
+    size = 0
     try:
         size = os.fstat(fd).st_size
         if nbytes <= size:
