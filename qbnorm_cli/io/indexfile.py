@@ -29,7 +29,15 @@ import numpy as np
 from qbnorm_cli.core.augmented import FINGERPRINT_ROWS, fingerprint
 from qbnorm_cli.core.sampling import spread
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, install_hint, one_line, param
-from qbnorm_cli.io.atomic import OutputDirectory, OutputFile, check_interrupt, created_now, jsonable
+from qbnorm_cli.io.atomic import (
+    OutputDirectory,
+    OutputFile,
+    check_interrupt,
+    check_space,
+    created_now,
+    jsonable,
+    reserve,
+)
 from qbnorm_cli.io.hdf5 import check_readable, open_qbnorm, read_attrs
 from qbnorm_cli.io.specs import ArrayInput, open_array, open_npy
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
@@ -154,13 +162,11 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
     with OutputDirectory(output, force=force, inputs=list(inputs), owned=owned_export, what="the export") as tmp:
         files = {}
         if storage == "npy":
-            vectors = np.lib.format.open_memmap(tmp / VECTORS_FILE, mode="w+", dtype=np.float32, shape=(n_rows, dim))
-            for r0, block in seen():
-                vectors[r0:r0 + len(block)] = block
-            vectors.flush()
-            del vectors
+            _write_npy(tmp / VECTORS_FILE, seen(), (n_rows, dim), output)
             files["vectors"] = VECTORS_FILE
-        elif storage == "faiss":
+        else:
+            check_space(output, tmp, n_rows * dim * np.dtype(np.float32).itemsize)
+        if storage == "faiss":
             recipe["index"] = options.describe(n_rows)
             index = _faiss_index(module, options, dim, n_rows)
             try:
@@ -172,7 +178,7 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
             except RuntimeError as exc:
                 raise RuntimeFailure(f"{output}: faiss failed: {one_line(exc)}") from None
             files["index"] = FAISS_FILE
-        else:
+        elif storage == "lancedb":
             _write_table(module, tmp, seen(), gate, dim, recipe)
             files["table"] = TABLE
         if gate is not None and storage != "lancedb":
@@ -184,6 +190,21 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
         except OSError as exc:
             raise RuntimeFailure(f"{output}: write failed: {exc.strerror or one_line(exc)}") from None
     return recipe
+
+
+def _write_npy(path: Path, blocks, shape: tuple[int, int], output) -> None:
+    """A float32 .npy file written block by block through a plain file, its space reserved first
+    (a memory map would die of SIGBUS on a full disk)."""
+    dtype = np.dtype(np.float32)
+    with open(path, "xb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                    "fortran_order": False, "shape": shape})
+        start = file.tell()
+        row_bytes = shape[1] * dtype.itemsize
+        reserve(output, file.fileno(), start + shape[0] * row_bytes)
+        for r0, block in blocks:
+            file.seek(start + r0 * row_bytes)
+            file.write(np.ascontiguousarray(block, dtype=dtype))
 
 
 def _write_attrs(attrs, recipe: dict) -> None:
