@@ -256,13 +256,12 @@ def open_format(path: str, key: str | None, ndim: tuple[int, ...]) -> Opened | N
 def open_remote(url: str, key: str | None, ndim) -> Opened:
     fs, fs_path = remote.filesystem(url)
     label = remote.redact(url)
-    protocol = url.split("://", 1)[0]
     if remote.is_dir(fs, fs_path, label) or (shards.is_pattern(fs_path) and not remote.exists(fs, fs_path, label)):
         names = remote.listing(fs, fs_path, label)
         if not names:
             raise UsageError(f"{label}: no file matches this pattern")
         fmt, files = shards.choose(names, label, [])
-        urls = [n if remote.is_url(n) else f"{protocol}://{n}" for n in files]
+        urls = [n if remote.is_url(n) else remote.unqualified(fs, n) for n in files]
         return open_many(url, fmt, [Location(u, fs, f) for u, f in zip(urls, files, strict=True)], key, ndim)
     if not remote.exists(fs, fs_path, label):
         raise UsageError(f"{label}: no such file")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager
-from urllib.parse import urlsplit, urlunsplit
 
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
 from qbnorm_cli.io.extras import need
@@ -35,11 +34,10 @@ def redact(url: str) -> str:
     their credentials there)."""
     if not is_url(url):
         return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    scheme, rest = url.split("://", 1)
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    host, sep, path = rest.partition("/")
+    return f"{scheme}://{host.rsplit('@', 1)[-1]}{sep}{path}"
 
 
 def cache_dir() -> str:
