@@ -268,4 +268,4 @@ def open_remote(url: str, key: str | None, ndim) -> Opened:
     try:
         return open_one(Location(url, fs, fs_path), shards.format_of(fs_path), key, ndim)
     except (OSError, ValueError) as exc:
-        raise RuntimeFailure(f"{label}: cannot read: {remote.redact(one_line(exc))}") from None
+        raise RuntimeFailure(f"{label}: cannot read: {remote.redact_text(one_line(exc))}") from None

@@ -18,6 +18,7 @@ from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
 from qbnorm_cli.io.extras import need
 
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
 CACHE_ENV = "QBNORM_CACHE_DIR"
 UNCACHED = ("memory", "file", "local")  # already local: a cache would copy them
 # The fsspec implementation a protocol needs, when it is not fsspec itself.
@@ -30,14 +31,21 @@ def is_url(path: str) -> bool:
 
 
 def redact(url: str) -> str:
-    """A URL as qbnorm shows it: without user name, password or query string (signed URLs carry
-    their credentials there)."""
+    """A URL as qbnorm shows it: without user name, password, query string or fragment (signed
+    URLs carry their credentials there); a `::KEY` after the path is kept."""
     if not is_url(url):
         return url
     scheme, rest = url.split("://", 1)
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
     host, sep, path = rest.partition("/")
-    return f"{scheme}://{host.rsplit('@', 1)[-1]}{sep}{path}"
+    path, key_sep, key = path.partition("::")
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    host = host.rsplit("@", 1)[-1].split("?", 1)[0].split("#", 1)[0]
+    return f"{scheme}://{host}{sep}{path}{key_sep}{key}"
+
+
+def redact_text(text: str) -> str:
+    """Every URL inside `text` (a command line, a library's message) redacted."""
+    return URL_IN_TEXT.sub(lambda match: redact(match.group()), text)
 
 
 def cache_dir() -> str:
@@ -71,7 +79,7 @@ def remote_errors(label: str):
     except PermissionError:
         raise RuntimeFailure(f"{label}: permission denied") from None
     except (OSError, TimeoutError, ConnectionError) as exc:
-        raise RuntimeFailure(f"{label}: cannot read: {redact(one_line(exc))}") from None
+        raise RuntimeFailure(f"{label}: cannot read: {redact_text(one_line(exc))}") from None
 
 
 def open_file(fs, path: str, label: str):

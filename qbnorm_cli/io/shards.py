@@ -46,11 +46,11 @@ def choose(names: list[str], label: str, subfolders: list[str]) -> tuple[str, li
     if not kinds:
         if subfolders:
             shown = ", ".join(sorted(subfolders, key=natural_key)[:MAX_LISTED])
-            raise DataError(f"{label}: no .npy, .parquet or .arrow files directly in it; "
-                            f"name one of its folders: {shown}")
-        raise DataError(f"{label}: no .npy, .parquet or .arrow files to read")
+            raise UsageError(f"{label}: is a directory with no .npy, .parquet or .arrow files directly in it; "
+                             f"name one of its folders: {shown}")
+        raise UsageError(f"{label}: is a directory with no .npy, .parquet or .arrow files to read")
     if len(kinds) > 1:
-        raise DataError(f"{label}: holds files of several formats ({', '.join(sorted(kinds))}); name one with a "
+        raise UsageError(f"{label}: holds files of several formats ({', '.join(sorted(kinds))}); name one with a "
                         f"pattern such as '{label.rstrip('/')}/*.npy'")
     fmt, files = next(iter(kinds.items()))
     return fmt, sorted(files, key=lambda n: natural_key(os.path.basename(n)))
