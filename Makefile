@@ -11,7 +11,7 @@ OUT := demo_out
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,plot,faiss,lancedb,dask]'  # every extra: CI runs their tests
+	$(BIN)/python -m pip install --quiet -e '.[test,plot,faiss,lancedb,dask,arrow,safetensors,remote]'  # every extra: CI runs their tests
 	touch $@
 
 setup: $(VENV)/.installed

@@ -201,7 +201,7 @@ def write_safetensors(path, tensors: dict[str, tuple[str, list[int], bytes]]):
 
 
 def test_safetensors_tensor(tmp_path, emb):
-    from safetensors.numpy import save_file
+    save_file = pytest.importorskip("safetensors.numpy").save_file
 
     path = tmp_path / "f.safetensors"
     save_file({"text": emb, "ids": np.arange(50), "half": emb.astype(np.float16)}, str(path))
@@ -213,6 +213,7 @@ def test_safetensors_tensor(tmp_path, emb):
 
 
 def test_safetensors_bfloat16_and_damage(tmp_path, emb):
+    pytest.importorskip("safetensors")
     bf16 = (emb.view(np.uint32) >> 16).astype("<u2")
     path = tmp_path / "bf.safetensors"
     write_safetensors(path, {"text": ("BF16", [50, 6], bf16.tobytes())})
@@ -397,7 +398,7 @@ def test_core_inputs_import_no_extra(tmp_path, emb):
 
 def test_normalise_reads_every_format(tmp_path, emb, cli):
     """A pipeline with queries, gallery and bank in three formats gives the .npy pipeline's scores."""
-    from safetensors.numpy import save_file
+    save_file = pytest.importorskip("safetensors.numpy").save_file
 
     queries, gallery = emb[:20], emb[20:]
     bank = np.random.default_rng(1).standard_normal((30, 6)).astype(np.float32)
