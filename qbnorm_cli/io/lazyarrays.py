@@ -10,10 +10,12 @@ to read a row range: nothing is read when the array is opened.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
-from qbnorm_cli.errors import DataError
+from qbnorm_cli.errors import DataError, RuntimeFailure, one_line
+from qbnorm_cli.io.remote import redact_text
 
 BFLOAT16 = "bfloat16"  # numpy has no bfloat16: such arrays are stored as uint16 and widened on read
 RUN_GAP = 64  # row numbers closer than this are read as one range
@@ -118,18 +120,23 @@ class Concatenated(RowArray):
 
 class RangeRows(RowArray):
     """A C-ordered array at byte `offset` of a file object that reads byte ranges (a remote file):
-    rows r0:r1 are one seek and one read."""
+    rows r0:r1 are one seek and one read (under a lock: threads share the file position)."""
 
     def __init__(self, fh, offset: int, shape: tuple[int, int], dtype, label: str):
         super().__init__(shape, dtype)
         self.fh, self.offset, self.label = fh, int(offset), label
         self.row_bytes = self.shape[1] * self.dtype.itemsize
+        self._lock = threading.Lock()
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         r1 = min(r1, self.shape[0])
         size = max(0, r1 - r0) * self.row_bytes
-        self.fh.seek(self.offset + r0 * self.row_bytes)
-        data = self.fh.read(size)
+        try:
+            with self._lock:
+                self.fh.seek(self.offset + r0 * self.row_bytes)
+                data = self.fh.read(size)
+        except (OSError, TimeoutError) as exc:  # a remote file: the network, the server
+            raise RuntimeFailure(f"{self.label}: cannot read rows {r0}:{r1}: {redact_text(one_line(exc))}") from None
         if len(data) != size:
             raise DataError(f"{self.label}: truncated: rows {r0}:{r1} lie beyond the end of the file")
         return np.frombuffer(data, dtype=self.dtype).reshape(r1 - r0, self.shape[1])
