@@ -420,3 +420,25 @@ def test_normalise_reads_every_format(tmp_path, emb, cli):
     np.testing.assert_array_equal(read_h5(tmp_path / "npy.h5")["/scores"], read_h5(tmp_path / "mixed.h5")["/scores"])
     formats = [i.get("format") for i in read_h5(tmp_path / "mixed.h5")["attrs"]["inputs"]]
     assert "parquet" in formats and "safetensors" in formats
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "shards", "safetensors", "pt"])
+def test_the_issue_commands_now_read_their_input(tmp_path, emb, cli, fmt):
+    """Were: "not an HDF5 or .npy file" (parquet, safetensors), "is a directory" (shards), an npz
+    KeyError about queries/data.pkl.npy (pt)."""
+    if fmt == "parquet":
+        spec = str(write_parquet(tmp_path / "queries.parquet", emb))
+    elif fmt == "shards":
+        spec = str(shard_folder(tmp_path, emb))
+    elif fmt == "safetensors":
+        save_file = pytest.importorskip("safetensors.numpy").save_file
+        save_file({"queries": emb}, str(tmp_path / "queries.safetensors"))
+        spec = str(tmp_path / "queries.safetensors")
+    else:
+        write_pt(tmp_path / "queries.pt", {"queries": emb})
+        spec = str(tmp_path / "queries.pt")
+    code, _, err = cli("convert", spec, "-o", tmp_path / "q.h5")
+    assert code == 0, err
+    np.testing.assert_array_equal(read_h5(tmp_path / "q.h5")["/embeddings"], emb)
+    code, _, err = cli("build-bank", spec, "-o", tmp_path / "b.h5", "--strategy", "all")
+    assert code == 0, err
