@@ -23,6 +23,7 @@ import argparse
 import functools
 import http.server
 import itertools
+import json
 import os
 import re
 import shutil
@@ -208,21 +209,25 @@ def qbnorm(*args, env=None) -> str:
     return proc.stdout.decode()
 
 
+# A fresh, small process starts each measured command: Linux carries a parent's peak resident
+# size over into a forked child's ru_maxrss, so a command forked from this (large) process would
+# report at least this process's peak.
+LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+            "_, status, usage = os.wait4(p.pid, 0); print(usage.ru_maxrss if status == 0 else -1)")
+
+
 def peak_of(*args, env=None) -> int:
-    """Peak resident KiB of one qbnorm command, measured with os.wait4."""
-    proc = subprocess.Popen([sys.executable, "-m", "qbnorm_cli", *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode().strip()
-    proc.stderr.close()
-    if status:
-        raise SystemExit(f"qbnorm {' '.join(map(str, args))} failed: {err}")
-    return usage.ru_maxrss
+    """Peak resident KiB of one qbnorm command (that process alone, os.wait4 in a small launcher)."""
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "qbnorm_cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, check=False)
+    kib = int(proc.stdout.strip() or -1)
+    if kib < 0:
+        raise SystemExit(f"qbnorm {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
+    return kib
 
 
 def pipeline(spec: dict[str, str], gt: str, work: Path, env=None) -> float:
     """README pipeline, bank = all train_queries; the DIS R@1."""
-    import json
 
     work.mkdir(parents=True, exist_ok=True)
     bank, probe, dis = work / "bank.h5", work / "probe.h5", work / "dis.h5"
@@ -263,57 +268,11 @@ def memory(args) -> None:
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qbnorm-formats-mem-"))
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "QBNORM_CACHE_DIR": str(out / "cache")}
-    rng = np.random.default_rng(0)
     try:
-        gallery = out / "gallery.npy"
-        mm = np.lib.format.open_memmap(gallery, mode="w+", dtype=np.float32, shape=(args.rows, args.dim))
-        for a in range(0, args.rows, 65536):
-            b = min(args.rows, a + 65536)
-            mm[a:b] = rng.standard_normal((b - a, args.dim), dtype=np.float32)
-        mm.flush()
-        np.save(out / "queries.npy", rng.standard_normal((100, args.dim), dtype=np.float32))
-        np.save(out / "bank.npy", rng.standard_normal((1000, args.dim), dtype=np.float32))
-        specs = {"npy": str(gallery)}
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        def parquet(path, source, fixed):
-            writer = None
-            for block in iter_blocks(source, args.write_rows):
-                table = list_table(block, fixed)
-                writer = writer or pq.ParquetWriter(path, table.schema)
-                writer.write_table(table, row_group_size=args.row_group)
-            writer.close()
-
-        parquet(out / "gallery.parquet", mm, fixed=False)
-        specs["parquet (list)"] = f"{out}/gallery.parquet::embedding"
-        parquet(out / "gallery-fixed.parquet", mm, fixed=True)
-        specs["parquet (fixed)"] = f"{out}/gallery-fixed.parquet::embedding"
-        with pa.OSFile(str(out / "gallery.arrow"), "wb") as sink:
-            writer = None
-            for block in iter_blocks(mm, args.row_group):
-                table = list_table(block, True)
-                writer = writer or pa.ipc.new_file(sink, table.schema)
-                writer.write_table(table)
-            writer.close()
-        specs["arrow"] = f"{out}/gallery.arrow::embedding"
-        shards = out / "shards"
-        shards.mkdir(exist_ok=True)
-        bounds = np.linspace(0, args.rows, SHARDS + 1).astype(int)
-        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
-            np.save(shards / f"emb_{i}.npy", mm[a:b])
-        specs["npy shards"] = str(shards)
-        from safetensors.numpy import save_file
-
-        save_file({"gallery": np.asarray(mm)}, str(out / "gallery.safetensors"))
-        specs["safetensors"] = f"{out}/gallery.safetensors::gallery"
-        write_pt(out / "gallery.pt", {"gallery": np.asarray(mm)})
-        specs["pt"] = f"{out}/gallery.pt::gallery"
-        del mm
-        qbnorm("build-bank", out / "bank.npy", "-o", out / "bank.h5", "--strategy", "all", "--force", "-q", env=env)
+        recorded = out / "inputs.json"
+        specs = json.loads(recorded.read_text()) if recorded.exists() else write_memory_inputs(out, args, env)
+        recorded.write_text(json.dumps(specs))
         probe = out / "probe.h5"
-        qbnorm("probe", "--bank", out / "bank.h5", "--gallery", gallery, "-o", probe, "--beta", 20, "--k", 1,
-               "--memory", args.memory, "--force", "-q", env=env)
         print(f"normalise --method dis --top-k 10: 100 queries × {args.rows} × {args.dim} gallery, "
               f"--memory {args.memory}; peak RSS (MiB)")
         base = None
@@ -328,6 +287,60 @@ def memory(args) -> None:
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+
+
+def write_memory_inputs(out: Path, args, env) -> dict[str, str]:
+    """The gallery in every format, the queries, a bank and its probe (`memory`'s inputs)."""
+    rng = np.random.default_rng(0)
+    gallery = out / "gallery.npy"
+    mm = np.lib.format.open_memmap(gallery, mode="w+", dtype=np.float32, shape=(args.rows, args.dim))
+    for a in range(0, args.rows, 65536):
+        b = min(args.rows, a + 65536)
+        mm[a:b] = rng.standard_normal((b - a, args.dim), dtype=np.float32)
+    mm.flush()
+    np.save(out / "queries.npy", rng.standard_normal((100, args.dim), dtype=np.float32))
+    np.save(out / "bank.npy", rng.standard_normal((1000, args.dim), dtype=np.float32))
+    specs = {"npy": str(gallery)}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def parquet(path, source, fixed):
+        writer = None
+        for block in iter_blocks(source, args.write_rows):
+            table = list_table(block, fixed)
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table, row_group_size=args.row_group)
+        writer.close()
+
+    parquet(out / "gallery.parquet", mm, fixed=False)
+    specs["parquet (list)"] = f"{out}/gallery.parquet::embedding"
+    parquet(out / "gallery-fixed.parquet", mm, fixed=True)
+    specs["parquet (fixed)"] = f"{out}/gallery-fixed.parquet::embedding"
+    with pa.OSFile(str(out / "gallery.arrow"), "wb") as sink:
+        writer = None
+        for block in iter_blocks(mm, args.row_group):
+            table = list_table(block, True)
+            writer = writer or pa.ipc.new_file(sink, table.schema)
+            writer.write_table(table)
+        writer.close()
+    specs["arrow"] = f"{out}/gallery.arrow::embedding"
+    shards = out / "shards"
+    shards.mkdir(exist_ok=True)
+    bounds = np.linspace(0, args.rows, SHARDS + 1).astype(int)
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        np.save(shards / f"emb_{i}.npy", mm[a:b])
+    specs["npy shards"] = str(shards)
+    from safetensors.numpy import save_file
+
+    save_file({"gallery": np.asarray(mm)}, str(out / "gallery.safetensors"))
+    specs["safetensors"] = f"{out}/gallery.safetensors::gallery"
+    write_pt(out / "gallery.pt", {"gallery": np.asarray(mm)})
+    specs["pt"] = f"{out}/gallery.pt::gallery"
+    del mm
+    qbnorm("build-bank", out / "bank.npy", "-o", out / "bank.h5", "--strategy", "all", "--force", "-q", env=env)
+    qbnorm("probe", "--bank", out / "bank.h5", "--gallery", gallery, "-o", out / "probe.h5", "--beta", 20,
+           "--k", 1, "--memory", args.memory, "--force", "-q", env=env)
+    return specs
 
 
 def iter_blocks(array, rows: int):
