@@ -211,19 +211,35 @@ def qbnorm(*args, env=None) -> str:
 
 # A fresh, small process starts each measured command: Linux carries a parent's peak resident
 # size over into a forked child's ru_maxrss, so a command forked from this (large) process would
-# report at least this process's peak.
-LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
-            "_, status, usage = os.wait4(p.pid, 0); print(usage.ru_maxrss if status == 0 else -1)")
+# report at least this process's peak. The launcher also samples the command's anonymous resident
+# memory (RssAnon: what it allocated, not the file pages its memory maps hold, which the kernel
+# reclaims at will) every 10 ms.
+LAUNCHER = """
+import os, subprocess, sys, time
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+anon = 0
+while True:
+    pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+    if pid:
+        break
+    try:
+        with open(f"/proc/{p.pid}/status") as fh:
+            anon = max([anon] + [int(line.split()[1]) for line in fh if line.startswith("RssAnon:")])
+    except OSError:
+        pass
+    time.sleep(0.01)
+print(usage.ru_maxrss if status == 0 else -1, anon)
+"""
 
 
-def peak_of(*args, env=None) -> int:
-    """Peak resident KiB of one qbnorm command (that process alone, os.wait4 in a small launcher)."""
+def peak_of(*args, env=None) -> tuple[int, int]:
+    """(peak resident KiB, peak anonymous resident KiB) of one qbnorm command, that process alone."""
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "qbnorm_cli", *map(str, args)],
                           capture_output=True, text=True, env=env, check=False)
-    kib = int(proc.stdout.strip() or -1)
-    if kib < 0:
+    peak, anon = (int(v) for v in (proc.stdout.split() or ["-1", "-1"]))
+    if peak < 0:
         raise SystemExit(f"qbnorm {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
-    return kib
+    return peak, anon
 
 
 def pipeline(spec: dict[str, str], gt: str, work: Path, env=None) -> float:
@@ -274,16 +290,18 @@ def memory(args) -> None:
         recorded.write_text(json.dumps(specs))
         probe = out / "probe.h5"
         print(f"normalise --method dis --top-k 10: 100 queries × {args.rows} × {args.dim} gallery, "
-              f"--memory {args.memory}; peak RSS (MiB)")
+              f"--memory {args.memory}; peak RSS and peak anonymous RSS (MiB; memory maps' file pages are in "
+              "the first only)")
         base = None
         with served(out) as server:
             specs["parquet over http"] = f"{server.url}/gallery.parquet::embedding"
             for fmt, spec in specs.items():
-                kib = peak_of("normalise", "--queries", out / "queries.npy", "--gallery", spec, "--probe", probe,
+                kib, anon = peak_of("normalise", "--queries", out / "queries.npy", "--gallery", spec, "--probe", probe,
                               "-o", out / "dis.h5", "--method", "dis", "--top-k", 10, "--memory", args.memory,
                               "--force", "-q", env=env)
                 base = base or kib
-                print(f"{fmt:18s} {kib / 1024:8.0f}   {kib / base:5.2f}× the .npy run", flush=True)
+                print(f"{fmt:18s} RSS {kib / 1024:6.0f} ({kib / base:4.2f}× the .npy run)   "
+                      f"anonymous {anon / 1024:6.0f}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)

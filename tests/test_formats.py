@@ -67,7 +67,6 @@ def test_parquet_column_read_by_row_groups(tmp_path, emb, fixed):
     path = write_parquet(tmp_path / "q.parquet", emb, fixed)
     src = check_reads(f"{path}::emb", emb)
     assert src.label == f"{path}::/emb"
-    assert src.array.unit_rows == 16  # the row group: decoded whole, checked against the budget
     record = src.describe()
     assert record["format"] == "parquet" and record["column"] == "emb" and record["path"] == str(path)
     check_reads(path, emb)  # the only list column needs no name
@@ -76,8 +75,8 @@ def test_parquet_column_read_by_row_groups(tmp_path, emb, fixed):
 def test_parquet_decodes_each_row_group_once_per_pass(tmp_path, emb):
     src = open_array(f"{write_parquet(tmp_path / 'q.parquet', emb)}::emb")
     calls = []
-    inner = src.array.read_unit
-    src.array.read_unit = lambda i: calls.append(i) or inner(i)
+    inner = src.array.batches
+    src.array.batches = lambda i: calls.append(i) or inner(i)
     for r0 in range(0, 50, 5):  # blocks smaller than a row group
         src.read(r0, r0 + 5)
     assert calls == [0, 1, 2, 3]
@@ -127,14 +126,23 @@ def test_arrow_ipc_file(tmp_path, emb):
     assert src.describe()["format"] == "arrow"
 
 
-def test_a_row_group_beyond_the_budget_is_refused_with_the_fix(tmp_path):
-    big = np.ones((20000, 16), dtype=np.float32)  # one row group: 1.2 MiB as float32
-    path = write_parquet(tmp_path / "big.parquet", big, row_group_size=20000)
-    with pytest.raises(DataError, match=r"a row group of 20000 rows .* raise it to at least 3MiB, or rewrite the "
-                                        r"file with smaller row groups"):
-        api.convert(f"{path}::emb", tmp_path / "out.h5", memory="1MiB")
+def test_a_row_group_larger_than_the_budget_streams(tmp_path):
+    big = np.random.default_rng(2).standard_normal((40000, 16)).astype(np.float32)  # 2.4 MiB in one row group
+    path = write_parquet(tmp_path / "big.parquet", big, row_group_size=40000)
+    api.convert(f"{path}::emb", tmp_path / "out.h5", memory="1MiB")
+    np.testing.assert_array_equal(read_h5(tmp_path / "out.h5")["/embeddings"], big)
+
+
+def test_an_arrow_record_batch_beyond_the_budget_is_refused_with_the_fix(tmp_path):
+    import pyarrow.feather as feather
+
+    big = np.ones((20000, 16), dtype=np.float32)  # one record batch, read whole: 1.2 MiB as float32
+    feather.write_feather(pa.table({"emb": list_column(big, True)}), tmp_path / "big.arrow", chunksize=20000)
+    with pytest.raises(DataError, match=r"a record batch of 20000 rows .* raise it to at least 3MiB, or rewrite the "
+                                        r"file with smaller record batches"):
+        api.convert(f"{tmp_path}/big.arrow::emb", tmp_path / "out.h5", memory="1MiB")
     assert not (tmp_path / "out.h5").exists()
-    api.convert(f"{path}::emb", tmp_path / "out.h5", memory="3MiB")
+    api.convert(f"{tmp_path}/big.arrow::emb", tmp_path / "out.h5", memory="3MiB")
 
 
 # --- .npy shards ---------------------------------------------------------------------------------

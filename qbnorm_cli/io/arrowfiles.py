@@ -117,41 +117,50 @@ def as_matrix(chunk, label: str, row0: int, width: int | None) -> np.ndarray:
 
 
 class ColumnRows(RowArray):
-    """One list column of one Parquet or Arrow IPC file, read by its units (row groups, record
-    batches); the last unit decoded is kept (blocks that cut through a unit decode it once)."""
+    """One list column of one Parquet or Arrow IPC file, read by a cursor that walks one unit (a
+    Parquet row group, an Arrow record batch) batch by batch: a Parquet row group is decoded page by
+    page, `unit_rows` rows at a time, so that a row group larger than memory is never held whole.
+    Reads in row order continue where the last one stopped; a read before the cursor restarts the
+    unit it falls in."""
 
-    def __init__(self, label: str, read_unit, unit_starts: np.ndarray, width: int, dtype):
-        sizes = np.diff(unit_starts)
-        super().__init__((int(unit_starts[-1]), width), dtype, int(sizes.max()) if sizes.size else 1)
-        self.label, self.read_unit, self.starts = label, read_unit, unit_starts
-        self._kept: tuple[int, np.ndarray] | None = None
+    def __init__(self, label: str, batches, unit_starts: np.ndarray, width: int, dtype, unit_rows: int):
+        super().__init__((int(unit_starts[-1]), width), dtype, unit_rows)
+        self.label, self.batches, self.starts = label, batches, unit_starts
+        self._cursor: list | None = None  # [unit, its batch iterator, current block, its first row]
         self._lock = threading.Lock()
 
-    def unit(self, i: int) -> np.ndarray:
-        with self._lock:
-            if self._kept is None or self._kept[0] != i:
-                self._kept = None  # the previous unit goes first
-                with arrow_errors(self.label, f"row group {i}"):
-                    column = self.read_unit(i)
-                    block = as_matrix(column, self.label, int(self.starts[i]), self.shape[1])
-                expected = int(self.starts[i + 1] - self.starts[i])
-                if block.shape[0] != expected:
-                    raise DataError(f"{self.label}: unit {i} holds {block.shape[0]} rows, its metadata says {expected}")
-                self._kept = (i, block)
-            return self._kept[1]
+    def _at(self, unit: int, row: int) -> list:
+        cursor = self._cursor
+        if cursor is None or cursor[0] != unit or cursor[3] > row:
+            self._cursor = None
+            cursor = [unit, iter(self.batches(unit)), np.empty((0, self.shape[1]), self.dtype), int(self.starts[unit])]
+        while row >= cursor[3] + len(cursor[2]):
+            cursor[3] += len(cursor[2])
+            column = next(cursor[1], None)
+            if column is None:
+                raise DataError(f"{self.label}: row group {unit} ends at row {cursor[3]}, before row "
+                                f"{int(self.starts[unit + 1])} where its metadata says it ends")
+            cursor[2] = np.empty((0, self.shape[1]), self.dtype)  # the previous block goes first
+            cursor[2] = as_matrix(column, self.label, cursor[3], self.shape[1])
+        self._cursor = cursor
+        return cursor
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         r1 = min(r1, self.shape[0])
-        if r1 <= r0:
-            return np.empty((0, self.shape[1]), dtype=self.dtype)
-        first = int(np.searchsorted(self.starts, r0, side="right")) - 1
-        last = int(np.searchsorted(self.starts, r1, side="left")) - 1
-        blocks = []
-        for i in range(first, last + 1):
-            base = int(self.starts[i])
-            block = self.unit(i)[max(r0, base) - base:min(r1, int(self.starts[i + 1])) - base]
-            blocks.append(block)
-        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        out = np.empty((max(0, r1 - r0), self.shape[1]), dtype=self.dtype)
+        with self._lock, arrow_errors(self.label, f"rows {r0}:{r1}"):
+            at = r0
+            while at < r1:
+                unit = int(np.searchsorted(self.starts, at, side="right")) - 1
+                _, _, block, start = self._at(unit, at)
+                stop = min(r1, start + len(block))
+                out[at - r0:stop - r0] = block[at - start:stop - start]
+                at = stop
+        return out
+
+
+BATCH_BYTES = 4 << 20  # rows decoded at a time from a Parquet row group
+READ_BUFFER = 1 << 20  # Parquet pages are read through a buffer of this size, not a column chunk at a time
 
 
 def first_width(column, label: str) -> int:
@@ -165,7 +174,9 @@ def open_parquet(source, label: str, column: str | None):
     """(ColumnRows, column name) of a Parquet file (`source`: a local path or an open file)."""
     pa = pyarrow_for(label)
     with arrow_errors(label, "its footer"):
-        reader = pa.parquet.ParquetFile(source, memory_map=isinstance(source, str))
+        # read through a buffer, not memory-mapped: pages are decompressed into fresh buffers anyway,
+        # and a map would hold the file's pages in this process's resident memory
+        reader = pa.parquet.ParquetFile(source, buffer_size=READ_BUFFER)
         schema = reader.schema_arrow
     field = pick_column(schema, column, label)
     name = field.name
@@ -179,10 +190,14 @@ def open_parquet(source, label: str, column: str | None):
             batch = next(reader.iter_batches(batch_size=1, columns=[name]), None)
             width = first_width(None if batch is None else batch.column(0), label)
 
-    def read_unit(i: int):
-        return reader.read_row_group(i, columns=[name]).column(0)
+    dtype = value_dtype(field)
+    batch_rows = max(1, BATCH_BYTES // max(1, width * dtype.itemsize))
 
-    return ColumnRows(label, read_unit, starts, width, value_dtype(field)), name, reader
+    def batches(i: int):
+        for batch in reader.iter_batches(batch_size=batch_rows, row_groups=[i], columns=[name], use_threads=False):
+            yield batch.column(0)
+
+    return ColumnRows(label, batches, starts, width, dtype, batch_rows), name, reader
 
 
 def open_ipc(source, label: str, column: str | None):
@@ -206,10 +221,15 @@ def open_ipc(source, label: str, column: str | None):
         with arrow_errors(label, "its first row"):
             width = 0 if first is None else first_width(reader.get_batch(first).column(index), label)
 
-    def read_unit(i: int):
-        return reader.get_batch(i).column(index)
+    def batches(i: int):
+        return [reader.get_batch(i).column(index)]  # zero-copy from a memory-mapped file
 
-    return ColumnRows(label, read_unit, starts, width, value_dtype(field)), name, handle
+    sizes = np.diff(starts)
+    rows = ColumnRows(label, batches, starts, width, value_dtype(field), int(sizes.max()) if sizes.size else 1)
+    rows.unit = "record batch"
+    rows.unit_fix = ("rewrite the file with smaller record batches "
+                     "(pyarrow.feather.write_feather(table, path, chunksize=N))")
+    return rows, name, handle
 
 
 def sniff(magic: bytes) -> str | None:

@@ -24,11 +24,14 @@ RUN_GAP = 64  # row numbers closer than this are read as one range
 class RowArray:
     """A 2-D array (rows × cols, `dtype`) read by row ranges through `rows(r0, r1)`.
 
-    `unit_rows`: rows decoded at least in one read (a parquet row group; 1 where any range is
-    read as it is), for the budget check (`Budget.check_unit`)."""
+    `unit_rows`: rows decoded at least in one read (an Arrow record batch, a batch of a Parquet row
+    group; 1 where any range is read as it is); when `unit` names them, `Budget.check_unit` refuses
+    units larger than the budget."""
 
     ndim = 2
     chunks = None
+    unit: str | None = None  # what `unit_rows` rows are called, when a read allocates them whole
+    unit_fix = ""  # how to write the file with smaller units
 
     def __init__(self, shape: tuple[int, int], dtype, unit_rows: int = 1):
         self.shape = (int(shape[0]), int(shape[1]))
@@ -63,7 +66,8 @@ class RowArray:
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
         if isinstance(rows, slice):
             r0, r1, step = rows.indices(self.shape[0])
-            block = self.rows(r0, max(r0, r1))[::step] if step > 0 else self[()][rows]
+            block = self.rows(r0, max(r0, r1)) if step == 1 else self.rows(r0, max(r0, r1))[::step] if step > 0 \
+                else self[()][rows]
         elif np.ndim(rows) == 0:
             row = int(rows) + (self.shape[0] if int(rows) < 0 else 0)
             return self.rows(row, row + 1)[0][cols]

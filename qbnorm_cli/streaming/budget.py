@@ -64,15 +64,14 @@ class Budget:
             rows = min(rows, max(total, 1))
         return rows
 
-    def check_unit(self, label: str, unit_rows: int, unit_bytes: int) -> None:
-        """Refuse an input whose smallest readable unit (a Parquet row group, an Arrow record batch:
-        decoded whole) would not fit the budget: reading it would allocate beyond `memory`."""
+    def check_unit(self, label: str, unit: str, unit_rows: int, unit_bytes: int, fix: str) -> None:
+        """Refuse an input whose smallest readable `unit` (an Arrow record batch: read whole) would
+        not fit the budget: reading it would allocate beyond `memory`; `fix` says how to make it smaller."""
         if self.block_rows is None and unit_bytes > self.memory // 2:
             need = -(-2 * unit_bytes // (1 << 20))
-            raise DataError(f"{label}: a row group of {unit_rows} rows ({unit_bytes / (1 << 20):.0f} MiB as float32) "
-                            f"is decoded whole, more than half of {param('memory')} allows: raise it to at least "
-                            f"{need}MiB, or rewrite the file with smaller row groups "
-                            "(pyarrow.parquet.write_table(table, path, row_group_size=N))")
+            raise DataError(f"{label}: a {unit} of {unit_rows} rows ({unit_bytes / (1 << 20):.0f} MiB as float32) "
+                            f"is read whole, more than half of {param('memory')} allows: raise it to at least "
+                            f"{need}MiB, or {fix}")
 
     def fits(self, nbytes: float, share: float) -> bool:
         """Whether an array of `nbytes` may be held whole (never when blocks are fixed by hand)."""

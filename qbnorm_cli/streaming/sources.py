@@ -51,10 +51,10 @@ class ScoreSource(Protocol):
 
 
 def check_unit(source: ArrayInput, budget: Budget) -> None:
-    """Refuse an input read in units (Parquet row groups) larger than the budget allows."""
-    unit_rows = getattr(source.array, "unit_rows", 1)
-    if unit_rows > 1:
-        budget.check_unit(source.label, unit_rows, source.array.unit_bytes)
+    """Refuse an input read in units (Arrow record batches) larger than the budget allows."""
+    unit = getattr(source.array, "unit", None)
+    if unit is not None:
+        budget.check_unit(source.label, unit, source.array.unit_rows, source.array.unit_bytes, source.array.unit_fix)
 
 
 class Embeddings:
