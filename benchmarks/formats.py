@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -291,17 +292,18 @@ def memory(args) -> None:
         probe = out / "probe.h5"
         print(f"normalise --method dis --top-k 10: 100 queries × {args.rows} × {args.dim} gallery, "
               f"--memory {args.memory}; peak RSS and peak anonymous RSS (MiB; memory maps' file pages are in "
-              "the first only)")
+              "the first only), wall time (one run each, on a shared machine)")
         base = None
         with served(out) as server:
             specs["parquet over http"] = f"{server.url}/gallery.parquet::embedding"
             for fmt, spec in specs.items():
+                began = time.perf_counter()
                 kib, anon = peak_of("normalise", "--queries", out / "queries.npy", "--gallery", spec, "--probe", probe,
                               "-o", out / "dis.h5", "--method", "dis", "--top-k", 10, "--memory", args.memory,
                               "--force", "-q", env=env)
                 base = base or kib
                 print(f"{fmt:18s} RSS {kib / 1024:6.0f} ({kib / base:4.2f}× the .npy run)   "
-                      f"anonymous {anon / 1024:6.0f}", flush=True)
+                      f"anonymous {anon / 1024:6.0f}   {time.perf_counter() - began:5.0f} s", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)

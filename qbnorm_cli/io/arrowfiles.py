@@ -10,6 +10,7 @@ mode. A ragged list, a null, or a column of another type is refused naming the r
 from __future__ import annotations
 
 import threading
+from collections import deque
 from contextlib import contextmanager
 
 import numpy as np
@@ -116,6 +117,11 @@ def as_matrix(chunk, label: str, row0: int, width: int | None) -> np.ndarray:
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
+BATCH_BYTES = 4 << 20  # rows decoded at a time from a Parquet row group
+RECENT_BLOCKS = 4  # decoded blocks kept (of BATCH_BYTES each, for Parquet)
+READ_BUFFER = 1 << 20  # Parquet pages are read through a buffer of this size, not a column chunk at a time
+
+
 class ColumnRows(RowArray):
     """One list column of one Parquet or Arrow IPC file, read by a cursor that walks one unit (a
     Parquet row group, an Arrow record batch) batch by batch: a Parquet row group is decoded page by
@@ -123,13 +129,20 @@ class ColumnRows(RowArray):
     Reads in row order continue where the last one stopped; a read before the cursor restarts the
     unit it falls in."""
 
-    def __init__(self, label: str, batches, unit_starts: np.ndarray, width: int, dtype, unit_rows: int):
+    def __init__(self, label: str, batches, unit_starts: np.ndarray, width: int, dtype, unit_rows: int,
+                 recent: int = RECENT_BLOCKS):
         super().__init__((int(unit_starts[-1]), width), dtype, unit_rows)
         self.label, self.batches, self.starts = label, batches, unit_starts
         self._cursor: list | None = None  # [unit, its batch iterator, current block, its first row]
+        # the last blocks decoded: readers on several threads ask for neighbouring blocks out of order
+        self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=recent)
         self._lock = threading.Lock()
 
-    def _at(self, unit: int, row: int) -> list:
+    def _at(self, unit: int, row: int) -> tuple[np.ndarray, int]:
+        """(decoded block holding `row`, its first row): a block decoded lately, or the cursor's."""
+        for start, block in self._recent:
+            if start <= row < start + len(block):
+                return block, start
         cursor = self._cursor
         if cursor is None or cursor[0] != unit or cursor[3] > row:
             self._cursor = None
@@ -142,8 +155,9 @@ class ColumnRows(RowArray):
                                 f"{int(self.starts[unit + 1])} where its metadata says it ends")
             cursor[2] = np.empty((0, self.shape[1]), self.dtype)  # the previous block goes first
             cursor[2] = as_matrix(column, self.label, cursor[3], self.shape[1])
+            self._recent.append((cursor[3], cursor[2]))
         self._cursor = cursor
-        return cursor
+        return cursor[2], cursor[3]
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         r1 = min(r1, self.shape[0])
@@ -152,15 +166,11 @@ class ColumnRows(RowArray):
             at = r0
             while at < r1:
                 unit = int(np.searchsorted(self.starts, at, side="right")) - 1
-                _, _, block, start = self._at(unit, at)
+                block, start = self._at(unit, at)
                 stop = min(r1, start + len(block))
                 out[at - r0:stop - r0] = block[at - start:stop - start]
                 at = stop
         return out
-
-
-BATCH_BYTES = 4 << 20  # rows decoded at a time from a Parquet row group
-READ_BUFFER = 1 << 20  # Parquet pages are read through a buffer of this size, not a column chunk at a time
 
 
 def first_width(column, label: str) -> int:
@@ -225,7 +235,8 @@ def open_ipc(source, label: str, column: str | None):
         return [reader.get_batch(i).column(index)]  # zero-copy from a memory-mapped file
 
     sizes = np.diff(starts)
-    rows = ColumnRows(label, batches, starts, width, value_dtype(field), int(sizes.max()) if sizes.size else 1)
+    rows = ColumnRows(label, batches, starts, width, value_dtype(field), int(sizes.max()) if sizes.size else 1,
+                      recent=1)  # a record batch read from a URL is held whole: one at a time
     rows.unit = "record batch"
     rows.unit_fix = ("rewrite the file with smaller record batches "
                      "(pyarrow.feather.write_feather(table, path, chunksize=N))")
