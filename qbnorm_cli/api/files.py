@@ -66,8 +66,9 @@ def convert(source, output, *, kind: str = "embeddings", transpose: bool = False
             block_rows: int | None = None, force: bool = False, progress=None,
             provenance: str | None = None) -> Written:
     """Write a foreign dump (.npy, .npz::KEY, a pickled numpy array or dict of them, HDF5 including
-    ann-benchmarks files) as a qbnorm file of `kind` embeddings or similarity (float32, streamed in
-    row blocks); a similarity file records its score statistics.
+    ann-benchmarks files, a Parquet or Arrow list column, a folder of .npy shards, a safetensors or
+    PyTorch tensor, any of these by URL: io/formats.py) as a qbnorm file of `kind` embeddings or
+    similarity (float32, streamed in row blocks); a similarity file records its score statistics.
 
     transpose: write a similarity matrix transposed (e.g. a t2v dump as items × captions for the
     v2t direction), in one sequential pass over the source: its row blocks become column strips of
