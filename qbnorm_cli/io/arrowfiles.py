@@ -117,8 +117,8 @@ def as_matrix(chunk, label: str, row0: int, width: int | None) -> np.ndarray:
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
-BATCH_BYTES = 4 << 20  # rows decoded at a time from a Parquet row group
-RECENT_BLOCKS = 4  # decoded blocks kept (of BATCH_BYTES each, for Parquet)
+BATCH_BYTES = 1 << 20  # rows decoded at a time from a Parquet row group
+RECENT_BLOCKS = 16  # decoded blocks kept (of BATCH_BYTES each, for Parquet)
 READ_BUFFER = 1 << 20  # Parquet pages are read through a buffer of this size, not a column chunk at a time
 
 
@@ -184,9 +184,10 @@ def open_parquet(source, label: str, column: str | None):
     """(ColumnRows, column name) of a Parquet file (`source`: a local path or an open file)."""
     pa = pyarrow_for(label)
     with arrow_errors(label, "its footer"):
-        # read through a buffer, not memory-mapped: pages are decompressed into fresh buffers anyway,
-        # and a map would hold the file's pages in this process's resident memory
-        reader = pa.parquet.ParquetFile(source, buffer_size=READ_BUFFER)
+        # pages read through a buffer: not memory-mapped (they are decompressed into fresh buffers
+        # anyway, and a map would hold the file's pages in this process's resident memory), nor
+        # pre-buffered (pyarrow would read a whole column chunk, as large as a row group, first)
+        reader = pa.parquet.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
         schema = reader.schema_arrow
     field = pick_column(schema, column, label)
     name = field.name
