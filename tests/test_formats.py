@@ -450,3 +450,25 @@ def test_the_issue_commands_now_read_their_input(tmp_path, emb, cli, fmt):
     np.testing.assert_array_equal(read_h5(tmp_path / "q.h5")["/embeddings"], emb)
     code, _, err = cli("build-bank", spec, "-o", tmp_path / "b.h5", "--strategy", "all")
     assert code == 0, err
+
+
+def ints(*values: int) -> bytes:
+    """The pickle opcodes that push these integers."""
+    return b"".join(pickle.dumps(v, protocol=2)[2:-1] for v in values)
+
+
+def test_declared_sizes_never_allocate_beyond_the_budget(tmp_path):
+    wide = np.ones((2, 300_000), dtype=np.float32)  # one row: 1.1 MiB as float32
+    path = write_parquet(tmp_path / "wide.parquet", wide, fixed=True)
+    with pytest.raises(DataError, match=r"a decoded batch of 1 rows .* check that the column holds one vector per row"):
+        api.convert(f"{path}::emb", tmp_path / "out.h5", memory="1MiB")
+    pt = tmp_path / "expanded.pt"
+    write_pt(pt, {"x": np.ones((4, 3), dtype=np.float32)})
+    with zipfile.ZipFile(pt) as src, zipfile.ZipFile(tmp_path / "e.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):  # size (4, 3) → (4000000, 3) with stride (0, 1): an expand
+                data = data.replace(ints(4, 3) + b"t(", ints(4_000_000, 3) + b"t(").replace(ints(3, 1), ints(0, 1))
+            dst.writestr(info.filename, data)
+    with pytest.raises(DataError, match=r"more elements than its storage"):
+        open_array(str(tmp_path / "e.pt"))

@@ -208,7 +208,10 @@ def open_parquet(source, label: str, column: str | None):
         for batch in reader.iter_batches(batch_size=batch_rows, row_groups=[i], columns=[name], use_threads=False):
             yield batch.column(0)
 
-    return ColumnRows(label, batches, starts, width, dtype, batch_rows), name, reader
+    rows = ColumnRows(label, batches, starts, width, dtype, batch_rows)
+    rows.unit = "decoded batch"  # at least one row: refused only when a row alone is beyond the budget
+    rows.unit_fix = "check that the column holds one vector per row"
+    return rows, name, reader
 
 
 def open_ipc(source, label: str, column: str | None):

@@ -201,6 +201,9 @@ def open_torch(fh, label: str, key: str | None, ndim: tuple[int, ...], local_pat
     extent = ref.offset + reach + 1 if all(ref.size) else 0
     if extent > ref.storage.numel:
         raise DataError(f"{name}: the tensor reaches beyond its storage; the file is damaged")
+    if int(np.prod(ref.size, dtype=object)) > ref.storage.numel:  # an expanded view: never larger than its file
+        raise DataError(f"{name}: the tensor has more elements than its storage (an expanded view); save "
+                        "tensor.contiguous()")
     with _reading(name):
         start = member_offset(fh, storage)
     contiguous = all(ref.size) and list(ref.stride) == [int(np.prod(ref.size[i + 1:])) for i in range(len(ref.size))]
