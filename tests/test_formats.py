@@ -460,7 +460,8 @@ def ints(*values: int) -> bytes:
 def test_declared_sizes_never_allocate_beyond_the_budget(tmp_path):
     wide = np.ones((2, 300_000), dtype=np.float32)  # one row: 1.1 MiB as float32
     path = write_parquet(tmp_path / "wide.parquet", wide, fixed=True)
-    with pytest.raises(DataError, match=r"a decoded batch of 1 rows .* check that the column holds one vector per row"):
+    with pytest.raises(DataError, match=r"wide.parquet::/emb: a row \(1.1 MiB as float32\) is read whole, .* "
+                                        r"check that the column holds one vector per row"):
         api.convert(f"{path}::emb", tmp_path / "out.h5", memory="1MiB")
     pt = tmp_path / "expanded.pt"
     write_pt(pt, {"x": np.ones((4, 3), dtype=np.float32)})

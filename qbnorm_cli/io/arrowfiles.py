@@ -208,8 +208,8 @@ def open_parquet(source, label: str, column: str | None):
         for batch in reader.iter_batches(batch_size=batch_rows, row_groups=[i], columns=[name], use_threads=False):
             yield batch.column(0)
 
-    rows = ColumnRows(label, batches, starts, width, dtype, batch_rows)
-    rows.unit = "decoded batch"  # at least one row: refused only when a row alone is beyond the budget
+    rows = ColumnRows(label, batches, starts, width, dtype, 1)  # batches of 1 MiB, or of one row when wider
+    rows.unit = "row"  # refused only when a row alone is beyond the budget
     rows.unit_fix = "check that the column holds one vector per row"
     return rows, name, reader
 

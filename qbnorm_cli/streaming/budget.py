@@ -69,9 +69,9 @@ class Budget:
         not fit the budget: reading it would allocate beyond `memory`; `fix` says how to make it smaller."""
         if self.block_rows is None and unit_bytes > self.memory // 2:
             need = -(-2 * unit_bytes // (1 << 20))
-            raise DataError(f"{label}: a {unit} of {unit_rows} rows ({unit_bytes / (1 << 20):.0f} MiB as float32) "
-                            f"is read whole, more than half of {param('memory')} allows: raise it to at least "
-                            f"{need}MiB, or {fix}")
+            what = f"a {unit} of {unit_rows} rows" if unit_rows > 1 else f"a {unit}"
+            raise DataError(f"{label}: {what} ({unit_bytes / (1 << 20):.1f} MiB as float32) is read whole, more than "
+                            f"half of {param('memory')} allows: raise it to at least {need}MiB, or {fix}")
 
     def fits(self, nbytes: float, share: float) -> bool:
         """Whether an array of `nbytes` may be held whole (never when blocks are fixed by hand)."""
