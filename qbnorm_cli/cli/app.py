@@ -19,7 +19,7 @@ from qbnorm_cli import startup
 from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, normalise, probe, search, tune
 from qbnorm_cli.cli.options import FLAG_NAMES, flag
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
-from qbnorm_cli.io import atomic
+from qbnorm_cli.io import atomic, remote
 from qbnorm_cli.version import VERSION
 
 try:  # typer ≥ 0.2x vendors click; older typer uses click itself
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
         code = _click_command().main(args=argv, prog_name="qbnorm", standalone_mode=False,
-                                     obj={"provenance": " ".join(["qbnorm", *argv])})
+                                     obj={"provenance": remote.redact_text(" ".join(["qbnorm", *argv]))})
         code = code if isinstance(code, int) else 0
     except SystemExit as exc:
         code = exc.code

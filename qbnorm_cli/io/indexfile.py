@@ -28,7 +28,7 @@ import numpy as np
 
 from qbnorm_cli.core.augmented import FINGERPRINT_ROWS, fingerprint
 from qbnorm_cli.core.sampling import spread
-from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, install_hint, one_line, param
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line, param
 from qbnorm_cli.io.atomic import (
     OutputDirectory,
     OutputFile,
@@ -38,6 +38,7 @@ from qbnorm_cli.io.atomic import (
     jsonable,
     reserve,
 )
+from qbnorm_cli.io.extras import need
 from qbnorm_cli.io.hdf5 import check_readable, open_qbnorm, read_attrs
 from qbnorm_cli.io.specs import ArrayInput, open_array, open_npy
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
@@ -48,19 +49,10 @@ STORAGES = ("hdf5", "npy", "faiss", "lancedb")
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 RECIPE_FILE, VECTORS_FILE, GATE_FILE, FAISS_FILE, TABLE = "recipe.json", "vectors.npy", "gate.npy", "index.faiss", \
     "gallery"
-EXTRAS = {"faiss": ("faiss", "faiss"), "lancedb": ("lancedb", "lancedb")}  # storage: (module, extra)
+STORAGE_EXTRAS = ("faiss", "lancedb")  # stores that need an extra of that name (io/extras.need)
 # The recipe's scalar fields also written as attributes of an HDF5 export (h5dump shows them).
 ATTR_FIELDS = ("method", "similarity", "scale", "center", "constant", "dim", "gallery_rows", "gated",
                "gallery_identity", "query_recipe")
-
-
-def need(extra: str, what: str):
-    """The optional module of `extra` (faiss, lancedb), or RuntimeFailure naming the extra."""
-    module, name = EXTRAS[extra]
-    try:
-        return __import__(module)
-    except ImportError:
-        raise RuntimeFailure(f"{what} needs {module}: {install_hint(name)}") from None
 
 
 @dataclass(frozen=True)
@@ -157,7 +149,7 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
             _write_attrs(out.h5.attrs, recipe)
             out.warnings = list(recipe.get("warnings", ()))
         return recipe
-    module = need(storage, param(f"format={storage!r}")) if storage in EXTRAS else None
+    module = need(storage, param(f"format={storage!r}")) if storage in STORAGE_EXTRAS else None
     recipe["uuid"] = str(_uuid.uuid4())
     with OutputDirectory(output, force=force, inputs=list(inputs), owned=owned_export, what="the export") as tmp:
         files = {}
