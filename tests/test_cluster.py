@@ -530,3 +530,102 @@ def test_progress_on_a_terminal_follows_the_tasks(data, probes, tmp_path):
                                "--top-k", 5, "--block-rows", 100, "--cluster", "local:2", stderr_tty=True)
     assert code == 0, err
     assert "normalise" in err and "rows/s" in err, err
+
+
+# --- who may use the cluster (issue 24, item 17) ----------------------------------------------------
+
+@slow
+def test_a_local_cluster_refuses_clients_without_its_certificate(client):
+    """`--cluster local:N` speaks TLS with a certificate made for the run: another local process
+    (another user) cannot connect to its scheduler and run code in qbnorm's workers, whether it
+    speaks plain TCP, TLS without a certificate, or TLS with a certificate of its own; a client
+    with the run's certificate can (so the refusals are the certificate's doing)."""
+    address = client.scheduler.address
+    assert address.startswith("tls://127.0.0.1:")
+    strangers = {"tcp": (address.replace("tls://", "tcp://"), None),
+                 "tls without a certificate": (address, None),
+                 "tls with a certificate of its own": (address, distributed.Security.temporary())}
+    for name, (where, security) in strangers.items():
+        with pytest.raises(Exception) as caught:  # distributed raises several kinds
+            stranger = distributed.Client(where, timeout=3, set_as_default=False, security=security)
+            try:
+                stranger.submit(os.getpid).result(timeout=5)
+            finally:
+                stranger.close()
+        assert not isinstance(caught.value, AssertionError), name
+    with distributed.Client(address, timeout=10, set_as_default=False, security=client.security) as friend:
+        assert friend.submit(os.getpid).result(timeout=30) > 0
+
+
+def security_files(where: Path) -> tuple[dict[str, Path], distributed.Security]:
+    """A temporary certificate written as a scheduler, its workers and a client take it."""
+    made = distributed.Security.temporary()
+    files = {}
+    for name in ("tls_ca_file", "tls_scheduler_cert", "tls_scheduler_key", "tls_client_cert", "tls_client_key"):
+        files[name] = where / f"{name}.pem"
+        files[name].write_text(getattr(made, name))
+    return files, made
+
+
+def test_a_bad_security_file_is_one_line(cli, data, tmp_path):
+    files, _ = security_files(tmp_path)
+    args = ["probe", "--bank", emb(data, "bank"), "--gallery", emb(data, "gallery"), "-o", tmp_path / "p.h5"]
+    cases = {
+        "unknown key": ("tls_ca_file: a.pem\ntls_cert: b.pem\n", 3, "unknown key 'tls_cert'"),
+        "no CA": (f"tls_client_cert: {files['tls_client_cert'].name}\n", 3, "tls_ca_file missing"),
+        "a missing file": ("tls_ca_file: nowhere.pem\ntls_client_cert: nowhere.pem\n", 3, "nowhere.pem"),
+        "not a mapping": ("[1, 2]\n", 3, "expected a mapping"),
+        "not YAML": ("tls_ca_file: [\n", 3, "not a YAML or JSON security file"),
+    }
+    for name, (text, code, says) in cases.items():
+        (tmp_path / "security.yaml").write_text(text)
+        got, _, err = cli(*args, "--cluster", "tcp://127.0.0.1:9", "--cluster-security", tmp_path / "security.yaml")
+        assert got == code and says in err and err.count("\n") == 1, (name, err)
+    got, _, err = cli(*args, "--cluster-security", tmp_path / "security.yaml")
+    assert got == 2 and "give --cluster too" in err
+    got, _, err = cli(*args, "--cluster", "local:2", "--cluster-security", tmp_path / "security.yaml")
+    assert got == 2 and "makes its own" in err
+    assert not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
+
+
+@slow
+def test_a_tls_scheduler_takes_the_cluster_security_file(data, probes, local_run, tmp_path):
+    """`dask scheduler --protocol tls` with a CA: qbnorm connects with --cluster-security (its
+    results those of the local run), and without it is told in one line what it needs."""
+    files, _ = security_files(tmp_path)
+    bin_dir = Path(sys.executable).parent
+    scheduler_file = tmp_path / "scheduler.json"
+    tls = ["--tls-ca-file", files["tls_ca_file"], "--tls-cert", files["tls_scheduler_cert"], "--tls-key",
+           files["tls_scheduler_key"]]
+    env = dict(os.environ, QBNORM_THREADS="1")
+    procs = [subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--protocol",
+                               "tls", "--no-dashboard", "--scheduler-file", scheduler_file, *tls],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        end = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < end:
+            time.sleep(0.1)
+        time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tls://")
+        procs.append(subprocess.Popen([bin_dir / "dask", "worker", address, "--nthreads", "1", "--no-dashboard",
+                                       "--host", "127.0.0.1", "--no-nanny", *tls], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, env=env))
+        security = tmp_path / "security.json"
+        security.write_text(json.dumps({"tls_ca_file": files["tls_ca_file"].name,
+                                        "tls_client_cert": files["tls_client_cert"].name,
+                                        "tls_client_key": files["tls_client_key"].name}))
+        args = ("probe", "--bank", emb(data, "bank"), "--gallery", emb(data, "gallery"), "--beta", 20, "--k", 1, "-q")
+        proc = subprocess.run(qbnorm(*args, "-o", tmp_path / "p.h5", "--cluster", address, "--cluster-security",
+                                     security), capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        assert_same_files(local_run[0] / "probe_here.h5", tmp_path / "p.h5")
+        quick = dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="3s")
+        proc = subprocess.run(qbnorm(*args, "-o", tmp_path / "q.h5", "--cluster", address), capture_output=True,
+                              text=True, timeout=180, env=quick)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "needs --cluster-security" in proc.stderr and not (tmp_path / "q.h5").exists()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=20)

@@ -49,7 +49,7 @@ import numpy as np
 
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.statistics import BankAccumulator
-from qbnorm_cli.errors import QbnormError, QbnormWarning, RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.errors import DataError, QbnormError, QbnormWarning, RuntimeFailure, UsageError, one_line, param
 from qbnorm_cli.io.hdf5 import open_h5
 from qbnorm_cli.io.probefile import CheckedRows
 from qbnorm_cli.io.scorefiles import ScoreFile
@@ -73,15 +73,21 @@ class Cluster:
     """Where the work runs.
 
     address: "local" (a LocalCluster of one worker process per core of this machine), "local:N"
-    (N worker processes), a scheduler's address ("tcp://HOST:PORT"), a scheduler file, or a
-    `distributed.Client` (left open afterwards). timeout: seconds to wait for the scheduler and
-    its first worker (default: dask's distributed.comm.timeouts.connect). before_task(kind,
-    number): a picklable callable run on the worker before each task (tests inject faults with it).
+    (N worker processes), a scheduler's address ("tcp://HOST:PORT", "tls://HOST:PORT"), a
+    scheduler file, or a `distributed.Client` (left open afterwards). timeout: seconds to wait for
+    the scheduler and its first worker (default: dask's distributed.comm.timeouts.connect).
+    before_task(kind, number): a picklable callable run on the worker before each task (tests
+    inject faults with it). security: how the client proves itself to a scheduler at an address
+    or in a scheduler file: a `distributed.Security`, a dict of its keywords (tls_ca_file,
+    tls_client_cert, tls_client_key, …) or the path of a YAML or JSON file of them (`load_security`;
+    default: dask's configuration, distributed.comm.tls.*). A local cluster makes its own: TLS with
+    a certificate made for the run, which no other process has (docs/security.md).
     """
 
     address: object = "local"
     timeout: float | None = None
     before_task: Callable[[str, int], None] | None = None
+    security: object = None
 
 
 def as_cluster(value) -> Cluster:
@@ -129,6 +135,14 @@ def _start(spec: Cluster):
     timeout = _timeout(spec)
     if text == "local" or text.startswith("local:"):
         n = _local_workers(text)
+        if spec.security is not None:
+            raise UsageError(f"{param('security')}: {param('cluster')} {text} makes its own (TLS with a certificate "
+                             "made for the run); security is for a scheduler's address or file")
+        try:
+            import cryptography  # noqa: F401  (the local cluster's TLS certificate)
+        except ImportError:
+            raise RuntimeFailure(f"{param('cluster')} {text} needs cryptography (its TLS certificate): {EXTRA}") \
+                from None
         local = None
         try:
             with interrupts_held():
@@ -147,8 +161,12 @@ def _start(spec: Cluster):
     else:
         raise UsageError(f"{param('cluster')} {text!r}: expected local, local:N, tcp://HOST:PORT or an existing "
                          "scheduler file")
+    security = _security(spec, distributed)
+    if security is None and text.startswith("tls://") and not _tls_configured():
+        raise UsageError(f"{param('cluster')} {text}: a tls:// scheduler needs {param('security')} (a file naming "
+                         "the CA, this client's certificate and key) or dask's distributed.comm.tls configuration")
     try:
-        client = distributed.Client(**where, timeout=timeout, set_as_default=False)
+        client = distributed.Client(**where, timeout=timeout, set_as_default=False, security=security)
     except Exception as exc:
         raise RuntimeFailure(f"{param('cluster')} {text}: no scheduler reachable within {timeout:g} s "
                              f"({one_line(exc)})") from None
@@ -158,6 +176,77 @@ def _start(spec: Cluster):
         client.close()
         raise RuntimeFailure(f"{param('cluster')} {text}: the scheduler has no worker (waited {timeout:g} s)") from None
     return client, None, text
+
+
+# distributed.Security's keywords a security file may give (paths relative to the file)
+SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key", "tls_ciphers", "require_encryption")
+SECURITY_FILES = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+
+
+def load_security(path) -> dict:
+    """distributed.Security's keywords from a YAML or JSON file (JSON is YAML): tls_ca_file and
+    tls_client_cert required (tls_client_key unless the certificate file holds the key), paths
+    relative to the file, each a readable file. DataError naming the file and the key."""
+    import yaml  # dask's own dependency
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{param('cluster_security')} {path}: no such file")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DataError(f"{path}: not a YAML or JSON security file ({one_line(exc)})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a mapping of {', '.join(SECURITY_KEYS)}")
+    unknown = sorted(str(k) for k in doc if k not in SECURITY_KEYS)
+    if unknown:
+        raise DataError(f"{path}: unknown key {unknown[0]!r}; expected {', '.join(SECURITY_KEYS)}")
+    for key in ("tls_ca_file", "tls_client_cert"):
+        if key not in doc:
+            raise DataError(f"{path}: {key} missing (the CA that signed the scheduler's certificate, and this "
+                            "client's certificate)")
+    out = {}
+    for key, value in doc.items():
+        if key == "require_encryption":
+            if not isinstance(value, bool):
+                raise DataError(f"{path}: require_encryption must be true or false, not {value!r}")
+        elif not isinstance(value, str) or not value:
+            raise DataError(f"{path}: {key} must be a string, not {value!r}")
+        if key in SECURITY_FILES:
+            value = str((path.parent / value).resolve())
+            try:
+                with open(value, "rb"):
+                    pass
+            except OSError as exc:
+                raise DataError(f"{path}: {key} {value}: {exc.strerror or one_line(exc)}") from None
+            if not os.path.isfile(value):
+                raise DataError(f"{path}: {key} {value}: not a file")
+        out[key] = value
+    return {"require_encryption": True, **out}
+
+
+def _security(spec: Cluster, distributed):
+    """The Security a client gives a scheduler at an address (None: dask's configuration)."""
+    value = spec.security
+    if value is None or isinstance(value, distributed.Security):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        value = load_security(value)
+    if not isinstance(value, dict):
+        raise UsageError(f"{param('security')} {value!r}: expected a distributed.Security, a dict of its keywords "
+                         "or a YAML/JSON file of them")
+    try:
+        return distributed.Security(**value)
+    except (TypeError, ValueError, OSError) as exc:
+        raise UsageError(f"{param('security')}: {one_line(exc)}") from None
+
+
+def _tls_configured() -> bool:
+    """Whether dask's configuration gives a client TLS credentials (or a loader that finds them)."""
+    import dask.config
+
+    return bool(dask.config.get("distributed.comm.tls.ca-file", None)
+                or dask.config.get("distributed.client.security-loader", None))
 
 
 TERMINATING = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -252,7 +341,10 @@ def local_cluster(n: int):
     try:
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": None for name in _NOT_FOR_WORKERS}):
             _start_resource_tracker()
-            return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+            # TLS with a certificate made for this run (it stays in this process and its workers):
+            # any local user can reach 127.0.0.1, and a scheduler runs the code its clients send
+            security = distributed.Security.temporary()
+            return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, security=security,
                                             dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
                                             env={parallel.THREADS_VARIABLE: str(threads)},
                                             preload=[__name__])  # dask_setup below
