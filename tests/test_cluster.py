@@ -21,6 +21,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import dask
 import distributed  # the qbnorm[dask] extra: `make setup` installs it, so CI runs these tests
 import h5py
 import numpy as np
@@ -369,6 +370,16 @@ def test_no_scheduler_there(data, tmp_path):
     assert not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
 
 
+def security_file(security, where: Path) -> Path:
+    """A --cluster-security file of a Security's client credentials (a local cluster's: PEM text)."""
+    names = {}
+    for key in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        (where / f"{key}.pem").write_text(getattr(security, key))
+        names[key] = f"{key}.pem"
+    (where / "security.json").write_text(json.dumps(names))
+    return where / "security.json"
+
+
 def queued(client) -> list[str]:
     """The keys of qbnorm's tasks (and their data) the scheduler holds."""
     return client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks
@@ -386,7 +397,8 @@ def test_an_interrupted_client_cancels_its_tasks(client, data, probes, tmp_path,
     out = tmp_path / "out.h5"
     proc = subprocess.Popen(qbnorm("normalise", "--queries", emb(data, "queries"), "--gallery", emb(data, "gallery"),
                                    "--probe", probes["embeddings"], "-o", out, "--top-k", 5, "--block-rows", 100,
-                                   "--cluster", client.scheduler.address),
+                                   "--cluster", client.scheduler.address,
+                                   "--cluster-security", security_file(client.security, tmp_path)),
                             stderr=subprocess.PIPE, text=True)
 
     def ours() -> list[str]:
@@ -629,3 +641,66 @@ def test_a_tls_scheduler_takes_the_cluster_security_file(data, probes, local_run
         for proc in procs:
             proc.kill()
             proc.wait(timeout=20)
+
+
+# --- stderr is qbnorm's, whatever dask logs (issue 24, item 16) --------------------------------------
+
+def test_dask_logs_are_kept_off_stderr_during_a_session_and_restored_after(capfd, monkeypatch):
+    """distributed logs "Batched Comm Closed" with a traceback (INFO, from distributed.batched) when
+    a comm closes under a write: a cluster closed at an interrupt did so on the client's stderr
+    (LocalCluster restores its own `silence_logs` level as it closes, before its comms are done)."""
+    import logging
+
+    from qbnorm_cli.streaming.cluster import dask_logs_quiet
+
+    monkeypatch.delenv("QBNORM_DEBUG", raising=False)
+    distributed.config.initialize_logging(dask.config.config)  # dask's handler on "distributed", as at import
+    batched = logging.getLogger("distributed.batched")
+    try:
+        raise distributed.comm.CommClosedError("in <TLS (closed) Scheduler connection>")
+    except distributed.comm.CommClosedError:
+        with dask_logs_quiet():
+            batched.info("Batched Comm Closed %r", "comm", exc_info=True)
+            logging.getLogger("distributed.nanny").error("Failed to start process", exc_info=True)
+        assert capfd.readouterr().err == ""
+        batched.warning("after the session")
+    assert "after the session" in capfd.readouterr().err  # restored
+    monkeypatch.setenv("QBNORM_DEBUG", "1")
+    with dask_logs_quiet():
+        batched.warning("shown when debugging")
+    assert "shown when debugging" in capfd.readouterr().err
+
+
+@slow
+def test_signals_near_the_end_of_a_local_run_leave_one_line(data, probes, tmp_path):
+    """SIGTERM and SIGINT at seeded moments around the end of a `--cluster local:2` run (bounded:
+    a few runs, two minutes): each ends with exit 130 and qbnorm's one line (no output), or exit 0
+    with the output and nothing on stderr; never dask's tracebacks."""
+    out = tmp_path / "n.h5"
+    args = qbnorm("normalise", "--queries", emb(data, "queries"), "--gallery", emb(data, "gallery"), "--probe",
+                  probes["embeddings"], "--top-k", 5, "--block-rows", 100, "--cluster", "local:2", "-q", "--force",
+                  "-o", out)
+    start = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    whole = time.monotonic() - start
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    rng = np.random.default_rng(16)
+    seen = set()
+    end = time.monotonic() + 120
+    for number in range(8):
+        if time.monotonic() > end and number >= 2:
+            break
+        signum = (signal.SIGTERM, signal.SIGINT)[number % 2]
+        out.unlink(missing_ok=True)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(whole * rng.uniform(0.6, 1.1))
+        proc.send_signal(signum)
+        stdout, err = proc.communicate(timeout=120)
+        seen.add(proc.returncode)
+        if proc.returncode == 0:
+            assert err == "" and stdout == "" and out.exists(), err
+        else:
+            assert proc.returncode == 130 and err == "qbnorm: interrupted; no output was written\n", err
+            assert not out.exists()
+        assert leftovers(tmp_path) == []
+    assert 130 in seen  # the signals did land during runs

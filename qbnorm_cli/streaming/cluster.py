@@ -33,6 +33,7 @@ cluster is asked for.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import signal
@@ -60,6 +61,7 @@ from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, MatrixScor
 
 EXTRA = "pip install 'qbnorm[dask]'"
 DOCS = "docs/distributed.md"
+DEBUG_VARIABLE = "QBNORM_DEBUG"  # =1: dask's own log lines are shown (as the CLI shows tracebacks)
 TASKS_PER_THREAD = 4   # tasks per worker thread, at most: balance, progress and cheap reruns
 IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead of the one the client waits for, per worker thread
 WATCH_SECONDS = 2.0    # how often a client waiting for tasks looks whether the cluster still has workers
@@ -331,8 +333,6 @@ def local_cluster(n: int):
     its environment is the client's (not dask's MALLOC_TRIM_THRESHOLD_, which also turns glibc's
     growing mmap threshold off, so that every large temporary would be fresh pages, nor its one
     BLAS thread: a task sets the client's), and the client's environment is left as it was."""
-    import logging
-
     import dask.config
     import distributed
 
@@ -508,6 +508,37 @@ def _nbytes(value) -> int:
     return 8
 
 
+class _Dropped(logging.Filter):
+    def filter(self, record) -> bool:
+        return False
+
+
+@contextmanager
+def dask_logs_quiet():
+    """distributed's log records kept off this process's stderr while a session runs, its close
+    included (the client's stderr is qbnorm's one line, whatever dask logs: a worker ended while the
+    scheduler still writes to it logs a traceback, "Batched Comm Closed"); restored afterwards.
+    LocalCluster's own `silence_logs` restores its level when it closes, before its comms are done.
+    QBNORM_DEBUG=1 leaves them as they are."""
+    if os.environ.get(DEBUG_VARIABLE) == "1":
+        yield
+        return
+    root = logging.getLogger("distributed")
+    dropped = _Dropped()
+    named = [name for name in logging.root.manager.loggerDict if name.startswith("distributed.")]
+    handlers = {handler for logger in [root, *map(logging.getLogger, named)] for handler in logger.handlers}
+    propagate = root.propagate
+    for handler in handlers:
+        handler.addFilter(dropped)
+    root.propagate = False  # nor through the root logger's handlers (an application's)
+    try:
+        yield
+    finally:
+        root.propagate = propagate
+        for handler in handlers:
+            handler.removeFilter(dropped)
+
+
 @contextmanager
 def connect(cluster) -> Iterator[Session]:
     """A Session on `cluster` (an address, a scheduler file, a distributed.Client or a Cluster),
@@ -515,22 +546,23 @@ def connect(cluster) -> Iterator[Session]:
     RuntimeFailure naming the address when no scheduler answers in time, or when the dask extra
     is missing."""
     spec = as_cluster(cluster)
-    client, local, label = _start(spec)
-    owned = client is not spec.address
-    clean = False
-    try:
-        session = Session(client, local, label, spec.before_task, _timeout(spec))
-        yield session
-        clean = True
-    finally:
+    with dask_logs_quiet():
+        client, local, label = _start(spec)
+        owned = client is not spec.address
+        clean = False
         try:
-            if clean and local is None:
-                client.run(clear_cache)  # a long-lived cluster keeps nothing of this run
+            session = Session(client, local, label, spec.before_task, _timeout(spec))
+            yield session
+            clean = True
         finally:
-            if owned:
-                with interrupts_held(discard=clean):
-                    client.close()
-            _close_local(local, done=clean)
+            try:
+                if clean and local is None:
+                    client.run(clear_cache)  # a long-lived cluster keeps nothing of this run
+            finally:
+                if owned:
+                    with interrupts_held(discard=clean):
+                        client.close()
+                _close_local(local, done=clean)
 
 
 # --- on the worker --------------------------------------------------------------------------------
