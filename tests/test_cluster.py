@@ -21,7 +21,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import dask
 import distributed  # the qbnorm[dask] extra: `make setup` installs it, so CI runs these tests
 import h5py
 import numpy as np
@@ -344,7 +343,7 @@ def test_a_worker_that_cannot_open_an_input(client, data, tmp_path):
     with pytest.raises(qbnorm_cli.RuntimeFailure) as caught:
         qbnorm_cli.probe(emb(data, "bank"), f"{gallery}::/g", output=tmp_path / "p.h5", cluster=hidden)
     message = str(caught.value)
-    assert message.startswith(f"{gallery}: no such file (on the worker at tcp://127.0.0.1:")
+    assert message.startswith(f"{gallery}: no such file (on the worker at tls://127.0.0.1:")  # local: TLS
     assert "cluster needs every input on storage all workers see, at the same path" in message
     assert "\n" not in message and not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
 
@@ -650,25 +649,39 @@ def test_dask_logs_are_kept_off_stderr_during_a_session_and_restored_after(capfd
     a comm closes under a write: a cluster closed at an interrupt did so on the client's stderr
     (LocalCluster restores its own `silence_logs` level as it closes, before its comms are done)."""
     import logging
+    import sys
 
     from qbnorm_cli.streaming.cluster import dask_logs_quiet
 
     monkeypatch.delenv("QBNORM_DEBUG", raising=False)
-    distributed.config.initialize_logging(dask.config.config)  # dask's handler on "distributed", as at import
+    root = logging.getLogger("distributed")
+    dask_handler = logging.StreamHandler(sys.stderr)  # what dask installs at import in a plain process
+    root.addHandler(dask_handler)
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(root, "propagate", False)
     batched = logging.getLogger("distributed.batched")
     try:
-        raise distributed.comm.CommClosedError("in <TLS (closed) Scheduler connection>")
-    except distributed.comm.CommClosedError:
+        try:
+            raise distributed.comm.CommClosedError("in <TLS (closed) Scheduler connection>")
+        except distributed.comm.CommClosedError:
+            with dask_logs_quiet():
+                batched.info("Batched Comm Closed %r", "comm", exc_info=True)
+                logging.getLogger("distributed.nanny").error("Failed to start process", exc_info=True)
+            assert capfd.readouterr().err == ""
+            batched.warning("after the session")
+        assert "after the session" in capfd.readouterr().err  # restored
+        root.propagate = True  # an application's handlers on the root logger (none here): no last resort
         with dask_logs_quiet():
-            batched.info("Batched Comm Closed %r", "comm", exc_info=True)
-            logging.getLogger("distributed.nanny").error("Failed to start process", exc_info=True)
+            root.removeHandler(dask_handler)
+            logging.getLogger("distributed.nanny").error("Failed to start process")
+            root.addHandler(dask_handler)
         assert capfd.readouterr().err == ""
-        batched.warning("after the session")
-    assert "after the session" in capfd.readouterr().err  # restored
-    monkeypatch.setenv("QBNORM_DEBUG", "1")
-    with dask_logs_quiet():
-        batched.warning("shown when debugging")
-    assert "shown when debugging" in capfd.readouterr().err
+        monkeypatch.setenv("QBNORM_DEBUG", "1")
+        with dask_logs_quiet():
+            batched.warning("shown when debugging")
+        assert "shown when debugging" in capfd.readouterr().err
+    finally:
+        root.removeHandler(dask_handler)
 
 
 @slow

@@ -530,10 +530,15 @@ def dask_logs_quiet():
     propagate = root.propagate
     for handler in handlers:
         handler.addFilter(dropped)
-    root.propagate = False  # nor through the root logger's handlers (an application's)
+    # nor through the root logger's handlers (an application's), nor logging's last resort
+    # (a record that finds no handler goes to stderr)
+    root.propagate = False
+    null = logging.NullHandler()
+    root.addHandler(null)
     try:
         yield
     finally:
+        root.removeHandler(null)
         root.propagate = propagate
         for handler in handlers:
             handler.removeFilter(dropped)
