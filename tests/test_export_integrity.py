@@ -240,13 +240,21 @@ def test_a_damaged_or_missing_manifest_is_refused(cli, made, tmp_path, fmt):
 
     cases = {missing: "manifest.json: missing", garbled: "manifest.json: unreadable",
              edited: "its checksum does not match", linked: "not a plain file"}
+    def table_linked(path):  # the table's directory replaced by a link to a copy
+        shutil.move(path / "gallery.lance", path.parent / "table-elsewhere")
+        (path / "gallery.lance").symlink_to(path.parent / "table-elsewhere")
+
     if fmt == "lancedb":  # lance reads every file of its table (other files beside the export are ignored)
         cases[table_file_added] = "not in the export's manifest"
+        cases[table_linked] = "gallery.lance: a link"
     for damage, says in cases.items():
         path = copy(made, fmt, tmp_path)
         damage(path)
         refused(cli, made, path, tmp_path, says)
         shutil.rmtree(path)
+        for elsewhere in ("elsewhere", "table-elsewhere"):
+            target = tmp_path / elsewhere
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

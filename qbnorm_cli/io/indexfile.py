@@ -301,6 +301,9 @@ def verify_manifest(path: str) -> None:
         file = root / relative
         if Path(relative).is_absolute() or ".." in Path(relative).parts:
             raise DataError(f"{where}: lists {relative!r}, outside the export; {damaged}")
+        linked = next((p for p in file.relative_to(root).parents if p != Path(".") and (root / p).is_symlink()), None)
+        if linked is not None:
+            raise DataError(f"{root / linked}: a link (qbnorm writes none); {damaged}")
         try:
             info = os.lstat(file)
         except FileNotFoundError:
