@@ -33,8 +33,8 @@ Plot = Annotated[str | None, typer.Option("--plot", metavar="FILE.png|.svg|.pdf"
                                           help="Also draw the figure (needs the extra: pip install 'qbnorm[plot]').")]
 Cluster = Annotated[str | None, typer.Option(
     "--cluster", metavar="ADDRESS",
-    help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here), "
-         "tcp://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
+    help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here, "
+         "TLS with a certificate made for the run), tcp://HOST:PORT, tls://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
          "per worker (needs qbnorm[dask]; see docs/distributed.md).")]
 ClusterSecurity = Annotated[str | None, typer.Option(
     "--cluster-security", metavar="FILE",
