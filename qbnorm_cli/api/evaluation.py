@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import check_choice, clustered, panel_bytes, progress_or_none, warn
+from qbnorm_cli.api.common import bounded, check_choice, clustered, panel_bytes, progress_or_none, warn
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, UsageError, param
@@ -149,6 +149,7 @@ def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budge
     return results, mask, [i for i in (gt_in, mask_in) if i is not None]
 
 
+@bounded
 def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask=None, direction: str = "t2v",
              transpose: bool = False, ties: str = "official", memory=DEFAULT_MEMORY, block_rows: int | None = None,
              progress=None, cluster=None):
@@ -187,6 +188,7 @@ def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask
     return results if _many(scores) else results[0]
 
 
+@bounded
 def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None = None, query_mask=None,
                       direction: str = "t2v", transpose: bool = False, ties: str = "official",
                       gates: Sequence[tuple[str, float]] = (), memory=DEFAULT_MEMORY, block_rows: int | None = None,
@@ -377,6 +379,7 @@ def _measured(subjects, ks: list[int], exclude_self: bool, budget: Budget, progr
     return results
 
 
+@bounded
 def hubness(scores, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY,
             block_rows: int | None = None, progress=None, cluster=None):
     """Hubness of retrieval results: N_k(j) counts the queries with item j among their k best.
@@ -398,6 +401,7 @@ def hubness(scores, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool 
     return results if _many(scores) else results[0]
 
 
+@bounded
 def hubness_report(scores: Sequence, *, k=DEFAULT_K, exclude_self: bool = False, transpose: bool = False,
                    memory=DEFAULT_MEMORY,
                    block_rows: int | None = None, output=None, force: bool = False, progress=None,

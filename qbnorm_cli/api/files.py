@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qbnorm_cli.api.common import check_choice, embeddings, progress_or_none, warn
+from qbnorm_cli.api.common import bounded, check_choice, embeddings, progress_or_none, warn
 from qbnorm_cli.api.normalising import Written
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.sampling import STRATEGIES, sample_indices
@@ -21,6 +21,7 @@ WIDE = 4096  # more columns than any common embedding: probably a score matrix
 TILE, TILE_ROWS = 256, 1024  # chunks of a transposed copy: 1 MiB of float32, strips of TILE source rows
 
 
+@bounded
 def build_bank(source, *, size: int | None = None, strategy: str = "random", seed: int = 0,
                memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None, force: bool = False,
                provenance: str | None = None):
@@ -60,6 +61,7 @@ def build_bank(source, *, size: int | None = None, strategy: str = "random", see
     return Written(str(output), "bank", out.uuid, np.zeros(0, dtype=bool), {**params, "dim": dim, "source": src.label})
 
 
+@bounded
 def convert(source, output, *, kind: str = "embeddings", transpose: bool = False, memory=DEFAULT_MEMORY,
             block_rows: int | None = None, force: bool = False, progress=None,
             provenance: str | None = None) -> Written:

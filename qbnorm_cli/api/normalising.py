@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_choice, check_count, clustered, progress_or_none, score_source, warn
+from qbnorm_cli.api.common import bounded, check_choice, check_count, clustered, progress_or_none, score_source, warn
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, param, plain_text
@@ -46,6 +46,7 @@ def _as_probe(value) -> Probe:
     return value if isinstance(value, Probe) else Probe.load(value)
 
 
+@bounded
 def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.DEFAULT.name,
               beta: float | None = None, k: int | None = None, gallery_beta: float | None = None,
               topk_mean: int | None = None, alpha: float | None = None, min_count: int | None = None,

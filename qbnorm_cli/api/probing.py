@@ -8,7 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_count, clustered, one_of, progress_or_none, score_source, similarities, warn
+from qbnorm_cli.api.common import (
+    bounded,
+    check_count,
+    clustered,
+    one_of,
+    progress_or_none,
+    score_source,
+    similarities,
+    warn,
+)
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
@@ -96,6 +105,7 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
     return out, found
 
 
+@bounded
 def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
           gallery_betas=(methods.DEFAULT_GALLERY_BETA,), topk_means=None, keep_sorted: bool = False,
           sinkhorn: bool = False, sinkhorn_iters: int | None = None, sinkhorn_tol: float | None = None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_choice, check_count, embeddings, progress_or_none, warn
+from qbnorm_cli.api.common import bounded, check_choice, check_count, embeddings, progress_or_none, warn
 from qbnorm_cli.api.normalising import Written
 from qbnorm_cli.core import augmented, scale
 from qbnorm_cli.core.normalisers import Normaliser
@@ -82,6 +82,7 @@ def not_offset_message(method: methods.Method) -> str:
             f"among each item's bank scores, which no inner-product index computes); export one of {exportable}")
 
 
+@bounded
 def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | None = None, k: int | None = None,
            gallery_beta: float | None = None, topk_mean: int | None = None, alpha: float | None = None,
            min_count: int | None = None, lam: float | None = None, similarity: str | None = None,
@@ -324,6 +325,7 @@ def served_normaliser(recipe: dict, gate) -> Normaliser:
                       identity=bool(recipe.get("baseline")))
 
 
+@bounded
 def search(index, queries, *, top_k: int = 10, check_recall: float | None = None, backend: str | None = None,
            nprobe: int | None = None, ef_search: int | None = None, row_term: bool = False, dtype: str = "float64",
            memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None, force: bool = False, progress=None,

@@ -60,6 +60,8 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Recall@K, median/mean rank and GeomR of one or more score files (rows = queries).
 

@@ -40,6 +40,8 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Export the augmented gallery vectors [g, −(offset − m)/(scale·c)]: any inner-product index
     (faiss, LanceDB, Qdrant, Milvus, pgvector, Elasticsearch kNN …) then returns the method's

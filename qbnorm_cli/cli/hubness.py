@@ -58,6 +58,8 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Hubness of retrieval results: k-skewness, Robin Hood, Gini, Atkinson, anti-hubs, hubs.
 

@@ -38,6 +38,8 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Normalise query × gallery similarities with a probe's querybank statistics.
 

@@ -43,6 +43,17 @@ Lam = Annotated[float | None, typer.Option(
     "--lambda", metavar="L",
     help=f"Weight λ of the mean bank embedding (default {methods.PARAMETERS['lam'].default:g}).")]
 
+# Read by app.py around every command (io.limits), not by the commands themselves:
+AllowExternal = Annotated[bool, typer.Option(
+    "--allow-external",
+    help="Follow HDF5 external links, external storage and virtual datasets to the files they name (refused by "
+         "default: they read files not given on the command line); every file read is recorded in the output's "
+         "inputs.")]
+MaxOutput = Annotated[str, typer.Option(
+    "--max-output", metavar="SIZE",
+    help="Refuse to write an output larger than this (its size is known before any work), e.g. 64GiB, 1TiB.")]
+DEFAULT_MAX_OUTPUT_TEXT = "64GiB"  # io.limits.DEFAULT_MAX_OUTPUT (tests/test_cli_options.py checks they agree)
+
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
 # Library parameters whose option is not simply --name: repeatable options are singular, positional

@@ -28,6 +28,8 @@ def command(
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Search an export: each query's N best gallery items under the exported method.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qbnorm_cli.errors import DataError
+from qbnorm_cli.errors import DataError, QbnormError
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -182,11 +182,11 @@ def _open_npz(path: str, key: str | None, ndim) -> tuple[np.ndarray, str | None]
 
 def _ann_benchmarks_error(path: str) -> DataError | None:
     """For an ann-benchmarks file named without a dataset: the error that lists its datasets."""
-    import h5py
+    from qbnorm_cli.io.hdf5 import open_h5
 
     try:
-        h5 = h5py.File(path, "r", locking=False)
-    except OSError:
+        h5 = open_h5(path)  # refuses links and storage outside the file
+    except QbnormError:  # damaged or refused: specs.open_array says so
         return None
     with h5:
         try:

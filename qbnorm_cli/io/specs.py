@@ -22,10 +22,12 @@ from qbnorm_cli.io import foreign, schemas
 from qbnorm_cli.io.hdf5 import (
     HDF5_ERRORS,
     check_readable,
+    check_stored,
     damaged,
     has_checksum,
     list_datasets,
     open_h5,
+    reached,
     read_attrs,
     reading,
     root_kind,
@@ -81,6 +83,7 @@ class ArrayInput:
     name: str | None = None
     transposed: bool = False  # read transposed: `array` is a `Transposed` view of the stored one
     layout: schemas.Layout | None = None  # a qbnorm file: what its schema check found
+    external: tuple[str, ...] = ()  # other files reading it reads (allowed external storage, links, VDS)
 
     @property
     def label(self) -> str:
@@ -152,6 +155,8 @@ class ArrayInput:
         }
         if self.transposed:
             record["transposed"] = True
+        if self.external:
+            record["external_files"] = list(self.external)
         return record
 
     def read(self, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None,
@@ -360,13 +365,15 @@ def dataset_input(h5: h5py.File, path: str, dataset: str | None, ndim: tuple[int
                 dataset = candidates[0]
         if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
             raise DataError(f"{path}: no dataset {dataset}; it has {', '.join(names) or 'no datasets'}")
+        external = tuple(reached(h5, dataset))
         arr = h5[dataset]
         check_array(arr, f"{path}::{dataset}", ndim)
     except HDF5_ERRORS as exc:
         raise damaged(f"{path}::{dataset}" if dataset else path, exc) from None
+    check_stored(arr, f"{path}::{dataset}")
     attrs = layout.root_attrs if layout is not None else read_attrs(h5, path)
     return ArrayInput(spec or f"{path}::{dataset}", path, dataset, arr, kind=kind, attrs=attrs,
-                      h5=h5 if owner else None, layout=layout)
+                      h5=h5 if owner else None, layout=layout, external=external)
 
 
 def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tuple[int, ...] = (2,),
@@ -382,6 +389,7 @@ def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tu
         return open_array(str(value), kinds=kinds, ndim=ndim)
     if isinstance(value, h5py.Dataset):
         check_array(value, f"{value.file.filename}::{value.name}", ndim)
+        check_stored(value, f"{value.file.filename}::{value.name}")
         return ArrayInput(value.name, value.file.filename, value.name, value)
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
     check_array(array, name, ndim)
