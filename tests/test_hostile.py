@@ -160,3 +160,148 @@ def test_qbnorm_files_with_links_outside_are_refused(capsys, data, tmp_path, rol
     args = (["normalise", "--queries", data.q, "--gallery", data.g, "--probe", copy, "-o", out] if role == "probe"
             else ["probe", "--bank", copy, "--gallery", data.g, "-o", out])
     refused(run(capsys, *args), 3, str(copy), "/extra is an external link")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Tiny inputs, unbounded cost: declared sizes, chunks and members beyond --memory, outputs
+
+
+def _never_written(tmp: Path) -> str:
+    path = tmp / "declared.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("queries", shape=(10**9, D), dtype="<f4")  # nothing written: 2 KB on disk
+    assert path.stat().st_size < 4096
+    return f"{path}::/queries"
+
+
+def _partly_written(tmp: Path) -> str:
+    path = tmp / "partial.h5"
+    with h5py.File(path, "w") as h5:
+        ds = h5.create_dataset("queries", shape=(4096, D), dtype="<f4", chunks=(512, D), compression="gzip")
+        ds[:512] = 1.0  # one chunk of eight
+    return f"{path}::/queries"
+
+
+def _foreign_never_written_chunks(tmp: Path) -> str:
+    path = tmp / "unwritten.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("queries", shape=(10**7, D), dtype="<f4", chunks=(4096, D))
+    return f"{path}::/queries"
+
+
+@pytest.mark.parametrize("make", [_never_written, _partly_written, _foreign_never_written_chunks])
+@pytest.mark.parametrize("command", ["normalise", "convert"])
+def test_declared_but_never_stored_values_are_refused(capsys, data, tmp_path, make, command):
+    """HDF5 reads storage that was never written as the fill value: a 2 KB file declaring 10⁹ rows
+    started a 41 GB output."""
+    spec = make(tmp_path)
+    out = tmp_path / "out.h5"
+    args = (["normalise", "--queries", spec, "--gallery", data.g, "--probe", data.probe, "--top-k", 5, "-o", out]
+            if command == "normalise" else ["convert", spec, "-o", out])
+    refused(run(capsys, *args), 3, spec, "would read as the fill value")
+    assert not out.exists()
+
+
+def _chunked(tmp: Path, rows: int, cols: int) -> str:
+    path = tmp / "chunky.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("gallery", data=np.zeros((rows, cols), dtype=np.float32), chunks=(rows, cols),
+                          compression="gzip")
+    return f"{path}::/gallery"
+
+
+def test_a_chunk_beyond_the_budget_is_refused_before_any_read(capsys, data, tmp_path):
+    """One compressed chunk is decompressed whole (again for every block that cuts it once it
+    outgrows the chunk cache): a chunk may take an eighth of --memory."""
+    spec = _chunked(tmp_path, 1024, 4096)  # one 16 MiB chunk, 16 KB on disk
+    out = tmp_path / "out.h5"
+    line = refused(run(capsys, "convert", spec, "-o", out, "--memory", "64MiB"), 3, spec,
+                   "chunk 1024×4096 (16 MiB) exceeds an eighth of --memory 64 MiB", "raise --memory", "h5repack")
+    assert not out.exists(), line
+    refused(run(capsys, "hubness", spec, "-o", out, "--memory", "64MiB"), 3, "chunk 1024×4096")
+    code, _, err = run(capsys, "convert", spec, "-o", out, "--memory", "128MiB", "-q")
+    assert code == 0, err
+    # the library bounds by its memory argument
+    with pytest.raises(DataError, match="exceeds an eighth of memory 64 MiB"):
+        api.convert(spec, tmp_path / "lib.h5", memory="64MiB")
+
+
+def test_a_chunk_of_a_qbnorm_file_beyond_the_budget_is_refused(capsys, data, tmp_path):
+    """qbnorm's own files are read whole: every dataset's chunks are checked when it is opened."""
+    copy = tmp_path / "probe.h5"
+    copy.write_bytes(Path(data.probe).read_bytes())
+    with h5py.File(copy, "a") as h5:
+        h5.create_dataset("padding", data=np.zeros((1024, 4096), dtype=np.float32), chunks=(1024, 4096),
+                          compression="gzip")
+    out = tmp_path / "out.h5"
+    refused(run(capsys, "normalise", "--queries", data.q, "--gallery", data.g, "--probe", copy, "-o", out,
+                "--memory", "64MiB"), 3, f"{copy}::/padding", "chunk")
+
+
+def test_an_npz_member_beyond_the_budget_is_refused_before_it_is_inflated(capsys, tmp_path):
+    """A zip bomb: a 64 MiB member compresses to 64 KB; .npz members are read whole."""
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, gallery=np.zeros((16384, 1024), dtype=np.float32))
+    assert path.stat().st_size < 1 << 20
+    out = tmp_path / "out.h5"
+    for spec in (str(path), f"{path}::gallery"):
+        refused(run(capsys, "convert", spec, "-o", out, "--memory", "32MiB"), 3, f"{path}::gallery",
+                "a .npz member read whole (64 MiB) exceeds --memory 32 MiB", "raise --memory", ".npy")
+        refused(run(capsys, "hubness", spec, "-o", out, "--memory", "32MiB"), 3, "64 MiB")
+    code, _, err = run(capsys, "convert", path, "-o", out, "--memory", "256MiB", "-q")
+    assert code == 0, err
+
+
+def _pickle_allocating(shape=(600000, 1024)) -> bytes:
+    """`numpy.ndarray(shape)` by REDUCE: 2.4 GB of nothing from 27 bytes."""
+    import struct
+    return (b"cnumpy\nndarray\n((J" + struct.pack("<i", shape[0]) + b"M" + struct.pack("<H", shape[1])
+            + b"ttR.")
+
+
+def _pickle_reconstructing(shape=(600000, 1024)) -> bytes:
+    """numpy's own `_reconstruct(ndarray, shape, dtype)` with a shape whose values are not there."""
+    import struct
+    return (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(J" + struct.pack("<i", shape[0])
+            + b"M" + struct.pack("<H", shape[1]) + b"tC\x01btR.")
+
+
+@pytest.mark.parametrize("payload", [_pickle_allocating, _pickle_reconstructing])
+def test_a_pickle_cannot_allocate_what_it_does_not_hold(capsys, tmp_path, payload):
+    path = tmp_path / "sims.pkl"
+    path.write_bytes(payload())
+    assert path.stat().st_size < 100
+    out = tmp_path / "out.h5"
+    refused(run(capsys, "convert", path, "-o", out), 3, str(path), "disallowed object")
+    assert not out.exists()
+
+
+def test_a_pickle_beyond_the_budget_is_refused(capsys, tmp_path):
+    import pickle
+    path = tmp_path / "sims.pkl"
+    path.write_bytes(pickle.dumps(np.ones((1024, 1024), dtype=np.float32)))  # 4 MiB, read whole
+    refused(run(capsys, "convert", path, "-o", tmp_path / "out.h5", "--memory", "2MiB"), 3,
+            "a pickle read whole (4.0 MiB) exceeds --memory 2 MiB")
+    code, _, err = run(capsys, "convert", path, "-o", tmp_path / "out.h5", "-q")
+    assert code == 0, err
+
+
+def test_an_output_beyond_max_output_or_free_disk_is_refused_up_front(capsys, data, tmp_path, monkeypatch):
+    source = tmp_path / "wide.npy"
+    np.save(source, np.ones((600, 1024), dtype=np.float32))  # 2.3 MiB as float32
+    out = tmp_path / "out.h5"
+    refused(run(capsys, "convert", source, "-o", out, "--max-output", "1MiB"), 2, str(out),
+            "would be 2.3 MiB (600 × 1024 float32), more than --max-output 1 MiB", "raise --max-output")
+    refused(run(capsys, "convert", source, "-o", out, "--max-output", "lots"), 2, "--max-output 'lots'")
+    import shutil
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
+    refused(run(capsys, "convert", source, "-o", out), 1, "but", "has 1 MiB free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=100))
+    refused(run(capsys, "normalise", "--queries", data.q, "--gallery", data.g, "--probe", data.probe, "-o", out,
+                "--top-k", 5), 1, f"{Q} × 5 scores and neighbours", "has 100 B free")
+    refused(run(capsys, "build-bank", f"{data.emb}::/bank", "-o", out, "--size", 10), 1, "has 100 B free")
+    assert not out.exists() and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    code, _, err = run(capsys, "convert", source, "-o", out, "-q")
+    assert code == 0, err

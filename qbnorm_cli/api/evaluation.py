@@ -14,6 +14,7 @@ from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, UsageError, param
 from qbnorm_cli.io.atomic import OutputFile, jsonable
+from qbnorm_cli.io.foreign import HDF5_MAGIC
 from qbnorm_cli.io.groundtruth import ground_truth, query_mask
 from qbnorm_cli.io.hdf5 import check_readable, open_h5, root_kind
 from qbnorm_cli.io.probefile import Probe
@@ -318,13 +319,15 @@ class _ScoreSubject:
 
 
 def _is_probe_file(spec) -> bool:
+    """Whether `spec` names a qbnorm probe: an HDF5 file (qbnorm writes no user block) of that kind;
+    every other format (.npy, .npz, pickles, …) is read as scores, as every command reads it."""
     if not isinstance(spec, (str, Path)):
         return False
     path, dataset = split_spec(str(spec))
     if dataset is not None or path.endswith(".npy"):
         return False
     try:
-        if check_readable(path)[:6] == b"\x93NUMPY":
+        if check_readable(path) != HDF5_MAGIC:
             return False
     except (OSError, UsageError):
         return False  # opening it as scores names the problem

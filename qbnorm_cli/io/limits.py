@@ -108,7 +108,7 @@ def check_expansion(label: str, nbytes: int, what: str, fix: str) -> None:
     else:
         budget = f"{param('memory')} {size_text(limit)}"
     if nbytes > limit:
-        raise DataError(f"{label}: {what} of {size_text(nbytes)} exceeds {budget}: raise {param('memory')} or {fix}")
+        raise DataError(f"{label}: {what} ({size_text(nbytes)}) exceeds {budget}: raise {param('memory')} or {fix}")
 
 
 def check_output(output, nbytes: int, what: str) -> None:
