@@ -305,3 +305,127 @@ def test_an_output_beyond_max_output_or_free_disk_is_refused_up_front(capsys, da
     monkeypatch.undo()
     code, _, err = run(capsys, "convert", source, "-o", out, "-q")
     assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Every command reads every input format
+
+
+@pytest.fixture()
+def formats(tmp_path):
+    """The same Q × G similarity matrix as .npy, .npz (one member, and two), a pickle, a pickled
+    dict and HDF5; evaluate's ground truth beside it."""
+    import pickle
+    rng = np.random.default_rng(3)
+    sims = rng.uniform(-1, 1, (Q, G)).astype(np.float32)
+    np.save(tmp_path / "sims.npy", sims)
+    np.savez(tmp_path / "sims.npz", sims=sims)
+    np.savez(tmp_path / "two.npz", sims=sims, labels=np.arange(G))
+    (tmp_path / "sims.pkl").write_bytes(pickle.dumps(sims))
+    (tmp_path / "dict.pkl").write_bytes(pickle.dumps({"sims": sims, "name": "run"}))
+    with h5py.File(tmp_path / "sims.h5", "w") as h5:
+        h5["sims"] = sims
+    np.save(tmp_path / "gt.npy", np.arange(Q))
+    return {"npy": tmp_path / "sims.npy", "npz": tmp_path / "sims.npz", "npz-key": f"{tmp_path / 'two.npz'}::sims",
+            "pickle": tmp_path / "sims.pkl", "pickled-dict": tmp_path / "dict.pkl", "hdf5": tmp_path / "sims.h5",
+            "gt": tmp_path / "gt.npy"}
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npz", "npz-key", "pickle", "pickled-dict", "hdf5"])
+def test_every_command_reads_every_format(capsys, tmp_path, formats, fmt):
+    spec = formats[fmt]
+    results = {}
+    for command, args in {
+        "hubness": ["hubness", spec, "--json", "-o", tmp_path / f"hub-{fmt}.h5"],
+        "evaluate": ["evaluate", spec, "--gt", formats["gt"], "--json", "-o", tmp_path / f"ev-{fmt}.h5"],
+        "convert": ["convert", spec, "--kind", "similarity", "--json", "-o", tmp_path / f"conv-{fmt}.h5"],
+    }.items():
+        code, out, err = run(capsys, *args)
+        assert code == 0, (command, err)
+        results[command] = json.loads(out)
+    assert results["convert"]["rows"] == Q and results["convert"]["cols"] == G
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. Ground truth and query masks, exactly
+
+
+GT_CASES = {
+    # name: (values, message)
+    "bool": (np.ones(Q, dtype=bool), "booleans are not gallery indices"),
+    "bool-2d": (np.eye(Q, G, dtype=bool), "booleans are not gallery indices"),
+    "float-huge": (np.full(Q, 1e20), "gallery index 1e+20 in row 0 is outside any gallery"),
+    "float-huge-negative": (np.r_[np.arange(Q - 1), -1e20], f"gallery index -1e+20 in row {Q - 1}"),
+    "uint64-wrap": (np.r_[np.arange(Q - 1, dtype=np.uint64), np.uint64(2**63)], f"row {Q - 1} is outside any gallery"),
+    "float-fraction": (np.r_[np.arange(Q - 1), 2.5], f"float64 value 2.5 in row {Q - 1}"),
+    "float-nan": (np.r_[np.arange(Q - 1), np.nan], f"value nan in row {Q - 1}"),
+    "beyond-gallery": (np.full(Q, G), f"gallery index {G} in row 0 is outside the gallery"),
+    "negative": (np.r_[np.arange(Q - 1), -2], "negative gallery index"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GT_CASES))
+def test_ground_truth_is_read_exactly(capsys, tmp_path, formats, case):
+    values, message = GT_CASES[case]
+    np.save(tmp_path / "bad_gt.npy", values)
+    line = refused(run(capsys, "evaluate", formats["hdf5"], "--gt", tmp_path / "bad_gt.npy"), 3, message)
+    assert "negative" not in line or case == "negative"
+
+
+@pytest.mark.parametrize("mask", [[1, 2], [1, -1], [1, 255], [1, 0.5]])
+def test_query_masks_are_zero_or_one(capsys, tmp_path, formats, mask):
+    values = np.ones(Q, dtype=np.asarray(mask).dtype if np.asarray(mask).dtype.kind == "f" else np.int64)
+    values[:2] = mask
+    if mask[1] == 255:
+        values = values.astype(np.uint8)
+    np.save(tmp_path / "mask.npy", values)
+    refused(run(capsys, "evaluate", formats["hdf5"], "--gt", formats["gt"], "--query-mask", tmp_path / "mask.npy"), 3,
+            "entry 1 is", "booleans or 0/1")
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int64, np.float32])
+def test_query_masks_of_booleans_or_zero_and_one_are_read(capsys, tmp_path, formats, dtype):
+    values = np.ones(Q, dtype=dtype)
+    values[3] = 0
+    np.save(tmp_path / "mask.npy", values)
+    code, _, err = run(capsys, "evaluate", formats["hdf5"], "--gt", formats["gt"], "--query-mask",
+                         tmp_path / "mask.npy", "--json")
+    assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------------
+# 18. File names holding '::'
+
+
+@pytest.mark.parametrize("name", ["run::3.h5", "a::b::c.h5", "x::.npy", "sims::v2.npz", "dump::1.pkl"])
+def test_file_names_with_double_colons_are_addressed(capsys, tmp_path, name):
+    """A name that is an existing file is that file; otherwise the dataset follows the last '::'."""
+    import pickle
+    path = tmp_path / name
+    sims = np.random.default_rng(1).uniform(-1, 1, (Q, G)).astype(np.float32)
+    if name.endswith(".h5"):
+        with h5py.File(path, "w") as h5:
+            h5["sims"] = sims
+    elif name.endswith(".npy"):
+        np.save(path, sims)
+    elif name.endswith(".npz"):
+        np.savez(path, sims=sims)
+    else:
+        path.write_bytes(pickle.dumps({"sims": sims}))
+    for spec in (path, f"{path}::sims", f"{path}::/sims") if not name.endswith(".npy") else (path,):
+        code, out, err = run(capsys, "convert", spec, "--kind", "similarity", "-o", tmp_path / "out.h5", "--force",
+                             "--json")
+        assert code == 0, (spec, err)
+        assert json.loads(out)["rows"] == Q
+    refused(run(capsys, "convert", f"{path}::/nothing", "-o", tmp_path / "out2.h5"), 2 if name.endswith(".npy") else 3,
+            str(path), "nothing")
+
+
+def test_a_probe_whose_name_holds_double_colons(capsys, data, tmp_path):
+    probe = tmp_path / "probe::v1.h5"
+    probe.write_bytes(Path(data.probe).read_bytes())
+    code, _, err = run(capsys, "normalise", "--queries", data.q, "--gallery", data.g, "--probe", probe,
+                       "-o", tmp_path / "out.h5", "-q")
+    assert code == 0, err
+    refused(run(capsys, "normalise", "--queries", data.q, "--gallery", data.g, "--probe", f"{probe}::/log_norm",
+                "-o", tmp_path / "out.h5"), 2, "named without '::'")

@@ -63,6 +63,19 @@ def has_checksum(ds) -> bool:
         return False
 
 
+def split_spec(spec) -> tuple[str, str | None]:
+    """'data.h5::/train' → ('data.h5', '/train'); 'x.npy' → ('x.npy', None). A name that is an
+    existing file is that file, '::' or not; otherwise the dataset (or key) follows the last '::':
+    file names may hold '::' (run::3.h5::/gallery), dataset names may not."""
+    text = str(spec)
+    if "::" not in text or os.path.lexists(text):
+        return text, None
+    path, _, dataset = text.rpartition("::")
+    if not dataset:
+        raise UsageError(f"{spec}: empty dataset name after '::'")
+    return path, dataset if dataset.startswith("/") else "/" + dataset
+
+
 def check_readable(path: str) -> bytes:
     """Refuse what is not a readable regular file; returns its first 8 bytes (the format magic).
 
@@ -335,8 +348,8 @@ def attribute_checksums(h5: h5py.File, attributes: dict[str, dict] | None = None
 
 def open_qbnorm(spec: str, kind: str) -> h5py.File:
     """Open a qbnorm file that must be of `kind` (a probe, an evaluation, …), named without '::'."""
-    path, sep, _ = str(spec).partition("::")
-    if sep:
+    path, dataset = split_spec(spec)
+    if dataset is not None:
         raise UsageError(f"{spec}: a {kind} file is named without '::'")
     h5 = open_h5(path)
     try:

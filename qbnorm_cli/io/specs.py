@@ -31,6 +31,7 @@ from qbnorm_cli.io.hdf5 import (
     read_attrs,
     reading,
     root_kind,
+    split_spec,
 )
 from qbnorm_cli.io.validate import as_float32, check_array
 
@@ -48,16 +49,6 @@ ORIENTED_ATTRS = ("gallery_rows", "gallery_identity")
 EMBEDDING_KINDS = ("embeddings", "bank")
 SIMILARITY_KINDS = ("similarity",)
 FINGERPRINT_ROWS = 16
-
-
-def split_spec(spec: str) -> tuple[str, str | None]:
-    """'data.h5::/train' → ('data.h5', '/train'); 'x.npy' → ('x.npy', None)."""
-    path, sep, dataset = str(spec).partition("::")
-    if not sep:
-        return path, None
-    if not dataset:
-        raise UsageError(f"{spec}: empty dataset name after '::'")
-    return path, dataset if dataset.startswith("/") else "/" + dataset
 
 
 def check_kind(path: str, kind: str | None, allowed: tuple[str, ...] | None) -> None:
