@@ -429,3 +429,193 @@ def test_a_probe_whose_name_holds_double_colons(capsys, data, tmp_path):
     assert code == 0, err
     refused(run(capsys, "normalise", "--queries", data.q, "--gallery", data.g, "--probe", f"{probe}::/log_norm",
                 "-o", tmp_path / "out.h5"), 2, "named without '::'")
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Huge and subnormal norms
+
+
+def _scaled_copy(tmp: Path, d, scale: float, rows=None) -> Path:
+    path = tmp / f"scaled-{scale:g}.h5"
+    with h5py.File(d.emb, "r") as src, h5py.File(path, "w") as h5:
+        for name in ("queries", "gallery"):
+            values = src[name][()].astype(np.float64)
+            if rows is None:
+                values *= scale
+            else:
+                values[rows] *= scale
+            h5[name] = values.astype(np.float32)
+    return path
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e-22, 1e-30, "mixed"])
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_huge_and_subnormal_norms_give_the_cosine_scores_of_the_unscaled_rows(capsys, data, tmp_path, scale,
+                                                                                   block_rows):
+    """float32 norms overflow beyond 1.8e19 (every score was 0, top-1 item 0, numpy warnings on
+    stderr) and lose digits below 1e-19 (scores off by 14 %): taken in float64, held or streamed."""
+    rows = [1, 4, 7] if scale == "mixed" else None
+    path = _scaled_copy(tmp_path, data, 1e20 if scale == "mixed" else scale, rows)
+    if scale == "mixed":  # some rows huge, others subnormal-squared
+        with h5py.File(path, "a") as h5:
+            for name in ("queries", "gallery"):
+                values = h5[name][()].astype(np.float64)
+                values[[2, 5]] *= 1e-22
+                h5[name][...] = values.astype(np.float32)
+    extra = ["--block-rows", block_rows] if block_rows else []
+    outs = {}
+    for label, source in (("plain", data.emb), ("scaled", path)):
+        out = tmp_path / f"{label}.h5"
+        code, _, err = run(capsys, "normalise", "--queries", f"{source}::/queries", "--gallery", f"{source}::/gallery",
+                           "--probe", data.probe, "--method", "none", "-o", out, "--force", "--dtype", "float64",
+                           *extra)
+        assert code == 0, err
+        assert err == "" or "warning" not in err.lower() or "RuntimeWarning" not in err
+        assert "RuntimeWarning" not in err
+        with h5py.File(out, "r") as h5:
+            outs[label] = h5["scores"][()]
+    assert np.abs(outs["scaled"] - outs["plain"]).max() < 1e-6
+    assert (outs["scaled"].argmax(axis=1) == outs["plain"].argmax(axis=1)).all()
+
+
+def test_huge_norms_with_dot_similarity_are_refused_naming_the_row(capsys, data, tmp_path):
+    path = _scaled_copy(tmp_path, data, 1e20, rows=[4])
+    refused(run(capsys, "normalise", "--queries", f"{path}::/queries", "--gallery", f"{path}::/gallery",
+                "--probe", data.probe, "--similarity", "dot", "-o", tmp_path / "out.h5"), 3,
+            "row 4 has norm", "would overflow float32", "--similarity cosine")
+
+
+def test_huge_and_subnormal_norms_in_the_library_and_the_probe(data):
+    rng = np.random.default_rng(5)
+    bank, gallery = rng.standard_normal((B, D)).astype(np.float32), rng.standard_normal((G, D)).astype(np.float32)
+    plain = api.probe(bank, gallery)
+    for scale in (1e20, 1e-22):
+        scaled = api.probe((bank.astype(np.float64) * scale).astype(np.float32),
+                           (gallery.astype(np.float64) * scale).astype(np.float32))
+        assert np.allclose(scaled.log_norm(20.0), plain.log_norm(20.0), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Every parameter has a finite range, checked up front; no output holds NaN or Inf
+
+
+PARAMETER_CASES = [
+    (["probe", "--beta", "1e300"], "--beta 1e+300: must be a finite number > 0 and ≤ 1e+12"),
+    (["probe", "--gallery-beta", "1e20"], "--gallery-beta 1e+20: must be a finite number > 0 and ≤ 1e+12"),
+    (["normalise", "--beta", "1e300"], "--beta 1e+300: must be a finite number > 0 and ≤ 1e+12"),
+    (["normalise", "--method", "dn", "--lambda", "1e308"], "--lambda 1e+308: must be a finite number ≥ 0 and ≤ 1e+06"),
+    (["normalise", "--method", "nnn", "--alpha", "1e308"], "--alpha 1e+308: must be a finite number ≥ -1e+06"),
+    (["normalise", "--method", "nnn", "--alpha", "-1e308"], "--alpha -1e+308: must be a finite number ≥ -1e+06"),
+    (["normalise", "--method", "nnn", "--alpha", "inf"], "--alpha inf: must be a finite number"),
+    (["export", "--constant", "1e39"], "--constant 1e+39: must be a finite number ≥ 1e-30 and ≤ 1e+30"),
+    (["export", "--constant", "1e-45"], "--constant 1e-45: must be a finite number ≥ 1e-30"),
+    (["export", "--method", "nnn", "--alpha", "1e308"], "--alpha 1e+308"),
+    (["tune", "--beta", "1e300"], "--beta 1e+300: must be a finite number > 0 and ≤ 1e+12"),
+]
+
+
+def _command(d, tmp, args):
+    command, *rest = args
+    out = tmp / ("export" if command == "export" else "out.h5")
+    if command == "probe":
+        return ["probe", "--bank", d.bank, "--gallery", d.g, "-o", out, *rest]
+    if command == "normalise":
+        return ["normalise", "--queries", d.q, "--gallery", d.g, "--probe", d.probe, "-o", out, *rest]
+    if command == "export":
+        return ["export", "--probe", d.probe, "--gallery", d.g, "-o", tmp / "export.h5", *rest]
+    gt = tmp / "gt.npy"
+    np.save(gt, np.arange(Q) % G)
+    return ["tune", "--queries", d.q, "--gallery", d.g, "--gt", gt, "--bank", d.bank, "-o", tmp / "params.json",
+            *rest]
+
+
+@pytest.mark.parametrize("number", range(len(PARAMETER_CASES)))
+def test_parameters_beyond_their_range_are_refused_up_front(capsys, data, tmp_path, number):
+    args, message = PARAMETER_CASES[number]
+    refused(run(capsys, *_command(data, tmp_path, args)), 2, message)
+    assert list(tmp_path.iterdir()) in ([], [tmp_path / "gt.npy"])
+
+
+def test_parameter_ranges_are_in_the_help(capsys):
+    from qbnorm_cli import methods
+    for name, parameter in methods.PARAMETERS.items():
+        assert parameter.range_text, name
+        assert "inf" not in parameter.range_text
+    _, out, _ = run(capsys, "normalise", "--help")
+    assert "≤ 1e+12" in " ".join(out.split()) and "≤ 1e+06" in " ".join(out.split())
+
+
+def test_an_output_never_holds_nan_or_inf(capsys, tmp_path):
+    """Scores within every range may still overflow float32 (dot scores of 1e33, α = −10⁶): the
+    write refuses them, the last line of defence, and leaves nothing behind."""
+    from qbnorm_cli.io.atomic import OutputFile
+    rng = np.random.default_rng(2)
+    bank_sims = rng.uniform(0, 1, (B, G)).astype(np.float32) * np.float32(1e33)
+    sims = rng.uniform(0, 1, (Q, G)).astype(np.float32) * np.float32(1e33)
+    np.save(tmp_path / "bank.npy", bank_sims)
+    np.save(tmp_path / "sims.npy", sims)
+    code, _, err = run(capsys, "probe", "--bank-sims", tmp_path / "bank.npy", "-o", tmp_path / "probe.h5", "-q")
+    assert code == 0, err
+    out = tmp_path / "out.h5"
+    refused(run(capsys, "normalise", "--sims", tmp_path / "sims.npy", "--probe", tmp_path / "probe.h5", "--method",
+                "nnn", "--alpha", "-1e6", "-o", out), 3, f"{out}::/scores", "non-finite", "nothing was written")
+    assert not out.exists() and leftovers(tmp_path) == []
+    for bad in (np.inf, -np.inf, np.nan):
+        with pytest.raises(DataError, match="row 1 would hold a non-finite value"):
+            with OutputFile(str(tmp_path / "direct.h5"), "embeddings", force=True, params={}) as written:
+                ds = written.create("/embeddings", shape=(2, 2), dtype=np.float32)
+                written.write_rows(ds, 0, np.array([[0, 1], [bad, 0]], dtype=np.float32))
+        assert not (tmp_path / "direct.h5").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Integers beyond C types: exit 2 for options, 3 for a params file
+
+
+INTEGER_CASES = [
+    ["probe", "--sinkhorn", "--sinkhorn-max-iters", 10**30],
+    ["probe", "--sinkhorn", "--sinkhorn-iters", 2**31],
+    ["probe", "--k", 10**30],
+    ["probe", "--topk-mean", 10**20],
+    ["normalise", "--k", -(10**30)],
+    ["normalise", "--top-k", 2**63],
+    ["normalise", "--min-count", 10**30],
+    ["normalise", "--block-rows", 10**30],
+    ["export", "--format", "faiss", "--index-type", "hnsw", "--hnsw-m", 10**30],
+    ["export", "--format", "faiss", "--index-type", "ivf", "--nprobe", 10**30],
+    ["export", "--format", "faiss", "--index-type", "hnsw", "--ef-search", 2**40],
+]
+
+
+@pytest.mark.parametrize("number", range(len(INTEGER_CASES)))
+def test_integer_options_beyond_c_types_are_usage_errors(capsys, data, tmp_path, number):
+    args = INTEGER_CASES[number]
+    flag = next(a for a in args if isinstance(a, str) and a.startswith("--") and a != "--sinkhorn" and a != "--format"
+                and a != "--index-type")
+    refused(run(capsys, *_command(data, tmp_path, [str(a) for a in args])), 2, flag, "must be at most")
+
+
+def test_queries_per_item_beyond_c_types(capsys, tmp_path, formats):
+    refused(run(capsys, "evaluate", formats["hdf5"], "--queries-per-item", 10**30), 2, "--queries-per-item",
+            "must be at most 2147483647")
+    with pytest.raises(Exception, match=r"queries_per_item .*must be at most 2147483647"):
+        api.evaluate(str(formats["hdf5"]), queries_per_item=10**30)
+
+
+@pytest.mark.parametrize(("key", "value"), [(key, value) for key in ("beta", "k", "alpha")
+                                            for value in ("1" * 400, "-" + "9" * 400, "1e999", "1e300")]
+                         + [("k", "2147483648"), ("k", str(2**63))])
+def test_a_params_file_with_numbers_beyond_range_is_exit_3(capsys, data, tmp_path, key, value):
+    gt = tmp_path / "gt.npy"
+    np.save(gt, np.arange(Q) % G)
+    params = tmp_path / "params.json"
+    code, _, err = run(capsys, "tune", "--queries", data.q, "--gallery", data.g, "--gt", gt, "--bank", data.bank,
+                       "-o", params, "--methods", "nnn", "--methods", "dis", "-q")
+    assert code == 0, err
+    document = json.loads(params.read_text())
+    document.update(method="nnn" if key == "alpha" else "dis", beta=20.0, k=1, min_count=1, alpha=0.75, topk_mean=3)
+    document[key] = "NUMBER"
+    params.write_text(json.dumps(document).replace('"NUMBER"', value))
+    line = refused(run(capsys, "normalise", "--queries", data.q, "--gallery", data.g, "--probe", data.probe,
+                       "-o", tmp_path / "out.h5", "--params", params), 3, f"{params}", key)
+    assert len(line) < 400

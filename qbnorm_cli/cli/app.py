@@ -15,7 +15,7 @@ import typer
 
 from qbnorm_cli import startup
 from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, normalise, probe, search, tune
-from qbnorm_cli.cli.options import DEFAULT_MAX_OUTPUT_TEXT, DEFAULT_MEMORY_TEXT, FLAG_NAMES
+from qbnorm_cli.cli.options import DEFAULT_MAX_OUTPUT_TEXT, DEFAULT_MEMORY_TEXT, FLAG_NAMES, check_whole_numbers
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
 from qbnorm_cli.io import atomic, limits
 from qbnorm_cli.version import VERSION
@@ -70,6 +70,7 @@ def _one_line_errors(func):
     def run(*args, **kwargs):
         debug = os.environ.get("QBNORM_DEBUG") == "1"
         try:
+            check_whole_numbers(kwargs)
             with limits.applied(memory=limits.parse_size(kwargs.get("memory", DEFAULT_MEMORY_TEXT), "memory"),
                                 allow_external=kwargs.get("allow_external", False),
                                 max_output=limits.parse_size(kwargs.get("max_output", DEFAULT_MAX_OUTPUT_TEXT),

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import methods
+from qbnorm_cli.errors import UsageError, param
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
@@ -41,7 +42,8 @@ MinCount = Annotated[int | None, typer.Option(
          f"(default {methods.PARAMETERS['min_count'].default}).")]
 Lam = Annotated[float | None, typer.Option(
     "--lambda", metavar="L",
-    help=f"Weight λ of the mean bank embedding (default {methods.PARAMETERS['lam'].default:g}).")]
+    help=f"Weight λ of the mean bank embedding ({methods.PARAMETERS['lam'].range_text}; "
+         f"default {methods.PARAMETERS['lam'].default:g}).")]
 
 # Read by app.py around every command (io.limits), not by the commands themselves:
 AllowExternal = Annotated[bool, typer.Option(
@@ -67,6 +69,23 @@ FLAGS = {
     "scores": "SCORES",
     "source": "SOURCE",
 }
+# Every whole-number option ends in a C int (faiss, HDF5) or an int64 (numpy): click takes any
+# integer, so each is bounded here, in one place, before a command runs (app.py).
+WHOLE_MAX = methods.WHOLE_MAX
+WHOLE_LIMITS = {"seed": 2**63 - 1}  # options that take more: numpy's seeds are int64 here
+
+
+def check_whole_numbers(values: Mapping[str, object]) -> None:
+    """Refuse an integer option (or a repeated one's value) beyond its limit (WHOLE_MAX, or
+    WHOLE_LIMITS), naming the option: 10**30 iterations would overflow, never run."""
+    for name, value in values.items():
+        limit = WHOLE_LIMITS.get(name, WHOLE_MAX)
+        for number in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(number, int) and not isinstance(number, bool) and not -limit <= number <= limit:
+                shown = str(number) if len(str(number)) <= 24 else f"{str(number)[:12]}…({len(str(number))} digits)"
+                raise UsageError(f"{param(name)} {shown}: must be at most {limit}")
+
+
 _ASSIGNMENT = re.compile(r"(?P<name>[a-z_]+)=(?P<value>.+)")
 
 

@@ -7,7 +7,9 @@ import numpy as np
 from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import DataError, UsageError, param
 from qbnorm_cli.io.specs import ArrayInput, as_input
+from qbnorm_cli.methods import Parameter
 
+QUERIES_PER_ITEM = Parameter("queries_per_item", int, "captions per item, stored contiguously", minimum=1)
 INDEX_MAX = 2**62  # beyond any gallery; below where float64 and uint64 values stop converting to int64 exactly
 
 
@@ -72,8 +74,7 @@ def ground_truth(gt, queries_per_item: int | None, n_queries: int,
         raise UsageError(f"give the ground truth with exactly one of {param('gt')} or {param('queries_per_item')}")
     if queries_per_item is None:
         return read_relevant(gt, n_queries, galleries, queries_label)
-    if queries_per_item < 1:
-        raise UsageError(f"{param('queries_per_item')} {queries_per_item}: must be at least 1")
+    queries_per_item = QUERIES_PER_ITEM.check(queries_per_item)
     relevant = metrics.contiguous_relevant(n_queries, queries_per_item)
     needed = -(-n_queries // queries_per_item)
     for label, size in galleries:

@@ -23,6 +23,8 @@ from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, spans
 
 SIMILARITIES = ("cosine", "dot")
+EXACT_NORMS = (1e-15, 1e15)  # float32 norms are exact between these; outside, norms are taken in float64
+DOT_MAX_NORM = float(np.sqrt(np.finfo(np.float32).max))  # beyond: a dot product of two such rows overflows
 
 
 class ScoreSource(Protocol):
@@ -128,23 +130,45 @@ class Embeddings:
         return out
 
     def _load(self, r0: int, r1: int) -> np.ndarray:
-        # A row holding NaN or Inf has a non-finite norm: for float32 rows normalised for cosine,
-        # the norms stand in for a check of every value (and its temporaries, whose first touch
-        # costs as much as the pass); as_float32 then names the first bad row.
-        by_norms = self.cosine and self.source.dtype == np.float32
+        # A row holding NaN or Inf has a non-finite norm: for float32 rows the norms stand in for a
+        # check of every value (and its temporaries, whose first touch costs as much as the pass);
+        # as_float32 then names the first bad row.
+        by_norms = self.source.dtype == np.float32
         block = self.source.read(r0, r1, finite=not by_norms)
-        if self.cosine:
-            norms = np.linalg.norm(block, axis=1, keepdims=True)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            norms = np.linalg.norm(block, axis=1)
+        # float32 squares overflow beyond ~1.8e19 and lose digits below ~1e-19 (a norm of 1e20 became
+        # inf, every score 0; one of 1e-22 was off by 14 %): such rows again, in float64
+        odd = ~((norms > EXACT_NORMS[0]) & (norms < EXACT_NORMS[1]))
+        if odd.any():
+            rows = np.flatnonzero(odd)
+            wide = block[rows].astype(np.float64)
+            norms = norms.astype(np.float64)
+            norms[rows] = np.sqrt(np.einsum("ij,ij->i", wide, wide))
             if by_norms and not np.isfinite(norms).all():
                 as_float32(block, self.source.label, r0)
-            if not norms.all():
-                row = r0 + int(np.argmin(norms[:, 0] > 0))
-                dot = param("similarity='dot'")
-                raise DataError(f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
-                                f"(drop the row or use {dot})")
-            owned = block.flags.owndata and block.flags.writeable
-            block = np.divide(block, norms, out=block if owned else None)
-        return np.ascontiguousarray(block, dtype=np.float32)
+        if not self.cosine:
+            if (norms > DOT_MAX_NORM).any():
+                row = r0 + int(np.argmax(norms > DOT_MAX_NORM))
+                cosine = param("similarity='cosine'")
+                raise DataError(f"{self.source.label}: row {row} has norm {norms[row - r0]:.3g}; its dot products "
+                                f"would overflow float32 (scale the embeddings down, or use {cosine})")
+            return np.ascontiguousarray(block, dtype=np.float32)
+        if not norms.all():
+            row = r0 + int(np.argmin(norms > 0))
+            dot = param("similarity='dot'")
+            raise DataError(f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
+                            f"(drop the row or use {dot})")
+        owned = block.flags.owndata and block.flags.writeable
+        out = block if owned and block.dtype == np.float32 else np.array(block, dtype=np.float32)
+        if odd.any():  # divided in float64, where the norms are exact
+            out[rows] = wide / norms[rows, None]
+            keep = np.ones(len(out), dtype=bool)
+            keep[rows] = False
+            out[keep] /= norms[keep, None].astype(np.float32)
+        else:
+            np.divide(out, norms[:, None].astype(np.float32), out=out)
+        return np.ascontiguousarray(out, dtype=np.float32)
 
 
 class EmbeddingScores:
