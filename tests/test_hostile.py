@@ -213,18 +213,28 @@ def _chunked(tmp: Path, rows: int, cols: int) -> str:
 
 def test_a_chunk_beyond_the_budget_is_refused_before_any_read(capsys, data, tmp_path):
     """One compressed chunk is decompressed whole (again for every block that cuts it once it
-    outgrows the chunk cache): a chunk may take an eighth of --memory."""
+    outgrows the chunk cache): a chunk may take an eighth of --memory, and 4 MiB under any."""
     spec = _chunked(tmp_path, 1024, 4096)  # one 16 MiB chunk, 16 KB on disk
     out = tmp_path / "out.h5"
     line = refused(run(capsys, "convert", spec, "-o", out, "--memory", "64MiB"), 3, spec,
-                   "chunk 1024×4096 (16 MiB) exceeds an eighth of --memory 64 MiB", "raise --memory", "h5repack")
+                   "chunk 1024×4096 (16 MiB) exceeds 8 MiB, an eighth of --memory 64 MiB", "raise --memory", "h5repack")
     assert not out.exists(), line
     refused(run(capsys, "hubness", spec, "-o", out, "--memory", "64MiB"), 3, "chunk 1024×4096")
     code, _, err = run(capsys, "convert", spec, "-o", out, "--memory", "128MiB", "-q")
     assert code == 0, err
     # the library bounds by its memory argument
-    with pytest.raises(DataError, match="exceeds an eighth of memory 64 MiB"):
+    with pytest.raises(DataError, match="exceeds 8 MiB, an eighth of memory 64 MiB"):
         api.convert(spec, tmp_path / "lib.h5", memory="64MiB")
+
+
+def test_the_chunks_qbnorm_and_h5py_write_are_read_under_the_smallest_budget(capsys, data, tmp_path):
+    spec = _chunked(tmp_path, 256, 1024)  # one 1 MiB chunk
+    for args in (["convert", spec, "-o", tmp_path / "a.h5"],
+                 ["normalise", "--queries", data.q, "--gallery", data.g, "--probe", data.probe, "-o",
+                  tmp_path / "b.h5"],
+                 ["hubness", spec, "-o", tmp_path / "c.h5", "--k", 3]):
+        code, _, err = run(capsys, *args, "--memory", "1MiB", "-q")
+        assert code == 0, (args, err)
 
 
 def test_a_chunk_of_a_qbnorm_file_beyond_the_budget_is_refused(capsys, data, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from contextlib import contextmanager
 
@@ -51,8 +52,11 @@ def progress_or_none(progress):
 
 def warn(message: str | None) -> None:
     """Issue a QbnormWarning (the caller's warning filters decide what is shown)."""
-    if message:
-        warnings.warn(QbnormWarning(message), stacklevel=3)
+    if message:  # attributed to the caller's line, outside qbnorm_cli (whatever helpers lie between)
+        frame, level = sys._getframe(1), 2
+        while frame is not None and frame.f_globals.get("__name__", "").startswith("qbnorm_cli."):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(QbnormWarning(message), stacklevel=level)
 
 
 def check_choice(value: str, choices, name: str) -> str:

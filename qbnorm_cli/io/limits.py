@@ -29,6 +29,7 @@ from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, param
 DEFAULT_MAX_OUTPUT = 64 << 30  # 64 GiB: far beyond what a run usually writes, far below a runaway
 MAX_SIZE = 1 << 60  # 1 EiB: beyond any machine, and within int64 however it is multiplied
 CHUNK_SHARE = 8  # an HDF5 chunk may decompress to an eighth of the budget (blocks hold the rest)
+MIN_CHUNK = 4 << 20
 
 
 _UNITS = {
@@ -65,8 +66,9 @@ class Limits:
 
     @property
     def chunk_bytes(self) -> int | None:
-        """The most an HDF5 chunk may decompress to."""
-        return None if self.memory is None else self.memory // CHUNK_SHARE
+        """The most an HDF5 chunk may decompress to: an eighth of the budget, and never less than
+        MIN_CHUNK (the chunks qbnorm and h5py write, ~1 MiB, are read under any --memory)."""
+        return None if self.memory is None else max(self.memory // CHUNK_SHARE, MIN_CHUNK)
 
 
 _DEFAULT = Limits()
@@ -99,13 +101,14 @@ def size_text(nbytes: float) -> str:
 
 def check_expansion(label: str, nbytes: int, what: str, fix: str) -> None:
     """Refuse `what` of `label` expanding to `nbytes` beyond the budget (a chunk: its share)."""
-    limit = current().memory
-    if limit is None:
+    bounds = current()
+    if bounds.memory is None:
         return
     if what.startswith("chunk"):
-        limit //= CHUNK_SHARE
-        budget = f"an eighth of {param('memory')} {size_text(current().memory)}"
+        limit = bounds.chunk_bytes
+        budget = f"{size_text(limit)}, an eighth of {param('memory')} {size_text(bounds.memory)}"
     else:
+        limit = bounds.memory
         budget = f"{param('memory')} {size_text(limit)}"
     if nbytes > limit:
         raise DataError(f"{label}: {what} ({size_text(nbytes)}) exceeds {budget}: raise {param('memory')} or {fix}")
