@@ -312,6 +312,8 @@ def test_an_output_beyond_max_output_or_free_disk_is_refused_up_front(capsys, da
     refused(run(capsys, "normalise", "--queries", data.q, "--gallery", data.g, "--probe", data.probe, "-o", out,
                 "--top-k", 5), 1, f"{Q} × 5 scores and neighbours", "has 100 B free")
     refused(run(capsys, "build-bank", f"{data.emb}::/bank", "-o", out, "--size", 10), 1, "has 100 B free")
+    refused(run(capsys, "probe", "--bank", data.bank, "--gallery", data.g, "-o", out, "--keep-sorted"), 1,
+            f"{G} × {B} sorted bank scores", "has 100 B free")
     assert not out.exists() and leftovers(tmp_path) == []
     monkeypatch.undo()
     code, _, err = run(capsys, "convert", source, "-o", out, "-q")
