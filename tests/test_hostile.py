@@ -634,3 +634,29 @@ def test_a_params_file_with_numbers_beyond_range_is_exit_3(capsys, data, tmp_pat
     line = refused(run(capsys, "normalise", "--queries", data.q, "--gallery", data.g, "--probe", data.probe,
                        "-o", tmp_path / "out.h5", "--params", params), 3, f"{params}", key)
     assert len(line) < 400
+
+
+@pytest.mark.slow
+def test_a_cluster_follows_external_storage_only_as_the_client_allowed(tmp_path):
+    """Workers open the inputs themselves: under the client's allow_external, not their own default."""
+    distributed = pytest.importorskip("distributed")
+    from qbnorm_cli.streaming.cluster import local_cluster
+
+    sims = tmp_path / "sims.h5"
+    with h5py.File(sims, "w") as h5:
+        h5["sims"] = np.random.default_rng(4).uniform(-1, 1, (G, G)).astype(np.float32)
+    layout = h5py.VirtualLayout(shape=(G, G), dtype="<f4")
+    layout[:] = h5py.VirtualSource(str(sims), "/sims", shape=(G, G))
+    virtual = tmp_path / "virtual-sims.h5"
+    with h5py.File(virtual, "w") as h5:
+        h5.create_virtual_dataset("sims", layout, fillvalue=0)
+    cluster = local_cluster(1)
+    try:
+        with distributed.Client(cluster, set_as_default=False) as client:
+            with pytest.raises(DataError, match="allow_external=True"):
+                api.hubness(f"{virtual}::/sims", k=3, cluster=client)
+            there = api.hubness(f"{virtual}::/sims", k=3, cluster=client, allow_external=True)
+            here = api.hubness(f"{sims}::/sims", k=3)
+    finally:
+        cluster.close()
+    assert np.array_equal(there["k_occurrence"][3], here["k_occurrence"][3])
