@@ -130,45 +130,54 @@ class Embeddings:
         return out
 
     def _load(self, r0: int, r1: int) -> np.ndarray:
-        # A row holding NaN or Inf has a non-finite norm: for float32 rows the norms stand in for a
-        # check of every value (and its temporaries, whose first touch costs as much as the pass);
-        # as_float32 then names the first bad row.
+        # A row holding NaN or Inf has a non-finite norm (and the block a non-finite extreme): for
+        # float32 rows, the norms (cosine) or extremes (dot) stand in for a check of every value (and
+        # its temporaries, whose first touch costs as much as the pass); as_float32 then names the
+        # first bad row.
         by_norms = self.source.dtype == np.float32
         block = self.source.read(r0, r1, finite=not by_norms)
+        if not self.cosine:
+            self._check_dot(block, r0)
+            return np.ascontiguousarray(block, dtype=np.float32)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            norms = np.linalg.norm(block, axis=1)
+            norms = np.linalg.norm(block, axis=1, keepdims=True)
         # float32 squares overflow beyond ~1.8e19 and lose digits below ~1e-19 (a norm of 1e20 became
         # inf, every score 0; one of 1e-22 was off by 14 %): such rows again, in float64
-        odd = ~((norms > EXACT_NORMS[0]) & (norms < EXACT_NORMS[1]))
-        if odd.any():
-            rows = np.flatnonzero(odd)
+        rows = np.flatnonzero(~((norms[:, 0] > EXACT_NORMS[0]) & (norms[:, 0] < EXACT_NORMS[1])))
+        if rows.size:
             wide = block[rows].astype(np.float64)
-            norms = norms.astype(np.float64)
-            norms[rows] = np.sqrt(np.einsum("ij,ij->i", wide, wide))
-            if by_norms and not np.isfinite(norms).all():
+            exact = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+            if by_norms and not np.isfinite(exact).all():
                 as_float32(block, self.source.label, r0)
-        if not self.cosine:
-            if (norms > DOT_MAX_NORM).any():
-                row = r0 + int(np.argmax(norms > DOT_MAX_NORM))
-                cosine = param("similarity='cosine'")
-                raise DataError(f"{self.source.label}: row {row} has norm {norms[row - r0]:.3g}; its dot products "
-                                f"would overflow float32 (scale the embeddings down, or use {cosine})")
-            return np.ascontiguousarray(block, dtype=np.float32)
-        if not norms.all():
-            row = r0 + int(np.argmin(norms > 0))
-            dot = param("similarity='dot'")
-            raise DataError(f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
-                            f"(drop the row or use {dot})")
+            if not exact.all():
+                row = r0 + int(rows[np.argmin(exact > 0)])
+                dot = param("similarity='dot'")
+                raise DataError(f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
+                                f"(drop the row or use {dot})")
+            norms[rows, 0] = 1.0
         owned = block.flags.owndata and block.flags.writeable
-        out = block if owned and block.dtype == np.float32 else np.array(block, dtype=np.float32)
-        if odd.any():  # divided in float64, where the norms are exact
-            out[rows] = wide / norms[rows, None]
-            keep = np.ones(len(out), dtype=bool)
-            keep[rows] = False
-            out[keep] /= norms[keep, None].astype(np.float32)
-        else:
-            np.divide(out, norms[:, None].astype(np.float32), out=out)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        block = np.divide(block, norms, out=block if owned else None)
+        if rows.size:  # divided in float64, where their norms are exact
+            block[rows] = wide / exact[:, None]
+        return np.ascontiguousarray(block, dtype=np.float32)
+
+    def _check_dot(self, block: np.ndarray, r0: int) -> None:
+        """Refuse NaN or Inf (naming the row) and a row whose dot products could overflow float32
+        (norm above √max): the block's extremes first (two reductions), exact norms only past them."""
+        if not block.size:
+            return
+        peak = max(float(block.max()), -float(block.min()))
+        if not np.isfinite(peak):
+            as_float32(block, self.source.label, r0)
+        if peak * np.sqrt(block.shape[1]) <= DOT_MAX_NORM:
+            return
+        wide = block.astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+        if (norms > DOT_MAX_NORM).any():
+            row = int(np.argmax(norms > DOT_MAX_NORM))
+            cosine = param("similarity='cosine'")
+            raise DataError(f"{self.source.label}: row {r0 + row} has norm {norms[row]:.3g}; its dot products "
+                            f"would overflow float32 (scale the embeddings down, or use {cosine})")
 
 
 class EmbeddingScores:
