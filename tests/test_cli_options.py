@@ -13,6 +13,11 @@ def test_default_memory_agrees_with_the_library():
     assert parse_memory(options.DEFAULT_MEMORY_TEXT) == DEFAULT_MEMORY
 
 
+def test_default_max_output_agrees_with_the_library():
+    from qbnorm_cli.io.limits import DEFAULT_MAX_OUTPUT, parse_size
+    assert parse_size(options.DEFAULT_MAX_OUTPUT_TEXT, "max_output") == DEFAULT_MAX_OUTPUT
+
+
 @pytest.mark.parametrize(("spelling", "flag"), [
     ("beta", "--beta"), ("gallery_beta", "--gallery-beta"), ("betas", "--beta"), ("topk_means", "--topk-mean"),
     ("force=True", "--force"), ("accept_mismatch=True", "--accept-mismatch"), ("similarity='dot'", "--similarity dot"),

@@ -555,6 +555,7 @@ def test_a_chunk_the_index_loses_reads_as_values_readers_refuse(tmp_path):
     file whose chunks are not all there is refused when it is opened."""
     from qbnorm_cli.io.atomic import OutputFile
     from qbnorm_cli.io.specs import as_input
+    from qbnorm_cli.io.validate import as_float32
 
     path = tmp_path / "partial.h5"
     with OutputFile(str(path), "embeddings", force=False, params={}) as out:
@@ -565,6 +566,8 @@ def test_a_chunk_the_index_loses_reads_as_values_readers_refuse(tmp_path):
     with h5py.File(path, "r", locking=False) as h5:
         assert np.isnan(h5["embeddings"].fillvalue) and h5["extra"].fillvalue == np.iinfo(np.int32).min
         with pytest.raises(DataError, match=r"non-finite value .* in row 512"):
-            as_input(h5["embeddings"], "gallery").read()
+            as_float32(h5["embeddings"][:1024], "gallery")
+        with pytest.raises(DataError, match="stores 1 of its 8 chunks"):  # a dataset handed over: refused whole
+            as_input(h5["embeddings"], "gallery")
     with pytest.raises(DataError, match="chunk index lists 1 of its 8 chunks; the file is damaged: convert again"):
         open_array(str(path))

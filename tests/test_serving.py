@@ -263,7 +263,7 @@ def test_a_given_constant_serves_the_same_ranking(synthetic):
                          tol.stored32((norm.offset - norm.offset.mean()) / norm.scale))
         got = qbnorm_cli.search(export, synthetic.queries, top_k=TOP)
         np.testing.assert_array_equal(got.indices, want.indices)
-    with pytest.raises(UsageError, match="constant 0: must be a finite number > 0"):
+    with pytest.raises(UsageError, match="constant 0: must be a finite number ≥ 1e-30 and ≤ 1e\\+30"):
         exported(synthetic, "dis", constant=0)
 
 

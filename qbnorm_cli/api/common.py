@@ -3,14 +3,41 @@ option checks that name the caller's parameters, warnings, progress and provenan
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 import warnings
 from contextlib import contextmanager
 
 from qbnorm_cli.errors import DataError, QbnormWarning, UsageError, param
+from qbnorm_cli.io import limits
 from qbnorm_cli.io.specs import EMBEDDING_KINDS, SIMILARITY_KINDS, ArrayInput, as_input
 from qbnorm_cli.streaming import cluster as clustering
-from qbnorm_cli.streaming.budget import Budget
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, parse_memory
 from qbnorm_cli.streaming.sources import SIMILARITIES, Embeddings, EmbeddingScores, MatrixScores
+
+
+def bounded(func):
+    """An entry point reading its inputs under `io.limits`: the budget of its `memory` argument
+    bounds what a chunk or member may expand to, and it takes two more keywords,
+    allow_external=True (follow HDF5 external links, external storage and virtual datasets to the
+    files they name, recording each in the output's inputs) and max_output (a size such as
+    '64GiB': refuse a larger output). Left out, both keep the caller's setting (the CLI's options),
+    by default False and 64 GiB."""
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def call(*args, allow_external: bool | None = None, max_output=None, **kwargs):
+        memory = signature.bind_partial(*args, **kwargs).arguments.get(
+            "memory", signature.parameters["memory"].default if "memory" in signature.parameters else DEFAULT_MEMORY)
+        with limits.applied(memory=parse_memory(memory), allow_external=allow_external,
+                            max_output=None if max_output is None else limits.parse_size(max_output, "max_output")):
+            return func(*args, **kwargs)
+
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for name in ("allow_external", "max_output")]
+    call.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    return call
 
 
 @contextmanager
@@ -26,8 +53,11 @@ def progress_or_none(progress):
 
 def warn(message: str | None) -> None:
     """Issue a QbnormWarning (the caller's warning filters decide what is shown)."""
-    if message:
-        warnings.warn(QbnormWarning(message), stacklevel=3)
+    if message:  # attributed to the caller's line, outside qbnorm_cli (whatever helpers lie between)
+        frame, level = sys._getframe(1), 2
+        while frame is not None and frame.f_globals.get("__name__", "").startswith("qbnorm_cli."):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(QbnormWarning(message), stacklevel=level)
 
 
 def check_choice(value: str, choices, name: str) -> str:

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import check_choice, clustered, panel_bytes, progress_or_none, score_source, warn
+from qbnorm_cli.api.common import bounded, check_choice, clustered, panel_bytes, progress_or_none, score_source, warn
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.errors import DataError, UsageError, param
 from qbnorm_cli.io.atomic import OutputFile, jsonable
+from qbnorm_cli.io.foreign import HDF5_MAGIC
 from qbnorm_cli.io.groundtruth import ground_truth, query_mask
 from qbnorm_cli.io.hdf5 import check_readable, open_h5, root_kind
 from qbnorm_cli.io.probefile import Probe
@@ -157,6 +158,7 @@ def _evaluated(sources: list[ScoreFile], gt, queries_per_item, mask_value, budge
     return results, mask, [i for i in (gt_in, mask_in) if i is not None]
 
 
+@bounded
 def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask=None, direction: str = "t2v",
              transpose: bool = False, ties: str = "official", memory=DEFAULT_MEMORY, block_rows: int | None = None,
              progress=None, cluster=None):
@@ -196,6 +198,7 @@ def evaluate(scores, gt=None, *, queries_per_item: int | None = None, query_mask
     return results if _many(scores) else results[0]
 
 
+@bounded
 def evaluation_report(scores: Sequence, gt=None, *, queries_per_item: int | None = None, query_mask=None,
                       direction: str = "t2v", transpose: bool = False, ties: str = "official",
                       gates: Sequence[tuple[str, float]] = (), memory=DEFAULT_MEMORY, block_rows: int | None = None,
@@ -364,13 +367,15 @@ class _EmbeddingSubject:
 
 
 def _is_probe_file(spec) -> bool:
+    """Whether `spec` names a qbnorm probe: an HDF5 file (qbnorm writes no user block) of that kind;
+    every other format (.npy, .npz, pickles, …) is read as scores, as every command reads it."""
     if not isinstance(spec, (str, Path)):
         return False
     path, dataset = split_spec(str(spec))
     if dataset is not None or path.endswith(".npy"):
         return False
     try:
-        if check_readable(path)[:6] == b"\x93NUMPY":
+        if check_readable(path) != HDF5_MAGIC:
             return False
     except (OSError, UsageError):
         return False  # opening it as scores names the problem
@@ -454,6 +459,7 @@ def _low_coverage(results: list[dict], names: list[str]) -> list[str]:
     return found
 
 
+@bounded
 def hubness(scores=None, *, queries=None, gallery=None, similarity: str = "cosine", k=DEFAULT_K,
             exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY, block_rows: int | None = None,
             progress=None, cluster=None):
@@ -486,6 +492,7 @@ def _short(array) -> str:
     return Path(array.path).stem if array.path else (array.name or "array")
 
 
+@bounded
 def hubness_report(scores: Sequence = (), *, queries=None, gallery=None, similarity: str = "cosine", k=DEFAULT_K,
                    exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY,
                    block_rows: int | None = None, output=None, force: bool = False, progress=None,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from qbnorm_cli.api.common import check_choice, embeddings, progress_or_none, warn
+from qbnorm_cli.api.common import bounded, check_choice, embeddings, progress_or_none, warn
 from qbnorm_cli.api.normalising import Written
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.sampling import STRATEGIES, sample_indices
 from qbnorm_cli.errors import UsageError, param, plain_text
-from qbnorm_cli.io import foreign
+from qbnorm_cli.io import foreign, limits
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.specs import as_input, transpose_into
 from qbnorm_cli.io.validate import as_float32
@@ -22,6 +22,7 @@ WIDE = 4096  # more columns than any common embedding: probably a score matrix
 TILE, TILE_ROWS = 256, 1024  # chunks of a transposed copy: 1 MiB of float32, strips of TILE source rows
 
 
+@bounded
 def build_bank(source, *, size: int | None = None, strategy: str = "random", seed: int = 0,
                memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None, force: bool = False,
                provenance: str | None = None):
@@ -54,6 +55,7 @@ def build_bank(source, *, size: int | None = None, strategy: str = "random", see
         return np.concatenate([as_float32(src.read_rows(index[a:b]), src.label, index[a:b])
                                for a, b in spans(size, step)]), index
     params = {"size": size, "strategy": strategy, "seed": seed, "source_rows": n_source}
+    limits.check_output(output, size * (dim * 4 + 8), f"{size} × {dim} embeddings")
     with OutputFile(str(output), "bank", force=force, params=params, inputs=[src], provenance=provenance) as out:
         ds = out.create("/embeddings", shape=(size, dim), dtype=np.float32)
         for a, b in spans(size, step):
@@ -62,6 +64,7 @@ def build_bank(source, *, size: int | None = None, strategy: str = "random", see
     return Written(str(output), "bank", out.uuid, np.zeros(0, dtype=bool), {**params, "dim": dim, "source": src.label})
 
 
+@bounded
 def convert(source, output, *, kind: str = "embeddings", transpose: bool = False, memory=DEFAULT_MEMORY,
             block_rows: int | None = None, force: bool = False, progress=None,
             provenance: str | None = None) -> Written:
@@ -95,6 +98,7 @@ def convert(source, output, *, kind: str = "embeddings", transpose: bool = False
     params = {"kind": kind, "source": src.label, "source_format": source_format, "transpose": transpose,
               "source_dtype": str(src.dtype), "memory": budget.memory, "block_rows": block_rows}
     stats = None
+    limits.check_output(output, n_rows * n_cols * 4, f"{n_rows} × {n_cols} float32")
     with OutputFile(str(output), kind, force=force, params=params, inputs=[src], provenance=provenance) as out:
         shape = (n_cols, n_rows) if transpose else (n_rows, n_cols)
         ds = out.create(CONVERTED[kind], shape=shape, dtype=np.float32,

@@ -9,6 +9,7 @@ import numpy as np
 
 from qbnorm_cli import methods
 from qbnorm_cli.api.common import (
+    bounded,
     check_choice,
     check_count,
     clustered,
@@ -20,6 +21,7 @@ from qbnorm_cli.api.common import (
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, param, plain_text
+from qbnorm_cli.io import limits
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.paramsfile import tuned_on_warning
 from qbnorm_cli.io.probefile import Probe
@@ -54,6 +56,7 @@ def _as_probe(value) -> Probe:
     return value if isinstance(value, Probe) else Probe.load(value)
 
 
+@bounded
 def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.DEFAULT.name,
               beta: float | None = None, k: int | None = None, gallery_beta: float | None = None,
               topk_mean: int | None = None, alpha: float | None = None, min_count: int | None = None,
@@ -152,6 +155,9 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
             return Ranking(indices_out, values_out, normalised, n_gallery)
         return values_out
 
+    item_bytes = np.dtype(dtype).itemsize + (4 if ranked else 0)  # a score (and a neighbour index)
+    limits.check_output(output, n_rows * width * item_bytes,
+                        f"{n_rows} × {width} {'scores and neighbours' if ranked else 'scores'}")
     with clustered(cluster) as session, \
             OutputFile(str(output), kind, force=force, params=params, inputs=record, provenance=provenance) as out:
         score_ds = out.create("/scores", shape=(n_rows, width), dtype=dtype)

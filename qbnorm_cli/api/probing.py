@@ -9,11 +9,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_count, clustered, one_of, progress_or_none, score_source, similarities, warn
+from qbnorm_cli.api.common import (
+    bounded,
+    check_count,
+    clustered,
+    one_of,
+    progress_or_none,
+    score_source,
+    similarities,
+    warn,
+)
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
+from qbnorm_cli.io import limits
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.paramsfile import other_banks, tuned_on_warning
 from qbnorm_cli.io.probefile import SORTED, Probe, Stored, sinkhorn_statistics, statistics, write_attrs
@@ -117,6 +127,7 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
     return out, found
 
 
+@bounded
 def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
           gallery_betas=(methods.DEFAULT_GALLERY_BETA,), topk_means=None, keep_sorted: bool = False,
           sinkhorn: bool = False, sinkhorn_iters: int | None = None, sinkhorn_tol: float | None = None,
@@ -215,6 +226,12 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
         **(sinkhorn_settings or SinkhornSettings(None, None, None)).as_params(),
         "memory": budget.memory, "block_rows": block_rows,
     }
+    if output is not None:  # the statistics (per β and K, per item and bank row), and the sorted scores if kept
+        n_bank = query_scores.n_rows
+        per_item = 8 * (len(betas) + len(gallery_betas) + len(ks) + 3) + (4 * n_bank if keep_sorted else 0)
+        limits.check_output(output, n_gallery * per_item + n_bank * kmax * 8,
+                            f"statistics of {n_gallery} items" + (f" and {n_gallery} × {n_bank} sorted bank scores"
+                                                                  if keep_sorted else ""))
     out = OutputFile(str(output), "probe", force=force, params=params, inputs=inputs, provenance=provenance) \
         if output is not None else None
     total = sum(scores.n_rows for scores, _ in banks) * n_gallery

@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_choice, check_count, embeddings, other_gallery, progress_or_none, warn
+from qbnorm_cli.api.common import (
+    bounded,
+    check_choice,
+    check_count,
+    embeddings,
+    other_gallery,
+    progress_or_none,
+    warn,
+)
 from qbnorm_cli.api.normalising import Written
 from qbnorm_cli.core import augmented, scale
 from qbnorm_cli.core.normalisers import Normaliser
@@ -27,6 +35,7 @@ from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import indexfile
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.probefile import Probe
+from qbnorm_cli.io.validate import check_written
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget, spans
 from qbnorm_cli.streaming.indexsearch import EngineSearch, ExactSearch, search_block
 from qbnorm_cli.streaming.sources import SIMILARITIES, Embeddings
@@ -83,6 +92,7 @@ def not_offset_message(method: methods.Method) -> str:
             f"among each item's bank scores, which no inner-product index computes); export one of {exportable}")
 
 
+@bounded
 def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | None = None, k: int | None = None,
            gallery_beta: float | None = None, topk_mean: int | None = None, alpha: float | None = None,
            min_count: int | None = None, lam: float | None = None, similarity: str | None = None,
@@ -125,8 +135,8 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
         _check_directory_name(output, format)
     if spec.needs.sorted_bank:
         raise UsageError(not_offset_message(spec))
-    if constant is not None and not (isinstance(constant, (int, float)) and np.isfinite(constant) and constant > 0):
-        raise UsageError(f"{param('constant')} {constant!r}: must be a finite number > 0")
+    if constant is not None:
+        constant = CONSTANT.check(constant)
     budget = make_budget(memory, block_rows)
     probe = _as_probe(probe)
     n_gallery = probe.n_gallery
@@ -176,7 +186,9 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     def blocks():
         with progress_or_none(progress)("export", n_gallery, unit="rows") as advance:
             for r0, r1 in spans(n_gallery, step):
-                yield r0, augmented.augment(rows.block(r0, r1), shift[r0:r1], constant)
+                block = augmented.augment(rows.block(r0, r1), shift[r0:r1], constant)
+                check_written(f"{output or 'export'} (the augmented vectors)", block, r0)
+                yield r0, block
                 advance(r1 - r0)
 
     def train():  # an IVF index's coarse quantiser: up to 256 points per list
@@ -210,8 +222,14 @@ def _check_directory_name(output, format: str) -> None:
 
 
 def _check_positive(value, name: str) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{param(name)} {value!r}: must be a whole number ≥ 1")
+    """A whole number ≥ 1 that faiss's C ints hold."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 1 <= value <= methods.WHOLE_MAX:
+        raise UsageError(f"{param(name)} {value!r}: must be a whole number ≥ 1 and ≤ {methods.WHOLE_MAX}")
+
+
+# c within float32's normal range, so that [q, c] and the gallery's −shift/c column stay finite
+CONSTANT = methods.Parameter("constant", float, "the query's constant c of the extra column", minimum=1e-30,
+                             maximum=1e30)
 
 
 def _beta_warnings(probe: Probe, values: dict) -> list[str]:
@@ -335,6 +353,7 @@ def served_normaliser(recipe: dict, gate) -> Normaliser:
                       identity=bool(recipe.get("baseline")))
 
 
+@bounded
 def search(index, queries, *, top_k: int = 10, check_recall: float | None = None, backend: str | None = None,
            nprobe: int | None = None, ef_search: int | None = None, row_term: bool = False, dtype: str = "float64",
            memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None, force: bool = False, progress=None,

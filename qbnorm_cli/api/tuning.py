@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import check_choice, progress_or_none, score_source, similarities, warn
+from qbnorm_cli.api.common import bounded, check_choice, progress_or_none, score_source, similarities, warn
 from qbnorm_cli.api.probing import SinkhornSettings, cross_bank_scores, sinkhorn_potentials
 from qbnorm_cli.core import metrics, scale
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
@@ -90,6 +90,7 @@ def edge_note(best: Setting, settings: list[Setting]) -> str | None:
     return None
 
 
+@bounded
 def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims=None, gallery_bank=None,
          gallery_bank_sims=None, bank_gallery_bank_sims=None, metric: str = "geom", methods=None, betas=None,
          gallery_betas=None, similarity: str = "cosine", memory=DEFAULT_MEMORY, block_rows: int | None = None,

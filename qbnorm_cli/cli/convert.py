@@ -25,6 +25,8 @@ def command(
     json_output: options.Json = False,
     quiet: options.Quiet = False,
     progress_mode: options.Progress = options.DEFAULT_PROGRESS,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Convert a foreign dump into a qbnorm HDF5 file (float32, streamed in row blocks).
 

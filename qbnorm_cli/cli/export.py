@@ -18,11 +18,11 @@ def command(
     gallery: Annotated[str, typer.Option("--gallery", help="Gallery embeddings (the probed gallery).")],
     output: Annotated[str, typer.Option("--output", "-o", metavar="OUT", help="Output: an HDF5 file (--format hdf5) or a directory (npy, faiss, lancedb).")],
     method: Annotated[str | None, typer.Option("--method", metavar="|".join(methods.METHODS), help=f"Normaliser (default {methods.DEFAULT.name}); every method but the rank-based one is exportable.")] = None,
-    beta: Annotated[float | None, typer.Option("--beta", help="β (β₁ for dual methods); default: the probe's.")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help=f"β (β₁ for dual methods; {methods.PARAMETERS['beta'].range_text}); default: the probe's.")] = None,
     k: Annotated[int | None, typer.Option("--k", help="Activation set: items in the top-k of a bank query (default 1).")] = None,
-    gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help="β₂ for the gallery bank (dual methods).")] = None,
+    gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help=f"β₂ for the gallery bank (dual methods; {methods.PARAMETERS['gallery_beta'].range_text}).")] = None,
     topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (default: the method's).")] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset (default {methods.PARAMETERS['alpha'].default:g}).")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset ({methods.PARAMETERS['alpha'].range_text}; default {methods.PARAMETERS['alpha'].default:g}).")] = None,
     min_count: options.MinCount = None,
     lam: options.Lam = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
@@ -42,6 +42,8 @@ def command(
     json_output: options.Json = False,
     quiet: options.Quiet = False,
     progress_mode: options.Progress = options.DEFAULT_PROGRESS,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Export the augmented gallery vectors [g, −(offset − m)/(scale·c)]: any inner-product index
     (faiss, LanceDB, Qdrant, Milvus, pgvector, Elasticsearch kNN …) then returns the method's

@@ -20,12 +20,12 @@ def command(
     gallery: Annotated[str | None, typer.Option("--gallery", help="Gallery embeddings (the probed gallery).")] = None,
     sims: Annotated[str | None, typer.Option("--sims", help="Precomputed query × gallery scores, instead of --queries/--gallery.")] = None,
     method: Annotated[str | None, typer.Option("--method", metavar="|".join(methods.METHODS), help=f"Normaliser (see below; default {methods.DEFAULT.name}).")] = None,
-    beta: Annotated[float | None, typer.Option("--beta", help="β (β₁ for dual methods); default: the probe's.")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help=f"β (β₁ for dual methods; {methods.PARAMETERS['beta'].range_text}); default: the probe's.")] = None,
     k: Annotated[int | None, typer.Option("--k", help="Activation set: items in the top-k of a bank query (default 1).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", metavar="N", help="Write the N best items per query (a ranking file) instead of all scores.")] = None,
-    gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help="β₂ for the gallery bank (dual methods).")] = None,
+    gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help=f"β₂ for the gallery bank (dual methods; {methods.PARAMETERS['gallery_beta'].range_text}).")] = None,
     topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (default: the method's).")] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset (default {methods.PARAMETERS['alpha'].default:g}).")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset ({methods.PARAMETERS['alpha'].range_text}; default {methods.PARAMETERS['alpha'].default:g}).")] = None,
     min_count: options.MinCount = None,
     lam: options.Lam = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
@@ -41,6 +41,8 @@ def command(
     json_output: options.Json = False,
     quiet: options.Quiet = False,
     progress_mode: options.Progress = options.DEFAULT_PROGRESS,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Normalise query × gallery similarities with a probe's querybank statistics.
 

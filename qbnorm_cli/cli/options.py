@@ -15,7 +15,7 @@ import typer
 
 from qbnorm_cli import methods
 from qbnorm_cli.api import Cluster as ClusterSpec
-from qbnorm_cli.errors import UsageError
+from qbnorm_cli.errors import UsageError, param
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
@@ -65,7 +65,19 @@ MinCount = Annotated[int | None, typer.Option(
          f"(default {methods.PARAMETERS['min_count'].default}).")]
 Lam = Annotated[float | None, typer.Option(
     "--lambda", metavar="L",
-    help=f"Weight λ of the mean bank embedding (default {methods.PARAMETERS['lam'].default:g}).")]
+    help=f"Weight λ of the mean bank embedding ({methods.PARAMETERS['lam'].range_text}; "
+         f"default {methods.PARAMETERS['lam'].default:g}).")]
+
+# Read by app.py around every command (io.limits), not by the commands themselves:
+AllowExternal = Annotated[bool, typer.Option(
+    "--allow-external",
+    help="Follow HDF5 external links, external storage and virtual datasets to the files they name (refused by "
+         "default: they read files not given on the command line); every file read is recorded in the output's "
+         "inputs.")]
+MaxOutput = Annotated[str, typer.Option(
+    "--max-output", metavar="SIZE",
+    help="Refuse to write an output larger than this (its size is known before any work), e.g. 64GiB, 1TiB.")]
+DEFAULT_MAX_OUTPUT_TEXT = "64GiB"  # io.limits.DEFAULT_MAX_OUTPUT (tests/test_cli_options.py checks they agree)
 
 DEFAULT_PROGRESS = "auto"
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
@@ -81,6 +93,23 @@ FLAGS = {
     "scores": "SCORES",
     "source": "SOURCE",
 }
+# Every whole-number option ends in a C int (faiss, HDF5) or an int64 (numpy): click takes any
+# integer, so each is bounded here, in one place, before a command runs (app.py).
+WHOLE_MAX = methods.WHOLE_MAX
+WHOLE_LIMITS = {"seed": 2**63 - 1}  # options that take more: numpy's seeds are int64 here
+
+
+def check_whole_numbers(values: Mapping[str, object]) -> None:
+    """Refuse an integer option (or a repeated one's value) beyond its limit (WHOLE_MAX, or
+    WHOLE_LIMITS), naming the option: 10**30 iterations would overflow, never run."""
+    for name, value in values.items():
+        limit = WHOLE_LIMITS.get(name, WHOLE_MAX)
+        for number in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(number, int) and not isinstance(number, bool) and not -limit <= number <= limit:
+                shown = str(number) if len(str(number)) <= 24 else f"{str(number)[:12]}…({len(str(number))} digits)"
+                raise UsageError(f"{param(name)} {shown}: must be at most {limit}")
+
+
 _ASSIGNMENT = re.compile(r"(?P<name>[a-z_]+)=(?P<value>.+)")
 
 

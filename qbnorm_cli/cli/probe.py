@@ -20,7 +20,7 @@ def command(
     bank: Annotated[str | None, typer.Option("--bank", help="Query bank embeddings (from build-bank or any embeddings).")] = None,
     gallery: Annotated[str | None, typer.Option("--gallery", help="Gallery embeddings.")] = None,
     bank_sims: Annotated[str | None, typer.Option("--bank-sims", help="Precomputed bank × gallery scores, instead of --bank/--gallery.")] = None,
-    beta: Annotated[list[float] | None, typer.Option("--beta", help="Inverted-softmax temperature(s) to precompute (repeatable; default 20, for cosine scores).")] = None,
+    beta: Annotated[list[float] | None, typer.Option("--beta", help=f"Inverted-softmax temperature(s) to precompute (repeatable; {methods.PARAMETERS['beta'].range_text}; default 20, for cosine scores).")] = None,
     k: Annotated[int | None, typer.Option("--k", help="Top-k of each bank query that forms the DIS activation set (default 1).")] = None,
     gallery_bank: Annotated[str | None, typer.Option("--gallery-bank", help="Gallery-modality bank embeddings (DBNorm).")] = None,
     gallery_bank_sims: Annotated[str | None, typer.Option("--gallery-bank-sims", help="Precomputed gallery-bank × gallery scores.")] = None,
@@ -43,6 +43,8 @@ def command(
     json_output: options.Json = False,
     quiet: options.Quiet = False,
     progress_mode: options.Progress = options.DEFAULT_PROGRESS,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Probe the gallery with a querybank: the statistics every normaliser needs, in one pass.
 

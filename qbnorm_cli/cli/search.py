@@ -29,6 +29,8 @@ def command(
     json_output: options.Json = False,
     quiet: options.Quiet = False,
     progress_mode: options.Progress = options.DEFAULT_PROGRESS,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Search an export: each query's N best gallery items under the exported method.
 

@@ -29,7 +29,7 @@ def command(
     bank_gallery_bank_sims: Annotated[str | None, typer.Option("--bank-gallery-bank-sims", help="Precomputed bank × gallery-bank scores (dbsn without embeddings).")] = None,
     metric: Annotated[str, typer.Option("--metric", metavar="geom|R@1|R@5|R@10|MdR", help="What to maximise (MdR: minimise); geom = geometric mean of R@1, R@5, R@10.")] = "geom",
     methods_text: Annotated[str | None, typer.Option("--methods", metavar="M,M,…", help=f"Methods to try (default {','.join(m.name for m in methods.METHODS.values() if m.tuned and not m.dual)} and, with a gallery bank, {','.join(m.name for m in methods.METHODS.values() if m.tuned and m.dual)}; others on request).")] = None,
-    beta: Annotated[list[float] | None, typer.Option("--beta", help="β values to try instead of the default grid (repeatable).")] = None,
+    beta: Annotated[list[float] | None, typer.Option("--beta", help=f"β values to try instead of the default grid (repeatable; {methods.PARAMETERS['beta'].range_text}).")] = None,
     gallery_beta: Annotated[list[float] | None, typer.Option("--gallery-beta", help="β₂ values to try for the dual methods (repeatable).")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Show every setting, not the best of each method.")] = False,
     plot: options.Plot = None,
@@ -40,6 +40,8 @@ def command(
     json_output: options.Json = False,
     quiet: options.Quiet = False,
     progress_mode: options.Progress = options.DEFAULT_PROGRESS,
+    allow_external: options.AllowExternal = False,
+    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
 ) -> None:
     """Evaluate methods × β × k … on validation data and write the best settings as JSON.
 

@@ -42,6 +42,7 @@ import numpy as np
 from qbnorm_cli.errors import RuntimeFailure, UsageError, one_line, param, plain_text
 from qbnorm_cli.io.hdf5 import ATTRIBUTE_CHECKSUMS, attribute_checksums
 from qbnorm_cli.io.specs import ArrayInput
+from qbnorm_cli.io.validate import check_written
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
 
 CHUNK_BYTES = 1 << 20
@@ -504,6 +505,7 @@ class OutputFile:
     def write_rows(self, ds: h5py.Dataset, start: int, block: np.ndarray) -> None:
         """Write ds[start:start+len(block)] in the background; `block` must not change afterwards."""
         check_interrupt()
+        check_written(f"{self.path}::{ds.name}", block, start)
         self._wait_write()  # one block in flight: memory stays bounded by the block size
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbnorm-write")
@@ -512,6 +514,7 @@ class OutputFile:
     def write_columns(self, ds: h5py.Dataset, start: int, block: np.ndarray) -> None:
         """Write ds[:, start:start+block.shape[1]] in the background, as write_rows does rows."""
         check_interrupt()
+        check_written(f"{self.path}::{ds.name}", block)
         self._wait_write()
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbnorm-write")

@@ -15,12 +15,14 @@ Pickles are read by `SafeUnpickler`, which resolves only the globals numpy's own
 from __future__ import annotations
 
 import codecs
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 
-from qbnorm_cli.errors import DataError
+from qbnorm_cli.errors import DataError, QbnormError
+from qbnorm_cli.io import limits
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -42,18 +44,42 @@ def _latin1_encode(text, encoding="latin1"):
     return codecs.encode(text, "latin1")
 
 
+class _NdarrayClass:
+    """What `numpy.ndarray` resolves to: the class `_reconstruct` is handed (numpy's own pickles
+    rebuild an empty array, then set its state from the bytes in the pickle), never a constructor:
+    `ndarray((600000, 1024))` would make 2.4 GB of nothing from a 99-byte file."""
+
+    def __call__(self, *args, **kwargs):
+        raise DisallowedObject("numpy.ndarray called to allocate an array whose values are not in the pickle")
+
+
+NDARRAY = _NdarrayClass()
+
+
+def _reconstructor(reconstruct):
+    def rebuild(subtype, shape, dtype):
+        if subtype is not NDARRAY:
+            raise DisallowedObject(f"_reconstruct of {type(subtype).__name__}")
+        if not isinstance(shape, tuple) or any(not isinstance(n, int) for n in shape) or np.prod(shape) != 0:
+            raise DisallowedObject(f"_reconstruct of shape {shape!r} (numpy's pickles rebuild an empty array and "
+                                   "set its values from the pickle)")
+        return reconstruct(np.ndarray, shape, dtype)
+
+    return rebuild
+
+
 def _allowed_globals() -> dict[tuple[str, str], object]:
     try:
         from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 2
         from numpy.core import multiarray, numeric
     allowed: dict[tuple[str, str], object] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): NDARRAY,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
     for package in ("numpy.core", "numpy._core"):  # pickles from numpy 1.x and 2.x
-        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "_reconstruct")] = _reconstructor(multiarray._reconstruct)
         allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
         allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
     return allowed
@@ -171,6 +197,10 @@ def _open_npz(path: str, key: str | None, ndim) -> tuple[np.ndarray, str | None]
             key = key.lstrip("/")
             if key not in names:
                 raise DataError(f"{path}: no array {key!r}; it has {', '.join(names) or 'no arrays'}")
+            shape, dtype = _npz_header(npz, key)
+            nbytes = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+            limits.check_expansion(f"{path}::{key}", nbytes, "a .npz member read whole",
+                                   "save it as .npy (read by memory map)")
             return npz[key], "/" + key
     except DataError:
         raise
@@ -182,11 +212,11 @@ def _open_npz(path: str, key: str | None, ndim) -> tuple[np.ndarray, str | None]
 
 def _ann_benchmarks_error(path: str) -> DataError | None:
     """For an ann-benchmarks file named without a dataset: the error that lists its datasets."""
-    import h5py
+    from qbnorm_cli.io.hdf5 import open_h5
 
     try:
-        h5 = h5py.File(path, "r", locking=False)
-    except OSError:
+        h5 = open_h5(path)  # refuses links and storage outside the file
+    except QbnormError:  # damaged or refused: specs.open_array says so
         return None
     with h5:
         try:
@@ -241,6 +271,8 @@ def open_foreign(path: str, dataset: str | None, ndim: tuple[int, ...]) -> tuple
         return _open_npz(path, dataset, ndim)
     if magic.startswith(NPY_MAGIC) or not _is_pickle(path, magic):
         return None
+    limits.check_expansion(path, os.path.getsize(path), "a pickle read whole",
+                           "save its arrays as .npy (read by memory map)")
     with open(path, "rb") as fh:
         payload = safe_load(fh, path)
     return _pick(payload, path, dataset, ndim, "pickle")

@@ -27,8 +27,6 @@ from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
 from qbnorm_cli.io import arrowfiles, remote, safetensorsfile, shards, torchfile
 from qbnorm_cli.io.lazyarrays import Concatenated, RangeRows, mapped
 
-READABLE = ("HDF5 (.h5, FILE::/dataset), .npy, a folder of .npy shards, .npz, numpy pickles, "
-            "Parquet or Arrow (FILE::COLUMN), safetensors and PyTorch .pt (FILE::TENSOR)")
 ZIP_MAGIC = b"PK\x03\x04"
 TORCH_SUFFIXES = (".pt", ".pth")
 SHARD_FINGERPRINT_ROWS = 4

@@ -19,9 +19,13 @@ from contextlib import contextmanager
 import h5py
 import numpy as np
 
-from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
-from qbnorm_cli.io.formats import READABLE
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.io import limits
 from qbnorm_cli.version import FORMAT_VERSION
+
+# Every format qbnorm reads (io/formats.py dispatches the others before a file is taken for HDF5)
+READABLE = ("HDF5 (.h5, FILE::/dataset), .npy, a folder of .npy shards, .npz, numpy pickles, "
+            "Parquet or Arrow (FILE::COLUMN), safetensors and PyTorch .pt (FILE::TENSOR)")
 
 # Per open dataset: compressed chunks read by blocks that cut through them are decompressed once.
 CHUNK_CACHE_BYTES = 16 << 20
@@ -63,6 +67,19 @@ def has_checksum(ds) -> bool:
         return False
 
 
+def split_spec(spec) -> tuple[str, str | None]:
+    """'data.h5::/train' → ('data.h5', '/train'); 'x.npy' → ('x.npy', None). A name that is an
+    existing file is that file, '::' or not; otherwise the dataset (or key) follows the last '::':
+    file names may hold '::' (run::3.h5::/gallery), dataset names may not."""
+    text = str(spec)
+    if "::" not in text or os.path.lexists(text):
+        return text, None
+    path, _, dataset = text.rpartition("::")
+    if not dataset:
+        raise UsageError(f"{spec}: empty dataset name after '::'")
+    return path, dataset if dataset.startswith("/") else "/" + dataset
+
+
 def check_readable(path: str) -> bytes:
     """Refuse what is not a readable regular file; returns its first 8 bytes (the format magic).
 
@@ -93,7 +110,8 @@ def check_readable(path: str) -> bytes:
 
 
 def open_h5(path: str) -> h5py.File:
-    """Open an HDF5 file read-only (file locking off so concurrent readers never block)."""
+    """Open an HDF5 file read-only (file locking off so concurrent readers never block), refusing
+    what would read other files or expand beyond the budget (`check_reach`)."""
     magic = check_readable(path)
     if not magic:
         raise DataError(f"{path}: empty file; qbnorm reads {READABLE}")
@@ -103,6 +121,16 @@ def open_h5(path: str) -> h5py.File:
         is_hdf5 = False
     if not is_hdf5:
         raise DataError(f"{path}: not a format qbnorm reads; it reads {READABLE}")
+    h5 = _open(path)
+    try:
+        check_reach(h5, path)
+    except BaseException:
+        h5.close()
+        raise
+    return h5
+
+
+def _open(path: str) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except HDF5_ERRORS as exc:
@@ -112,6 +140,117 @@ def open_h5(path: str) -> h5py.File:
             except HDF5_ERRORS:
                 pass
         raise damaged(path, exc) from None
+
+
+def outside(ds: h5py.Dataset) -> tuple[str, list[str]]:
+    """(how, files) when a dataset's values come from other files: its external storage (raw
+    bytes of any file) or the sources of a virtual dataset ('.' is its own file); ('', [])."""
+    plist = ds.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        files = [plist.get_virtual_filename(i) for i in range(plist.get_virtual_count())]
+        return "is a virtual dataset reading", list(dict.fromkeys(files))
+    count = plist.get_external_count()
+    if count:
+        return "stores its values in the external file", [plist.get_external(i)[0].decode("utf-8", "replace")
+                                                          for i in range(count)]
+    return "", []
+
+
+def check_reach(h5: h5py.File, label: str) -> None:
+    """Refuse a file holding external links, external storage or virtual datasets (they read files
+    the user did not name) unless `limits` allow them, and a chunk that would decompress beyond the
+    budget's share (in a qbnorm file; a foreign file's dataset when it is read, `check_stored`); one
+    walk over every link of the file at open time. Soft links stay inside."""
+    bounds = limits.current()
+    links: list[tuple[str, object]] = []
+    with reading(label, "its links"):  # nothing may raise inside HDF5's visit: collect, then look
+        h5.visititems_links(lambda name, link: links.append((name, link)) and None)
+    found: list[str] = []
+    with reading(label, "its root attributes"):
+        own = "qbnorm_kind" in h5.attrs
+    for name, link in links:
+        if isinstance(link, h5py.ExternalLink):
+            found.append(f"/{name} is an external link to {link.filename}::{link.path}")
+            continue
+        if not isinstance(link, h5py.HardLink):
+            continue
+        with reading(f"{label}::/{name}", "its layout"):
+            obj = h5.get(name)
+            if not isinstance(obj, h5py.Dataset):
+                continue
+            how, files = outside(obj)
+            chunks, itemsize = obj.chunks, obj.dtype.itemsize
+        if how:
+            found.append(f"/{name} {how} {', '.join(files)}")
+        if own:  # read whole, every dataset (a foreign file: the one named, `check_stored`)
+            check_chunk(chunks, itemsize, f"{label}::/{name}")
+    if found and not bounds.allow_external:
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise DataError(f"{label}: {'; '.join(found[:3])}{more}; qbnorm reads only the files it is given "
+                        f"(pass {param('allow_external=True')} to follow them)")
+
+
+def reached(h5: h5py.File, dataset: str) -> list[str]:
+    """The other files reading `dataset` of an open file reads (an external link on its path, its
+    external storage, its virtual sources), as absolute paths; refuses one that is missing or not
+    a regular file (a FIFO would block, a missing source read as the fill value)."""
+    base = os.path.dirname(os.path.abspath(h5.filename))
+    files: list[str] = []
+    parts = [p for p in dataset.split("/") if p]
+    for i in range(1, len(parts) + 1):
+        link = h5.get("/" + "/".join(parts[:i]), getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            files.append(os.path.join(base, link.filename))
+    ds = h5[dataset]
+    how, sources = outside(ds)
+    if how:
+        here = os.path.abspath(ds.file.filename)
+        sources = [here if f == "." else os.path.join(os.path.dirname(here) if "virtual" in how else os.getcwd(), f)
+                   for f in sources]
+        files.extend(f for f in sources if f != here)
+    files = list(dict.fromkeys(os.path.normpath(f) for f in files))
+    for path in files:
+        try:
+            check_readable(path)
+        except (UsageError, RuntimeFailure) as exc:
+            raise DataError(f"{h5.filename}::{dataset} reads {exc} (a missing source would read as the fill "
+                            "value)") from None
+    return files
+
+
+def check_chunk(chunks: tuple[int, ...] | None, itemsize: int, label: str) -> None:
+    """Refuse a chunk that would decompress beyond its share of the budget (io.limits): HDF5
+    decompresses a chunk whole, again for every read that cuts through it once it outgrows the cache."""
+    if chunks is not None:
+        nbytes = int(np.prod(chunks, dtype=np.float64) * itemsize)
+        limits.check_expansion(label, nbytes, f"chunk {'×'.join(map(str, chunks))}",
+                               "rechunk the file (h5repack -l CHUNK=…)")
+
+
+def check_stored(ds: h5py.Dataset, label: str) -> None:
+    """Refuse a dataset whose storage was never (fully) written: HDF5 reads what is missing as the
+    fill value, so a 2 KB file can declare 10⁹ rows (every chunk, or the whole contiguous block,
+    must be there; external and virtual storage are `reached`'s); and one whose chunks would
+    decompress beyond the budget (`check_chunk`)."""
+    with reading(label, "its layout"):
+        chunks, itemsize = ds.chunks, ds.dtype.itemsize
+    check_chunk(chunks, itemsize, label)
+    with reading(label, "its storage"):
+        if ds.size == 0 or ds.shape is None:
+            return
+        plist = ds.id.get_create_plist()
+        layout = plist.get_layout()
+        declared = f"{' × '.join(map(str, ds.shape))} values"
+        if layout == h5py.h5d.CHUNKED:
+            expected = int(np.prod([-(-n // c) for n, c in zip(ds.shape, ds.chunks, strict=True)], dtype=np.float64))
+            stored = ds.id.get_num_chunks()
+            if stored < expected:
+                raise DataError(f"{label}: declares {declared} but stores {stored} of its {expected} chunks (the "
+                                "rest were never written and would read as the fill value)")
+        elif layout == h5py.h5d.CONTIGUOUS and not plist.get_external_count():
+            if ds.id.get_storage_size() < ds.size * ds.dtype.itemsize:
+                raise DataError(f"{label}: declares {declared} but stores none of them (never written: "
+                                "every value would read as the fill value)")
 
 
 def root_kind(h5: h5py.File) -> str | None:
@@ -213,8 +352,8 @@ def attribute_checksums(h5: h5py.File, attributes: dict[str, dict] | None = None
 
 def open_qbnorm(spec: str, kind: str) -> h5py.File:
     """Open a qbnorm file that must be of `kind` (a probe, an evaluation, …), named without '::'."""
-    path, sep, _ = str(spec).partition("::")
-    if sep:
+    path, dataset = split_spec(spec)
+    if dataset is not None:
         raise UsageError(f"{spec}: a {kind} file is named without '::'")
     h5 = open_h5(path)
     try:

@@ -22,13 +22,16 @@ from qbnorm_cli.io import foreign, formats, schemas
 from qbnorm_cli.io.hdf5 import (
     HDF5_ERRORS,
     check_readable,
+    check_stored,
     damaged,
     has_checksum,
     list_datasets,
     open_h5,
+    reached,
     read_attrs,
     reading,
     root_kind,
+    split_spec,
 )
 from qbnorm_cli.io.validate import as_float32, check_array
 
@@ -46,16 +49,6 @@ ORIENTED_ATTRS = ("gallery_rows", "gallery_identity")
 EMBEDDING_KINDS = ("embeddings", "bank")
 SIMILARITY_KINDS = ("similarity",)
 FINGERPRINT_ROWS = 16
-
-
-def split_spec(spec: str) -> tuple[str, str | None]:
-    """'data.h5::/train' → ('data.h5', '/train'); 'x.npy' → ('x.npy', None)."""
-    path, sep, dataset = str(spec).partition("::")
-    if not sep:
-        return path, None
-    if not dataset:
-        raise UsageError(f"{spec}: empty dataset name after '::'")
-    return path, dataset if dataset.startswith("/") else "/" + dataset
 
 
 def check_kind(path: str, kind: str | None, allowed: tuple[str, ...] | None) -> None:
@@ -82,6 +75,7 @@ class ArrayInput:
     transposed: bool = False  # read transposed: `array` is a `Transposed` view of the stored one
     layout: schemas.Layout | None = None  # a qbnorm file: what its schema check found
     origin: formats.Opened | None = None  # a file of io/formats (Parquet, shards, …): what was read
+    external: tuple[str, ...] = ()  # other files reading it reads (allowed external storage, links, VDS)
 
     @property
     def label(self) -> str:
@@ -155,6 +149,8 @@ class ArrayInput:
             record["transposed"] = True
         if self.origin is not None:
             record.update(self.origin.record())
+        if self.external:
+            record["external_files"] = list(self.external)
         return record
 
     def read(self, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None,
@@ -377,13 +373,15 @@ def dataset_input(h5: h5py.File, path: str, dataset: str | None, ndim: tuple[int
                 dataset = candidates[0]
         if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
             raise DataError(f"{path}: no dataset {dataset}; it has {', '.join(names) or 'no datasets'}")
+        external = tuple(reached(h5, dataset))
         arr = h5[dataset]
         check_array(arr, f"{path}::{dataset}", ndim)
     except HDF5_ERRORS as exc:
         raise damaged(f"{path}::{dataset}" if dataset else path, exc) from None
+    check_stored(arr, f"{path}::{dataset}")
     attrs = layout.root_attrs if layout is not None else read_attrs(h5, path)
     return ArrayInput(spec or f"{path}::{dataset}", path, dataset, arr, kind=kind, attrs=attrs,
-                      h5=h5 if owner else None, layout=layout)
+                      h5=h5 if owner else None, layout=layout, external=external)
 
 
 def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tuple[int, ...] = (2,),
@@ -399,6 +397,7 @@ def as_input(value, name: str, *, kinds: tuple[str, ...] | None = None, ndim: tu
         return open_array(str(value), kinds=kinds, ndim=ndim)
     if isinstance(value, h5py.Dataset):
         check_array(value, f"{value.file.filename}::{value.name}", ndim)
+        check_stored(value, f"{value.file.filename}::{value.name}")
         return ArrayInput(value.name, value.file.filename, value.name, value)
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
     check_array(array, name, ndim)

@@ -48,3 +48,13 @@ def check_array(arr, label: str, ndim: tuple[int, ...], numeric: bool = True) ->
         raise DataError(f"{label}: expected a {want} array, got shape {tuple(arr.shape)}")
     if any(n == 0 for n in arr.shape):
         raise DataError(f"{label}: empty array, shape {tuple(arr.shape)}")
+
+
+def check_written(label: str, block: np.ndarray, row_offset: int = 0) -> None:
+    """The last line of defence before a block is written: an output never holds NaN or Inf
+    (scores that overflowed their dtype: parameters or inputs far outside their ranges)."""
+    if block.dtype.kind == "f" and block.size and not (np.isfinite(block.min()) and np.isfinite(block.max())):
+        bad = ~np.isfinite(block)
+        row = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1))) if bad.ndim > 1 else int(np.argmax(bad))
+        raise DataError(f"{label}: row {row_offset + row} would hold a non-finite value (NaN or Inf: the results "
+                        f"overflow {block.dtype}); nothing was written: check the inputs' scale and the parameters")

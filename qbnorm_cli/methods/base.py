@@ -32,55 +32,75 @@ SINKHORN_COST = ("probe --sinkhorn: one pass, then one per iteration (a float64 
                  "O(gallery) offset")
 
 
+MAX_SCALE = 1e12  # β, β₂: far beyond any score scale's (tune's grids reach 20/σ), so β·S stays finite
+MAX_WEIGHT = 1e6  # α, λ: weights of offsets on the scores' scale
+
+
 @dataclass(frozen=True)
 class Parameter:
-    """A method parameter: the library's keyword (the CLI's flag is --name, dashes for underscores)."""
+    """A parameter and its finite range, declared once: the library's keyword (the CLI's flag is
+    --name, dashes for underscores), checked by `check`, shown by `range_text` in help and errors."""
 
     name: str
     kind: type
     help: str
     default: float | int | None = None  # None: from the probe (its only β), or required
-    symbol: str = ""                     # how people write it (tables, figure labels); the name when empty
     minimum: float | None = None         # values must be ≥ this (> 0 when exclusive)
     exclusive: bool = False
-    maximum: int | None = None           # whole numbers: at most this (what a file can record)
+    maximum: float | None = None         # at most this (whole numbers: WHOLE_MAX, what a file can record)
+    symbol: str = ""                     # how people write it (tables, figure labels); the name when empty
 
-    def check(self, value):
-        """The value as `kind`, or UsageError naming the parameter."""
-        try:
-            number = self.kind(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"{param(self.name)} {value!r}: expected a number") from None
-        if self.kind is int and number != value:
-            raise UsageError(f"{param(self.name)} {value}: expected a whole number")
-        low = self.minimum is not None and (number <= self.minimum if self.exclusive else number < self.minimum)
-        if self.kind is float and (low or not math.isfinite(number)):
-            bound = "" if self.minimum is None else f" {'>' if self.exclusive else '≥'} {self.minimum:g}"
-            raise UsageError(f"{param(self.name)} {value}: must be a finite number{bound}")
-        if low:
-            raise UsageError(f"{param(self.name)} {value}: must be at least {self.minimum:g}")
-        if self.maximum is not None and number > self.maximum:
-            raise UsageError(f"{param(self.name)} {value}: must be at most {self.maximum}")
-        return number
+    @property
+    def upper(self) -> float | int | None:
+        return WHOLE_MAX if self.maximum is None and self.kind is int else self.maximum
+
+    @property
+    def range_text(self) -> str:
+        """'> 0 and ≤ 1e+12', '≥ 1 and ≤ 2147483647', '≥ -1e+06 and ≤ 1e+06'."""
+        parts = [f"{'>' if self.exclusive else '≥'} {self.minimum:g}"] if self.minimum is not None else []
+        parts += [f"≤ {self.upper:g}"] if self.upper is not None else []
+        return " and ".join(parts)
 
     @property
     def shown(self) -> str:
         return self.symbol or self.name
 
+    def check(self, value):
+        """The value as `kind`, or UsageError naming the parameter and its range."""
+        shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}…({len(str(value))} digits)"
+        try:
+            number = self.kind(value)
+        except OverflowError:  # an integer of 400 digits as a float, an infinite float as an int
+            number = math.inf
+        except (TypeError, ValueError):
+            raise UsageError(f"{param(self.name)} {value!r}: expected a number") from None
+        finite = not isinstance(number, float) or math.isfinite(number)  # a whole number is never too large for int
+        if self.kind is int and finite and number != value:
+            raise UsageError(f"{param(self.name)} {shown}: expected a whole number")
+        low = self.minimum is not None and (number <= self.minimum if self.exclusive else number < self.minimum)
+        high = self.upper is not None and number > self.upper
+        if self.kind is float and (low or high or not finite):
+            raise UsageError(f"{param(self.name)} {shown}: must be a finite number {self.range_text}")
+        if low:
+            raise UsageError(f"{param(self.name)} {shown}: must be at least {self.minimum:g}")
+        if high or not finite:
+            raise UsageError(f"{param(self.name)} {shown}: must be at most {self.upper}")
+        return number
+
 
 PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("beta", float, "inverse temperature β of the inverted softmax (β₁ of the dual methods); "
-              "default: the probe's", minimum=0, exclusive=True, symbol="β"),
-    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1,
-              maximum=WHOLE_MAX),
+              "default: the probe's", minimum=0, exclusive=True, maximum=MAX_SCALE, symbol="β"),
+    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1),
     Parameter("gallery_beta", float, "β₂ of the gallery bank; default: the probe's", minimum=0, exclusive=True,
-              symbol="β₂"),
-    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, maximum=WHOLE_MAX, symbol="K"),
-    Parameter("alpha", float, "weight α of the gallery offset", default=0.75, symbol="α"),
+              maximum=MAX_SCALE, symbol="β₂"),
+    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, symbol="K"),
+    Parameter("alpha", float, "weight α of the gallery offset", default=0.75, minimum=-MAX_WEIGHT,
+              maximum=MAX_WEIGHT, symbol="α"),
     Parameter("min_count", int, "θ: an item is a hub when it is in the top-k of at least θ bank queries",
               default=1, minimum=1, symbol="θ"),
     Parameter("lam", float, "weight λ of the mean bank embedding (Distribution Normalisation)", default=0.25,
-              minimum=0, symbol="λ"),
+              minimum=0, maximum=MAX_WEIGHT, symbol="λ"),
 )}
 
 

@@ -6,34 +6,17 @@ budget (`memory`), or from `block_rows` when the caller wants to fix it (tests, 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from qbnorm_cli.errors import DataError, UsageError, param
+from qbnorm_cli.io.limits import parse_size
 
 DEFAULT_MEMORY = 1 << 30  # 1 GiB
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "kib": 2**10,
-    "m": 10**6, "mb": 10**6, "mib": 2**20,
-    "g": 10**9, "gb": 10**9, "gib": 2**30,
-    "t": 10**12, "tb": 10**12, "tib": 2**40,
-}
 
 
 def parse_memory(value: str | int) -> int:
     """'1GiB', '512MB', '2g', '1000000' (or a number of bytes) → bytes, at least 1 MiB."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        size = int(value)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise UsageError(f"{param('memory')} {value!r}: expected a size such as 512MiB, 1GiB or 2GB")
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size < 1 << 20:
-        raise UsageError(f"{param('memory')} {value!r}: at least 1MiB is needed")
-    return size
+    return parse_size(value, "memory")
 
 
 def make_budget(memory: str | int = DEFAULT_MEMORY, block_rows: int | None = None) -> Budget:

@@ -60,7 +60,7 @@ from qbnorm_cli.errors import (
     one_line,
     param,
 )
-from qbnorm_cli.io import remote
+from qbnorm_cli.io import limits, remote
 from qbnorm_cli.io.hdf5 import open_h5
 from qbnorm_cli.io.probefile import CheckedRows
 from qbnorm_cli.io.scorefiles import ScoreFile
@@ -674,7 +674,8 @@ def _open(ref: dict) -> ArrayInput:
     if "data" in ref:  # handed over in the client's memory (a transposed read as its view)
         return ArrayInput(ref["name"], None, None, _Counted(np.asarray(ref["data"])), name=ref["name"])
     try:
-        found = open_array(ref["spec"], ndim=(len(ref["shape"]),))
+        with limits.applied(allow_external=ref.get("allow_external", False)):  # as the client allowed
+            found = open_array(ref["spec"], ndim=(len(ref["shape"]),))
     except QbnormError as exc:
         raise RuntimeFailure(f"{exc.args[0]} (on the worker at {_worker_address()}: {param('cluster')} needs every "
                              f"input on storage all workers see, at the same path; {DOCS})") from None
@@ -753,7 +754,7 @@ def _ref(session: Session, item: ArrayInput, shared_data: dict) -> dict:
         stamp = None
     panel = item.array.panel_bytes if isinstance(item.array, Transposed) else None
     return {"spec": spec, "path": item.path, "label": item.label, "shape": shape, "transposed": panel,
-            "key": (spec, stamp, panel)}
+            "key": (spec, stamp, panel), "allow_external": limits.current().allow_external}
 
 
 def _recipe(session: Session, scores, shared_data: dict) -> dict:

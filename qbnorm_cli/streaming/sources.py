@@ -23,6 +23,8 @@ from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, spans
 
 SIMILARITIES = ("cosine", "dot")
+EXACT_NORMS = (1e-15, 1e15)  # float32 norms are exact between these; outside, norms are taken in float64
+DOT_MAX_NORM = float(np.sqrt(np.finfo(np.float32).max))  # beyond: a dot product of two such rows overflows
 
 
 class ScoreSource(Protocol):
@@ -136,23 +138,54 @@ class Embeddings:
         return out
 
     def _load(self, r0: int, r1: int) -> np.ndarray:
-        # A row holding NaN or Inf has a non-finite norm: for float32 rows normalised for cosine,
-        # the norms stand in for a check of every value (and its temporaries, whose first touch
-        # costs as much as the pass); as_float32 then names the first bad row.
-        by_norms = self.cosine and self.source.dtype == np.float32
+        # A row holding NaN or Inf has a non-finite norm (and the block a non-finite extreme): for
+        # float32 rows, the norms (cosine) or extremes (dot) stand in for a check of every value (and
+        # its temporaries, whose first touch costs as much as the pass); as_float32 then names the
+        # first bad row.
+        by_norms = self.source.dtype == np.float32
         block = self.source.read(r0, r1, finite=not by_norms)
-        if self.cosine:
+        if not self.cosine:
+            self._check_dot(block, r0)
+            return np.ascontiguousarray(block, dtype=np.float32)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             norms = np.linalg.norm(block, axis=1, keepdims=True)
-            if by_norms and not np.isfinite(norms).all():
+        # float32 squares overflow beyond ~1.8e19 and lose digits below ~1e-19 (a norm of 1e20 became
+        # inf, every score 0; one of 1e-22 was off by 14 %): such rows again, in float64
+        rows = np.flatnonzero(~((norms[:, 0] > EXACT_NORMS[0]) & (norms[:, 0] < EXACT_NORMS[1])))
+        if rows.size:
+            wide = block[rows].astype(np.float64)
+            exact = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+            if by_norms and not np.isfinite(exact).all():
                 as_float32(block, self.source.label, r0)
-            if not norms.all():
-                row = r0 + int(np.argmin(norms[:, 0] > 0))
+            if not exact.all():
+                row = r0 + int(rows[np.argmin(exact > 0)])
                 dot = param("similarity='dot'")
                 raise DataError(f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
                                 f"(drop the row or use {dot})")
-            owned = block.flags.owndata and block.flags.writeable
-            block = np.divide(block, norms, out=block if owned else None)
+            norms[rows, 0] = 1.0
+        owned = block.flags.owndata and block.flags.writeable
+        block = np.divide(block, norms, out=block if owned else None)
+        if rows.size:  # divided in float64, where their norms are exact
+            block[rows] = wide / exact[:, None]
         return np.ascontiguousarray(block, dtype=np.float32)
+
+    def _check_dot(self, block: np.ndarray, r0: int) -> None:
+        """Refuse NaN or Inf (naming the row) and a row whose dot products could overflow float32
+        (norm above √max): the block's extremes first (two reductions), exact norms only past them."""
+        if not block.size:
+            return
+        peak = max(float(block.max()), -float(block.min()))
+        if not np.isfinite(peak):
+            as_float32(block, self.source.label, r0)
+        if peak * np.sqrt(block.shape[1]) <= DOT_MAX_NORM:
+            return
+        wide = block.astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+        if (norms > DOT_MAX_NORM).any():
+            row = int(np.argmax(norms > DOT_MAX_NORM))
+            cosine = param("similarity='cosine'")
+            raise DataError(f"{self.source.label}: row {r0 + row} has norm {norms[row]:.3g}; its dot products "
+                            f"would overflow float32 (scale the embeddings down, or use {cosine})")
 
 
 class EmbeddingScores:
