@@ -116,10 +116,13 @@ def _installed_from() -> tuple[str | None, bool]:
     from importlib import metadata  # on first use: only a failing run needs it, and it costs every start
     from urllib.parse import unquote, urlparse
 
+    # A clone's own qbnorm.egg-info (beside the package, found first when Python runs from the clone)
+    # records no installation: the one pip installed does.
     try:
-        text = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+        texts = [d.read_text("direct_url.json") for d in metadata.distributions(name=DISTRIBUTION)]
+        text = next((t for t in texts if t), None)
         record = json.loads(text) if text else {}
-    except (metadata.PackageNotFoundError, ValueError, OSError):
+    except (ValueError, OSError):
         return None, False
     url = record.get("url") if isinstance(record, dict) else None
     dir_info = record.get("dir_info") if isinstance(record, dict) else None

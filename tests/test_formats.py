@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from conftest import read_h5
 
 from benchmarks.formats import RangeHandler, served, write_pt
 from qbnorm_cli import api
-from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, install_hint
 from qbnorm_cli.io import remote
 from qbnorm_cli.io.specs import open_array
 
@@ -388,10 +389,10 @@ def test_an_unreadable_format_names_what_qbnorm_reads(tmp_path, cli):
 def test_a_missing_extra_is_named(tmp_path, emb, monkeypatch):
     path = write_parquet(tmp_path / "q.parquet", emb)
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
-    with pytest.raises(RuntimeFailure, match=r"q.parquet needs pyarrow: pip install 'qbnorm\[arrow\]'"):
+    with pytest.raises(RuntimeFailure, match=re.escape(f"q.parquet needs pyarrow: {install_hint('arrow')}")):
         open_array(f"{path}::emb")
     monkeypatch.setitem(sys.modules, "fsspec", None)
-    with pytest.raises(RuntimeFailure, match=r"needs fsspec: pip install 'qbnorm\[remote\]'"):
+    with pytest.raises(RuntimeFailure, match=re.escape(f"needs fsspec: {install_hint('remote')}")):
         open_array("s3://bucket/q.parquet::emb")
 
 

@@ -232,7 +232,7 @@ def test_install_hint_follows_the_installation(monkeypatch, direct_url, hint):
 
     from qbnorm_cli import errors
 
-    monkeypatch.setattr(metadata, "distribution", lambda name: FakeDistribution(direct_url))
+    monkeypatch.setattr(metadata, "distributions", lambda name: [FakeDistribution(direct_url)])
     errors._installed_from.cache_clear()
     try:
         assert errors.install_hint("plot") == hint
@@ -246,10 +246,7 @@ def test_install_hint_without_metadata(monkeypatch):
 
     from qbnorm_cli import errors
 
-    def missing(name):
-        raise metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(metadata, "distribution", missing)
+    monkeypatch.setattr(metadata, "distributions", lambda name: [])
     errors._installed_from.cache_clear()
     try:
         assert errors.install_hint("faiss") == "pip install 'qbnorm[faiss]'"
