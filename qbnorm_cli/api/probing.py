@@ -19,7 +19,7 @@ from qbnorm_cli.io.probefile import SORTED, Probe, Stored, sinkhorn_statistics, 
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget
 from qbnorm_cli.streaming.engine import run_probe
-from qbnorm_cli.streaming.sinkhorn import run_sinkhorn
+from qbnorm_cli.streaming.sinkhorn import memory_to_hold, run_sinkhorn
 from qbnorm_cli.streaming.sources import EmbeddingScores, MatrixScores, ScoreSource
 
 
@@ -94,6 +94,13 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
                              f"potentials are kept as they are (marginal error {state.marginal_error:.2g}): raise "
                              f"{param('sinkhorn_max_iters')}, or use a smaller β")
     return out, found
+
+
+def sinkhorn_memory(result: Probe) -> int:
+    """The `memory` at which a probe like `result` holds every Sinkhorn kernel (sn and dbsn, each β)."""
+    n_gallery, extra = result.n_gallery, int(result.attrs["gallery_bank_rows"])
+    rows = n_gallery * len(result.sinkhorn_runs()) + (n_gallery + extra) * len(result.sinkhorn_runs(dual=True))
+    return memory_to_hold(result.n_bank, rows)
 
 
 def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
