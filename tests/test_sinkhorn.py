@@ -272,6 +272,16 @@ def test_the_budget_decides_what_is_held():
     assert memory_to_hold(20_000, 100_000) == 16 * 10**9  # the hint probe prints: 4 bytes a score, half the budget
 
 
+def test_each_problem_says_whether_its_kernel_was_held(rnd):
+    """sn's kernel (37 × 23 float32: 3404 bytes) fits half of the budget, dbsn's after it does not."""
+    PB = random_pb()
+    sn = Sinkhorn(5.0, N_BANK, N_GALLERY, iters=3)
+    dbsn = Sinkhorn(5.0, N_BANK, N_GALLERY + PB.shape[1], iters=3)
+    held = run_sinkhorn([matrix(rnd.P), matrix(PB)], [(sn, 1), (dbsn, 2)], Budget(memory=8000))
+    assert held == [True, False]
+    assert_scalings(sn, ref.sinkhorn(rnd.P, 5.0, iters=3), rnd.P, 5.0)
+
+
 def test_on_several_cores_the_result_is_the_same_every_time(rnd, monkeypatch):
     """Work split over threads (forced on this small data) is folded in order: deterministic, and
     within the bound of the one-thread result."""

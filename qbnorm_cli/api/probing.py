@@ -79,12 +79,12 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
         held = run_sinkhorn(segments, problems, budget, progress=advance)
     out: dict[str, Stored] = {}
     found = []
-    for states, is_dual in ((single, False), (dual, True)):
+    for states, is_dual, kept in ((single, False, held[:len(single)]), (dual, True, held[len(single):])):
         if not states:
             continue
         out.update(sinkhorn_statistics([s.result() for s in states], n_gallery, iters=settings.iters,
-                                       tol=settings.tol, max_iters=settings.max_iters,
-                                       held=all(held[:2 if is_dual else 1]), dual=is_dual))
+                                       tol=settings.tol, max_iters=settings.max_iters, held=all(kept),
+                                       dual=is_dual))
         for state in states:
             if state.hit_limit:
                 what = "dual-bank Sinkhorn" if is_dual else "Sinkhorn"

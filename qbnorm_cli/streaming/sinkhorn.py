@@ -104,7 +104,7 @@ def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = No
 def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
                  hold: bool | None = None, progress: Callable[[int], None] | None = None) -> list[bool]:
     """Iterate every problem (a Sinkhorn state and how many leading segments form its rows) until
-    each is done; returns, per segment, whether every kernel over it was held in memory.
+    each is done; returns, per problem, whether its whole kernel was held in memory.
 
     Every segment has the bank queries as rows; a problem's rows are its segments' columns, in order.
     `hold` forces holding the kernels and scores (True) or recomputing them whenever a pass needs
@@ -177,9 +177,8 @@ def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkh
         active = [(index, state, count) for index, state, count in active if not state.done]
         if progress:
             progress(1)
-    return [all((index, number) in layout.kernels for index, (_, count) in enumerate(problems)
-                for number, block in enumerate(blocks) if block.segment == segment and segment < count)
-            for segment in range(len(segments))]
+    return [all((index, number) in layout.kernels for number, block in enumerate(blocks) if block.segment < count)
+            for index, (_, count) in enumerate(problems)]
 
 
 def _visit(state: Sinkhorn, phase: str, scores_t: np.ndarray | None, kernel_t: np.ndarray, offset: int,
