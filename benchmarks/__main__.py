@@ -158,7 +158,7 @@ def run(cmd: list[str], root: Path = ROOT) -> Run:
     warm(cmd)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=ROOT)
+        proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=root)  # python -m: cwd first
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
