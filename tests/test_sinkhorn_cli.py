@@ -168,7 +168,7 @@ def test_help_lists_the_methods_their_sources_and_costs(cli):
     for method in ("sn", "dbsn", "dn"):
         assert f"{method}: " in text
     assert "Pan et al. ACM MM 2025" in text and "Zhou et al. NeurIPS 2023" in text
-    assert "probe --sinkhorn: one pass, then one per iteration" in text and "--lambda L" in text
+    assert "probe --sinkhorn: two passes" in text and "two matrix-vector products" in text and "--lambda L" in text
     assert "--min-count θ" in text and text.count("Cost: ") == len(qbnorm_cli.METHODS)
     _, out, _ = cli("probe", "--help")
     text = " ".join(out.split())
