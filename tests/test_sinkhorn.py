@@ -272,6 +272,25 @@ def test_the_budget_decides_what_is_held():
     assert memory_to_hold(20_000, 100_000) == 16 * 10**9  # the hint probe prints: 4 bytes a score, half the budget
 
 
+def test_a_held_kernel_keeps_its_scores_until_it_is_built(rnd):
+    """Kernels held, scores not: the build reads the scores the first pass left in the kernel's room
+    (no second product), and gives the bits of a run that recomputes everything."""
+    reads = []
+
+    class Counted(MatrixScores):
+        def column_block(self, c0, c1):
+            reads.append((c0, c1))
+            super().column_block(c0, c1)
+
+    budget = Budget(memory=8000)  # half: 4000 bytes, sn's kernel (3404) but not its scores as well
+    state = Sinkhorn(20.0, N_BANK, N_GALLERY, iters=5)
+    held = run_sinkhorn([Counted(as_input(np.asarray(rnd.P, dtype=np.float32), "mem"))], [(state, 1)], budget)
+    assert held == [True] and sum(c1 - c0 for c0, c1 in reads) == N_GALLERY  # every column read once
+    again, _ = streamed(rnd.P, 20.0, iters=5, budget=budget, hold=False)
+    np.testing.assert_array_equal(state.log_u, again.log_u)
+    np.testing.assert_array_equal(state.log_v, again.log_v)
+
+
 def test_each_problem_says_whether_its_kernel_was_held(rnd):
     """sn's kernel (37 × 23 float32: 3404 bytes) fits half of the budget, dbsn's after it does not."""
     PB = random_pb()

@@ -10,8 +10,10 @@ What is held: first each problem's float32 kernel, block by block, as long as th
 HELD_SHARE of the budget (an iteration over a held block is two matrix–vector products), then the
 float32 scores of the blocks that still fit (the passes that need scores: the first, and the
 kernel builds; and a block whose kernel is not held gets its kernel from them with one exp per
-score). The rest is recomputed (or re-read) tile by tile whenever a pass needs it: the product of
-the bank with a block of columns, so each recomputed pass costs about one product. Held and
+score). Between the first pass and the build, a held kernel's room holds its block's scores, so
+that the build need not compute them again. The rest is recomputed (or re-read) tile by tile
+whenever a pass needs it: the product of the bank with a block of columns, so each recomputed pass
+costs about one product. Held and
 recomputed blocks apply the same arithmetic to the same float32 values: the same result, to the
 bit. Reductions are float64.
 
@@ -153,6 +155,7 @@ def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkh
     blas = parallel.blas_limiter()
     active = [(index, state, count) for index, (state, count) in enumerate(problems) if not state.done]
     built: set[tuple[int, int]] = set()  # held kernels that are current
+    stashed: dict[int, tuple[int, int]] = {}  # block → the held kernel holding its scores until built
     while active:
         for _, state, _ in active:
             state.begin_pass()
@@ -162,14 +165,28 @@ def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkh
                 continue
             width = block.c1 - block.c0
             current = {index: state.phase == KERNEL and (index, number) in built for index, state in users}
-            scores = None if all(current.values()) else scores_of(number, block)
-            for index, state in users:
+            if all(current.values()):
+                scores = None
+            elif number in stashed:
+                scores = kernels[stashed[number]]
+            else:
+                scores = fresh = scores_of(number, block)
+                spare = [(index, number) for index, state in users if state.first and (index, number) in
+                         layout.kernels] if number not in layout.scores else []
+                if spare:  # keep the scores in a kernel's room until that kernel is built from them
+                    stashed[number] = spare[0]
+                    scores = kernel_of(*spare[0], width)
+                    scores[...] = fresh
+            owner = stashed.get(number, (None,))[0]
+            for index, state in sorted(users, key=lambda user: user[0] == owner):  # the owner's build last
                 phase = state.phase
                 with blas():
                     _visit(state, phase, scores, kernel_of(index, number, width), block.offset,
                            rebuild=phase == KERNEL and not current[index])
                 if phase == BUILD and (index, number) in layout.kernels:
                     built.add((index, number))
+                    if index == owner:
+                        del stashed[number]
         for index, state, _ in active:
             state.end_pass()
             if state.phase == BUILD:  # absorbed: its held kernels are rebuilt by the next pass
