@@ -259,12 +259,17 @@ def test_the_budget_decides_what_is_held():
     kernel_only = plan([scores], Budget(memory=800_000))            # the kernel first, then no room for scores
     every = set(range(len(kernel_only.blocks)))
     assert kernel_only.kernels == {(0, n) for n in every} and kernel_only.scores == set()
-    part = plan([scores], Budget(memory=700_000))                  # not within half: the blocks that fit
-    assert 0 < len(part.kernels) < len(part.blocks) and part.scores == set()
-    assert sum(4 * 1000 * (part.blocks[n].c1 - part.blocks[n].c0) for _, n in part.kernels) <= 350_000
-    two = plan([scores], Budget(memory=1 << 20), counts=(1, 1))     # the second β's kernel would not fit too
-    held_of = lambda problem: {n for p, n in two.kernels if p == problem}
-    assert held_of(0) == set(range(len(two.blocks))) and len(held_of(1)) < len(two.blocks)
+    part = plan([scores], Budget(memory=700_000))                  # not within half: the scores' blocks that fit
+    assert 0 < len(part.scores) < len(part.blocks) and part.kernels == set()
+    assert sum(4 * 1000 * (part.blocks[n].c1 - part.blocks[n].c0) for n in part.scores) <= 350_000
+    two = plan([scores], Budget(memory=1 << 20), counts=(1, 1))     # two β's kernels do not fit: the scores
+    assert two.scores == set(range(len(two.blocks)))                  # first, then the kernel blocks that fit
+    assert all(len({n for p, n in two.kernels if p == problem}) < len(two.blocks) for problem in (0, 1))
+    three = plan([scores], Budget(memory=2 << 20), counts=(1, 1, 1))  # the scores, then one β's kernel
+    assert three.scores == set(range(len(three.blocks)))
+    kernel_blocks = lambda problem: {n for p, n in three.kernels if p == problem}
+    assert kernel_blocks(0) == set(range(len(three.blocks))) and len(kernel_blocks(1)) < len(three.blocks)
+    assert kernel_blocks(2) == set()
     assert plan([scores], Budget(block_rows=10)).kernels == set()   # blocks fixed by hand: recomputed
     blocks = plan([scores, matrix(np.zeros((1000, 30)))], Budget(block_rows=40)).blocks
     assert [(b.segment, b.c0, b.c1, b.offset) for b in blocks] == [(0, 0, 40, 0), (0, 40, 80, 40), (0, 80, 100, 80),
@@ -292,12 +297,14 @@ def test_a_held_kernel_keeps_its_scores_until_it_is_built(rnd):
 
 
 def test_each_problem_says_whether_its_kernel_was_held(rnd):
-    """sn's kernel (37 × 23 float32: 3404 bytes) fits half of the budget, dbsn's after it does not."""
+    """Two sn kernels (37 × 23 float32: 3404 bytes each) and dbsn's (5328) do not fit half of the
+    budget (9000 bytes): the scores (5328) are held first, then the first sn kernel only."""
     PB = random_pb()
     sn = Sinkhorn(5.0, N_BANK, N_GALLERY, iters=3)
+    other = Sinkhorn(2.0, N_BANK, N_GALLERY, iters=3)
     dbsn = Sinkhorn(5.0, N_BANK, N_GALLERY + PB.shape[1], iters=3)
-    held = run_sinkhorn([matrix(rnd.P), matrix(PB)], [(sn, 1), (dbsn, 2)], Budget(memory=8000))
-    assert held == [True, False]
+    held = run_sinkhorn([matrix(rnd.P), matrix(PB)], [(sn, 1), (other, 1), (dbsn, 2)], Budget(memory=18000))
+    assert held == [True, False, False]
     assert_scalings(sn, ref.sinkhorn(rnd.P, 5.0, iters=3), rnd.P, 5.0)
 
 

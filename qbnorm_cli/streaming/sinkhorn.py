@@ -6,9 +6,10 @@ gallery bank (DBSN: bank × gallery, then bank × gallery-bank). Each pass visit
 once, for all the problems (β values, SN and DBSN) still iterating; a block is handed to the kernel
 transposed (items × bank queries, float32), its items split over the cores.
 
-What is held: first each problem's float32 kernel, block by block, as long as the kernels fit
-HELD_SHARE of the budget (an iteration over a held block is two matrix–vector products), then the
-float32 scores of the blocks that still fit (the passes that need scores: the first, and the
+What is held, within HELD_SHARE of the budget: every problem's float32 kernel when they all fit (an
+iteration over a held block is two matrix–vector products), then the float32 scores of the blocks
+that still fit; when not every kernel fits, the scores first (shared by every β), then the kernels
+that fit, block by block (the passes that need scores: the first, and the
 kernel builds; and a block whose kernel is not held gets its kernel from them with one exp per
 score). Between the first pass and the build, a held kernel's room holds its block's scores, so
 that the build need not compute them again. The rest is recomputed (or re-read) tile by tile
@@ -89,17 +90,22 @@ def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = No
         blocks += [Block(number, c0, c1, offset + c0) for c0, c1 in spans(segment.n_cols, width)]
         offset += segment.n_cols
     held_bytes, kernels, scores = 0, set(), set()
-    for problem, count in enumerate(counts):
-        for number, block in enumerate(blocks):
-            size = KERNEL_BYTES_PER_SCORE * n_bank * (block.c1 - block.c0)
-            if block.segment < count and (hold if hold is not None else budget.fits(held_bytes + size, HELD_SHARE)):
-                kernels.add((problem, number))
+    wanted = [(problem, number) for problem, count in enumerate(counts) for number, block in enumerate(blocks)
+              if block.segment < count]
+    size_of = lambda number, per_score: per_score * n_bank * (blocks[number].c1 - blocks[number].c0)
+    every_kernel = sum(size_of(number, KERNEL_BYTES_PER_SCORE) for _, number in wanted)
+    # every kernel when they all fit; otherwise the scores first (shared by every β: a β whose
+    # kernel is not held then costs an exp per score, not a product), then the kernels that fit
+    all_fit = hold is not None or budget.fits(every_kernel, HELD_SHARE)
+    order = ["kernels", "scores"] if all_fit else ["scores", "kernels"]
+    for what in order:
+        items = wanted if what == "kernels" else list(range(len(blocks)))
+        for item in items:
+            number = item[1] if what == "kernels" else item
+            size = size_of(number, KERNEL_BYTES_PER_SCORE if what == "kernels" else 4)
+            if hold if hold is not None else budget.fits(held_bytes + size, HELD_SHARE):
+                (kernels if what == "kernels" else scores).add(item)
                 held_bytes += size
-    for number, block in enumerate(blocks):
-        size = 4 * n_bank * (block.c1 - block.c0)
-        if hold if hold is not None else budget.fits(held_bytes + size, HELD_SHARE):
-            scores.add(number)
-            held_bytes += size
     return Plan(blocks, kernels, scores)
 
 
