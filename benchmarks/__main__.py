@@ -15,10 +15,14 @@ Comparisons (NAME):
             normalise --sims --transpose, evaluate --direction v2t) against the same commands on
             transposed copies, for contiguous, row-chunked and tile-chunked HDF5 dumps; checks
             that the outputs are identical
-  sinkhorn  `qbnorm probe --sinkhorn` (sn: converged, and the paper's 10 iterations) against the IS
-            probe of the same data, bank 20k × gallery 100k × 512 by default; not in the default
-            run (each iteration is one more pass over bank × gallery: tens of minutes at that size
-            on 2 cores): ask for it with --only sinkhorn
+  sinkhorn  issue 30: `qbnorm probe --sinkhorn` (sn: converged, and the paper's 10 iterations) of
+            this checkout and of the per-score float64 path it replaced (commit BASELINE_SINKHORN,
+            exported with git archive), against the IS probe of the same data, interleaved, bank
+            20k × gallery 100k × 512 by default, at the default --memory and at one that holds
+            the kernel; then, at Multi30k size (10,000 × 1,000, the shared data when present), the
+            library's Sinkhorn against POT's `ot.sinkhorn(method="sinkhorn_log")` (pip install pot)
+            on the same in-memory matrix. Not in the default run (tens of minutes at the default
+            size on 2 cores): ask for it with --only sinkhorn
   serving   `qbnorm search` on faiss exports against a plain faiss IndexFlatIP search of the same
             shapes (offset methods ≤ 1.1×, dis ≤ 1.1 × (1 + gated share)); HNSW/IVF recall and
             speed-up (benchmarks/serving.py)
@@ -50,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +88,15 @@ SIZES = {
     # sinkhorn: bank, gallery, dim
     "sinkhorn": {"tiny": (300, 2000, 32), "quick": (2000, 20000, 128), "default": (20000, 100000, 512),
                  "full": (20000, 100000, 512)},
+    # sinkhorn's peer (POT): bank, gallery, dim; Multi30k's shape (its data, when ../shared has it) but at tiny
+    "sinkhorn_peer": {"tiny": (300, 100, 32), "quick": (10000, 1000, 384), "default": (10000, 1000, 384),
+                      "full": (10000, 1000, 384)},
     "serving": serving.SIZES,
     # cluster: queries, gallery, dim, bank (as matmul)
     "cluster": {"tiny": (200, 3000, 64, 200), "quick": (2000, 40000, 512, 1000),
                 "default": (10000, 100000, 512, 2000), "full": (10000, 100000, 512, 2000)},
 }
+BASELINE_SINKHORN = "223f4a0"  # the last commit with the per-score float64 Sinkhorn (issue 30's "today")
 DEFAULT_RUN = ("matmul", "official", "memory", "scaling")  # the others only on request (--only): long at full size
 # repeats of each timed pair (scaling: best of); quick stays under a minute on 2 cores
 REPEATS = {"tiny": {},
@@ -136,19 +145,20 @@ def compile_package() -> None:
     compileall.compile_dir(ROOT / "qbnorm_cli", quiet=1)
 
 
-def run(cmd: list[str]) -> Run:
-    """Run a command to completion: wall time and that process's own peak resident memory.
+def run(cmd: list[str], root: Path = ROOT) -> Run:
+    """Run a command to completion: wall time and that process's own peak resident memory
+    (qbnorm_cli imported from `root`: this checkout, or a baseline's copy).
 
     The peak comes from GNU time (%M) where it exists: it forks from a tiny process, whereas the
     maximum RSS that os.wait4 reports for a child of this (larger) runner includes the pages the
     child inherited at fork. Without /usr/bin/time, os.wait4's figure is used (an upper bound).
     """
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full = [TIME, "-f", PEAK_MARK + "%M", *cmd] if TIME else cmd
     warm(cmd)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=ROOT)
+        proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=root)  # python -m: cwd first
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -450,41 +460,56 @@ class Bench(TransposeBench):
                  "normalise reads only the probe's O(gallery) vectors)")
         self.results["scaling"] = {"lines": lines, "bank_small_s": t_small, "bank_large_s": t_large}
 
-    # -- Sinkhorn probe cost --------------------------------------------------------------------
+    # -- Sinkhorn probe cost (issue 30) ---------------------------------------------------------
     def sinkhorn(self) -> None:
         nb, ng, dim = SIZES["sinkhorn"][self.mode]
-        self.say(f"== sinkhorn: probe --sinkhorn against the IS probe, bank {nb:,} × gallery {ng:,} × {dim}")
+        self.say(f"== sinkhorn: probe --sinkhorn (new, and {BASELINE_SINKHORN}'s float64 path) against the IS probe, "
+                 f"bank {nb:,} × gallery {ng:,} × {dim}")
         g, b, out = self.path("sk_gallery.h5"), self.path("sk_bank.h5"), self.path("sk_probe.h5")
         data.write_embeddings(g, ng, dim, seed=51)
         data.write_embeddings(b, nb, dim, seed=51, queries_of=ng, noise_seed=1)
+        baseline = self.path("sk_baseline")
+        shutil.rmtree(baseline, ignore_errors=True)
+        os.makedirs(baseline)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE_SINKHORN, "qbnorm_cli"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", baseline], input=archive, check=True)
         # β where β·std of the bank scores is 3, as β = 100 is for the Multi30k cosines (std 0.029):
         # Sinkhorn's iteration count depends on β × the score spread
         scale = json.loads(run([*qbnorm("probe", "--bank", b, "--gallery", g, "-o", out), "--json"]).stdout)
         beta = float(f"{3 / scale['scores']['std']:.2g}")
-        probe = ["probe", "--bank", b, "--gallery", g, "--beta", beta, "-o", out]
-
-        def plain():
-            return run(qbnorm(*probe))
-
-        def sinkhorn(*extra):
-            return lambda: run([*qbnorm(*probe, "--sinkhorn", *extra), "--json"])
-
+        # the default budget, and one that holds the kernel in half of it (with room to spare)
+        memories = ["1GiB"] if 8 * nb * ng <= 2**29 else ["1GiB", f"{-(-2 * 4 * nb * ng // 2**30) + 1}GiB"]
         rows = {}
         for label, extra in (("converged (tol 1e-6)", ()), ("10 iterations", ("--sinkhorn-iters", 10))):
-            pairs = interleaved(self.repeats_of("sinkhorn"), sinkhorn(*extra), plain)
-            ratio = median_ratio(pairs)
-            t_sn = statistics.median(a.seconds for a, _ in pairs)
-            t_is = statistics.median(b.seconds for _, b in pairs)
-            runs = json.loads(pairs[0][0].stdout)["sinkhorn"][0]
-            passes = runs["iterations"] + 1
-            self.say(f"   sn {label:20s} {fmt_s(t_sn)}   IS probe {fmt_s(t_is)}   ratio {ratio:5.2f}   "
-                     f"({runs['iterations']} iterations, {'held' if runs['held'] else 'recomputed'}; "
-                     f"{(t_sn - t_is) / passes:.2f} s per pass; peak {fmt_mib(max(a.peak_mib for a, _ in pairs))})")
-            self.say(f"      per repeat (sn/IS): {per_repeat(pairs)}")
-            rows[label] = {"ratio": ratio, "sn_s": t_sn, "is_s": t_is, "iterations": runs["iterations"],
-                           "held": runs["held"]}
+            for memory in memories:
+                probe = ["probe", "--bank", b, "--gallery", g, "--beta", beta, "-o", out, "--memory", memory]
+                runs = {"IS": lambda probe=probe: run(qbnorm(*probe)),
+                        "new": lambda probe=probe, extra=extra: run([*qbnorm(*probe, "--sinkhorn", *extra),
+                                                                     "--json"]),
+                        "today": lambda probe=probe, extra=extra: run([*qbnorm(*probe, "--sinkhorn", *extra),
+                                                                       "--json"], root=Path(baseline))}
+                timed = {name: [] for name in runs}
+                for repeat in range(self.repeats_of("sinkhorn")):
+                    order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
+                    for name in order:
+                        timed[name].append(runs[name]())
+                t = {name: statistics.median(r.seconds for r in found) for name, found in timed.items()}
+                ratio = {name: statistics.median(a.seconds / c.seconds for a, c in zip(timed[name], timed["IS"],
+                                                                                      strict=True))
+                         for name in ("new", "today")}
+                doc = {name: json.loads(timed[name][0].stdout)["sinkhorn"][0] for name in ("new", "today")}
+                self.say(f"   sn {label:20s} --memory {memory:6s} IS {fmt_s(t['IS'])}   today {fmt_s(t['today'])} "
+                         f"({ratio['today']:5.2f}×, {doc['today']['iterations']} iterations)   new "
+                         f"{fmt_s(t['new'])} ({ratio['new']:5.2f}×, {doc['new']['iterations']} iterations, kernel "
+                         f"{'held' if doc['new']['held'] else 'recomputed'}; peak "
+                         f"{fmt_mib(max(r.peak_mib for r in timed['new']))})")
+                rows[f"{label}, --memory {memory}"] = {
+                    "is_s": t["IS"], "today_s": t["today"], "new_s": t["new"], "today_ratio": ratio["today"],
+                    "new_ratio": ratio["new"], "today_iterations": doc["today"]["iterations"],
+                    "new_iterations": doc["new"]["iterations"], "held": doc["new"]["held"]}
         self.results["sinkhorn"] = {"beta": beta, "bank": nb, "gallery": ng, "dim": dim, "runs": rows,
-                                    "ratio": rows["converged (tol 1e-6)"]["ratio"]}
+                                    "peer": sinkhorn_peer(self.say, SIZES["sinkhorn_peer"][self.mode])}
 
     # -- serving: qbnorm search against plain faiss ---------------------------------------------
     def serving(self) -> None:
@@ -530,6 +555,62 @@ class Bench(TransposeBench):
             "ratio": ratio, "probe_ratio": median_ratio(rows["probe"]), "identical": same, "startup_s": startup,
             **{f"{name}_{side}_s": statistics.median(p[i].seconds for p in pairs)
                for name, pairs in rows.items() for i, side in ((1, "local"), (0, "cluster"))}}
+
+
+def sinkhorn_peer(say, shape: tuple[int, int, int], beta: float = 100.0) -> dict:
+    """The library's converged Sinkhorn (sn, held) against POT's log-domain Sinkhorn on the same
+    in-memory bank × gallery matrix of Multi30k's size: the shared data's cosines when present
+    (bank = train_queries, gallery = gallery), random unit vectors of its shape otherwise. POT runs
+    the iterations today's plain run needed (stopThr 0: POT's test differs); its log u is
+    compared after removing the constant a scaling is defined up to."""
+    try:
+        import ot
+    except ImportError:
+        say("   POT peer: skipped (pip install pot)")
+        return {}
+    from qbnorm_cli.core.sinkhorn import Sinkhorn
+    from qbnorm_cli.io.specs import as_input
+    from qbnorm_cli.streaming.budget import Budget
+    from qbnorm_cli.streaming.sinkhorn import run_sinkhorn
+    from qbnorm_cli.streaming.sources import MatrixScores
+
+    shared = ROOT.parent / "shared" / "data" / "multi30k-de2en-e5.h5"
+    shared = shared if shared.is_file() else ROOT.parent.parent / "shared" / "data" / "multi30k-de2en-e5.h5"
+    if shared.is_file() and shape == (10000, 1000, 384):
+        with h5py.File(shared, "r") as h5:
+            bank, gallery = h5["train_queries"][()], h5["gallery"][()]
+        what = "Multi30k"
+    else:
+        rng = np.random.default_rng(7)
+        bank, gallery = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in
+                         (rng.standard_normal(shape[::2]), rng.standard_normal(shape[1:])))
+        what = "random unit vectors"
+    P = (bank.astype(np.float32) @ gallery.astype(np.float32).T).astype(np.float32)
+
+    def ours(accelerate: bool):
+        state = Sinkhorn(beta, *P.shape, tol=1e-6, accelerate=accelerate)
+        t0 = time.perf_counter()
+        run_sinkhorn([MatrixScores(as_input(P, "P"))], [(state, 1)], Budget())
+        return time.perf_counter() - t0, state
+
+    t_plain, plain = ours(False)
+    t_new, new = ours(True)
+    M = -P.astype(np.float64)  # POT's cost: K = exp(−M/reg) = exp(β·P)
+    a, b = np.full(P.shape[1], 1 / P.shape[1]), np.full(P.shape[0], 1 / P.shape[0])
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():  # "did not converge": it ran the iterations asked for
+        warnings.simplefilter("ignore")
+        _, log = ot.sinkhorn(a, b, M.T, 1 / beta, method="sinkhorn_log", numItermax=plain.iterations, stopThr=0.0,
+                             log=True)
+    t_pot = time.perf_counter() - t0
+    centred = lambda x: x - x.mean()
+    gap = float(np.abs(centred(log["log_u"]) - centred(new.log_u)).max())
+    say(f"   peer on {what} ({P.shape[0]:,} × {P.shape[1]:,}, β {beta:g}, in memory, sn Sinkhorn only): "
+        f"qbnorm {t_new:.2f} s ({new.iterations} iterations, over-relaxed), qbnorm plain {t_plain:.2f} s "
+        f"({plain.iterations}), POT sinkhorn_log {t_pot:.2f} s ({plain.iterations} iterations): "
+        f"{t_pot / t_new:.1f}× ours; max |Δ log u| (centred) {gap:.2g}")
+    return {"data": what, "qbnorm_s": t_new, "qbnorm_iterations": new.iterations, "plain_s": t_plain,
+            "plain_iterations": plain.iterations, "pot_s": t_pot, "speedup": t_pot / t_new, "log_u_gap": gap}
 
 
 def same_datasets(a: str, b: str) -> bool:

@@ -21,7 +21,7 @@ from qbnorm_cli.core.sinkhorn import Sinkhorn
 from qbnorm_cli.io.specs import as_input
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget
-from qbnorm_cli.streaming.sinkhorn import plan, run_sinkhorn
+from qbnorm_cli.streaming.sinkhorn import memory_to_hold, plan, run_sinkhorn
 from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, MatrixScores
 
 BUDGETS = {
@@ -42,14 +42,17 @@ def random_pb(seed: int = 3, n_gallery_bank: int = 13) -> np.ndarray:
 
 
 def streamed(P, beta, *, PB=None, iters=None, tol_=1e-10, max_iters=100_000, budget=Budget(), hold=None,
-             log_v=None):
-    """(sn state, dbsn state or None) after run_sinkhorn over float32 score matrices."""
+             log_v=None, accelerate=False):
+    """(sn state, dbsn state or None) after run_sinkhorn over float32 score matrices; plain
+    iterations unless `accelerate` (then they stop elsewhere than the reference's)."""
     P = np.asarray(P)
-    single = Sinkhorn(beta, P.shape[0], P.shape[1], iters=iters, tol=tol_, max_iters=max_iters, log_v=log_v)
+    single = Sinkhorn(beta, P.shape[0], P.shape[1], iters=iters, tol=tol_, max_iters=max_iters, log_v=log_v,
+                      accelerate=accelerate)
     segments, problems = [matrix(P)], [(single, 1)]
     dual = None
     if PB is not None:
-        dual = Sinkhorn(beta, P.shape[0], P.shape[1] + PB.shape[1], iters=iters, tol=tol_, max_iters=max_iters)
+        dual = Sinkhorn(beta, P.shape[0], P.shape[1] + PB.shape[1], iters=iters, tol=tol_, max_iters=max_iters,
+                        accelerate=accelerate)
         segments.append(matrix(PB))
         problems.append((dual, 2))
     run_sinkhorn(segments, problems, budget, hold=hold)
@@ -61,22 +64,26 @@ def core_run(P, beta, **kwargs) -> Sinkhorn:
     P = np.asarray(P, dtype=np.float64)
     state = Sinkhorn(beta, P.shape[0], P.shape[1], **kwargs)
     T = np.ascontiguousarray(P.T)
+    K = np.empty(T.shape, dtype=np.float32)
     while not state.done:
         state.begin_pass()
         if state.first:
             state.fold_first(state.first_part(T, 0))
+        elif state.phase == "build":
+            state.fold(state.build(T, 0, K))
         else:
-            state.fold(state.sweep(T, 0))
+            state.fold(state.step(K, 0))
         state.end_pass()
     return state
 
 
 def bound(P, beta, result, iterations=None) -> float:
-    """tolerance.sinkhorn64 for the problem of P (exponent magnitudes from the reference's scalings),
-    for one float64 evaluation against the exact values: two are within twice this of each other."""
+    """tolerance.sinkhorn32 for the problem of P (exponent magnitudes from the reference's scalings),
+    for the package's float32-kernel iterations against the exact values (it bounds the reference's
+    float64 evaluation too): two are within twice this of each other."""
     magnitude = beta * float(np.abs(P).max()) + float(np.abs(result.log_u).max()) + float(np.abs(result.log_v).max())
     n_terms = max(np.shape(P))
-    return tol.sinkhorn64(result.iterations if iterations is None else iterations, n_terms, magnitude)
+    return tol.sinkhorn32(result.iterations if iterations is None else iterations, n_terms, magnitude, np.size(P))
 
 
 def assert_scalings(state, want, P, beta) -> None:
@@ -113,7 +120,7 @@ def test_fixed_iterations_equal_the_reference(rnd, budget, beta, iters):
 
 
 @pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
-@pytest.mark.parametrize(("beta", "tol_"), [(1.0, 1e-10), (5.0, 1e-6), (20.0, 1e-6), (20.0, 1e-8)])
+@pytest.mark.parametrize(("beta", "tol_"), [(1.0, 1e-4), (5.0, 1e-3), (20.0, 1e-3), (20.0, 2e-3)])
 def test_converged_runs_stop_where_the_reference_stops(rnd, budget, beta, tol_):
     want = assert_stops_clearly(rnd.P, beta, tol_)
     sn, _ = streamed(rnd.P, beta, tol_=tol_, budget=budget)
@@ -124,11 +131,88 @@ def test_converged_runs_stop_where_the_reference_stops(rnd, budget, beta, tol_):
 def test_dual_bank_converges_with_the_reference(rnd):
     PB = random_pb()
     stacked = np.hstack([rnd.P, PB])
-    want = assert_stops_clearly(stacked, 20.0, 1e-7)
+    want = assert_stops_clearly(stacked, 20.0, 1e-3)
     for budget in (Budget(), Budget(block_rows=5)):
-        _, dbsn = streamed(rnd.P, 20.0, PB=PB, tol_=1e-7, budget=budget)
+        _, dbsn = streamed(rnd.P, 20.0, PB=PB, tol_=1e-3, budget=budget)
         assert_scalings(dbsn, want, stacked, 20.0)
         np.testing.assert_array_equal(want.log_u[:N_GALLERY].shape, dbsn.log_u[:N_GALLERY].shape)
+
+
+def oscillation(x) -> float:
+    return float(np.max(x) - np.min(x))
+
+
+def fixed_point_distance(X, log_u) -> float:
+    """A bound on the Hilbert-metric distance max(log u − log u*) − min(…) from log u to Sinkhorn's
+    fixed point for the kernel exp(X), X = β·P (bank × rows): the iteration is a contraction of rate
+    κ = tanh(Δ/4)² in that metric, Δ = max over b, l, j, k of X[b, j] − X[l, j] − X[b, k] + X[l, k]
+    (Birkhoff; Franklin & Lorenz, "On the scaling of multidimensional matrices", 1989), so the
+    distance is at most that of one exact iteration from log u (the oracle's, plus its float64
+    rounding) over 1 − κ."""
+    X = np.asarray(X, dtype=np.float64)
+    diff = X[:, None, :] - X[None, :, :]
+    kappa = math.tanh(float((diff.max(axis=2) - diff.min(axis=2)).max()) / 4) ** 2
+    moved = ref.sinkhorn_log_u(X, ref.sinkhorn_log_v(X, log_u))
+    rounding = 2 * tol.sinkhorn64(1, max(X.shape), float(np.abs(X).max() + 2 * np.abs(moved).max()))
+    return (oscillation(moved - log_u) + rounding) / (1 - kappa)
+
+
+def assert_same_fixed_point(log_u, P, beta) -> None:
+    """log u and the oracle's converged log u (tol 1e-13) are Sinkhorn scalings of the same fixed point:
+    within the sum of their distances to it, up to the constant a scaling is defined up to."""
+    X = beta * np.asarray(P, dtype=np.float64)
+    want = ref.sinkhorn(P, beta, tol=1e-13)
+    assert oscillation(log_u - want.log_u) <= fixed_point_distance(X, log_u) + fixed_point_distance(X, want.log_u)
+
+
+@pytest.mark.parametrize("budget", [Budget(), Budget(block_rows=5)], ids=["held", "rows5"])
+@pytest.mark.parametrize(("beta", "tol_"), [(1.0, 1e-9), (2.0, 1e-9)])
+def test_over_relaxation_reaches_the_same_fixed_point(rnd, budget, beta, tol_):
+    """Where Birkhoff's rate bounds the distance to the fixed point (small β·spread)."""
+    PB = random_pb()
+    plain, plain_dual = streamed(rnd.P, beta, PB=PB, tol_=tol_, budget=budget)
+    fast, fast_dual = streamed(rnd.P, beta, PB=PB, tol_=tol_, budget=budget, accelerate=True)
+    for state, before, stacked in ((fast, plain, rnd.P), (fast_dual, plain_dual, np.hstack([rnd.P, PB]))):
+        assert state.converged and state.change < tol_ and state.iterations <= before.iterations
+        assert_same_fixed_point(state.log_u, stacked, beta)
+        # the plain iteration's constant (module docstring): second order in the change at the switch
+        assert abs(np.mean(state.log_u - before.log_u)) < 100 * tol_
+
+
+@pytest.mark.parametrize("beta", [20.0, 50.0])
+def test_over_relaxation_takes_fewer_iterations(rnd, beta):
+    PB = random_pb()
+    plain, plain_dual = streamed(rnd.P, beta, PB=PB, tol_=1e-8)
+    fast, fast_dual = streamed(rnd.P, beta, PB=PB, tol_=1e-8, accelerate=True)
+    for state, before in ((fast, plain), (fast_dual, plain_dual)):
+        assert state.converged and state.omega > 1.0 and state.iterations < before.iterations
+        assert state.marginal_error < 1e-6
+
+
+def test_fixed_iterations_are_never_accelerated(rnd):
+    state, _ = streamed(rnd.P, 1.0, iters=40, accelerate=True)
+    assert state.omega == 1.0 and state.iterations == 40
+    assert_scalings(state, ref.sinkhorn(rnd.P, 1.0, iters=40), rnd.P, 1.0)
+
+
+def test_a_kernel_is_rebuilt_when_the_scalings_leave_its_range():
+    """From a log v start far from the iterates, the first kernel's scalings leave ±ABSORB: the
+    kernel is built again from the scores, and the iterates stay the reference's."""
+    rng = np.random.default_rng(12)
+    P = f32_exact(rng.uniform(-1, 1, (9, 11)))
+    start = np.linspace(-30.0, 30.0, 9)
+    for budget in (Budget(), Budget(block_rows=4)):
+        state, _ = streamed(P, 5.0, iters=6, log_v=start, budget=budget)
+        assert state.builds >= 1
+        X = 5.0 * P.astype(np.float64)
+        log_u = ref.sinkhorn_log_u(X, start)
+        for _ in range(5):
+            log_v = ref.sinkhorn_log_v(X, log_u)
+            log_u = ref.sinkhorn_log_u(X, log_v)
+        magnitude = 5.0 + float(np.abs(log_u).max() + np.abs(log_v).max() + 30.0)
+        b = 2 * tol.sinkhorn32(6, 11, magnitude, P.size)
+        tol.assert_close(state.log_u, log_u, b)
+        tol.assert_close(state.log_v, log_v, b)
 
 
 def test_from_embeddings_equals_the_reference(emb):
@@ -168,14 +252,60 @@ def test_held_and_recomputed_scores_give_the_same_bits(rnd, emb):
 
 
 def test_the_budget_decides_what_is_held():
-    scores = matrix(np.zeros((1000, 100)))  # 400 kB of float32 scores
-    assert plan([scores], Budget(memory=1 << 20))[1] == [True]      # within half of 1 MiB
-    assert plan([scores], Budget(memory=700_000))[1] == [False]     # not within half
-    assert plan([scores, scores], Budget(memory=1 << 20))[1] == [True, False]  # the second would not fit too
-    assert plan([scores], Budget(block_rows=10))[1] == [False]      # blocks fixed by hand: recomputed
-    blocks, _ = plan([scores, matrix(np.zeros((1000, 30)))], Budget(block_rows=40))
+    scores = matrix(np.zeros((1000, 100)))  # 400 kB of float32 scores, and as much per kernel
+    whole = plan([scores], Budget(memory=2 << 20))                 # kernel and scores within half of 2 MiB
+    every = set(range(len(whole.blocks)))
+    assert whole.kernels == {(0, n) for n in every} and whole.scores == every
+    kernel_only = plan([scores], Budget(memory=800_000))            # the kernel first, then no room for scores
+    every = set(range(len(kernel_only.blocks)))
+    assert kernel_only.kernels == {(0, n) for n in every} and kernel_only.scores == set()
+    part = plan([scores], Budget(memory=700_000))                  # not within half: the scores' blocks that fit
+    assert 0 < len(part.scores) < len(part.blocks) and part.kernels == set()
+    assert sum(4 * 1000 * (part.blocks[n].c1 - part.blocks[n].c0) for n in part.scores) <= 350_000
+    two = plan([scores], Budget(memory=1 << 20), counts=(1, 1))     # two β's kernels do not fit: the scores
+    assert two.scores == set(range(len(two.blocks)))                  # first, then the kernel blocks that fit
+    assert all(len({n for p, n in two.kernels if p == problem}) < len(two.blocks) for problem in (0, 1))
+    three = plan([scores], Budget(memory=2 << 20), counts=(1, 1, 1))  # the scores, then one β's kernel
+    assert three.scores == set(range(len(three.blocks)))
+    kernel_blocks = lambda problem: {n for p, n in three.kernels if p == problem}
+    assert kernel_blocks(0) == set(range(len(three.blocks))) and len(kernel_blocks(1)) < len(three.blocks)
+    assert kernel_blocks(2) == set()
+    assert plan([scores], Budget(block_rows=10)).kernels == set()   # blocks fixed by hand: recomputed
+    blocks = plan([scores, matrix(np.zeros((1000, 30)))], Budget(block_rows=40)).blocks
     assert [(b.segment, b.c0, b.c1, b.offset) for b in blocks] == [(0, 0, 40, 0), (0, 40, 80, 40), (0, 80, 100, 80),
                                                                   (1, 0, 30, 100)]
+    assert memory_to_hold(20_000, 100_000) == 16 * 10**9  # the hint probe prints: 4 bytes a score, half the budget
+
+
+def test_a_held_kernel_keeps_its_scores_until_it_is_built(rnd):
+    """Kernels held, scores not: the build reads the scores the first pass left in the kernel's room
+    (no second product), and gives the bits of a run that recomputes everything."""
+    reads = []
+
+    class Counted(MatrixScores):
+        def column_block(self, c0, c1):
+            reads.append((c0, c1))
+            super().column_block(c0, c1)
+
+    budget = Budget(memory=8000)  # half: 4000 bytes, sn's kernel (3404) but not its scores as well
+    state = Sinkhorn(20.0, N_BANK, N_GALLERY, iters=5)
+    held = run_sinkhorn([Counted(as_input(np.asarray(rnd.P, dtype=np.float32), "mem"))], [(state, 1)], budget)
+    assert held == [True] and sum(c1 - c0 for c0, c1 in reads) == N_GALLERY  # every column read once
+    again, _ = streamed(rnd.P, 20.0, iters=5, budget=budget, hold=False)
+    np.testing.assert_array_equal(state.log_u, again.log_u)
+    np.testing.assert_array_equal(state.log_v, again.log_v)
+
+
+def test_each_problem_says_whether_its_kernel_was_held(rnd):
+    """Two sn kernels (37 × 23 float32: 3404 bytes each) and dbsn's (5328) do not fit half of the
+    budget (9000 bytes): the scores (5328) are held first, then the first sn kernel only."""
+    PB = random_pb()
+    sn = Sinkhorn(5.0, N_BANK, N_GALLERY, iters=3)
+    other = Sinkhorn(2.0, N_BANK, N_GALLERY, iters=3)
+    dbsn = Sinkhorn(5.0, N_BANK, N_GALLERY + PB.shape[1], iters=3)
+    held = run_sinkhorn([matrix(rnd.P), matrix(PB)], [(sn, 1), (other, 1), (dbsn, 2)], Budget(memory=18000))
+    assert held == [True, False, False]
+    assert_scalings(sn, ref.sinkhorn(rnd.P, 5.0, iters=3), rnd.P, 5.0)
 
 
 def test_on_several_cores_the_result_is_the_same_every_time(rnd, monkeypatch):
@@ -201,7 +331,7 @@ def test_one_iteration_matches_fractions_worked_by_hand():
     # tests/test_reference_sinkhorn.py works these out: v = (1/4, 3/10), u = (5/24, 20/51, 20/33)
     P = np.log(np.array(K_HAND, dtype=np.float64))
     state = core_run(P, 1.0, iters=1)
-    few = tol.sinkhorn64(1, 3, 2.0)
+    few = tol.sinkhorn32(1, 3, 2.0, 6)
     tol.assert_close(state.log_v, np.log([1 / 4, 3 / 10]), few)
     tol.assert_close(state.log_u, np.log([5 / 24, 20 / 51, 20 / 33]), few)
     # the bank marginal at (u, v): Σ_j K[b, j]·u_j·v_b = (1/4)(20/24 + 20/51 + 20/33), (3/10)(10/24 + 40/51 + 20/33)
@@ -214,8 +344,8 @@ def test_one_iteration_matches_fractions_worked_by_hand():
 
 def test_a_doubly_stochastic_kernel_is_fixed_after_one_iteration():
     beta = 3.0
-    state = core_run(np.eye(2), beta, tol=1e-12)
-    few = tol.sinkhorn64(2, 2, 2 * beta)
+    state = core_run(np.eye(2), beta, tol=1e-6)  # above the float32 kernel's rounding
+    few = tol.sinkhorn32(2, 2, 2 * beta, 4)
     tol.assert_close(state.log_u, np.log([0.5, 0.5]), few)
     tol.assert_close(state.log_v, -np.log1p(np.exp(beta)) * np.ones(2), few)
     assert state.iterations == 2 and state.change <= few and state.marginal_error <= few
@@ -315,15 +445,16 @@ def test_probe_records_the_potentials_of_every_beta(emb, probed):
     PB = emb.bank.astype(np.float64) @ emb.gallery_bank.astype(np.float64).T
     assert probed.sinkhorn_betas() == [2.0, 5.0] and probed.sinkhorn_betas(dual=True) == [2.0, 5.0]
     for beta, run, dual_run in zip((2.0, 5.0), probed.sinkhorn_runs(), probed.sinkhorn_runs(dual=True), strict=True):
-        want = ref.sinkhorn(data.P, beta, tol=1e-9)
-        assert run == {"beta": beta, "iterations": want.iterations, "change": pytest.approx(want.change, rel=1e-3),
+        want = ref.sinkhorn(data.P, beta, tol=1e-9)  # plain: over-relaxed, the probe needs fewer
+        assert run == {"beta": beta, "iterations": run["iterations"], "change": run["change"],
                        "marginal_error": run["marginal_error"], "converged": True,
                        "held": False}  # block_rows fixed by hand: recomputed on every pass
-        tol.assert_close(probed.sinkhorn_log_u(beta), want.log_u, 2 * bound(data.P, beta, want))
+        assert run["iterations"] <= want.iterations and run["change"] < 1e-9
+        assert_same_fixed_point(probed.sinkhorn_log_u(beta), data.P, beta)
         want = ref.dual_bank_sinkhorn(data.P, PB, beta, tol=1e-9)
-        assert dual_run["iterations"] == want.iterations and dual_run["converged"]
-        tol.assert_close(probed.sinkhorn_log_u(beta, dual=True), want.log_u[:N_GALLERY],
-                         2 * bound(np.hstack([data.P, PB]), beta, want))
+        assert dual_run["iterations"] <= want.iterations and dual_run["converged"]
+        _, dual = streamed(data.P, beta, PB=PB, tol_=1e-9, budget=Budget(block_rows=6), accelerate=True)
+        np.testing.assert_array_equal(probed.sinkhorn_log_u(beta, dual=True), dual.log_u[:N_GALLERY])
     assert probed.params["sinkhorn"] and probed.params["dual_sinkhorn"] and probed.params["sinkhorn_tol"] == 1e-9
     attrs = probed.datasets["/sinkhorn_log_u"].attrs
     assert attrs["tol"] == 1e-9 and attrs["max_iters"] == 1000 and attrs["fixed_iters"] == 0

@@ -73,10 +73,11 @@ def test_probe_and_normalise_sn_dbsn_from_score_files(cli, tmp_path, rnd, sims):
 def test_probe_reports_convergence_and_warns_at_the_limit(cli, tmp_path, sims):
     code, _, err = cli("probe", "--bank-sims", sims["P"], "--beta", 20, "--sinkhorn", "-o", tmp_path / "p.h5")
     assert code == 0 and "Sinkhorn β=20: converged after" in err and "did not converge" not in err
-    assert "; scores held in memory)" in err
+    assert "; kernel held in memory)" in err and "hint:" not in err
     code, _, err = cli("probe", "--bank-sims", sims["P"], "--beta", 20, "--sinkhorn", "--block-rows", 8, "-o",
                        tmp_path / "r.h5")
-    assert code == 0 and "; scores recomputed on every iteration)" in err
+    assert code == 0 and "; kernel recomputed on every iteration)" in err
+    assert "hint:" not in err  # blocks fixed by hand are never held, whatever --memory
     code, out, err = cli("probe", "--bank-sims", sims["P"], "--beta", 20, "--sinkhorn", "--sinkhorn-max-iters", 3,
                          "-o", tmp_path / "q.h5", "--json")
     assert code == 0
@@ -167,7 +168,7 @@ def test_help_lists_the_methods_their_sources_and_costs(cli):
     for method in ("sn", "dbsn", "dn"):
         assert f"{method}: " in text
     assert "Pan et al. ACM MM 2025" in text and "Zhou et al. NeurIPS 2023" in text
-    assert "probe --sinkhorn: one pass, then one per iteration" in text and "--lambda L" in text
+    assert "probe --sinkhorn: two passes" in text and "two matrix-vector products" in text and "--lambda L" in text
     assert "--min-count θ" in text and text.count("Cost: ") == len(qbnorm_cli.METHODS)
     _, out, _ = cli("probe", "--help")
     text = " ".join(out.split())

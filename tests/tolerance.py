@@ -82,6 +82,22 @@ def sinkhorn64(iterations: int, n_terms: int, magnitude: float, beta: float = 0.
     return 2 * iterations * per_half
 
 
+def sinkhorn32(iterations: int, n_terms: int, magnitude: float, n_cells: int, absorb: float = 10.0) -> float:
+    """The same for qbnorm's iterations over a float32 kernel (core/sinkhorn.py): the first v-update
+    and the builds are sinkhorn64's log-domain half-updates; every other half-update sums the kernel
+    entries times float64 scalings in float64. An entry is off by its rounding to float32 (u₃₂
+    relative) on top of its float64 evaluation (one more lse64 term), or flushed to 0 below
+    float32's smallest normal number (< 2⁻¹²⁶ each: with the scalings within e^±absorb and one
+    half-update's factor within n_cells, together at most n_cells · 2⁻¹²⁶ · e^{2·absorb} · n_cells²
+    relative to the sum). A relative error ρ of the sum is a log error of at most ρ/(1 − ρ), and the
+    half-updates are 1-Lipschitz, so the 2·iterations of them add up (with iterations as counted
+    by sinkhorn64, bounding the log-domain ones too)."""
+    flushed = n_cells ** 3 * 2.0**-126 * np.exp(2.0 * absorb)
+    rho = U32 + flushed
+    per_half = rho / (1.0 - rho) + lse64(n_terms, 1.0, 2.0 * magnitude, magnitude)
+    return sinkhorn64(iterations, n_terms, magnitude) + 2 * iterations * per_half
+
+
 def eval64(magnitude: float, operations: int = 4) -> float:
     """float64 rounding of a formula of a few operations on values of this magnitude."""
     return gamma(operations, U64) * magnitude

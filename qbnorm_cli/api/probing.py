@@ -30,7 +30,7 @@ from qbnorm_cli.io.probefile import SORTED, Probe, Stored, sinkhorn_statistics, 
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget
 from qbnorm_cli.streaming.engine import run_probe
-from qbnorm_cli.streaming.sinkhorn import run_sinkhorn
+from qbnorm_cli.streaming.sinkhorn import memory_to_hold, run_sinkhorn
 from qbnorm_cli.streaming.sources import EmbeddingScores, MatrixScores, ScoreSource
 
 
@@ -110,12 +110,12 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
                             progress=lambda n: advance(n, note=sinkhorn_note(states, settings)))
     out: dict[str, Stored] = {}
     found = []
-    for states, is_dual in ((single, False), (dual, True)):
+    for states, is_dual, kept in ((single, False, held[:len(single)]), (dual, True, held[len(single):])):
         if not states:
             continue
         out.update(sinkhorn_statistics([s.result() for s in states], n_gallery, iters=settings.iters,
-                                       tol=settings.tol, max_iters=settings.max_iters,
-                                       held=all(held[:2 if is_dual else 1]), dual=is_dual))
+                                       tol=settings.tol, max_iters=settings.max_iters, held=all(kept),
+                                       dual=is_dual))
         for state in states:
             if state.hit_limit:
                 what = "dual-bank Sinkhorn" if is_dual else "Sinkhorn"
@@ -125,6 +125,13 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
                              f"potentials are kept as they are (marginal error {state.marginal_error:.2g}): raise "
                              f"{param('sinkhorn_max_iters')}, or use a smaller β")
     return out, found
+
+
+def sinkhorn_memory(result: Probe) -> int:
+    """The `memory` at which a probe like `result` holds every Sinkhorn kernel (sn and dbsn, each β)."""
+    n_gallery, extra = result.n_gallery, int(result.attrs["gallery_bank_rows"])
+    rows = n_gallery * len(result.sinkhorn_runs()) + (n_gallery + extra) * len(result.sinkhorn_runs(dual=True))
+    return memory_to_hold(result.n_bank, rows)
 
 
 @bounded

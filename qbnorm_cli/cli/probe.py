@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import api, methods
+from qbnorm_cli.api.probing import sinkhorn_memory
 from qbnorm_cli.cli import options
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import scale
@@ -29,7 +30,7 @@ def command(
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune`: probe what they need (explicit options override).")] = None,
     keep_sorted: Annotated[bool, typer.Option("--keep-sorted", help="Keep every gallery item's sorted bank scores (O(bank × gallery) storage; needed by gc).")] = False,
     transpose: options.Transpose = False,
-    sinkhorn: Annotated[bool, typer.Option("--sinkhorn", help="Also compute the Sinkhorn potentials of each --beta (sn; dbsn's too with --gallery-bank or --bank-gallery-bank-sims): one more pass over bank × gallery per iteration.")] = False,
+    sinkhorn: Annotated[bool, typer.Option("--sinkhorn", help="Also compute the Sinkhorn potentials of each --beta (sn; dbsn's too with --gallery-bank or --bank-gallery-bank-sims): two passes over bank × gallery, then two matrix-vector products over a float32 kernel per iteration, held when it fits half of --memory (4 bytes per bank × gallery score and β: a 20k × 100k bank needs --memory 16GB; recomputed otherwise).")] = False,
     sinkhorn_iters: Annotated[int | None, typer.Option("--sinkhorn-iters", metavar="N", help="Run exactly N Sinkhorn iterations (the paper's truncated runs) instead of iterating to convergence.")] = None,
     sinkhorn_tol: Annotated[float | None, typer.Option("--sinkhorn-tol", metavar="T", help="Stop once the log scalings change by less than T in an iteration (default 1e-6).")] = None,
     sinkhorn_max_iters: Annotated[int | None, typer.Option("--sinkhorn-max-iters", metavar="N", help="At most N iterations to converge (default 1000; a warning when reached).")] = None,
@@ -50,9 +51,12 @@ def command(
 
     --transpose reads --bank-sims and --gallery-bank-sims transposed (stored gallery × bank).
 
-    With --sinkhorn, the Sinkhorn potentials of sn (and dbsn) are iterated afterwards, each iteration
-    one more pass over the bank × gallery scores (kept in memory when they fit half of --memory,
-    recomputed otherwise); the iterations run and the final marginal error are recorded.
+    With --sinkhorn, the Sinkhorn potentials of sn (and dbsn) are iterated afterwards: a pass for the
+    first v-update, one that builds a float32 kernel, then each iteration two matrix-vector products
+    over it, over-relaxed until converged (none with --sinkhorn-iters). The kernel is held when it
+    fits half of --memory (4 bytes per bank × gallery score and β: 10k × 1k needs 80MB, 20k × 100k
+    16GB); its blocks that do not fit are recomputed from the scores on every iteration (their
+    product again). The iterations run and the final marginal error are recorded.
 
     Example: qbnorm probe --bank bank.h5 --gallery data.h5::/gallery -o probe.h5 --beta 20 --k 1
 
@@ -95,9 +99,12 @@ def command(
     for name, what in (("sinkhorn", "Sinkhorn"), ("dual_sinkhorn", "dual-bank Sinkhorn")):
         for run in runs[name]:
             state = "converged" if run["converged"] else "stopped"
-            where = "scores held in memory" if run["held"] else "scores recomputed on every iteration"
+            where = "kernel held in memory" if run["held"] else "kernel recomputed on every iteration"
             report.info(f"{what} β={run['beta']:g}: {state} after {run['iterations']} iterations (last change "
                         f"{run['change']:.2g}, marginal error {run['marginal_error']:.2g}; {where})")
+    if block_rows is None and any(not run["held"] for found in runs.values() for run in found):
+        report.info(f"hint: --memory {sinkhorn_memory(result) / 1e9:.3g}GB would hold every Sinkhorn kernel (4 bytes "
+                    f"per bank × gallery score and β, in half of --memory)")
     report.cluster(result.cluster)
     report.result({
         "output": output, "kind": "probe", "uuid": result.uuid, "bank_rows": result.n_bank,

@@ -1,11 +1,11 @@
-"""Sinkhorn scalings of the bank × gallery coupling, in log space, from block reductions (pure numpy).
+"""Sinkhorn scalings of the bank × gallery coupling: log-stabilised iterations over a float32 kernel.
 
 Sinkhorn Normalisation (SN) and Dual-Bank Sinkhorn (DBSN), Pan et al., ACM MM 2025 (code: ppanzx/DBSN,
 which calls POT's `sinkhorn_knopp`): entropic optimal transport between the rows j (the gallery items;
 for DBSN the test gallery followed by a gallery bank), each of mass 1/n_rows, and the bank queries b,
-each of mass 1/n_b, with kernel K[j, b] = exp(β·P[b, j]) (POT's cost −P at reg = 1/β; DBSN's cost
-1 − P only scales K by e^{−β}, which v absorbs). Started as POT starts (u, v = 1/n), each iteration
-updates v, then u:
+each of mass 1/n_b, with kernel exp(β·P[b, j]) (POT's cost −P at reg = 1/β; DBSN's cost 1 − P only
+scales it by e^{−β}, which v absorbs). Started as POT starts (u, v = 1/n), each iteration updates v,
+then u:
 
     log v_b = −log n_b − LSE_j(β·P[b, j] + log u_j)
     log u_j = −log n_rows − LSE_b(β·P[b, j] + log v_b)
@@ -13,31 +13,51 @@ updates v, then u:
 and the normalised score is η[q, j] = β·S[q, j] + log u_j: inverted softmax with the bank queries
 weighted by v (with v constant, one u-update is IS up to a constant).
 
-How it is evaluated. The caller hands over blocks of the transposed scores, T[j, b] = P[b, j]: each
-row holds every bank score of one item. The first pass is the exact first v-update (a log-sum-exp
-over the items for each bank query, against each block's per-query maximum, merged across blocks).
-Every later pass does, for each item j (a cache-sized piece of rows at a time), with one float64 exp
-per score:
+How it is evaluated: the log-stabilised Sinkhorn (Schmitzer, "Stabilized sparse scaling algorithms
+for entropy regularized transport problems", SIAM J. Sci. Comput. 2019; POT's `sinkhorn_stabilized`).
+The potentials are split as log u = a + log ũ, log v = g + log ṽ, with the absorbed parts (a, g) in
+a float32 kernel over the transposed scores T[j, b] = P[b, j]:
 
-    x_b = β·T[j, b] + log v_b,  m = max_b x_b,  E_b = exp(x_b − m) ≤ 1,  s = Σ_b E_b ≥ 1
-    log u_j = −log n_rows − m − log s                                  (the exact u-update)
-    rowsum_b += E_b / (n_rows·s)  (= π[b, j])                          (the bank marginal)
+    K[j, b] = fl32(exp(β·T[j, b] + g_b − m_j) · exp(m_j + a_j)),   m_j = max_b (β·T[j, b] + g_b)
 
-and after the pass log v_b ← log v_b − log(n_b·rowsum_b) (the next v-update). Nothing overflows
-and no item's sum underflows, whatever β. A bank query's sum cannot underflow either: after a
-v-update its coupling mass is 1/n_b, and a u-update divides each item by n_rows·(item mass) ≤
-n_rows, so rowsum_b ≥ 1/(n_b·n_rows).
+(entries below float32's smallest normal number are flushed to 0; at an absorption K is the coupling
+π, whose entries are at most 1/n_rows). An iteration is then two matrix–vector products over K, each
+float32 entry multiplied and summed in float64 (a cache-sized piece of rows at a time):
 
-Stopping: after exactly `iters` iterations (the paper's truncated runs), or once the change
-max(|Δ log u|, |Δ log v|) of an iteration is below `tol`, at most `max_iters` iterations. The marginal
-error is max_b |Σ_j π[b, j] − 1/n_b| at the returned scalings (the items' marginal is exact after
-the u-update, up to rounding). A change below tol bounds the distance to the fixed point only up to
-the factor 1/(1 − κ) of Sinkhorn's linear rate κ, which approaches 1 for large β·(score spread).
+    ṽ_b = 1 / (n_b · Σ_j K[j, b] ũ_j),   ũ_j = 1 / (n_rows · Σ_b K[j, b] ṽ_b)
+
+Pass 0 is the exact first v-update in the log domain (a log-sum-exp over the items for each bank
+query against each block's per-query maximum, merged across blocks). A "build" pass does the exact
+u-update in the log domain (one float64 exp per score), then absorbs the potentials (a ← log u,
+g ← log v, ũ = ṽ = 1) and builds K. This happens at iteration 1 and again whenever
+max |log ũ| or max |log ṽ| leaves ±ABSORB: products of a few float32 entries with factors within
+e^{±ABSORB} and a flushed entry (< 2^-126) can then never matter. Every other pass is one
+"kernel" pass: the u-update of every item from K·ṽ, its share of Kᵀ·ũ (the bank marginal), and after
+the pass the v-update.
+
+Convergence: the change of an iteration is that of a plain Sinkhorn step, max(|Δ log u|, |Δ log v|),
+as the reference computes it; the run stops after exactly `iters` iterations (the paper's truncated
+runs: plain Sinkhorn, nothing accelerated), or once the change is below `tol`, at most `max_iters`
+iterations. A converging run is over-relaxed (Thibault, Chizat, Dossal, Papadakis, "Overrelaxed
+Sinkhorn–Knopp algorithm for regularized optimal transport", Algorithms 2021): each scaling moves
+ω times its plain step in the log domain, log x ← log x + ω·(plain − log x), with
+ω = 2 / (1 + √(1 − κ̂)) from the observed linear rate κ̂ of the plain iterations (the optimal ω of
+a linear iteration of rate κ), halved towards 1 whenever a step does not reduce the change. It starts
+once the plain change is below √tol, just after a plain u-update: Sinkhorn's fixed point is only
+defined up to (u·c, v/c), and the c a run ends at depends on its path; from there, to first order,
+over-relaxation keeps the c of the plain iteration (the total mass, which fixes it, is exact after a
+u-update), and the second-order difference is of the order of the change squared (≈ tol).
+
+The marginal error is max over both marginals of |Σ π − 1/n| at the returned scalings (the items'
+marginal is exact after a plain u-update, up to rounding). A change below tol bounds the distance to
+the fixed point only up to the factor 1/(1 − κ) of Sinkhorn's linear rate κ, which approaches 1 for
+large β·(score spread).
 
 The caller walks the blocks: per pass `begin_pass`; per block (or part of a block's rows, on as
-many threads as it likes) `first_part` + `fold_first` on pass 0, `sweep` + `fold` later; then
-`end_pass`. The parts may be computed concurrently; folding them in a fixed order makes the result
-independent of the threads.
+many threads as it likes) `first_part` + `fold_first` on a "first" pass, `build` + `fold` on a
+"build" pass, `step` (on the held kernel rows, or on `kernel(scores)` recomputed) + `fold` on a
+"kernel" pass; then `end_pass`. Parts folded in a fixed order make the result independent of the
+threads.
 """
 
 from __future__ import annotations
@@ -50,6 +70,11 @@ import numpy as np
 DEFAULT_TOL = 1e-6
 DEFAULT_MAX_ITERS = 1000
 PIECE_BYTES = 256 << 10  # float64 rows worked on at once: they stay in the core's cache
+ABSORB = 10.0            # rebuild K once a |log ũ| or |log ṽ| exceeds this
+OMEGA_MAX = 1.9          # over-relaxation stays clear of 2 (where it stops converging)
+TINY32 = float(np.finfo(np.float32).tiny)
+
+FIRST, BUILD, KERNEL = "first", "build", "kernel"
 
 
 @dataclass(frozen=True)
@@ -60,8 +85,8 @@ class SinkhornResult:
     log_u: np.ndarray        # (n_rows,): the gallery items (DBSN: the test gallery, then the gallery bank)
     log_v: np.ndarray        # (n_b,): the bank queries
     iterations: int          # (v, u) updates done
-    change: float            # max |Δ log u|, |Δ log v| of the last iteration
-    marginal_error: float    # max_b |Σ_j π[b, j] − 1/n_b| at (log_u, log_v)
+    change: float            # max |Δ log u|, |Δ log v| of the last (plain) iteration step
+    marginal_error: float    # max over both marginals of |Σ π − 1/n| at (log_u, log_v)
     converged: bool          # change < tol (fixed-iteration runs: whether it happened to be)
 
 
@@ -74,30 +99,46 @@ def _pieces(n_rows: int, n_cols: int):
 class Sinkhorn:
     """The state of one β's iterations: the scalings, the reductions of the pass in progress.
 
-    iters: exactly this many iterations; otherwise until the change is below tol, at most max_iters.
-    log_v: a start for the bank scalings other than POT's (pass 0, the first v-update, is then
-    skipped: the first pass is a u-update from these).
+    iters: exactly this many plain iterations; otherwise until the change is below tol, at most
+    max_iters, over-relaxed (see the module's docstring) unless `accelerate` is False. log_v: a
+    start for the bank scalings other than POT's (pass 0, the first v-update, is then skipped: the
+    first pass is a u-update from these).
     """
 
     def __init__(self, beta: float, n_bank: int, n_rows: int, *, iters: int | None = None,
-                 tol: float = DEFAULT_TOL, max_iters: int = DEFAULT_MAX_ITERS, log_v: np.ndarray | None = None):
+                 tol: float = DEFAULT_TOL, max_iters: int = DEFAULT_MAX_ITERS,
+                 log_v: np.ndarray | None = None, accelerate: bool = True):
         self.beta = float(beta)
+        self.accelerate = bool(accelerate)
         self.n_bank, self.n_rows = int(n_bank), int(n_rows)
         self.iters, self.tol, self.max_iters = iters, float(tol), int(max_iters)
         self.log_u = np.full(self.n_rows, -math.log(self.n_rows))
         self.log_v = np.full(self.n_bank, -math.log(self.n_bank))
-        self.first = log_v is None           # the next pass is pass 0 (the exact first v-update)
-        self._dv = 0.0                       # max |Δ log v| of the v-update that gave log_v
+        self.phase = FIRST if log_v is None else BUILD
+        self._dv = 0.0                       # the plain |Δ log v| of the v-update that gave log_v
         if log_v is not None:
             log_v = np.asarray(log_v, dtype=np.float64)
             self._dv = float(np.abs(log_v - self.log_v).max(initial=0.0))
             self.log_v = log_v.copy()
+        # absorbed potentials (in K) and the scalings relative to them: log u = a + log ũ, log v = g + log ṽ
+        self.absorbed_u = self.log_u.copy()
+        self.absorbed_v = self.log_v.copy()
+        self.scale_u = np.zeros(self.n_rows)  # log ũ
+        self.scale_v = np.zeros(self.n_bank)  # log ṽ
+        self.builds = 0                       # kernels built (absorptions)
+        self.omega = 1.0                      # the over-relaxation of the next steps
+        self._omega_next = 1.0
+        self._history: list[float] = []       # the changes of the iterations
         self.iterations = 0
         self.change = math.inf
         self.marginal_error = math.inf
         self.done = False
         self._max = self._sum = None
-        self._du = 0.0
+        self._du = self._row_error = 0.0
+
+    @property
+    def first(self) -> bool:
+        return self.phase == FIRST
 
     @property
     def limit(self) -> int:
@@ -115,14 +156,18 @@ class Sinkhorn:
     def begin_pass(self) -> None:
         self._max = np.full(self.n_bank, -np.inf) if self.first else None
         self._sum = np.zeros(self.n_bank)
-        self._du = 0.0
+        self._du = self._row_error = 0.0
+        self.omega = self._omega_next
+        if self.phase == BUILD:  # absorb log v now; log u is absorbed item by item as it is updated
+            self.absorbed_v = self.log_v.copy()
+            self.scale_v[:] = 0.0
 
     # --- pass 0: log v_b = −log n_b − LSE_j(β·T[j, b] + log u_j) ----------------------------------
 
     def first_part(self, scores_t: np.ndarray, r0: int) -> tuple[np.ndarray, np.ndarray]:
         """(max_j x, Σ_j exp(x − max)) per bank query over items r0:r0+len(scores_t), x = β·T + log u."""
         top = np.full(self.n_bank, -np.inf)
-        buf = np.empty((min(scores_t.shape[0], max(1, PIECE_BYTES // (8 * self.n_bank))), self.n_bank))
+        buf = self._buffer(scores_t.shape[0])
         for a, b in _pieces(*scores_t.shape):
             x = self._terms(scores_t[a:b], self.log_u[r0 + a:r0 + b, None], buf)
             np.maximum(top, x.max(axis=0), out=top)
@@ -142,32 +187,86 @@ class Sinkhorn:
                 + total * np.exp(top - new)
         self._max = new
 
-    # --- later passes: the u-update of items r0:…, and their share of the next v-update -------------
+    # --- build passes: the exact u-update of items r0:…, and their kernel rows ------------------------
 
-    def sweep(self, scores_t: np.ndarray, r0: int) -> tuple[np.ndarray, float]:
-        """Update log u of items r0:r0+len(scores_t) from their bank scores (rows of T); returns their
-        share of each bank query's coupling mass Σ_j π[b, j] and the largest |Δ log u| among them."""
-        mass = np.zeros(self.n_bank)
+    def build(self, scores_t: np.ndarray, r0: int, out: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Update log u of items r0:r0+len(scores_t) in the log domain from their bank scores (rows
+        of T), absorb it, and write their kernel rows into `out` (float32, the shape of scores_t);
+        returns `step`'s reductions of the new rows."""
+        buf = self._buffer(scores_t.shape[0])
         change = 0.0
-        rows = scores_t.shape[0]
-        buf = np.empty((min(rows, max(1, PIECE_BYTES // (8 * self.n_bank))), self.n_bank))
         for a, b in _pieces(*scores_t.shape):
-            x = self._terms(scores_t[a:b], self.log_v, buf)
+            x = self._terms(scores_t[a:b], self.absorbed_v, buf)
             top = x.max(axis=1)
             x -= top[:, None]
             np.exp(x, out=x)
-            total = x.sum(axis=1)
-            new = -math.log(self.n_rows) - top - np.log(total)
+            plain = -math.log(self.n_rows) - top - np.log(x.sum(axis=1))
             old = self.log_u[r0 + a:r0 + b]
-            change = max(change, float(np.abs(new - old).max(initial=0.0)))
+            change = max(change, float(np.abs(plain - old).max(initial=0.0)))
+            new = old + self.omega * (plain - old) if self.omega != 1.0 else plain
             self.log_u[r0 + a:r0 + b] = new
-            mass += np.einsum("j,jb->b", 1.0 / (self.n_rows * total), x)  # not BLAS: threads
-        return mass, change
+            self.absorbed_u[r0 + a:r0 + b] = new
+            self.scale_u[r0 + a:r0 + b] = 0.0
+            self._kernel_rows(x, top, new, out[a:b])
+        mass, _, row_error = self._products(out, r0, update=False)
+        return mass, change, row_error
 
-    def fold(self, part: tuple[np.ndarray, float]) -> None:
-        mass, change = part
+    def kernel(self, scores_t: np.ndarray, r0: int, out: np.ndarray) -> np.ndarray:
+        """The kernel rows of items r0:r0+len(scores_t) at the absorbed potentials, into `out`:
+        the same arithmetic on the same values as `build` wrote them, so the same bits."""
+        buf = self._buffer(scores_t.shape[0])
+        for a, b in _pieces(*scores_t.shape):
+            x = self._terms(scores_t[a:b], self.absorbed_v, buf)
+            top = x.max(axis=1)
+            x -= top[:, None]
+            np.exp(x, out=x)
+            self._kernel_rows(x, top, self.absorbed_u[r0 + a:r0 + b], out[a:b])
+        return out
+
+    @staticmethod
+    def _kernel_rows(e: np.ndarray, top: np.ndarray, absorbed: np.ndarray, out: np.ndarray) -> None:
+        e *= np.exp(top + absorbed)[:, None]
+        e[e < TINY32] = 0.0  # no subnormal float32: they would slow every product, and never matter
+        out[...] = e
+
+    # --- kernel passes: the u-update of items r0:…, and their share of the next v-update -------------
+
+    def step(self, kernel_t: np.ndarray, r0: int) -> tuple[np.ndarray, float, float]:
+        """Update ũ of items r0:r0+len(kernel_t) from their kernel rows: ũ_j = 1/(n_rows·Σ_b K[j, b] ṽ_b)
+        (over-relaxed by ω); returns their share of each bank query's Σ_j K[j, b] ũ_j, the largest
+        plain |Δ log u| among them, and their largest items' marginal error."""
+        return self._products(kernel_t, r0, update=True)
+
+    def _products(self, kernel_t: np.ndarray, r0: int, update: bool) -> tuple[np.ndarray, float, float]:
+        mass = np.zeros(self.n_bank)
+        change = row_error = 0.0
+        buf = self._buffer(kernel_t.shape[0])
+        v = np.exp(self.scale_v)
+        for a, b in _pieces(*kernel_t.shape):
+            k = buf[:b - a]
+            k[...] = kernel_t[a:b]                          # exact: float32 → float64
+            row_sum = k @ v
+            old = self.scale_u[r0 + a:r0 + b]
+            if update:
+                if not (row_sum > 0).all():
+                    raise FloatingPointError("Sinkhorn: an item's kernel row vanished")
+                plain = -math.log(self.n_rows) - np.log(row_sum)
+                change = max(change, float(np.abs(plain - old).max(initial=0.0)))
+                old = plain if self.omega == 1.0 else old + self.omega * (plain - old)
+                self.scale_u[r0 + a:r0 + b] = old
+            u = np.exp(old)
+            row_error = max(row_error, float(np.abs(u * row_sum - 1.0 / self.n_rows).max(initial=0.0)))
+            mass += u @ k
+        return mass, change, row_error
+
+    def fold(self, part: tuple[np.ndarray, float, float]) -> None:
+        mass, change, row_error = part
         self._sum += mass
         self._du = max(self._du, change)
+        self._row_error = max(self._row_error, row_error)
+
+    def _buffer(self, rows: int) -> np.ndarray:
+        return np.empty((min(rows, max(1, PIECE_BYTES // (8 * self.n_bank))), self.n_bank))
 
     def _terms(self, scores_t: np.ndarray, shift: np.ndarray, buf: np.ndarray) -> np.ndarray:
         """β·T + shift in float64, in the first rows of `buf`."""
@@ -177,27 +276,53 @@ class Sinkhorn:
 
     def end_pass(self) -> None:
         """Finish the pass: the v-update (pass 0), or the iteration's change, marginal error and the
-        next v-update; decide whether to stop."""
+        next v-update; decide whether to stop, how much to over-relax, and whether to absorb."""
         if self.first:
             new = -math.log(self.n_bank) - (self._max + np.log(self._sum))
             self._dv = float(np.abs(new - self.log_v).max(initial=0.0))
             self.log_v = new
-            self.first = False
+            self.phase = BUILD
             self._max = self._sum = None
             return
         self.iterations += 1
         self.change = max(self._dv, self._du)
-        mass = self._sum
-        self.marginal_error = float(np.abs(mass - 1.0 / self.n_bank).max(initial=0.0))
+        self._history.append(self.change)
+        mass = self._sum * np.exp(self.scale_v)     # each bank query's Σ_j π[b, j]
+        self.marginal_error = float(max(np.abs(mass - 1.0 / self.n_bank).max(initial=0.0), self._row_error))
+        self.log_u = self.absorbed_u + self.scale_u
         self.done = self.iterations >= self.limit or (self.iters is None and self.converged)
-        if not self.done:
-            with np.errstate(divide="ignore"):
-                step = np.log(self.n_bank * mass)
-            if not np.isfinite(step).all():  # only from a log_v start far from the iterates
-                raise FloatingPointError("Sinkhorn: a bank query's coupling mass underflowed")
-            self.log_v = self.log_v - step
-            self._dv = float(np.abs(step).max(initial=0.0))
         self._sum = None
+        if self.done:
+            return
+        with np.errstate(divide="ignore"):
+            plain = -math.log(self.n_bank) - np.log(mass)  # the plain v-update's log(ṽ'/ṽ)
+        if not np.isfinite(plain).all():  # only from a log_v start far from the iterates
+            raise FloatingPointError("Sinkhorn: a bank query's coupling mass underflowed")
+        self._dv = float(np.abs(plain).max(initial=0.0))
+        self._omega_next = self._relaxation()
+        self.scale_v += self._omega_next * plain
+        self.log_v = self.absorbed_v + self.scale_v
+        if max(np.abs(self.scale_u).max(initial=0.0), np.abs(self.scale_v).max(initial=0.0)) > ABSORB:
+            self.phase = BUILD
+            self.builds += 1
+        else:
+            self.phase = KERNEL
+
+    def _relaxation(self) -> float:
+        """ω for the next iteration: 1 for fixed iterations and until the plain change is below √tol
+        (see the module's docstring); then from the observed rate, halved towards 1 when a step did
+        not reduce the change."""
+        history, omega = self._history, self.omega
+        if self.iters is not None or not self.accelerate or len(history) < 3:
+            return 1.0
+        if omega == 1.0:
+            if history[-1] >= math.sqrt(self.tol) or not history[-1] < history[-2]:
+                return 1.0
+            rate = min(history[-1] / history[-2], 0.99)
+            return min(OMEGA_MAX, 2.0 / (1.0 + math.sqrt(1.0 - rate)))
+        if not history[-1] < history[-2]:
+            return 1.0 + (omega - 1.0) / 2.0
+        return omega
 
     def result(self) -> SinkhornResult:
         return SinkhornResult(self.beta, self.log_u.copy(), self.log_v.copy(), self.iterations, self.change,

@@ -27,9 +27,9 @@ GALLERY_BETA_GRID = (1.0, 2.0, 5.0, 10.0, 20.0)
 SCALED = "scaled"  # a grid that follows the score scale (core.scale.beta_grid)
 WHOLE_MAX = 2**31 - 1  # k and K are stored as 32-bit integers (and no gallery is larger)
 ONE_PASS = "probe: one pass over bank × gallery; normalise: plain retrieval plus an O(gallery) offset"
-SINKHORN_COST = ("probe --sinkhorn: one pass, then one per iteration (a float64 exp per {scores}; the products "
-                 "again when those scores do not fit half of --memory); normalise: plain retrieval plus an "
-                 "O(gallery) offset")
+SINKHORN_COST = ("probe --sinkhorn: two passes (a float64 exp per {scores}), then two matrix-vector products over "
+                 "a float32 kernel per iteration (recomputed where it does not fit half of --memory); normalise: "
+                 "plain retrieval plus an O(gallery) offset")
 
 
 MAX_SCALE = 1e12  # β, β₂: far beyond any score scale's (tune's grids reach 20/σ), so β·S stays finite

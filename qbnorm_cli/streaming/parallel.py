@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 
 _POOL: ThreadPoolExecutor | None = None
@@ -63,6 +63,17 @@ def single_threaded_blas():
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def blas_limiter() -> Callable:
+    """A context factory that keeps BLAS on one thread inside its blocks, for kernels that run
+    their own small products on every core (start_row_chunks); the libraries are looked up once."""
+    if workers() == 1:
+        return nullcontext
+    from threadpoolctl import ThreadpoolController
+
+    controller = ThreadpoolController()
+    return lambda: controller.limit(limits=1, user_api="blas")
 
 
 def threads_for(count: int) -> bool:

@@ -6,32 +6,42 @@ gallery bank (DBSN: bank × gallery, then bank × gallery-bank). Each pass visit
 once, for all the problems (β values, SN and DBSN) still iterating; a block is handed to the kernel
 transposed (items × bank queries, float32), its items split over the cores.
 
-The blocks are kept in memory as float32 when they fit HELD_SHARE of the budget, segment by
-segment; otherwise they are recomputed (or re-read) tile by tile on every pass. Both paths walk the
-same blocks and apply the same arithmetic to the same float32 values, so they give the same
-result, to the bit. Reductions are float64.
+What is held, within HELD_SHARE of the budget: every problem's float32 kernel when they all fit (an
+iteration over a held block is two matrix–vector products), then the float32 scores of the blocks
+that still fit; when not every kernel fits, the scores first (shared by every β), then the kernels
+that fit, block by block (the passes that need scores: the first, and the
+kernel builds; and a block whose kernel is not held gets its kernel from them with one exp per
+score). Between the first pass and the build, a held kernel's room holds its block's scores, so
+that the build need not compute them again. The rest is recomputed (or re-read) tile by tile
+whenever a pass needs it: the product of the bank with a block of columns, so each recomputed pass
+costs about one product. Held and
+recomputed blocks apply the same arithmetic to the same float32 values: the same result, to the
+bit. Reductions are float64.
 
-Cost: one pass to start (the first v-update, which also fills the held scores), then one pass per
-iteration: one float64 exp per score and β, plus, when not held, the product (or read) of every
-score again.
+Cost: one pass to start (the first v-update), one to build the kernel (iteration 1), then one pass
+per iteration: two products over the held kernel, or the scores and one exp per score where it is
+not held (plus their product, where the scores are not held either); a kernel build again only
+when the scalings leave the kernel's safe range (core.sinkhorn.ABSORB).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from qbnorm_cli.core.sinkhorn import Sinkhorn
+from qbnorm_cli.core.sinkhorn import BUILD, FIRST, KERNEL, Sinkhorn
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
 from qbnorm_cli.streaming.engine import tile_rows
 from qbnorm_cli.streaming.sources import ScoreSource
 
-HELD_SHARE = 0.5             # the float32 scores are kept when they fit this share of the budget
+HELD_SHARE = 0.5             # the float32 kernels (and scores) are kept when they fit this share of the budget
 BLOCK_TARGET_BYTES = 32 << 20  # a recomputed block (float32, twice: as computed and transposed)
 BLOCK_BYTES_PER_SCORE = 8
+KERNEL_BYTES_PER_SCORE = 4     # a held kernel: float32, per score and β
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,16 @@ class Block:
     offset: int
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The column blocks of every segment, in order; which (problem, block) kernels and which
+    blocks' scores are held in memory."""
+
+    blocks: list[Block]
+    kernels: set[tuple[int, int]]
+    scores: set[int]
+
+
 def block_width(segment: ScoreSource, n_bank: int, budget: Budget) -> int:
     """Columns per block: within a quarter of the budget, about BLOCK_TARGET_BYTES, whole HDF5 chunks."""
     width = column_block_width(segment.n_cols, segment.col_bytes(), BLOCK_BYTES_PER_SCORE * n_bank, budget,
@@ -54,29 +74,49 @@ def block_width(segment: ScoreSource, n_bank: int, budget: Budget) -> int:
     return max(1, width)
 
 
-def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = None) -> tuple[list[Block], list[bool]]:
-    """The column blocks of every segment, in order, and which segments are held in memory."""
+def memory_to_hold(n_bank: int, n_rows: int, problems: int = 1) -> int:
+    """The --memory at which the kernels of `problems` β of n_bank × n_rows scores are all held."""
+    return math.ceil(KERNEL_BYTES_PER_SCORE * n_bank * n_rows * problems / HELD_SHARE)
+
+
+def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = None,
+         counts: Sequence[int] = (1,)) -> Plan:
+    """The blocks, and what is held: every problem's kernel (a problem's rows are the columns of
+    its first `counts[i]` segments), block by block while they fit, then the blocks' scores."""
     n_bank = segments[0].n_rows
-    blocks, held, offset, held_bytes = [], [], 0, 0
+    blocks, offset = [], 0
     for number, segment in enumerate(segments):
         width = block_width(segment, n_bank, budget)
         blocks += [Block(number, c0, c1, offset + c0) for c0, c1 in spans(segment.n_cols, width)]
-        size = 4 * n_bank * segment.n_cols
-        keep = budget.fits(held_bytes + size, HELD_SHARE) if hold is None else hold
-        held.append(keep)
-        held_bytes += size if keep else 0
         offset += segment.n_cols
-    return blocks, held
+    held_bytes, kernels, scores = 0, set(), set()
+    wanted = [(problem, number) for problem, count in enumerate(counts) for number, block in enumerate(blocks)
+              if block.segment < count]
+    size_of = lambda number, per_score: per_score * n_bank * (blocks[number].c1 - blocks[number].c0)
+    every_kernel = sum(size_of(number, KERNEL_BYTES_PER_SCORE) for _, number in wanted)
+    # every kernel when they all fit; otherwise the scores first (shared by every β: a β whose
+    # kernel is not held then costs an exp per score, not a product), then the kernels that fit
+    all_fit = hold is not None or budget.fits(every_kernel, HELD_SHARE)
+    order = ["kernels", "scores"] if all_fit else ["scores", "kernels"]
+    for what in order:
+        items = wanted if what == "kernels" else list(range(len(blocks)))
+        for item in items:
+            number = item[1] if what == "kernels" else item
+            size = size_of(number, KERNEL_BYTES_PER_SCORE if what == "kernels" else 4)
+            if hold if hold is not None else budget.fits(held_bytes + size, HELD_SHARE):
+                (kernels if what == "kernels" else scores).add(item)
+                held_bytes += size
+    return Plan(blocks, kernels, scores)
 
 
 def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
                  hold: bool | None = None, progress: Callable[[int], None] | None = None) -> list[bool]:
     """Iterate every problem (a Sinkhorn state and how many leading segments form its rows) until
-    each is done; returns which segments were held in memory.
+    each is done; returns, per problem, whether its whole kernel was held in memory.
 
     Every segment has the bank queries as rows; a problem's rows are its segments' columns, in order.
-    `hold` forces holding the scores (True) or recomputing them on every pass (False); None decides
-    by the budget. `progress(1)` is called after each pass.
+    `hold` forces holding the kernels and scores (True) or recomputing them whenever a pass needs
+    them (False); None decides by the budget. `progress(1)` is called after each pass.
     """
     n_bank = segments[0].n_rows
     for segment in segments:
@@ -85,9 +125,16 @@ def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkh
     for state, count in problems:
         if state.n_bank != n_bank or state.n_rows != sum(s.n_cols for s in segments[:count]):
             raise ValueError("a Sinkhorn state does not fit its segments")
-    blocks, held = plan(segments, budget, hold)
+    layout = plan(segments, budget, hold, [count for _, count in problems])
+    blocks = layout.blocks
     kept: dict[int, np.ndarray] = {}
+    kernels: dict[tuple[int, int], np.ndarray] = {}
     buffers: dict[str, np.ndarray] = {}
+
+    def scratch(name: str, width: int) -> np.ndarray:
+        if name not in buffers or buffers[name].size < width * n_bank:
+            buffers[name] = np.empty(width * n_bank, dtype=np.float32)
+        return buffers[name][:width * n_bank].reshape(width, n_bank)
 
     def scores_of(number: int, block: Block) -> np.ndarray:
         """The block's scores transposed: (items, bank queries), float32, C-contiguous."""
@@ -95,42 +142,80 @@ def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkh
             return kept[number]
         segment = segments[block.segment]
         width = block.c1 - block.c0
-        if held[block.segment]:
-            out = np.empty((width, n_bank), dtype=np.float32)
-        else:
-            if "t" not in buffers or buffers["t"].size < width * n_bank:
-                buffers["t"] = np.empty(width * n_bank, dtype=np.float32)
-            out = buffers["t"][:width * n_bank].reshape(width, n_bank)
+        out = np.empty((width, n_bank), dtype=np.float32) if number in layout.scores else scratch("t", width)
         segment.column_block(block.c0, block.c1)
         for r0, r1 in spans(n_bank, tile_rows(width, budget, n_bank, segment.row_chunk)):
             out[:, r0:r1] = segment.tile(r0, r1).T
-        if held[block.segment]:
+        if number in layout.scores:
             kept[number] = out
         return out
 
-    active = [(state, count) for state, count in problems if not state.done]
+    def kernel_of(index: int, number: int, width: int) -> np.ndarray:
+        key = (index, number)
+        if key not in layout.kernels:
+            return scratch("k", width)
+        if key not in kernels:
+            kernels[key] = np.empty((width, n_bank), dtype=np.float32)
+        return kernels[key]
+
+    blas = parallel.blas_limiter()
+    active = [(index, state, count) for index, (state, count) in enumerate(problems) if not state.done]
+    built: set[tuple[int, int]] = set()  # held kernels that are current
+    stashed: dict[int, tuple[int, int]] = {}  # block → the held kernel holding its scores until built
     while active:
-        for state, _ in active:
+        for _, state, _ in active:
             state.begin_pass()
         for number, block in enumerate(blocks):
-            users = [state for state, count in active if block.segment < count]
-            if users:
-                scores = scores_of(number, block)
-                for state in users:
-                    _visit(state, scores, block.offset)
-        for state, _ in active:
+            users = [(index, state) for index, state, count in active if block.segment < count]
+            if not users:
+                continue
+            width = block.c1 - block.c0
+            current = {index: state.phase == KERNEL and (index, number) in built for index, state in users}
+            if all(current.values()):
+                scores = None
+            elif number in stashed:
+                scores = kernels[stashed[number]]
+            else:
+                scores = fresh = scores_of(number, block)
+                spare = [(index, number) for index, state in users if state.first and (index, number) in
+                         layout.kernels] if number not in layout.scores else []
+                if spare:  # keep the scores in a kernel's room until that kernel is built from them
+                    stashed[number] = spare[0]
+                    scores = kernel_of(*spare[0], width)
+                    scores[...] = fresh
+            owner = stashed.get(number, (None,))[0]
+            for index, state in sorted(users, key=lambda user: user[0] == owner):  # the owner's build last
+                phase = state.phase
+                with blas():
+                    _visit(state, phase, scores, kernel_of(index, number, width), block.offset,
+                           rebuild=phase == KERNEL and not current[index])
+                if phase == BUILD and (index, number) in layout.kernels:
+                    built.add((index, number))
+                    if index == owner:
+                        del stashed[number]
+        for index, state, _ in active:
             state.end_pass()
-        active = [(state, count) for state, count in active if not state.done]
+            if state.phase == BUILD:  # absorbed: its held kernels are rebuilt by the next pass
+                built -= {key for key in built if key[0] == index}
+        active = [(index, state, count) for index, state, count in active if not state.done]
         if progress:
             progress(1)
-    return held
+    return [all((index, number) in layout.kernels for number, block in enumerate(blocks) if block.segment < count)
+            for index, (_, count) in enumerate(problems)]
 
 
-def _visit(state: Sinkhorn, scores_t: np.ndarray, offset: int) -> None:
+def _visit(state: Sinkhorn, phase: str, scores_t: np.ndarray | None, kernel_t: np.ndarray, offset: int,
+           rebuild: bool) -> None:
     """One block of one pass of one problem: its items split over the cores, folded in order."""
-    if state.first:
+    if phase == FIRST:
         work, fold = (lambda a, b: state.first_part(scores_t[a:b], offset + a)), state.fold_first
+    elif phase == BUILD:
+        work, fold = (lambda a, b: state.build(scores_t[a:b], offset + a, kernel_t[a:b])), state.fold
+    elif rebuild:
+        work = lambda a, b: state.step(state.kernel(scores_t[a:b], offset + a, kernel_t[a:b]), offset + a)
+        fold = state.fold
     else:
-        work, fold = (lambda a, b: state.sweep(scores_t[a:b], offset + a)), state.fold
-    for part in parallel.start_row_chunks(scores_t.shape[0], scores_t.size, work)():
+        work, fold = (lambda a, b: state.step(kernel_t[a:b], offset + a)), state.fold
+    n_rows = kernel_t.shape[0]
+    for part in parallel.start_row_chunks(n_rows, n_rows * state.n_bank, work)():
         fold(part)
