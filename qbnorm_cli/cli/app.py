@@ -14,7 +14,7 @@ import sys
 import typer
 
 from qbnorm_cli import startup
-from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, normalise, probe, search, tune
+from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, hubs, normalise, probe, search, tune
 from qbnorm_cli.cli.options import FLAG_NAMES
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
 from qbnorm_cli.io import atomic
@@ -98,6 +98,7 @@ COMMANDS = {
     "normalise": normalise.command,
     "evaluate": evaluate.command,
     "hubness": hubness.command,
+    "hubs": hubs.command,
     "convert": convert.command,
     "tune": tune.command,
     "export": export.command,
