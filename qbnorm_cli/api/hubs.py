@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import warn
 from qbnorm_cli.api.evaluation import DEFAULT_K, hubness_report
 from qbnorm_cli.core import hubscore
@@ -29,7 +30,6 @@ from qbnorm_cli.streaming.budget import DEFAULT_MEMORY
 
 DEFAULT_ITEMS = 20
 ARRAYS = ("hub_score", "n_k", "share", "rank")  # per item, in each input's record
-RAW = "none"  # the method a raw score file records
 
 
 def _check(k: int, items: int, threshold: float) -> None:
@@ -62,7 +62,7 @@ def _reference(views: list[dict]) -> int | None:
     if len(views) < 2:
         return None
     scored = [i for i, v in enumerate(views) if v["kind"] != "probe"]
-    raw = [i for i in scored if views[i]["method"] == RAW]
+    raw = [i for i in scored if views[i]["method"] == registry.BASELINE.name]
     return (raw or scored or [None])[0]
 
 
