@@ -260,7 +260,7 @@ def test_streaming_equals_dense(files, capsys):
                                np.load(files / "attacked.npy").T])
     assert library["inputs"][1]["items"][:5] == [
         {**item, "n_k_by_input": {"probe-attacked": item["n_k_by_input"]["probe-attacked"],
-                                  "input": item["n_k"]}} for item in whole["inputs"][1]["items"][:5]]
+                                  "inputs[1]": item["n_k"]}} for item in whole["inputs"][1]["items"][:5]]
 
 
 def test_cluster_gives_the_local_document(files, capsys):

@@ -14,6 +14,7 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
+from os import PathLike
 
 import numpy as np
 
@@ -113,9 +114,10 @@ def hubs(inputs, *, k: int = DEFAULT_K, items: int = DEFAULT_ITEMS, labels=None,
         listing = ", ".join(f"{r['name']}: {r['gallery_rows']}" for r in measured["inputs"])
         raise DataError(f"the inputs are views of different galleries ({listing} items); audit one gallery at a time")
     views = []
-    for value, result, counts in zip(values, measured["inputs"], occurrences, strict=True):
+    for i, (value, result, counts) in enumerate(zip(values, measured["inputs"], occurrences, strict=True)):
         nk = counts[int(k)]
-        view = {"name": result["name"], "input": result["input"], "kind": result["kind"],
+        named = isinstance(value, (str, PathLike)) or (isinstance(value, Probe) and value.path is not None)
+        view = {"name": result["name"] if named else f"inputs[{i}]", "input": result["input"], "kind": result["kind"],
                 "queries": result["queries"], "gallery_rows": result["gallery_rows"],
                 **_view(value, result, nk, beta)}
         view["n_k"] = nk
