@@ -246,6 +246,14 @@ def test_usage_errors(files, capsys):
     assert code == 3 and "different galleries" in err
 
 
+def test_a_sparse_query_view_is_warned_about(files, tmp_path, capsys):
+    np.save(tmp_path / "few.npy", np.load(files / "queries.npy")[:100] @ np.load(files / "attacked.npy").T)
+    code, out, err = run(capsys, "hubs", tmp_path / "few.npy", "--k", 1, "--json", "-q")
+    assert code == 0 and err == ""
+    warning, = json.loads(out)["warnings"]
+    assert "0.33 occurrences per item at k=1" in warning and "--k" in warning
+
+
 def test_streaming_equals_dense(files, capsys):
     """Row blocks of 7, a small budget, a ranking instead of dense scores: the same document."""
     base = ["hubs", files / "probe-attacked.h5", files / "none-attacked.h5", "--json", "--items", 30]
