@@ -46,13 +46,22 @@ def _view(value, measured: dict, nk: np.ndarray, beta: float | None) -> dict:
     """One input's per-item scores: what the hub score is of, the input's method and records."""
     if measured["kind"] == "probe":
         probe = value if isinstance(value, Probe) else Probe.load(value)
-        chosen = probe.default_beta() if beta is None else float(beta)
-        return {"basis": f"log-normaliser LSE_b(β·P[b, j]) at β={chosen:g}", "beta": chosen, "method": None,
-                "hub_score": hubscore.bank_scores(probe.log_norm(chosen)),
-                "records": [{"path": probe.path, "dataset": None, "kind": "probe", "uuid": probe.uuid}]}
+        try:
+            chosen = probe.default_beta() if beta is None else float(beta)
+            return {"basis": f"log-normaliser LSE_b(β·P[b, j]) at β={chosen:g}", "beta": chosen, "method": None,
+                    "hub_score": hubscore.bank_scores(probe.log_norm(chosen)),
+                    "records": [{"path": probe.path, "dataset": None, "kind": "probe", "uuid": probe.uuid}]}
+        finally:
+            if probe is not value:
+                probe.close()
     source = open_scores(value, measured["input"])
-    method = source.scores.attrs.get("method")
-    records = [i.describe() for i in source.inputs]
+    try:
+        method = source.scores.attrs.get("method")
+        records = [i.describe() for i in source.inputs]
+    finally:
+        if isinstance(value, (str, PathLike)):  # opened here: closed here
+            for opened in source.inputs:
+                opened.close()
     return {"basis": "log(1 + N_k)", "beta": None, "method": None if method is None else str(method),
             "hub_score": hubscore.occurrence_scores(nk), "records": records}
 
