@@ -216,23 +216,26 @@ def fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
 
 
+def _grid(title: str, results: list[dict], methods: list[str], cell, first: str | None = None) -> list[str]:
+    lines = ["", title, "", "| attack | m | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    if first is not None:
+        lines.append(first)
+    lines += [f"| {r['kind']} | {r['m']} | " + " | ".join(cell(r, m) for m in methods) + " |" for r in results]
+    return lines
+
+
 def tables(results: list[dict], baseline: dict, methods: list[str]) -> str:
-    lines = ["Attack success (% of test queries with a crafted item in the top 1 / top 10) and R@1:", "",
-             "| attack | m | " + " | ".join(f"{m} top-1 / top-10 / R@1" for m in methods) + " |",
-             "|---|---|" + "---|" * len(methods),
-             "| none (clean gallery) | 0 | " + " | ".join(f"– / – / {fmt(baseline['R@1'][m])}" for m in methods) + " |"]
-    for r in results:
-        cells = [f"{fmt(c['top1'])} / {fmt(c['top10'])} / {fmt(c['R@1'])}" for c in (r["methods"][m] for m in methods)]
-        lines.append(f"| {r['kind']} | {r['m']} | " + " | ".join(cells) + " |")
+    lines = _grid("Attack success, top 1: % of the test queries whose best item is a crafted one", results, methods,
+                  lambda r, m: fmt(r["methods"][m]["top1"]))
+    lines += _grid("Attack success, top 10: % of the test queries with a crafted item among their 10 best", results,
+                   methods, lambda r, m: fmt(r["methods"][m]["top10"]))
+    lines += _grid("R@1 (the clean gallery first)", results, methods, lambda r, m: fmt(r["methods"][m]["R@1"]),
+                   "| none (clean gallery) | 0 | " + " | ".join(fmt(baseline["R@1"][m]) for m in methods) + " |")
     concept = [r for r in results if r["concept_queries"]]
     if concept:
-        lines += ["", "Within the targeted concepts (% of the concepts' test queries, top 1 / top 10):", "",
-                  "| attack | m | concept queries | " + " | ".join(methods) + " |",
-                  "|---|---|---|" + "---|" * len(methods)]
-        for r in concept:
-            cells = [f"{fmt(r['methods'][m]['concept_top1'])} / {fmt(r['methods'][m]['concept_top10'])}"
-                     for m in methods]
-            lines.append(f"| {r['kind']} | {r['m']} | {r['concept_queries']} | " + " | ".join(cells) + " |")
+        lines += _grid("Within the targeted concepts: % of the concepts' test queries with a crafted item in "
+                       "their top 1 / top 10", concept, methods,
+                       lambda r, m: f"{fmt(r['methods'][m]['concept_top1'])} / {fmt(r['methods'][m]['concept_top10'])}")
     lines += ["", "Detection by the hub audit (`qbnorm hubs`, k = 10): recall of the crafted items within an alert "
               "budget of 0.2 % / 1 % of the gallery; crafted and natural items above the default threshold "
               f"{hubscore.DEFAULT_THRESHOLD:g}; crafted items whose nearest real item is as near as a real item's "
@@ -248,7 +251,7 @@ def tables(results: list[dict], baseline: dict, methods: list[str]) -> str:
                      f"{b['natural_max_score']:.1f} | {fmt(q.get('recall@0.2%'))} / {fmt(q.get('recall@1%'))} | "
                      f"{q.get('crafted_flagged', '–')} / {q.get('natural_flagged', '–')} | "
                      f"{fmt(r['not_an_outlier'])} % / {fmt(r['not_a_duplicate'])} % |")
-    return "\n".join(lines)
+    return "\n".join(lines[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
