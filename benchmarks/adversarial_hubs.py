@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="m ∈ {1, 10, 100} and every method")
     size.add_argument("--tiny", action="store_true", help="synthetic embeddings, a few seconds (smoke test)")
+    parser.add_argument("--methods", help="comma-separated methods instead (none, the baseline, is always run)")
     parser.add_argument("--json", metavar="OUT", help="write the figures as JSON")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -271,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         data, scale, counts = load(Path(args.data)), 1.0, ((1, 10, 100) if args.full else (10,))
     methods = list(SETTINGS) if args.full else list(DEFAULT_METHODS)
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(SETTINGS)
+        if unknown:
+            print(f"adversarial_hubs: --methods: unknown {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        methods = ["none", *[m for m in args.methods.split(",") if m != "none"]]
     baseline = clean(data, methods)
     kinds = KINDS if args.full or args.tiny else DEFAULT_KINDS
     results = [measure(kind, m, data, methods, scale) for kind in kinds for m in counts]
