@@ -2,7 +2,7 @@
 2412.14113), injected from embeddings alone, against raw retrieval, every method of qbnorm, and
 the hub audit (`qbnorm hubs` on the probe: the bank's view).
 
-    python -m benchmarks.adversarial_hubs [--data PATH] [--full | --tiny] [--json OUT]
+    python -m benchmarks.adversarial_hubs [--data PATH] [--full | --tiny] [--methods M,…] [--json OUT]
 
 Attacks (m crafted items appended to the gallery; the attacker knows queries of a split the bank
 never saw, `val_queries`, never the bank or the test queries):
