@@ -20,7 +20,7 @@ deviation, × 1.2533 (√(π/2)), stands in for it (the modified z-score of IBM 
 
 The default alert threshold is chosen from data (docs/security.md): on the honest Multi30k
 galleries the largest natural score is 3.6 (bank view at β = 20, N_k at k = 1 and 10), 4.9 at
-β = 100; every injected hub of benchmarks/adversarial_hubs.py scores above 8 in the bank view.
+β = 100; every injected hub of benchmarks/adversarial_hubs.py scores 7.3 or more in the bank view.
 """
 
 from __future__ import annotations
