@@ -16,6 +16,7 @@ from qbnorm_cli.api import (
     evaluate,
     export,
     hubness,
+    hubs,
     load_params,
     normalise,
     probe,
@@ -33,5 +34,5 @@ __version__ = VERSION
 __all__ = [
     "FORMAT_VERSION", "METHODS", "Cluster", "DataError", "Probe", "QbnormError", "QbnormWarning", "Ranking",
     "RuntimeFailure", "UsageError", "__version__", "build_bank", "convert", "evaluate", "export", "hubness",
-    "load_params", "normalise", "probe", "search", "tune",
+    "hubs", "load_params", "normalise", "probe", "search", "tune",
 ]

@@ -194,3 +194,17 @@ def test_serving_columns(tmp_path):
     lines = json.loads(out.read_text())
     assert lines[0]["variant"] == "qbnorm's c" and len(lines) == 6
     assert all(0 <= line[key] <= 1 for line in lines for key in ("SQ8 uniform", "PQ8", "HNSW32"))
+
+
+def test_adversarial_hubs(tmp_path):
+    """benchmarks/adversarial_hubs.py (issue 28) on synthetic embeddings: every attack, method and view."""
+    out = tmp_path / "adv.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.adversarial_hubs", "--tiny", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Attack success" in proc.stdout and "Detection by the hub audit" in proc.stdout
+    results = json.loads(out.read_text())
+    assert [r["kind"] for r in results["attacks"]] == ["centroid", "targeted", "mimic", "uncovered", "poisoned"]
+    for r in results["attacks"]:
+        assert set(r["methods"]) == set(results["methods"]) and 0 <= r["bank_view"]["recall@1%"] <= 100
+        assert r["methods"]["none"]["top1"] > 50  # the raw retrieval falls for them

@@ -52,6 +52,7 @@ def runs(d: Path, data: str) -> dict[str, tuple[list, list]]:
                      ["evaluate", d / "n.h5", d / "n.h5", "--gt", gt, "--fail-under", "R@1=0", "-o", d / "e.h5",
                       "--plot", d / "e.png"]),
         "hubness": (["hubness", d / "n.h5"], ["hubness", d / "n.h5", "-o", d / "h.h5", "--plot", d / "h.png"]),
+        "hubs": (["hubs", d / "probe.h5", d / "n.h5"], ["hubs", d / "probe.h5", d / "n.h5", "-o", d / "hubs.h5"]),
         "convert": (["convert", d / "sims.npy", "-o", d / "c1.h5"],
                     ["convert", d / "sims.npy", "-o", d / "c2.h5", "--kind", "similarity"]),
         "tune": (["tune", *val, "-o", d / "t1.json"], ["tune", *val, "-o", d / "t2.json", "--plot", d / "t.png"]),

@@ -2,6 +2,7 @@
 
 from qbnorm_cli.api.evaluation import evaluate, evaluation_report, hubness, hubness_report
 from qbnorm_cli.api.files import build_bank, convert
+from qbnorm_cli.api.hubs import hubs, hubs_report
 from qbnorm_cli.api.normalising import Written, normalise
 from qbnorm_cli.api.probing import probe
 from qbnorm_cli.api.serving import Exported, SearchResult, export, search
@@ -10,4 +11,5 @@ from qbnorm_cli.io.paramsfile import load_params
 from qbnorm_cli.streaming.cluster import Cluster
 
 __all__ = ["Cluster", "Exported", "SearchResult", "Written", "build_bank", "convert", "evaluate", "evaluation_report",
-           "export", "hubness", "hubness_report", "load_params", "normalise", "probe", "search", "tune"]
+           "export", "hubness", "hubness_report", "hubs", "hubs_report", "load_params", "normalise", "probe", "search",
+           "tune"]

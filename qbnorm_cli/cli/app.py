@@ -16,7 +16,7 @@ import typer
 import typer.core
 
 from qbnorm_cli import startup
-from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, normalise, probe, search, tune
+from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, hubs, normalise, probe, search, tune
 from qbnorm_cli.cli.options import DEFAULT_MAX_OUTPUT_TEXT, DEFAULT_MEMORY_TEXT, FLAG_NAMES, check_whole_numbers, flag
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
 from qbnorm_cli.io import atomic, limits, remote
@@ -128,6 +128,7 @@ COMMANDS = {
     "normalise": normalise.command,
     "evaluate": evaluate.command,
     "hubness": hubness.command,
+    "hubs": hubs.command,
     "convert": convert.command,
     "tune": tune.command,
     "export": export.command,

@@ -128,5 +128,5 @@ def check_output(output, nbytes: int, what: str) -> None:
     except OSError:
         return  # a directory that does not exist is the output check's to report
     if nbytes > free:
-        raise RuntimeFailure(f"{output}: the output would be {size_text(nbytes)} ({what}) but {directory} has "
-                             f"{size_text(free)} free: free space or write elsewhere")
+        raise RuntimeFailure(f"no space left on device writing {output}: the output would be {size_text(nbytes)} "
+                             f"({what}) but {directory} has {size_text(free)} free: free space or write elsewhere")

@@ -849,6 +849,49 @@ def _index_vectors() -> FileSchema:
     )
 
 
+# --- hubs: the hub audit (api/hubs.py) -----------------------------------------------------------
+
+def _hubs_relations(layout: Layout) -> None:
+    """One record per input; each input's N_k within what its queries can give; the flagged items
+    those whose score is above the recorded threshold."""
+    n = layout.dims.get("inputs")
+    records, names = layout.attrs.get("hubs"), layout.data_attrs.get("/hub_score", {}).get("rows")
+    for name, value in (("hubs", records), ("rows", names)):
+        if value is not None and len(value) != n:
+            raise Damaged(None if name == "hubs" else "/hub_score", f"attribute {name} lists {len(value)} inputs "
+                                                                     f"but /hub_score has {n}")
+    scores, counts = layout.values.get("/hub_score"), layout.values.get("/n_k")
+    k, threshold = layout.attrs.get("k"), layout.attrs.get("threshold")
+    if records is None or scores is None or counts is None:
+        return
+    for i, record in enumerate(records):
+        queries = record.get("queries") if isinstance(record, dict) else None
+        flagged = record.get("flagged") if isinstance(record, dict) else None
+        if not isinstance(queries, int) or not isinstance(flagged, list):
+            raise Damaged(None, f"attribute hubs: input {i} records no number of queries or flagged items")
+        row = counts[i]
+        if row.max(initial=0) > queries or (k is not None and int(row.sum()) > k * queries):
+            raise Damaged("/n_k", f"input {i}: the counts (largest {int(row.max(initial=0))}, sum {int(row.sum())}) "
+                                  f"exceed what {queries} queries can give")
+        if threshold is not None:
+            above = np.flatnonzero(scores[i] > threshold)
+            if sorted(v for v in flagged if isinstance(v, int)) != above.tolist() or len(flagged) != above.size:
+                raise Damaged("/hub_score", f"input {i}: attribute hubs flags {len(flagged)} items but {above.size} "
+                                            f"score above the threshold {threshold:g}")
+
+
+HUBS = FileSchema(
+    "hubs", "audit the hubs again",
+    attrs=(Attr("hubs", "json-list"), Attr("threshold", "number"), Attr("k", "int", low=1)),
+    datasets=(Data("/hub_score", ("<f8",), ("inputs", "G"),
+                   attrs=(Attr("rows", "json-strings"), Attr("description", "str")),
+                   values="finite", rows="input", cols="item"),
+              Data("/n_k", INTS, ("inputs", "G"), attrs=(Attr("description", "str"),),
+                   values="count", rows="input", cols="item")),
+    relations=(_hubs_relations,),
+)
+
+
 SCHEMAS: dict[str, FileSchema] = {
     "probe": _probe(),
     "similarity": _scores("similarity"),
@@ -875,5 +918,6 @@ SCHEMAS: dict[str, FileSchema] = {
         relations=(_hubness_relations,),
     ),
     "index-vectors": _index_vectors(),
+    "hubs": HUBS,
 }
 KINDS = tuple(SCHEMAS)

@@ -43,6 +43,7 @@ DEFAULT_DATASET = {
     "ranking": "/neighbors",
     "evaluation": "/ranks",
     "hubness": "/k_occurrence",
+    "hubs": "/hub_score",
 }
 # Root attributes that describe a file's stored orientation: not carried over to a transposed read.
 ORIENTED_ATTRS = ("gallery_rows", "gallery_identity")
