@@ -84,7 +84,8 @@ def not_offset_message(method: methods.Method) -> str:
 
 def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | None = None, k: int | None = None,
            gallery_beta: float | None = None, topk_mean: int | None = None, alpha: float | None = None,
-           min_count: int | None = None, lam: float | None = None, similarity: str | None = None,
+           min_count: int | None = None, lam: float | None = None, gamma: float | None = None,
+           mp: str | None = None, similarity: str | None = None,
            constant: float | None = None, format: str = "hdf5",
            index_type: str = "flat", hnsw_m: int = 32,
            ef_construction: int = 200, ef_search: int = 128, nlist: int | None = None, nprobe: int = 16,
@@ -142,7 +143,7 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
     given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha,
-             "min_count": min_count, "lam": lam}
+             "min_count": min_count, "lam": lam, "gamma": gamma, "mp": mp}
     values = methods.settings(spec, given, probe)
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")

@@ -47,6 +47,14 @@ Lam = Annotated[float | None, typer.Option(
     "--lambda", metavar="L",
     help=f"Weight λ of the mean bank embedding (default {methods.PARAMETERS['lam'].default:g}).")]
 
+Gamma = Annotated[float | None, typer.Option(
+    "--gamma", metavar="G",
+    help=f"nnn: exponent γ of the bank offset, S − α·b_j^γ (localized centering; default "
+         f"{methods.PARAMETERS['gamma'].default:g}).")]
+MpKind = Annotated[str | None, typer.Option(
+    "--mp", metavar="|".join(methods.PARAMETERS["mp"].choices),
+    help=f"mp: Gaussian fits or empirical distribution functions (default {methods.PARAMETERS['mp'].default}).")]
+
 DEFAULT_PROGRESS = "auto"
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
@@ -56,6 +64,7 @@ FLAGS = {
     "betas": "--beta",
     "gallery_betas": "--gallery-beta",
     "topk_means": "--topk-mean",
+    "methods": "--method",
     "accept_other_gallery": "--force",
     "lam": "--lambda",  # `lambda` is a Python keyword: the library says lam
     "scores": "SCORES",

@@ -44,9 +44,14 @@ class Parameter:
     minimum: float | None = None         # values must be ≥ this (> 0 when exclusive)
     exclusive: bool = False
     maximum: int | None = None           # whole numbers: at most this (what a file can record)
+    choices: tuple[str, ...] = ()        # a word (kind str): one of these
 
     def check(self, value):
         """The value as `kind`, or UsageError naming the parameter."""
+        if self.choices:
+            if value not in self.choices:
+                raise UsageError(f"{param(self.name)} {value!r}: choose one of {', '.join(self.choices)}")
+            return str(value)
         try:
             number = self.kind(value)
         except (TypeError, ValueError):
@@ -81,6 +86,10 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
               default=1, minimum=1, symbol="θ"),
     Parameter("lam", float, "weight λ of the mean bank embedding (Distribution Normalisation)", default=0.25,
               minimum=0, symbol="λ"),
+    Parameter("gamma", float, "exponent γ of the bank offset (localized centering: S − α·b_j^γ)", default=1.0,
+              minimum=0, symbol="γ"),
+    Parameter("mp", str, "how Mutual Proximity models a score's distribution: gauss (Gaussian fits) or empiric "
+              "(empirical distribution functions)", default="gauss", choices=("gauss", "empiric")),
 )}
 
 
@@ -96,6 +105,9 @@ class Needs:
     column_mean: bool = False       # mean_i P[i, j]
     sinkhorn: bool = False          # log u of the Sinkhorn scalings of P for its β
     dual_sinkhorn: bool = False     # log u of the Sinkhorn scalings of [P | PB] (the gallery's part)
+    column_std: bool = False        # std_i P[i, j]
+    centroid: bool = False          # ‖g_j − centroid of its K nearest bank queries‖² (bank and gallery embeddings)
+    gallery_moments: bool = False   # the gallery's mean vector and second-moment matrix (gallery embeddings)
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,11 @@ class Method:
     baseline: bool = False    # the raw scores through the same path
     default_method: bool = False  # what normalise, export and tune use when no method is named
     cost: str = ONE_PASS      # what probe and normalise pay for it
+    needs_of: Callable[[Mapping], Needs] | None = None  # needs that depend on parameter values
+
+    def needs_for(self, values: Mapping) -> Needs:
+        """What the probe must hold for these parameter values."""
+        return self.needs if self.needs_of is None else self.needs_of(values)
 
     def default(self, name: str):
         return self.defaults.get(name, PARAMETERS[name].default)
@@ -126,3 +143,13 @@ class Method:
 DEFAULT_BETA = 20.0          # for cosine similarities (QB-Norm's setting)
 DEFAULT_GALLERY_BETA = 1.0   # a gentle mean-score correction from the gallery bank
 KMAX_MIN = 10                # probe keeps at least this many top items per bank row
+
+
+def cosine_only(probe, name: str) -> None:
+    """Distances d = √(2 − 2s) need cosine similarities: refuse other scores in one line."""
+    if probe.attrs.get("similarity") == "cosine" or (probe.attrs.get("score_scale") == "cosine" and \
+            probe.attrs.get("similarity") == "precomputed"):
+        return
+    raise UsageError(f"{param('method')} {name}: its distances d = √(2 − 2s) need cosine similarities of "
+                     f"L2-normalised vectors, but {probe.label} holds {probe.attrs.get('similarity')} scores "
+                     f"({probe.attrs.get('score_scale', 'of unknown scale')}); probe with {param('similarity')} cosine")
