@@ -106,8 +106,8 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
         check_count(top_k, "top_k", n_gallery, "gallery size")
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
-    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha,
-             "min_count": min_count, "lam": lam, "gamma": gamma, "mp": mp}
+    given = dict(beta=beta, k=k, gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count,
+                 lam=lam, gamma=gamma, mp=mp)
     values = methods.settings(spec, given, probe)
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")
@@ -118,10 +118,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
                      f"{spec.name} leaves every row raw; lower {param('min_count')}")
 
     params = {
-        "method": spec.name, "beta": values.get("beta"), "k": k, "top_k": top_k,
-        "gallery_beta": values.get("gallery_beta"), "topk_mean": values.get("topk_mean"), "alpha": values.get("alpha"),
-        "min_count": values.get("min_count"), "lam": values.get("lam"), "gamma": values.get("gamma"),
-        "mp": values.get("mp"),
+        "method": spec.name, **{name: values.get(name) for name in methods.PARAMETERS}, "k": k, "top_k": top_k,
         "similarity": "precomputed" if sims is not None else similarity, "transpose": transpose, "dtype": dtype,
         "probe_uuid": probe.uuid, "memory": budget.memory, "block_rows": block_rows, **(extra_params or {}),
     }

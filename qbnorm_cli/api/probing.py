@@ -187,11 +187,12 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
     centroid_k = 0
     if request is not None and (request.centroid_ks or request.gallery_moments):
         if not isinstance(query_scores, EmbeddingScores):
-            what = "dsl" if request.centroid_ks else "mp"
+            what = ", ".join(m.name for m in request.methods if m.needs.centroid or m.needs.gallery_moments)
             raise UsageError(f"{param('methods')} {what}: needs the bank and gallery embeddings "
                              f"({param('bank')} and {param('gallery')}), not {param('bank_sims')}")
         if len(request.centroid_ks) > 1:
-            raise UsageError(f"{param('methods')} dsl: one {param('topk_mean')} per probe (got "
+            what = ", ".join(m.name for m in request.methods if m.needs.centroid)
+            raise UsageError(f"{param('methods')} {what}: one {param('topk_mean')} per probe (got "
                              f"{', '.join(map(str, request.centroid_ks))})")
         centroid_k = request.centroid_ks[0] if request.centroid_ks else 0
     column_moments = request is not None and request.column_std

@@ -76,10 +76,16 @@ def _as_probe(value) -> Probe:
     return value if isinstance(value, Probe) else Probe.load(value)
 
 
-def not_offset_message(method: methods.Method) -> str:
-    exportable = ", ".join(m.name for m in methods.METHODS.values() if not m.needs.sorted_bank)
+def not_offset_message(method: methods.Method, norm=None) -> str:
+    """Why `method` cannot be exported, in one line (`norm`: its normaliser, when built)."""
+    if norm is not None and norm.pairwise is not None:
+        return f"{param('method')} {method.name}: not exportable: {norm.pairwise.why_not_exportable}"
+    if norm is not None and norm.exportable:
+        return (f"{param('method')} {method.name}: scales each item's scores (a_j·S − b_j), and index exports "
+                f"store one scale; rank with normalise {param('top_k')} instead")
     return (f"{param('method')} {method.name}: not an offset method (its score depends on the rank of S[q, j] "
-            f"among each item's bank scores, which no inner-product index computes); export one of {exportable}")
+            f"among each item's bank scores, which no inner-product index computes); export an affine method "
+            f"(e.g. {methods.DEFAULT.name})")
 
 
 def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | None = None, k: int | None = None,
@@ -142,8 +148,8 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
                         f"pass {param('accept_other_gallery=True')} to use it anyway")
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
-    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha,
-             "min_count": min_count, "lam": lam, "gamma": gamma, "mp": mp}
+    given = dict(beta=beta, k=k, gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count,
+                 lam=lam, gamma=gamma, mp=mp)
     values = methods.settings(spec, given, probe)
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")
@@ -151,7 +157,7 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
         raise UsageError(f"{param('nlist')} {nlist}: larger than the gallery size ({n_gallery})")
     norm = methods.build(spec, probe, values)
     if not norm.affine:
-        raise UsageError(not_offset_message(spec))
+        raise UsageError(not_offset_message(spec, norm))
     found = _beta_warnings(probe, values)
     for message in found:
         warn(message)

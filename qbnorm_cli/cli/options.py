@@ -51,9 +51,10 @@ Gamma = Annotated[float | None, typer.Option(
     "--gamma", metavar="G",
     help=f"nnn: exponent γ of the bank offset, S − α·b_j^γ (localized centering; default "
          f"{methods.PARAMETERS['gamma'].default:g}).")]
+_KIND = next(p for p in methods.PARAMETERS.values() if p.choices)  # Mutual Proximity's distribution model
 MpKind = Annotated[str | None, typer.Option(
-    "--mp", metavar="|".join(methods.PARAMETERS["mp"].choices),
-    help=f"mp: Gaussian fits or empirical distribution functions (default {methods.PARAMETERS['mp'].default}).")]
+    f"--{_KIND.name}", metavar="|".join(_KIND.choices),
+    help=f"Mutual Proximity: Gaussian fits or empirical distribution functions (default {_KIND.default}).")]
 
 DEFAULT_PROGRESS = "auto"
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
