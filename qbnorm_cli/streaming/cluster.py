@@ -818,6 +818,9 @@ def _rank_task(spec: dict, recipe: dict, shipped: dict, ranges: list[tuple[int, 
 def run_normalise(session: Session, scores, norm: Normaliser, budget: Budget, top_k: int | None = None,
                   progress=None, dtype=np.float64) -> Iterator[tuple[int, tuple]]:
     """engine.run_normalise on the cluster: the same blocks in the same order, bit for bit."""
+    if norm.pairwise is not None:
+        raise UsageError(f"{param('cluster')}: a pairwise score (its row statistics come before its blocks) runs "
+                         "here only: leave out the cluster")
     shared_data: dict = {}
     recipe = _recipe(session, scores, shared_data)
     n_rows, n_cols = scores.n_rows, scores.n_cols

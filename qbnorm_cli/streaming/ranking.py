@@ -595,13 +595,18 @@ def run_pairwise_ranking(scores: ScoreSource, norm: Normaliser, budget: Budget, 
         values, indices, _ = rank_rows(scores, raw, plan, q0, q1, progress, tiling, trace)
         top_values, top_indices, sure = _pairwise_top(norm, values, indices, queries_of(q0, q1), n_cols, top_k)
         more = wanted
+        threaded = parallel.threads_for(math.ceil((q1 - q0) / plan.geom.rows))
         while not sure.all():
+            # rare: the row tiles holding such rows again, with more candidates (a row tile's products
+            # are its own: the same scores as the first time, so the same η as dense output)
             more = min(n_cols, 2 * more)
-            for r in np.flatnonzero(~sure):  # rare: one row at a time, against the whole gallery
-                redo_plan = ranking_plan(scores, raw, budget, more, tiling)
-                v, i, _ = rank_rows(scores, raw, redo_plan, q0 + r, q0 + r + 1, None, tiling, trace)
-                tv, ti, ok = _pairwise_top(norm, v, i, queries_of(q0 + r, q0 + r + 1), n_cols, top_k)
-                top_values[r], top_indices[r], sure[r] = tv[0], ti[0], ok[0]
+            wider = ranking_plan(scores, raw, budget, more, tiling)
+            for t in np.unique(np.flatnonzero(~sure) // plan.geom.rows):
+                a, b = t * plan.geom.rows, min((t + 1) * plan.geom.rows, q1 - q0)
+                v, i, _ = rank_rows(scores, raw, wider, q0 + a, q0 + b, None, tiling, trace, threaded)
+                tv, ti, ok = _pairwise_top(norm, v, i, queries_of(q0 + a, q0 + b), n_cols, top_k)
+                redo = ~sure[a:b]
+                top_values[a:b][redo], top_indices[a:b][redo], sure[a:b][redo] = tv[redo], ti[redo], ok[redo]
                 if trace is not None:
-                    trace.count("recomputed_rows")
+                    trace.count("recomputed_rows", int(redo.sum()))
         yield q0, (top_values, top_indices, np.ones(q1 - q0, dtype=bool))
