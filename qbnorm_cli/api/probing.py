@@ -190,11 +190,7 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
             what = ", ".join(m.name for m in request.methods if m.needs.centroid or m.needs.gallery_moments)
             raise UsageError(f"{param('methods')} {what}: needs the bank and gallery embeddings "
                              f"({param('bank')} and {param('gallery')}), not {param('bank_sims')}")
-        if len(request.centroid_ks) > 1:
-            what = ", ".join(m.name for m in request.methods if m.needs.centroid)
-            raise UsageError(f"{param('methods')} {what}: one {param('topk_mean')} per probe (got "
-                             f"{', '.join(map(str, request.centroid_ks))})")
-        centroid_k = request.centroid_ks[0] if request.centroid_ks else 0
+        centroid_k = max(request.centroid_ks, default=0)
     column_moments = request is not None and request.column_std
     query_acc = BankAccumulator(query_scores.n_rows, n_gallery, np.array(betas), kmax, ks, keep_sorted,
                                 column_moments=column_moments, neighbor_k=centroid_k)
@@ -259,8 +255,7 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
                 clustering.run_probe(session, banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
         datasets = statistics(query_acc, gallery_acc, k)
         if centroid_k:
-            datasets["/centroid_distance"] = Stored(
-                centroid_distances(query_scores, query_acc.column_topk_index), {"k": centroid_k})
+            datasets.update(centroid_statistics(query_scores, query_acc.column_topk_index, request.centroid_ks))
         if request is not None and request.gallery_moments:
             mean, moment = gallery_moments(query_scores.cols)
             datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
@@ -361,18 +356,21 @@ def method_needs(names, topk_means) -> MethodNeeds | None:
 GALLERY_BLOCK = 4096  # gallery rows per step of the centroid distances and moments
 
 
-def centroid_distances(scores: EmbeddingScores, neighbors: np.ndarray) -> np.ndarray:
-    """‖g_j − c(g_j)‖², c(g_j) the mean of the bank embeddings at neighbors[j] (DisSimLocal; float64)."""
-    n_gallery, k = neighbors.shape
-    out = np.empty(n_gallery)
+def centroid_statistics(scores: EmbeddingScores, neighbors: np.ndarray, ks) -> dict[str, Stored]:
+    """The probe's /centroid_distance: ‖g_j − c_K(g_j)‖² for each K of `ks`, c_K(g_j) the mean of the
+    bank embeddings at the first K of neighbors[j] (each item's bank rows best first; float64)."""
+    n_gallery, width = neighbors.shape
+    ks = [min(k, width) for k in ks]
+    out = np.empty((len(ks), n_gallery))
     for c0 in range(0, n_gallery, GALLERY_BLOCK):
         c1 = min(c0 + GALLERY_BLOCK, n_gallery)
         gallery = scores.cols.rows_of(slice(c0, c1)).astype(np.float64)
         wanted, where = np.unique(neighbors[c0:c1].ravel(), return_inverse=True)
-        bank = scores.rows.rows_of(wanted).astype(np.float64)
-        centroid = bank[where].reshape(c1 - c0, k, -1).mean(axis=1)
-        out[c0:c1] = np.einsum("ij,ij->i", gallery - centroid, gallery - centroid)
-    return out
+        bank = scores.rows.rows_of(wanted).astype(np.float64)[where].reshape(c1 - c0, width, -1)
+        for row, k in enumerate(ks):
+            centroid = bank[:, :k].mean(axis=1)
+            out[row, c0:c1] = np.einsum("ij,ij->i", gallery - centroid, gallery - centroid)
+    return {"/centroid_distance": Stored(out, {"ks": np.asarray(ks, dtype=np.int64)})}
 
 
 def gallery_moments(gallery) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,9 @@ Datasets (G = gallery size, N = bank rows, Nh = gallery-bank rows):
   /topk_kth, /topk_distance  (n_ks, G) float64, attr ks: the K-th largest P[:, j] (Local Scaling's σ_j
                           = √(2 − 2·it)) and the mean of √(2 − 2·P) over the K largest (NICDM's μ_j)
   /column_std             (G,) float64, optional: std_i P[i, j] (Mutual Proximity's σ_j)
-  /centroid_distance      (G,) float64, attr k, optional: ‖g_j − c_k(g_j)‖², c_k the centroid of the
-                          k bank queries nearest g_j (DisSimLocal; needs bank and gallery embeddings)
+  /centroid_distance      (n_centroid_ks, G) float64, attr ks, optional: ‖g_j − c_K(g_j)‖², c_K the
+                          centroid of the K bank queries nearest g_j (DisSimLocal; needs bank and
+                          gallery embeddings)
   /gallery_mean, /gallery_second_moment  (d,), (d, d) float64, optional: ḡ = mean_j g_j and
                           M = mean_j g_j g_jᵀ of the (L2-normalised) gallery, whence a query's mean and
                           variance over the gallery: μ_q = q·ḡ, σ_q² = qᵀMq − μ_q² (Mutual Proximity)
@@ -264,11 +265,7 @@ class Probe:
         if not self._has("/centroid_distance"):
             raise UsageError(f"{self.label}: the probe has no bank-centroid distances; probe again from bank and "
                              f"gallery embeddings with {param('methods')} dsl and {param('topk_mean')} {k}")
-        have = int(self._attr("/centroid_distance", "k"))
-        if have != k:
-            raise UsageError(f"{param('topk_mean')} {k}: {self.label} has bank-centroid distances for k={have}; "
-                             f"probe again with {param('methods')} dsl and {param('topk_mean')} {k}")
-        return np.asarray(self._read("/centroid_distance"), dtype=np.float64)
+        return self._pick("/centroid_distance", "ks", k, "topk_mean", "topk_means")
 
     def gallery_moments(self) -> tuple[np.ndarray, np.ndarray]:
         """(ḡ, M): the gallery's mean vector and second-moment matrix (Mutual Proximity's μ_q, σ_q)."""

@@ -251,8 +251,8 @@ class ProbeRequest:
 
 
 def label(method: Method, values: Mapping) -> str:
-    """A setting as people read it: `dis β=20 k=1`."""
+    """A setting as people read it: `dis β=20 k=1` (a word parameter as itself: `mp empiric`)."""
     parts = ["raw" if method.baseline else method.name]
-    parts += [f"{PARAMETERS[name].shown}={values[name]:g}" if not PARAMETERS[name].choices else
-              f"{PARAMETERS[name].shown}={values[name]}" for name in PARAMETERS if name in values]
+    parts += [str(values[name]) if PARAMETERS[name].choices else f"{PARAMETERS[name].shown}={values[name]:g}"
+              for name in PARAMETERS if name in values]
     return " ".join(parts)
