@@ -1,5 +1,6 @@
-# make demo: set up a virtual environment and run the pipeline on sample_data/ (figures in demo_out/)
-# make test: set up and run the test suite
+# make demo: set up a virtual environment (the core and the plot extra) and run the pipeline on
+#            sample_data/ (figures in demo_out/)
+# make test: set up with every extra and run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,16 +9,25 @@ OUT := demo_out
 
 .PHONY: setup demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml examples/qbnorm-softened-is/pyproject.toml
+# One venv, two stamps: the demo installs only what it runs (the core and matplotlib), the test suite
+# every extra (CI runs their tests); `make test` after `make demo` upgrades the venv to all extras.
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,plot,faiss,lancedb,dask]'  # every extra: CI runs their tests
-	$(BIN)/python -m pip install --quiet --no-deps -e examples/qbnorm-softened-is  # the example plug-in (tests/test_plugins.py)
 	touch $@
 
-setup: $(VENV)/.installed
+$(VENV)/.demo: pyproject.toml $(VENV)/.created
+	$(BIN)/python -m pip install --quiet -e '.[plot]'
+	touch $@
 
-demo: setup
+$(VENV)/.all: pyproject.toml examples/qbnorm-softened-is/pyproject.toml $(VENV)/.created
+	$(BIN)/python -m pip install --quiet -e '.[test,plot,faiss,lancedb,dask]'
+	$(BIN)/python -m pip install --quiet --no-deps -e examples/qbnorm-softened-is  # the example plug-in (tests/test_plugins.py)
+	touch $@ $(VENV)/.demo
+
+setup: $(VENV)/.all
+
+demo: $(VENV)/.demo
 	rm -rf $(OUT) && mkdir -p $(OUT)
 	$(BIN)/qbnorm build-bank $(SAMPLE)::/train_queries -o $(OUT)/bank.h5 --strategy all
 	$(BIN)/qbnorm probe --bank $(OUT)/bank.h5 --gallery $(SAMPLE)::/gallery -o $(OUT)/probe.h5 --beta 20 --k 1

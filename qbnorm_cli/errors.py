@@ -16,6 +16,8 @@ keyword (`beta 7: …`), the CLI as its flag (`--beta 7: …`), from one message
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping
 
 EXIT_OK = 0
@@ -86,3 +88,35 @@ def plain_text(message: str) -> str:
 def one_line(exc: BaseException) -> str:
     """Another library's exception text as one line (messages here are always one line)."""
     return " ".join(str(exc).split())
+
+
+DISTRIBUTION = "qbnorm"
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs the optional extra `extra` (plot, faiss, lancedb, dask, …) for the
+    way qbnorm was installed: from a clone (pip's direct_url.json, PEP 610: an editable install, or
+    one from a local directory) the clone's path, else the package index's name."""
+    source, editable = _installed_from()
+    if source is None:
+        return f"pip install '{DISTRIBUTION}[{extra}]'"
+    return f"pip install {'-e ' if editable else ''}'{source}[{extra}]'"
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_from() -> tuple[str | None, bool]:
+    """(the local directory qbnorm was installed from, whether editably), or (None, False) for an
+    install from an index (or when the metadata says nothing)."""
+    from importlib import metadata  # on first use: only a failing run needs it, and it costs every start
+    from urllib.parse import unquote, urlparse
+
+    try:
+        text = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+        record = json.loads(text) if text else {}
+    except (metadata.PackageNotFoundError, ValueError, OSError):
+        return None, False
+    url = record.get("url") if isinstance(record, dict) else None
+    dir_info = record.get("dir_info") if isinstance(record, dict) else None
+    if not (isinstance(url, str) and url.startswith("file:") and isinstance(dir_info, dict)):
+        return None, False
+    return unquote(urlparse(url).path), bool(dir_info.get("editable"))

@@ -20,12 +20,11 @@ from pathlib import Path
 
 from qbnorm_cli import methods as registry
 from qbnorm_cli.core.metrics import LOWER_IS_BETTER
-from qbnorm_cli.errors import RuntimeFailure, UsageError, param
+from qbnorm_cli.errors import RuntimeFailure, UsageError, install_hint, param
 from qbnorm_cli.io.atomic import check_target, write_with
 from qbnorm_cli.version import VERSION
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
-EXTRA = "pip install 'qbnorm[plot]'"
 # One colour per method in registry order (the baseline first, black), then spares for other names:
 # Okabe & Ito, "Color universal design" (2008), extended with Tol's muted set.
 PALETTE = ("#000000", "#56B4E9", "#0072B2", "#E69F00", "#009E73", "#999999", "#CC79A7", "#882255", "#D55E00",
@@ -51,7 +50,7 @@ def _figure_class(what: str):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise RuntimeFailure(f"{what} needs matplotlib: {EXTRA}") from None
+        raise RuntimeFailure(f"{what} needs matplotlib: {install_hint('plot')}") from None
     return Figure
 
 

@@ -15,7 +15,7 @@ def test_default_memory_agrees_with_the_library():
 
 @pytest.mark.parametrize(("spelling", "flag"), [
     ("beta", "--beta"), ("gallery_beta", "--gallery-beta"), ("betas", "--beta"), ("topk_means", "--topk-mean"),
-    ("force=True", "--force"), ("accept_other_gallery=True", "--force"), ("similarity='dot'", "--similarity dot"),
+    ("force=True", "--force"), ("accept_mismatch=True", "--accept-mismatch"), ("similarity='dot'", "--similarity dot"),
     ("method='dis'", "--method dis"), ("keep_sorted=True", "--keep-sorted"), ("scores", "SCORES"),
 ])
 def test_flags(spelling, flag):

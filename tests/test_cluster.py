@@ -29,6 +29,7 @@ from helpers import KillWorker, KillWorkerOnce, RemoveFile, leftovers, wait_for_
 
 import qbnorm_cli
 from qbnorm_cli.cli import main
+from qbnorm_cli.errors import install_hint
 from qbnorm_cli.streaming.cluster import local_cluster
 
 slow = pytest.mark.slow
@@ -144,7 +145,7 @@ def test_a_missing_extra_is_one_line_naming_it(cli, data, tmp_path, monkeypatch)
     code, _, err = cli("probe", "--bank", emb(data, "bank"), "--gallery", emb(data, "gallery"), "-o",
                        tmp_path / "p.h5", "--cluster", "local:2")
     assert code == 1
-    assert err == "qbnorm: error: --cluster needs dask.distributed: pip install 'qbnorm[dask]'\n"
+    assert err == f"qbnorm: error: --cluster needs dask.distributed: {install_hint('dask')}\n"
     assert not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
 
 

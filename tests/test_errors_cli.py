@@ -278,8 +278,8 @@ def test_probe_from_another_gallery(capsys, made, tmp_path):
     out = tmp_path / "out.h5"
     other = f"{made.emb}::/other_gallery"
     assert_refused(run(capsys, *normalise(made, out, gallery=other)), 3, made.probe, "another gallery",
-                   "--force", out=out)
-    ok(capsys, *normalise(made, out, "--force", gallery=other))
+                   "--accept-mismatch", out=out)
+    ok(capsys, *normalise(made, out, "--accept-mismatch", gallery=other))
     assert out.exists()
 
 

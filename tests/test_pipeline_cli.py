@@ -284,11 +284,12 @@ def test_probe_from_other_gallery_is_refused(e2e, cli, tmp_path):
     assert "another gallery" in err and err.count("\n") == 1
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
-    cli.ok(*args, "--force")
+    assert cli(*args, "--force")[0] == 3  # --force only overwrites
+    cli.ok(*args, "--accept-mismatch")
     assert out.exists()
-    # a gallery of another size is refused even with --force
+    # a gallery of another size is refused even with --accept-mismatch
     args[4] = f"{e2e['data']}::/small_gallery"
-    code, _, err = cli(*args, "--force")
+    code, _, err = cli(*args, "--accept-mismatch", "--force")
     assert code == 3 and "20 rows" in err
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from helpers import leftovers
 
 import qbnorm_cli
 from qbnorm_cli import RuntimeFailure, plots
+from qbnorm_cli.errors import install_hint
 
 pytest.importorskip("matplotlib", reason="the plot extra (make setup installs it)")
 
@@ -170,11 +172,11 @@ def test_the_library_figures_leave_matplotlib_as_they_found_it(scores):
 def test_a_missing_extra_is_one_line_naming_it(cli, scores, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(RuntimeFailure, match=r"hubness_figure needs matplotlib: pip install 'qbnorm\[plot\]'"):
+    with pytest.raises(RuntimeFailure, match=re.escape(f"hubness_figure needs matplotlib: {install_hint('plot')}")):
         plots.hubness_figure(qbnorm_cli.hubness(str(scores / "raw.h5")))
     out = tmp_path / "hub.png"
     code, stdout, err = cli("hubness", scores / "raw.h5", "--plot", out, "--json")
     assert code == 1 and stdout == "" and not out.exists()
-    assert err.strip().splitlines() == ["qbnorm: error: hubness --plot needs matplotlib: pip install 'qbnorm[plot]'"]
+    assert err.strip().splitlines() == [f"qbnorm: error: hubness --plot needs matplotlib: {install_hint('plot')}"]
     assert json.loads(cli.ok("hubness", scores / "raw.h5", "--json"))["inputs"]   # the rest needs no matplotlib
     assert np.isfinite(qbnorm_cli.evaluate(str(scores / "raw.h5"), f"{SAMPLE}::/gt")["metrics"]["R@1"])

@@ -238,4 +238,4 @@ def test_tune_searches_sn_dbsn_dn_and_params_apply(cli, tmp_path):
     assert best["method"] in ("sn", "dbsn", "dn", "dis")
     code, _, err = cli("probe", "--params", tmp_path / "dbsn.json", "--bank", f"{SPEC}/train_queries",
                        "--gallery", f"{SPEC}/gallery", "-o", tmp_path / "nope.h5")
-    assert code == 2 and "dbsn needs --gallery-bank (or --bank-gallery-bank-sims)" in err
+    assert code == 2 and "(dbsn) was tuned with --gallery-bank" in err and "add --gallery-bank " in err

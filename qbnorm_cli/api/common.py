@@ -44,6 +44,18 @@ def check_count(value: int, name: str, upper: int, what: str) -> int:
     return value
 
 
+def other_gallery(probe, identity: str | None, label: str, accept_mismatch: bool) -> str | None:
+    """A probe made from another gallery than `identity` (same size, other data) is refused, or with
+    `accept_mismatch` used anyway: then the warning to issue and record (None when they agree)."""
+    probed = probe.attrs.get("gallery_identity")
+    if not (probed and identity and probed != identity):
+        return None
+    message = f"{probe.label} was made from another gallery than {label} (identity differs)"
+    if not accept_mismatch:
+        raise DataError(f"{message}; pass {param('accept_mismatch=True')} to use it anyway")
+    return f"{message}; used anyway ({param('accept_mismatch=True')})"
+
+
 def embeddings(value, name: str) -> ArrayInput:
     return as_input(value, name, kinds=EMBEDDING_KINDS)
 

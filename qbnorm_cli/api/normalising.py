@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_choice, check_count, clustered, progress_or_none, score_source, warn
+from qbnorm_cli.api.common import (
+    check_choice,
+    check_count,
+    clustered,
+    other_gallery,
+    progress_or_none,
+    score_source,
+    warn,
+)
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, param, plain_text
@@ -52,7 +60,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
               lam: float | None = None, gamma: float | None = None, mp: str | None = None,
               top_k: int | None = None, sims=None, transpose: bool = False,
               similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
-              block_rows: int | None = None, output=None, force: bool = False, accept_other_gallery: bool = False,
+              block_rows: int | None = None, output=None, force: bool = False, accept_mismatch: bool = False,
               progress=None, provenance: str | None = None, extra_params: dict | None = None,
               tuned: dict | None = None, cluster=None):
     """Normalise query × gallery similarities with a probe's statistics (`method`: see
@@ -97,10 +105,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
         raise DataError(f"{columns.label} has {columns.rows} rows but {probe.label} was made from a gallery "
                         f"of {n_gallery}")
     identity = columns.attrs.get("gallery_identity") if sims is not None else columns.identity
-    probed_identity = probe.attrs.get("gallery_identity")
-    if probed_identity and identity and probed_identity != identity and not accept_other_gallery:
-        raise DataError(f"{probe.label} was made from another gallery than {columns.label} (identity differs); "
-                        f"pass {param('accept_other_gallery=True')} to use it anyway")
+    mismatch = other_gallery(probe, identity, columns.label, accept_mismatch)
 
     if top_k is not None:
         check_count(top_k, "top_k", n_gallery, "gallery size")
@@ -112,6 +117,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")
     found, score_scale = _scale_warnings(probe, spec, values, scores)
+    found = [w for w in (mismatch, *found) if w]
     norm = methods.build(spec, probe, values)
     if norm.gate is not None and not norm.gate.any():
         found.append(f"no gallery item is in the top-{k} of {values.get('min_count', 1)} or more bank queries: "

@@ -15,7 +15,7 @@ from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io.atomic import OutputFile
-from qbnorm_cli.io.paramsfile import tuned_on_warning
+from qbnorm_cli.io.paramsfile import other_banks, tuned_on_warning
 from qbnorm_cli.io.probefile import SORTED, Probe, Stored, sinkhorn_statistics, statistics, write_attrs
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget
@@ -195,6 +195,7 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
     query_acc = BankAccumulator(query_scores.n_rows, n_gallery, np.array(betas), kmax, ks, keep_sorted,
                                 column_moments=column_moments, neighbor_k=centroid_k)
     banks = [(query_scores, query_acc)]
+    given_banks = {"bank": ("bank_sims" if bank_sims is not None else "bank", inputs[0])}  # role: option, input
 
     gallery_acc = None
     one_of(gallery_bank, gallery_bank_sims, "gallery_bank", "gallery_bank_sims")
@@ -203,6 +204,7 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
         if hsims.cols != n_gallery:
             raise DataError(f"{hsims.label} has {hsims.cols} columns but the gallery has {n_gallery} items")
         inputs.append(hsims)
+        given_banks["gallery_bank"] = ("gallery_bank_sims", hsims)
         gallery_scores = MatrixScores(hsims)
     elif gallery_bank is not None:
         if gallery_emb is None:
@@ -212,6 +214,7 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
             gallery_bank, None, None, rows_name="gallery_bank", cols_name="gallery", sims_name="gallery_bank_sims",
             similarity=similarity, budget=budget, what="probe", cols_embeddings=gallery_emb, eager=cluster is None)
         inputs += more
+        given_banks["gallery_bank"] = ("gallery_bank", more[0])
     if gallery_bank is not None or gallery_bank_sims is not None:
         gallery_acc = BankAccumulator(gallery_scores.n_rows, n_gallery, np.array(gallery_betas), kmax)
         banks.append((gallery_scores, gallery_acc))
@@ -219,6 +222,8 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
     if sinkhorn_settings is not None:
         cross_scores = cross_bank_scores(query_scores, gallery_scores if gallery_acc else None,
                                          bank_gallery_bank_sims, inputs)
+        if bank_gallery_bank_sims is not None and cross_scores is not None:
+            given_banks["bank_gallery_bank"] = ("bank_gallery_bank_sims", inputs[-1])
 
     params = {
         "betas": betas, "k": k, "kmax": kmax, "topk_mean": list(ks), "keep_sorted": keep_sorted,
@@ -284,6 +289,9 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
         found.append(coverage_warning(diagnostics, n_gallery, param(f"method={registry.DEFAULT.name!r}")))
         if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
             found.append(tuned_on_warning(tuned["path"], tuned, [i.describe() for i in inputs[1:2]]))
+        if tuned is not None:
+            found += other_banks(tuned, {role: (option, item.describe())
+                                         for role, (option, item) in given_banks.items()})
         found = [w for w in found + sinkhorn_found if w]
         if out is not None:
             for name, stored in datasets.items():

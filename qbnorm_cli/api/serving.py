@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from qbnorm_cli import methods
-from qbnorm_cli.api.common import check_choice, check_count, embeddings, progress_or_none, warn
+from qbnorm_cli.api.common import check_choice, check_count, embeddings, other_gallery, progress_or_none, warn
 from qbnorm_cli.api.normalising import Written
 from qbnorm_cli.core import augmented, scale
 from qbnorm_cli.core.normalisers import Normaliser
@@ -96,7 +97,7 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
            index_type: str = "flat", hnsw_m: int = 32,
            ef_construction: int = 200, ef_search: int = 128, nlist: int | None = None, nprobe: int = 16,
            memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None, force: bool = False,
-           accept_other_gallery: bool = False, progress=None, provenance: str | None = None,
+           accept_mismatch: bool = False, progress=None, provenance: str | None = None,
            extra_params: dict | None = None) -> Exported:
     """The augmented gallery vectors that serve `method`'s normalised ranking from an
     inner-product index, with the query-side recipe.
@@ -127,6 +128,8 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
         _check_positive(nlist, "nlist")
     if output is None and format != "hdf5":
         raise UsageError(f"{param('format')} {format}: writes files; give {param('output')}")
+    if output is not None and format != "hdf5":
+        _check_directory_name(output, format)
     if spec.needs.sorted_bank:
         raise UsageError(not_offset_message(spec))
     if constant is not None and not (isinstance(constant, (int, float)) and np.isfinite(constant) and constant > 0):
@@ -142,10 +145,7 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
         raise DataError(f"{source.label} has {source.rows} rows but {probe.label} was made from a gallery "
                         f"of {n_gallery}")
     identity = source.identity
-    probed_identity = probe.attrs.get("gallery_identity")
-    if probed_identity and identity and probed_identity != identity and not accept_other_gallery:
-        raise DataError(f"{probe.label} was made from another gallery than {source.label} (identity differs); "
-                        f"pass {param('accept_other_gallery=True')} to use it anyway")
+    mismatch = other_gallery(probe, identity, source.label, accept_mismatch)
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
     given = dict(beta=beta, k=k, gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count,
@@ -158,7 +158,7 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     norm = methods.build(spec, probe, values)
     if not norm.affine:
         raise UsageError(not_offset_message(spec, norm))
-    found = _beta_warnings(probe, values)
+    found = [w for w in (mismatch, *_beta_warnings(probe, values)) if w]
     for message in found:
         warn(message)
 
@@ -178,6 +178,7 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
                               "automatic_constant": chosen, "coordinate_rms": rms, "coordinate_max": widest,
                               "x_std": float(np.std(shift) / constant), "x_max": float(np.abs(shift).max() / constant)
                               if shift.size else 0.0}
+    recipe["warnings"] = [plain_text(w) for w in found]  # recorded with the export, as every output records them
 
     def blocks():
         with progress_or_none(progress)("export", n_gallery, unit="rows") as advance:
@@ -202,6 +203,17 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
                                      options=options, train=train, force=force, inputs=inputs, params=params,
                                      provenance=provenance)
     return Exported(written, None, gate, str(output), tuple(found), tuple(inputs))
+
+
+# Names that look like one file: a directory export named so (`-o dis.npy`) misleads whoever reads it.
+FILE_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".hdf", ".json", ".pkl", ".pickle", ".faiss", ".parquet", ".csv")
+
+
+def _check_directory_name(output, format: str) -> None:
+    path = Path(str(output))
+    if path.suffix.lower() in FILE_SUFFIXES:
+        raise UsageError(f"{output}: {param('format')} {format} writes a directory, not a {path.suffix} file; "
+                         f"name it without a file suffix, e.g. {path.with_name(path.stem + '_' + format)}")
 
 
 def _check_positive(value, name: str) -> None:

@@ -218,8 +218,13 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     validation = {role: {**item.describe(), "path": str(Path(item.path).resolve()) if item.path else None}
                   for role, item in inputs.items()}
     found = [w for w in found if w]
+    given = {"bank": "bank_sims" if bank_sims is not None else "bank",
+             "gallery_bank": "gallery_bank_sims" if gallery_bank_sims is not None else "gallery_bank",
+             "bank_gallery_bank": "bank_gallery_bank_sims"}
+    banks = {role: {"option": option, **validation[role]} for role, option in given.items() if role in validation}
     document = params_document(best["setting"], best["metrics"], raw, metric_name, validation, full_stats,
-                               scale_name, ranked, len(settings), provenance, [plain_text(w) for w in found])
+                               scale_name, ranked, len(settings), provenance, [plain_text(w) for w in found],
+                               banks)
     for message in found:
         warn(message)
     if output is not None:
@@ -272,14 +277,14 @@ def _metric_values(result: dict) -> dict:
 
 def params_document(setting: Setting, result: dict, raw: dict, metric: str, validation: dict, stats,
                     scale_name: str, ranked: list[dict], evaluated: int, provenance: str | None,
-                    warnings: list[str] = ()) -> dict:
+                    warnings: list[str] = (), banks: dict | None = None) -> dict:
     return {
         "qbnorm_kind": PARAMS_KIND, "qbnorm_version": FORMAT_VERSION, "created_by": f"qbnorm {VERSION}",
         "created_at": created_now(), "command": provenance or "qbnorm_cli.tune (Python)",
         **setting.as_dict(),
         "metric": metric, "metrics": _metric_values(result), "raw_metrics": _metric_values(raw),
         "score_scale": scale_name, "scores": stats.as_dict(),
-        "validation": validation, "settings_evaluated": evaluated,
+        "validation": validation, "banks": banks or {}, "settings_evaluated": evaluated,
         "candidates": [{**row["setting"].as_dict(), "metrics": _metric_values(row["metrics"])}
                        for row in ranked[:TOP_CANDIDATES]],
         "warnings": list(warnings),

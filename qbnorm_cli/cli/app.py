@@ -10,8 +10,10 @@ import functools
 import os
 import signal
 import sys
+from collections import Counter
 
 import typer
+import typer.core
 
 from qbnorm_cli import startup
 from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, normalise, probe, search, tune
@@ -155,6 +157,24 @@ def _usage_error(exc: _ParseError) -> int:
     return exc.exit_code
 
 
+def _given_once(command) -> None:
+    """One rule for every option that takes one value: given twice, it is a usage error (click lets
+    the last one win silently: `--k 1 --k 5` ran with k = 5). Repeatable options say so in their help."""
+    parse_args = command.parse_args
+
+    def checked(ctx, args):
+        _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+        counts = Counter(p for p in order if isinstance(p, typer.core.TyperOption) and not p.multiple
+                         and not p.is_flag and not p.count)
+        for option, times in counts.items():
+            if times > 1:
+                raise typer.BadParameter(f"given {times} times; it takes one value: give it once",
+                                         ctx=ctx, param=option)
+        return parse_args(ctx, args)
+
+    command.parse_args = checked
+
+
 _COMMAND: list = []
 
 
@@ -162,7 +182,10 @@ def _click_command():
     """The app as a click command, built once (typer rebuilds it from the signatures on every call:
     50 ms, which tests and notebooks calling main() many times would pay each time)."""
     if not _COMMAND:
-        _COMMAND.append(typer.main.get_command(app))
+        command = typer.main.get_command(app)
+        for sub in command.commands.values():
+            _given_once(sub)
+        _COMMAND.append(command)
     return _COMMAND[0]
 
 

@@ -40,6 +40,7 @@ def command(
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
     force: options.Force = False,
+    accept_mismatch: options.AcceptMismatch = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
     progress_mode: options.Progress = options.DEFAULT_PROGRESS,
@@ -64,7 +65,7 @@ def command(
         exported = api.export(
             probed, gallery, **chosen, similarity=similarity, constant=constant, format=format, index_type=index_type,
             hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
-            memory=memory, block_rows=block_rows, output=output, force=force, accept_other_gallery=force,
+            memory=memory, block_rows=block_rows, output=output, force=force, accept_mismatch=accept_mismatch,
             progress=report.progress, provenance=options.provenance(ctx), extra_params={"params_file": params_file})
     recipe = exported.recipe
     gate = f"; gate on {100 * recipe['gate_share']:.1f}% of the items" if recipe["gated"] else ""

@@ -38,6 +38,7 @@ def command(
     block_rows: options.BlockRows = None,
     cluster: options.Cluster = None,
     force: options.Force = False,
+    accept_mismatch: options.AcceptMismatch = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
     progress_mode: options.Progress = options.DEFAULT_PROGRESS,
@@ -65,7 +66,7 @@ def command(
         written = api.normalise(
             queries, gallery, probed, **chosen, top_k=top_k, sims=sims, transpose=transpose, similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows,
             output=output, force=force,
-            accept_other_gallery=force, progress=report.progress, provenance=options.provenance(ctx),
+            accept_mismatch=accept_mismatch, progress=report.progress, provenance=options.provenance(ctx),
             extra_params={"params_file": params_file}, tuned=tuned, cluster=cluster)
     n_rows, done = len(written.normalised), int(written.normalised.sum())
     report.info(f"wrote {output}: {written.kind} of {n_rows} queries, method {written.params['method']}; "

@@ -21,7 +21,11 @@ Progress = Annotated[str, typer.Option(
     "--progress", metavar="auto|bar|lines|none",
     help="Progress on stderr: auto (a bar on a terminal, nothing otherwise), bar, lines (a plain line at the start, "
          "every 10 s and at the end, for logs and cron; QBNORM_PROGRESS_SECONDS sets the interval) or none.")]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output; accept mismatches.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output (nothing else).")]
+AcceptMismatch = Annotated[bool, typer.Option(
+    "--accept-mismatch",
+    help="Use a probe made from another gallery (same size, other data) instead of refusing it (exit 3); "
+         "recorded as a warning in the output and --json.")]
 Memory = Annotated[str, typer.Option("--memory", metavar="SIZE",
                                      help="Memory budget that sets block sizes, e.g. 512MiB, 2GiB.")]
 BlockRows = Annotated[int | None, typer.Option("--block-rows", min=1, metavar="ROWS",
@@ -32,12 +36,12 @@ Output = Annotated[str, typer.Option("--output", "-o", metavar="OUT.h5", help="O
 Transpose = Annotated[bool, typer.Option("--transpose", help="Read the similarity inputs transposed (stored the "
                                          "other way round, e.g. a t2v dump used in the v2t direction).")]
 Plot = Annotated[str | None, typer.Option("--plot", metavar="FILE.png|.svg|.pdf",
-                                          help="Also draw the figure (needs the extra: pip install 'qbnorm[plot]').")]
+                                          help="Also draw the figure (needs the plot extra: matplotlib).")]
 Cluster = Annotated[str | None, typer.Option(
     "--cluster", metavar="ADDRESS",
     help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here), "
          "tcp://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
-         "per worker (needs qbnorm[dask]; see docs/distributed.md).")]
+         "per worker (needs the dask extra; see docs/distributed.md).")]
 
 MinCount = Annotated[int | None, typer.Option(
     "--min-count", metavar="θ",
@@ -60,13 +64,12 @@ DEFAULT_PROGRESS = "auto"
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
 # Library parameters whose option is not simply --name: repeatable options are singular, positional
-# arguments are named by their metavar, and one --force covers the library's two consents.
+# arguments are named by their metavar.
 FLAGS = {
     "betas": "--beta",
     "gallery_betas": "--gallery-beta",
     "topk_means": "--topk-mean",
     "methods": "--method",
-    "accept_other_gallery": "--force",
     "lam": "--lambda",  # `lambda` is a Python keyword: the library says lam
     "scores": "SCORES",
     "source": "SOURCE",

@@ -10,7 +10,8 @@ from qbnorm_cli import api, methods
 from qbnorm_cli.cli import options
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import scale
-from qbnorm_cli.errors import UsageError, param
+from qbnorm_cli.errors import UsageError
+from qbnorm_cli.io.paramsfile import missing_bank
 
 
 def command(
@@ -70,11 +71,9 @@ def command(
         topk_mean = topk_mean or ([tuned["topk_mean"]] if tuned["topk_mean"] is not None else None)
         k = k if k is not None else tuned["k"]
         if method.needs.gallery_bank and not (gallery_bank or gallery_bank_sims):
-            raise UsageError(f"{param('params')} {params_file}: {method.name} needs {param('gallery_bank')} "
-                             f"(or {param('gallery_bank_sims')})")
+            raise UsageError(missing_bank(tuned, method.name, ("gallery_bank", "gallery_bank_sims")))
         if method.needs.dual_sinkhorn and not (gallery_bank or bank_gallery_bank_sims):
-            raise UsageError(f"{param('params')} {params_file}: {method.name} needs {param('gallery_bank')} "
-                             f"(or {param('bank_gallery_bank_sims')})")
+            raise UsageError(missing_bank(tuned, method.name, ("gallery_bank", "bank_gallery_bank_sims")))
         keep_sorted = keep_sorted or method.needs.sorted_bank
         sinkhorn = sinkhorn or method.needs.sinkhorn or method.needs.dual_sinkhorn
         given = {name: tuned.get(name) for name in method.parameters}

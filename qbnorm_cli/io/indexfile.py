@@ -28,7 +28,7 @@ import numpy as np
 
 from qbnorm_cli.core.augmented import FINGERPRINT_ROWS, fingerprint
 from qbnorm_cli.core.sampling import spread
-from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, install_hint, one_line, param
 from qbnorm_cli.io.atomic import OutputDirectory, OutputFile, check_interrupt, created_now, jsonable
 from qbnorm_cli.io.hdf5 import check_readable, open_qbnorm, read_attrs
 from qbnorm_cli.io.specs import ArrayInput, open_array, open_npy
@@ -52,7 +52,7 @@ def need(extra: str, what: str):
     try:
         return __import__(module)
     except ImportError:
-        raise RuntimeFailure(f"{what} needs {module}: pip install 'qbnorm[{name}]'") from None
+        raise RuntimeFailure(f"{what} needs {module}: {install_hint(name)}") from None
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,7 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
             recipe.update(uuid=out.uuid, fingerprint=picked.digest(), files={"vectors": "/vectors", "gate": "/gate"}
                           if gate is not None else {"vectors": "/vectors"})
             _write_attrs(out.h5.attrs, recipe)
+            out.warnings = list(recipe.get("warnings", ()))
         return recipe
     module = need(storage, param(f"format={storage!r}")) if storage in EXTRAS else None
     recipe["uuid"] = str(_uuid.uuid4())

@@ -12,6 +12,12 @@ from qbnorm_cli.version import FORMAT_VERSION
 
 PARAMS_KIND = "params"
 TUNED_ROLES = ("queries", "gallery", "sims")  # banks are meant to be shared between splits
+# The banks tune records ("banks": role → the option it was given as, path, dataset, identity): what
+# probe --params needs again. Scores against the validation gallery do not carry over to the test
+# gallery; the bank × gallery-bank scores do.
+BANK_OPTIONS = {"bank": ("bank", "bank_sims"), "gallery_bank": ("gallery_bank", "gallery_bank_sims"),
+                "bank_gallery_bank": ("bank_gallery_bank_sims",)}
+GALLERY_SPECIFIC = ("bank_sims", "gallery_bank_sims")
 
 
 def _no_constant(name: str):
@@ -78,11 +84,66 @@ def load_params(path) -> dict:
     if not isinstance(validation, dict):
         raise damaged(f"validation {_shown(validation)} is not an object")
     for role, record in validation.items():
-        if not isinstance(record, dict) or not all(
-                isinstance(record.get(key), (str, type(None))) for key in ("path", "dataset", "identity")):
+        if not _is_record(record):
             raise damaged(f"validation {role} {_shown(record)} is not a record of path, dataset and identity")
     out["validation"] = validation
+    banks = doc.get("banks", {})  # absent in files written before tune recorded its banks
+    if not isinstance(banks, dict):
+        raise damaged(f"banks {_shown(banks)} is not an object")
+    for role, record in banks.items():
+        if role not in BANK_OPTIONS or not _is_record(record) or record.get("option") not in BANK_OPTIONS[role]:
+            raise damaged(f"banks {role} {_shown(record)} is not a record of option, path, dataset and identity")
+    out["banks"] = banks
     return out
+
+
+def _is_record(record) -> bool:
+    return isinstance(record, dict) and all(isinstance(record.get(key), (str, type(None)))
+                                            for key in ("path", "dataset", "identity"))
+
+
+def missing_bank(params: dict, method: str, options: tuple[str, ...]) -> str:
+    """What to add when `method` of a params file needs one of `options` and none was given: the
+    bank it was tuned with, as the file records it (files written before tune recorded its banks
+    say so)."""
+    where = f"{param('params')} {params['path']}"
+    needs = " or ".join(param(o) for o in options)
+    recorded = [r for r in params.get("banks", {}).values() if r.get("option") in options]
+    recorded.sort(key=lambda r: r["option"] in GALLERY_SPECIFIC)  # a reusable input first
+    if not recorded:
+        return (f"{where}: {method} needs {needs}, and the file does not record the bank it was tuned with "
+                f"(written before qbnorm recorded banks): add {param(options[0])} with it")
+    record = recorded[0]
+    option, shown = record["option"], _input_label(record)
+    tuned_with = f"{where} ({method}) was tuned with {param(option)} {shown} (identity {record.get('identity')})"
+    if option in GALLERY_SPECIFIC:
+        return (f"{tuned_with}, scores against the validation gallery: add {param(option)} with that bank's scores "
+                f"against this gallery, or {param(options[0])} with its embeddings")
+    return f"{tuned_with}: add {param(option)} {shown}"
+
+
+def other_banks(params: dict, given: dict) -> list[str]:
+    """Warnings for the banks in `given` (role → (option, describe() record)) that are not the ones
+    the params file was tuned with (identity differs; scores against a gallery always differ)."""
+    found = []
+    for role, (option, record) in given.items():
+        tuned = params.get("banks", {}).get(role)
+        if (tuned is None or tuned.get("option") != option or option in GALLERY_SPECIFIC
+                or not tuned.get("identity") or not record.get("identity") or tuned["identity"] == record["identity"]):
+            continue
+        found.append(f"{_input_label(record)}: not the {role.replace('_', ' ')} {params['path']} was tuned with "
+                     f"({_input_label(tuned)}, identity differs); the tuned setting may not carry over")
+    return found
+
+
+def _input_label(record: dict) -> str:
+    path = record.get("path") or "?"
+    try:  # relative to the working directory when below it: the way it was most likely typed
+        relative = Path(path).resolve().relative_to(Path.cwd().resolve())
+        path = str(relative)
+    except (ValueError, OSError):
+        pass
+    return f"{path}::{record['dataset']}" if record.get("dataset") else path
 
 
 def _shown(value, limit: int = 40) -> str:

@@ -104,6 +104,8 @@ def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: i
 
 
 SINKHORN = {False: "/sinkhorn_log_u", True: "/dual_sinkhorn_log_u"}
+# What a probe without a gallery bank lacks for the dual methods: the bank itself, not a β₂.
+GALLERY_BANK_HINT = f"{param('gallery_bank')} GB (a bank of gallery-modality items)"
 
 
 def sinkhorn_statistics(results: list[SinkhornResult], n_gallery: int, *, iters: int | None, tol: float | None,
@@ -221,10 +223,12 @@ class Probe:
 
     def _need(self, name: str, what: str, option: str) -> None:
         if not self._has(name):
-            raise UsageError(f"{self.label}: the probe has no {what}; probe again with {param(option)}")
+            raise UsageError(f"{self.label}: the probe has no {what}; probe again with {option}")
 
     def _pick(self, name: str, attr: str, value: float, option: str, probe_option: str) -> np.ndarray:
-        self._need(name, probe_option.replace("_", " "), probe_option)
+        if name.startswith("/gallery_"):  # statistics of a gallery bank: none without one
+            self._need(name, "gallery bank", GALLERY_BANK_HINT)
+        self._need(name, probe_option.replace("_", " "), param(probe_option))
         have = [float(v) for v in self._attr(name, attr)]
         if (row := _row_for(have, value)) is not None:
             return np.asarray(self._read(name, row), dtype=np.float64)
@@ -279,13 +283,13 @@ class Probe:
         """Each bank row's best gallery items, best first (bank × kmax; `rows` of them, the first
         `k` of each)."""
         name = "/gallery_bank_neighbors" if gallery else "/bank_neighbors"
-        self._need(name, "gallery bank" if gallery else "bank neighbours", "gallery_bank" if gallery else "k")
+        self._need(name, "gallery bank" if gallery else "bank neighbours", GALLERY_BANK_HINT if gallery else param("k"))
         return self._read(name, (rows, slice(None, k)), rows.indices(self._shape(name)[0])[0])
 
     def kmax(self, gallery: bool = False) -> int:
         """How many best items the probe keeps per bank row."""
         name = "/gallery_bank_neighbors" if gallery else "/bank_neighbors"
-        self._need(name, "gallery bank" if gallery else "bank neighbours", "gallery_bank" if gallery else "k")
+        self._need(name, "gallery bank" if gallery else "bank neighbours", GALLERY_BANK_HINT if gallery else param("k"))
         return self._shape(name)[1]
 
     def activation(self, k: int, gallery: bool = False, min_count: int = 1) -> np.ndarray:
@@ -316,7 +320,7 @@ class Probe:
         name = SINKHORN[dual]
         if not self._has(name):
             what = "dual-bank Sinkhorn potentials" if dual else "Sinkhorn potentials"
-            how = f"{param('sinkhorn=True')} and {param('gallery_bank')}" if dual else param("sinkhorn=True")
+            how = f"{param('sinkhorn=True')} and {GALLERY_BANK_HINT}" if dual else param("sinkhorn=True")
             raise UsageError(f"{self.label}: the probe has no {what}; probe again with {how}")
         have = self.sinkhorn_betas(dual)
         if (row := _row_for(have, beta)) is not None:
@@ -358,9 +362,11 @@ class Probe:
 
     def default_gallery_beta(self) -> float:
         have = self.betas(gallery=True)
+        if not have:
+            raise UsageError(f"{self.label}: the probe has no gallery bank; probe again with {GALLERY_BANK_HINT}")
         if len(have) != 1:
-            raise UsageError(f"choose {param('gallery_beta')} ({self.label} has "
-                             f"{', '.join(f'{b:g}' for b in have) or 'no gallery bank'})")
+            raise UsageError(f"{self.label} has gallery betas {', '.join(f'{b:g}' for b in have)}; choose one with "
+                             f"{param('gallery_beta')}")
         return have[0]
 
     # --- writing -------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import numpy as np
 
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.statistics import BankAccumulator
-from qbnorm_cli.errors import QbnormError, QbnormWarning, RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.errors import QbnormError, QbnormWarning, RuntimeFailure, UsageError, install_hint, one_line, param
 from qbnorm_cli.io.hdf5 import open_h5
 from qbnorm_cli.io.probefile import CheckedRows
 from qbnorm_cli.io.scorefiles import ScoreFile
@@ -58,7 +58,6 @@ from qbnorm_cli.streaming import engine, parallel, ranking
 from qbnorm_cli.streaming.budget import Budget, spans
 from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, MatrixScores
 
-EXTRA = "pip install 'qbnorm[dask]'"
 DOCS = "docs/distributed.md"
 TASKS_PER_THREAD = 4   # tasks per worker thread, at most: balance, progress and cheap reruns
 IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead of the one the client waits for, per worker thread
@@ -94,7 +93,7 @@ def _import_distributed():
     try:
         import distributed
     except ImportError:
-        raise RuntimeFailure(f"{param('cluster')} needs dask.distributed: {EXTRA}") from None
+        raise RuntimeFailure(f"{param('cluster')} needs dask.distributed: {install_hint('dask')}") from None
     return distributed
 
 
