@@ -27,7 +27,7 @@ import numpy as np
 
 class Pairwise(Protocol):
     """A score η = f(S[q, j], row statistics of q, item statistics of j), increasing in S for each
-    item (so a row's raw order bounds it: `bound`)."""
+    item, so that a row's raw order bounds it (`bound`); no gate and no row term go with it."""
 
     needs_embeddings: bool  # row statistics from the query embeddings (else from the row's raw values)
     why_not_exportable: str  # one line for `export`
@@ -42,10 +42,6 @@ class Pairwise(Protocol):
 
     def bound(self, rows, below: np.ndarray) -> np.ndarray:
         """Per row, an upper bound of η over every item whose raw score is at most `below`."""
-
-    def exact_from(self, rows, top_values: np.ndarray) -> np.ndarray:
-        """Per row, whether η is exact for raw values strictly above the last of `top_values`
-        when the statistics came from those values alone (always, for embedding statistics)."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +73,6 @@ class Normaliser:
         return self.sorted_bank is None and self.pairwise is None
 
     @property
-    def needs_rows(self) -> bool:
-        """Whether η needs statistics of the query rows before its scores (a pairwise form)."""
-        return self.pairwise is not None
-
-    @property
     def decides_rows(self) -> bool:
         """Whether a row's raw top-1 decides if it is normalised (a dynamic gate, or none at all)."""
         return self.identity or self.gate is not None
@@ -95,18 +86,16 @@ class Normaliser:
             out = np.subtract(out, offset, out=out if out is not scores else None)
         return out
 
-    def transform(self, tile: np.ndarray, c0: int = 0, rows=None, columns: np.ndarray | None = None) -> np.ndarray:
-        """η of a tile of raw scores covering gallery columns c0:c0+width (or the gallery items
-        `columns`, one per column of the tile), row term excluded, float64; `rows`: the tile's row
-        statistics (pairwise forms)."""
+    def transform(self, tile: np.ndarray, c0: int = 0, rows=None) -> np.ndarray:
+        """η of a tile of raw scores covering gallery columns c0:c0+width, row term excluded,
+        float64; `rows`: the tile's row statistics (pairwise forms)."""
         width = tile.shape[1]
         if self.pairwise is not None:
-            cols = np.arange(c0, c0 + width) if columns is None else columns
-            return self.pairwise.eta(tile, rows, cols[None, :])
+            return self.pairwise.eta(tile, rows, np.arange(c0, c0 + width)[None, :])
         if self.sorted_bank is not None:
             tile = np.asarray(tile, dtype=np.float64)
             return tile - globally_corrected_rank(tile, self.sorted_bank[c0:c0 + width])
-        at = slice(c0, c0 + width) if columns is None else columns
+        at = slice(c0, c0 + width)
         if np.ndim(self.scale):
             scale = np.asarray(self.scale[at], dtype=np.float64)
             out = np.multiply(tile, scale, dtype=np.float64)
