@@ -88,16 +88,16 @@ def run_probe(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, 
 
 
 def query_rows(scores: ScoreSource, norm: Normaliser):
-    """A function giving the embeddings of query rows q0:q1 when the normaliser's row statistics
-    come from them (Mutual Proximity with Gaussian fits), else one giving None."""
+    """A function giving the embeddings of query rows (a slice, or ascending row numbers) when the
+    normaliser's row statistics come from them (Mutual Proximity with Gaussian fits), else None."""
     if norm.pairwise is None or not norm.pairwise.needs_embeddings:
-        return lambda q0, q1: None
+        return lambda rows: None
     source = getattr(scores, "inner", scores)  # what a cache holds
     rows = getattr(source, "rows", None)
     if not hasattr(rows, "rows_of"):
         raise UsageError(f"{param('method')}: its row statistics come from the query embeddings and the "
                          f"gallery's moments: give {param('queries')} and {param('gallery')}, not {param('sims')}")
-    return lambda q0, q1: rows.rows_of(slice(q0, q1))
+    return rows.rows_of
 
 
 def _dense_whole_rows(raw: np.ndarray, norm: Normaliser, out: np.ndarray, queries=None) -> np.ndarray:
@@ -181,7 +181,7 @@ def dense_rows(scores: ScoreSource, norm: Normaliser, budget: Budget, plan: Dens
     """(scores, None, normalised) of the super-block of query rows q0:q1."""
     n_cols = scores.n_cols
     rows_of = query_rows(scores, norm)
-    state = _DenseRows(q1 - q0, n_cols, norm, plan.whole_rows, dtype, lambda a, b: rows_of(q0 + a, q0 + b))
+    state = _DenseRows(q1 - q0, n_cols, norm, plan.whole_rows, dtype, lambda a, b: rows_of(slice(q0 + a, q0 + b)))
     for c0, c1 in spans(n_cols, plan.width):
         scores.column_block(c0, c1)
         for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0, scores.row_chunk)):

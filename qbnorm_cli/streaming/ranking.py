@@ -41,7 +41,7 @@ from qbnorm_cli.core import topk
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
-from qbnorm_cli.streaming.sources import ScoreSource
+from qbnorm_cli.streaming.sources import RowSubset, ScoreSource
 
 SAMPLE_SPREAD = 16     # column groups per wanted item in the sample's bound (tight for small k')
 TILE_BYTES_PER_SCORE = 13  # per score of a tile: float32 score, bool mask, temporaries (≈ 10 B measured in RSS)
@@ -621,7 +621,7 @@ def run_pairwise_ranking(scores: ScoreSource, norm: Normaliser, budget: Budget, 
                          progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
                          trace: Trace | None = None) -> Iterable[tuple[int, tuple]]:
     """run_ranking for a pairwise η: the rows' raw top-C (C = PAIRWISE_CANDIDATES·top_k at first,
-    doubled for the rows not yet exact) ranked by η. `queries_of(q0, q1)`: their embeddings or None.
+    doubled for the rows not yet exact) ranked by η. `queries_of(rows)`: their embeddings or None.
 
     Cost: the raw top-C ranking (about the cost of the product), then η of C candidates per row."""
     raw = Normaliser(identity=True)
@@ -630,20 +630,17 @@ def run_pairwise_ranking(scores: ScoreSource, norm: Normaliser, budget: Budget, 
     plan = ranking_plan(scores, raw, budget, wanted, tiling)
     for q0, q1 in spans(n_rows, plan.super_rows):
         values, indices, _ = rank_rows(scores, raw, plan, q0, q1, progress, tiling, trace)
-        top_values, top_indices, sure = _pairwise_top(norm, values, indices, queries_of(q0, q1), n_cols, top_k)
+        top_values, top_indices, sure = _pairwise_top(norm, values, indices, queries_of(slice(q0, q1)), n_cols,
+                                                      top_k)
         more = wanted
-        threaded = parallel.threads_for(math.ceil((q1 - q0) / plan.geom.rows))
-        while not sure.all():
-            # rare: the row tiles holding such rows again, with more candidates (a row tile's products
-            # are its own: the same scores as the first time, so the same η as dense output)
+        while not sure.all():  # the few rows whose bound failed, gathered, with twice the candidates
             more = min(n_cols, 2 * more)
-            wider = ranking_plan(scores, raw, budget, more, tiling)
-            for t in np.unique(np.flatnonzero(~sure) // plan.geom.rows):
-                a, b = t * plan.geom.rows, min((t + 1) * plan.geom.rows, q1 - q0)
-                v, i, _ = rank_rows(scores, raw, wider, q0 + a, q0 + b, None, tiling, trace, threaded)
-                tv, ti, ok = _pairwise_top(norm, v, i, queries_of(q0 + a, q0 + b), n_cols, top_k)
-                redo = ~sure[a:b]
-                top_values[a:b][redo], top_indices[a:b][redo], sure[a:b][redo] = tv[redo], ti[redo], ok[redo]
-                if trace is not None:
-                    trace.count("recomputed_rows", int(redo.sum()))
+            redo = np.flatnonzero(~sure)
+            rows = RowSubset(scores, q0 + redo)
+            v, i, _ = rank_rows(rows, raw, ranking_plan(rows, raw, budget, more, tiling), 0, redo.size, None,
+                                tiling, trace)
+            tv, ti, ok = _pairwise_top(norm, v, i, queries_of(q0 + redo), n_cols, top_k)
+            top_values[redo], top_indices[redo], sure[redo] = tv, ti, ok
+            if trace is not None:
+                trace.count("recomputed_rows", redo.size)
         yield q0, (top_values, top_indices, np.ones(q1 - q0, dtype=bool))
