@@ -21,7 +21,7 @@ $(VENV)/.demo: pyproject.toml $(VENV)/.created
 	touch $@
 
 $(VENV)/.all: pyproject.toml examples/qbnorm-softened-is/pyproject.toml $(VENV)/.created
-	$(BIN)/python -m pip install --quiet -e '.[test,plot,faiss,lancedb,dask]'
+	$(BIN)/python -m pip install --quiet -e '.[test,plot,faiss,lancedb,dask,arrow,safetensors,remote]'
 	$(BIN)/python -m pip install --quiet --no-deps -e examples/qbnorm-softened-is  # the example plug-in (tests/test_plugins.py)
 	touch $@ $(VENV)/.demo
 

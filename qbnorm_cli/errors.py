@@ -103,6 +103,12 @@ def install_hint(extra: str) -> str:
     return f"pip install {'-e ' if editable else ''}'{source}[{extra}]'"
 
 
+def package_hint(package: str) -> str:
+    """The command that installs a third-party package qbnorm has no extra for (an fsspec protocol's
+    implementation, say)."""
+    return f"pip install {package}"
+
+
 @functools.lru_cache(maxsize=1)
 def _installed_from() -> tuple[str | None, bool]:
     """(the local directory qbnorm was installed from, whether editably), or (None, False) for an

@@ -5,7 +5,8 @@ in a traceback from the middle of an import (SIGINT) or a bare kill (SIGTERM); n
 opened or written yet, so this says so in one line and exits 130 at once. `cli.main()` hands the
 signals back (`done()`) and installs its own handlers. Nothing happens when qbnorm_cli is imported
 as a library: only the `qbnorm` program (or `python -m qbnorm_cli`) is guarded. The package imports
-this module before anything else.
+this module before anything else; a signal before that, while Python itself starts, gets Python's
+and the system's defaults (docs/errors.md).
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ def run(capsys, *args) -> tuple[int, str, str]:
 
 
 def leftovers(directory) -> list[str]:
-    """Temporary output files left in `directory` (there must never be any)."""
-    return sorted(p.name for p in Path(directory).glob(".*.qbnorm-tmp"))
+    """Temporary output files, and earlier exports moved aside, left in `directory` (there must
+    never be any)."""
+    return sorted(p.name for pattern in (".*.qbnorm-tmp", ".*.qbnorm-old") for p in Path(directory).glob(pattern))
 
 
 def dexter_similarity() -> np.ndarray:

@@ -70,6 +70,22 @@ def test_two_runs_racing_for_one_output(work):
     assert leftovers(work) == []
 
 
+def test_two_runs_racing_for_one_output_without_force(work):
+    """Without --force one succeeds and the other exits 2, whether it finds the first's output at
+    its start or at its commit; the file left is the winner's, complete."""
+    out = work / "out.h5"
+    procs = [subprocess.Popen(norm(work, out, "--method", method), stderr=subprocess.PIPE, text=True)
+             for method in ("dis", "none")]
+    results = [(proc.wait(timeout=60), proc.stderr.read()) for proc in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "exists" in loser or "created by another process" in loser
+    winner = ("dis", "none")[[code for code, _ in results].index(0)]
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["method"] == winner and h5["scores"].shape == (400, 200)
+    assert leftovers(work) == []
+
+
 HOLDER = textwrap.dedent("""
     import sys, time, h5py
     h5 = h5py.File(sys.argv[1], sys.argv[2])  # default file locking, as other tools open files

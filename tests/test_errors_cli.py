@@ -124,7 +124,7 @@ BAD_FILES = {
     "missing-parent": (lambda tmp: tmp / "nodir" / "nope.h5", 2, "no such file"),
     "directory": (_directory, 2, "is a directory"),
     "fifo": (_fifo, 2, "not a regular file"),
-    "text": (_file("notes.h5", b"id,x\n1,2\n"), 3, "not an HDF5 or .npy file"),
+    "text": (_file("notes.h5", b"id,x\n1,2\n"), 3, "not a format qbnorm reads; it reads HDF5"),
     "empty-file": (_file("empty.h5", b""), 3, "empty file"),
 }
 

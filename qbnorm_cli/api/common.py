@@ -95,7 +95,7 @@ def score_source(rows, cols, sims, *, rows_name: str, cols_name: str, sims_name:
         if rows is not None or cols is not None:
             raise UsageError(f"give either {param(sims_name)} or {param(rows_name)} with {param(cols_name)}, not both")
         sims_in = similarities(sims, sims_name, transpose, budget)
-        return MatrixScores(sims_in), [sims_in], None
+        return MatrixScores(sims_in, budget), [sims_in], None
     no_transpose(transpose, sims_name)
     if rows is None or (cols is None and cols_embeddings is None):
         raise UsageError(f"{what} needs {param(rows_name)} and {param(cols_name)} (or {param(sims_name)})")

@@ -14,6 +14,7 @@ from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.specs import as_input, transpose_into
 from qbnorm_cli.io.validate import as_float32
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget, spans
+from qbnorm_cli.streaming.sources import check_unit
 
 DEFAULT_BANK_SIZE = 5000
 CONVERTED = {"embeddings": "/embeddings", "similarity": "/scores"}
@@ -33,6 +34,7 @@ def build_bank(source, *, size: int | None = None, strategy: str = "random", see
     check_choice(strategy, STRATEGIES, "strategy")
     budget = make_budget(memory, block_rows)
     src = embeddings(source, "source")
+    check_unit(src, budget)
     n_source, dim = src.shape
     take_all = param("strategy='all'")
     if strategy == "all":
@@ -64,8 +66,9 @@ def convert(source, output, *, kind: str = "embeddings", transpose: bool = False
             block_rows: int | None = None, force: bool = False, progress=None,
             provenance: str | None = None) -> Written:
     """Write a foreign dump (.npy, .npz::KEY, a pickled numpy array or dict of them, HDF5 including
-    ann-benchmarks files) as a qbnorm file of `kind` embeddings or similarity (float32, streamed in
-    row blocks); a similarity file records its score statistics.
+    ann-benchmarks files, a Parquet or Arrow list column, a folder of .npy shards, a safetensors or
+    PyTorch tensor, any of these by URL: io/formats.py) as a qbnorm file of `kind` embeddings or
+    similarity (float32, streamed in row blocks); a similarity file records its score statistics.
 
     transpose: write a similarity matrix transposed (e.g. a t2v dump as items × captions for the
     v2t direction), in one sequential pass over the source: its row blocks become column strips of
@@ -76,6 +79,7 @@ def convert(source, output, *, kind: str = "embeddings", transpose: bool = False
     check_choice(kind, tuple(CONVERTED), "kind")
     budget = make_budget(memory, block_rows)
     src = as_input(source, "source")
+    check_unit(src, budget)
     if transpose and kind != "similarity":
         as_scores = param("kind='similarity'")
         raise UsageError(f"{param('transpose=True')} writes score matrices transposed; pass {as_scores}")
@@ -87,7 +91,7 @@ def convert(source, output, *, kind: str = "embeddings", transpose: bool = False
                      f"if it is a score matrix, convert it with {as_scores}")
     for message in found:
         warn(message)
-    source_format = foreign.source_format(src.path) if src.path else "array"
+    source_format = src.origin.fmt if src.origin else foreign.source_format(src.path) if src.path else "array"
     params = {"kind": kind, "source": src.label, "source_format": source_format, "transpose": transpose,
               "source_dtype": str(src.dtype), "memory": budget.memory, "block_rows": block_rows}
     stats = None

@@ -25,6 +25,7 @@ from qbnorm_cli.api.probing import (
 from qbnorm_cli.core import metrics, scale
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
+from qbnorm_cli.io import remote
 from qbnorm_cli.io.atomic import check_target, created_now, write_json
 from qbnorm_cli.io.groundtruth import read_relevant
 from qbnorm_cli.io.paramsfile import PARAMS_KIND
@@ -215,8 +216,8 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     raw = rows[0]["metrics"]
     ranked = rank_results(rows, metric_name)
     best = ranked[0]
-    validation = {role: {**item.describe(), "path": str(Path(item.path).resolve()) if item.path else None}
-                  for role, item in inputs.items()}
+    validation = {role: {**item.describe(), "path": None if not item.path else item.path if remote.is_url(item.path)
+                         else str(Path(item.path).resolve())} for role, item in inputs.items()}
     found = [w for w in found if w]
     given = {"bank": "bank_sims" if bank_sims is not None else "bank",
              "gallery_bank": "gallery_bank_sims" if gallery_bank_sims is not None else "gallery_bank",

@@ -17,9 +17,9 @@ import typer.core
 
 from qbnorm_cli import startup
 from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, normalise, probe, search, tune
-from qbnorm_cli.cli.options import FLAG_NAMES
+from qbnorm_cli.cli.options import FLAG_NAMES, flag
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
-from qbnorm_cli.io import atomic
+from qbnorm_cli.io import atomic, remote
 from qbnorm_cli.version import VERSION
 
 try:  # typer ≥ 0.2x vendors click; older typer uses click itself
@@ -53,8 +53,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _terminate(signum, frame):
-    atomic.note_interrupt(signum)  # remembered even if the exception below lands where Python drops it
-    raise KeyboardInterrupt
+    # remembered even if the exception below lands where Python drops it; held while an output is
+    # renamed into place (raised when that step ends)
+    if atomic.note_interrupt(signum):
+        raise KeyboardInterrupt
 
 
 def _line(text: object) -> str:
@@ -71,6 +73,7 @@ def _one_line_errors(func):
     def run(*args, **kwargs):
         debug = os.environ.get("QBNORM_DEBUG") == "1"
         try:
+            _check_outputs(kwargs)
             return func(*args, **kwargs)
         except KeyboardInterrupt:  # main() says so (typer also turns stray interrupts into 130)
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -92,6 +95,25 @@ def _one_line_errors(func):
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return run
+
+
+OUTPUTS = ("output", "plot")  # the options that name what a command writes; every other path is read
+
+
+def _check_outputs(arguments: dict) -> None:
+    """Every command, before it starts: no output may overwrite a file the command reads (an input
+    file, --gt, --query-mask, --params, --probe, an --index directory, …: every other option that
+    names an existing path), nor another output."""
+    outputs = [arguments.get(name) for name in OUTPUTS]
+    read, names = [], []
+    for name, value in arguments.items():
+        if name in OUTPUTS:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item:
+                read.append(item)
+                names.append(flag(name))
+    atomic.check_outputs(outputs, read, names)
 
 
 COMMANDS = {
@@ -194,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     program = startup.done()
     atomic.clear_interrupts()
+    atomic.record_commits()
     previous = _install_signal_handlers()
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
         code = _click_command().main(args=argv, prog_name="qbnorm", standalone_mode=False,
-                                     obj={"provenance": " ".join(["qbnorm", *argv])})
+                                     obj={"provenance": remote.redact_text(" ".join(["qbnorm", *argv]))})
         code = code if isinstance(code, int) else 0
     except SystemExit as exc:
         code = exc.code
@@ -211,14 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     finally:
+        written = atomic.recorded_commits()
         sys.unraisablehook = unraisable_hook
         if program:
             startup.ignore_late_signals()
         else:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-    if code == EXIT_INTERRUPTED:
-        print("qbnorm: interrupted; no output was written", file=sys.stderr)
+    if code == EXIT_INTERRUPTED:  # the rename is the commit point: say what was committed before the signal
+        verb = "was" if len(written) == 1 else "were"
+        done = f"{', '.join(written)} {verb} written, nothing else" if written else "no output was written"
+        print(f"qbnorm: interrupted; {done}", file=sys.stderr)
     return code
 
 

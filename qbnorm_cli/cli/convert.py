@@ -1,4 +1,5 @@
-"""qbnorm convert: turn someone else's dump (.npy, .npz, pickle, HDF5) into a qbnorm HDF5 file."""
+"""qbnorm convert: turn someone else's dump (.npy, .npz, pickle, HDF5, Parquet, Arrow, .npy shards,
+safetensors, PyTorch, URLs) into a qbnorm HDF5 file."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from qbnorm_cli.core import scale
 
 def command(
     ctx: typer.Context,
-    source: Annotated[str, typer.Argument(metavar="INPUT", help="PATH, PATH::KEY (.npz, pickle) or PATH::/dataset (HDF5).")],
+    source: Annotated[str, typer.Argument(metavar="INPUT", help="PATH, PATH::KEY (.npz, pickle, .pt, .safetensors), PATH::COLUMN (.parquet, .arrow), PATH::/dataset (HDF5), a folder of .npy shards, or a URL.")],
     output: options.Output,
     kind: Annotated[str, typer.Option("--kind", metavar="embeddings|similarity", help="What the array holds: embeddings (rows = items) or a query × gallery score matrix.")] = "embeddings",
     transpose: Annotated[bool, typer.Option("--transpose", help="Write a score matrix transposed (with --kind similarity; one pass, tile-chunked): the fast path for a dump read --transpose often.")] = False,
@@ -28,9 +29,12 @@ def command(
     """Convert a foreign dump into a qbnorm HDF5 file (float32, streamed in row blocks).
 
     Reads .npy, .npz (FILE.npz::KEY), pickled numpy arrays as released by QB-Norm (FILE.pkl, or
-    FILE.pkl::KEY for a dict of arrays; pickles are read without running any code in them) and HDF5
-    including ann-benchmarks files (FILE.hdf5::/train). Every command reads these directly too;
-    converting once gives a self-describing file with provenance that is faster to re-read.
+    FILE.pkl::KEY for a dict of arrays; pickles are read without running any code in them), HDF5
+    including ann-benchmarks files (FILE.hdf5::/train), Parquet and Arrow list columns
+    (FILE.parquet::COLUMN), folders of .npy shards (DIR or 'DIR/*.npy'), safetensors
+    (FILE.safetensors::TENSOR), PyTorch files (FILE.pt or FILE.pt::KEY, read without torch) and
+    URLs (https://, s3://, gs://, hf://). Every command reads these directly too; converting once
+    gives a self-describing file with provenance that is faster to re-read.
 
     Example: qbnorm convert test_sims.pkl -o sims.h5 --kind similarity
 

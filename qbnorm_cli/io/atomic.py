@@ -8,15 +8,27 @@ attributes a checksum of each (`attribute_checksums`, compared by io/schemas.che
 outputs (`write_json`) follow the same rules. Interrupts noted by a signal handler (the CLI
 installs one) are checked before every write and before the rename, so an interrupted run never
 completes an output.
+
+The rename is the commit point. Without `force` it never replaces what is there
+(renameat2(RENAME_NOREPLACE), else link() or an exclusive placeholder): a file another process
+created at the target while this run wrote is kept, and the run fails. With `force` the target is
+checked again just before it is replaced: a regular file (or, for directory outputs, an earlier
+export) or nothing, never a device, a FIFO or someone's directory. A file system's error (disk
+full, I/O error, a file size limit) never reaches HDF5 (`_Storage`): qbnorm reports it in one line.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
+import functools
 import json
 import os
 import shutil
 import signal
+import stat
+import sys
 import tempfile
 import threading
 import uuid as _uuid
@@ -34,6 +46,10 @@ from qbnorm_cli.version import FORMAT_VERSION, VERSION
 
 CHUNK_BYTES = 1 << 20
 LIBRARY_PROVENANCE = "qbnorm_cli (Python)"
+# Space reserved beyond an HDF5 output's data for its metadata (superblock, object headers,
+# attributes, chunk indexes: a few KiB per dataset and ~100 bytes per 1 MiB chunk in practice).
+METADATA_BYTES = 256 << 10
+INDEX_SHARE = 256  # a dataset's chunk index: at most 1/256 of its data
 
 
 def chunk_rows(row_bytes: int) -> int:
@@ -46,14 +62,31 @@ _DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasatt
 # exception raised inside a weakref callback or __del__; outputs check this before every write and
 # before the rename, so an interrupted run never completes an output.
 _INTERRUPTS: list[int] = []
+# The outputs committed (renamed into place) since the CLI started recording (None: not recording),
+# so that an interrupt after a commit is not reported as "no output was written".
+_COMMITTED: list[str] | None = None
 
 
-def note_interrupt(signum: int) -> None:
+# Signals that arrived while a step was held (_signals_deferred): raised as KeyboardInterrupt when
+# it ends. A process-directed signal goes to any thread that does not block it (a BLAS or HDF5
+# thread), and Python runs its handler in the main thread at once: the mask alone holds nothing.
+_HOLDING: list[int] = []
+_HELD: list[int] = []
+
+
+def note_interrupt(signum: int) -> bool:
+    """Note a signal (the CLI's handler calls this); False while a step holds signals back, so
+    that the handler does not raise in the middle of it."""
     _INTERRUPTS.append(signum)
+    if _HOLDING:
+        _HELD.append(signum)
+        return False
+    return True
 
 
 def clear_interrupts() -> None:
     _INTERRUPTS.clear()
+    _HELD.clear()
 
 
 def check_interrupt() -> None:
@@ -61,18 +94,42 @@ def check_interrupt() -> None:
         raise KeyboardInterrupt
 
 
+def record_commits() -> None:
+    """Start recording the outputs committed from now on (the CLI, for its interrupt message)."""
+    global _COMMITTED
+    _COMMITTED = []
+
+
+def recorded_commits() -> list[str]:
+    """The outputs committed since record_commits(), and stop recording."""
+    global _COMMITTED
+    done, _COMMITTED = _COMMITTED or [], None
+    return done
+
+
 @contextmanager
 def _signals_deferred():
-    """Hold Ctrl-C / SIGTERM back while a temporary file is created, renamed or removed, so an
-    interrupt never lands between the two halves of such a step (it is delivered right after)."""
-    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    """Hold Ctrl-C / SIGTERM back while a temporary file is created, renamed or removed, or HDF5
+    writes the output from the main thread, so an interrupt never lands between the two halves of
+    such a step (it is raised right after): blocked in this thread, and noted without raising by
+    the CLI's handler (note_interrupt) whichever thread the signal reached. Signal handlers run in
+    the main thread only: other threads need no hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    block = hasattr(signal, "pthread_sigmask")
     if block:
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    _HOLDING.append(1)
     try:
         yield
     finally:
+        _HOLDING.pop()
         if block:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if _HELD and not _HOLDING:
+            _HELD.clear()
+            raise KeyboardInterrupt
 
 
 def _file_mode() -> int:
@@ -80,6 +137,262 @@ def _file_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+# --- failures of the file system ----------------------------------------------------------------
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def write_failure(path, exc: OSError) -> RuntimeFailure:
+    """The one-line error of a failed write to the output `path` (or its temporary file)."""
+    path = Path(path)
+    if exc.errno in _FULL:
+        what = "disk quota exceeded" if exc.errno != errno.ENOSPC else "no space left on device"
+        return RuntimeFailure(f"{what} writing {path}")
+    if exc.errno == errno.ENOENT and not path.parent.is_dir():
+        return RuntimeFailure(f"{path}: write failed: its directory {str(path.parent)!r} was removed during the run")
+    return RuntimeFailure(f"{path}: write failed: {exc.strerror or one_line(exc)}")
+
+
+def check_space(path, directory, nbytes: int) -> None:
+    """Refuse to start a write of `nbytes` that the file system holding `directory` has no room for."""
+    try:
+        info = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return
+    free = info.f_bavail * info.f_frsize
+    if nbytes > free:
+        raise RuntimeFailure(f"no space left on device writing {path} ({_mib(nbytes)} needed, {_mib(free)} free)")
+
+
+def reserve(path, fd: int, nbytes: int) -> None:
+    """Allocate the first `nbytes` of the file open as `fd` now (posix_fallocate), so that a full
+    disk is found before the data is computed and never half-way through a write; where the file
+    system cannot allocate ahead, check its free space instead."""
+    size = 0
+    try:
+        size = os.fstat(fd).st_size
+        if nbytes <= size:
+            return
+        os.posix_fallocate(fd, 0, nbytes)
+    except AttributeError:  # no posix_fallocate (macOS)
+        check_space(path, Path(path).parent, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            check_space(path, Path(path).parent, nbytes - size)
+            return
+        if exc.errno in _FULL:
+            raise RuntimeFailure(f"no space left on device writing {path} ({_free(path)} free)") from None
+        raise write_failure(path, exc) from None
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def _free(path) -> str:
+    try:
+        info = os.statvfs(Path(path).parent)
+    except (OSError, AttributeError):
+        return "no room"
+    return _mib(info.f_bavail * info.f_frsize)
+
+
+def _shielded(method):
+    """A method HDF5 calls back: an interrupt raised inside it (Python runs a signal handler
+    wherever the main thread is) would be a failed write to HDF5. It is noted instead (the run
+    ends at its next check) and the step done again: reads and writes are positioned, so
+    repeating one changes nothing."""
+
+    @functools.wraps(method)
+    def call(*args):
+        while True:
+            try:
+                return method(*args)
+            except KeyboardInterrupt:
+                note_interrupt(signal.SIGINT)
+
+    return call
+
+
+class _Storage:
+    """The temporary file as HDF5 writes it (h5py's `fileobj` driver), with positioned reads and
+    writes on one descriptor. An error of the file system (disk full, an I/O error, a file size
+    limit) is kept in `error` for qbnorm to report, and HDF5 is told its write succeeded (later
+    writes are dropped): HDF5 cannot recover from a failed write (closing the file then fails,
+    and freeing its objects crashes the process). Main-thread calls into HDF5 on this file hold
+    signals back (_signals_deferred); the methods are also _shielded."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        self.position = 0
+        self.error: OSError | None = None
+
+    @_shielded
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position}.get(whence)
+        self.position = (os.fstat(self.fd).st_size if base is None else base) + offset
+        return self.position
+
+    @_shielded
+    def tell(self) -> int:
+        return self.position
+
+    @_shielded
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        got = 0
+        try:
+            while got < len(view):
+                n = os.preadv(self.fd, [view[got:]], self.position + got)
+                if n == 0:
+                    break
+                got += n
+        except OSError as exc:
+            self.error = self.error or exc
+        view[got:] = bytes(len(view) - got)  # beyond the end, or lost: zeros (HDF5's own fill)
+        self.position += len(view)
+        return len(view)
+
+    @_shielded
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(size, 0))
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    @_shielded
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            done = 0
+            try:
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], self.position + done)
+            except OSError as exc:
+                self.error = exc
+        self.position += len(view)
+        return len(view)
+
+    @_shielded
+    def truncate(self, size: int | None = None) -> int:
+        size = self.position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    @_shielded
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- the commit: rename without replacing what was not checked ------------------------------------
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _libc_renameat2():
+    """glibc's renameat2 (2.28+), or None (another C library or system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2  # the C library the interpreter links
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = True  # use renameat2 where the C library has it (tests set False to try the fallbacks)
+
+
+def rename_noreplace(source, target) -> None:
+    """Rename `source` to `target` unless `target` exists (FileExistsError then), atomically:
+    renameat2(RENAME_NOREPLACE) where the kernel and file system have it; else, for a file, a
+    hard link then unlink (link() never replaces), and for a directory an exclusive empty
+    placeholder that the rename replaces (rename() replaces only an empty directory)."""
+    renameat2 = _libc_renameat2() if _RENAMEAT2 else None
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            raise OSError(code, os.strerror(code), str(target))
+    if os.path.isdir(source) and not os.path.islink(source):
+        os.mkdir(target)  # FileExistsError if anything is there
+        try:
+            os.rename(source, target)
+        except OSError:
+            _remove_quietly(target, directory=True)
+            raise
+        return
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network or FUSE file systems): an exclusive placeholder
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(source, target)
+        return
+    os.unlink(source)
+
+
+def _remove_quietly(path, *, directory: bool = False) -> None:
+    try:
+        os.rmdir(path) if directory else os.unlink(path)
+    except OSError:
+        pass
+
+
+def _appeared(path) -> UsageError:
+    return UsageError(f"{path}: created by another process while this run wrote it; it is left as it was "
+                      f"(pass {param('force=True')} to overwrite)")
+
+
+def check_replaceable(path, *, directory_ok: bool = False) -> bool:
+    """Whether `path` exists (a dangling symbolic link counts); refuse (UsageError) anything an
+    output may not replace whatever `force` says: a device, a FIFO or a socket (also behind a
+    symbolic link), and a directory unless `directory_ok`."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a dangling symbolic link: the link itself is replaced
+        return True
+    if stat.S_ISDIR(mode):
+        if not directory_ok:
+            raise UsageError(f"{path}: is a directory")
+    elif not stat.S_ISREG(mode):
+        raise UsageError(f"{path}: not a regular file (a device, FIFO or socket); outputs replace only regular "
+                         f"files, whatever {param('force=True')} says")
+    return True
+
+
+def _commit_file(tmp: str, target: Path, force: bool) -> None:
+    """Rename the complete temporary file to the target: the commit point. Signals are held
+    across it by the caller, and the target recorded as written."""
+    check_interrupt()
+    if force:
+        check_replaceable(target)
+        os.replace(tmp, target)
+    else:
+        try:
+            rename_noreplace(tmp, target)
+        except FileExistsError:
+            raise _appeared(target) from None
+    if _COMMITTED is not None:
+        _COMMITTED.append(str(target))
 
 
 class OutputFile:
@@ -90,7 +403,8 @@ class OutputFile:
 
     Row blocks are written by a background thread (h5py releases the GIL while HDF5 writes), one
     block at a time, so that the next block is computed while this one goes to disk; a write's
-    error surfaces at the next write_rows, create or close.
+    error surfaces at the next write_rows, create or close. Each dataset's space is reserved on
+    disk when it is created (`reserve`): a full disk is reported before its rows are computed.
     """
 
     def __init__(self, path: str, kind: str, *, force: bool, params: dict,
@@ -98,6 +412,7 @@ class OutputFile:
         self.path = Path(path)
         self.kind = kind
         self.provenance = provenance or LIBRARY_PROVENANCE
+        self.force = force
         self._check_target(force, inputs)
         self.params = params
         self.inputs = [i.describe() if isinstance(i, ArrayInput) else i for i in inputs]
@@ -105,6 +420,8 @@ class OutputFile:
         self.warnings: list[str] = []  # recorded as the `warnings` attribute when the file is complete
         self.h5: h5py.File | None = None
         self._tmp: str | None = None
+        self._storage: _Storage | None = None
+        self._reserved = METADATA_BYTES
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
@@ -121,23 +438,28 @@ class OutputFile:
                 )
                 os.close(fd)
             except OSError as exc:
+                if exc.errno in _FULL:
+                    raise write_failure(self.path, exc) from None
                 raise RuntimeFailure(
                     f"{self.path}: cannot create a file in {str(self.path.parent)!r}: {exc.strerror or exc}"
                 ) from None
         try:
-            try:
-                self.h5 = h5py.File(self._tmp, "w", locking=False)  # ours alone; NFS-safe
-            except OSError as exc:
-                raise RuntimeFailure(f"{self.path}: write failed: {one_line(exc)}") from None
-            attrs = self.h5.attrs
-            attrs["qbnorm_kind"] = self.kind
-            attrs["qbnorm_version"] = FORMAT_VERSION
-            attrs["uuid"] = self.uuid
-            attrs["created_by"] = f"qbnorm {VERSION}"
-            attrs["created_at"] = created_now()
-            attrs["command"] = self.provenance
-            attrs["params"] = json.dumps(self.params, sort_keys=True)
-            attrs["inputs"] = json.dumps(self.inputs)
+            with _signals_deferred():  # HDF5 calls back into Python (_Storage): no interrupt inside
+                try:
+                    self._storage = _Storage(self._tmp)
+                    self.h5 = h5py.File(self._storage, "w", locking=False)  # ours alone; NFS-safe
+                    reserve(self.path, self._storage.fd, self._reserved)
+                except OSError as exc:
+                    raise write_failure(self.path, exc) from None
+                attrs = self.h5.attrs
+                attrs["qbnorm_kind"] = self.kind
+                attrs["qbnorm_version"] = FORMAT_VERSION
+                attrs["uuid"] = self.uuid
+                attrs["created_by"] = f"qbnorm {VERSION}"
+                attrs["created_at"] = created_now()
+                attrs["command"] = self.provenance
+                attrs["params"] = json.dumps(self.params, sort_keys=True)
+                attrs["inputs"] = json.dumps(self.inputs)
         except BaseException:
             self._discard()
             raise
@@ -147,7 +469,8 @@ class OutputFile:
         """A dataset chunked by whole rows of about 1 MiB (one chunk when smaller), or by the
         `chunks` given (clipped to the shape), each chunk with its Fletcher-32 checksum (no
         compression: floats barely shrink). Its fill value (what HDF5 returns for a chunk its index
-        has lost) is one no reader accepts: NaN, or the smallest integer."""
+        has lost) is one no reader accepts: NaN, or the smallest integer. Its space on disk is
+        reserved now."""
         check_interrupt()
         self._wait_write()
         if data is not None:
@@ -163,13 +486,19 @@ class OutputFile:
             row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             chunks = (min(shape[0], chunk_rows(row_bytes)), *shape[1:])
         fill = np.nan if dtype.kind == "f" else np.iinfo(dtype).min if dtype.kind == "i" else None
+        stored = shape if chunks is None else [-(-n // c) * c for n, c in zip(shape, chunks, strict=True)]
+        nbytes = int(np.prod(stored, dtype=np.int64)) * dtype.itemsize  # whole chunks
+        self._reserved += nbytes + nbytes // INDEX_SHARE + (16 << 10)
+        reserve(self.path, self._storage.fd, self._reserved)
         try:
-            ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks,
-                                        fletcher32=checksum, fillvalue=fill if checksum else None)
-            for key, value in attrs.items():
-                ds.attrs[key] = value
+            with _signals_deferred():
+                ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks,
+                                            fletcher32=checksum, fillvalue=fill if checksum else None)
+                for key, value in attrs.items():
+                    ds.attrs[key] = value
         except OSError as exc:
-            raise RuntimeFailure(f"{self.path}: write failed: {one_line(exc)}") from None
+            raise write_failure(self.path, exc) from None
+        self._check_storage()
         return ds
 
     def write_rows(self, ds: h5py.Dataset, start: int, block: np.ndarray) -> None:
@@ -191,12 +520,16 @@ class OutputFile:
 
     def _wait_write(self) -> None:
         pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        try:
-            pending.result()
-        except OSError as exc:
-            raise RuntimeFailure(f"{self.path}: write failed: {one_line(exc)}") from None
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError as exc:
+                raise write_failure(self.path, exc) from None
+        self._check_storage()
+
+    def _check_storage(self) -> None:
+        if self._storage is not None and self._storage.error is not None:
+            raise write_failure(self.path, self._storage.error)
 
     def _stop_writer(self) -> None:
         """Wait for the write in flight, whatever happens to it, and end the thread."""
@@ -213,19 +546,23 @@ class OutputFile:
             self._wait_write()
             self._stop_writer()
             check_interrupt()
-            self.h5.attrs["warnings"] = json.dumps([plain_text(w) for w in self.warnings])
-            self.h5.attrs[ATTRIBUTE_CHECKSUMS] = json.dumps(attribute_checksums(self.h5), sort_keys=True)
-            self.h5.flush()
-            self.h5.close()
-            self.h5 = None
+            with _signals_deferred():
+                self.h5.attrs["warnings"] = json.dumps([plain_text(w) for w in self.warnings])
+                self.h5.attrs[ATTRIBUTE_CHECKSUMS] = json.dumps(attribute_checksums(self.h5), sort_keys=True)
+                self.h5.flush()
+                self._check_storage()
+                self.h5.close()
+                self.h5 = None
+            self._check_storage()
+            self._storage.close()
+            self._storage = None
             os.chmod(self._tmp, _file_mode())
             with _signals_deferred():
-                check_interrupt()
-                os.replace(self._tmp, self.path)
+                _commit_file(self._tmp, self.path, self.force)
                 self._tmp = None
         except OSError as exc:
             self._discard()
-            raise RuntimeFailure(f"{self.path}: write failed: {exc.strerror or one_line(exc)}") from None
+            raise write_failure(self.path, exc) from None
         except BaseException:
             self._discard()
             raise
@@ -235,33 +572,66 @@ class OutputFile:
         with _signals_deferred():
             if self.h5 is not None:
                 try:
-                    self.h5.close()
+                    self.h5.close()  # cannot fail for the file system: _Storage keeps its errors
                 except Exception:
                     pass
                 self.h5 = None
+            if self._storage is not None:
+                self._storage.close()
+                self._storage = None
             if self._tmp:
-                try:
-                    os.unlink(self._tmp)
-                except OSError:
-                    pass
+                _remove_quietly(self._tmp)
             self._tmp = None
 
 
 def check_target(path: Path, force: bool, inputs=()) -> None:
-    """Refuse an output path in a missing directory, a directory, one of the inputs, or an
-    existing file (unless `force`)."""
+    """Refuse an output path in a missing directory, a directory, a device or FIFO, one of the
+    inputs, or an existing file (unless `force`)."""
+    path = Path(path)
     parent = path.parent
     if not parent.is_dir():
         raise UsageError(f"{path}: no such directory {str(parent)!r}")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a directory")
-    target = path.resolve()
-    for item in inputs:
-        ipath = item.path if isinstance(item, ArrayInput) else item.get("path")
-        if ipath and (Path(ipath).resolve() == target or _same_file(ipath, path)):
-            raise UsageError(f"{path}: output would overwrite an input; choose another path")
-    if path.exists() and not force:
+    exists = check_replaceable(path)
+    check_outputs([path], inputs)
+    if exists and not force:
         raise UsageError(f"{path}: exists; pass {param('force=True')} to overwrite")
+
+
+def _input_path(item) -> str | None:
+    """The file an input names: an ArrayInput's, a record's `path`, a `PATH[::/dataset]` string's."""
+    if isinstance(item, ArrayInput):
+        return item.path
+    if isinstance(item, dict):
+        return item.get("path")
+    if isinstance(item, (str, os.PathLike)):
+        return str(item).split("::", 1)[0] or None
+    return None
+
+
+def overwrites(output, given, *, directory: bool = False) -> bool:
+    """Whether writing `output` would overwrite the existing path `given`: the same file (by path,
+    a symbolic or a hard link), or with `directory` (a directory output) a path inside it."""
+    if not os.path.lexists(given):
+        return False
+    if _same_file(output, given):
+        return True
+    out, inside = os.path.realpath(output), os.path.realpath(given)
+    return inside == out or (directory and inside.startswith(out.rstrip(os.sep) + os.sep))
+
+
+def check_outputs(outputs, inputs, names=None, *, directory: bool = False) -> None:
+    """Refuse (UsageError) an output that would overwrite one of the inputs (see `overwrites`), or
+    another output. `names` optionally gives each input's option, for the message."""
+    outputs = [Path(o) for o in outputs if o is not None]
+    for i, output in enumerate(outputs):
+        for j, item in enumerate(inputs):
+            given = _input_path(item)
+            if given and overwrites(output, given, directory=directory):
+                which = f" ({names[j]} {item})" if names is not None else ""
+                raise UsageError(f"{output}: output would overwrite an input{which}; choose another path")
+        for other in outputs[:i]:
+            if os.path.abspath(other) == os.path.abspath(output) or _same_file(other, output):
+                raise UsageError(f"{output}: named as two outputs; choose another path for one")
 
 
 def write_json(path, document: dict, *, force: bool, inputs=()) -> None:
@@ -284,23 +654,21 @@ def write_with(path, writer, *, force: bool, inputs=()) -> None:
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".qbnorm-tmp")
             os.close(fd)
         except OSError as exc:
+            if exc.errno in _FULL:
+                raise write_failure(target, exc) from None
             raise RuntimeFailure(f"{target}: cannot write: {exc.strerror or exc}") from None
     try:
         writer(tmp)
         os.chmod(tmp, _file_mode())
         with _signals_deferred():
-            check_interrupt()
-            os.replace(tmp, target)
+            _commit_file(tmp, target, force)
             tmp = None
     except OSError as exc:
-        raise RuntimeFailure(f"{target}: write failed: {exc.strerror or one_line(exc)}") from None
+        raise write_failure(target, exc) from None
     finally:
         if tmp is not None:
             with _signals_deferred():
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+                _remove_quietly(tmp)
 
 
 def jsonable(value):
@@ -333,35 +701,40 @@ class OutputDirectory:
     """A directory output (an index and the files beside it) built in a temporary directory next
     to the target and renamed into place when complete; removed on any failure or interrupt, the
     target then left as it was. An existing target is replaced only with `force`, and a directory
-    only when `owned(path)` says that a previous run wrote it: never a directory of other files.
+    only when `owned(path)` says that a previous run wrote it: never a directory of other files,
+    also one created at the target while this run wrote (checked again at the commit).
 
-    Use as a context manager; it yields the temporary directory to write into.
+    Use as a context manager; it yields the temporary directory to write into. An OSError of the
+    body (disk full, the directory removed) is reported as this output's write failure.
     """
 
     def __init__(self, path, *, force: bool, inputs=(), owned=None, what: str = "an output") -> None:
         self.path = Path(path)
+        self.force = force
+        self.owned = owned
         parent = self.path.parent
         if "::" in str(path):
             raise UsageError(f"{path}: {what} is a directory, named without '::'")
         if not parent.is_dir():
             raise UsageError(f"{path}: no such directory {str(parent)!r}")
-        target = self.path.resolve()
-        for item in inputs:
-            ipath = item.path if isinstance(item, ArrayInput) else item.get("path")
-            if ipath and (Path(ipath).resolve() == target or target in Path(ipath).resolve().parents):
-                raise UsageError(f"{path}: output would overwrite an input; choose another path")
-        if self.path.exists() or self.path.is_symlink():
+        check_outputs([self.path], inputs, directory=True)
+        if check_replaceable(self.path, directory_ok=True):
             if not force:
                 raise UsageError(f"{path}: exists; pass {param('force=True')} to overwrite")
-            if self.path.is_dir() and not (owned is not None and owned(self.path)):
-                raise UsageError(f"{path}: is a directory that qbnorm did not write; choose another path")
+            self._check_ours(self.path)
         self._tmp: str | None = None
+
+    def _check_ours(self, path: Path) -> None:
+        if path.is_dir() and not path.is_symlink() and not (self.owned is not None and self.owned(path)):
+            raise UsageError(f"{self.path}: is a directory that qbnorm did not write; choose another path")
 
     def __enter__(self) -> Path:
         with _signals_deferred():
             try:
                 self._tmp = tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-tmp")
             except OSError as exc:
+                if exc.errno in _FULL:
+                    raise write_failure(self.path, exc) from None
                 raise RuntimeFailure(f"{self.path}: cannot create a directory in {str(self.path.parent)!r}: "
                                      f"{exc.strerror or exc}") from None
         return Path(self._tmp)
@@ -369,34 +742,57 @@ class OutputDirectory:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._discard()
+            if issubclass(exc_type, OSError):
+                raise write_failure(self.path, exc) from None
+            if issubclass(exc_type, Exception) and not self.path.parent.is_dir():  # whatever a library said of it
+                raise write_failure(self.path, OSError(errno.ENOENT, os.strerror(errno.ENOENT))) from None
             return
-        old = None
+        old, committed = None, False
         try:
             check_interrupt()
             os.chmod(self._tmp, 0o777 & ~_umask())
             with _signals_deferred():
                 check_interrupt()
-                if self.path.is_dir() and not self.path.is_symlink():
-                    old = tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-old")
-                    os.replace(self.path, os.path.join(old, "previous"))
-                elif self.path.exists() or self.path.is_symlink():
-                    os.unlink(self.path)
-                os.replace(self._tmp, self.path)
-                self._tmp = None
-        except OSError as exc:
-            if old is not None and not self.path.exists():  # put the previous output back
+                old = self._move_aside()
                 try:
-                    os.replace(os.path.join(old, "previous"), self.path)
+                    rename_noreplace(self._tmp, self.path)
+                except FileExistsError:
+                    raise _appeared(self.path) from None
+                self._tmp, committed = None, True
+                if _COMMITTED is not None:
+                    _COMMITTED.append(str(self.path))
+        except BaseException as failure:
+            if old is not None and not committed:  # put the previous output back
+                try:
+                    rename_noreplace(old / "previous", self.path)
                 except OSError:
-                    pass
+                    old = None  # left where it is, beside the target: a previous output is never deleted
             self._discard()
-            raise RuntimeFailure(f"{self.path}: write failed: {exc.strerror or one_line(exc)}") from None
-        except BaseException:
-            self._discard()
+            if isinstance(failure, OSError):
+                raise write_failure(self.path, failure) from None
             raise
         finally:
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                with _signals_deferred():  # the output is committed: an interrupt now leaves nothing behind
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _move_aside(self) -> Path | None:
+        """Move what the target holds now into a temporary directory (checked again: `force` and an
+        earlier export, or a file), or None when there is nothing."""
+        if not check_replaceable(self.path, directory_ok=True):
+            return None
+        if not self.force:
+            raise _appeared(self.path)
+        self._check_ours(self.path)
+        old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-old"))
+        os.rename(self.path, old / "previous")
+        try:
+            self._check_ours(old / "previous")  # what was moved is what was checked
+        except UsageError:
+            rename_noreplace(old / "previous", self.path)
+            os.rmdir(old)
+            raise
+        return old
 
     def _discard(self) -> None:
         with _signals_deferred():

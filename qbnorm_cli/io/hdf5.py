@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
+from qbnorm_cli.io.formats import READABLE
 from qbnorm_cli.version import FORMAT_VERSION
 
 # Per open dataset: compressed chunks read by blocks that cut through them are decompressed once.
@@ -95,13 +96,13 @@ def open_h5(path: str) -> h5py.File:
     """Open an HDF5 file read-only (file locking off so concurrent readers never block)."""
     magic = check_readable(path)
     if not magic:
-        raise DataError(f"{path}: empty file; expected an HDF5 or .npy file")
+        raise DataError(f"{path}: empty file; qbnorm reads {READABLE}")
     try:
         is_hdf5 = h5py.is_hdf5(path)
     except OSError:
         is_hdf5 = False
     if not is_hdf5:
-        raise DataError(f"{path}: not an HDF5 or .npy file")
+        raise DataError(f"{path}: not a format qbnorm reads; it reads {READABLE}")
     try:
         return h5py.File(path, "r", locking=False, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except HDF5_ERRORS as exc:

@@ -28,8 +28,17 @@ import numpy as np
 
 from qbnorm_cli.core.augmented import FINGERPRINT_ROWS, fingerprint
 from qbnorm_cli.core.sampling import spread
-from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, install_hint, one_line, param
-from qbnorm_cli.io.atomic import OutputDirectory, OutputFile, check_interrupt, created_now, jsonable
+from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.io.atomic import (
+    OutputDirectory,
+    OutputFile,
+    check_interrupt,
+    check_space,
+    created_now,
+    jsonable,
+    reserve,
+)
+from qbnorm_cli.io.extras import need
 from qbnorm_cli.io.hdf5 import check_readable, open_qbnorm, read_attrs
 from qbnorm_cli.io.specs import ArrayInput, open_array, open_npy
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
@@ -40,19 +49,10 @@ STORAGES = ("hdf5", "npy", "faiss", "lancedb")
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 RECIPE_FILE, VECTORS_FILE, GATE_FILE, FAISS_FILE, TABLE = "recipe.json", "vectors.npy", "gate.npy", "index.faiss", \
     "gallery"
-EXTRAS = {"faiss": ("faiss", "faiss"), "lancedb": ("lancedb", "lancedb")}  # storage: (module, extra)
+STORAGE_EXTRAS = ("faiss", "lancedb")  # stores that need an extra of that name (io/extras.need)
 # The recipe's scalar fields also written as attributes of an HDF5 export (h5dump shows them).
 ATTR_FIELDS = ("method", "similarity", "scale", "center", "constant", "dim", "gallery_rows", "gated",
                "gallery_identity", "query_recipe")
-
-
-def need(extra: str, what: str):
-    """The optional module of `extra` (faiss, lancedb), or RuntimeFailure naming the extra."""
-    module, name = EXTRAS[extra]
-    try:
-        return __import__(module)
-    except ImportError:
-        raise RuntimeFailure(f"{what} needs {module}: {install_hint(name)}") from None
 
 
 @dataclass(frozen=True)
@@ -149,18 +149,16 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
             _write_attrs(out.h5.attrs, recipe)
             out.warnings = list(recipe.get("warnings", ()))
         return recipe
-    module = need(storage, param(f"format={storage!r}")) if storage in EXTRAS else None
+    module = need(storage, param(f"format={storage!r}")) if storage in STORAGE_EXTRAS else None
     recipe["uuid"] = str(_uuid.uuid4())
     with OutputDirectory(output, force=force, inputs=list(inputs), owned=owned_export, what="the export") as tmp:
         files = {}
         if storage == "npy":
-            vectors = np.lib.format.open_memmap(tmp / VECTORS_FILE, mode="w+", dtype=np.float32, shape=(n_rows, dim))
-            for r0, block in seen():
-                vectors[r0:r0 + len(block)] = block
-            vectors.flush()
-            del vectors
+            _write_npy(tmp / VECTORS_FILE, seen(), (n_rows, dim), output)
             files["vectors"] = VECTORS_FILE
-        elif storage == "faiss":
+        else:
+            check_space(output, tmp, n_rows * dim * np.dtype(np.float32).itemsize)
+        if storage == "faiss":
             recipe["index"] = options.describe(n_rows)
             index = _faiss_index(module, options, dim, n_rows)
             try:
@@ -172,7 +170,7 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
             except RuntimeError as exc:
                 raise RuntimeFailure(f"{output}: faiss failed: {one_line(exc)}") from None
             files["index"] = FAISS_FILE
-        else:
+        elif storage == "lancedb":
             _write_table(module, tmp, seen(), gate, dim, recipe)
             files["table"] = TABLE
         if gate is not None and storage != "lancedb":
@@ -184,6 +182,21 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
         except OSError as exc:
             raise RuntimeFailure(f"{output}: write failed: {exc.strerror or one_line(exc)}") from None
     return recipe
+
+
+def _write_npy(path: Path, blocks, shape: tuple[int, int], output) -> None:
+    """A float32 .npy file written block by block through a plain file, its space reserved first
+    (a memory map would die of SIGBUS on a full disk)."""
+    dtype = np.dtype(np.float32)
+    with open(path, "xb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                    "fortran_order": False, "shape": shape})
+        start = file.tell()
+        row_bytes = shape[1] * dtype.itemsize
+        reserve(output, file.fileno(), start + shape[0] * row_bytes)
+        for r0, block in blocks:
+            file.seek(start + r0 * row_bytes)
+            file.write(np.ascontiguousarray(block, dtype=dtype))
 
 
 def _write_attrs(attrs, recipe: dict) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from qbnorm_cli.core.sampling import spread
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
-from qbnorm_cli.io import foreign, schemas
+from qbnorm_cli.io import foreign, formats, schemas
 from qbnorm_cli.io.hdf5 import (
     HDF5_ERRORS,
     check_readable,
@@ -81,6 +81,7 @@ class ArrayInput:
     name: str | None = None
     transposed: bool = False  # read transposed: `array` is a `Transposed` view of the stored one
     layout: schemas.Layout | None = None  # a qbnorm file: what its schema check found
+    origin: formats.Opened | None = None  # a file of io/formats (Parquet, shards, …): what was read
 
     @property
     def label(self) -> str:
@@ -152,6 +153,8 @@ class ArrayInput:
         }
         if self.transposed:
             record["transposed"] = True
+        if self.origin is not None:
+            record.update(self.origin.record())
         return record
 
     def read(self, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None,
@@ -184,6 +187,8 @@ class ArrayInput:
         return reading(self.label, what, checksummed=has_checksum(self.array), remedy=remedy)
 
     def close(self) -> None:
+        if self.origin is not None:
+            self.origin.close()
         if self.h5 is not None:
             self.h5.close()
             self.h5 = None
@@ -318,6 +323,8 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
                ndim: tuple[int, ...] = (2,)) -> ArrayInput:
     """Open `spec` for reading. `kinds` lists the qbnorm kinds accepted (foreign files always are)."""
     path, dataset = split_spec(spec)
+    if (opened := formats.open_format(path, dataset, ndim)) is not None:
+        return format_input(spec, opened, ndim)
     magic = check_readable(path)
     # A file named .npy is read by np.load(allow_pickle=False) only, never by any unpickler.
     named_npy = dataset is None and path.endswith(".npy")
@@ -341,6 +348,16 @@ def open_array(spec: str, *, kinds: tuple[str, ...] | None = None,
     except BaseException:
         h5.close()
         raise
+
+
+def format_input(spec: str, opened: formats.Opened, ndim: tuple[int, ...]) -> ArrayInput:
+    """An input of io/formats (Parquet, Arrow, .npy shards, safetensors, PyTorch, URLs)."""
+    try:
+        check_array(opened.array, f"{opened.path}::{opened.key}" if opened.key else opened.path, ndim)
+    except BaseException:
+        opened.close()
+        raise
+    return ArrayInput(spec, opened.path, opened.key, opened.array, origin=opened)
 
 
 def dataset_input(h5: h5py.File, path: str, dataset: str | None, ndim: tuple[int, ...] = (2,), *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from qbnorm_cli.errors import UsageError, param
+from qbnorm_cli.errors import DataError, UsageError, param
 
 DEFAULT_MEMORY = 1 << 30  # 1 GiB
 
@@ -63,6 +63,15 @@ class Budget:
         if total is not None:
             rows = min(rows, max(total, 1))
         return rows
+
+    def check_unit(self, label: str, unit: str, unit_rows: int, unit_bytes: int, fix: str) -> None:
+        """Refuse an input whose smallest readable `unit` (an Arrow record batch: read whole) would
+        not fit the budget: reading it would allocate beyond `memory`; `fix` says how to make it smaller."""
+        if self.block_rows is None and unit_bytes > self.memory // 2:
+            need = -(-2 * unit_bytes // (1 << 20))
+            what = f"a {unit} of {unit_rows} rows" if unit_rows > 1 else f"a {unit}"
+            raise DataError(f"{label}: {what} ({unit_bytes / (1 << 20):.1f} MiB as float32) is read whole, more than "
+                            f"half of {param('memory')} allows: raise it to at least {need}MiB, or {fix}")
 
     def fits(self, nbytes: float, share: float) -> bool:
         """Whether an array of `nbytes` may be held whole (never when blocks are fixed by hand)."""

@@ -50,6 +50,7 @@ import numpy as np
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.statistics import BankAccumulator
 from qbnorm_cli.errors import QbnormError, QbnormWarning, RuntimeFailure, UsageError, install_hint, one_line, param
+from qbnorm_cli.io import remote
 from qbnorm_cli.io.hdf5 import open_h5
 from qbnorm_cli.io.probefile import CheckedRows
 from qbnorm_cli.io.scorefiles import ScoreFile
@@ -605,7 +606,7 @@ def _ref(session: Session, item: ArrayInput, shared_data: dict) -> dict:
             shared_data[id(item)] = {"name": item.label, "data": session.share(np.asarray(item.array)),
                                    "shape": shape, "key": f"memory:{uuid.uuid4().hex}"}
         return shared_data[id(item)]
-    path = os.path.abspath(item.path)
+    path = item.path if remote.is_url(item.path) else os.path.abspath(item.path)  # a URL is the same everywhere
     spec = f"{path}::{item.dataset}" if item.dataset else path
     try:
         stat = os.stat(path)

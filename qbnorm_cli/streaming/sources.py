@@ -50,6 +50,13 @@ class ScoreSource(Protocol):
         """Columns per HDF5 chunk of what columns are read from."""
 
 
+def check_unit(source: ArrayInput, budget: Budget) -> None:
+    """Refuse an input read in units (Arrow record batches) larger than the budget allows."""
+    unit = getattr(source.array, "unit", None)
+    if unit is not None:
+        budget.check_unit(source.label, unit, source.array.unit_rows, source.array.unit_bytes, source.array.unit_fix)
+
+
 class Embeddings:
     """Row blocks of an embedding matrix as float32, L2-normalised for cosine similarity.
 
@@ -61,6 +68,7 @@ class Embeddings:
     def __init__(self, source: ArrayInput, similarity: str, budget: Budget, share: float = 0.25,
                  eager: bool = True):
         self.source = source
+        check_unit(source, budget)
         self.cosine = similarity == "cosine"
         self._last: tuple[int, int, np.ndarray] | None = None
         self._all = None
@@ -243,8 +251,10 @@ class MatrixScores:
 
     sub_columns = False  # read whole rows of the column block: files are laid out by rows
 
-    def __init__(self, source: ArrayInput):
+    def __init__(self, source: ArrayInput, budget: Budget | None = None):
         self.source = source
+        if budget is not None:
+            check_unit(source, budget)
         self.n_rows, self.n_cols = source.shape
         self._span = (0, self.n_cols)
 
