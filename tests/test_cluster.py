@@ -358,7 +358,7 @@ def test_a_worker_that_cannot_open_an_input(client, data, tmp_path):
     with pytest.raises(qbnorm_cli.RuntimeFailure) as caught:
         qbnorm_cli.probe(emb(data, "bank"), f"{gallery}::/g", output=tmp_path / "p.h5", cluster=hidden)
     message = str(caught.value)
-    assert message.startswith(f"{gallery}: no such file (on the worker at tcp://127.0.0.1:")
+    assert message.startswith(f"{gallery}: no such file (on the worker at tls://127.0.0.1:")  # local: TLS
     assert "cluster needs every input on storage all workers see, at the same path" in message
     assert "\n" not in message and not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
 
@@ -384,6 +384,16 @@ def test_no_scheduler_there(data, tmp_path):
     assert not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
 
 
+def security_file(security, where: Path) -> Path:
+    """A --cluster-security file of a Security's client credentials (a local cluster's: PEM text)."""
+    names = {}
+    for key in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        (where / f"{key}.pem").write_text(getattr(security, key))
+        names[key] = f"{key}.pem"
+    (where / "security.json").write_text(json.dumps(names))
+    return where / "security.json"
+
+
 def queued(client) -> list[str]:
     """The keys of qbnorm's tasks (and their data) the scheduler holds."""
     return client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks
@@ -401,7 +411,8 @@ def test_an_interrupted_client_cancels_its_tasks(client, data, probes, tmp_path,
     out = tmp_path / "out.h5"
     proc = subprocess.Popen(qbnorm("normalise", "--queries", emb(data, "queries"), "--gallery", emb(data, "gallery"),
                                    "--probe", probes["embeddings"], "-o", out, "--top-k", 5, "--block-rows", 100,
-                                   "--cluster", client.scheduler.address),
+                                   "--cluster", client.scheduler.address,
+                                   "--cluster-security", security_file(client.security, tmp_path)),
                             stderr=subprocess.PIPE, text=True)
 
     def ours() -> list[str]:
@@ -545,3 +556,194 @@ def test_progress_on_a_terminal_follows_the_tasks(data, probes, tmp_path):
                                "--top-k", 5, "--block-rows", 100, "--cluster", "local:2", stderr_tty=True)
     assert code == 0, err
     assert "normalise" in err and "rows/s" in err, err
+
+
+# --- who may use the cluster (issue 24, item 17) ----------------------------------------------------
+
+STRANGER = textwrap.dedent("""
+    import json, os, sys
+    import distributed
+
+    address = sys.argv[1]
+    attempts = {"tcp": (address.replace("tls://", "tcp://"), None), "tls without a certificate": (address, None),
+                "tls with a certificate of its own": (address, distributed.Security.temporary())}
+    ran = {}
+    for name, (where, security) in attempts.items():
+        try:
+            client = distributed.Client(where, timeout=3, set_as_default=False, security=security)
+            ran[name] = client.submit(os.getpid).result(timeout=5)  # code run in the cluster's worker
+        except Exception as exc:
+            ran[name] = type(exc).__name__
+    print(json.dumps(ran))
+    os._exit(0)  # a half-made client must not wait at exit
+""")
+
+
+@slow
+def test_a_local_cluster_refuses_clients_without_its_certificate():
+    """`--cluster local:N` speaks TLS with a certificate made for the run: another local process
+    (another user) cannot connect to its scheduler and run code in qbnorm's workers, whether it
+    speaks plain TCP, TLS without a certificate, or TLS with a certificate of its own; a client
+    with the run's certificate can (so the refusals are the certificate's doing)."""
+    cluster = local_cluster(1)
+    try:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://127.0.0.1:")
+        proc = subprocess.run([sys.executable, "-c", STRANGER, address], capture_output=True, text=True, timeout=120)
+        ran = json.loads(proc.stdout)
+        assert all(isinstance(outcome, str) for outcome in ran.values()), ran  # an exception's name: refused
+        with distributed.Client(address, timeout=30, set_as_default=False, security=cluster.security) as friend:
+            assert friend.submit(os.getpid).result(timeout=60) > 0
+    finally:
+        cluster.close()
+
+
+def security_files(where: Path) -> tuple[dict[str, Path], distributed.Security]:
+    """A temporary certificate written as a scheduler, its workers and a client take it."""
+    made = distributed.Security.temporary()
+    files = {}
+    for name in ("tls_ca_file", "tls_scheduler_cert", "tls_scheduler_key", "tls_client_cert", "tls_client_key"):
+        files[name] = where / f"{name}.pem"
+        files[name].write_text(getattr(made, name))
+    return files, made
+
+
+def test_a_bad_security_file_is_one_line(cli, data, tmp_path):
+    files, _ = security_files(tmp_path)
+    args = ["probe", "--bank", emb(data, "bank"), "--gallery", emb(data, "gallery"), "-o", tmp_path / "p.h5"]
+    cases = {
+        "unknown key": ("tls_ca_file: a.pem\ntls_cert: b.pem\n", 3, "unknown key 'tls_cert'"),
+        "no CA": (f"tls_client_cert: {files['tls_client_cert'].name}\n", 3, "tls_ca_file missing"),
+        "a missing file": ("tls_ca_file: nowhere.pem\ntls_client_cert: nowhere.pem\n", 3, "nowhere.pem"),
+        "not a mapping": ("[1, 2]\n", 3, "expected a mapping"),
+        "not YAML": ("tls_ca_file: [\n", 3, "not a YAML or JSON security file"),
+    }
+    for name, (text, code, says) in cases.items():
+        (tmp_path / "security.yaml").write_text(text)
+        got, _, err = cli(*args, "--cluster", "tcp://127.0.0.1:9", "--cluster-security", tmp_path / "security.yaml")
+        assert got == code and says in err and err.count("\n") == 1, (name, err)
+    got, _, err = cli(*args, "--cluster-security", tmp_path / "security.yaml")
+    assert got == 2 and "give --cluster too" in err
+    got, _, err = cli(*args, "--cluster", "local:2", "--cluster-security", tmp_path / "security.yaml")
+    assert got == 2 and "makes its own" in err
+    assert not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
+
+
+@slow
+def test_a_tls_scheduler_takes_the_cluster_security_file(data, probes, local_run, tmp_path):
+    """`dask scheduler --protocol tls` with a CA: qbnorm connects with --cluster-security (its
+    results those of the local run), and without it is told in one line what it needs."""
+    files, _ = security_files(tmp_path)
+    bin_dir = Path(sys.executable).parent
+    scheduler_file = tmp_path / "scheduler.json"
+    tls = ["--tls-ca-file", files["tls_ca_file"], "--tls-cert", files["tls_scheduler_cert"], "--tls-key",
+           files["tls_scheduler_key"]]
+    env = dict(os.environ, QBNORM_THREADS="1")
+    procs = [subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--protocol",
+                               "tls", "--no-dashboard", "--scheduler-file", scheduler_file, *tls],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        end = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < end:
+            time.sleep(0.1)
+        time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tls://")
+        procs.append(subprocess.Popen([bin_dir / "dask", "worker", address, "--nthreads", "1", "--no-dashboard",
+                                       "--host", "127.0.0.1", "--no-nanny", *tls], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, env=env))
+        security = tmp_path / "security.json"
+        security.write_text(json.dumps({"tls_ca_file": files["tls_ca_file"].name,
+                                        "tls_client_cert": files["tls_client_cert"].name,
+                                        "tls_client_key": files["tls_client_key"].name}))
+        args = ("probe", "--bank", emb(data, "bank"), "--gallery", emb(data, "gallery"), "--beta", 20, "--k", 1, "-q")
+        proc = subprocess.run(qbnorm(*args, "-o", tmp_path / "p.h5", "--cluster", address, "--cluster-security",
+                                     security), capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        assert_same_files(local_run[0] / "probe_here.h5", tmp_path / "p.h5")
+        quick = dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="3s")
+        proc = subprocess.run(qbnorm(*args, "-o", tmp_path / "q.h5", "--cluster", address), capture_output=True,
+                              text=True, timeout=180, env=quick)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "needs --cluster-security" in proc.stderr and not (tmp_path / "q.h5").exists()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+# --- stderr is qbnorm's, whatever dask logs (issue 24, item 16) --------------------------------------
+
+def test_dask_logs_are_kept_off_stderr_during_a_session_and_restored_after(capfd, monkeypatch):
+    """distributed logs "Batched Comm Closed" with a traceback (INFO, from distributed.batched) when
+    a comm closes under a write: a cluster closed at an interrupt did so on the client's stderr
+    (LocalCluster restores its own `silence_logs` level as it closes, before its comms are done)."""
+    import logging
+    import sys
+
+    from qbnorm_cli.streaming.cluster import dask_logs_quiet
+
+    monkeypatch.delenv("QBNORM_DEBUG", raising=False)
+    root = logging.getLogger("distributed")
+    dask_handler = logging.StreamHandler(sys.stderr)  # what dask installs at import in a plain process
+    root.addHandler(dask_handler)
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(root, "propagate", False)
+    batched = logging.getLogger("distributed.batched")
+    try:
+        try:
+            raise distributed.comm.CommClosedError("in <TLS (closed) Scheduler connection>")
+        except distributed.comm.CommClosedError:
+            with dask_logs_quiet():
+                batched.info("Batched Comm Closed %r", "comm", exc_info=True)
+                logging.getLogger("distributed.nanny").error("Failed to start process", exc_info=True)
+            assert capfd.readouterr().err == ""
+            batched.warning("after the session")
+        assert "after the session" in capfd.readouterr().err  # restored
+        root.propagate = True  # an application's handlers on the root logger (none here): no last resort
+        with dask_logs_quiet():
+            root.removeHandler(dask_handler)
+            logging.getLogger("distributed.nanny").error("Failed to start process")
+            root.addHandler(dask_handler)
+        assert capfd.readouterr().err == ""
+        monkeypatch.setenv("QBNORM_DEBUG", "1")
+        with dask_logs_quiet():
+            batched.warning("shown when debugging")
+        assert "shown when debugging" in capfd.readouterr().err
+    finally:
+        root.removeHandler(dask_handler)
+
+
+@slow
+def test_signals_near_the_end_of_a_local_run_leave_one_line(data, probes, tmp_path):
+    """SIGTERM and SIGINT at seeded moments around the end of a `--cluster local:2` run (bounded:
+    at most six runs, a minute after the first): each ends with exit 130 and qbnorm's one line (no output), or exit 0
+    with the output and nothing on stderr; never dask's tracebacks."""
+    out = tmp_path / "n.h5"
+    args = qbnorm("normalise", "--queries", emb(data, "queries"), "--gallery", emb(data, "gallery"), "--probe",
+                  probes["embeddings"], "--top-k", 5, "--block-rows", 100, "--cluster", "local:2", "-q", "--force",
+                  "-o", out)
+    start = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    whole = time.monotonic() - start
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    rng = np.random.default_rng(16)
+    seen = set()
+    end = time.monotonic() + 60
+    for number in range(6):
+        if time.monotonic() > end and number >= 2:
+            break
+        signum = (signal.SIGTERM, signal.SIGINT)[number % 2]
+        out.unlink(missing_ok=True)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(whole * rng.uniform(0.6, 1.1))
+        proc.send_signal(signum)
+        stdout, err = proc.communicate(timeout=120)
+        seen.add(proc.returncode)
+        if proc.returncode == 0:
+            assert err == "" and stdout == "" and out.exists(), err
+        else:
+            assert proc.returncode == 130 and err == "qbnorm: interrupted; no output was written\n", err
+            assert not out.exists()
+        assert leftovers(tmp_path) == []
+    assert 130 in seen  # the signals did land during runs

@@ -68,7 +68,7 @@ def made(tmp_path_factory):
     np.save(root / "gt.npy", rng.integers(0, G, Q))
     f = {name: root / name for name in ("queries.h5", "gallery.h5", "bank.h5", "gallery_bank.h5", "probe.h5",
                                         "bank_sims.h5", "dense.h5", "ranking.h5", "evaluation.h5", "hubness.h5",
-                                        "params.json")}
+                                        "params.json", "index.h5")}
     steps = [
         ["convert", root / "queries.npy", "-o", f["queries.h5"]],
         ["convert", root / "gallery.npy", "-o", f["gallery.h5"]],
@@ -81,6 +81,7 @@ def made(tmp_path_factory):
          "-o", f["dense.h5"]],
         ["normalise", "--queries", f["queries.h5"], "--gallery", f["gallery.h5"], "--probe", f["probe.h5"],
          "-o", f["ranking.h5"], "--top-k", 5, "--method", "dual-dis"],
+        ["export", "--probe", f["probe.h5"], "--gallery", f["gallery.h5"], "--method", "dis", "-o", f["index.h5"]],
         ["evaluate", f["dense.h5"], f["ranking.h5"], "--gt", root / "gt.npy", "-o", f["evaluation.h5"]],
         ["hubness", f["dense.h5"], f["ranking.h5"], f["probe.h5"], "--k", 3, "-o", f["hubness.h5"]],
         ["tune", "--queries", f["queries.h5"], "--gallery", f["gallery.h5"], "--gt", root / "gt.npy",
@@ -116,12 +117,13 @@ def made(tmp_path_factory):
                   ("hubness", ["hubness", "X", "--k", 3], {"/scores"})],
         "ranking": [("evaluate", ["evaluate", "X", "--gt", g["gt"]], {"/neighbors", "/scores"}),
                     ("hubness", ["hubness", "X", "--k", 3], {"/neighbors"})],
+        "index": [("search", ["search", "--index", "X", "--queries", g["q"], "--top-k", 5], {"/vectors", "/gate"})],
         "params": [("normalise --params", ["normalise", "--params", "X", *norm[1:]], set()),
                    ("probe --params", ["probe", "--params", "X", "--bank", f["bank.h5"], "--gallery", g["g"]], set())],
     }
     files = {"queries": f["queries.h5"], "gallery": f["gallery.h5"], "bank": f["bank.h5"],
              "gallery_bank": f["gallery_bank.h5"], "probe": f["probe.h5"], "bank_sims": f["bank_sims.h5"],
-             "dense": f["dense.h5"], "ranking": f["ranking.h5"], "params": f["params.json"]}
+             "dense": f["dense.h5"], "ranking": f["ranking.h5"], "params": f["params.json"], "index": f["index.h5"]}
     reference = {}
     for kind, commands in consumers.items():
         for name, command, _ in commands:
@@ -400,14 +402,13 @@ def byte_damage(src: Path, work: Path, rng, scale: int):
 # The battery
 
 
-HDF5_KINDS = ("queries", "gallery", "bank", "gallery_bank", "probe", "bank_sims", "dense", "ranking")
+HDF5_KINDS = ("queries", "gallery", "bank", "gallery_bank", "probe", "bank_sims", "dense", "ranking", "index")
 
 
-@pytest.mark.parametrize("kind", HDF5_KINDS)
+@pytest.mark.parametrize("kind", [k for k in HDF5_KINDS if k != "index"])  # index: checksums required
 def test_structured_damage(made, capsys, tmp_path, kind):
     battery = Battery(made, capsys, tmp_path)
-    rng = np.random.default_rng(["queries", "gallery", "bank", "gallery_bank", "probe", "bank_sims", "dense",
-                                 "ranking"].index(kind))
+    rng = np.random.default_rng(HDF5_KINDS.index(kind))
     for number, (damage, dataset, path) in enumerate(structured_damage(made["files"][kind], tmp_path, rng)):
         battery.check(kind, damage, path, turn=number, dataset=dataset)
         path.unlink()

@@ -125,3 +125,15 @@ def test_probe_bank_side_hubness_and_coverage_warning(tmp_path, capsys):
     assert code == 2 and "kmax" in err
     code, _, err = run(capsys, "hubness", tmp_path / "probe.h5", "--k", 1, "--exclude-self")
     assert code == 2
+
+
+def test_the_library_warns_about_low_coverage_as_the_cli_does(tmp_path):
+    """hubness() gives the same low-coverage warning as `qbnorm hubness` (it gave none)."""
+    import pytest
+
+    import qbnorm_cli
+
+    write_probe(tmp_path / "probe.h5", np.array([[0, 1], [0, 2], [1, 0], [0, 3]]), 10)
+    with pytest.warns(qbnorm_cli.QbnormWarning, match=r"cover only 20\.0% of the gallery.*method='dis'"):
+        result = qbnorm_cli.hubness(str(tmp_path / "probe.h5"), k=1)
+    assert result["by_k"][0]["coverage_pct"] == tol.approx64(20.0)

@@ -25,6 +25,7 @@ import qbnorm_cli
 from qbnorm_cli import DataError, UsageError, methods
 from qbnorm_cli.core import augmented
 from qbnorm_cli.errors import install_hint
+from qbnorm_cli.io import indexfile
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data" / "multi30k-sample.h5"
@@ -567,6 +568,11 @@ def test_an_index_from_another_gallery_is_refused(cli, files, tmp_path):
         target = mine / stores[fmt]
         shutil.rmtree(target) if target.is_dir() else target.unlink()
         (shutil.copytree if (theirs / stores[fmt]).is_dir() else shutil.copy)(theirs / stores[fmt], target)
+        code, _, err = cli("search", "--index", mine, "--queries", spec(files, "queries"), "--top-k", 3,
+                           "-o", tmp_path / f"s-{fmt}.h5")
+        assert code == 3 and ("sha256 differs" in err or "not in the export's manifest" in err
+                              or "the manifest says" in err), (fmt, err)
+        indexfile.write_manifest(mine)  # a manifest made again for the copy: the recipe still tells
         code, _, err = cli("search", "--index", mine, "--queries", spec(files, "queries"), "--top-k", 3,
                            "-o", tmp_path / f"s-{fmt}.h5")
         assert code == 3 and ("other vectors" in err or "another export" in err), (fmt, err)

@@ -440,6 +440,20 @@ def _subjects(scores, queries, gallery, similarity: str, transpose: bool, budget
     return subjects
 
 
+def _low_coverage(results: list[dict], names: list[str]) -> list[str]:
+    """A warning for each probe input whose bank queries' top items cover under LOW_COVERAGE_PCT of
+    the gallery (the bank-side view then says little about the gallery's hubs)."""
+    robust = param(f"method={registry.DEFAULT.name!r}")
+    found = []
+    for name, res in zip(names, results, strict=True):
+        for row in res["by_k"] if res["kind"] == "probe" else ():
+            if row["coverage_pct"] < hub.LOW_COVERAGE_PCT:
+                found.append(f"{name}: the top {row['k']} of the bank's queries cover only "
+                             f"{row['coverage_pct']:.1f}% of the gallery (< {hub.LOW_COVERAGE_PCT:g}%); use {robust}, "
+                             "enlarge or re-sample the bank")
+    return found
+
+
 def hubness(scores=None, *, queries=None, gallery=None, similarity: str = "cosine", k=DEFAULT_K,
             exclude_self: bool = False, transpose: bool = False, memory=DEFAULT_MEMORY, block_rows: int | None = None,
             progress=None, cluster=None):
@@ -460,6 +474,8 @@ def hubness(scores=None, *, queries=None, gallery=None, similarity: str = "cosin
     subjects = _subjects(scores, queries, gallery, similarity, transpose, budget, eager=cluster is None)
     with clustered(cluster) as session:
         results = _measured(subjects, _ks(k), exclude_self, budget, progress, session)
+    for message in _low_coverage(results, [r["input"] for r in results]):
+        warn(message)
     return results if _many(scores) or len(results) > 1 else results[0]
 
 
@@ -503,14 +519,7 @@ def hubness_report(scores: Sequence = (), *, queries=None, gallery=None, similar
         results = _measured(subjects, ks, exclude_self, budget, progress, session)
     occurrences = [r.pop("k_occurrence") for r in results]
     results = [{"name": name, **r} for name, r in zip(names, results, strict=True)]
-    robust = param(f"method={registry.DEFAULT.name!r}")
-    found = []
-    for res in results:
-        for row in res["by_k"] if res["kind"] == "probe" else ():
-            if row["coverage_pct"] < hub.LOW_COVERAGE_PCT:
-                found.append(f"{res['name']}: the top {row['k']} of the bank's queries cover only "
-                             f"{row['coverage_pct']:.1f}% of the gallery (< {hub.LOW_COVERAGE_PCT:g}%); use {robust}, "
-                             "enlarge or re-sample the bank")
+    found = _low_coverage(results, names)
     for message in found:
         warn(message)
     document = {"k": ks, "exclude_self": exclude_self, "inputs": results}

@@ -290,8 +290,7 @@ class _Opened:
                 raise UsageError(f"{param(name)} {value}: {self.label} is a {kind} index; {param(name)} tunes "
                                  f"{needs} indexes")
         if storage in ("hdf5", "npy"):
-            vectors = opened.vectors
-            self._vectors(lambda c0, c1: vectors.read(c0, c1), backend, budget)
+            self._vectors(opened.read, backend, budget)
         elif storage == "faiss":
             self._only(backend, "faiss", storage)
             faiss = indexfile.need("faiss", f"{what} on a faiss index")

@@ -57,6 +57,7 @@ def command(
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
     cluster: options.Cluster = None,
+    cluster_security: options.ClusterSecurity = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -87,7 +88,7 @@ def command(
             transpose=transpose, ties=ties, gates=gates, memory=memory,
             block_rows=block_rows, output=output, force=force, progress=report.progress,
             provenance=options.provenance(ctx), described={"gt": gt, "query_mask": query_mask},
-            cluster=cluster)
+            cluster=options.on_cluster(cluster, cluster_security))
     if plot is not None:
         plots.save_figure(plots.recall_figure(document["inputs"], direction=document["direction"]), plot, force=force, inputs=scores)
         document["plot"] = {"file": plot, **plots.recall_data(document["inputs"])}

@@ -62,6 +62,7 @@ def command(
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
     cluster: options.Cluster = None,
+    cluster_security: options.ClusterSecurity = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -103,7 +104,7 @@ def command(
         document = api.hubness_report(scores or [], queries=queries, gallery=gallery, similarity=similarity,
                                       k=k or [DEFAULT_K], exclude_self=exclude_self, transpose=transpose,
                                       memory=memory, block_rows=block_rows, output=output, force=force,
-                                      progress=report.progress, provenance=options.provenance(ctx), cluster=cluster)
+                                      progress=report.progress, provenance=options.provenance(ctx), cluster=options.on_cluster(cluster, cluster_security))
     occurrences = document.pop("occurrences")
     if plot is not None:
         plots.save_figure(plots.hubness_figure(document["inputs"]), plot, force=force, inputs=inputs)

@@ -37,6 +37,7 @@ def command(
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
     cluster: options.Cluster = None,
+    cluster_security: options.ClusterSecurity = None,
     force: options.Force = False,
     accept_mismatch: options.AcceptMismatch = False,
     json_output: options.Json = False,
@@ -67,7 +68,7 @@ def command(
             queries, gallery, probed, **chosen, top_k=top_k, sims=sims, transpose=transpose, similarity=similarity, dtype=dtype, memory=memory, block_rows=block_rows,
             output=output, force=force,
             accept_mismatch=accept_mismatch, progress=report.progress, provenance=options.provenance(ctx),
-            extra_params={"params_file": params_file}, tuned=tuned, cluster=cluster)
+            extra_params={"params_file": params_file}, tuned=tuned, cluster=options.on_cluster(cluster, cluster_security))
     n_rows, done = len(written.normalised), int(written.normalised.sum())
     report.info(f"wrote {output}: {written.kind} of {n_rows} queries, method {written.params['method']}; "
                 f"{done} of {n_rows} rows normalised")

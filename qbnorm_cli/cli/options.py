@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import methods
+from qbnorm_cli.api import Cluster as ClusterSpec
+from qbnorm_cli.errors import UsageError
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
@@ -39,9 +41,23 @@ Plot = Annotated[str | None, typer.Option("--plot", metavar="FILE.png|.svg|.pdf"
                                           help="Also draw the figure (needs the plot extra: matplotlib).")]
 Cluster = Annotated[str | None, typer.Option(
     "--cluster", metavar="ADDRESS",
-    help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here), "
-         "tcp://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
+    help="Run on a dask.distributed cluster, with the same results: local or local:N (N worker processes here, "
+         "TLS with a certificate made for the run), tcp://HOST:PORT, tls://HOST:PORT or a scheduler file; workers read the inputs themselves (shared storage) and --memory is "
          "per worker (needs the dask extra; see docs/distributed.md).")]
+ClusterSecurity = Annotated[str | None, typer.Option(
+    "--cluster-security", metavar="FILE",
+    help="TLS credentials for a tcp:// or tls:// scheduler (or scheduler file): a YAML or JSON file of "
+         "distributed.Security's keywords (tls_ca_file, tls_client_cert, tls_client_key; paths relative to it). "
+         "Default: dask's distributed.comm.tls configuration. local:N makes its own (see docs/security.md).")]
+
+
+def on_cluster(address: str | None, security: str | None):
+    """--cluster and --cluster-security as the library's `cluster` (None: run here)."""
+    if address is None:
+        if security is not None:
+            raise UsageError("--cluster-security: give --cluster too (the scheduler it secures)")
+        return None
+    return ClusterSpec(address, security=security)
 
 MinCount = Annotated[int | None, typer.Option(
     "--min-count", metavar="θ",
@@ -71,6 +87,7 @@ FLAGS = {
     "topk_means": "--topk-mean",
     "methods": "--method",
     "lam": "--lambda",  # `lambda` is a Python keyword: the library says lam
+    "security": "--cluster-security",  # Cluster(security=…)
     "scores": "SCORES",
     "source": "SOURCE",
 }

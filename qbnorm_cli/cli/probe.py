@@ -39,6 +39,7 @@ def command(
     memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
     block_rows: options.BlockRows = None,
     cluster: options.Cluster = None,
+    cluster_security: options.ClusterSecurity = None,
     force: options.Force = False,
     json_output: options.Json = False,
     quiet: options.Quiet = False,
@@ -87,7 +88,8 @@ def command(
             sinkhorn_max_iters=sinkhorn_max_iters, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims,
             bank_gallery_bank_sims=bank_gallery_bank_sims, transpose=transpose, similarity=similarity,
             memory=memory, block_rows=block_rows, output=output, force=force, progress=report.progress,
-            provenance=options.provenance(ctx), tuned=tuned, cluster=cluster, methods=method_names)
+            provenance=options.provenance(ctx), tuned=tuned, cluster=options.on_cluster(cluster, cluster_security),
+            methods=method_names)
     diag = result.diagnostics
     stats = scale.ScoreStats.from_attrs(result.attrs)
     report.info(

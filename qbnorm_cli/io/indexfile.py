@@ -12,14 +12,21 @@ recipe, in one of four stores:
            recipe.json; the table's schema metadata carries the export's uuid.
 
 The recipe records the fingerprint of rows spread over the vectors (or, for LanceDB, the uuid),
-so that a store from another export (another gallery, method or setting) is refused. faiss and
+so that a store from another export (another gallery, method or setting) is refused. Its fields
+are declared once, in io/schemas.py (`RECIPE`: types, finite ranges), and checked when an export is
+opened. Integrity: an HDF5 export is a qbnorm file (its schema, Fletcher-32 checksums and
+attribute checksums); a directory export ends with manifest.json, written last: the size and
+sha256 of every file (the recipe's included) and a sha256 of the manifest itself, all compared
+before anything is read. faiss and
 lancedb are optional extras, imported only here and only when a store needs them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import uuid as _uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,7 @@ import numpy as np
 from qbnorm_cli.core.augmented import FINGERPRINT_ROWS, fingerprint
 from qbnorm_cli.core.sampling import spread
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line, param
+from qbnorm_cli.io import schemas
 from qbnorm_cli.io.atomic import (
     OutputDirectory,
     OutputFile,
@@ -39,20 +47,20 @@ from qbnorm_cli.io.atomic import (
     reserve,
 )
 from qbnorm_cli.io.extras import need
-from qbnorm_cli.io.hdf5 import check_readable, open_qbnorm, read_attrs
-from qbnorm_cli.io.specs import ArrayInput, open_array, open_npy
+from qbnorm_cli.io.hdf5 import check_readable, has_checksum, open_qbnorm, reading
+from qbnorm_cli.io.specs import ArrayInput, dataset_input, open_array, open_npy
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
 
 KIND = "index-vectors"
-RECIPE_FORMAT = "qbnorm-index-vectors"
-STORAGES = ("hdf5", "npy", "faiss", "lancedb")
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+RECIPE_FORMAT = schemas.INDEX_RECIPE_FORMAT
+STORAGES = schemas.INDEX_STORAGES
+INDEX_TYPES = schemas.INDEX_TYPES
 RECIPE_FILE, VECTORS_FILE, GATE_FILE, FAISS_FILE, TABLE = "recipe.json", "vectors.npy", "gate.npy", "index.faiss", \
     "gallery"
 STORAGE_EXTRAS = ("faiss", "lancedb")  # stores that need an extra of that name (io/extras.need)
-# The recipe's scalar fields also written as attributes of an HDF5 export (h5dump shows them).
-ATTR_FIELDS = ("method", "similarity", "scale", "center", "constant", "dim", "gallery_rows", "gated",
-               "gallery_identity", "query_recipe")
+MANIFEST_FILE, MANIFEST_FORMAT = "manifest.json", "qbnorm-index-manifest"
+HASH_BUFFER = 8 << 20  # bytes read per step when a manifest's files are hashed
+ATTR_FIELDS = schemas.RECIPE_ATTRS  # the recipe's fields an HDF5 export also holds as attributes
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,7 @@ def write_export(output, storage: str, recipe: dict, blocks, gate: np.ndarray | 
         recipe.update(fingerprint=picked.digest(), files=files)
         try:
             (tmp / RECIPE_FILE).write_text(json.dumps(jsonable(recipe), indent=2) + "\n", encoding="utf-8")
+            write_manifest(tmp)
         except OSError as exc:
             raise RuntimeFailure(f"{output}: write failed: {exc.strerror or one_line(exc)}") from None
     return recipe
@@ -229,6 +238,105 @@ def _write_table(lancedb, where: Path, blocks, gate, dim: int, recipe: dict) -> 
         raise RuntimeFailure(f"{where}: lancedb failed: {one_line(exc)}") from None
 
 
+# --- integrity: the manifest of a directory export -------------------------------------------------
+
+def _digest(path: Path) -> str:
+    """sha256 of a file, read once in large steps."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_BUFFER)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+            check_interrupt()
+    return digest.hexdigest()
+
+
+def _manifest_digest(files: dict) -> str:
+    """The manifest's own checksum: sha256 of its file list in canonical JSON."""
+    text = json.dumps({"format": MANIFEST_FORMAT, "algorithm": "sha256", "files": files}, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _export_files(root: Path) -> list[str]:
+    """Every file of an export directory but the manifest, relative, '/'-separated, sorted."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in names:
+            relative = Path(folder, name).relative_to(root).as_posix()
+            if relative != MANIFEST_FILE:
+                found.append(relative)
+    return sorted(found)
+
+
+def write_manifest(root: Path) -> None:
+    """manifest.json: the size and sha256 of every file of a complete export directory, and the
+    manifest's own sha256; written last, once every other file is complete."""
+    files = {}
+    for relative in _export_files(root):
+        file = root / relative
+        files[relative] = {"bytes": file.stat().st_size, "sha256": _digest(file)}
+    manifest = {"format": MANIFEST_FORMAT, "algorithm": "sha256", "files": files,
+                "manifest_sha256": _manifest_digest(files)}
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def verify_manifest(path: str) -> None:
+    """Compare an export directory with its manifest before anything of it is read: DataError
+    naming the file and what is wrong (missing, a link, another size or content, a file the
+    manifest does not list inside the table's directory)."""
+    root = Path(path)
+    where = root / MANIFEST_FILE
+    damaged = f"the export is damaged or was edited: {schemas.INDEX_REMEDY}"
+    if not where.is_file() or where.is_symlink():
+        raise DataError(f"{where}: missing; every export qbnorm writes ends with one ({damaged})")
+    try:
+        manifest = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DataError(f"{where}: unreadable ({one_line(exc)}); {damaged}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or manifest.get("algorithm") != "sha256" or not all(
+                isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+                for v in files.values())):
+        raise DataError(f"{where}: not a qbnorm index manifest; {damaged}")
+    if manifest.get("manifest_sha256") != _manifest_digest(files):
+        raise DataError(f"{where}: its checksum does not match its contents; {damaged}")
+    if RECIPE_FILE not in files:
+        raise DataError(f"{where}: does not list {RECIPE_FILE}; {damaged}")
+    folders = {relative.partition("/")[0] for relative in files if "/" in relative}
+    for relative in _export_files(root):
+        if relative not in files and relative.partition("/")[0] in folders:
+            raise DataError(f"{root / relative}: not in the export's manifest (added after qbnorm wrote it?); "
+                            f"{damaged}")
+    for relative, recorded in files.items():
+        file = root / relative
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise DataError(f"{where}: lists {relative!r}, outside the export; {damaged}")
+        linked = next((p for p in file.relative_to(root).parents if p != Path(".") and (root / p).is_symlink()), None)
+        if linked is not None:
+            raise DataError(f"{root / linked}: a link (qbnorm writes none); {damaged}")
+        try:
+            info = os.lstat(file)
+        except FileNotFoundError:
+            raise DataError(f"{file}: missing (the manifest lists it); {damaged}") from None
+        except OSError as exc:
+            raise RuntimeFailure(f"{file}: cannot read ({exc.strerror or one_line(exc)})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{file}: not a plain file (a link or device; qbnorm writes none); {damaged}")
+        if info.st_size != recorded["bytes"]:
+            raise DataError(f"{file}: {info.st_size} bytes, the manifest says {recorded['bytes']} (truncated or "
+                            f"changed); {damaged}")
+        try:
+            found = _digest(file)
+        except OSError as exc:
+            raise RuntimeFailure(f"{file}: cannot read ({exc.strerror or one_line(exc)})") from None
+        if found != recorded["sha256"]:
+            raise DataError(f"{file}: changed after qbnorm wrote it (sha256 differs from {MANIFEST_FILE}); {damaged}")
+
+
 # --- reading ---------------------------------------------------------------------------------------
 
 class Export:
@@ -256,6 +364,12 @@ class Export:
     def dim(self) -> int:
         """The augmented vectors' dimension (the embeddings' + 1)."""
         return int(self.recipe["dim"]) + 1
+
+    def read(self, c0: int, c1: int) -> np.ndarray:
+        """Rows c0:c1 of the stored vectors (hdf5, npy), refused if any is not finite."""
+        block = self.vectors.read(c0, c1)
+        schemas.check_values(self.vectors.label, "the vectors", block, values="finite", r0=c0, rows="item")
+        return block
 
     def describe(self) -> dict:
         return {"path": self.path, "dataset": None, "kind": KIND, "uuid": self.recipe.get("uuid"),
@@ -289,11 +403,7 @@ def _recipe(text: str, where: str) -> dict:
     if version > FORMAT_VERSION:
         raise DataError(f"{where}: format_version {version} is newer than this qbnorm supports ({FORMAT_VERSION}); "
                         f"upgrade qbnorm")
-    missing = [k for k in ("method", "similarity", "scale", "center", "constant", "dim", "gallery_rows", "gated",
-                           "storage") if k not in recipe]
-    if missing:
-        raise DataError(f"{where}: the recipe lacks {', '.join(missing)}")
-    return recipe
+    return schemas.check_recipe(recipe, where)
 
 
 def open_export(path, *, what: str = "search") -> Export:
@@ -307,14 +417,17 @@ def open_export(path, *, what: str = "search") -> Export:
         raise DataError(f"{path}: a bare faiss index; pass the export's directory (with its {RECIPE_FILE})")
     h5 = open_qbnorm(path, KIND)
     try:
-        attrs = read_attrs(h5)
+        layout = schemas.check(h5, KIND, path)  # the recipe's fields, checksums and shapes
+        attrs = layout.root_attrs
         recipe = _recipe(attrs.get("recipe", ""), path)
-        vectors = open_array(f"{path}::/vectors")
+        vectors = dataset_input(h5, path, "/vectors", kind=KIND, layout=layout, owner=False)
         gate = None
         if recipe["gated"]:
             if "/gate" not in h5:
                 raise DataError(f"{path}: no dataset /gate; the recipe says the method is gated")
-            gate = np.asarray(h5["/gate"][()], dtype=bool)
+            with reading(f"{path}::/gate", "its values", checksummed=has_checksum(h5["/gate"]),
+                         remedy=schemas.INDEX_REMEDY):
+                gate = np.asarray(h5["/gate"][()], dtype=bool)
     except BaseException:
         h5.close()
         raise
@@ -327,6 +440,7 @@ def _open_directory(path: str, what: str) -> Export:
     recipe_path = os.path.join(path, RECIPE_FILE)
     if not os.path.isfile(recipe_path):
         raise DataError(f"{path}: not a qbnorm index export (no {RECIPE_FILE})")
+    verify_manifest(path)
     try:
         text = Path(recipe_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -368,7 +482,7 @@ def _open_directory(path: str, what: str) -> Export:
         table = lancedb.connect(path).open_table(TABLE)
         rows = table.count_rows()
         schema = table.schema
-    except (OSError, RuntimeError, ValueError, FileNotFoundError) as exc:
+    except Exception as exc:  # lance's errors have no common type; a damaged table is bad input
         raise DataError(f"{path}: cannot open the LanceDB table {TABLE!r} ({one_line(exc)})") from None
     where = f"{path} (LanceDB table {TABLE})"
     vector = schema.field("vector").type if "vector" in schema.names else None
@@ -381,7 +495,10 @@ def _open_directory(path: str, what: str) -> Export:
     if recipe["gated"]:
         if "gate" not in schema.names:
             raise DataError(f"{where}: no gate column; the recipe says the method is gated")
-        export.gate = lance_gate(table, rows)
+        try:
+            export.gate = lance_gate(table, rows)
+        except Exception as exc:
+            raise DataError(f"{where}: cannot read the gate column ({one_line(exc)})") from None
     return export
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h5py
 import numpy as np
@@ -71,9 +71,10 @@ class Damaged(Exception):
 
 @dataclass(frozen=True)
 class Attr:
-    """An attribute. type: str | int | number (finite) | json-object | json-list | json-strings
+    """An attribute. type: str | int | number (finite) | bool | json-object | json-list | json-strings
     (a JSON list of strings) | numbers (a 1-D vector of finite numbers) | ints (a 1-D vector of
-    whole numbers). `dim` names the dimension an int binds, or a vector's length."""
+    whole numbers) | object (a parsed JSON object: a field of a recipe). `dim` names the dimension
+    an int binds, or a vector's length."""
 
     name: str
     type: str
@@ -113,6 +114,7 @@ class FileSchema:
     params: dict[str, str] = field(default_factory=dict)   # params key → the dimension its int binds
     relations: tuple[Callable, ...] = ()         # (Layout) → None, raising Damaged
     together: tuple[tuple[str, ...], ...] = ()   # datasets present all or none
+    checksummed: bool = False                    # attribute checksums required (kinds always written with them)
 
     def data(self, name: str) -> Data | None:
         return next((d for d in self.datasets if d.name == name), None)
@@ -288,7 +290,17 @@ def attr_value(attr: Attr, raw, where: str | None):
     if attr.type == "number":
         if not _number(value) or not math.isfinite(float(value)):
             raise bad("a finite number")
+        if (attr.low is not None and value < attr.low) or (attr.positive and value <= 0):
+            raise bad("a finite number > 0" if attr.positive else f"a finite number ≥ {attr.low:g}")
         return float(value)
+    if attr.type == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad("true or false")
+        return bool(value)
+    if attr.type == "object":
+        if not isinstance(value, dict):
+            raise bad("a JSON object")
+        return value
     if attr.type in ("numbers", "ints"):
         array = np.asarray(value)
         if array.ndim == 0:
@@ -424,6 +436,8 @@ def check(h5: h5py.File, kind: str, path: str | None = None) -> Layout:
             layout.raw = all_attributes(h5)
         checksums = Attr(ATTRIBUTE_CHECKSUMS, "json-object")
         layout.attrs = _read_attrs(layout.raw["/"], COMMON + schema.attrs + (checksums,), None, layout)
+        if schema.checksummed and ATTRIBUTE_CHECKSUMS not in layout.attrs:
+            raise Damaged(None, f"attribute {ATTRIBUTE_CHECKSUMS}: missing (qbnorm writes it in every {kind} file)")
         layout.params = layout.attrs.get("params", {})
         layout.inputs = layout.attrs.get("inputs", [])
         for key, dim in schema.params.items():
@@ -726,6 +740,128 @@ def _embeddings(kind: str) -> FileSchema:
     )
 
 
+# --- index exports (io/indexfile.py): the recipe, and the HDF5 store -----------------------------
+
+INDEX_RECIPE_FORMAT = "qbnorm-index-vectors"
+INDEX_STORAGES = ("hdf5", "npy", "faiss", "lancedb")
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+INDEX_REMEDY = "export again"
+# The recipe `search` follows (api/serving.py writes it): every field it reads, with its type and
+# range. A field null in the recipe counts as absent.
+RECIPE = (
+    Attr("format", "str", required=True, choices=(INDEX_RECIPE_FORMAT,)),
+    Attr("format_version", "int", required=True, low=1),
+    Attr("storage", "str", required=True, choices=INDEX_STORAGES),
+    Attr("method", "str", required=True,
+         choices=tuple(name for name, m in methods.METHODS.items() if not m.needs.sorted_bank)),
+    Attr("similarity", "str", required=True, choices=("cosine", "dot")),
+    Attr("normalise_queries", "bool"),
+    Attr("dim", "int", required=True, positive=True),
+    Attr("gallery_rows", "int", required=True, positive=True),
+    Attr("scale", "number", required=True, positive=True),
+    Attr("center", "number", required=True),
+    Attr("constant", "number", required=True, positive=True),
+    Attr("raw_constant", "number"),
+    Attr("gated", "bool", required=True),
+    Attr("gate_share", "number", low=0),
+    Attr("baseline", "bool"),
+    Attr("row_topk", "int", low=0),
+    Attr("metric", "str", choices=("inner_product",)),
+    Attr("uuid", "str", required=True),
+    Attr("fingerprint", "str"),
+    Attr("gallery_identity", "str"),
+    Attr("probe_uuid", "str"),
+    Attr("score_domain", "str"),
+    Attr("query_recipe", "str"),
+    Attr("created_by", "str"),
+    Attr("created_at", "str"),
+    Attr("params", "object"),
+    Attr("files", "object"),
+    Attr("index", "object"),
+    Attr("extra_column", "object"),
+)
+INDEX_PARAMETERS = (  # recipe["index"]: the faiss index built
+    Attr("type", "str", required=True, choices=INDEX_TYPES),
+    Attr("M", "int", positive=True), Attr("ef_construction", "int", positive=True),
+    Attr("ef_search", "int", positive=True), Attr("nlist", "int", positive=True), Attr("nprobe", "int", positive=True),
+)
+# the recipe's fields an HDF5 export also holds as attributes (h5dump shows them): the same values
+RECIPE_ATTRS = ("method", "similarity", "scale", "center", "constant", "dim", "gallery_rows", "gated",
+                "baseline", "row_topk", "gallery_identity", "query_recipe")
+
+
+def _recipe_fields(recipe: dict, decls: tuple[Attr, ...], prefix: str) -> dict:
+    out = {}
+    for attr in decls:
+        value = recipe.get(attr.name)
+        if value is None:
+            if attr.required:
+                raise Damaged(None, f"{prefix}{attr.name}: missing")
+            continue
+        try:
+            out[attr.name] = attr_value(attr, value, None)
+        except Damaged as exc:
+            raise Damaged(None, f"{prefix}{exc.problem.removeprefix('attribute ')}") from None
+    return out
+
+
+def recipe_problems(recipe) -> None:
+    """An index export's recipe checked against `RECIPE` (types, finite ranges, choices): raises
+    Damaged naming the field."""
+    if not isinstance(recipe, dict):
+        raise Damaged(None, f"the recipe is {shown(recipe)}, not a JSON object")
+    fields = _recipe_fields(recipe, RECIPE, "recipe field ")
+    index = fields.get("index")
+    if index is not None:
+        _recipe_fields(index, INDEX_PARAMETERS, "recipe field index.")
+    if fields["storage"] != "faiss" and index is not None:
+        raise Damaged(None, f"recipe field index: a {fields['storage']} export has no faiss index")
+    if fields.get("baseline") and fields["gated"]:
+        raise Damaged(None, "recipe fields baseline and gated are both true (the baseline normalises nothing)")
+
+
+def check_recipe(recipe, label: str) -> dict:
+    """`recipe_problems` as a DataError naming `label` (recipe.json, or the HDF5 export)."""
+    try:
+        recipe_problems(recipe)
+    except Damaged as exc:
+        raise DataError(f"{label}: {exc.problem}; the export is damaged: {INDEX_REMEDY}") from None
+    return recipe
+
+
+def _index_relations(layout: Layout) -> None:
+    recipe = layout.attrs["recipe"]
+    recipe_problems(recipe)
+    if recipe["storage"] != "hdf5":
+        raise Damaged(None, f"recipe field storage: {recipe['storage']!r} in an HDF5 export")
+    for name in RECIPE_ATTRS:
+        if name in layout.attrs and layout.attrs[name] != recipe.get(name):
+            raise Damaged(None, f"attribute {name} {shown(layout.attrs[name])} but the recipe says "
+                                f"{shown(recipe.get(name))}")
+    if "uuid" in layout.attrs and recipe["uuid"] != layout.attrs["uuid"]:
+        raise Damaged(None, f"attribute uuid {shown(layout.attrs['uuid'])} but the recipe says {shown(recipe['uuid'])}")
+    if layout.dims["G"] != recipe["gallery_rows"]:
+        raise Damaged("/vectors", f"{layout.dims['G']} rows but the recipe says gallery_rows {recipe['gallery_rows']}")
+    if layout.dims["width"] != recipe["dim"] + 1:
+        raise Damaged("/vectors", f"{layout.dims['width']} columns but the recipe says dim {recipe['dim']} (+1)")
+    if recipe["gated"] != ("/gate" in layout.data_attrs):
+        raise Damaged("/gate", "missing (the recipe says the method is gated)" if recipe["gated"] else
+                      "present, but the recipe says the method is not gated")
+
+
+def _index_vectors() -> FileSchema:
+    recipe_attrs = tuple(replace(a, required=False, dim="G" if a.name == "gallery_rows" else None)
+                         for a in RECIPE if a.name in RECIPE_ATTRS)
+    return FileSchema(
+        "index-vectors", INDEX_REMEDY,
+        attrs=(Attr("recipe", "json-object", required=True), *recipe_attrs),
+        datasets=(Data("/vectors", ("<f4",), ("G", "width"), values="finite", at_open=False, rows="item"),
+                  Data("/gate", BOOL, ("G",), required=False, cols="item")),
+        relations=(_index_relations,),
+        checksummed=True,  # index exports were written with attribute checksums from their first release
+    )
+
+
 SCHEMAS: dict[str, FileSchema] = {
     "probe": _probe(),
     "similarity": _scores("similarity"),
@@ -751,5 +887,6 @@ SCHEMAS: dict[str, FileSchema] = {
                        values="occurrences", rows="input", cols="k"),),
         relations=(_hubness_relations,),
     ),
+    "index-vectors": _index_vectors(),
 }
 KINDS = tuple(SCHEMAS)

@@ -33,6 +33,7 @@ cluster is asked for.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import signal
@@ -49,7 +50,16 @@ import numpy as np
 
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.statistics import BankAccumulator
-from qbnorm_cli.errors import QbnormError, QbnormWarning, RuntimeFailure, UsageError, install_hint, one_line, param
+from qbnorm_cli.errors import (
+    DataError,
+    QbnormError,
+    QbnormWarning,
+    RuntimeFailure,
+    UsageError,
+    install_hint,
+    one_line,
+    param,
+)
 from qbnorm_cli.io import remote
 from qbnorm_cli.io.hdf5 import open_h5
 from qbnorm_cli.io.probefile import CheckedRows
@@ -60,6 +70,7 @@ from qbnorm_cli.streaming.budget import Budget, spans
 from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, MatrixScores
 
 DOCS = "docs/distributed.md"
+DEBUG_VARIABLE = "QBNORM_DEBUG"  # =1: dask's own log lines are shown (as the CLI shows tracebacks)
 TASKS_PER_THREAD = 4   # tasks per worker thread, at most: balance, progress and cheap reruns
 IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead of the one the client waits for, per worker thread
 WATCH_SECONDS = 2.0    # how often a client waiting for tasks looks whether the cluster still has workers
@@ -73,15 +84,21 @@ class Cluster:
     """Where the work runs.
 
     address: "local" (a LocalCluster of one worker process per core of this machine), "local:N"
-    (N worker processes), a scheduler's address ("tcp://HOST:PORT"), a scheduler file, or a
-    `distributed.Client` (left open afterwards). timeout: seconds to wait for the scheduler and
-    its first worker (default: dask's distributed.comm.timeouts.connect). before_task(kind,
-    number): a picklable callable run on the worker before each task (tests inject faults with it).
+    (N worker processes), a scheduler's address ("tcp://HOST:PORT", "tls://HOST:PORT"), a
+    scheduler file, or a `distributed.Client` (left open afterwards). timeout: seconds to wait for
+    the scheduler and its first worker (default: dask's distributed.comm.timeouts.connect).
+    before_task(kind, number): a picklable callable run on the worker before each task (tests
+    inject faults with it). security: how the client proves itself to a scheduler at an address
+    or in a scheduler file: a `distributed.Security`, a dict of its keywords (tls_ca_file,
+    tls_client_cert, tls_client_key, …) or the path of a YAML or JSON file of them (`load_security`;
+    default: dask's configuration, distributed.comm.tls.*). A local cluster makes its own: TLS with
+    a certificate made for the run, which no other process has (docs/security.md).
     """
 
     address: object = "local"
     timeout: float | None = None
     before_task: Callable[[str, int], None] | None = None
+    security: object = None
 
 
 def as_cluster(value) -> Cluster:
@@ -129,6 +146,14 @@ def _start(spec: Cluster):
     timeout = _timeout(spec)
     if text == "local" or text.startswith("local:"):
         n = _local_workers(text)
+        if spec.security is not None:
+            raise UsageError(f"{param('security')}: {param('cluster')} {text} makes its own (TLS with a certificate "
+                             "made for the run); security is for a scheduler's address or file")
+        try:
+            import cryptography  # noqa: F401  (the local cluster's TLS certificate)
+        except ImportError:
+            raise RuntimeFailure(f"{param('cluster')} {text} needs cryptography (its TLS certificate): "
+                                 f"{install_hint('dask')}") from None
         local = None
         try:
             with interrupts_held():
@@ -147,8 +172,12 @@ def _start(spec: Cluster):
     else:
         raise UsageError(f"{param('cluster')} {text!r}: expected local, local:N, tcp://HOST:PORT or an existing "
                          "scheduler file")
+    security = _security(spec, distributed)
+    if security is None and text.startswith("tls://") and not _tls_configured():
+        raise UsageError(f"{param('cluster')} {text}: a tls:// scheduler needs {param('security')} (a file naming "
+                         "the CA, this client's certificate and key) or dask's distributed.comm.tls configuration")
     try:
-        client = distributed.Client(**where, timeout=timeout, set_as_default=False)
+        client = distributed.Client(**where, timeout=timeout, set_as_default=False, security=security)
     except Exception as exc:
         raise RuntimeFailure(f"{param('cluster')} {text}: no scheduler reachable within {timeout:g} s "
                              f"({one_line(exc)})") from None
@@ -158,6 +187,77 @@ def _start(spec: Cluster):
         client.close()
         raise RuntimeFailure(f"{param('cluster')} {text}: the scheduler has no worker (waited {timeout:g} s)") from None
     return client, None, text
+
+
+# distributed.Security's keywords a security file may give (paths relative to the file)
+SECURITY_KEYS = ("tls_ca_file", "tls_client_cert", "tls_client_key", "tls_ciphers", "require_encryption")
+SECURITY_FILES = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+
+
+def load_security(path) -> dict:
+    """distributed.Security's keywords from a YAML or JSON file (JSON is YAML): tls_ca_file and
+    tls_client_cert required (tls_client_key unless the certificate file holds the key), paths
+    relative to the file, each a readable file. DataError naming the file and the key."""
+    import yaml  # dask's own dependency
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{param('cluster_security')} {path}: no such file")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DataError(f"{path}: not a YAML or JSON security file ({one_line(exc)})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a mapping of {', '.join(SECURITY_KEYS)}")
+    unknown = sorted(str(k) for k in doc if k not in SECURITY_KEYS)
+    if unknown:
+        raise DataError(f"{path}: unknown key {unknown[0]!r}; expected {', '.join(SECURITY_KEYS)}")
+    for key in ("tls_ca_file", "tls_client_cert"):
+        if key not in doc:
+            raise DataError(f"{path}: {key} missing (the CA that signed the scheduler's certificate, and this "
+                            "client's certificate)")
+    out = {}
+    for key, value in doc.items():
+        if key == "require_encryption":
+            if not isinstance(value, bool):
+                raise DataError(f"{path}: require_encryption must be true or false, not {value!r}")
+        elif not isinstance(value, str) or not value:
+            raise DataError(f"{path}: {key} must be a string, not {value!r}")
+        if key in SECURITY_FILES:
+            value = str((path.parent / value).resolve())
+            try:
+                with open(value, "rb"):
+                    pass
+            except OSError as exc:
+                raise DataError(f"{path}: {key} {value}: {exc.strerror or one_line(exc)}") from None
+            if not os.path.isfile(value):
+                raise DataError(f"{path}: {key} {value}: not a file")
+        out[key] = value
+    return {"require_encryption": True, **out}
+
+
+def _security(spec: Cluster, distributed):
+    """The Security a client gives a scheduler at an address (None: dask's configuration)."""
+    value = spec.security
+    if value is None or isinstance(value, distributed.Security):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        value = load_security(value)
+    if not isinstance(value, dict):
+        raise UsageError(f"{param('security')} {value!r}: expected a distributed.Security, a dict of its keywords "
+                         "or a YAML/JSON file of them")
+    try:
+        return distributed.Security(**value)
+    except (TypeError, ValueError, OSError) as exc:
+        raise UsageError(f"{param('security')}: {one_line(exc)}") from None
+
+
+def _tls_configured() -> bool:
+    """Whether dask's configuration gives a client TLS credentials (or a loader that finds them)."""
+    import dask.config
+
+    return bool(dask.config.get("distributed.comm.tls.ca-file", None)
+                or dask.config.get("distributed.client.security-loader", None))
 
 
 TERMINATING = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -242,8 +342,6 @@ def local_cluster(n: int):
     its environment is the client's (not dask's MALLOC_TRIM_THRESHOLD_, which also turns glibc's
     growing mmap threshold off, so that every large temporary would be fresh pages, nor its one
     BLAS thread: a task sets the client's), and the client's environment is left as it was."""
-    import logging
-
     import dask.config
     import distributed
 
@@ -252,7 +350,10 @@ def local_cluster(n: int):
     try:
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": None for name in _NOT_FOR_WORKERS}):
             _start_resource_tracker()
-            return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+            # TLS with a certificate made for this run (it stays in this process and its workers):
+            # any local user can reach 127.0.0.1, and a scheduler runs the code its clients send
+            security = distributed.Security.temporary()
+            return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, security=security,
                                             dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
                                             env={parallel.THREADS_VARIABLE: str(threads)},
                                             preload=[__name__])  # dask_setup below
@@ -422,6 +523,42 @@ def _nbytes(value) -> int:
     return 8
 
 
+class _Dropped(logging.Filter):
+    def filter(self, record) -> bool:
+        return False
+
+
+@contextmanager
+def dask_logs_quiet():
+    """distributed's log records kept off this process's stderr while a session runs, its close
+    included (the client's stderr is qbnorm's one line, whatever dask logs: a worker ended while the
+    scheduler still writes to it logs a traceback, "Batched Comm Closed"); restored afterwards.
+    LocalCluster's own `silence_logs` restores its level when it closes, before its comms are done.
+    QBNORM_DEBUG=1 leaves them as they are."""
+    if os.environ.get(DEBUG_VARIABLE) == "1":
+        yield
+        return
+    root = logging.getLogger("distributed")
+    dropped = _Dropped()
+    named = [name for name in logging.root.manager.loggerDict if name.startswith("distributed.")]
+    handlers = {handler for logger in [root, *map(logging.getLogger, named)] for handler in logger.handlers}
+    propagate = root.propagate
+    for handler in handlers:
+        handler.addFilter(dropped)
+    # nor through the root logger's handlers (an application's), nor logging's last resort
+    # (a record that finds no handler goes to stderr)
+    root.propagate = False
+    null = logging.NullHandler()
+    root.addHandler(null)
+    try:
+        yield
+    finally:
+        root.removeHandler(null)
+        root.propagate = propagate
+        for handler in handlers:
+            handler.removeFilter(dropped)
+
+
 @contextmanager
 def connect(cluster) -> Iterator[Session]:
     """A Session on `cluster` (an address, a scheduler file, a distributed.Client or a Cluster),
@@ -429,22 +566,23 @@ def connect(cluster) -> Iterator[Session]:
     RuntimeFailure naming the address when no scheduler answers in time, or when the dask extra
     is missing."""
     spec = as_cluster(cluster)
-    client, local, label = _start(spec)
-    owned = client is not spec.address
-    clean = False
-    try:
-        session = Session(client, local, label, spec.before_task, _timeout(spec))
-        yield session
-        clean = True
-    finally:
+    with dask_logs_quiet():
+        client, local, label = _start(spec)
+        owned = client is not spec.address
+        clean = False
         try:
-            if clean and local is None:
-                client.run(clear_cache)  # a long-lived cluster keeps nothing of this run
+            session = Session(client, local, label, spec.before_task, _timeout(spec))
+            yield session
+            clean = True
         finally:
-            if owned:
-                with interrupts_held(discard=clean):
-                    client.close()
-            _close_local(local, done=clean)
+            try:
+                if clean and local is None:
+                    client.run(clear_cache)  # a long-lived cluster keeps nothing of this run
+            finally:
+                if owned:
+                    with interrupts_held(discard=clean):
+                        client.close()
+                _close_local(local, done=clean)
 
 
 # --- on the worker --------------------------------------------------------------------------------
