@@ -207,3 +207,38 @@ def test_cli_probe_method_normalise_and_export(cli, tmp_path):
     code, _, err = cli("normalise", "--queries", f"{data}::/queries", "--gallery", f"{data}::/gallery",
                          "--probe", probe, "--method", "mp", "--mp", "student", "-o", tmp_path / "x.h5")
     assert code == 2 and "gauss, empiric" in err
+
+
+def test_centroid_distances_for_every_k_from_one_pass(problem):
+    """dsl's centroid distances for several K from one probe pass (the K best bank rows per item,
+    best first: tune's grid needs them all)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qbnorm_cli.QbnormWarning)
+        probe = qbnorm_cli.probe(problem.bank, problem.gallery, topk_means=[3, problem.k], methods=["dsl"])
+    unit_g, unit_b = unit(problem.gallery), unit(problem.bank)
+    near = np.argsort(-(unit_g @ unit_b.T), axis=1, kind="stable")
+    for k in (3, problem.k):
+        want = ((unit_g - unit_b[near[:, :k]].mean(axis=1)) ** 2).sum(axis=1)
+        np.testing.assert_allclose(probe.centroid_distance(k), want, atol=1e-5)
+    with pytest.raises(UsageError, match="probe again"):
+        probe.centroid_distance(5)
+
+
+def test_statistics_from_embeddings_are_refused_from_score_matrices(problem):
+    with pytest.raises(UsageError, match="needs the bank and gallery embeddings"):
+        qbnorm_cli.probe(bank_sims=problem.P.astype(np.float32), methods=["dsl"])
+
+
+def test_a_scale_per_item_takes_the_ordered_tiles(problem):
+    """ls ranks with one float32 comparison per score of the offset-ordered tiles, as dis does."""
+    from qbnorm_cli.streaming.engine import run_normalise
+    norm = qbnorm_cli.methods.build(qbnorm_cli.methods.get("ls"), problem.probe, {"topk_mean": problem.k})
+    budget = make_budget("64MiB", None)
+    scores = score_source(problem.queries, problem.gallery, None, rows_name="queries", cols_name="gallery",
+                          sims_name="sims", similarity="cosine", budget=budget, what="normalise")[0]
+    trace = ranking.Trace()
+    tiling = ranking.Tiling(sub_columns=16, sample_columns=16)
+    ((_, ranked),) = list(run_normalise(scores, norm, budget, TOP, tiling=tiling, trace=trace))
+    assert trace.ordered_tiles > 0 and trace.exact_tiles == 0
+    want = ref.top_n(problem.ours("ls", {}), TOP)
+    np.testing.assert_array_equal(ranked[1], want[1])
