@@ -22,7 +22,8 @@ import scipy.stats
 from scipy.special import logsumexp
 
 # Every method the package implements (tests/test_reference_sinkhorn.py checks the registry has no other)
-METHODS = ("none", "is", "dis", "csls", "nnn", "gc", "dual-is", "dual-dis", "sn", "dbsn", "dn")
+METHODS = ("none", "is", "dis", "csls", "nnn", "gc", "dual-is", "dual-dis", "sn", "dbsn", "dn", "ls", "nicdm", "mp",
+           "dsl")
 
 
 def _f64(a) -> np.ndarray:
@@ -257,6 +258,85 @@ def distribution_normalisation(S, P, lam: float = 0.25):
     return S - lam * _f64(P).mean(axis=0)[None, :], np.ones(len(S), dtype=bool)
 
 
+# --- the classic hubness reducers (Schnitzer et al. JMLR 2012; Jégou et al. CVPR 2007; Hara et al.
+# AAAI 2015, 2016), the query bank standing in for the test queries on the item side. Each returns a
+# similarity (higher is better): the negated distance where the paper defines a distance.
+
+def distance(S) -> np.ndarray:
+    """d = √(2 − 2s) of cosine similarities of L2-normalised vectors."""
+    return np.sqrt(np.maximum(2.0 - 2.0 * _f64(S), 0.0))
+
+
+def kth_largest(values, k: int, axis: int) -> np.ndarray:
+    """The k-th largest value along `axis` (the smallest when fewer than k exist)."""
+    ordered = -np.sort(-_f64(values), axis=axis)
+    k = min(k, ordered.shape[axis])
+    return np.take(ordered, k - 1, axis=axis)
+
+
+def mean_distance_nearest(values, k: int, axis: int) -> np.ndarray:
+    """Mean distance √(2 − 2s) to the k most similar along `axis`."""
+    ordered = -np.sort(-_f64(values), axis=axis)
+    k = min(k, ordered.shape[axis])
+    return distance(np.take(ordered, np.arange(k), axis=axis)).mean(axis=axis)
+
+
+def local_scaling(S, P, K: int = 10):
+    """exp(−d²/(σ_q σ_j)) = 1 − LS (Schnitzer et al. 2012, Eq. 4): σ_j the distance of item j to its
+    K-th nearest bank query, σ_q that of the query to its K-th nearest gallery item."""
+    sigma_j = distance(kth_largest(P, K, axis=0))
+    sigma_q = distance(kth_largest(S, K, axis=1))
+    return np.exp(-distance(S) ** 2 / (sigma_q[:, None] * sigma_j[None, :])), np.ones(len(S), dtype=bool)
+
+
+def nicdm(S, P, K: int = 10):
+    """−d/√(μ_q μ_j) (Jégou et al. 2007): μ the mean distance to the K nearest on the other side."""
+    mu_j = mean_distance_nearest(P, K, axis=0)
+    mu_q = mean_distance_nearest(S, K, axis=1)
+    return -distance(S) / np.sqrt(mu_q[:, None] * mu_j[None, :]), np.ones(len(S), dtype=bool)
+
+
+def mutual_proximity(S, P, kind: str = "gauss"):
+    """Mutual Proximity (Schnitzer et al. 2012) on similarities, the log of the probability that s
+    beats a random score of q (over the gallery) and, independently, one of j (over the bank):
+    gauss: Φ((s − μ_q)/σ_q)·Φ((s − μ_j)/σ_j) with population means and stds; empiric: the shares of
+    strictly smaller scores, counted one by one."""
+    S, P = _f64(S), _f64(P)
+    if kind == "gauss":
+        mu_q, sd_q = S.mean(axis=1), S.std(axis=1)
+        mu_j, sd_j = P.mean(axis=0), P.std(axis=0)
+        out = scipy.stats.norm.logcdf((S - mu_q[:, None]) / sd_q[:, None]) + \
+            scipy.stats.norm.logcdf((S - mu_j[None, :]) / sd_j[None, :])
+        return out, np.ones(len(S), dtype=bool)
+    out = np.empty(S.shape)
+    for q in range(S.shape[0]):
+        for j in range(S.shape[1]):
+            s = S[q, j]
+            out[q, j] = np.mean(S[q] < s) * np.mean(P[:, j] < s)
+    return out, np.ones(len(S), dtype=bool)
+
+
+def dissim_local(queries, gallery, bank, K: int = 10):
+    """−DisSimLocal (Hara et al. 2016): −(‖q − g‖² − ‖q − c_K(q)‖² − ‖g − c_K(g)‖²) for L2-normalised
+    embeddings, c_K(g) the centroid of g's K nearest bank queries, c_K(q) of q's K nearest gallery
+    items (nearest: the highest cosine, ties towards the lower index)."""
+    unit = lambda x: _f64(x) / np.linalg.norm(_f64(x), axis=1, keepdims=True)
+    Q, G, B = unit(queries), unit(gallery), unit(bank)
+    near_g = np.argsort(-(G @ B.T), axis=1, kind="stable")[:, :K]
+    near_q = np.argsort(-(Q @ G.T), axis=1, kind="stable")[:, :K]
+    c_g, c_q = B[near_g].mean(axis=1), G[near_q].mean(axis=1)
+    d2 = ((Q[:, None, :] - G[None, :, :]) ** 2).sum(axis=2)
+    out = -(d2 - ((Q - c_q) ** 2).sum(axis=1)[:, None] - ((G - c_g) ** 2).sum(axis=1)[None, :])
+    return out, np.ones(len(Q), dtype=bool)
+
+
+def localized_centering(S, P, K: int, gamma: float):
+    """S − b_j^γ (Hara et al., AAAI 2015), b_j the mean of the K largest bank scores of j (as a
+    signed power: sign(b)·|b|^γ)."""
+    b = column_mean_top(P, K)
+    return _f64(S) - (np.sign(b) * np.abs(b) ** gamma)[None, :], np.ones(len(S), dtype=bool)
+
+
 def normalise(method: str, S, P, H=None, *, beta: float = 20.0, gallery_beta: float = 1.0, k: int = 1,
               topk_mean: int | None = None, alpha: float = 0.75, min_count: int = 1, lam: float = 0.25,
               PB=None, iters: int | None = None, tol: float = 1e-10):
@@ -288,6 +368,12 @@ def normalise(method: str, S, P, H=None, *, beta: float = 20.0, gallery_beta: fl
         return dual_bank_sinkhorn_normalisation(S, P, PB, beta, iters, tol)
     if method == "dn":
         return distribution_normalisation(S, P, lam)
+    if method == "ls":
+        return local_scaling(S, P, topk_mean or 10)
+    if method == "nicdm":
+        return nicdm(S, P, topk_mean or 10)
+    if method == "mp":
+        return mutual_proximity(S, P)
     raise ValueError(method)
 
 

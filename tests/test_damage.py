@@ -535,8 +535,10 @@ def test_files_written_before_checksums_still_read(capsys, tmp_path, monkeypatch
                "--keep-sorted", "--topk-mean", 3, "--similarity", "dot", "-o", "probe-now.h5", "-q")[0] == 0
     for then, now in (("dense.h5", "dense-now.h5"), ("ranking.h5", "ranking-now.h5"), ("probe.h5", "probe-now.h5")):
         now_sets = datasets(now)
-        if then == "probe.h5":  # a probe now also keeps the bank's column means (for dn)
+        if then == "probe.h5":  # a probe now also keeps the bank's column means (for dn), and each item's
+            # K-th best bank score and mean distance to its K nearest bank queries (for ls, nicdm)
             assert now_sets.pop("column_mean")[1] == (30,)
+            assert now_sets.pop("topk_kth")[1] == now_sets.pop("topk_distance")[1] == (1, 30)
         assert datasets(then) == now_sets
     code, out, err = run(capsys, "evaluate", "dense.h5", "ranking.h5", "--gt", "gt.npy", "--json")
     assert code == 0, err

@@ -117,7 +117,7 @@ def fake(name: str, value: str) -> EntryPoint:
 BAD = {
     "missing": (fake("missing", "no_such_module_anywhere:METHOD"), "did not load: ModuleNotFoundError"),
     "taken": (Method("dis", "h", "s", ("beta",), lambda p, v: None), "method name 'dis' is taken"),
-    "unknown": (Method("odd", "h", "s", ("gamma",), lambda p, v: None), "unknown parameter 'gamma'"),
+    "unknown": (Method("odd", "h", "s", ("delta",), lambda p, v: None), "unknown parameter 'delta'"),
     "default": (Method("neg", "h", "s", ("k",), lambda p, v: None, defaults={"k": 0}), "default k 0"),
     "object": ("not a method", "str is not a qbnorm_cli.methods.base.Method"),
 }

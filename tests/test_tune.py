@@ -130,12 +130,14 @@ def test_load_params_errors(tmp_path):
 
 def test_grid_and_methods():
     names = lambda chosen: [m.name for m in chosen]
-    assert names(methods.tuned_methods(None, False)) == ["is", "dis", "csls", "nnn", "sn", "dn"]
+    classic = ["ls", "nicdm", "mp", "dsl"]
+    assert names(methods.tuned_methods(None, False)) == ["is", "dis", "csls", "nnn", "sn", "dn", *classic]
     assert names(methods.tuned_methods(None, True)) == ["is", "dis", "csls", "nnn", "dual-is", "dual-dis", "sn",
-                                                        "dbsn", "dn"]
+                                                        "dbsn", "dn", *classic]
     # a gallery bank given as gallery-bank × gallery scores only: dbsn lacks the bank × gallery-bank scores
     assert "dbsn" not in names(methods.tuned_methods(None, True, False))
-    assert names(methods.tuned_methods(None, False, True)) == ["is", "dis", "csls", "nnn", "sn", "dbsn", "dn"]
+    assert names(methods.tuned_methods(None, False, True)) == ["is", "dis", "csls", "nnn", "sn", "dbsn", "dn",
+                                                               *classic]
     with pytest.raises(UsageError, match="dbsn: needs the bank's scores against a gallery bank"):
         methods.tuned_methods(["dbsn"], True, False)
     with pytest.raises(UsageError):

@@ -60,7 +60,8 @@ def _as_probe(value) -> Probe:
 def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.DEFAULT.name,
               beta: float | None = None, k: int | None = None, gallery_beta: float | None = None,
               topk_mean: int | None = None, alpha: float | None = None, min_count: int | None = None,
-              lam: float | None = None, top_k: int | None = None, sims=None, transpose: bool = False,
+              lam: float | None = None, gamma: float | None = None, mp: str | None = None,
+              top_k: int | None = None, sims=None, transpose: bool = False,
               similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
               block_rows: int | None = None, output=None, force: bool = False, accept_mismatch: bool = False,
               progress=None, provenance: str | None = None, extra_params: dict | None = None,
@@ -72,7 +73,8 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     compared as the probe compared its bank (or by `similarity`); or `sims`, precomputed query ×
     gallery scores (transpose=True: stored gallery × queries, read transposed; v2t from a t2v dump:
     the items become the queries). probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean,
-    alpha, min_count (θ of dis, dual-dis), lam (λ of dn): the method's parameters (defaults: the
+    alpha, min_count (θ of dis, dual-dis), lam (λ of dn), gamma (γ of nnn), mp (mp's "gauss" or
+    "empiric"): the method's parameters (defaults: the
     registry's, β the probe's; parameters the method does not take are ignored). top_k: keep each
     query's N best items instead of every score. tuned: the settings of a params file
     (`load_params`) these options came from: a warning when the inputs are the validation data they
@@ -112,8 +114,8 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
         check_count(top_k, "top_k", n_gallery, "gallery size")
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
-    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha,
-             "min_count": min_count, "lam": lam}
+    given = dict(beta=beta, k=k, gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count,
+                 lam=lam, gamma=gamma, mp=mp)
     values = methods.settings(spec, given, probe)
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")
@@ -125,9 +127,7 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
                      f"{spec.name} leaves every row raw; lower {param('min_count')}")
 
     params = {
-        "method": spec.name, "beta": values.get("beta"), "k": k, "top_k": top_k,
-        "gallery_beta": values.get("gallery_beta"), "topk_mean": values.get("topk_mean"), "alpha": values.get("alpha"),
-        "min_count": values.get("min_count"), "lam": values.get("lam"),
+        "method": spec.name, **{name: values.get(name) for name in methods.PARAMETERS}, "k": k, "top_k": top_k,
         "similarity": "precomputed" if sims is not None else similarity, "transpose": transpose, "dtype": dtype,
         "probe_uuid": probe.uuid, "memory": budget.memory, "block_rows": block_rows, **(extra_params or {}),
     }

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qbnorm_cli import methods
+from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import (
     bounded,
     check_count,
@@ -68,10 +68,10 @@ class SinkhornSettings:
         return {"sinkhorn_iters": self.iters, "sinkhorn_tol": self.tol, "sinkhorn_max_iters": self.max_iters}
 
 
-_ITERS = methods.Parameter("sinkhorn_iters", int, "exactly this many Sinkhorn iterations", minimum=1)
-_TOL = methods.Parameter("sinkhorn_tol", float, "stop at a change of the log scalings below this", minimum=0,
+_ITERS = registry.Parameter("sinkhorn_iters", int, "exactly this many Sinkhorn iterations", minimum=1)
+_TOL = registry.Parameter("sinkhorn_tol", float, "stop at a change of the log scalings below this", minimum=0,
                          exclusive=True)
-_MAX_ITERS = methods.Parameter("sinkhorn_max_iters", int, "at most this many iterations", minimum=1)
+_MAX_ITERS = registry.Parameter("sinkhorn_max_iters", int, "at most this many iterations", minimum=1)
 
 
 def sinkhorn_note(states, settings: SinkhornSettings) -> str:
@@ -135,14 +135,14 @@ def sinkhorn_memory(result: Probe) -> int:
 
 
 @bounded
-def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
-          gallery_betas=(methods.DEFAULT_GALLERY_BETA,), topk_means=None, keep_sorted: bool = False,
+def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
+          gallery_betas=(registry.DEFAULT_GALLERY_BETA,), topk_means=None, keep_sorted: bool = False,
           sinkhorn: bool = False, sinkhorn_iters: int | None = None, sinkhorn_tol: float | None = None,
           sinkhorn_max_iters: int | None = None, bank_sims=None, gallery_bank_sims=None,
           bank_gallery_bank_sims=None, transpose: bool = False, similarity: str = "cosine",
           memory=DEFAULT_MEMORY,
           block_rows: int | None = None, output=None, force: bool = False, progress=None,
-          provenance: str | None = None, tuned: dict | None = None, cluster=None) -> Probe:
+          provenance: str | None = None, tuned: dict | None = None, cluster=None, methods=None) -> Probe:
     """Probe `gallery` with a querybank: every statistic the normalisers need, in one pass.
 
     bank, gallery, gallery_bank: embeddings (arrays, memory maps, h5py datasets, `PATH[::/dataset]`
@@ -165,6 +165,11 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     probe file there, as it is computed (atomically; `force` overwrites). tuned: the settings of a
     params file (`load_params`) these options came from: a warning when the gallery is the
     validation gallery they were tuned on.
+    methods: names of methods (or `Method`s) whose statistics to compute as well, with their default
+    parameters and the given `topk_means` (ls, nicdm: the K-th best and mean distance of the K
+    nearest bank queries; mp: each item's score spread and the gallery's moments, or with
+    keep_sorted the sorted bank; dsl: the distance of each item to the centroid of its K nearest
+    bank queries, from the bank and gallery embeddings; gc: keep_sorted).
     cluster: run on a dask cluster ("local", "local:N", "tcp://HOST:PORT", a scheduler file, a
     distributed.Client or a Cluster; docs/distributed.md): the same probe to the bit, `memory`
     per worker; `Probe.cluster` then reports the workers, tasks and bytes moved.
@@ -174,17 +179,21 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     and kept in `Probe.warnings`.
     """
     budget = make_budget(memory, block_rows)
+    request = method_needs(methods, topk_means)
+    if request is not None:
+        topk_means = sorted({*(np.atleast_1d(topk_means) if topk_means is not None else ()), *request.topk_means})
+        keep_sorted = keep_sorted or request.keep_sorted
     sinkhorn_settings = SinkhornSettings.checked(bool(sinkhorn), sinkhorn_iters, sinkhorn_tol, sinkhorn_max_iters)
     if bank_gallery_bank_sims is not None and sinkhorn_settings is None:
         raise UsageError(f"{param('bank_gallery_bank_sims')} is for the dual-bank Sinkhorn: add "
                          f"{param('sinkhorn=True')}")
-    betas = [methods.PARAMETERS["beta"].check(b) for b in np.atleast_1d(betas)]
-    gallery_betas = [methods.PARAMETERS["gallery_beta"].check(b) for b in np.atleast_1d(gallery_betas)]
-    ks = tuple(sorted({methods.PARAMETERS["topk_mean"].check(v)
-                       for v in (methods.default_topk_means() if topk_means is None else np.atleast_1d(topk_means))}))
+    betas = [registry.PARAMETERS["beta"].check(b) for b in np.atleast_1d(betas)]
+    gallery_betas = [registry.PARAMETERS["gallery_beta"].check(b) for b in np.atleast_1d(gallery_betas)]
+    ks = tuple(sorted({registry.PARAMETERS["topk_mean"].check(v)
+                       for v in (registry.default_topk_means() if topk_means is None else np.atleast_1d(topk_means))}))
     if not betas:
         raise UsageError(f"{param('betas')}: give at least one β")
-    k = methods.PARAMETERS["k"].check(k)
+    k = registry.PARAMETERS["k"].check(k)
 
     query_scores, inputs, gallery_emb = score_source(
         bank, gallery, bank_sims, rows_name="bank", cols_name="gallery", sims_name="bank_sims",
@@ -192,8 +201,17 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
     n_gallery = query_scores.n_cols
     gallery_identity = inputs[-1].identity if bank_sims is None else inputs[0].attrs.get("gallery_identity")
     check_count(k, "k", n_gallery, "gallery size")
-    kmax = max(k, methods.KMAX_MIN)
-    query_acc = BankAccumulator(query_scores.n_rows, n_gallery, np.array(betas), kmax, ks, keep_sorted)
+    kmax = max(k, registry.KMAX_MIN)
+    centroid_k = 0
+    if request is not None and (request.centroid_ks or request.gallery_moments):
+        if not isinstance(query_scores, EmbeddingScores):
+            what = ", ".join(m.name for m in request.methods if m.needs.centroid or m.needs.gallery_moments)
+            raise UsageError(f"{param('methods')} {what}: needs the bank and gallery embeddings "
+                             f"({param('bank')} and {param('gallery')}), not {param('bank_sims')}")
+        centroid_k = max(request.centroid_ks, default=0)
+    column_moments = request is not None and request.column_std
+    query_acc = BankAccumulator(query_scores.n_rows, n_gallery, np.array(betas), kmax, ks, keep_sorted,
+                                column_moments=column_moments, neighbor_k=centroid_k)
     banks = [(query_scores, query_acc)]
     given_banks = {"bank": ("bank_sims" if bank_sims is not None else "bank", inputs[0])}  # role: option, input
 
@@ -232,6 +250,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
         "sinkhorn": sinkhorn_settings is not None, "dual_sinkhorn": cross_scores is not None,
         **(sinkhorn_settings or SinkhornSettings(None, None, None)).as_params(),
         "memory": budget.memory, "block_rows": block_rows,
+        **({"methods": sorted({m.name for m in request.methods})} if request is not None else {}),
     }
     if output is not None:  # the statistics (per β and K, per item and bank row), and the sorted scores if kept
         n_bank = query_scores.n_rows
@@ -264,6 +283,11 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
             else:
                 clustering.run_probe(session, banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
         datasets = statistics(query_acc, gallery_acc, k)
+        if centroid_k:
+            datasets.update(centroid_statistics(query_scores, query_acc.column_topk_index, request.centroid_ks))
+        if request is not None and request.gallery_moments:
+            mean, moment = gallery_moments(query_scores.cols)
+            datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
         sinkhorn_found = []
         if sinkhorn_settings is not None:
             potentials, sinkhorn_found = sinkhorn_potentials(query_scores, cross_scores, betas, betas,
@@ -286,7 +310,7 @@ def probe(bank=None, gallery=None, *, betas=(methods.DEFAULT_BETA,), k: int = 1,
         found = [scale.beta_warning(b, score_stats) for b in betas]
         if gallery_stats is not None:
             found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False) for b in gallery_betas]
-        found.append(coverage_warning(diagnostics, n_gallery, param(f"method={methods.DEFAULT.name!r}")))
+        found.append(coverage_warning(diagnostics, n_gallery, param(f"method={registry.DEFAULT.name!r}")))
         if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
             found.append(tuned_on_warning(tuned["path"], tuned, [i.describe() for i in inputs[1:2]]))
         if tuned is not None:
@@ -326,3 +350,68 @@ def cross_bank_scores(bank_scores: ScoreSource, gallery_scores: ScoreSource | No
     if isinstance(bank_scores, EmbeddingScores) and isinstance(gallery_scores, EmbeddingScores):
         return EmbeddingScores(bank_scores.rows, gallery_scores.rows)
     return None
+
+
+@dataclass(frozen=True)
+class MethodNeeds:
+    """What `probe(methods=…)` adds for the named methods (their Needs, at their defaults)."""
+
+    methods: tuple
+    topk_means: tuple[int, ...]
+    keep_sorted: bool
+    column_std: bool
+    centroid_ks: tuple[int, ...]
+    gallery_moments: bool
+
+
+def method_needs(names, topk_means) -> MethodNeeds | None:
+    """The statistics the named methods need, each at its default parameters and at every given K."""
+    if names is None:
+        return None
+    chosen = [registry.get(name) for name in ([names] if isinstance(names, str) else names)]
+    given_ks = [registry.PARAMETERS["topk_mean"].check(v) for v in np.atleast_1d(topk_means)] \
+        if topk_means is not None else []
+    settings = []
+    for method in chosen:
+        values = {name: method.default(name) for name in method.parameters}
+        if "topk_mean" in method.parameters and given_ks:
+            settings += [(method, {**values, "topk_mean": v}) for v in given_ks]
+        else:
+            settings.append((method, values))
+    needs = [(m.needs_for(v), v) for m, v in settings]
+    return MethodNeeds(
+        tuple(chosen), tuple(sorted({v["topk_mean"] for n, v in needs if v.get("topk_mean") is not None})),
+        any(n.sorted_bank for n, _ in needs), any(n.column_std for n, _ in needs),
+        tuple(sorted({v["topk_mean"] for n, v in needs if n.centroid})), any(n.gallery_moments for n, _ in needs))
+
+
+GALLERY_BLOCK = 4096  # gallery rows per step of the centroid distances and moments
+
+
+def centroid_statistics(scores: EmbeddingScores, neighbors: np.ndarray, ks) -> dict[str, Stored]:
+    """The probe's /centroid_distance: ‖g_j − c_K(g_j)‖² for each K of `ks`, c_K(g_j) the mean of the
+    bank embeddings at the first K of neighbors[j] (each item's bank rows best first; float64)."""
+    n_gallery, width = neighbors.shape
+    ks = [min(k, width) for k in ks]
+    out = np.empty((len(ks), n_gallery))
+    for c0 in range(0, n_gallery, GALLERY_BLOCK):
+        c1 = min(c0 + GALLERY_BLOCK, n_gallery)
+        gallery = scores.cols.rows_of(slice(c0, c1)).astype(np.float64)
+        wanted, where = np.unique(neighbors[c0:c1].ravel(), return_inverse=True)
+        bank = scores.rows.rows_of(wanted).astype(np.float64)[where].reshape(c1 - c0, width, -1)
+        for row, k in enumerate(ks):
+            centroid = bank[:, :k].mean(axis=1)
+            out[row, c0:c1] = np.einsum("ij,ij->i", gallery - centroid, gallery - centroid)
+    return {"/centroid_distance": Stored(out, {"ks": np.asarray(ks, dtype=np.int64)})}
+
+
+def gallery_moments(gallery) -> tuple[np.ndarray, np.ndarray]:
+    """(ḡ, M = mean_j g_j g_jᵀ) of the gallery embeddings as they are scored (float64)."""
+    n = gallery.rows
+    total = np.zeros(gallery.dim)
+    moment = np.zeros((gallery.dim, gallery.dim))
+    for c0 in range(0, n, GALLERY_BLOCK):
+        block = gallery.rows_of(slice(c0, min(c0 + GALLERY_BLOCK, n))).astype(np.float64)
+        total += block.sum(axis=0)
+        moment += block.T @ block
+    return total / n, moment / n

@@ -86,16 +86,20 @@ def _as_probe(value) -> Probe:
     return value if isinstance(value, Probe) else Probe.load(value)
 
 
-def not_offset_message(method: methods.Method) -> str:
-    exportable = ", ".join(m.name for m in methods.METHODS.values() if not m.needs.sorted_bank)
+def not_offset_message(method: methods.Method, norm=None) -> str:
+    """Why `method` cannot be exported, in one line (`norm`: its normaliser, when built)."""
+    if norm is not None and norm.pairwise is not None:
+        return f"{param('method')} {method.name}: not exportable: {norm.pairwise.why_not_exportable}"
     return (f"{param('method')} {method.name}: not an offset method (its score depends on the rank of S[q, j] "
-            f"among each item's bank scores, which no inner-product index computes); export one of {exportable}")
+            f"among each item's bank scores, which no inner-product index computes); export an affine method "
+            f"(e.g. {methods.DEFAULT.name})")
 
 
 @bounded
 def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | None = None, k: int | None = None,
            gallery_beta: float | None = None, topk_mean: int | None = None, alpha: float | None = None,
-           min_count: int | None = None, lam: float | None = None, similarity: str | None = None,
+           min_count: int | None = None, lam: float | None = None, gamma: float | None = None,
+           mp: str | None = None, similarity: str | None = None,
            constant: float | None = None, format: str = "hdf5",
            index_type: str = "flat", hnsw_m: int = 32,
            ef_construction: int = 200, ef_search: int = 128, nlist: int | None = None, nprobe: int = 16,
@@ -151,31 +155,34 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
     mismatch = other_gallery(probe, identity, source.label, accept_mismatch)
     k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
     check_count(k, "k", n_gallery, "gallery size")
-    given = {"beta": beta, "k": k, "gallery_beta": gallery_beta, "topk_mean": topk_mean, "alpha": alpha,
-             "min_count": min_count, "lam": lam}
+    given = dict(beta=beta, k=k, gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count,
+                 lam=lam, gamma=gamma, mp=mp)
     values = methods.settings(spec, given, probe)
     for name in spec.within_gallery:
         check_count(values[name], name, n_gallery, "gallery size")
     if nlist is not None and nlist > n_gallery:
         raise UsageError(f"{param('nlist')} {nlist}: larger than the gallery size ({n_gallery})")
     norm = methods.build(spec, probe, values)
-    if not norm.affine:
-        raise UsageError(not_offset_message(spec))
+    if not norm.exportable:
+        raise UsageError(not_offset_message(spec, norm))
     found = [w for w in (mismatch, *_beta_warnings(probe, values)) if w]
     for message in found:
         warn(message)
 
     offset = None if norm.identity else norm.offset
-    shift, center = augmented.shifts(offset, norm.scale, n_gallery)
+    common, item_scale = augmented.split_scale(norm.scale)
+    shift, center = augmented.shifts(offset, common, n_gallery)
     gate = None if (norm.identity or norm.gate is None) else np.asarray(norm.gate, dtype=bool)
-    rows = Embeddings(source, similarity, budget)
+    embedded = Embeddings(source, similarity, budget)
+    rows = augmented.ScaledRows(embedded, item_scale)
     dim = source.cols
     step = budget.rows(dim * 4 * 4, share=0.25, total=n_gallery, align=source.chunk_rows)
     rms, widest, _ = augmented.coordinate_stats(rows.block(r0, r1) for r0, r1 in spans(n_gallery, step))
     chosen = augmented.query_constant(shift, widest)
     constant = chosen if constant is None else float(np.float32(constant))
     options = indexfile.IndexOptions(index_type, hnsw_m, ef_construction, ef_search, nlist, nprobe)
-    recipe = _recipe(spec, values, norm, center, constant, similarity, dim, n_gallery, gate, identity, probe)
+    recipe = _recipe(spec, values, norm, common, item_scale is not None, center, constant, similarity, dim, n_gallery,
+                     gate, identity, probe)
     recipe["extra_column"] = {"constant_rule": "the smallest power of two c with max |x| ≤ the coordinates' "
                               "largest |value|" if constant == chosen else "given",
                               "automatic_constant": chosen, "coordinate_rms": rms, "coordinate_max": widest,
@@ -242,22 +249,27 @@ def _beta_warnings(probe: Probe, values: dict) -> list[str]:
     return [w for w in found if w]
 
 
-def _recipe(spec: methods.Method, values: dict, norm: Normaliser, center: float, constant: float, similarity: str,
-            dim: int, n_gallery: int, gate, identity: str, probe: Probe) -> dict:
+def _recipe(spec: methods.Method, values: dict, norm: Normaliser, common: float, per_item: bool, center: float,
+            constant: float, similarity: str, dim: int, n_gallery: int, gate, identity: str, probe: Probe) -> dict:
     steps = ["L2-normalise each query" if similarity == "cosine" else "take each query as it is (dot products)"]
-    steps.append(f"search [q, {constant:g}] for the normalised ranking, [q, 0] for the raw one")
+    if per_item:  # η = a_j·S − b_j: the vectors carry a_j/ā, so [q, 0] no longer gives the raw scores
+        steps.append(f"search [q, {constant:g}] for the normalised ranking (each vector is the item's embedding "
+                     f"times its scale a_j divided by their mean ā = {common:.17g})")
+    else:
+        steps.append(f"search [q, {constant:g}] for the normalised ranking, [q, 0] for the raw one")
     if gate is not None:
         steps.append("a query takes the normalised ranking only when gate[j] holds for the raw ranking's top-1 j, "
                      "else it keeps the raw one")
     if norm.identity:
         steps = [steps[0], "search [q, 0]: the raw ranking (the baseline method normalises nothing)"]
-    steps.append(f"score η = {norm.scale:.17g}·⟨query, vector⟩ − {center:.17g}" + (
+    steps.append(f"score η = {common:.17g}·⟨query, vector⟩ − {center:.17g}" + (
         f" − r_q (r_q = the mean of the row's {norm.row_topk} best raw scores: a per-query constant that changes "
         "no ranking)" if norm.row_topk else ""))
     return {
         "method": spec.name, "params": {**values, "similarity": similarity, "probe_uuid": probe.uuid},
         "similarity": similarity, "normalise_queries": similarity == "cosine", "dim": dim, "gallery_rows": n_gallery,
-        "scale": float(norm.scale), "center": float(center), "constant": float(constant), "raw_constant": 0.0,
+        "scale": float(common), "item_scales": per_item, "center": float(center), "constant": float(constant),
+        "raw_constant": 0.0,
         "gated": gate is not None, "gate_share": float(gate.mean()) if gate is not None else None,
         "baseline": bool(norm.identity), "row_topk": int(norm.row_topk),
         "score_domain": "log (compare within a row)" if spec.log_domain else "linear",

@@ -15,7 +15,13 @@ import numpy as np
 
 from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import bounded, check_choice, progress_or_none, score_source, similarities, warn
-from qbnorm_cli.api.probing import SinkhornSettings, cross_bank_scores, sinkhorn_potentials
+from qbnorm_cli.api.probing import (
+    SinkhornSettings,
+    centroid_statistics,
+    cross_bank_scores,
+    gallery_moments,
+    sinkhorn_potentials,
+)
 from qbnorm_cli.core import metrics, scale
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
@@ -26,7 +32,7 @@ from qbnorm_cli.io.paramsfile import PARAMS_KIND
 from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
 from qbnorm_cli.streaming.engine import run_normalise, run_probe
-from qbnorm_cli.streaming.sources import CachedScores, MatrixScores, sample_stats
+from qbnorm_cli.streaming.sources import CachedScores, EmbeddingScores, MatrixScores, sample_stats
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
 
 METRICS = {"geom": "GeomR", "R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "MdR": "MdR"}
@@ -149,10 +155,17 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
               "gallery_beta": scale.beta_grid(registry.GALLERY_BETA_GRID, stats)}
     settings = [Setting(m, v) for m, v in registry.grid(chosen, scaled, {"beta": betas, "gallery_beta": gallery_betas},
                                                        k_limit=n_gallery)]
+    embedded = isinstance(val_scores, EmbeddingScores) and isinstance(bank_scores, EmbeddingScores)
+    unscorable = sorted({s.method.name for s in settings if not embedded and _needs_embeddings(s)})
+    if unscorable and methods is not None:
+        raise UsageError(f"{param('methods')} {', '.join(unscorable)}: need(s) the queries, gallery and bank as "
+                         "embeddings, not precomputed scores")
+    settings = [s for s in settings if embedded or not _needs_embeddings(s)]
     needs = registry.ProbeRequest.of([(s.method, s.values) for s in settings])
     kmax = max(needs.kmax, registry.KMAX_MIN)
     query_acc = BankAccumulator(bank_scores.n_rows, n_gallery, np.array(needs.betas), kmax, needs.topk_means,
-                                needs.keep_sorted)
+                                needs.keep_sorted, column_moments=needs.column_std,
+                                neighbor_k=max(needs.centroid_ks, default=0))
     banks = [(bank_scores, query_acc)]
     gallery_acc = None
     if gallery_scores is not None:
@@ -161,8 +174,9 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     sorted_bank = None
     if needs.keep_sorted:
         if not budget.fits(n_gallery * bank_scores.n_rows * 4, 0.5) and budget.block_rows is None:
-            raise UsageError(f"{param('methods')} gc keeps {n_gallery} × {bank_scores.n_rows} bank scores; raise "
-                             f"{param('memory')} or leave gc out")
+            keeping = ", ".join(sorted({s.method.name for s in settings if s.method.needs_for(s.values).sorted_bank}))
+            raise UsageError(f"{param('methods')} {keeping} keep(s) {n_gallery} × {bank_scores.n_rows} bank scores; "
+                             f"raise {param('memory')} or leave them out")
         sorted_bank = np.empty((n_gallery, bank_scores.n_rows), dtype=np.float32)
 
     def on_sorted(number, c0, c1, block):
@@ -181,7 +195,13 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
         store.update(potentials)
     if sorted_bank is not None:
         store[SORTED] = Stored(sorted_bank)
-    probe = Probe(store, {"gallery_rows": n_gallery}, path="the tuning probe")
+    if needs.centroid_ks:
+        store.update(centroid_statistics(bank_scores, query_acc.column_topk_index, needs.centroid_ks))
+    if needs.gallery_moments:
+        store["/gallery_mean"], store["/gallery_second_moment"] = map(Stored, gallery_moments(val_scores.cols))
+    probe = Probe(store, {"gallery_rows": n_gallery, "bank_rows": bank_scores.n_rows,
+                          "similarity": similarity if embedded else "precomputed",
+                          "score_scale": scale.classify(query_acc.score_stats())}, path="the tuning probe")
     full_stats = query_acc.score_stats()
     scale_name = scale.classify(full_stats)
     diag = bank_diagnostics(query_acc.neighbors.indices, 1, n_gallery)
@@ -215,6 +235,12 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
             "bank": diag, "scores": full_stats, "score_scale": scale_name, "document": document,
             "queries": val_scores.n_rows, "gallery_rows": n_gallery, "note": edge_note(best["setting"], settings),
             "warnings": document["warnings"]}
+
+
+def _needs_embeddings(setting: Setting) -> bool:
+    """Whether a setting's statistics come from embeddings (bank centroids, gallery moments)."""
+    needs = setting.method.needs_for(setting.values)
+    return needs.centroid or needs.gallery_moments
 
 
 def _bank_scores(role, emb_spec, sims_spec, gallery_emb, n_gallery, similarity, budget, inputs):

@@ -25,6 +25,8 @@ def command(
     alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset ({methods.PARAMETERS['alpha'].range_text}; default {methods.PARAMETERS['alpha'].default:g}).")] = None,
     min_count: options.MinCount = None,
     lam: options.Lam = None,
+    gamma: options.Gamma = None,
+    mp: options.MpKind = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
     format: Annotated[str, typer.Option("--format", metavar="hdf5|npy|faiss|lancedb", help="hdf5: one qbnorm file (kind index-vectors); npy: vectors.npy + gate.npy + recipe.json; faiss: index.faiss + …; lancedb: a LanceDB table.")] = "hdf5",
     index_type: Annotated[str, typer.Option("--index-type", metavar="flat|hnsw|ivf", help="faiss index: exact flat, or approximate HNSW / IVF.")] = "flat",
@@ -58,7 +60,8 @@ def command(
     report = Reporter(json_output, quiet, progress_mode)
     tuned = api.load_params(params_file) if params_file else None
     chosen = options.with_params(tuned, method=method, beta=beta, k=k, gallery_beta=gallery_beta,
-                                 topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam)
+                                 topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam,
+                                 gamma=gamma, mp=mp)
     chosen["method"] = chosen["method"] or methods.DEFAULT.name
     with report.capture(), Probe.load(probe) as probed:
         exported = api.export(

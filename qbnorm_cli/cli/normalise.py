@@ -28,6 +28,8 @@ def command(
     alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset ({methods.PARAMETERS['alpha'].range_text}; default {methods.PARAMETERS['alpha'].default:g}).")] = None,
     min_count: options.MinCount = None,
     lam: options.Lam = None,
+    gamma: options.Gamma = None,
+    mp: options.MpKind = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
     transpose: options.Transpose = False,
     similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe.")] = None,
@@ -60,7 +62,8 @@ def command(
     report = Reporter(json_output, quiet, progress_mode)
     tuned = api.load_params(params_file) if params_file else None
     chosen = options.with_params(tuned, method=method, beta=beta, k=k, gallery_beta=gallery_beta,
-                                 topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam)
+                                 topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam,
+                                 gamma=gamma, mp=mp)
     chosen["method"] = chosen["method"] or methods.DEFAULT.name
     with report.capture(), Probe.load(probe) as probed:
         written = api.normalise(

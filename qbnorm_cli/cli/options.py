@@ -79,6 +79,15 @@ MaxOutput = Annotated[str, typer.Option(
     help="Refuse to write an output larger than this (its size is known before any work), e.g. 64GiB, 1TiB.")]
 DEFAULT_MAX_OUTPUT_TEXT = "64GiB"  # io.limits.DEFAULT_MAX_OUTPUT (tests/test_cli_options.py checks they agree)
 
+Gamma = Annotated[float | None, typer.Option(
+    "--gamma", metavar="G",
+    help=f"nnn: exponent γ of the bank offset, S − α·b_j^γ (localized centering; default "
+         f"{methods.PARAMETERS['gamma'].default:g}).")]
+_KIND = next(p for p in methods.PARAMETERS.values() if p.choices)  # Mutual Proximity's distribution model
+MpKind = Annotated[str | None, typer.Option(
+    f"--{_KIND.name}", metavar="|".join(_KIND.choices),
+    help=f"Mutual Proximity: Gaussian fits or empirical distribution functions (default {_KIND.default}).")]
+
 DEFAULT_PROGRESS = "auto"
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
@@ -88,6 +97,7 @@ FLAGS = {
     "betas": "--beta",
     "gallery_betas": "--gallery-beta",
     "topk_means": "--topk-mean",
+    "methods": "--method",
     "lam": "--lambda",  # `lambda` is a Python keyword: the library says lam
     "security": "--cluster-security",  # Cluster(security=…)
     "scores": "SCORES",

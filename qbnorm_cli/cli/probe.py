@@ -28,6 +28,7 @@ def command(
     gallery_beta: Annotated[list[float] | None, typer.Option("--gallery-beta", help="β₂ value(s) for the gallery bank (repeatable; default 1).")] = None,
     topk_mean: Annotated[list[int] | None, typer.Option("--topk-mean", help=f"K for mean-of-top-K statistics (repeatable; default {' and '.join(map(str, methods.default_topk_means()))}).")] = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune`: probe what they need (explicit options override).")] = None,
+    method_names: Annotated[list[str] | None, typer.Option("--method", metavar="M", help="Also compute what method M needs at its defaults and each --topk-mean (repeatable): ls, nicdm (the K-th best and mean distance of the K nearest bank queries), mp (score spreads and the gallery's moments; with --keep-sorted, mp --mp empiric too), dsl (bank-centroid distances, from embeddings), gc (--keep-sorted).")] = None,
     keep_sorted: Annotated[bool, typer.Option("--keep-sorted", help="Keep every gallery item's sorted bank scores (O(bank × gallery) storage; needed by gc).")] = False,
     transpose: options.Transpose = False,
     sinkhorn: Annotated[bool, typer.Option("--sinkhorn", help="Also compute the Sinkhorn potentials of each --beta (sn; dbsn's too with --gallery-bank or --bank-gallery-bank-sims): two passes over bank × gallery, then two matrix-vector products over a float32 kernel per iteration, held when it fits half of --memory (4 bytes per bank × gallery score and β: a 20k × 100k bank needs --memory 16GB; recomputed otherwise).")] = False,
@@ -63,6 +64,9 @@ def command(
     Example (QB-Norm image → caption, bank of gallery-modality items): qbnorm probe --bank-sims
     captions_x_bank.h5 --transpose -o probe_v2t.h5
 
+    Example (the classic reducers): qbnorm probe --bank qb.h5 --gallery G --method ls --method mp --method dsl
+    --topk-mean 10 -o p.h5
+
     Example: qbnorm probe --bank qbank.h5 --gallery-bank gbank.h5 --gallery data.h5::/gallery -o probe.h5 --beta 100 --sinkhorn
     """
     report = Reporter(json_output, quiet, progress_mode)
@@ -79,6 +83,9 @@ def command(
             raise UsageError(missing_bank(tuned, method.name, ("gallery_bank", "bank_gallery_bank_sims")))
         keep_sorted = keep_sorted or method.needs.sorted_bank
         sinkhorn = sinkhorn or method.needs.sinkhorn or method.needs.dual_sinkhorn
+        given = {name: tuned.get(name) for name in method.parameters}
+        keep_sorted = keep_sorted or method.needs_for(given).sorted_bank
+        method_names = [*(method_names or []), method.name]
     with report.capture():
         result = api.probe(
             bank, gallery, betas=beta or [methods.DEFAULT_BETA], k=1 if k is None else k, gallery_bank=gallery_bank,
@@ -87,7 +94,8 @@ def command(
             sinkhorn_max_iters=sinkhorn_max_iters, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims,
             bank_gallery_bank_sims=bank_gallery_bank_sims, transpose=transpose, similarity=similarity,
             memory=memory, block_rows=block_rows, output=output, force=force, progress=report.progress,
-            provenance=options.provenance(ctx), tuned=tuned, cluster=options.on_cluster(cluster, cluster_security))
+            provenance=options.provenance(ctx), tuned=tuned, cluster=options.on_cluster(cluster, cluster_security),
+            methods=method_names)
     diag = result.diagnostics
     stats = scale.ScoreStats.from_attrs(result.attrs)
     report.info(

@@ -36,6 +36,35 @@ import numpy as np
 from qbnorm_cli.core.sampling import spread
 
 
+def split_scale(scale) -> tuple[float, np.ndarray | None]:
+    """(ā, a_j/ā or None) of a scale: one number, or one per item (Local Scaling, NICDM). With
+    a_j per item, η = a_j·S − b_j = ā·(⟨q, (a_j/ā)·g_j⟩ − b_j/ā): the vectors carry a_j/ā (near 1, so
+    they stay within the range of the coordinates) and the rest is as for one scale."""
+    if np.ndim(scale) == 0:
+        return float(scale), None
+    scale = np.asarray(scale, dtype=np.float64)
+    common = float(scale.mean()) if scale.size else 1.0
+    return common, scale / common
+
+
+class ScaledRows:
+    """Gallery rows (an Embeddings) times a per-item factor, as float32: what an export stores."""
+
+    def __init__(self, rows, factor: np.ndarray | None):
+        self.rows, self.factor = rows, factor
+
+    def _scaled(self, block: np.ndarray, at) -> np.ndarray:
+        if self.factor is None:
+            return block
+        return (block * self.factor[at][:, None]).astype(np.float32)
+
+    def block(self, r0: int, r1: int) -> np.ndarray:
+        return self._scaled(self.rows.block(r0, r1), slice(r0, r1))
+
+    def rows_of(self, picks) -> np.ndarray:
+        return self._scaled(self.rows.rows_of(picks), picks)
+
+
 def shifts(offset: np.ndarray | None, scale: float, n_items: int) -> tuple[np.ndarray, float]:
     """((offset[j] − m)/scale per item, m): m the offsets' mean (0 without offsets)."""
     if offset is None:

@@ -1,11 +1,16 @@
-"""Hubness normalisers as per-gallery offsets with an optional per-row gate, pure numpy.
+"""Hubness normalisers, pure numpy, in one of three forms.
 
-Every method of the registry (qbnorm_cli/methods.py, which cites each formula's source) has the
-form  η_q(j) = scale · S[q, j] − offset[j] − r_q, applied to the rows whose raw top-1 item lies in
-`gate` (every row when gate is None); other rows keep their raw scores. Row terms r_q (CSLS: the
-mean of the row's K largest raw scores) do not change a row's ranking. Globally-Corrected
-retrieval (Dinu et al. 2015) is the exception: its score depends on ranks inside each gallery
-item's bank scores.
+- Affine (per item): η_q(j) = a_j · S[q, j] − b_j − r_q, with `scale` a_j one number or one per
+  gallery item (Local Scaling, NICDM), `offset` b_j, and a row term r_q (CSLS: the mean of the
+  row's K largest raw scores) that does not change a row's ranking. Affine forms are exportable:
+  an inner-product index over [a_j·g_j, −b_j] ranks as they do (core/augmented.py).
+- Pairwise: η_q(j) = f(S[q, j], per-row statistics of q, per-item statistics of j), evaluated
+  block by block (`Pairwise`: Mutual Proximity). The row statistics are known before the scores
+  (from the query embeddings, or from the row's own raw values), so a block's η needs nothing
+  from other blocks. Globally-Corrected retrieval (Dinu et al. 2015), whose score depends on
+  ranks inside each gallery item's bank scores, is pairwise too. Pairwise forms are not exportable.
+Each applies to the rows whose raw top-1 item lies in `gate` (every row when gate is None); other
+rows keep their raw scores.
 
 `Normaliser.eta` is the only place the affine formula is evaluated and `Normaliser.gated` the only
 place the gate is decided: the dense driver, the top-k driver and `apply_dense` all call them, so
@@ -15,29 +20,57 @@ their outputs agree to the bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+
+class Pairwise(Protocol):
+    """A score η = f(S[q, j], row statistics of q, item statistics of j), increasing in S for each
+    item, so that a row's raw order bounds it (`bound`); no gate and no row term go with it."""
+
+    needs_embeddings: bool  # row statistics from the query embeddings (else from the row's raw values)
+    why_not_exportable: str  # one line for `export`
+
+    def row_statistics(self, queries: np.ndarray | None, top_values: np.ndarray | None, n_gallery: int):
+        """Statistics of some query rows: from their embeddings (`needs_embeddings`), or from their
+        raw values best first (`top_values`, the whole row or its best part, −inf padded)."""
+
+    def eta(self, scores: np.ndarray, rows, columns: np.ndarray) -> np.ndarray:
+        """float64 η of `scores` (r × w) of rows with statistics `rows`, at gallery `columns`
+        (broadcastable against scores)."""
+
+    def bound(self, rows, below: np.ndarray) -> np.ndarray:
+        """Per row, an upper bound of η over every item whose raw score is at most `below`."""
 
 
 @dataclass(frozen=True)
 class Normaliser:
     """η = scale·S − offset[j] − mean(top-`row_topk` of the raw row), on the rows gated in.
 
+    scale: one number, or one per gallery item (a (G,) array).
     identity: no row is normalised (the raw baseline through the same path).
     sorted_bank: (G, N) ascending bank scores per gallery item, sliceable (Globally-Corrected).
+    pairwise: a `Pairwise` score instead of the affine form.
     """
 
-    scale: float = 1.0
+    scale: float | np.ndarray = 1.0
     offset: np.ndarray | None = None
     gate: np.ndarray | None = None
     row_topk: int = 0
     sorted_bank: object = None
     identity: bool = False
+    pairwise: Pairwise | None = None
 
     @property
     def affine(self) -> bool:
-        """Whether η is scale·S − offset (every method but Globally-Corrected)."""
-        return self.sorted_bank is None
+        """Whether η is scale·S − offset with one scale (what the top-k driver's ordered tiles use)."""
+        return self.sorted_bank is None and self.pairwise is None and np.ndim(self.scale) == 0
+
+    @property
+    def exportable(self) -> bool:
+        """Whether an inner-product index can rank as η does (an affine form, per-item scale or not)."""
+        return self.sorted_bank is None and self.pairwise is None
 
     @property
     def decides_rows(self) -> bool:
@@ -53,13 +86,21 @@ class Normaliser:
             out = np.subtract(out, offset, out=out if out is not scores else None)
         return out
 
-    def transform(self, tile: np.ndarray, c0: int = 0) -> np.ndarray:
-        """η of a tile of raw scores covering gallery columns c0:c0+width (row term excluded), float64."""
+    def transform(self, tile: np.ndarray, c0: int = 0, rows=None) -> np.ndarray:
+        """η of a tile of raw scores covering gallery columns c0:c0+width, row term excluded,
+        float64; `rows`: the tile's row statistics (pairwise forms)."""
         width = tile.shape[1]
-        if not self.affine:
+        if self.pairwise is not None:
+            return self.pairwise.eta(tile, rows, np.arange(c0, c0 + width)[None, :])
+        if self.sorted_bank is not None:
             tile = np.asarray(tile, dtype=np.float64)
             return tile - globally_corrected_rank(tile, self.sorted_bank[c0:c0 + width])
-        return self.eta(tile, None if self.offset is None else self.offset[c0:c0 + width])
+        at = slice(c0, c0 + width)
+        if np.ndim(self.scale):
+            scale = np.asarray(self.scale[at], dtype=np.float64)
+            out = np.multiply(tile, scale, dtype=np.float64)
+            return out if self.offset is None else np.subtract(out, self.offset[at], out=out)
+        return self.eta(tile, None if self.offset is None else self.offset[at])
 
     def row_term(self, raw_top_values: np.ndarray | None) -> np.ndarray | float:
         """r_q from each row's raw values, best first (0 when the method has no row term)."""
@@ -92,8 +133,9 @@ def globally_corrected_rank(tile: np.ndarray, sorted_cols) -> np.ndarray:
     return ranks
 
 
-def apply_dense(raw: np.ndarray, norm: Normaliser) -> tuple[np.ndarray, np.ndarray]:
-    """Normalise whole rows of raw scores: (scores float64, which rows were normalised)."""
+def apply_dense(raw: np.ndarray, norm: Normaliser, queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise whole rows of raw scores: (scores float64, which rows were normalised);
+    `queries`: the rows' embeddings, for a pairwise form whose row statistics come from them."""
     gated = norm.gated_rows(raw)
     out = raw.astype(np.float64)
     if gated.any():
@@ -103,5 +145,9 @@ def apply_dense(raw: np.ndarray, norm: Normaliser) -> tuple[np.ndarray, np.ndarr
             k = min(norm.row_topk, raw.shape[1])
             top = np.partition(raw[rows], raw.shape[1] - k, axis=1)[:, raw.shape[1] - k:]
         term = norm.row_term(top)
-        out[rows] = norm.transform(raw[rows]) - (term[:, None] if np.ndim(term) else term)
+        stats = None
+        if norm.pairwise is not None:
+            whole = None if norm.pairwise.needs_embeddings else -np.sort(-raw[rows], axis=1)
+            stats = norm.pairwise.row_statistics(None if queries is None else queries[rows], whole, raw.shape[1])
+        out[rows] = norm.transform(raw[rows], rows=stats) - (term[:, None] if np.ndim(term) else term)
     return out, gated

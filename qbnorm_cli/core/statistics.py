@@ -7,6 +7,12 @@ P[i, j] = s(b_i, g_j) for bank item i and gallery item j. Per gallery column j:
                                                           NNN b_j, Chowdhury et al. 2024)
   sorted scores    = P[:, j] ascending                   (Globally-Corrected ranks, Dinu et al. 2015)
   column_mean[j]   = mean_i P[i, j]                      (Distribution Normalisation, Zhou et al. 2023)
+  topk_kth[K, j]   = the K-th largest P[:, j]            (Local Scaling σ_j, Schnitzer et al. 2012)
+  topk_distance[K, j] = mean of √(2 − 2·P) over the K largest (NICDM μ_j, Jégou et al. 2007;
+                                                          cosine scores: d = √(2 − 2s))
+  column_std[j]    = std_i P[i, j], with column_moments  (Mutual Proximity σ_j, Schnitzer 2012)
+  column_topk_index[j] = the bank rows of the K largest P[:, j], with neighbor_k = K (DisSimLocal's
+                                                          c_k(g), Hara et al. 2016)
 Per bank row i: its kmax highest-scoring gallery items (the DIS activation set, QB-Norm Sec. 3.4).
 
 The gallery is split into column blocks; every column statistic is complete once all bank rows of
@@ -134,6 +140,22 @@ class ColumnTopK:
         ordered = -np.sort(-self.values[:, : self.count], axis=1)
         return np.stack([ordered[:, : min(k, self.count)].mean(axis=1) for k in ks])
 
+    def kths(self, ks) -> np.ndarray:
+        """(len(ks), width): the K-th largest value per column (the smallest held when fewer exist)."""
+        ordered = -np.sort(-self.values[:, : self.count], axis=1)
+        return np.stack([ordered[:, min(k, self.count) - 1] for k in ks])
+
+    def distance_means(self, ks) -> np.ndarray:
+        """(len(ks), width): mean of √(2 − 2·s) over the K largest s per column (cosine distances)."""
+        ordered = -np.sort(-self.values[:, : self.count], axis=1)
+        dist = cosine_distance(ordered)
+        return np.stack([dist[:, : min(k, self.count)].mean(axis=1) for k in ks])
+
+
+def cosine_distance(scores: np.ndarray) -> np.ndarray:
+    """d = √(2 − 2s) of cosine similarities (of L2-normalised vectors), float64, clipped at 0."""
+    return np.sqrt(np.maximum(2.0 - 2.0 * np.asarray(scores, dtype=np.float64), 0.0))
+
 
 @dataclass
 class BankAccumulator:
@@ -149,9 +171,15 @@ class BankAccumulator:
     kmax: int
     topk_ks: tuple[int, ...] = ()
     keep_sorted: bool = False
+    column_moments: bool = False  # also each column's standard deviation
+    neighbor_k: int = 0           # also each column's neighbor_k best bank rows
     log_norm: np.ndarray = field(init=False)
     topk_mean: np.ndarray = field(init=False)
+    topk_kth: np.ndarray = field(init=False)
+    topk_distance: np.ndarray = field(init=False)
     column_mean: np.ndarray = field(init=False)
+    column_std: np.ndarray | None = field(init=False)
+    column_topk_index: np.ndarray | None = field(init=False)
     neighbors: topk.RunningTopK = field(init=False)
     score_min: float = np.inf
     score_max: float = -np.inf
@@ -162,7 +190,13 @@ class BankAccumulator:
         self.betas = np.asarray(self.betas, dtype=np.float64)
         self.log_norm = np.full((len(self.betas), self.n_gallery), -np.inf)
         self.topk_mean = np.zeros((len(self.topk_ks), self.n_gallery))
+        self.topk_kth = np.zeros((len(self.topk_ks), self.n_gallery))
+        self.topk_distance = np.zeros((len(self.topk_ks), self.n_gallery))
         self.column_mean = np.zeros(self.n_gallery)
+        self.column_std = np.zeros(self.n_gallery) if self.column_moments else None
+        self.neighbor_k = min(self.neighbor_k, self.n_rows)
+        self.column_topk_index = np.zeros((self.n_gallery, self.neighbor_k), dtype=np.int32) \
+            if self.neighbor_k else None
         self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax, self.n_gallery))
         self._block = None
 
@@ -172,6 +206,8 @@ class BankAccumulator:
         self._colmax = np.full(width, -np.inf)
         self._sums = np.zeros((len(self.betas), width))
         self._column_sums = np.zeros(width)
+        self._column_sumsq = np.zeros(width) if self.column_moments else None
+        self._column_best = topk.RunningTopK(width, self.neighbor_k) if self.neighbor_k else None
         kcol = min(max(self.topk_ks, default=0), self.n_rows)  # a larger K means all of them
         self._top = ColumnTopK(width, kcol) if kcol else None
         self._sorted = np.empty((self.n_rows, width), dtype=np.float32) if self.keep_sorted else None
@@ -195,6 +231,8 @@ class BankAccumulator:
             if self._sorted is not None:
                 self._sorted[r0:r0 + tile.shape[0]] = tile
             self.neighbors.update(r0, tile, c0, forward=True)
+            if self._column_best is not None:  # bank rows come in order: ties go to the lower row
+                self._column_best.update(0, np.ascontiguousarray(tile.T), r0, forward=True)
         finally:
             finish()
 
@@ -210,12 +248,13 @@ class BankAccumulator:
                 # rescale what was summed against the old maximum (0 before the first tile)
                 self._sums[b, grown] *= np.exp(beta * (self._colmax[grown] - new_max[grown]))
             self._colmax = new_max
-        colmax, betas = self._colmax, self.betas
+        colmax, betas, moments = self._colmax, self.betas, self.column_moments
 
         def chunk(r0: int, r1: int):
             sumsq = 0.0
             sums = np.zeros((len(betas), tile.shape[1]))
             column_sums = np.zeros(tile.shape[1])
+            column_sumsq = np.zeros(tile.shape[1]) if moments else None
             step = max(1, _SUB_ITEMS // max(tile.shape[1], 1))
             for a in range(r0, r1, step):  # cache-sized pieces through a reused buffer
                 part = tile[a:min(a + step, r1)]
@@ -224,18 +263,22 @@ class BankAccumulator:
                 x[...] = part
                 column_sums += x.sum(axis=0)
                 sumsq += float(np.einsum("i,i->", x.ravel(), x.ravel()))  # not BLAS: threads
+                if moments:
+                    column_sumsq += np.einsum("ij,ij->j", x, x)
                 np.subtract(x, colmax, out=x)  # exact: both are float32 values
                 for b, beta in enumerate(betas):
                     np.multiply(x, beta, out=work)
                     np.exp(work, out=work)
                     sums[b] += work.sum(axis=0)
-            return column_sums, sumsq, sums
+            return column_sums, sumsq, sums, column_sumsq
 
         wait = chunks(tile.shape[0], tile.size, chunk)
 
         def finish() -> None:
-            for column_sums, sumsq, sums in wait():
+            for column_sums, sumsq, sums, column_sumsq in wait():
                 self._column_sums += column_sums
+                if column_sumsq is not None:
+                    self._column_sumsq += column_sumsq
                 self.score_sum += float(column_sums.sum())
                 self.score_sumsq += sumsq
                 self._sums += sums
@@ -250,11 +293,19 @@ class BankAccumulator:
                 self.log_norm[b, c0:c1] = beta * self._colmax + np.log(self._sums[b])
         if self._top is not None:
             self.topk_mean[:, c0:c1] = self._top.means(self.topk_ks)
+            self.topk_kth[:, c0:c1] = self._top.kths(self.topk_ks)
+            self.topk_distance[:, c0:c1] = self._top.distance_means(self.topk_ks)
         self.column_mean[c0:c1] = self._column_sums / self.n_rows
+        if self._column_sumsq is not None:
+            variance = self._column_sumsq / self.n_rows - self.column_mean[c0:c1] ** 2
+            self.column_std[c0:c1] = np.sqrt(np.maximum(variance, 0.0))
+        if self._column_best is not None:
+            self.column_topk_index[c0:c1] = self._column_best.indices
         sorted_block = None
         if self._sorted is not None:
             sorted_block = np.sort(self._sorted.T, axis=1)
         self._block = self._colmax = self._sums = self._column_sums = self._top = self._sorted = None
+        self._column_sumsq = self._column_best = None
         return sorted_block
 
     def score_stats(self) -> ScoreStats:

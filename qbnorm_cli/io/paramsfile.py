@@ -72,7 +72,9 @@ def load_params(path) -> dict:
                 raise damaged(f"{name} is missing ({method} uses it)")
             out[name] = spec_method.default(name) if name in used else None
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if spec.choices and not isinstance(value, str):
+            raise damaged(f"{name} {value!r} is not one of {', '.join(spec.choices)}")
+        if not spec.choices and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise damaged(f"{name} {value!r} is not a number")
         try:
             out[name] = spec.check(value)

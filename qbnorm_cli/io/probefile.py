@@ -6,6 +6,15 @@ Datasets (G = gallery size, N = bank rows, Nh = gallery-bank rows):
   /activation_count       (G,) int32, attr k: bank-side k-occurrence for the chosen k
   /topk_mean              (n_ks, G) float64, attr ks: mean of the K largest P[:, j]
   /column_mean            (G,) float64: mean_i P[i, j] (Distribution Normalisation)
+  /topk_kth, /topk_distance  (n_ks, G) float64, attr ks: the K-th largest P[:, j] (Local Scaling's σ_j
+                          = √(2 − 2·it)) and the mean of √(2 − 2·P) over the K largest (NICDM's μ_j)
+  /column_std             (G,) float64, optional: std_i P[i, j] (Mutual Proximity's σ_j)
+  /centroid_distance      (n_centroid_ks, G) float64, attr ks, optional: ‖g_j − c_K(g_j)‖², c_K the
+                          centroid of the K bank queries nearest g_j (DisSimLocal; needs bank and
+                          gallery embeddings)
+  /gallery_mean, /gallery_second_moment  (d,), (d, d) float64, optional: ḡ = mean_j g_j and
+                          M = mean_j g_j g_jᵀ of the (L2-normalised) gallery, whence a query's mean and
+                          variance over the gallery: μ_q = q·ḡ, σ_q² = qᵀMq − μ_q² (Mutual Proximity)
   /gallery_log_norm, /gallery_bank_neighbors, /gallery_activation_count  the same for H (optional)
   /sorted_bank_scores     (G, N) float32 ascending, only with keep_sorted (for gc)
   /sinkhorn_log_u         (n_betas, G) float64, only with sinkhorn: log u_j of the Sinkhorn scalings
@@ -81,8 +90,11 @@ class CheckedRows:
 def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: int) -> dict[str, Stored]:
     """The probe's datasets (the schema above) from the accumulators of a probe pass; the sorted
     bank scores, when kept, are added by whoever collected them."""
-    out = {"/topk_mean": Stored(bank.topk_mean, {"ks": np.asarray(bank.topk_ks, dtype=np.int64)}),
-           "/column_mean": Stored(bank.column_mean)}
+    ks = {"ks": np.asarray(bank.topk_ks, dtype=np.int64)}
+    out = {"/topk_mean": Stored(bank.topk_mean, ks), "/column_mean": Stored(bank.column_mean),
+           "/topk_kth": Stored(bank.topk_kth, ks), "/topk_distance": Stored(bank.topk_distance, ks)}
+    if bank.column_std is not None:
+        out["/column_std"] = Stored(bank.column_std)
     for prefix, name, acc in (("", "bank", bank), ("gallery_", "gallery_bank", gallery_bank)):
         if acc is not None:
             out[f"/{prefix}log_norm"] = Stored(acc.log_norm, {"betas": np.asarray(acc.betas)})
@@ -236,6 +248,36 @@ class Probe:
 
     def topk_mean(self, k: int) -> np.ndarray:
         return self._pick("/topk_mean", "ks", k, "topk_mean", "topk_means")
+
+    def topk_kth(self, k: int) -> np.ndarray:
+        """The K-th largest bank score of each item (Local Scaling)."""
+        return self._pick("/topk_kth", "ks", k, "topk_mean", "topk_means")
+
+    def topk_distance(self, k: int) -> np.ndarray:
+        """The mean cosine distance √(2 − 2s) of each item to its K nearest bank queries (NICDM)."""
+        return self._pick("/topk_distance", "ks", k, "topk_mean", "topk_means")
+
+    def column_std(self) -> np.ndarray:
+        """std_i P[i, j], the spread of each item's bank scores (Mutual Proximity)."""
+        if not self._has("/column_std"):
+            raise UsageError(f"{self.label}: the probe has no spread of each item's bank scores; probe again "
+                             f"with {param('methods')} mp")
+        return np.asarray(self._read("/column_std"), dtype=np.float64)
+
+    def centroid_distance(self, k: int) -> np.ndarray:
+        """‖g_j − c_k(g_j)‖², c_k(g_j) the centroid of the k bank queries nearest g_j (DisSimLocal)."""
+        if not self._has("/centroid_distance"):
+            raise UsageError(f"{self.label}: the probe has no bank-centroid distances; probe again from bank and "
+                             f"gallery embeddings with {param('methods')} dsl and {param('topk_mean')} {k}")
+        return self._pick("/centroid_distance", "ks", k, "topk_mean", "topk_means")
+
+    def gallery_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ḡ, M): the gallery's mean vector and second-moment matrix (Mutual Proximity's μ_q, σ_q)."""
+        if not self._has("/gallery_mean") or not self._has("/gallery_second_moment"):
+            raise UsageError(f"{self.label}: the probe has no gallery moments; probe again from gallery embeddings "
+                             f"with {param('methods')} mp")
+        return (np.asarray(self._read("/gallery_mean"), dtype=np.float64),
+                np.asarray(self._read("/gallery_second_moment"), dtype=np.float64))
 
     def neighbors(self, gallery: bool = False, rows: slice = slice(None), k: int | None = None) -> np.ndarray:
         """Each bank row's best gallery items, best first (bank × kmax; `rows` of them, the first

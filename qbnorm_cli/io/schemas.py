@@ -503,6 +503,9 @@ def _params_agree(layout: Layout, key: str, dataset: str, attr: str) -> None:
 def _probe_relations(layout: Layout) -> None:
     _params_agree(layout, "betas", "/log_norm", "betas")
     _params_agree(layout, "topk_mean", "/topk_mean", "ks")
+    for name in ("/topk_kth", "/topk_distance"):
+        if name in layout.data_attrs:
+            _params_agree(layout, "topk_mean", name, "ks")
     if "/gallery_log_norm" in layout.data_attrs:
         _params_agree(layout, "gallery_betas", "/gallery_log_norm", "betas")
     k = layout.params.get("k")
@@ -681,6 +684,16 @@ def _probe() -> FileSchema:
             Data("/sorted_bank_scores", ("<f4",), ("G", "N"), required=False, values="ascending", at_open=False,
                  rows="item", cols="bank score"),
             Data("/column_mean", ("<f8",), ("G",), required=False, values="finite", cols="item"),
+            _statistic("/topk_kth", "n_ks", Attr("ks", "ints", required=True, dim="n_ks", low=1), "K",
+                       required=False),
+            _statistic("/topk_distance", "n_ks", Attr("ks", "ints", required=True, dim="n_ks", low=1), "K",
+                       required=False),
+            Data("/column_std", ("<f8",), ("G",), required=False, values="finite", cols="item"),
+            _statistic("/centroid_distance", "n_centroid_ks",
+                       Attr("ks", "ints", required=True, dim="n_centroid_ks", low=1), "K", required=False),
+            Data("/gallery_mean", ("<f8",), ("d",), required=False, values="finite", cols="dimension"),
+            Data("/gallery_second_moment", ("<f8",), ("d", "d"), required=False, values="finite", rows="dimension",
+                 cols="dimension"),
             _sinkhorn("/sinkhorn_log_u", "n_sinkhorn", dual=False),
             _sinkhorn("/dual_sinkhorn_log_u", "n_dual_sinkhorn", dual=True),
         ),

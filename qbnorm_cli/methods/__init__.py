@@ -52,7 +52,8 @@ PLUGIN_GROUP = "qbnorm.methods"
 BUILT_IN = ("raw", "inverted_softmax", "dynamic_inverted_softmax", "cross_domain_local_scaling",
             "nearest_neighbor_normalization", "globally_corrected", "dual_inverted_softmax",
             "dual_dynamic_inverted_softmax", "sinkhorn_normalisation", "dual_bank_sinkhorn",
-            "distribution_normalisation")
+            "distribution_normalisation", "local_scaling", "non_iterative_contextual_dissimilarity",
+            "mutual_proximity", "dissim_local")
 
 
 def problem_with(method: object, taken: Mapping[str, Method]) -> str | None:
@@ -229,22 +230,29 @@ class ProbeRequest:
     gallery_bank: bool
     sinkhorn_betas: list[float] = field(default_factory=list)       # SN's potentials for these β
     dual_sinkhorn_betas: list[float] = field(default_factory=list)  # DBSN's
+    column_std: bool = False                                         # MP gauss's σ_j
+    centroid_ks: list[int] = field(default_factory=list)             # DSL's centroid distances (one K per probe)
+    gallery_moments: bool = False                                    # MP gauss's ḡ and M
 
     @classmethod
     def of(cls, settings_: list[tuple[Method, dict]]) -> ProbeRequest:
         def betas_of(need: str) -> list[float]:
-            return sorted({v["beta"] for m, v in settings_ if getattr(m.needs, need) and "beta" in v})
+            return sorted({v["beta"] for m, v in settings_ if getattr(m.needs_for(v), need) and "beta" in v})
 
         betas = sorted({v["beta"] for _, v in settings_ if "beta" in v}) or [DEFAULT_BETA]
         gallery = sorted({v["gallery_beta"] for _, v in settings_ if "gallery_beta" in v}) or [DEFAULT_GALLERY_BETA]
         kmax = max([v["k"] for _, v in settings_ if "k" in v] or [1])
         ks = tuple(sorted({v["topk_mean"] for _, v in settings_ if "topk_mean" in v}))
-        return cls(betas, gallery, kmax, ks, any(m.needs.sorted_bank for m, _ in settings_),
-                   any(m.needs.gallery_bank for m, _ in settings_), betas_of("sinkhorn"), betas_of("dual_sinkhorn"))
+        needs = [m.needs_for(v) for m, v in settings_]
+        centroid_ks = sorted({v["topk_mean"] for m, v in settings_ if m.needs_for(v).centroid})
+        return cls(betas, gallery, kmax, ks, any(n.sorted_bank for n in needs),
+                   any(n.gallery_bank for n in needs), betas_of("sinkhorn"), betas_of("dual_sinkhorn"),
+                   any(n.column_std for n in needs), centroid_ks, any(n.gallery_moments for n in needs))
 
 
 def label(method: Method, values: Mapping) -> str:
-    """A setting as people read it: `dis β=20 k=1`."""
+    """A setting as people read it: `dis β=20 k=1` (a word parameter as itself: `mp empiric`)."""
     parts = ["raw" if method.baseline else method.name]
-    parts += [f"{PARAMETERS[name].shown}={values[name]:g}" for name in PARAMETERS if name in values]
+    parts += [str(values[name]) if PARAMETERS[name].choices else f"{PARAMETERS[name].shown}={values[name]:g}"
+              for name in PARAMETERS if name in values]
     return " ".join(parts)

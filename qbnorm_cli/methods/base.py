@@ -49,6 +49,7 @@ class Parameter:
     exclusive: bool = False
     maximum: float | None = None         # at most this (whole numbers: WHOLE_MAX, what a file can record)
     symbol: str = ""                     # how people write it (tables, figure labels); the name when empty
+    choices: tuple[str, ...] = ()        # a word (kind str): one of these
 
     @property
     def upper(self) -> float | int | None:
@@ -56,7 +57,9 @@ class Parameter:
 
     @property
     def range_text(self) -> str:
-        """'> 0 and ≤ 1e+12', '≥ 1 and ≤ 2147483647', '≥ -1e+06 and ≤ 1e+06'."""
+        """'> 0 and ≤ 1e+12', '≥ 1 and ≤ 2147483647', '≥ -1e+06 and ≤ 1e+06'; a word's choices: 'gauss|empiric'."""
+        if self.choices:
+            return "|".join(self.choices)
         parts = [f"{'>' if self.exclusive else '≥'} {self.minimum:g}"] if self.minimum is not None else []
         parts += [f"≤ {self.upper:g}"] if self.upper is not None else []
         return " and ".join(parts)
@@ -67,6 +70,10 @@ class Parameter:
 
     def check(self, value):
         """The value as `kind`, or UsageError naming the parameter and its range."""
+        if self.choices:
+            if value not in self.choices:
+                raise UsageError(f"{param(self.name)} {value!r}: choose one of {', '.join(self.choices)}")
+            return str(value)
         shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}…({len(str(value))} digits)"
         try:
             number = self.kind(value)
@@ -101,6 +108,10 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
               default=1, minimum=1, symbol="θ"),
     Parameter("lam", float, "weight λ of the mean bank embedding (Distribution Normalisation)", default=0.25,
               minimum=0, maximum=MAX_WEIGHT, symbol="λ"),
+    Parameter("gamma", float, "exponent γ of the bank offset (localized centering: S − α·b_j^γ)", default=1.0,
+              minimum=0, maximum=MAX_WEIGHT, symbol="γ"),
+    Parameter("mp", str, "how Mutual Proximity models a score's distribution: gauss (Gaussian fits) or empiric "
+              "(empirical distribution functions)", default="gauss", choices=("gauss", "empiric")),
 )}
 
 
@@ -116,6 +127,9 @@ class Needs:
     column_mean: bool = False       # mean_i P[i, j]
     sinkhorn: bool = False          # log u of the Sinkhorn scalings of P for its β
     dual_sinkhorn: bool = False     # log u of the Sinkhorn scalings of [P | PB] (the gallery's part)
+    column_std: bool = False        # std_i P[i, j]
+    centroid: bool = False          # ‖g_j − centroid of its K nearest bank queries‖² (bank and gallery embeddings)
+    gallery_moments: bool = False   # the gallery's mean vector and second-moment matrix (gallery embeddings)
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,11 @@ class Method:
     baseline: bool = False    # the raw scores through the same path
     default_method: bool = False  # what normalise, export and tune use when no method is named
     cost: str = ONE_PASS      # what probe and normalise pay for it
+    needs_of: Callable[[Mapping], Needs] | None = None  # needs that depend on parameter values
+
+    def needs_for(self, values: Mapping) -> Needs:
+        """What the probe must hold for these parameter values."""
+        return self.needs if self.needs_of is None else self.needs_of(values)
 
     def default(self, name: str):
         return self.defaults.get(name, PARAMETERS[name].default)
@@ -146,3 +165,13 @@ class Method:
 DEFAULT_BETA = 20.0          # for cosine similarities (QB-Norm's setting)
 DEFAULT_GALLERY_BETA = 1.0   # a gentle mean-score correction from the gallery bank
 KMAX_MIN = 10                # probe keeps at least this many top items per bank row
+
+
+def cosine_only(probe, name: str) -> None:
+    """Distances d = √(2 − 2s) need cosine similarities: refuse other scores in one line."""
+    if probe.attrs.get("similarity") == "cosine" or (probe.attrs.get("score_scale") == "cosine" and \
+            probe.attrs.get("similarity") == "precomputed"):
+        return
+    raise UsageError(f"{param('method')} {name}: its distances d = √(2 − 2s) need cosine similarities of "
+                     f"L2-normalised vectors, but {probe.label} holds {probe.attrs.get('similarity')} scores "
+                     f"({probe.attrs.get('score_scale', 'of unknown scale')}); probe with {param('similarity')} cosine")

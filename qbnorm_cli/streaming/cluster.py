@@ -845,7 +845,8 @@ def _probe_task(spec: dict, recipes: list, window: tuple[int, int]) -> dict:
     out = {"banks": [], "sorted": []}
     for number, (recipe, shape) in enumerate(zip(recipes, spec["banks"], strict=True)):
         acc = BankAccumulator(shape["n_rows"], c1 - c0, np.asarray(shape["betas"]), shape["kmax"],
-                              tuple(shape["topk_ks"]), shape["keep_sorted"])
+                              tuple(shape["topk_ks"]), shape["keep_sorted"], shape["column_moments"],
+                              shape["neighbor_k"])
         totals: list[tuple[float, float]] = []
         chunks = functools.partial(_recorded_chunks, totals)
 
@@ -860,6 +861,8 @@ def _probe_task(spec: dict, recipes: list, window: tuple[int, int]) -> dict:
         values, indices = acc.neighbors.values, acc.neighbors.indices
         out["banks"].append({
             "log_norm": acc.log_norm, "topk_mean": acc.topk_mean, "column_mean": acc.column_mean,
+            "topk_kth": acc.topk_kth, "topk_distance": acc.topk_distance, "column_std": acc.column_std,
+            "column_topk_index": acc.column_topk_index,
             "values": values.astype(np.float32), "indices": indices.astype(np.int32),  # float32 scores: exact
             "min": acc.score_min, "max": acc.score_max, "totals": np.asarray(totals, dtype=np.float64).reshape(-1, 2),
         })
@@ -873,7 +876,7 @@ def _recorded_chunks(totals: list, n_rows: int, n_items: int, fn):
 
     def results():
         done = wait()
-        totals.extend((float(column_sums.sum()), sumsq) for column_sums, sumsq, _ in done)
+        totals.extend((float(column_sums.sum()), sumsq) for column_sums, sumsq, *_ in done)
         return done
 
     return results
@@ -888,7 +891,8 @@ def run_probe(session: Session, banks: list[tuple[object, BankAccumulator]], n_g
     recipes = [_recipe(session, scores, shared_data) for scores, _ in banks]
     spec = {"budget": budget, "width": width,
             "banks": [{"n_rows": acc.n_rows, "betas": acc.betas.tolist(), "kmax": acc.kmax,
-                       "topk_ks": list(acc.topk_ks), "keep_sorted": acc.keep_sorted} for _, acc in banks]}
+                       "topk_ks": list(acc.topk_ks), "keep_sorted": acc.keep_sorted,
+                       "column_moments": acc.column_moments, "neighbor_k": acc.neighbor_k} for _, acc in banks]}
     windows = [(g[0][0], g[-1][1]) for g in _groups(blocks, session.target_tasks(len(blocks)))]
     rows = sum(scores.n_rows for scores, _ in banks)
     work = [rows * (b - a) for a, b in windows]
@@ -906,6 +910,12 @@ def _fold_probe(acc: BankAccumulator, c0: int, c1: int, part: dict) -> None:
     acc.log_norm[:, c0:c1] = part["log_norm"]
     acc.topk_mean[:, c0:c1] = part["topk_mean"]
     acc.column_mean[c0:c1] = part["column_mean"]
+    acc.topk_kth[:, c0:c1] = part["topk_kth"]
+    acc.topk_distance[:, c0:c1] = part["topk_distance"]
+    if acc.column_std is not None:
+        acc.column_std[c0:c1] = part["column_std"]
+    if acc.column_topk_index is not None:
+        acc.column_topk_index[c0:c1] = part["column_topk_index"]
     acc.score_min = min(acc.score_min, part["min"])
     acc.score_max = max(acc.score_max, part["max"])
     for total, sumsq in part["totals"]:  # the local pass's order of additions
@@ -947,6 +957,9 @@ def _rank_task(spec: dict, recipe: dict, shipped: dict, ranges: list[tuple[int, 
 def run_normalise(session: Session, scores, norm: Normaliser, budget: Budget, top_k: int | None = None,
                   progress=None, dtype=np.float64) -> Iterator[tuple[int, tuple]]:
     """engine.run_normalise on the cluster: the same blocks in the same order, bit for bit."""
+    if norm.pairwise is not None:
+        raise UsageError(f"{param('cluster')}: a pairwise score (its row statistics come before its blocks) runs "
+                         "here only: leave out the cluster")
     shared_data: dict = {}
     recipe = _recipe(session, scores, shared_data)
     n_rows, n_cols = scores.n_rows, scores.n_cols

@@ -15,6 +15,7 @@ import numpy as np
 
 from qbnorm_cli.core.normalisers import Normaliser, apply_dense
 from qbnorm_cli.core.statistics import BankAccumulator
+from qbnorm_cli.errors import UsageError, param
 from qbnorm_cli.streaming import parallel, ranking
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
 from qbnorm_cli.streaming.sources import ScoreSource
@@ -86,14 +87,27 @@ def run_probe(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, 
         probe_block(banks, c0, c1, budget, on_sorted, progress)
 
 
-def _dense_whole_rows(raw: np.ndarray, norm: Normaliser, out: np.ndarray) -> np.ndarray:
+def query_rows(scores: ScoreSource, norm: Normaliser):
+    """A function giving the embeddings of query rows (a slice, or ascending row numbers) when the
+    normaliser's row statistics come from them (Mutual Proximity with Gaussian fits), else None."""
+    if norm.pairwise is None or not norm.pairwise.needs_embeddings:
+        return lambda rows: None
+    source = getattr(scores, "inner", scores)  # what a cache holds
+    rows = getattr(source, "rows", None)
+    if not hasattr(rows, "rows_of"):
+        raise UsageError(f"{param('method')}: its row statistics come from the query embeddings and the "
+                         f"gallery's moments: give {param('queries')} and {param('gallery')}, not {param('sims')}")
+    return rows.rows_of
+
+
+def _dense_whole_rows(raw: np.ndarray, norm: Normaliser, out: np.ndarray, queries=None) -> np.ndarray:
     """Normalise whole rows of raw scores into `out`; returns which rows were normalised.
 
     The values of normalisers.apply_dense: η is computed in float64 and rounded once into `out`'s
     dtype, chunk by chunk so the float64 scratch stays in cache.
     """
     if not norm.affine or norm.row_topk:
-        scores, gated = apply_dense(raw, norm)
+        scores, gated = apply_dense(raw, norm, queries)
         out[...] = scores
         return gated
     gated = norm.gated_rows(raw)
@@ -115,8 +129,10 @@ class _DenseRows:
     """Super-block state for dense output: the normalised rows (or the raw rows when the gallery
     is split into several column blocks and a row's gate is only known at the end)."""
 
-    def __init__(self, rows: int, n_cols: int, norm: Normaliser, whole_rows: bool, dtype=np.float64):
+    def __init__(self, rows: int, n_cols: int, norm: Normaliser, whole_rows: bool, dtype=np.float64,
+                 queries=lambda r0, r1: None):
         self.norm = norm
+        self.queries = queries  # embeddings of rows r0:r1 of the super-block (or None)
         self.whole_rows = whole_rows
         self.dtype = dtype
         if whole_rows:
@@ -128,14 +144,14 @@ class _DenseRows:
     def update(self, r0: int, c0: int, tile: np.ndarray) -> None:
         r1 = r0 + tile.shape[0]
         if self.whole_rows:
-            self.gated[r0:r1] = _dense_whole_rows(tile, self.norm, self.out[r0:r1])
+            self.gated[r0:r1] = _dense_whole_rows(tile, self.norm, self.out[r0:r1], self.queries(r0, r1))
         else:
             self.raw[r0:r1, c0:c0 + tile.shape[1]] = tile
 
     def finish(self):
         if self.whole_rows:
             return self.out, None, self.gated
-        scores, gated = apply_dense(self.raw, self.norm)
+        scores, gated = apply_dense(self.raw, self.norm, self.queries(0, self.raw.shape[0]))
         return scores.astype(self.dtype, copy=False), None, gated
 
 
@@ -164,7 +180,8 @@ def dense_rows(scores: ScoreSource, norm: Normaliser, budget: Budget, plan: Dens
                progress: Callable[[int], None] | None = None, dtype=np.float64) -> tuple:
     """(scores, None, normalised) of the super-block of query rows q0:q1."""
     n_cols = scores.n_cols
-    state = _DenseRows(q1 - q0, n_cols, norm, plan.whole_rows, dtype)
+    rows_of = query_rows(scores, norm)
+    state = _DenseRows(q1 - q0, n_cols, norm, plan.whole_rows, dtype, lambda a, b: rows_of(slice(q0 + a, q0 + b)))
     for c0, c1 in spans(n_cols, plan.width):
         scores.column_block(c0, c1)
         for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0, scores.row_chunk)):
@@ -188,6 +205,10 @@ def run_normalise(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: 
     Cost: O(queries × gallery × d) for embeddings (the matrix product); the rest is a few passes
     over each cache-sized tile. A larger bank changes nothing here: its statistics are O(gallery).
     """
+    if top_k is not None and norm.pairwise is not None:
+        yield from ranking.run_pairwise_ranking(scores, norm, budget, top_k, query_rows(scores, norm), progress,
+                                                tiling, trace)
+        return
     if top_k is not None:
         yield from ranking.run_ranking(scores, norm, budget, top_k, progress, tiling, trace)
         return

@@ -41,7 +41,7 @@ from qbnorm_cli.core import topk
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
-from qbnorm_cli.streaming.sources import ScoreSource
+from qbnorm_cli.streaming.sources import RowSubset, ScoreSource
 
 SAMPLE_SPREAD = 16     # column groups per wanted item in the sample's bound (tight for small k')
 TILE_BYTES_PER_SCORE = 13  # per score of a tile: float32 score, bool mask, temporaries (≈ 10 B measured in RSS)
@@ -144,16 +144,25 @@ class Block:
             rest = np.ones(width, dtype=bool)
             rest[first] = False
             rest = np.flatnonzero(rest)
-            if norm.offset is not None:
-                rest = rest[np.argsort(norm.offset[c0 + rest], kind="stable")]
+            key = norm.offset if np.ndim(norm.scale) == 0 else norm.scale  # what the bounds depend on
+            if key is not None:
+                rest = rest[np.argsort(key[c0 + rest], kind="stable")]
             self.order = np.concatenate([first, rest])
         self.index = c0 + (self.order if self.order is not None else np.arange(width))
         self.offset = None if norm.offset is None else np.asarray(norm.offset, dtype=np.float64)[self.index]
+        self.scale = np.asarray(norm.scale, dtype=np.float64)[self.index] if np.ndim(norm.scale) else None
         self.subs = [(0, sample), *((s0 + sample, s1 + sample) for s0, s1 in spans(width - sample, sub_columns))]
         if self.offset is not None and self.order is not None:
             self.lows = [float(self.offset[s0:s1].min()) for s0, s1 in self.subs]
         else:
             self.lows = [0.0] * len(self.subs)
+        if self.scale is not None:
+            # η = a_j·S − b_j ≥ θ ⇔ S ≥ θ/a_j + b_j/a_j: per tile, the range of 1/a_j and the least b_j/a_j
+            inverse = 1.0 / self.scale
+            ratio = inverse * (0.0 if self.offset is None else self.offset)
+            self.item_bounds = [(float(inverse[s0:s1].min()), float(inverse[s0:s1].max()),
+                                 float(np.min(ratio[s0:s1]))) if s1 > s0 else (0.0, 0.0, 0.0)
+                                for s0, s1 in self.subs]
 
 
 def _scratch(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,9 +211,9 @@ class _Candidates:
                 self._sample(s0, s1)
                 continue
             tile, mask = run.tile(self.rows, s0, s1)
-            if run.affine and block.order is not None:
+            if (run.affine or run.item_scaled) and block.order is not None:
                 run.trace.count("ordered_tiles")
-                self._ordered(tile, mask, s0, block.lows[t])
+                self._ordered(tile, mask, s0, t)
             else:
                 run.trace.count("exact_tiles")
                 self._exact(tile, mask, s0, s1)
@@ -263,6 +272,8 @@ class _Candidates:
         run = self.run
         if run.affine:
             return tile if run.shift32 is None else tile - run.shift32[s0:s1]
+        if run.item_scaled:  # η in float32: (S − b_j/a_j)·a_j, within run.margin(tile) of η
+            return (tile - run.shift32[s0:s1]) * run.scale32[s0:s1]
         return run.norm.transform(tile, run.gc_column(s0))
 
     def _piece(self, a: int, b: int):
@@ -297,6 +308,8 @@ class _Candidates:
                 low = topk.kth_lower_bound(normed, spec, SAMPLE_SPREAD)
                 # lowered by the float32 rounding of u, so that the entries reaching it in u reach it in η
                 th = (low - 2.0 ** -22 * (np.abs(low) + run.shift_max)) * run.norm.scale
+            elif run.item_scaled:
+                th = topk.kth_lower_bound(normed, spec) - run.margin(tile)
             else:
                 th = topk.kth_lower_bound(normed, spec)
             self.th_norm[part] = np.maximum(th, lists.norm[0][rows, -1])
@@ -319,6 +332,8 @@ class _Candidates:
                 held = self.th_norm[part] / run.norm.scale
                 low = topk.float_bound(held - 2.0 ** -22 * (np.abs(held) + run.shift_max), np.float32)
                 hit = normed >= low[:, None]
+            elif run.item_scaled:
+                hit = normed >= topk.float_bound(self.th_norm[part] - run.margin(tile), np.float32)[:, None]
             else:
                 eta = normed
                 hit = eta >= self.th_norm[part][:, None]
@@ -328,13 +343,20 @@ class _Candidates:
                 mask[...] = hit
         self._take(tile, mask, s0, eta, r0)
 
-    def _ordered(self, tile, mask, s0, low_offset):
-        """Candidates of a tile of offset-ordered columns: one comparison per score."""
+    def _ordered(self, tile, mask, s0, t):
+        """Candidates of a tile of offset-ordered (scale-ordered) columns: one comparison per score."""
         run, lists = self.run, self.run.lists
         bound = np.full(self.n, np.inf)
         if lists.raw_k:
             bound = self.th_raw
-        if lists.norm_k:
+        if lists.norm_k and run.item_scaled:
+            # η ≥ θ ⇒ S ≥ θ/a_j + b_j/a_j ≥ θ·(1/a)_{hi or lo} + min b/a, lowered for float64 rounding
+            inv_lo, inv_hi, ratio_lo = run.block.item_bounds[t]
+            x = np.where(self.th_norm < 0, inv_hi, inv_lo) * self.th_norm + ratio_lo
+            x = x - 2.0 ** -40 * (np.abs(self.th_norm) * inv_hi + abs(ratio_lo) + 1.0)
+            bound = np.minimum(bound, x)
+        elif lists.norm_k:
+            low_offset = run.block.lows[t]
             # η ≥ θ ⇒ S ≥ (θ + offset)/scale ≥ (θ + lo)/scale, lowered for float64 rounding
             scale = run.norm.scale
             x = (self.th_norm + low_offset) / scale
@@ -361,6 +383,10 @@ class _Candidates:
         if lists.norm_k:
             if eta is not None:
                 values = eta
+            elif run.item_scaled:  # as Normaliser.transform evaluates it, to the bit
+                values = np.multiply(scores, block.scale[positions])
+                if block.offset is not None:
+                    values -= block.offset[positions]
             else:
                 values = run.norm.eta(scores, None if block.offset is None else block.offset[positions])
             keep = np.flatnonzero(values >= self.th_norm[rows])
@@ -432,6 +458,7 @@ class _Run:
         self.gate_decided = (norm.gate is not None and not norm.row_topk and lists.raw_k > 0 and lists.norm_k > 0
                              and block.c0 == 0 and block.c1 == scores.n_cols)
         self.affine = norm.affine
+        self.item_scaled = norm.exportable and block.scale is not None  # a_j·S − b_j, a scale per item
         self.shift32 = self.shift_max = None
         self.offset_max = 0.0
         if self.affine and block.offset is not None:
@@ -441,6 +468,16 @@ class _Run:
             self.offset_max = float(np.abs(block.offset).max()) if shift.size else 0.0
         elif self.affine:
             self.shift_max = 0.0
+        if self.item_scaled:
+            shift = block.offset / block.scale if block.offset is not None else np.zeros(block.width)
+            self.shift32, self.scale32 = shift.astype(np.float32), block.scale.astype(np.float32)
+            self.shift_max = float(np.abs(shift).max()) if shift.size else 0.0
+            self.scale_max = float(block.scale.max()) if shift.size else 0.0
+
+    def margin(self, tile) -> float:
+        """How far the float32 η of run._normed may lie from the float64 one (a per-item scale):
+        S − shift rounds by 2⁻²⁴ of its magnitude, a_j and the product by as much again."""
+        return 2.0 ** -20 * self.scale_max * ((float(np.abs(tile).max()) if tile.size else 0.0) + self.shift_max)
 
     def gc_column(self, s0: int) -> int:
         return self.block.c0 + s0  # gc blocks keep the gallery order
@@ -467,7 +504,7 @@ def rank_block(scores: ScoreSource, norm: Normaliser, lists: Lists, c0: int, c1:
                trace: Trace | None = None, threaded: bool | None = None) -> None:
     """Fold gallery columns c0:c1 into `lists` (query rows q0: of the scores), row tile by row
     tile on all cores, each tile recomputing the few rows whose thresholds were too high."""
-    ordered = scores.sub_columns and norm.affine
+    ordered = scores.sub_columns and norm.exportable
     block = Block(c0, c1, norm, geom.sub_columns, ordered, tiling.sample_columns)
     if scores.sub_columns:
         scores.prepare_columns(c0, c1, block.order)
@@ -547,3 +584,63 @@ def run_ranking(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: in
     plan = ranking_plan(scores, norm, budget, top_k, tiling)
     for q0, q1 in spans(scores.n_rows, plan.super_rows):
         yield q0, rank_rows(scores, norm, plan, q0, q1, progress, tiling, trace)
+
+
+# --- pairwise forms (normalisers.Pairwise: Mutual Proximity) --------------------------------------
+# η is increasing in S for each item and bounded by a row factor, so a row's raw top-C is enough:
+# every item outside it scores at most bound(row, C-th raw value). A row is exact once its k-th
+# best η among the candidates exceeds that bound and its top k all lie strictly above the C-th raw
+# value (statistics from the raw values are exact there); other rows double C, and a row whose C
+# reaches the gallery takes its whole row.
+
+PAIRWISE_CANDIDATES = 4  # raw candidates per wanted item at first
+
+
+def _pairwise_top(norm: Normaliser, values: np.ndarray, indices: np.ndarray, queries, n_cols: int, top_k: int):
+    """(η top-k values, indices, sure) of rows from their raw values and indices best first."""
+    pairwise = norm.pairwise
+    stats = pairwise.row_statistics(queries, None if pairwise.needs_embeddings else values, n_cols)
+    present = indices >= 0
+    eta = np.full(values.shape, -np.inf)
+    if present.any():
+        eta_all = pairwise.eta(np.where(present, values, values[:, :1]), stats, np.where(present, indices, 0))
+        eta[present] = eta_all[present]
+    order = np.lexsort((np.where(present, indices, np.iinfo(np.int64).max), -eta), axis=1)[:, :top_k]
+    top_values = np.take_along_axis(eta, order, axis=1)
+    top_indices = np.take_along_axis(np.where(present, indices, -1), order, axis=1)
+    if values.shape[1] >= n_cols:
+        return top_values, top_indices, np.ones(values.shape[0], dtype=bool)
+    last = values[:, -1]
+    bound = pairwise.bound(stats, last)
+    raw_at = np.take_along_axis(values, order, axis=1)
+    sure = (top_values[:, -1] > bound) & (raw_at > last[:, None]).all(axis=1)
+    return top_values, top_indices, sure
+
+
+def run_pairwise_ranking(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: int, queries_of,
+                         progress: Callable[[int], None] | None = None, tiling: Tiling = Tiling(),
+                         trace: Trace | None = None) -> Iterable[tuple[int, tuple]]:
+    """run_ranking for a pairwise η: the rows' raw top-C (C = PAIRWISE_CANDIDATES·top_k at first,
+    doubled for the rows not yet exact) ranked by η. `queries_of(rows)`: their embeddings or None.
+
+    Cost: the raw top-C ranking (about the cost of the product), then η of C candidates per row."""
+    raw = Normaliser(identity=True)
+    n_rows, n_cols = scores.n_rows, scores.n_cols
+    wanted = min(n_cols, max(PAIRWISE_CANDIDATES * top_k, top_k + 16))
+    plan = ranking_plan(scores, raw, budget, wanted, tiling)
+    for q0, q1 in spans(n_rows, plan.super_rows):
+        values, indices, _ = rank_rows(scores, raw, plan, q0, q1, progress, tiling, trace)
+        top_values, top_indices, sure = _pairwise_top(norm, values, indices, queries_of(slice(q0, q1)), n_cols,
+                                                      top_k)
+        more = wanted
+        while not sure.all():  # the few rows whose bound failed, gathered, with twice the candidates
+            more = min(n_cols, 2 * more)
+            redo = np.flatnonzero(~sure)
+            rows = RowSubset(scores, q0 + redo)
+            v, i, _ = rank_rows(rows, raw, ranking_plan(rows, raw, budget, more, tiling), 0, redo.size, None,
+                                tiling, trace)
+            tv, ti, ok = _pairwise_top(norm, v, i, queries_of(q0 + redo), n_cols, top_k)
+            top_values[redo], top_indices[redo], sure[redo] = tv, ti, ok
+            if trace is not None:
+                trace.count("recomputed_rows", redo.size)
+        yield q0, (top_values, top_indices, np.ones(q1 - q0, dtype=bool))

@@ -251,6 +251,34 @@ class EmbeddingScores:
         return out.T, mask.T
 
 
+class RowSubset:
+    """Some rows of a score source (ascending row numbers), as the top-k driver reads a source: the
+    rows a pairwise ranking widens (ranking.run_pairwise_ranking) gathered into one run."""
+
+    row_chunk = None  # gathered rows: no chunk alignment to keep
+
+    def __init__(self, scores, rows: np.ndarray):
+        self.inner, self.index = scores, np.asarray(rows)
+        self.n_rows, self.n_cols = self.index.size, scores.n_cols
+        self.sub_columns = scores.sub_columns
+
+    def col_bytes(self) -> int:
+        return self.inner.col_bytes()
+
+    @property
+    def col_chunk(self) -> int | None:
+        return self.inner.col_chunk
+
+    def prepare_columns(self, c0: int, c1: int, order: np.ndarray | None) -> None:
+        self.inner.prepare_columns(c0, c1, order)
+
+    def product_tile(self, rows, s0: int, s1: int, scratch) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.product_tile(self.index[rows], s0, s1, scratch)
+
+    def read_rows(self, rows, c0: int, c1: int) -> np.ndarray:
+        return self.inner.read_rows(self.index[rows], c0, c1)
+
+
 class MatrixScores:
     """Tiles of a precomputed score matrix (rows × gallery)."""
 
