@@ -5,6 +5,7 @@ its documented exit code, no temporary file, and whatever was at the target (or 
 
 from __future__ import annotations
 
+import _thread
 import errno
 import gc
 import json
@@ -14,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import h5py
@@ -389,16 +391,82 @@ def test_force_replaces_only_what_it_checked(data, work, capsys, monkeypatch, na
 def test_signal_at_the_commit(data, work, capsys, monkeypatch, name, force):
     """SIGTERM while the output is renamed into place: the rename is the commit point, the signal is
     held across it, and the message says the output was written (it was); an earlier export moved
-    aside is removed."""
+    aside is removed. The signal goes to the main thread, which holds it: sent to the process, it
+    is taken by a thread that does not block it (BLAS's, the pool's), whose handler runs when that
+    thread is next scheduled, on a loaded machine after the run ended (that case is the next test's)."""
     args, out = writer(data, name, work, *(["--force"] if force else []))
     before = make_previous(data, name, out, capsys) if force else None
-    seen = hook_commit(monkeypatch, out, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    seen = hook_commit(monkeypatch, out, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM))
     code, _, err = run(capsys, *args)
     monkeypatch.undo()
     assert seen and code == 130, err
     assert one_line(err) == f"qbnorm: interrupted; {out} was written, nothing else"
     assert is_complete(out, name) and not previous_intact(out, name, before)
     assert leftovers(work) == []
+
+
+def signal_after_the_commit(monkeypatch, out: Path, after: int) -> list:
+    """Have SIGTERM reach the process's handler at the `after`-th line of qbnorm's atomic writer
+    run once `out` is renamed into place (its own lines, and the CLI's clean-up after the command
+    returned: "late"), as when another thread took the signal (the main thread blocks it while it
+    commits) and ran its C handler only then. Returns where it was sent: ["in the run"] or ["late"]."""
+    sent, state = [], {"lines": 0, "phase": None}
+    real_noreplace, real_replace = atomic.rename_noreplace, os.replace
+
+    def trace(frame, event, arg):
+        if frame.f_code.co_filename != atomic.__file__ or sent or state["phase"] is None:
+            return None
+        if event == "call" and frame.f_code.co_name == "recorded_commits":
+            state["phase"] = "late"
+        elif event == "call" and frame.f_code.co_name == "clear_interrupts":  # the signal handlers are restored
+            state["phase"] = None
+            return None
+        elif event == "line":
+            state["lines"] += 1
+            if state["lines"] > after:
+                sent.append(state["phase"])
+                _thread.interrupt_main(signal.SIGTERM)  # what the C handler does, in whichever thread
+        return trace
+
+    def committed(result, target):
+        if Path(target) == out and not state["lines"]:
+            state["phase"] = "in the run"
+        return result
+
+    monkeypatch.setattr(atomic, "rename_noreplace", lambda s, t: committed(real_noreplace(s, t), t))
+    monkeypatch.setattr(atomic.os, "replace", lambda s, t, **k: committed(real_replace(s, t, **k), t))
+    sys.settrace(trace)
+    return sent
+
+
+@pytest.mark.parametrize("name", ["tune", "export npy"])
+def test_signal_handled_after_the_commit(data, work, capsys, monkeypatch, name):
+    """Wherever the signal's handler runs after the commit: while the command runs, the run exits
+    130 and says the output was written; after it returned, the signal is dropped (exit 0), never
+    a KeyboardInterrupt out of main(). Either way the output is complete and nothing is left
+    behind: removing the earlier export moved aside is part of the commit's held step."""
+    args, out = writer(data, name, work, "--force")
+    phases = set()
+    for after in range(1000):
+        shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+        before = make_previous(data, name, out, capsys)
+        sent = signal_after_the_commit(monkeypatch, out, after)
+        try:
+            code, _, err = run(capsys, *args)
+        finally:
+            sys.settrace(None)
+            monkeypatch.undo()
+        if not sent:  # past the last line
+            break
+        phases.add(sent[0])
+        if sent == ["late"]:
+            assert code == 0 and err == "", (after, err)
+        else:
+            assert code == 130, (after, err)
+            assert one_line(err) == f"qbnorm: interrupted; {out} was written, nothing else", after
+        assert is_complete(out, name) and not previous_intact(out, name, before), after
+        assert leftovers(work) == [], after
+    assert phases == {"in the run", "late"}
 
 
 @pytest.mark.parametrize("at", [1, 5])

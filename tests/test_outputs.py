@@ -195,24 +195,32 @@ SLOW_WRITER = textwrap.dedent("""
     real = atomic.OutputFile.write_rows
 
     def slow(self, ds, start, block):
-        time.sleep(0.02)
+        if start == 3:  # in the middle of the output: say so, and wait for the test's signal
+            print("writing", flush=True)
+            for _ in range(6000):
+                time.sleep(0.01)
         return real(self, ds, start, block)
 
-    atomic.OutputFile.write_rows = slow  # a long write, so that the signal lands in the middle
+    atomic.OutputFile.write_rows = slow
     sys.exit(main(sys.argv[1:]))
 """)
 
 
-def _interrupt(work, argv, signum, out):
+def _interrupt(work, argv, signum, out, *, says_when: bool = False):
+    """Signal the run in `argv` while it writes `out`: once it printed "writing" (`says_when`: it
+    then waits for the signal, however loaded the machine), else once its temporary file exists."""
     before = previous_output(out)
     proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not leftovers(work):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the run never started writing"
-            time.sleep(0.005)
-        time.sleep(0.05)
+        if says_when:
+            assert proc.stdout.readline().strip() == "writing", proc.communicate()
+        else:
+            deadline = time.monotonic() + 30
+            while not leftovers(work):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the run never started writing"
+                time.sleep(0.005)
+            time.sleep(0.05)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -230,7 +238,7 @@ def _interrupt(work, argv, signum, out):
 def test_signal_during_a_long_write(work, signum):
     out = work / "dis.h5"
     argv = [sys.executable, "-c", SLOW_WRITER, *map(str, norm_args(work, out, "--force", "--block-rows", 1))]
-    _interrupt(work, argv, signum, out)
+    _interrupt(work, argv, signum, out, says_when=True)
 
 
 @pytest.mark.parametrize("ranking", [False, True])

@@ -52,10 +52,16 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Measure and remove hubness in cross-modal retrieval."""
 
 
+# Whether a command is running: an interrupt then ends it. Once it has returned, one is dropped
+# (its outputs are complete), as the program drops those after main() (startup.ignore_late_signals).
+_RUNNING = False
+
+
 def _terminate(signum, frame):
     # remembered even if the exception below lands where Python drops it; held while an output is
-    # renamed into place (raised when that step ends)
-    if atomic.note_interrupt(signum):
+    # renamed into place (raised when that step ends). Python may run this well after the signal
+    # came (another thread took it while the main thread blocked it): also in main()'s clean-up.
+    if atomic.note_interrupt(signum) and _RUNNING:
         raise KeyboardInterrupt
 
 
@@ -220,27 +226,20 @@ def _click_command():
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this directly)."""
+    global _RUNNING
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     program = startup.done()
     atomic.clear_interrupts()
     atomic.record_commits()
     previous = _install_signal_handlers()
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
+    _RUNNING = True
     try:
-        code = _click_command().main(args=argv, prog_name="qbnorm", standalone_mode=False,
-                                     obj={"provenance": remote.redact_text(" ".join(["qbnorm", *argv]))})
-        code = code if isinstance(code, int) else 0
-    except SystemExit as exc:
-        code = exc.code
-        code = code if isinstance(code, int) else (0 if code is None else EXIT_RUNTIME)
-    except _ParseError as exc:
-        return _usage_error(exc)
-    except typer.Abort:
-        print("qbnorm: aborted", file=sys.stderr)
-        return EXIT_RUNTIME
-    except KeyboardInterrupt:
+        code = _dispatch(argv)
+    except KeyboardInterrupt:  # handled on the way out of _dispatch, where nothing catches it
         code = EXIT_INTERRUPTED
     finally:
+        _RUNNING = False  # first: no call before it, so no signal handler runs in between
         written = atomic.recorded_commits()
         sys.unraisablehook = unraisable_hook
         if program:
@@ -248,11 +247,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        atomic.clear_interrupts()  # none is left to interrupt the library's next call in this process
     if code == EXIT_INTERRUPTED:  # the rename is the commit point: say what was committed before the signal
         verb = "was" if len(written) == 1 else "were"
         done = f"{', '.join(written)} {verb} written, nothing else" if written else "no output was written"
         print(f"qbnorm: interrupted; {done}", file=sys.stderr)
     return code
+
+
+def _dispatch(argv: list[str]) -> int:
+    """The exit code of the command `argv` names."""
+    try:
+        code = _click_command().main(args=argv, prog_name="qbnorm", standalone_mode=False,
+                                     obj={"provenance": remote.redact_text(" ".join(["qbnorm", *argv]))})
+        return code if isinstance(code, int) else 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_RUNTIME)
+    except _ParseError as exc:
+        return _usage_error(exc)
+    except typer.Abort:
+        print("qbnorm: aborted", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 def console_main() -> None:

@@ -82,6 +82,7 @@ def note_interrupt(signum: int) -> bool:
     if _HOLDING:
         _HELD.append(signum)
         return False
+    _HELD.clear()  # raised now: none is left to raise again when a hold ends
     return True
 
 
@@ -119,15 +120,19 @@ def _signals_deferred():
         yield
         return
     block = hasattr(signal, "pthread_sigmask")
-    if block:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    # Held before the mask is set and until it is restored: Python runs the handlers of pending
+    # signals inside pthread_sigmask, and one that raised there would skip the step or leave the
+    # mask set; a signal delivered when the mask is restored is then held like the others.
     _HOLDING.append(1)
     try:
-        yield
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS) if block else None
+        try:
+            yield
+        finally:
+            if block:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     finally:
         _HOLDING.pop()
-        if block:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if _HELD and not _HOLDING:
             _HELD.clear()
             raise KeyboardInterrupt
@@ -750,34 +755,42 @@ class OutputDirectory:
             if issubclass(exc_type, Exception) and not self.path.parent.is_dir():  # whatever a library said of it
                 raise write_failure(self.path, OSError(errno.ENOENT, os.strerror(errno.ENOENT))) from None
             return
-        old, committed = None, False
         try:
             check_interrupt()
             os.chmod(self._tmp, 0o777 & ~_umask())
+            # One held step: the commit and the removal of the earlier export it replaced (or, when
+            # it fails, putting that back). An interrupt handled between the two would leave it
+            # behind: a signal the main thread blocks is taken by another thread, whose handler
+            # may run whenever that thread is next scheduled.
             with _signals_deferred():
                 check_interrupt()
-                old = self._move_aside()
-                try:
-                    rename_noreplace(self._tmp, self.path)
-                except FileExistsError:
-                    raise _appeared(self.path) from None
-                self._tmp, committed = None, True
-                if _COMMITTED is not None:
-                    _COMMITTED.append(str(self.path))
+                self._commit()
         except BaseException as failure:
-            if old is not None and not committed:  # put the previous output back
-                try:
-                    rename_noreplace(old / "previous", self.path)
-                except OSError:
-                    old = None  # left where it is, beside the target: a previous output is never deleted
             self._discard()
             if isinstance(failure, OSError):
                 raise write_failure(self.path, failure) from None
             raise
-        finally:
-            if old is not None:
-                with _signals_deferred():  # the output is committed: an interrupt now leaves nothing behind
-                    shutil.rmtree(old, ignore_errors=True)
+
+    def _commit(self) -> None:
+        """Rename the temporary directory to the target (signals held by the caller)."""
+        old = self._move_aside()
+        try:
+            rename_noreplace(self._tmp, self.path)
+        except BaseException as failure:
+            if old is not None:  # put the previous output back
+                try:
+                    rename_noreplace(old / "previous", self.path)
+                    os.rmdir(old)
+                except OSError:
+                    pass  # left where it is, beside the target: a previous output is never deleted
+            if isinstance(failure, FileExistsError):
+                raise _appeared(self.path) from None
+            raise
+        self._tmp = None
+        if _COMMITTED is not None:
+            _COMMITTED.append(str(self.path))
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _move_aside(self) -> Path | None:
         """Move what the target holds now into a temporary directory (checked again: `force` and an
@@ -788,7 +801,11 @@ class OutputDirectory:
             raise _appeared(self.path)
         self._check_ours(self.path)
         old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-old"))
-        os.rename(self.path, old / "previous")
+        try:
+            os.rename(self.path, old / "previous")
+        except OSError:
+            os.rmdir(old)
+            raise
         try:
             self._check_ours(old / "previous")  # what was moved is what was checked
         except UsageError:
