@@ -101,5 +101,12 @@ if is_program():
     # The registry warns once as it loads about plug-ins it left out; the program reports them with
     # each command's warnings instead (one line, silent with --quiet, in the --json document).
     warnings.filterwarnings("ignore", module=r"qbnorm_cli\.methods$")
+    # The program's stderr is its own one line: dask's records (a comm closed while a run ends
+    # on a signal logs "Batched Comm Closed" with a traceback, from any thread, even after the
+    # session's own filter is gone) are left out before distributed configures its loggers, here
+    # and in the local workers, which inherit the environment. A user's setting wins; QBNORM_DEBUG=1
+    # shows them.
+    if os.environ.get("QBNORM_DEBUG") != "1":
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
 elif _names_program() and is_spawned():
     ignore_interrupts()

@@ -177,7 +177,8 @@ def test_repeatable_options_and_repeated_flags_still_work(cli, small, tmp_path):
 # Every method on a probe without a gallery bank, Sinkhorn potentials or sorted scores: the message
 # names what to probe again with, never a parameter to choose (a β₂ cannot make up for a missing bank).
 MISSING = {"dual-is": ["--gallery-bank GB"], "dual-dis": ["--gallery-bank GB"], "sn": ["--sinkhorn"],
-           "dbsn": ["--sinkhorn", "--gallery-bank GB"], "gc": ["--keep-sorted"]}
+           "dbsn": ["--sinkhorn", "--gallery-bank GB"], "gc": ["--keep-sorted"], "mp": ["--method mp"],
+           "dsl": ["--method dsl --topk-mean 10"]}
 
 
 @pytest.mark.parametrize("extra", [[], ["--gallery-beta", "1"]])

@@ -267,15 +267,15 @@ class Probe:
     def centroid_distance(self, k: int) -> np.ndarray:
         """‖g_j − c_k(g_j)‖², c_k(g_j) the centroid of the k bank queries nearest g_j (DisSimLocal)."""
         if not self._has("/centroid_distance"):
-            raise UsageError(f"{self.label}: the probe has no bank-centroid distances; probe again from bank and "
-                             f"gallery embeddings with {param('methods')} dsl and {param('topk_mean')} {k}")
+            raise UsageError(f"{self.label}: the probe has no bank-centroid distances; probe again with "
+                             f"{param('methods')} dsl {param('topk_mean')} {k} (from bank and gallery embeddings)")
         return self._pick("/centroid_distance", "ks", k, "topk_mean", "topk_means")
 
     def gallery_moments(self) -> tuple[np.ndarray, np.ndarray]:
         """(ḡ, M): the gallery's mean vector and second-moment matrix (Mutual Proximity's μ_q, σ_q)."""
         if not self._has("/gallery_mean") or not self._has("/gallery_second_moment"):
-            raise UsageError(f"{self.label}: the probe has no gallery moments; probe again from gallery embeddings "
-                             f"with {param('methods')} mp")
+            raise UsageError(f"{self.label}: the probe has no gallery moments; probe again with {param('methods')} mp "
+                             "(from gallery embeddings)")
         return (np.asarray(self._read("/gallery_mean"), dtype=np.float64),
                 np.asarray(self._read("/gallery_second_moment"), dtype=np.float64))
 
