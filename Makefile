@@ -20,12 +20,12 @@ $(VENV)/.demo: pyproject.toml $(VENV)/.created
 	$(BIN)/python -m pip install --quiet -e '.[plot]'
 	touch $@
 
+# kiez, the peer of tests/test_peer_kiez.py, goes in without its dependencies: its metadata pins
+# numpy<2 and pandas<2, which the parts used there do not need (what they import is in the test extra).
 $(VENV)/.all: pyproject.toml examples/qbnorm-softened-is/pyproject.toml $(VENV)/.created
 	$(BIN)/python -m pip install --quiet -e '.[test,plot,faiss,lancedb,dask,arrow,safetensors,remote]'
 	$(BIN)/python -m pip install --quiet --no-deps -e examples/qbnorm-softened-is  # the example plug-in (tests/test_plugins.py)
-	# kiez, the peer of tests/test_peer_kiez.py, without its dependencies: its metadata pins numpy<2 and
-	# pandas<2, which the parts used there do not need (what they import is in the test extra)
-	$(BIN)/python -m pip install --quiet --no-deps kiez==0.5.0 class-resolver
+	$(BIN)/python -m pip install --quiet --no-deps kiez==0.5.0 class-resolver==0.8.2
 	touch $@ $(VENV)/.demo
 
 setup: $(VENV)/.all
