@@ -10,6 +10,8 @@ import warnings
 import numpy as np
 import pytest
 import reference as ref
+import tolerance as tol
+from helpers import normaliser
 
 import qbnorm_cli
 from qbnorm_cli.api.common import score_source
@@ -65,16 +67,25 @@ class Problem:
         return ref.normalise(method, self.S, self.P, topk_mean=self.k)[0]
 
 
-def assert_same_ranking(ours: np.ndarray, oracle: np.ndarray, n: int = TOP, near: float = 1e-6) -> None:
+def assert_same_ranking(ours: np.ndarray, oracle: np.ndarray, n: int = TOP, near: float = 1e-6,
+                        share: float = 0.05) -> None:
     """Top-n lists equal row by row, except where the oracle's values of the two lists agree to
-    `near` (float32 scores against float64 ones: an exact tie may fall either way)."""
+    `near` (float32 scores against float64 ones: an exact tie may fall either way), in at most
+    `share` of the rows."""
     got, want = ref.top_n(ours, n)[1], ref.top_n(oracle, n)[1]
     differing = np.flatnonzero((got != want).any(axis=1))
     for q in differing:
         scale = max(1.0, float(np.abs(oracle[q, want[q]]).max()))
         np.testing.assert_allclose(np.sort(oracle[q, got[q]]), np.sort(oracle[q, want[q]]), rtol=0, atol=near * scale,
                                    err_msg=f"row {q}: {got[q]} against {want[q]}")
-    assert differing.size <= 0.05 * len(ours)
+    assert differing.size <= share * len(ours)
+
+
+def top_scores_in(shape, top) -> np.ndarray:
+    """A top-k result as a dense matrix: its scores where it has them, −∞ elsewhere."""
+    got = np.full(shape, -np.inf)
+    np.put_along_axis(got, top.indices, top.scores, axis=1)
+    return got
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["bank", "transductive"])
@@ -93,18 +104,27 @@ def test_top_k_equals_the_dense_ranking(problem, method, params, monkeypatch):
     monkeypatch.setattr(ranking, "PAIRWISE_CANDIDATES", 1)
     dense = problem.ours(method, params)
     top = problem.ours(method, params, top_k=TOP, block_rows=16)
-    want_values, want_indices = ref.top_n(dense, TOP)
     if method != "mp":
-        np.testing.assert_array_equal(top.indices, want_indices)
-        np.testing.assert_array_equal(top.scores, want_values)
+        # η = a_j·S − b_j over float32 cosines computed in other shapes (the whole matrix, tiles of 16
+        # rows): BLAS kernels may round each product otherwise, within cosine32 of the exact one, so the
+        # two sides differ by at most 2·|a_j|·cosine32(d); rankings agree but for pairs that close
+        norm = normaliser(problem.probe, method, topk_mean=problem.k, **params)
+        scale = np.abs(np.broadcast_to(np.asarray(norm.scale, dtype=np.float64), (dense.shape[1],)))
+        bound = 2.0 * scale[top.indices] * tol.cosine32(problem.queries.shape[1])
+        chosen = np.take_along_axis(dense, top.indices, axis=1)
+        tol.assert_close(top.scores, chosen, bound + tol.eval64(float(np.abs(chosen).max())))
+        assert_same_ranking(top_scores_in(dense.shape, top), dense, near=2.0 * float(bound.max()))
         return
     # the rows mp widens are gathered into a product of their own (as ranking's recomputed rows are),
     # whose float32 scores may round otherwise than the whole tile's: the same ranking but for
     # near-ties, the same values to rounding (an empirical share to one step of its count: with the
     # bank = the queries, a query's own score sits in the bank, and a rounding moves it across)
-    got = np.full(dense.shape, -np.inf)
-    np.put_along_axis(got, top.indices, top.scores, axis=1)
-    assert_same_ranking(got, dense, near=2.0 / len(problem.bank) if params["mp"] == "empiric" else 1e-5)
+    got = top_scores_in(dense.shape, top)
+    # empirical shares are counts over the bank: exact ties are common, and with the bank = the queries
+    # a rounding that moves a query's own score across a bank score changes a count by one in many rows
+    # (each such row is still checked to agree to one step)
+    empiric = params["mp"] == "empiric"
+    assert_same_ranking(got, dense, near=2.0 / len(problem.bank) if empiric else 1e-5, share=1.0 if empiric else 0.05)
     step = 2.0 / min(len(problem.bank), len(problem.gallery)) if params["mp"] == "empiric" else 1e-6
     np.testing.assert_allclose(top.scores, np.take_along_axis(dense, top.indices, axis=1), rtol=1e-5, atol=step)
 
