@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -208,3 +210,16 @@ def test_adversarial_hubs(tmp_path):
     for r in results["attacks"]:
         assert set(r["methods"]) == set(results["methods"]) and 0 <= r["bank_view"]["recall@1%"] <= 100
         assert r["methods"]["none"]["top1"] > 50  # the raw retrieval falls for them
+
+
+@pytest.mark.slow
+def test_equivalence_against_head(tmp_path):
+    """benchmarks.equivalence compares this checkout with a revision checked out beside it; against
+    HEAD, with nothing changed, its outputs are byte-identical (one method keeps it short)."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: the benchmark compares with a revision")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.equivalence", "--only", "none", "--keep",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "3 of 3 outputs byte-identical to HEAD" in proc.stdout
+    assert (tmp_path / "this" / "none-dense.h5").exists() and (tmp_path / "other" / "none-top10.h5").exists()
