@@ -137,3 +137,25 @@ def test_the_library_warns_about_low_coverage_as_the_cli_does(tmp_path):
     with pytest.warns(qbnorm_cli.QbnormWarning, match=r"cover only 20\.0% of the gallery.*method='dis'"):
         result = qbnorm_cli.hubness(str(tmp_path / "probe.h5"), k=1)
     assert result["by_k"][0]["coverage_pct"] == tol.approx64(20.0)
+
+
+def test_one_low_coverage_warning_for_probe_and_hubness():
+    """probe() and hubness() of its probe give the same low-coverage line (one rule, one text)."""
+    import warnings
+    from pathlib import Path
+
+    import qbnorm_cli
+
+    sample = Path(__file__).resolve().parent.parent / "sample_data" / "multi30k-sample.h5"
+    with h5py.File(sample, "r") as f:
+        bank, gallery = f["val_queries"][:20], f["gallery"][()]
+    with warnings.catch_warnings(record=True) as probed:
+        warnings.simplefilter("always")
+        probe = qbnorm_cli.probe(bank, gallery, betas=[20], k=1)
+    with warnings.catch_warnings(record=True) as measured:
+        warnings.simplefilter("always")
+        qbnorm_cli.hubness(probe, k=1)
+    probe_lines = [str(w.message) for w in probed if "low bank coverage" in str(w.message)]
+    hubness_lines = [str(w.message) for w in measured if "low bank coverage" in str(w.message)]
+    assert len(probe_lines) == 1 and len(hubness_lines) == 1
+    assert hubness_lines[0].endswith(probe_lines[0])

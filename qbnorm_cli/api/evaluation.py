@@ -14,6 +14,7 @@ from qbnorm_cli.api.common import bounded, check_choice, clustered, panel_bytes,
 from qbnorm_cli.core import hubness as hub
 from qbnorm_cli.core import metrics
 from qbnorm_cli.core.normalisers import Normaliser
+from qbnorm_cli.core.statistics import coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param
 from qbnorm_cli.io.atomic import OutputFile, jsonable
 from qbnorm_cli.io.foreign import HDF5_MAGIC
@@ -446,16 +447,18 @@ def _subjects(scores, queries, gallery, similarity: str, transpose: bool, budget
 
 
 def _low_coverage(results: list[dict], names: list[str]) -> list[str]:
-    """A warning for each probe input whose bank queries' top items cover under LOW_COVERAGE_PCT of
-    the gallery (the bank-side view then says little about the gallery's hubs)."""
+    """The probe's low-coverage warning (core/statistics.coverage_warning) for each probe input, at
+    each k measured: the bank-side view then says little about the gallery's hubs."""
     robust = param(f"method={registry.DEFAULT.name!r}")
     found = []
     for name, res in zip(names, results, strict=True):
         for row in res["by_k"] if res["kind"] == "probe" else ():
-            if row["coverage_pct"] < hub.LOW_COVERAGE_PCT:
-                found.append(f"{name}: the top {row['k']} of the bank's queries cover only "
-                             f"{row['coverage_pct']:.1f}% of the gallery (< {hub.LOW_COVERAGE_PCT:g}%); use {robust}, "
-                             "enlarge or re-sample the bank")
+            covered = round(row["coverage_pct"] * row["items"] / 100)
+            diag = {"coverage": covered / row["items"], "covered_items": covered, "k": row["k"],
+                    "occurrence_skewness": row["skewness"], "bank_rows": row["queries"]}
+            message = coverage_warning(diag, row["items"], robust)
+            if message is not None:
+                found.append(f"{name}: {message}")
     return found
 
 

@@ -29,7 +29,6 @@ import math
 import numpy as np
 
 HUB_SIZE = 2.0
-LOW_COVERAGE_PCT = 50.0  # a bank whose top items cover less of the gallery is worth a warning
 ATKINSON_EPS = 0.5
 TOP_ITEMS = 10
 
