@@ -33,8 +33,8 @@ from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import indexfile
-from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.probefile import Probe
+from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.io.stores.base import KIND
 from qbnorm_cli.io.validate import check_written
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget, spans
@@ -416,55 +416,36 @@ def _search(opened: _Opened, queries, top_k, check_recall, row_term, dtype, budg
                     kept[np.searchsorted(sample, inside)] = indices[inside - q0]
                 empty[0] += int((indices < 0).any(axis=1).sum())
                 advance(q1 - q0)
-                yield q0, scores, indices, gated
+                yield q0, scores, indices
 
-    written = None
-    if output is None:
-        scores_out = np.empty((n_rows, top_k), dtype=dtype)
-        indices_out = np.empty((n_rows, top_k), dtype=np.int64)
-        for q0, scores, indices, _ in blocks():
-            scores_out[q0:q0 + len(scores)] = np.where(indices < 0, EMPTY_SCORE, scores)
-            indices_out[q0:q0 + len(scores)] = indices
-    found = []
-    recall_report = None
-    if output is not None:
-        record = [source.describe(), opened.record]
-        with OutputFile(str(output), "ranking", force=force, params=params, inputs=record,
-                        provenance=provenance) as out:
-            score_ds = out.create("/scores", shape=(n_rows, top_k), dtype=dtype)
-            neigh_ds = out.create("/neighbors", shape=(n_rows, top_k), dtype=np.int32)
-            for q0, scores, indices, _ in blocks():
-                scores = np.where(indices < 0, EMPTY_SCORE, scores)
-                out.write_rows(score_ds, q0, scores.astype(dtype))
-                out.write_rows(neigh_ds, q0, indices.astype(np.int32))
-            out.create("/normalised", data=normalised)
-            recall_report = _recall(opened, rows, sample, kept, norm, center, constant, top_k, row_term)
-            found += _empty_warning(empty[0], top_k)
-            attrs = out.h5.attrs
-            attrs["method"] = recipe["method"]
-            attrs["gallery_rows"] = n_gallery
-            if recipe.get("gallery_identity"):
-                attrs["gallery_identity"] = recipe["gallery_identity"]
-            if recipe.get("score_domain", "").startswith("log"):
-                attrs["score_domain"] = recipe["score_domain"]
-            attrs["row_term"] = _row_term_text(recipe, row_term)
-            attrs["searches_per_query"] = _searches(norm, normalised, row_term)
-            if recall_report is not None:
-                attrs["recall"] = json.dumps(recall_report)
-            out.warnings = found
-        written = SearchWritten(str(output), "ranking", out.uuid, normalised, params,
-                                tuple(plain_text(w) for w in found), tuple(out.inputs),
-                                recall=recall_report, searches_per_query=_searches(norm, normalised, row_term))
-    else:
+    columns = {"/scores": Column(top_k, dtype), "/neighbors": Column(top_k, np.int64, np.int32)}
+    with Sink(output, "ranking", n_rows, columns, force=force, params=params,
+              inputs=[source.describe(), opened.record], provenance=provenance) as sink:
+        for q0, scores, indices in blocks():
+            sink.write(q0, "/scores", np.where(indices < 0, EMPTY_SCORE, scores))
+            sink.write(q0, "/neighbors", indices)
         recall_report = _recall(opened, rows, sample, kept, norm, center, constant, top_k, row_term)
-        found += _empty_warning(empty[0], top_k)
+        found = _empty_warning(empty[0], top_k)
+        searches = _searches(norm, normalised, row_term)
+        sink.finish({"/normalised": normalised}, _ranking_attrs(recipe, row_term, searches, recall_report), found)
     for message in found:
         warn(message)
-    if written is not None:
-        return written
-    return SearchResult(indices_out, scores_out, normalised, n_gallery, recall_report,
-                        {**params, "row_term_text": _row_term_text(recipe, row_term),
-                         "searches_per_query": _searches(norm, normalised, row_term)})
+    if output is not None:
+        return SearchWritten(str(output), "ranking", sink.uuid, normalised, params,
+                             tuple(plain_text(w) for w in found), sink.inputs, recall=recall_report,
+                             searches_per_query=searches)
+    return SearchResult(sink.arrays["/neighbors"], sink.arrays["/scores"], normalised, n_gallery, recall_report,
+                        {**params, "row_term_text": _row_term_text(recipe, row_term), "searches_per_query": searches})
+
+
+def _ranking_attrs(recipe: dict, row_term: bool, searches: float, recall_report: dict | None) -> dict:
+    """The ranking file's attributes (None: left out), as normalise's rankings carry them."""
+    log_domain = recipe.get("score_domain", "").startswith("log")
+    return {"method": recipe["method"], "gallery_rows": int(recipe["gallery_rows"]),
+            "gallery_identity": recipe.get("gallery_identity") or None,
+            "score_domain": recipe["score_domain"] if log_domain else None,
+            "row_term": _row_term_text(recipe, row_term), "searches_per_query": searches,
+            "recall": json.dumps(recall_report) if recall_report is not None else None}
 
 
 def _searches(norm: Normaliser, normalised: np.ndarray, row_term: bool) -> float:
