@@ -182,22 +182,34 @@ class Store(Protocol):
         """Its engine's exact search of stored vectors, built in memory (None: it builds none)."""
 
 
-class DirectoryStore:
+class BaseStore:
+    """What most stores are: no extra, no engine of their own, no approximate index, no file of
+    their own that could be passed alone."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    directory: ClassVar[bool] = False
+    extra: ClassVar[str | None] = None
+    engine: ClassVar[str | None] = None
+    index_types: ClassVar[tuple[str, ...]] = ("flat",)
+
+    def index(self, options: IndexOptions, n_rows: int) -> dict | None:
+        return None
+
+    def alone(self, path: str, magic: bytes) -> str | None:
+        return None
+
+    def memory_search(self, read: ReadRows, n_rows: int, dim: int, what: str) -> SearchFunction | None:
+        return None
+
+
+class DirectoryStore(BaseStore):
     """A store that writes a directory: its own files (`write_files`), then gate.npy unless it
     keeps the flags itself, recipe.json and the manifest; opened after the manifest and recipe
     were checked (io/indexfile.open_export), the flags read, through `open_files`."""
 
     directory = True
-    extra: str | None = None
-    engine: str | None = None
-    index_types: tuple[str, ...] = ("flat",)
-    keeps_gate = False  # the flags are stored with the vectors, not in gate.npy
-
-    name: str
-    title: str
-
-    def index(self, options: IndexOptions, n_rows: int) -> dict | None:
-        return None
+    keeps_gate: ClassVar[bool] = False  # the flags are stored with the vectors, not in gate.npy
 
     def write(self, output, recipe: dict, blocks: Blocks, gate, digest, how: Writing) -> dict:
         module = need(self.extra, param(f"format={self.name!r}")) if self.extra else None
@@ -225,13 +237,8 @@ class DirectoryStore:
         return self.open_files(path, recipe, gate, what)
 
     def open_files(self, path: str, recipe: dict, gate, what: str) -> Export:
+        """The export of the store's own files (the flags already read, unless it keeps them)."""
         raise NotImplementedError
-
-    def alone(self, path: str, magic: bytes) -> str | None:
-        return None
-
-    def memory_search(self, read: ReadRows, n_rows: int, dim: int, what: str) -> SearchFunction | None:
-        return None
 
 
 def owned_export(path: Path) -> bool:

@@ -15,8 +15,8 @@ from qbnorm_cli.io.hdf5 import has_checksum, open_qbnorm, reading
 from qbnorm_cli.io.specs import dataset_input
 from qbnorm_cli.io.stores.base import (
     KIND,
+    BaseStore,
     Export,
-    IndexOptions,
     VectorsExport,
     Writing,
     check_vectors,
@@ -26,11 +26,8 @@ from qbnorm_cli.io.stores.base import (
 ATTR_FIELDS = schemas.RECIPE_ATTRS  # the recipe's fields an HDF5 export also holds as attributes
 
 
-class Hdf5File:
-    name, title, directory, extra, engine, index_types = "hdf5", "HDF5", False, None, None, ("flat",)
-
-    def index(self, options: IndexOptions, n_rows: int) -> dict | None:
-        return None
+class Hdf5File(BaseStore):
+    name, title = "hdf5", "HDF5"
 
     def write(self, output, recipe: dict, blocks, gate, digest, how: Writing) -> dict:
         with OutputFile(str(output), KIND, force=how.force, params=how.params or {}, inputs=list(how.inputs),
@@ -69,9 +66,3 @@ class Hdf5File:
         export = VectorsExport(path, recipe, gate, vectors, h5)
         check_vectors(export, vectors.shape, path, lambda picks: vectors.read_rows(np.asarray(picks)))
         return export
-
-    def alone(self, path: str, magic: bytes) -> str | None:
-        return None
-
-    def memory_search(self, read, n_rows: int, dim: int, what: str):
-        return None
