@@ -143,3 +143,62 @@ print(sorted(m for m in ("faiss", "lancedb", "pyarrow") if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_store_s_own_file_passed_alone_is_refused_naming_the_directory(problem, tmp_path):
+    if not available("faiss"):
+        pytest.skip("needs the faiss extra")
+    _, gallery, probe = problem
+    qbnorm_cli.export(probe, gallery, method="is", format="faiss", output=tmp_path / "f")
+    alone = tmp_path / "f" / "index.faiss"
+    with pytest.raises(qbnorm_cli.DataError) as caught:
+        indexfile.open_export(alone)
+    assert str(caught.value) == f"{alone}: a bare faiss index; pass the export's directory (with its recipe.json)"
+
+
+def test_a_directory_whose_recipe_names_the_file_store_is_refused(problem, tmp_path):
+    import json
+
+    from qbnorm_cli.io.stores.manifest import write_manifest
+
+    _, gallery, probe = problem
+    out = tmp_path / "e"
+    qbnorm_cli.export(probe, gallery, method="is", format="npy", output=out)
+    recipe = json.loads((out / "recipe.json").read_text())
+    (out / "recipe.json").write_text(json.dumps({**recipe, "storage": indexfile.FILE_STORE.name}))
+    (out / "manifest.json").unlink()
+    write_manifest(out)  # as someone who recomputes it would
+    with pytest.raises(qbnorm_cli.DataError) as caught:
+        indexfile.open_export(out)
+    assert str(caught.value) == f"{out / 'recipe.json'}: unknown storage {indexfile.FILE_STORE.name!r}"
+
+
+@pytest.mark.parametrize("name", [name for name, store in STORES.items() if store.engine is not None])
+def test_an_engine_s_store_is_searched_with_its_engine_only(problem, tmp_path, name):
+    if not available(name):
+        pytest.skip(f"needs the {STORES[name].extra} extra")
+    queries, gallery, probe = problem
+    out = tmp_path / "e"
+    qbnorm_cli.export(probe, gallery, method="is", format=name, output=out)
+    engine = STORES[name].engine
+    for backend in serving.BACKENDS:
+        if backend == engine:
+            qbnorm_cli.search(out, queries, top_k=TOP, backend=backend)
+            continue
+        with pytest.raises(qbnorm_cli.UsageError) as caught:
+            qbnorm_cli.search(out, queries, top_k=TOP, backend=backend)
+        assert str(caught.value) == f"backend {backend}: {out} is a {name} export; it is searched with {engine}"
+
+
+@pytest.mark.parametrize("index_type", [t for t in schemas.INDEX_TYPES if t != "flat"])
+def test_an_approximate_index_names_the_stores_that_build_it(problem, tmp_path, index_type):
+    _, gallery, probe = problem
+    builders = [name for name, store in STORES.items() if index_type in store.index_types]
+    assert builders == ["faiss"]
+    for name in STORES:
+        if name in builders:
+            continue
+        out = tmp_path / ("x" if STORES[name].directory else "x.h5")
+        with pytest.raises(qbnorm_cli.UsageError) as caught:
+            qbnorm_cli.export(probe, gallery, format=name, index_type=index_type, output=out)
+        assert str(caught.value) == f"index_type {index_type}: approximate indexes are built with format=faiss"
