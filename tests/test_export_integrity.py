@@ -24,8 +24,8 @@ import pytest
 from conftest import read_h5
 from helpers import leftovers
 
-from qbnorm_cli.io import indexfile
 from qbnorm_cli.io.hdf5 import ATTRIBUTE_CHECKSUMS, attribute_checksums
+from qbnorm_cli.io.stores.manifest import write_manifest
 
 G, Q, B, D, TOP = 60, 60, 120, 8, 5
 FORMATS = ["npy"] + [f for f in ("faiss", "lancedb") if importlib.util.find_spec(f)]
@@ -169,7 +169,7 @@ def test_recipe_values_no_export_has_are_refused_with_a_new_manifest(cli, made, 
     for label, edit in BAD_VALUES.items():
         path = copy(made, fmt, tmp_path)
         edit_recipe(path, edit)
-        indexfile.write_manifest(path)
+        write_manifest(path)
         err = refused(cli, made, path, tmp_path, "recipe.json")
         assert "recipe field" in err or "not a qbnorm index recipe" in err, (label, err)
         shutil.rmtree(path)
@@ -206,7 +206,7 @@ def test_truncated_lancedb_data_files_are_bad_input(cli, made, tmp_path):
             target = path / file.relative_to(made["exports"]["lancedb"])
             target.write_bytes(target.read_bytes()[:target.stat().st_size // 2])
             if rebuilt:  # the manifest made again: lance's own error, as bad input
-                indexfile.write_manifest(path)
+                write_manifest(path)
                 refused(cli, made, path, tmp_path, str(path))
             else:
                 refused(cli, made, path, tmp_path, target.name, "the manifest says")

@@ -24,6 +24,7 @@ import pytest
 from helpers import run
 
 from qbnorm_cli.io import atomic, indexfile
+from qbnorm_cli.io.stores import base, npydirectory
 
 D = 8
 THEIRS = b"written by another process: must survive"
@@ -113,7 +114,7 @@ def work(tmp_path):
 
 def is_complete(out: Path, name: str) -> bool:
     if name in DIRECTORIES:
-        return indexfile.owned_export(out)
+        return base.owned_export(out)
     if out.suffix == ".json":
         return json.loads(out.read_text())["qbnorm_kind"] == "params"
     if out.suffix == ".png":
@@ -174,7 +175,7 @@ def test_disk_full_simulated(data, work, capsys, monkeypatch, name, where):
     elif where == "truncate":
         monkeypatch.setattr(atomic.os, "ftruncate", _fails(errno.ENOSPC))
     elif where == "npy write":
-        monkeypatch.setattr(indexfile, "reserve", lambda *a: None)
+        monkeypatch.setattr(npydirectory, "reserve", lambda *a: None)
         real_open = open
 
         class Full:
@@ -193,7 +194,7 @@ def test_disk_full_simulated(data, work, capsys, monkeypatch, name, where):
             def __exit__(self, *exc):
                 self.file.close()
 
-        monkeypatch.setattr(indexfile, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+        monkeypatch.setattr(npydirectory, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
     elif where == "json write":
         monkeypatch.setattr(Path, "write_text", _fails(errno.ENOSPC))
     else:

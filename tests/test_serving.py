@@ -25,7 +25,7 @@ import qbnorm_cli
 from qbnorm_cli import DataError, UsageError, methods
 from qbnorm_cli.core import augmented
 from qbnorm_cli.errors import install_hint
-from qbnorm_cli.io import indexfile
+from qbnorm_cli.io.stores.manifest import write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data" / "multi30k-sample.h5"
@@ -572,7 +572,7 @@ def test_an_index_from_another_gallery_is_refused(cli, files, tmp_path):
                            "-o", tmp_path / f"s-{fmt}.h5")
         assert code == 3 and ("sha256 differs" in err or "not in the export's manifest" in err
                               or "the manifest says" in err), (fmt, err)
-        indexfile.write_manifest(mine)  # a manifest made again for the copy: the recipe still tells
+        write_manifest(mine)  # a manifest made again for the copy: the recipe still tells
         code, _, err = cli("search", "--index", mine, "--queries", spec(files, "queries"), "--top-k", 3,
                            "-o", tmp_path / f"s-{fmt}.h5")
         assert code == 3 and ("other vectors" in err or "another export" in err), (fmt, err)
@@ -648,7 +648,7 @@ def test_a_small_batch_takes_faiss_matrix_product_and_the_same_top_items():
     query, the dis gate's second search): the batch is padded into a product; same items, scores
     within the float32 product's bound (two summation orders)."""
     faiss = pytest.importorskip("faiss")
-    from qbnorm_cli.io import indexfile
+    from qbnorm_cli.io.stores import faissindex
 
     rng = np.random.default_rng(1)
     dim = 64
@@ -656,14 +656,14 @@ def test_a_small_batch_takes_faiss_matrix_product_and_the_same_top_items():
     queries = rng.standard_normal((40, dim)).astype(np.float32)
     index = faiss.IndexFlatIP(dim)
     index.add(gallery)
-    blas_rows = indexfile.faiss_blas_rows(faiss, index)
-    assert indexfile.SMALL_BATCH <= len(queries) < blas_rows
+    blas_rows = faissindex.faiss_blas_rows(faiss, index)
+    assert faissindex.SMALL_BATCH <= len(queries) < blas_rows
     exact = queries.astype(np.float64) @ gallery.T.astype(np.float64)
     bound = tol.product32(dim, float((np.abs(queries).astype(np.float64) @ np.abs(gallery).T).max()))
     tol.assert_separated(exact, 10, bound)
-    padded = indexfile.faiss_search(index, None, queries, 10, blas_rows)
-    scanned = indexfile.faiss_search(index, None, queries, 10)
+    padded = faissindex.faiss_search(index, None, queries, 10, blas_rows)
+    scanned = faissindex.faiss_search(index, None, queries, 10)
     assert padded[0].shape == (40, 10) and (padded[1] == scanned[1]).all()
     tol.assert_close(padded[0], np.take_along_axis(exact, padded[1], axis=1), bound)
     hnsw = faiss.IndexHNSWFlat(dim, 8, faiss.METRIC_INNER_PRODUCT)
-    assert indexfile.faiss_blas_rows(faiss, hnsw) == 0  # approximate indexes search as they do
+    assert faissindex.faiss_blas_rows(faiss, hnsw) == 0  # approximate indexes search as they do

@@ -33,16 +33,17 @@ from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import indexfile
-from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.probefile import Probe
+from qbnorm_cli.io.sinks import Column, Sink
+from qbnorm_cli.io.stores.base import KIND
 from qbnorm_cli.io.validate import check_written
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget, spans
 from qbnorm_cli.streaming.indexsearch import EngineSearch, ExactSearch, search_block
 from qbnorm_cli.streaming.sources import SIMILARITIES, Embeddings
 
-FORMATS = indexfile.STORAGES
+FORMATS = indexfile.FORMATS
 INDEX_TYPES = indexfile.INDEX_TYPES
-BACKENDS = ("numpy", "faiss", "lancedb")
+BACKENDS = ("numpy", *indexfile.ENGINES)  # numpy: an exact search of stored vectors
 DTYPES = ("float32", "float64")
 EMPTY_SCORE = float(np.finfo(np.float32).min)  # an empty slot's score (its index is −1): finite, as evaluate wants
 
@@ -133,9 +134,10 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
         _check_positive(value, name)
     if nlist is not None:
         _check_positive(nlist, "nlist")
-    if output is None and format != "hdf5":
+    store = indexfile.STORES[format]
+    if output is None and store.directory:
         raise UsageError(f"{param('format')} {format}: writes files; give {param('output')}")
-    if output is not None and format != "hdf5":
+    if output is not None and store.directory:
         _check_directory_name(output, format)
     if spec.needs.sorted_bank:
         raise UsageError(not_offset_message(spec))
@@ -207,9 +209,9 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
         for r0, block in blocks():
             vectors[r0:r0 + len(block)] = block
         return Exported(recipe, vectors, gate, None, tuple(found), (source.describe(),))
-    params = {**recipe["params"], "format": format, **({"index": options.describe(n_gallery)} if format == "faiss"
-                                                        else {}), "memory": budget.memory, "block_rows": block_rows,
-              **(extra_params or {})}
+    index = store.index(options, n_gallery)
+    params = {**recipe["params"], "format": format, **({"index": index} if index is not None else {}),
+              "memory": budget.memory, "block_rows": block_rows, **(extra_params or {})}
     inputs = [source.describe(), {"path": probe.path, "dataset": None, "kind": "probe", "uuid": probe.uuid}]
     written = indexfile.write_export(output, format, recipe, blocks(), gate, n_rows=n_gallery, dim=dim + 1,
                                      options=options, train=train, force=force, inputs=inputs, params=params,
@@ -291,7 +293,7 @@ class _Opened:
                 index = index.path
             else:
                 self.label, self.recipe, self.gate = "the export", index.recipe, index.gate
-                self.record = {"path": None, "dataset": None, "kind": indexfile.KIND, "uuid": index.uuid}
+                self.record = {"path": None, "dataset": None, "kind": KIND, "uuid": index.uuid}
                 vectors = np.ascontiguousarray(index.vectors, dtype=np.float32)
                 for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
                     if value is not None:
@@ -301,53 +303,31 @@ class _Opened:
         opened = indexfile.open_export(index, what=what)
         self.closing = opened
         self.label, self.recipe, self.gate, self.record = opened.label, opened.recipe, opened.gate, opened.describe()
-        storage = opened.storage
         kind = recipe_index_type(self.recipe)
         for name, value, needs in (("nprobe", nprobe, "ivf"), ("ef_search", ef_search, "hnsw")):
             if value is not None and kind != needs:
                 raise UsageError(f"{param(name)} {value}: {self.label} is a {kind} index; {param(name)} tunes "
                                  f"{needs} indexes")
-        if storage in ("hdf5", "npy"):
+        if opened.engine is None:  # stored vectors
             self._vectors(opened.read, backend, budget)
-        elif storage == "faiss":
-            self._only(backend, "faiss", storage)
-            faiss = indexfile.need("faiss", f"{what} on a faiss index")
-            inner = opened.faiss_index
-            params = indexfile.faiss_parameters(faiss, inner, nprobe, ef_search)
-            approximate = kind != "flat"
-            blas_rows = indexfile.faiss_blas_rows(faiss, inner)
-            self.searcher = EngineSearch(lambda x, k: indexfile.faiss_search(inner, params, x, k, blas_rows),
-                                         opened.n_rows, approximate)
-            read = indexfile.faiss_rows(faiss, inner)
-            self.exact = (lambda: ExactSearch(lambda c0, c1: indexfile.faiss_block(inner, c0, c1), opened.n_rows,
-                                              opened.dim, budget)) if read is not None else None
-        else:
-            self._only(backend, "lancedb", storage)
-            table = opened.table
-            self.searcher = EngineSearch(lambda x, k: indexfile.lance_search(table, x, k), opened.n_rows, False)
-            self.exact = lambda: ExactSearch(lambda c0, c1: indexfile.lance_vectors(table, c0, c1), opened.n_rows,
-                                             opened.dim, budget)
-
-    def _only(self, backend, engine: str, storage: str) -> None:
-        if backend not in (None, engine):
-            raise UsageError(f"{param('backend')} {backend}: {self.label} is a {storage} export; it is searched "
-                             f"with {engine}")
+            return
+        if backend not in (None, opened.engine):
+            raise UsageError(f"{param('backend')} {backend}: {self.label} is a {opened.storage} export; it is "
+                             f"searched with {opened.engine}")
+        self.searcher = EngineSearch(opened.search(nprobe, ef_search), opened.n_rows, kind != "flat")
+        self.exact = (lambda: ExactSearch(opened.read, opened.n_rows, opened.dim, budget)) if opened.exact else None
 
     def _vectors(self, read, backend, budget) -> None:
         n, dim = int(self.recipe["gallery_rows"]), int(self.recipe["dim"]) + 1
-        if backend == "lancedb":
-            raise UsageError(f"{param('backend')} lancedb: search a LanceDB export (export with "
-                             f"{param('format=lancedb')})")
-        if backend == "faiss":
-            faiss = indexfile.need("faiss", f"{param('backend=faiss')}")
-            index = faiss.IndexFlatIP(dim)
-            for c0, c1 in spans(n, max(1, (64 << 20) // (4 * dim))):
-                index.add(np.ascontiguousarray(read(c0, c1)))
-            blas_rows = indexfile.faiss_blas_rows(faiss, index)
-            self.searcher = EngineSearch(lambda x, k: indexfile.faiss_search(index, None, x, k, blas_rows), n,
-                                         False)
-        else:
+        engine = indexfile.ENGINES.get(backend)
+        if engine is None:
             self.searcher = ExactSearch(read, n, dim, budget)
+        else:
+            search = engine.memory_search(read, n, dim, param(f"backend={backend}"))
+            if search is None:
+                raise UsageError(f"{param('backend')} {backend}: search a {engine.title} export (export with "
+                                 f"{param(f'format={engine.name}')})")
+            self.searcher = EngineSearch(search, n, False)
         self.exact = lambda: ExactSearch(read, n, dim, budget)
 
     def close(self) -> None:
@@ -436,55 +416,36 @@ def _search(opened: _Opened, queries, top_k, check_recall, row_term, dtype, budg
                     kept[np.searchsorted(sample, inside)] = indices[inside - q0]
                 empty[0] += int((indices < 0).any(axis=1).sum())
                 advance(q1 - q0)
-                yield q0, scores, indices, gated
+                yield q0, scores, indices
 
-    written = None
-    if output is None:
-        scores_out = np.empty((n_rows, top_k), dtype=dtype)
-        indices_out = np.empty((n_rows, top_k), dtype=np.int64)
-        for q0, scores, indices, _ in blocks():
-            scores_out[q0:q0 + len(scores)] = np.where(indices < 0, EMPTY_SCORE, scores)
-            indices_out[q0:q0 + len(scores)] = indices
-    found = []
-    recall_report = None
-    if output is not None:
-        record = [source.describe(), opened.record]
-        with OutputFile(str(output), "ranking", force=force, params=params, inputs=record,
-                        provenance=provenance) as out:
-            score_ds = out.create("/scores", shape=(n_rows, top_k), dtype=dtype)
-            neigh_ds = out.create("/neighbors", shape=(n_rows, top_k), dtype=np.int32)
-            for q0, scores, indices, _ in blocks():
-                scores = np.where(indices < 0, EMPTY_SCORE, scores)
-                out.write_rows(score_ds, q0, scores.astype(dtype))
-                out.write_rows(neigh_ds, q0, indices.astype(np.int32))
-            out.create("/normalised", data=normalised)
-            recall_report = _recall(opened, rows, sample, kept, norm, center, constant, top_k, row_term)
-            found += _empty_warning(empty[0], top_k)
-            attrs = out.h5.attrs
-            attrs["method"] = recipe["method"]
-            attrs["gallery_rows"] = n_gallery
-            if recipe.get("gallery_identity"):
-                attrs["gallery_identity"] = recipe["gallery_identity"]
-            if recipe.get("score_domain", "").startswith("log"):
-                attrs["score_domain"] = recipe["score_domain"]
-            attrs["row_term"] = _row_term_text(recipe, row_term)
-            attrs["searches_per_query"] = _searches(norm, normalised, row_term)
-            if recall_report is not None:
-                attrs["recall"] = json.dumps(recall_report)
-            out.warnings = found
-        written = SearchWritten(str(output), "ranking", out.uuid, normalised, params,
-                                tuple(plain_text(w) for w in found), tuple(out.inputs),
-                                recall=recall_report, searches_per_query=_searches(norm, normalised, row_term))
-    else:
+    columns = {"/scores": Column(top_k, dtype), "/neighbors": Column(top_k, np.int64, np.int32)}
+    with Sink(output, "ranking", n_rows, columns, force=force, params=params,
+              inputs=[source.describe(), opened.record], provenance=provenance) as sink:
+        for q0, scores, indices in blocks():
+            sink.write(q0, "/scores", np.where(indices < 0, EMPTY_SCORE, scores))
+            sink.write(q0, "/neighbors", indices)
         recall_report = _recall(opened, rows, sample, kept, norm, center, constant, top_k, row_term)
-        found += _empty_warning(empty[0], top_k)
+        found = _empty_warning(empty[0], top_k)
+        searches = _searches(norm, normalised, row_term)
+        sink.finish({"/normalised": normalised}, _ranking_attrs(recipe, row_term, searches, recall_report), found)
     for message in found:
         warn(message)
-    if written is not None:
-        return written
-    return SearchResult(indices_out, scores_out, normalised, n_gallery, recall_report,
-                        {**params, "row_term_text": _row_term_text(recipe, row_term),
-                         "searches_per_query": _searches(norm, normalised, row_term)})
+    if output is not None:
+        return SearchWritten(str(output), "ranking", sink.uuid, normalised, params,
+                             tuple(plain_text(w) for w in found), sink.inputs, recall=recall_report,
+                             searches_per_query=searches)
+    return SearchResult(sink.arrays["/neighbors"], sink.arrays["/scores"], normalised, n_gallery, recall_report,
+                        {**params, "row_term_text": _row_term_text(recipe, row_term), "searches_per_query": searches})
+
+
+def _ranking_attrs(recipe: dict, row_term: bool, searches: float, recall_report: dict | None) -> dict:
+    """The ranking file's attributes (None: left out), as normalise's rankings carry them."""
+    log_domain = recipe.get("score_domain", "").startswith("log")
+    return {"method": recipe["method"], "gallery_rows": int(recipe["gallery_rows"]),
+            "gallery_identity": recipe.get("gallery_identity") or None,
+            "score_domain": recipe["score_domain"] if log_domain else None,
+            "row_term": _row_term_text(recipe, row_term), "searches_per_query": searches,
+            "recall": json.dumps(recall_report) if recall_report is not None else None}
 
 
 def _searches(norm: Normaliser, normalised: np.ndarray, row_term: bool) -> float:
