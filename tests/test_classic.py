@@ -17,7 +17,7 @@ import qbnorm_cli
 from qbnorm_cli.api.common import score_source
 from qbnorm_cli.errors import UsageError
 from qbnorm_cli.methods import mutual_proximity
-from qbnorm_cli.streaming import ranking
+from qbnorm_cli.streaming import pairwise, ranking
 from qbnorm_cli.streaming.budget import make_budget
 
 TOP = 5
@@ -101,7 +101,7 @@ def test_rankings_match_the_formulas(problem, method, params):
 @pytest.mark.parametrize(("method", "params"), CASES, ids=IDS)
 def test_top_k_equals_the_dense_ranking(problem, method, params, monkeypatch):
     # one raw candidate per wanted item: most rows of the pairwise forms must widen their candidates
-    monkeypatch.setattr(ranking, "PAIRWISE_CANDIDATES", 1)
+    monkeypatch.setattr(pairwise, "PAIRWISE_CANDIDATES", 1)
     dense = problem.ours(method, params)
     top = problem.ours(method, params, top_k=TOP, block_rows=16)
     if method != "mp":
@@ -130,13 +130,13 @@ def test_top_k_equals_the_dense_ranking(problem, method, params, monkeypatch):
 
 
 def test_pairwise_top_k_widens_rows_whose_bound_fails(problem, monkeypatch):
-    monkeypatch.setattr(ranking, "PAIRWISE_CANDIDATES", 1)
+    monkeypatch.setattr(pairwise, "PAIRWISE_CANDIDATES", 1)
     trace = ranking.Trace()
     norm = qbnorm_cli.methods.build(qbnorm_cli.methods.get("mp"), problem.probe, {"mp": "empiric"})
     budget = make_budget("64MiB", None)
     scores = score_source(problem.queries, problem.gallery, None, rows_name="queries", cols_name="gallery",
                           sims_name="sims", similarity="cosine", budget=budget, what="normalise")[0]
-    out = list(ranking.run_pairwise_ranking(scores, norm, budget, TOP, lambda rows: None, trace=trace))
+    out = list(pairwise.run_pairwise_ranking(scores, norm, budget, TOP, lambda rows: None, trace=trace))
     assert trace.recomputed_rows > 0 and out[0][1][0].shape == (len(problem.queries), TOP)
 
 

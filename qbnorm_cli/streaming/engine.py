@@ -16,7 +16,7 @@ import numpy as np
 from qbnorm_cli.core.normalisers import Normaliser, apply_dense
 from qbnorm_cli.core.statistics import BankAccumulator
 from qbnorm_cli.errors import UsageError, param
-from qbnorm_cli.streaming import parallel, ranking
+from qbnorm_cli.streaming import pairwise, parallel, ranking
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
 from qbnorm_cli.streaming.sources import ScoreSource
 
@@ -206,7 +206,7 @@ def run_normalise(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: 
     over each cache-sized tile. A larger bank changes nothing here: its statistics are O(gallery).
     """
     if top_k is not None and norm.pairwise is not None:
-        yield from ranking.run_pairwise_ranking(scores, norm, budget, top_k, query_rows(scores, norm), progress,
+        yield from pairwise.run_pairwise_ranking(scores, norm, budget, top_k, query_rows(scores, norm), progress,
                                                 tiling, trace)
         return
     if top_k is not None:

@@ -253,7 +253,7 @@ class EmbeddingScores:
 
 class RowSubset:
     """Some rows of a score source (ascending row numbers), as the top-k driver reads a source: the
-    rows a pairwise ranking widens (ranking.run_pairwise_ranking) gathered into one run."""
+    rows a pairwise ranking widens (pairwise.run_pairwise_ranking) gathered into one run."""
 
     row_chunk = None  # gathered rows: no chunk alignment to keep
 
