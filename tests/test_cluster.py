@@ -1,4 +1,4 @@
-"""probe, normalise, evaluate and hubness on a dask.distributed cluster (streaming/cluster.py):
+"""probe, normalise, evaluate and hubness on a dask.distributed cluster (streaming/cluster/):
 outputs equal to the local run's byte for byte (every dataset; not uuids or timestamps), on a
 LocalCluster of two worker processes, through `dask scheduler` and `dask worker` processes on
 tcp://127.0.0.1, with a worker killed during the run; and the failures: no scheduler, a worker
