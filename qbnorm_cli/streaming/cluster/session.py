@@ -14,7 +14,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +35,6 @@ from qbnorm_cli.streaming.cluster.worker import clear_cache, identity, numpy_bla
 DEBUG_VARIABLE = "QBNORM_DEBUG"  # =1: dask's own log lines are shown (as the CLI shows tracebacks)
 TASKS_PER_THREAD = 4   # tasks per worker thread, at most: balance, progress and cheap reruns
 IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead of the one the client waits for, per worker thread
-WATCH_SECONDS = 2.0    # how often a client waiting for tasks looks whether the cluster still has workers
-POLL_SECONDS = 0.01    # how often it looks for finished tasks
 
 
 
@@ -275,7 +273,8 @@ class Session:
     def __init__(self, client, local, label: str, before_task, patience: float = 30.0):
         self.client, self.local, self.label, self.before_task = client, local, label, before_task
         self.token = uuid.uuid4().hex[:12]
-        self.patience = patience  # how long a cluster without workers is waited for (the connect timeout)
+        # how long the scheduler lets a task wait for a worker when it has none (`no_workers_timeout`)
+        self.patience = client.run_on_scheduler(hold_no_workers_timeout, token=self.token, seconds=patience)
         self.started = time.perf_counter()
         nthreads = client.nthreads()
         self.workers = len(nthreads)
@@ -308,13 +307,19 @@ class Session:
             return self.client.submit(identity, value, key=f"qbnorm-data-{self.token}-{uuid.uuid4().hex[:8]}",
                                       pure=False)
 
-    def _finished(self, kind, future, number, finished, work, progress, killed) -> None:
+    def _finished(self, kind, future, number, finished, work, progress) -> None:
         """A task done: its failure raised as one line, or its result kept for its turn."""
+        from distributed import KilledWorker
+        from distributed.scheduler import NoWorkerError
+
         if future.status == "error":
             error = future.exception()
-            if isinstance(error, killed):
+            if isinstance(error, KilledWorker):
                 raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was lost with its "
                                      f"worker too often ({one_line(error)})") from None
+            if isinstance(error, NoWorkerError):  # the scheduler's no-workers-timeout ran out
+                raise RuntimeFailure(f"{param('cluster')} {self.label}: the cluster has had no worker for "
+                                     f"{error.timeout:g} s; {kind} tasks cannot run") from None
             raise error
         if future.status == "cancelled":
             raise RuntimeFailure(f"{param('cluster')} {self.label}: a {kind} task was cancelled on the cluster "
@@ -340,15 +345,14 @@ class Session:
         """fn(*shared, task) for every task on the cluster; yields the results in the tasks'
         order, calling progress(work[i]) as task i completes (in any order). At most a few tasks
         per worker thread run ahead of the one awaited, so results held here stay bounded.
-        On any exception (an interrupt included) the tasks not done are cancelled."""
-        from distributed import KilledWorker, as_completed
+        A cluster left without workers is the scheduler's to notice (its no-workers-timeout fails
+        the tasks). On any exception (an interrupt included) the tasks not done are cancelled."""
+        from distributed import as_completed
 
-        futures: dict[str, int] = {}
+        numbers: dict[str, int] = {}
         finished: dict[int, object] = {}
-        waiting = as_completed(loop=self.client.loop)
+        completed = as_completed(loop=self.client.loop)
         window = max(2, IN_FLIGHT_PER_THREAD * self.threads)
-        watched = time.monotonic()
-        alone_since = None  # when the cluster was last seen without a worker
         submitted = delivered = 0
         live: dict[int, object] = {}  # not yet delivered: a delivered future is let go (its result with it)
         try:
@@ -362,27 +366,17 @@ class Session:
                         tasks[submitted], key=f"qbnorm-{kind}-{self.token}-{self.submitted}", pure=False)
                     self.submitted += 1
                     self.bytes_sent += _nbytes(tasks[submitted])
-                    futures[future.key] = submitted
+                    numbers[future.key] = submitted
                     live[submitted] = future
-                    waiting.add(future)
+                    completed.add(future)
                     submitted += 1
-                if not waiting.has_ready():
-                    time.sleep(POLL_SECONDS)
-                    if time.monotonic() - watched > WATCH_SECONDS:  # is anyone left to do the work?
-                        watched = time.monotonic()
-                        if self.client.nthreads():
-                            alone_since = None
-                        elif alone_since is None:
-                            alone_since = watched
-                        elif watched - alone_since > self.patience:
-                            raise RuntimeFailure(f"{param('cluster')} {self.label}: the cluster has had no worker "
-                                                 f"for {self.patience:g} s; {kind} tasks cannot run")
-                    continue
-                for future in sorted(waiting.next_batch(block=False), key=lambda f: futures[f.key]):
+                # blocks until a task ends; the task awaited is among those waited for, so there is
+                # one (a signal's exception comes through the wait)
+                for future in sorted(completed.next_batch(block=True), key=lambda f: numbers[f.key]):
                     if future.status in ("finished", "error", "cancelled"):
-                        self._finished(kind, future, futures.pop(future.key), finished, work, progress, KilledWorker)
+                        self._finished(kind, future, numbers.pop(future.key), finished, work, progress)
                     else:  # lost with its worker meanwhile: the scheduler computes it again
-                        waiting.add(future)
+                        completed.add(future)
                 while delivered in finished:
                     del live[delivered]
                     result, read, kernels = finished.pop(delivered).result()
@@ -398,6 +392,36 @@ class Session:
                 self.client.cancel(pending, force=True)
             finished.clear()
             live.clear()
+
+
+# The scheduler's distributed.scheduler.no-workers-timeout fails the tasks that waited that long
+# for a worker while it had none. dask's default is none (wait for good): where the scheduler has
+# none of its own, a session sets it to the connect timeout for as long as it runs (or any other
+# qbnorm session on that scheduler does), and the last to end gives it back.
+NO_WORKERS_HOLDERS = "qbnorm-no-workers-timeout"  # scheduler.extensions: the sessions that set it
+
+
+def hold_no_workers_timeout(dask_scheduler, token: str, seconds: float) -> float:
+    """On the scheduler: the no-workers-timeout in force for session `token`, `seconds` where the
+    scheduler has none of its own."""
+    holders = dask_scheduler.extensions.get(NO_WORKERS_HOLDERS)
+    if holders is None and dask_scheduler.no_workers_timeout is not None:
+        return dask_scheduler.no_workers_timeout  # the scheduler's own
+    if holders is None:
+        holders = dask_scheduler.extensions[NO_WORKERS_HOLDERS] = set()
+        dask_scheduler.no_workers_timeout = float(seconds)
+    holders.add(token)
+    return dask_scheduler.no_workers_timeout
+
+
+def release_no_workers_timeout(dask_scheduler, token: str) -> None:
+    """On the scheduler: session `token` has ended; the last one gives dask's default back."""
+    holders = dask_scheduler.extensions.get(NO_WORKERS_HOLDERS)
+    if holders is not None and token in holders:
+        holders.discard(token)
+        if not holders:
+            del dask_scheduler.extensions[NO_WORKERS_HOLDERS]
+            dask_scheduler.no_workers_timeout = None
 
 
 def _nbytes(value) -> int:
@@ -467,6 +491,8 @@ def connect(cluster) -> Iterator[Session]:
         finally:
             try:
                 if session is not None and local is None:  # a long-lived cluster keeps nothing of this run
+                    with suppress(Exception):  # a scheduler gone meanwhile keeps nothing either
+                        client.run_on_scheduler(release_no_workers_timeout, token=session.token)
                     if clean:
                         client.run(clear_cache)
             finally:
