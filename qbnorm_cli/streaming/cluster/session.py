@@ -20,14 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qbnorm_cli.errors import (
-    QbnormWarning,
-    RuntimeFailure,
-    UsageError,
-    install_hint,
-    one_line,
-    param,
-)
+from qbnorm_cli.errors import QbnormWarning, RuntimeFailure, UsageError, install_hint, one_line, param
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.cluster.security import client_security, tls_configured
 from qbnorm_cli.streaming.cluster.worker import clear_cache, identity, numpy_blas, run_task
@@ -35,7 +28,6 @@ from qbnorm_cli.streaming.cluster.worker import clear_cache, identity, numpy_bla
 DEBUG_VARIABLE = "QBNORM_DEBUG"  # =1: dask's own log lines are shown (as the CLI shows tracebacks)
 TASKS_PER_THREAD = 4   # tasks per worker thread, at most: balance, progress and cheap reruns
 IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead of the one the client waits for, per worker thread
-
 
 
 @dataclass(frozen=True)
@@ -208,8 +200,6 @@ def local_cluster(n: int):
     finally:
         os.environ.clear()
         os.environ.update(before)
-
-
 
 
 # --- signals: the cluster's part of the program's interrupt handling ---------------------------

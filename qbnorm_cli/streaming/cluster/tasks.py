@@ -132,7 +132,6 @@ def _joined(group: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [tuple(r) for r in out]
 
 
-
 # --- probe --------------------------------------------------------------------------------------
 
 class _Columns:
