@@ -1,4 +1,4 @@
-"""probe, normalise, evaluate and hubness on a dask.distributed cluster (streaming/cluster.py):
+"""probe, normalise, evaluate and hubness on a dask.distributed cluster (streaming/cluster/):
 outputs equal to the local run's byte for byte (every dataset; not uuids or timestamps), on a
 LocalCluster of two worker processes, through `dask scheduler` and `dask worker` processes on
 tcp://127.0.0.1, with a worker killed during the run; and the failures: no scheduler, a worker
@@ -544,6 +544,76 @@ def test_a_cluster_left_without_workers_ends_the_run(data, tmp_path, dask_proces
     with pytest.raises(qbnorm_cli.RuntimeFailure, match=f"^cluster {address}: the cluster has had no worker for 2 s"):
         qbnorm_cli.probe(emb(data, "bank"), emb(data, "gallery"), output=tmp_path / "p.h5", cluster=doomed)
     assert not (tmp_path / "p.h5").exists() and leftovers(tmp_path) == []
+    with distributed.Client(address, timeout=30, set_as_default=False) as c:  # the scheduler as it was
+        assert c.run_on_scheduler(no_workers_timeout) is None
+
+
+def no_workers_timeout(dask_scheduler):
+    return dask_scheduler.no_workers_timeout
+
+
+@pytest.fixture
+def no_workers(request):
+    """A scheduler in this process without any worker (its distributed.scheduler.no-workers-timeout:
+    the test's parameter, or dask's default, none)."""
+    import dask.config
+
+    with dask.config.set({"distributed.scheduler.no-workers-timeout": getattr(request, "param", None)}):
+        cluster = distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None)
+    with distributed.Client(cluster, set_as_default=False) as c:
+        yield c
+    cluster.close()
+
+
+def small_arrays():
+    rng = np.random.default_rng(5)
+    return rng.standard_normal((60, D)).astype(np.float32), rng.standard_normal((50, D)).astype(np.float32)
+
+
+@slow
+def test_a_cluster_without_workers_fails_by_the_schedulers_no_workers_timeout(no_workers):
+    """dask's default waits for a worker for good: for the run, the session sets the scheduler's
+    no-workers-timeout to the connect timeout, which fails the tasks; the run ends with one line,
+    and the scheduler gets its own setting back."""
+    start = time.monotonic()
+    address = no_workers.scheduler.address
+    with pytest.raises(qbnorm_cli.RuntimeFailure,
+                       match=f"^cluster {address}: the cluster has had no worker for 1 s; probe tasks cannot run$"):
+        qbnorm_cli.probe(*small_arrays(), cluster=qbnorm_cli.Cluster(no_workers, timeout=1))
+    assert time.monotonic() - start < 20
+    assert no_workers.run_on_scheduler(no_workers_timeout) is None
+
+
+@slow
+@pytest.mark.parametrize("no_workers", ["1500ms"], indirect=True)
+def test_a_schedulers_own_no_workers_timeout_is_kept(no_workers):
+    """A scheduler configured with a no-workers-timeout of its own: that one decides, and stays."""
+    with pytest.raises(qbnorm_cli.RuntimeFailure, match=r"the cluster has had no worker for 1\.5 s; probe tasks"):
+        qbnorm_cli.probe(*small_arrays(), cluster=qbnorm_cli.Cluster(no_workers, timeout=60))
+    assert no_workers.run_on_scheduler(no_workers_timeout) == 1.5
+
+
+@slow
+def test_an_interrupt_ends_the_wait_for_tasks(no_workers):
+    """The client waits for its tasks in distributed's as_completed: a signal's exception comes
+    through that wait at once, the tasks are taken off the cluster and the scheduler's setting is
+    given back."""
+    import threading
+
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            qbnorm_cli.probe(*small_arrays(), cluster=qbnorm_cli.Cluster(no_workers, timeout=120))
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 20
+    assert no_workers.run_on_scheduler(no_workers_timeout) is None
+    end = time.monotonic() + 20
+    while queued(no_workers) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert queued(no_workers) == [], "tasks left on the cluster"
 
 
 @slow
