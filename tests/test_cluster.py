@@ -140,6 +140,28 @@ def test_the_blas_check_reads_numpys_blas_only():
     assert proc.stdout.strip() == "True"
 
 
+def test_the_blas_check_finds_numpys_blas_through_a_linked_environment(tmp_path, monkeypatch):
+    """threadpoolctl reports resolved paths; numpy reached through a link (a virtual environment
+    linked into a checkout) is still told apart from scipy's BLAS (it matched nothing, and every
+    BLAS in the process was compared: 33 false warnings in a suite run from such a checkout)."""
+    import threadpoolctl
+
+    from qbnorm_cli.streaming.cluster import numpy_blas
+
+    real = tmp_path / "real" / "site-packages"
+    (real / "numpy").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setattr(np, "__file__", str(tmp_path / "link" / "site-packages" / "numpy" / "__init__.py"))
+    libraries = [
+        {"user_api": "blas", "internal_api": "openblas", "version": "0.3.30", "architecture": "SkylakeX",
+         "num_threads": 2, "filepath": str(real / "numpy.libs" / "libscipy_openblas64_.so")},
+        {"user_api": "blas", "internal_api": "openblas", "version": "0.3.15", "architecture": "Prescott",
+         "num_threads": 2, "filepath": str(real / "scipy.libs" / "libopenblas.so")},
+    ]
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: libraries)
+    assert numpy_blas() == (2, "openblas 0.3.30 SkylakeX")
+
+
 def test_a_missing_extra_is_one_line_naming_it(cli, data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` fails as if not installed
     code, _, err = cli("probe", "--bank", emb(data, "bank"), "--gallery", emb(data, "gallery"), "-o",

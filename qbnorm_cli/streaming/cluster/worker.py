@@ -177,9 +177,11 @@ def numpy_blas() -> tuple[int, str]:
     from threadpoolctl import threadpool_info
 
     found = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy/ and numpy.libs/
+    # site-packages, holding numpy/ and numpy.libs/; threadpoolctl gives resolved paths, so resolve
+    # this one too (a virtual environment reached through a link would otherwise match nothing)
+    numpy_dir = os.path.dirname(os.path.dirname(os.path.realpath(np.__file__)))
     own = [i for i in found if os.path.basename(os.path.dirname(i["filepath"])).startswith("numpy")
-           and os.path.dirname(os.path.dirname(i["filepath"])) == numpy_dir]
+           and os.path.dirname(os.path.dirname(os.path.realpath(i["filepath"]))) == numpy_dir]
     found = own or found  # a numpy linked against a system BLAS: every BLAS loaded (one, as a rule)
     threads = max([i["num_threads"] for i in found] or [1])
     kernels = ", ".join(sorted({f"{i.get('internal_api')} {i.get('version')} {i.get('architecture') or ''}".strip()
