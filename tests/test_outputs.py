@@ -18,7 +18,7 @@ import pytest
 from helpers import leftovers, run
 
 from qbnorm_cli.cli import main
-from qbnorm_cli.io import atomic
+from qbnorm_cli.io import atomic, staging
 
 D = 8
 
@@ -152,7 +152,7 @@ def test_cannot_create_the_temporary_file(capsys, work, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(staging.tempfile, "mkstemp", denied)
     out = work / "dis.h5"
     code, _, err = run(capsys, *norm_args(work, out))
     monkeypatch.undo()
