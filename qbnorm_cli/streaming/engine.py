@@ -177,8 +177,9 @@ class DensePlan:
 
 
 def dense_plan(scores: ScoreSource, budget: Budget) -> DensePlan:
-    """The column block, the super-block and the tiles taken from one ledger of the budget, after
-    what the scores hold: together never more than the budget."""
+    """The column block, the tiles and the super-block taken from one ledger of the budget, after
+    what the scores hold: together never more than the budget. A super-block cut below its share
+    is whole tiles: the tiles, and so the products and the output's bits, are those of its share."""
     n_rows, n_cols = scores.n_rows, scores.n_cols
     ledger = budget.ledger(held=held_bytes(scores))
     width = column_block_width(n_cols, scores.col_bytes(), 0, ledger, align=scores.col_chunk)
@@ -187,10 +188,15 @@ def dense_plan(scores: ScoreSource, budget: Budget) -> DensePlan:
     most = None
     if whole_rows and budget.block_rows is None:
         most = aligned(max(1, DENSE_BLOCK_BYTES // (8 * n_cols)), scores.row_chunk)
-    super_rows = ledger.rows(row_state_bytes, share=ROW_STATE_SHARE, total=n_rows, align=scores.row_chunk, most=most,
-                             keep=width * TILE_BYTES_PER_SCORE)  # a tile of one row
-    tile_room = ledger.room(TILE_SHARE)
-    ledger.charge(tile_rows(width, budget, super_rows, scores.row_chunk, tile_room) * width * TILE_BYTES_PER_SCORE)
+    if budget.block_rows is not None:
+        return DensePlan(width, whole_rows, ledger.rows(row_state_bytes, total=n_rows))
+    full = min(rows_within(budget.memory * ROW_STATE_SHARE, row_state_bytes, n_rows, scores.row_chunk), most or n_rows)
+    tile_room = ledger.room(TILE_SHARE, keep=row_state_bytes)  # a super-block of one row at least
+    tiles = {w: tile_rows(w, budget, full, scores.row_chunk, tile_room) for w in {width, n_cols % width or width}}
+    ledger.charge(max(rows * w * TILE_BYTES_PER_SCORE for w, rows in tiles.items()))  # the last block's may be taller
+    super_rows = ledger.rows(row_state_bytes, share=ROW_STATE_SHARE, total=n_rows, align=scores.row_chunk, most=most)
+    if super_rows < full:
+        super_rows = aligned(super_rows, tiles[width])
     return DensePlan(width, whole_rows, super_rows, tile_room)
 
 
