@@ -23,21 +23,21 @@ Signals that are ignored when qbnorm starts (nohup, background jobs) stay ignore
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
-import shutil
 import signal
 import stat
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from qbnorm_cli.errors import EXIT_INTERRUPTED, RuntimeFailure, UsageError, one_line, param
+
+# ctypes, shutil and tempfile are imported where first used: the `qbnorm` program imports this
+# module before its loading guard is up (startup.py), so it imports no more than it must.
 
 TERMINATING = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -294,6 +294,8 @@ def _libc_renameat2():
     """glibc's renameat2 (2.28+), or None (another C library or system)."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2  # the C library the interpreter links
     except (OSError, AttributeError):
@@ -301,6 +303,12 @@ def _libc_renameat2():
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     function.restype = ctypes.c_int
     return function
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 _RENAMEAT2 = True  # use renameat2 where the C library has it (tests set False to try the fallbacks)
@@ -315,7 +323,7 @@ def rename_noreplace(source, target) -> None:
     if renameat2 is not None:
         if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
             return
-        code = ctypes.get_errno()
+        code = _errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
             raise OSError(code, os.strerror(code), str(target))
     if os.path.isdir(source) and not os.path.islink(source):
@@ -391,6 +399,8 @@ class Staged:
 
     def create(self) -> str:
         """The temporary path, created (mode 0600 / 0700 until the commit)."""
+        import tempfile
+
         parent = self.target.parent
         with held():
             try:
@@ -443,6 +453,8 @@ class Staged:
             raise appeared(self.target) from None
 
     def _commit_directory(self) -> None:
+        import shutil
+
         old = self._move_aside()
         try:
             rename_noreplace(self.path, self.target)
@@ -467,6 +479,8 @@ class Staged:
         if not self.force:
             raise appeared(self.target)
         self.check_ours(self.target)
+        import tempfile
+
         old = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".qbnorm-old"))
         try:
             os.rename(self.target, old / "previous")
@@ -483,6 +497,8 @@ class Staged:
 
     def discard(self) -> None:
         """Remove the temporary output, if any (nothing fails here)."""
+        import shutil
+
         with held():
             if self.path is not None:
                 if self.directory:
