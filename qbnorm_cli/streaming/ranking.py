@@ -97,29 +97,24 @@ class Geometry:
 
 def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int, tiling: Tiling = Tiling(),
              ledger: Ledger | None = None, keep: float = 0) -> Geometry:
-    """Tiles within a quarter of the budget on all threads; blocks as the engine sizes them. Both
-    are taken from `ledger` (default: one of the budget after what the scores hold), and charged;
-    `keep`: the bytes the takers after the tiles need at least."""
+    """Tiles within a quarter of the budget on all threads, blocks as the engine sizes them: both
+    taken from `ledger` (default: the budget's after what the scores hold), the tiles leaving
+    `keep` bytes for the takers after them."""
     ledger = budget.ledger(held=held_bytes(scores)) if ledger is None else ledger
     block = column_block_width(n_cols, scores.col_bytes(), 0, ledger, align=scores.col_chunk)
     if budget.block_rows is not None:  # fixed by hand (tests, debugging)
         return Geometry(budget.block_rows, budget.block_rows, block)
-    geom = _tiles(scores, n_rows, block, ledger.room(TILE_SHARE, keep) / workers, workers, tiling)
-    ledger.charge(workers * geom.rows * geom.sub_columns * TILE_BYTES_PER_SCORE)
-    return geom
-
-
-def _tiles(scores, n_rows: int, block: int, per_thread: float, workers: int, tiling: Tiling) -> Geometry:
-    """Tiles of `per_thread` bytes at most (but for one row of 64 columns)."""
     sub = min(tiling.sub_columns, block) if scores.sub_columns else block
+    per_thread = ledger.room(TILE_SHARE, keep) / workers
     fit = max(1, int(per_thread // (TILE_BYTES_PER_SCORE * sub)))
     rows = min(tiling.tile_rows, fit, n_rows)
     if fit < 8 and rows < n_rows and sub > 64 and scores.sub_columns:  # a small budget: narrower tiles, not single rows
         sub = min(sub, max(64, int(per_thread // (TILE_BYTES_PER_SCORE * 8))))
         rows = min(8, n_rows)
-    if scores.row_chunk:  # rows read tile by tile: whole chunks
-        return Geometry(aligned(rows, scores.row_chunk), sub, block)
-    return Geometry(balanced_rows(n_rows, rows, workers), sub, block)
+    # rows read tile by tile: whole chunks; held rows: tiles of nearly equal size on every thread
+    rows = aligned(rows, scores.row_chunk) if scores.row_chunk else balanced_rows(n_rows, rows, workers)
+    ledger.charge(workers * rows * sub * TILE_BYTES_PER_SCORE)
+    return Geometry(rows, sub, block)
 
 
 def balanced_rows(n_rows: int, most: int, workers: int) -> int:
