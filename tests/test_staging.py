@@ -243,3 +243,21 @@ def test_signals_and_renames_are_written_in_io_staging_only():
                     or (node.value.id == "os" and node.attr in ("rename", "replace", "link"))):
                 found.append(f"{name}:{node.lineno} {node.value.id}.{node.attr}")
     assert not found, found
+
+
+def test_every_writer_says_the_same_when_its_temporary_file_cannot_be_made(tmp_path, monkeypatch):
+    """One sequence: a JSON document (write_json, once a copy that said 'cannot write') fails as
+    HDF5 outputs do, with the line docs/errors.md gives."""
+    import tempfile
+
+    from qbnorm_cli.errors import RuntimeFailure
+    from qbnorm_cli.io.atomic import write_json
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(RuntimeFailure) as caught:
+        write_json(tmp_path / "p.json", {"a": 1}, force=False)
+    assert str(caught.value) == f"{tmp_path / 'p.json'}: cannot create a file in {str(tmp_path)!r}: Permission denied"
+    assert leftovers(tmp_path) == [] and not (tmp_path / "p.json").exists()
