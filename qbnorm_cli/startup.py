@@ -2,9 +2,10 @@
 
 Importing numpy, scipy, h5py and typer takes about a second. An interrupt in that time would end
 in a traceback from the middle of an import (SIGINT) or a bare kill (SIGTERM); nothing has been
-opened or written yet, so this says so in one line and exits 130 at once. `cli.main()` hands the
-signals back (`done()`) and installs its own handlers. Nothing happens when qbnorm_cli is imported
-as a library: only the `qbnorm` program (or `python -m qbnorm_cli`) is guarded. The package imports
+opened or written yet, so this says so in one line and exits 130 at once. The handlers of every
+phase live in io/staging.py; `cli.main()` ends this one (`staging.end_loading()`). Nothing happens
+when qbnorm_cli is imported as a library: only the `qbnorm` program (or `python -m qbnorm_cli`) is
+guarded. The package imports
 this module before anything else; a signal before that, while Python itself starts, gets Python's
 and the system's defaults (docs/errors.md).
 """
@@ -13,16 +14,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import sys
 import warnings
 
-PREVIOUS: dict = {}
-
-
-def interrupted(signum, frame) -> None:
-    os.write(2, b"qbnorm: interrupted\n")
-    os._exit(130)
+from qbnorm_cli.io import staging
 
 
 def _names_program() -> bool:
@@ -44,60 +39,8 @@ def is_program() -> bool:
     return _names_program() and not is_spawned()
 
 
-def ignore_interrupts() -> None:
-    """A worker of the `qbnorm` program's local dask cluster: Ctrl-C on a terminal (SIGINT), a
-    lost terminal (SIGHUP) or a job stopped as a whole (SIGTERM to its process group) reach every
-    process of the group, but the program alone ends the run (cancelling the tasks, closing the
-    cluster: its workers end with it), so they do not die of it first."""
-    try:
-        os.setpgid(0, 0)  # out of the terminal's foreground group: its Ctrl-C no longer reaches here
-    except (AttributeError, OSError):
-        pass
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        try:
-            if signum is not None:
-                signal.signal(signum, signal.SIG_IGN)
-        except (ValueError, OSError):  # not the main thread
-            return
-
-
-def guard() -> None:
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is None:
-            continue
-        try:
-            if signal.getsignal(signum) in (signal.SIG_IGN, None):
-                continue  # ignored (nohup, background jobs) or not set from Python: leave it
-            PREVIOUS[signum] = signal.signal(signum, interrupted)
-        except (ValueError, OSError):  # not the main thread
-            return
-
-
-def done() -> bool:
-    """Give the signals back their previous handlers; True when this is the `qbnorm` program."""
-    was_guarding = bool(PREVIOUS)
-    while PREVIOUS:
-        signum, handler = PREVIOUS.popitem()
-        try:
-            signal.signal(signum, handler)
-        except (ValueError, OSError):
-            pass
-    return was_guarding
-
-
-def ignore_late_signals() -> None:
-    """The run is over and its output complete: an interrupt now must not turn exit 0 into a kill."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            signal.signal(signum, signal.SIG_IGN)
-        except (ValueError, OSError):
-            pass
-
-
 if is_program():
-    guard()
+    staging.guard_loading()
     # The registry warns once as it loads about plug-ins it left out; the program reports them with
     # each command's warnings instead (one line, silent with --quiet, in the --json document).
     warnings.filterwarnings("ignore", module=r"qbnorm_cli\.methods$")
@@ -109,4 +52,4 @@ if is_program():
     if os.environ.get("QBNORM_DEBUG") != "1":
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
 elif _names_program() and is_spawned():
-    ignore_interrupts()
+    staging.ignore_in_worker()

@@ -18,7 +18,7 @@ LAYERS = {
     "core": {"errors"},
     "errors": set(),
     "version": set(),
-    "startup": set(),
+    "startup": {"io", "errors"},  # the signal handlers of every phase: io/staging.py (stdlib and errors only)
     "methods": {"core", "errors"},
     "io": {"core", "errors", "version", "methods"},
     "streaming": {"core", "errors", "io"},

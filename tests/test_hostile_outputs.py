@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from helpers import run
 
-from qbnorm_cli.io import atomic, indexfile
+from qbnorm_cli.io import atomic, indexfile, staging
 from qbnorm_cli.io.stores import base, npydirectory
 
 D = 8
@@ -294,7 +294,7 @@ def test_disk_full_on_a_tmpfs(data, tiny_disk, capsys, name, leave):
 def hook_commit(monkeypatch, out: Path, action) -> list:
     """Run `action()` just before the rename that commits `out` (each of its primitives)."""
     seen = []
-    real_noreplace, real_replace = getattr(atomic, "rename_noreplace", None), os.replace
+    real_noreplace, real_replace = staging.rename_noreplace, os.replace
 
     def noreplace(source, target):
         if Path(target) == out and not seen:
@@ -308,14 +308,14 @@ def hook_commit(monkeypatch, out: Path, action) -> list:
             action()
         return real_replace(source, target, **kwargs)
 
-    monkeypatch.setattr(atomic, "rename_noreplace", noreplace, raising=False)
+    monkeypatch.setattr(staging, "rename_noreplace", noreplace)
     monkeypatch.setattr(atomic.os, "replace", replace)
     return seen
 
 
 def without_renameat2(monkeypatch, primitive: str) -> None:
     if primitive in ("link", "placeholder"):
-        monkeypatch.setattr(atomic, "_RENAMEAT2", False, raising=False)
+        monkeypatch.setattr(staging, "_RENAMEAT2", False)
     if primitive == "placeholder":
         monkeypatch.setattr(atomic.os, "link", _fails(errno.EPERM, "Operation not permitted"))
 
@@ -364,18 +364,18 @@ def test_force_replaces_only_what_it_checked(data, work, capsys, monkeypatch, na
             (out / "mine.txt").write_bytes(THEIRS)
 
     seen = []
-    real_file, real_aside = atomic._commit_file, atomic.OutputDirectory._move_aside
+    real_file, real_aside = staging.Staged._commit_file, staging.Staged._move_aside
 
-    def commit_file(tmp, target, force):
+    def commit_file(self):
         seen.append(theirs())
-        return real_file(tmp, target, force)
+        return real_file(self)
 
     def move_aside(self):
         seen.append(theirs())
         return real_aside(self)
 
-    monkeypatch.setattr(atomic, "_commit_file", commit_file)
-    monkeypatch.setattr(atomic.OutputDirectory, "_move_aside", move_aside)
+    monkeypatch.setattr(staging.Staged, "_commit_file", commit_file)
+    monkeypatch.setattr(staging.Staged, "_move_aside", move_aside)
     code, _, err = run(capsys, *args)
     monkeypatch.undo()
     assert seen and code == 2, err
@@ -412,20 +412,22 @@ def signal_after_the_commit(monkeypatch, out: Path, after: int) -> list:
     returned: "late"), as when another thread took the signal (the main thread blocks it while it
     commits) and ran its C handler only then. Returns where it was sent: ["in the run"] or ["late"]."""
     sent, state = [], {"lines": 0, "phase": None}
-    real_noreplace, real_replace = atomic.rename_noreplace, os.replace
+    real_noreplace, real_replace = staging.rename_noreplace, os.replace
+    writers = (atomic.__file__, staging.__file__)
 
     def trace(frame, event, arg):
-        if frame.f_code.co_filename != atomic.__file__ or sent or state["phase"] is None:
+        if frame.f_code.co_filename not in writers or sent:
             return None
-        if event == "call" and frame.f_code.co_name == "recorded_commits":
-            state["phase"] = "late"
-        elif event == "call" and frame.f_code.co_name == "clear_interrupts":  # the signal handlers are restored
-            state["phase"] = None
+        if state["phase"] is None:
+            return trace  # its lines are traced once the output is committed
+        if event == "call" and frame.f_code.co_name == "clear_interrupts" and not staging.is_running():
+            state["phase"] = None  # the signal handlers are restored
             return None
-        elif event == "line":
+        if event == "line" and not (frame.f_code.co_name == "run_interruptibly" and staging.is_running()):
+            # (the store that ends the command is reached without a call: no handler runs before it)
             state["lines"] += 1
             if state["lines"] > after:
-                sent.append(state["phase"])
+                sent.append("in the run" if staging.is_running() else "late")
                 _thread.interrupt_main(signal.SIGTERM)  # what the C handler does, in whichever thread
         return trace
 
@@ -434,7 +436,7 @@ def signal_after_the_commit(monkeypatch, out: Path, after: int) -> list:
             state["phase"] = "in the run"
         return result
 
-    monkeypatch.setattr(atomic, "rename_noreplace", lambda s, t: committed(real_noreplace(s, t), t))
+    monkeypatch.setattr(staging, "rename_noreplace", lambda s, t: committed(real_noreplace(s, t), t))
     monkeypatch.setattr(atomic.os, "replace", lambda s, t, **k: committed(real_replace(s, t, **k), t))
     sys.settrace(trace)
     return sent
@@ -495,14 +497,14 @@ def test_interrupt_inside_an_hdf5_write(data, work, capsys, monkeypatch, at):
 def test_signal_before_the_commit_writes_nothing(data, work, capsys, monkeypatch):
     args, out = writer(data, "export npy", work, "--force")
     before = make_previous(data, "export npy", out, capsys)
-    real = atomic.check_interrupt
+    real = staging.check_interrupt
 
     def interrupted():
         if any(work.glob(".*.qbnorm-tmp/recipe.json")):
-            atomic.note_interrupt(signal.SIGTERM)
+            staging.note_interrupt(signal.SIGTERM)
         real()
 
-    monkeypatch.setattr(atomic, "check_interrupt", interrupted)
+    monkeypatch.setattr(staging, "check_interrupt", interrupted)
     code, _, err = run(capsys, *args)
     monkeypatch.undo()
     assert code == 130 and one_line(err) == "qbnorm: interrupted; no output was written"

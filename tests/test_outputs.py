@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -152,7 +153,7 @@ def test_cannot_create_the_temporary_file(capsys, work, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     out = work / "dis.h5"
     code, _, err = run(capsys, *norm_args(work, out))
     monkeypatch.undo()

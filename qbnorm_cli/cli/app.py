@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
 from collections import Counter
 
 import typer
 import typer.core
 
-from qbnorm_cli import startup
 from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, hubs, normalise, probe, search, tune
 from qbnorm_cli.cli.options import DEFAULT_MAX_OUTPUT_TEXT, DEFAULT_MEMORY_TEXT, FLAG_NAMES, check_whole_numbers, flag
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
-from qbnorm_cli.io import atomic, limits, remote
+from qbnorm_cli.io import atomic, limits, remote, staging
 from qbnorm_cli.version import VERSION
 
 try:  # typer ≥ 0.2x vendors click; older typer uses click itself
@@ -50,19 +48,6 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Measure and remove hubness in cross-modal retrieval."""
-
-
-# Whether a command is running: an interrupt then ends it. Once it has returned, one is dropped
-# (its outputs are complete), as the program drops those after main() (startup.ignore_late_signals).
-_RUNNING = False
-
-
-def _terminate(signum, frame):
-    # remembered even if the exception below lands where Python drops it; held while an output is
-    # renamed into place (raised when that step ends). Python may run this well after the signal
-    # came (another thread took it while the main thread blocked it): also in main()'s clean-up.
-    if atomic.note_interrupt(signum) and _RUNNING:
-        raise KeyboardInterrupt
 
 
 def _line(text: object) -> str:
@@ -144,29 +129,10 @@ for _name, _func in COMMANDS.items():
     app.command(_name, no_args_is_help=True)(_one_line_errors(_func))
 
 
-# SIGTERM (kill, timeout, cron/systemd stopping a job) and SIGHUP (lost terminal) end a run like
-# Ctrl-C: the temporary output is removed and the exit code is 130. Ignored signals stay ignored.
-_TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-def _install_signal_handlers() -> dict:
-    previous = {}
-    for signum in (signal.SIGINT, *_TERMINATING):
-        try:
-            current = signal.getsignal(signum)
-            if current in (signal.SIG_IGN, None):
-                continue
-            if signum == signal.SIGINT and current is not signal.default_int_handler:
-                continue  # someone else handles Ctrl-C: leave it to them
-            previous[signum] = signal.signal(signum, _terminate)
-        except ValueError:  # not the main thread: leave signals alone
-            break
-    return previous
-
-
 def _unraisable(hook):
     """Python drops exceptions raised in weakref callbacks and __del__ with a traceback on stderr;
-    an interrupt that lands there is remembered by _terminate, so say nothing; others in one line."""
+    an interrupt that lands there is noted by the signal handler (io/staging.py), so say nothing;
+    others in one line."""
 
     def handle(info) -> None:
         if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
@@ -225,29 +191,16 @@ def _click_command():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code (tests call this directly)."""
-    global _RUNNING
+    """Run the CLI and return its exit code (tests call this directly). SIGINT, SIGTERM (kill,
+    timeout, cron/systemd stopping a job) and SIGHUP (lost terminal) end a run like Ctrl-C: the
+    temporary output is removed and the exit code is 130 (io/staging.py)."""
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    program = startup.done()
-    atomic.clear_interrupts()
-    atomic.record_commits()
-    previous = _install_signal_handlers()
+    program = staging.end_loading()
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
-    _RUNNING = True
     try:
-        code = _dispatch(argv)
-    except KeyboardInterrupt:  # handled on the way out of _dispatch, where nothing catches it
-        code = EXIT_INTERRUPTED
+        code, written = staging.run_interruptibly(lambda: _dispatch(argv), program=program)
     finally:
-        _RUNNING = False  # first: no call before it, so no signal handler runs in between
-        written = atomic.recorded_commits()
         sys.unraisablehook = unraisable_hook
-        if program:
-            startup.ignore_late_signals()
-        else:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        atomic.clear_interrupts()  # none is left to interrupt the library's next call in this process
     if code == EXIT_INTERRUPTED:  # the rename is the commit point: say what was committed before the signal
         verb = "was" if len(written) == 1 else "were"
         done = f"{', '.join(written)} {verb} written, nothing else" if written else "no output was written"

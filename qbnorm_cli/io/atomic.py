@@ -1,47 +1,42 @@
-"""Outputs written atomically: to a temporary file beside the target, renamed into place when
-complete, removed on any failure or interrupt; never over an existing file without `force`.
+"""Outputs written atomically: staged beside the target, renamed into place when complete,
+removed on any failure or interrupt; never over an existing file without `force` (the sequence
+and the interrupts: io/staging.py).
 
 HDF5 outputs (`OutputFile`) record how they were made (kind, format version, uuid, the
 provenance the caller passes in, parameters, inputs, the warnings the run issued) and carry
 checksums: every dataset HDF5's Fletcher-32 filter (verified by HDF5 on every read), the
 attributes a checksum of each (`attribute_checksums`, compared by io/schemas.check). JSON
-outputs (`write_json`) follow the same rules. Interrupts noted by a signal handler (the CLI
-installs one) are checked before every write and before the rename, so an interrupted run never
-completes an output.
-
-The rename is the commit point. Without `force` it never replaces what is there
-(renameat2(RENAME_NOREPLACE), else link() or an exclusive placeholder): a file another process
-created at the target while this run wrote is kept, and the run fails. With `force` the target is
-checked again just before it is replaced: a regular file (or, for directory outputs, an earlier
-export) or nothing, never a device, a FIFO or someone's directory. A file system's error (disk
-full, I/O error, a file size limit) never reaches HDF5 (`_Storage`): qbnorm reports it in one line.
+outputs (`write_json`), other files (`write_with`) and directories (`OutputDirectory`) follow the
+same rules. Interrupts are checked before every write and before the rename, so an interrupted
+run never completes an output. A file system's error (disk full, I/O error, a file size limit)
+never reaches HDF5 (`_Storage`): qbnorm reports it in one line.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import errno
-import functools
 import json
 import os
-import shutil
-import signal
-import stat
-import sys
-import tempfile
-import threading
 import uuid as _uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from qbnorm_cli.errors import RuntimeFailure, UsageError, one_line, param, plain_text
+from qbnorm_cli.errors import RuntimeFailure, UsageError, param, plain_text
 from qbnorm_cli.io.hdf5 import ATTRIBUTE_CHECKSUMS, attribute_checksums
 from qbnorm_cli.io.specs import ArrayInput
+from qbnorm_cli.io.staging import (
+    FULL,
+    Staged,
+    check_interrupt,
+    check_replaceable,
+    held,
+    shielded,
+    write_failure,
+)
 from qbnorm_cli.io.validate import check_written
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
 
@@ -57,109 +52,7 @@ def chunk_rows(row_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(row_bytes, 1))
 
 
-_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
-
-# Signals noted by the CLI's handler. The handler also raises KeyboardInterrupt, but Python drops an
-# exception raised inside a weakref callback or __del__; outputs check this before every write and
-# before the rename, so an interrupted run never completes an output.
-_INTERRUPTS: list[int] = []
-# The outputs committed (renamed into place) since the CLI started recording (None: not recording),
-# so that an interrupt after a commit is not reported as "no output was written".
-_COMMITTED: list[str] | None = None
-
-
-# Signals that arrived while a step was held (_signals_deferred): raised as KeyboardInterrupt when
-# it ends. A process-directed signal goes to any thread that does not block it (a BLAS or HDF5
-# thread), and Python runs its handler in the main thread at once: the mask alone holds nothing.
-_HOLDING: list[int] = []
-_HELD: list[int] = []
-
-
-def note_interrupt(signum: int) -> bool:
-    """Note a signal (the CLI's handler calls this); False while a step holds signals back, so
-    that the handler does not raise in the middle of it."""
-    _INTERRUPTS.append(signum)
-    if _HOLDING:
-        _HELD.append(signum)
-        return False
-    _HELD.clear()  # raised now: none is left to raise again when a hold ends
-    return True
-
-
-def clear_interrupts() -> None:
-    _INTERRUPTS.clear()
-    _HELD.clear()
-
-
-def check_interrupt() -> None:
-    if _INTERRUPTS:
-        raise KeyboardInterrupt
-
-
-def record_commits() -> None:
-    """Start recording the outputs committed from now on (the CLI, for its interrupt message)."""
-    global _COMMITTED
-    _COMMITTED = []
-
-
-def recorded_commits() -> list[str]:
-    """The outputs committed since record_commits(), and stop recording."""
-    global _COMMITTED
-    done, _COMMITTED = _COMMITTED or [], None
-    return done
-
-
-@contextmanager
-def _signals_deferred():
-    """Hold Ctrl-C / SIGTERM back while a temporary file is created, renamed or removed, or HDF5
-    writes the output from the main thread, so an interrupt never lands between the two halves of
-    such a step (it is raised right after): blocked in this thread, and noted without raising by
-    the CLI's handler (note_interrupt) whichever thread the signal reached. Signal handlers run in
-    the main thread only: other threads need no hold."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    block = hasattr(signal, "pthread_sigmask")
-    # Held before the mask is set and until it is restored: Python runs the handlers of pending
-    # signals inside pthread_sigmask, and one that raised there would skip the step or leave the
-    # mask set; a signal delivered when the mask is restored is then held like the others.
-    _HOLDING.append(1)
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS) if block else None
-        try:
-            yield
-        finally:
-            if block:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    finally:
-        _HOLDING.pop()
-        if _HELD and not _HOLDING:
-            _HELD.clear()
-            raise KeyboardInterrupt
-
-
-def _file_mode() -> int:
-    """The mode a plain open() would give a new file (mkstemp makes 0600 files)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 # --- failures of the file system ----------------------------------------------------------------
-
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def write_failure(path, exc: OSError) -> RuntimeFailure:
-    """The one-line error of a failed write to the output `path` (or its temporary file)."""
-    path = Path(path)
-    if exc.errno in _FULL:
-        what = "disk quota exceeded" if exc.errno != errno.ENOSPC else "no space left on device"
-        return RuntimeFailure(f"{what} writing {path}")
-    if exc.errno == errno.ENOENT and not path.parent.is_dir():
-        return RuntimeFailure(f"{path}: write failed: its directory {str(path.parent)!r} was removed during the run")
-    return RuntimeFailure(f"{path}: write failed: {exc.strerror or one_line(exc)}")
-
 
 def check_space(path, directory, nbytes: int) -> None:
     """Refuse to start a write of `nbytes` that the file system holding `directory` has no room for."""
@@ -188,7 +81,7 @@ def reserve(path, fd: int, nbytes: int) -> None:
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
             check_space(path, Path(path).parent, nbytes - size)
             return
-        if exc.errno in _FULL:
+        if exc.errno in FULL:
             raise RuntimeFailure(f"no space left on device writing {path} ({_free(path)} free)") from None
         raise write_failure(path, exc) from None
 
@@ -205,47 +98,30 @@ def _free(path) -> str:
     return _mib(info.f_bavail * info.f_frsize)
 
 
-def _shielded(method):
-    """A method HDF5 calls back: an interrupt raised inside it (Python runs a signal handler
-    wherever the main thread is) would be a failed write to HDF5. It is noted instead (the run
-    ends at its next check) and the step done again: reads and writes are positioned, so
-    repeating one changes nothing."""
-
-    @functools.wraps(method)
-    def call(*args):
-        while True:
-            try:
-                return method(*args)
-            except KeyboardInterrupt:
-                note_interrupt(signal.SIGINT)
-
-    return call
-
-
 class _Storage:
     """The temporary file as HDF5 writes it (h5py's `fileobj` driver), with positioned reads and
     writes on one descriptor. An error of the file system (disk full, an I/O error, a file size
     limit) is kept in `error` for qbnorm to report, and HDF5 is told its write succeeded (later
     writes are dropped): HDF5 cannot recover from a failed write (closing the file then fails,
     and freeing its objects crashes the process). Main-thread calls into HDF5 on this file hold
-    signals back (_signals_deferred); the methods are also _shielded."""
+    signals back (staging.held); the methods are also shielded."""
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         self.position = 0
         self.error: OSError | None = None
 
-    @_shielded
+    @shielded
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position}.get(whence)
         self.position = (os.fstat(self.fd).st_size if base is None else base) + offset
         return self.position
 
-    @_shielded
+    @shielded
     def tell(self) -> int:
         return self.position
 
-    @_shielded
+    @shielded
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
         got = 0
@@ -261,13 +137,13 @@ class _Storage:
         self.position += len(view)
         return len(view)
 
-    @_shielded
+    @shielded
     def read(self, size: int = -1) -> bytes:
         buffer = bytearray(max(size, 0))
         self.readinto(buffer)
         return bytes(buffer)
 
-    @_shielded
+    @shielded
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         if self.error is None:
@@ -280,7 +156,7 @@ class _Storage:
         self.position += len(view)
         return len(view)
 
-    @_shielded
+    @shielded
     def truncate(self, size: int | None = None) -> int:
         size = self.position if size is None else size
         if self.error is None:
@@ -290,7 +166,7 @@ class _Storage:
                 self.error = exc
         return size
 
-    @_shielded
+    @shielded
     def flush(self) -> None:
         pass
 
@@ -298,107 +174,6 @@ class _Storage:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-# --- the commit: rename without replacing what was not checked ------------------------------------
-
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-
-
-@functools.cache
-def _libc_renameat2():
-    """glibc's renameat2 (2.28+), or None (another C library or system)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2  # the C library the interpreter links
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_RENAMEAT2 = True  # use renameat2 where the C library has it (tests set False to try the fallbacks)
-
-
-def rename_noreplace(source, target) -> None:
-    """Rename `source` to `target` unless `target` exists (FileExistsError then), atomically:
-    renameat2(RENAME_NOREPLACE) where the kernel and file system have it; else, for a file, a
-    hard link then unlink (link() never replaces), and for a directory an exclusive empty
-    placeholder that the rename replaces (rename() replaces only an empty directory)."""
-    renameat2 = _libc_renameat2() if _RENAMEAT2 else None
-    if renameat2 is not None:
-        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
-            return
-        code = ctypes.get_errno()
-        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
-            raise OSError(code, os.strerror(code), str(target))
-    if os.path.isdir(source) and not os.path.islink(source):
-        os.mkdir(target)  # FileExistsError if anything is there
-        try:
-            os.rename(source, target)
-        except OSError:
-            _remove_quietly(target, directory=True)
-            raise
-        return
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        raise
-    except OSError:  # no hard links here (some network or FUSE file systems): an exclusive placeholder
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.replace(source, target)
-        return
-    os.unlink(source)
-
-
-def _remove_quietly(path, *, directory: bool = False) -> None:
-    try:
-        os.rmdir(path) if directory else os.unlink(path)
-    except OSError:
-        pass
-
-
-def _appeared(path) -> UsageError:
-    return UsageError(f"{path}: created by another process while this run wrote it; it is left as it was "
-                      f"(pass {param('force=True')} to overwrite)")
-
-
-def check_replaceable(path, *, directory_ok: bool = False) -> bool:
-    """Whether `path` exists (a dangling symbolic link counts); refuse (UsageError) anything an
-    output may not replace whatever `force` says: a device, a FIFO or a socket (also behind a
-    symbolic link), and a directory unless `directory_ok`."""
-    if not os.path.lexists(path):
-        return False
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:  # a dangling symbolic link: the link itself is replaced
-        return True
-    if stat.S_ISDIR(mode):
-        if not directory_ok:
-            raise UsageError(f"{path}: is a directory")
-    elif not stat.S_ISREG(mode):
-        raise UsageError(f"{path}: not a regular file (a device, FIFO or socket); outputs replace only regular "
-                         f"files, whatever {param('force=True')} says")
-    return True
-
-
-def _commit_file(tmp: str, target: Path, force: bool) -> None:
-    """Rename the complete temporary file to the target: the commit point. Signals are held
-    across it by the caller, and the target recorded as written."""
-    check_interrupt()
-    if force:
-        check_replaceable(target)
-        os.replace(tmp, target)
-    else:
-        try:
-            rename_noreplace(tmp, target)
-        except FileExistsError:
-            raise _appeared(target) from None
-    if _COMMITTED is not None:
-        _COMMITTED.append(str(target))
 
 
 class OutputFile:
@@ -425,7 +200,7 @@ class OutputFile:
         self.uuid = str(_uuid.uuid4())
         self.warnings: list[str] = []  # recorded as the `warnings` attribute when the file is complete
         self.h5: h5py.File | None = None
-        self._tmp: str | None = None
+        self._staged = Staged(self.path, force=force)
         self._storage: _Storage | None = None
         self._reserved = METADATA_BYTES
         self._writer: ThreadPoolExecutor | None = None
@@ -437,22 +212,11 @@ class OutputFile:
         check_target(self.path, force, inputs)
 
     def __enter__(self) -> OutputFile:
-        with _signals_deferred():
-            try:
-                fd, self._tmp = tempfile.mkstemp(
-                    dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-tmp"
-                )
-                os.close(fd)
-            except OSError as exc:
-                if exc.errno in _FULL:
-                    raise write_failure(self.path, exc) from None
-                raise RuntimeFailure(
-                    f"{self.path}: cannot create a file in {str(self.path.parent)!r}: {exc.strerror or exc}"
-                ) from None
+        tmp = self._staged.create()
         try:
-            with _signals_deferred():  # HDF5 calls back into Python (_Storage): no interrupt inside
+            with held():  # HDF5 calls back into Python (_Storage): no interrupt inside
                 try:
-                    self._storage = _Storage(self._tmp)
+                    self._storage = _Storage(tmp)
                     self.h5 = h5py.File(self._storage, "w", locking=False)  # ours alone; NFS-safe
                     reserve(self.path, self._storage.fd, self._reserved)
                 except OSError as exc:
@@ -497,7 +261,7 @@ class OutputFile:
         self._reserved += nbytes + nbytes // INDEX_SHARE + (16 << 10)
         reserve(self.path, self._storage.fd, self._reserved)
         try:
-            with _signals_deferred():
+            with held():
                 ds = self.h5.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks,
                                             fletcher32=checksum, fillvalue=fill if checksum else None)
                 for key, value in attrs.items():
@@ -554,7 +318,7 @@ class OutputFile:
             self._wait_write()
             self._stop_writer()
             check_interrupt()
-            with _signals_deferred():
+            with held():
                 self.h5.attrs["warnings"] = json.dumps([plain_text(w) for w in self.warnings])
                 self.h5.attrs[ATTRIBUTE_CHECKSUMS] = json.dumps(attribute_checksums(self.h5), sort_keys=True)
                 self.h5.flush()
@@ -564,10 +328,7 @@ class OutputFile:
             self._check_storage()
             self._storage.close()
             self._storage = None
-            os.chmod(self._tmp, _file_mode())
-            with _signals_deferred():
-                _commit_file(self._tmp, self.path, self.force)
-                self._tmp = None
+            self._staged.commit()
         except OSError as exc:
             self._discard()
             raise write_failure(self.path, exc) from None
@@ -577,7 +338,7 @@ class OutputFile:
 
     def _discard(self) -> None:
         self._stop_writer()
-        with _signals_deferred():
+        with held():
             if self.h5 is not None:
                 try:
                     self.h5.close()  # cannot fail for the file system: _Storage keeps its errors
@@ -587,9 +348,7 @@ class OutputFile:
             if self._storage is not None:
                 self._storage.close()
                 self._storage = None
-            if self._tmp:
-                _remove_quietly(self._tmp)
-            self._tmp = None
+        self._staged.discard()
 
 
 def check_target(path: Path, force: bool, inputs=()) -> None:
@@ -657,26 +416,15 @@ def write_with(path, writer, *, force: bool, inputs=()) -> None:
     as OutputFile: beside the target, renamed into place when complete, removed on any failure."""
     target = Path(path)
     check_target(target, force, inputs)
-    with _signals_deferred():
-        try:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".qbnorm-tmp")
-            os.close(fd)
-        except OSError as exc:
-            if exc.errno in _FULL:
-                raise write_failure(target, exc) from None
-            raise RuntimeFailure(f"{target}: cannot write: {exc.strerror or exc}") from None
+    staged = Staged(target, force=force)
+    tmp = staged.create()
     try:
         writer(tmp)
-        os.chmod(tmp, _file_mode())
-        with _signals_deferred():
-            _commit_file(tmp, target, force)
-            tmp = None
+        staged.commit()
     except OSError as exc:
         raise write_failure(target, exc) from None
     finally:
-        if tmp is not None:
-            with _signals_deferred():
-                _remove_quietly(tmp)
+        staged.discard()
 
 
 def jsonable(value):
@@ -718,110 +466,33 @@ class OutputDirectory:
 
     def __init__(self, path, *, force: bool, inputs=(), owned=None, what: str = "an output") -> None:
         self.path = Path(path)
-        self.force = force
-        self.owned = owned
         parent = self.path.parent
         if "::" in str(path):
             raise UsageError(f"{path}: {what} is a directory, named without '::'")
         if not parent.is_dir():
             raise UsageError(f"{path}: no such directory {str(parent)!r}")
         check_outputs([self.path], inputs, directory=True)
+        self._staged = Staged(self.path, force=force, directory=True, owned=owned)
         if check_replaceable(self.path, directory_ok=True):
             if not force:
                 raise UsageError(f"{path}: exists; pass {param('force=True')} to overwrite")
-            self._check_ours(self.path)
-        self._tmp: str | None = None
-
-    def _check_ours(self, path: Path) -> None:
-        if path.is_dir() and not path.is_symlink() and not (self.owned is not None and self.owned(path)):
-            raise UsageError(f"{self.path}: is a directory that qbnorm did not write; choose another path")
+            self._staged.check_ours(self.path)
 
     def __enter__(self) -> Path:
-        with _signals_deferred():
-            try:
-                self._tmp = tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-tmp")
-            except OSError as exc:
-                if exc.errno in _FULL:
-                    raise write_failure(self.path, exc) from None
-                raise RuntimeFailure(f"{self.path}: cannot create a directory in {str(self.path.parent)!r}: "
-                                     f"{exc.strerror or exc}") from None
-        return Path(self._tmp)
+        return Path(self._staged.create())
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._discard()
+            self._staged.discard()
             if issubclass(exc_type, OSError):
                 raise write_failure(self.path, exc) from None
             if issubclass(exc_type, Exception) and not self.path.parent.is_dir():  # whatever a library said of it
                 raise write_failure(self.path, OSError(errno.ENOENT, os.strerror(errno.ENOENT))) from None
             return
         try:
-            check_interrupt()
-            os.chmod(self._tmp, 0o777 & ~_umask())
-            # One held step: the commit and the removal of the earlier export it replaced (or, when
-            # it fails, putting that back). An interrupt handled between the two would leave it
-            # behind: a signal the main thread blocks is taken by another thread, whose handler
-            # may run whenever that thread is next scheduled.
-            with _signals_deferred():
-                check_interrupt()
-                self._commit()
+            self._staged.commit()
         except BaseException as failure:
-            self._discard()
+            self._staged.discard()
             if isinstance(failure, OSError):
                 raise write_failure(self.path, failure) from None
             raise
-
-    def _commit(self) -> None:
-        """Rename the temporary directory to the target (signals held by the caller)."""
-        old = self._move_aside()
-        try:
-            rename_noreplace(self._tmp, self.path)
-        except BaseException as failure:
-            if old is not None:  # put the previous output back
-                try:
-                    rename_noreplace(old / "previous", self.path)
-                    os.rmdir(old)
-                except OSError:
-                    pass  # left where it is, beside the target: a previous output is never deleted
-            if isinstance(failure, FileExistsError):
-                raise _appeared(self.path) from None
-            raise
-        self._tmp = None
-        if _COMMITTED is not None:
-            _COMMITTED.append(str(self.path))
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _move_aside(self) -> Path | None:
-        """Move what the target holds now into a temporary directory (checked again: `force` and an
-        earlier export, or a file), or None when there is nothing."""
-        if not check_replaceable(self.path, directory_ok=True):
-            return None
-        if not self.force:
-            raise _appeared(self.path)
-        self._check_ours(self.path)
-        old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".qbnorm-old"))
-        try:
-            os.rename(self.path, old / "previous")
-        except OSError:
-            os.rmdir(old)
-            raise
-        try:
-            self._check_ours(old / "previous")  # what was moved is what was checked
-        except UsageError:
-            rename_noreplace(old / "previous", self.path)
-            os.rmdir(old)
-            raise
-        return old
-
-    def _discard(self) -> None:
-        with _signals_deferred():
-            if self._tmp:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

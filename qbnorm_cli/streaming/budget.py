@@ -2,6 +2,14 @@
 
 Every streaming loop in qbnorm walks its operands in row blocks whose size follows from one byte
 budget (`memory`), or from `block_rows` when the caller wants to fix it (tests, debugging).
+
+The budget is handed out by one `Ledger`: each taker (inputs held whole, a gallery column block,
+the rows of a super-block, product tiles) asks for up to its fixed share of the whole and gets no
+more than is left (less the one row the takers after it need), and what it keeps is charged.
+Fixed shares alone (held inputs 0.25 + 0.25, column block 0.25, super-block 0.5, tiles 0.25)
+could add up to 1.5 times the budget; the ledger's charges never exceed it (but where one row
+of every block does). Where the shares did fit, every taker gets what its share gave before:
+block sizes, and so outputs, are those of fixed shares.
 """
 
 from __future__ import annotations
@@ -33,19 +41,15 @@ class Budget:
     memory: int = DEFAULT_MEMORY
     block_rows: int | None = None
 
+    def ledger(self, held: int = 0) -> Ledger:
+        """A ledger of this budget with `held` bytes already charged (inputs kept whole)."""
+        return Ledger(self, held)
+
     def rows(self, bytes_per_row: float, share: float = 1.0, total: int | None = None,
              align: int | None = None) -> int:
-        """Rows of `bytes_per_row` that fit in `share` of the budget (at least 1, at most total),
-        rounded down to whole multiples of `align` (the rows of an HDF5 chunk) when that leaves
-        at least one: then no chunk is read, or decompressed, twice."""
-        if self.block_rows is not None:
-            rows = self.block_rows
-        else:
-            rows = max(1, int(self.memory * share // max(bytes_per_row, 1)))
-            rows = aligned(rows, align)
-        if total is not None:
-            rows = min(rows, max(total, 1))
-        return rows
+        """Rows of `bytes_per_row` that fit in `share` of the budget, for a taker alone with it
+        (Ledger.rows)."""
+        return self.ledger().rows(bytes_per_row, share, total, align)
 
     def check_unit(self, label: str, unit: str, unit_rows: int, unit_bytes: int, fix: str) -> None:
         """Refuse an input whose smallest readable `unit` (an Arrow record batch: read whole) would
@@ -57,8 +61,57 @@ class Budget:
                             f"half of {param('memory')} allows: raise it to at least {need}MiB, or {fix}")
 
     def fits(self, nbytes: float, share: float) -> bool:
-        """Whether an array of `nbytes` may be held whole (never when blocks are fixed by hand)."""
-        return self.block_rows is None and nbytes <= self.memory * share
+        """Whether an array of `nbytes` may be held whole, for a taker alone with the budget (Ledger.holds)."""
+        return self.ledger().holds(nbytes, share)
+
+
+class Ledger:
+    """One stage's budget, handed out: a taker asks for up to `share` of the whole and gets no more
+    than is left (`room`); what it keeps is charged. The charges never exceed the budget, but for
+    the one row that every block has at least (`rows`)."""
+
+    def __init__(self, budget: Budget, held: int = 0) -> None:
+        self.budget = budget
+        self.charged = held
+
+    def room(self, share: float, keep: float = 0) -> float:
+        """Bytes a taker of `share` may use: its share of the whole, no more than is left but the
+        `keep` bytes that the takers after it need at least (their one row)."""
+        return max(0.0, min(self.budget.memory * share, self.budget.memory - self.charged - keep))
+
+    def charge(self, nbytes: float) -> None:
+        self.charged += nbytes
+
+    def rows(self, bytes_per_row: float, share: float = 1.0, total: int | None = None,
+             align: int | None = None, most: int | None = None, keep: float = 0) -> int:
+        """Rows of `bytes_per_row` within `room(share, keep)` (see rows_within), at most `most` (a
+        limit of the caller's own: cache-sized blocks), charged; `block_rows` when blocks are fixed
+        by hand."""
+        if self.budget.block_rows is not None:
+            rows = self.budget.block_rows if total is None else min(self.budget.block_rows, max(total, 1))
+        else:
+            rows = rows_within(self.room(share, keep), bytes_per_row, total, align)
+            rows = rows if most is None else min(rows, most)
+        self.charge(rows * bytes_per_row)
+        return rows
+
+    def holds(self, nbytes: float, share: float) -> bool:
+        """Whether an array of `nbytes` may be held whole within `room(share)` (never when blocks are
+        fixed by hand); charged when it may."""
+        fits = self.budget.block_rows is None and nbytes <= self.room(share)
+        if fits:
+            self.charge(nbytes)
+        return fits
+
+
+def rows_within(room: float, bytes_per_row: float, total: int | None = None, align: int | None = None) -> int:
+    """Rows of `bytes_per_row` that fit in `room` bytes (at least 1, at most total), rounded down
+    to whole multiples of `align` (the rows of an HDF5 chunk) when that leaves at least one: then
+    no chunk is read, or decompressed, twice."""
+    rows = aligned(max(1, int(room // max(bytes_per_row, 1))), align)
+    if total is not None:
+        rows = min(rows, max(total, 1))
+    return rows
 
 
 def aligned(step: int, chunk: int | None) -> int:
@@ -71,11 +124,18 @@ def aligned(step: int, chunk: int | None) -> int:
     return next(d for d in range(step, 0, -1) if chunk % d == 0)
 
 
-def column_block_width(n_cols: int, col_bytes: int, state_bytes_per_col: int, budget: Budget,
+# The fixed shares a stage's takers ask of the budget (a Ledger grants no more than is left).
+COLUMN_BLOCK_SHARE = 0.25  # a block of gallery columns (and their state)
+TILE_SHARE = 0.25          # product tiles (on all threads)
+ROW_STATE_SHARE = 0.5      # a super-block's query rows: their output and running state
+
+
+def column_block_width(n_cols: int, col_bytes: int, state_bytes_per_col: int, budget: Budget | Ledger,
                        align: int | None = None) -> int:
-    """Gallery columns per block: everything when it fits a quarter of the budget; whole HDF5
-    chunks of the gallery (`align` columns each) otherwise."""
-    return budget.rows(col_bytes + state_bytes_per_col, share=0.25, total=n_cols, align=align)
+    """Gallery columns per block: everything when it fits a quarter of the budget (of what is left
+    of it, given a Ledger: charged there); whole HDF5 chunks of the gallery (`align` columns each)
+    otherwise."""
+    return budget.rows(col_bytes + state_bytes_per_col, share=COLUMN_BLOCK_SHARE, total=n_cols, align=align)
 
 
 def spans(total: int, step: int):

@@ -17,8 +17,16 @@ from qbnorm_cli.core.normalisers import Normaliser, apply_dense
 from qbnorm_cli.core.statistics import BankAccumulator
 from qbnorm_cli.errors import UsageError, param
 from qbnorm_cli.streaming import pairwise, parallel, ranking
-from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
-from qbnorm_cli.streaming.sources import ScoreSource
+from qbnorm_cli.streaming.budget import (
+    ROW_STATE_SHARE,
+    TILE_SHARE,
+    Budget,
+    aligned,
+    column_block_width,
+    rows_within,
+    spans,
+)
+from qbnorm_cli.streaming.sources import ScoreSource, held_bytes
 
 TILE_BYTES_PER_SCORE = 48  # float32 score + float64 copies made by the kernels
 
@@ -31,13 +39,15 @@ DENSE_BLOCK_BYTES = 32 << 20  # float64 output rows handed back at a time (dense
 POST_CHUNK_BYTES = 4 << 20    # rows of a product tile filtered at a time (with their scratch)
 
 
-def tile_rows(width: int, budget: Budget, total: int, align: int | None = None) -> int:
-    """Rows per tile: within a quarter of the budget, about TILE_TARGET_BYTES of float32 scores,
-    whole HDF5 chunks (`align` rows each) where the rows are read from a file."""
-    rows = budget.rows(width * TILE_BYTES_PER_SCORE, share=0.25, total=total, align=align)
-    if budget.block_rows is None:
-        rows = min(rows, aligned(max(1, TILE_TARGET_BYTES // (4 * max(width, 1))), align))
-    return rows
+def tile_rows(width: int, budget: Budget, total: int, align: int | None = None, room: float | None = None) -> int:
+    """Rows per tile: within a quarter of the budget (within `room` bytes, what a plan's ledger
+    left for tiles, when given), about TILE_TARGET_BYTES of float32 scores, whole HDF5 chunks
+    (`align` rows each) where the rows are read from a file."""
+    if budget.block_rows is not None:
+        return budget.rows(width * TILE_BYTES_PER_SCORE, total=total)
+    room = budget.memory * TILE_SHARE if room is None else room
+    rows = rows_within(room, width * TILE_BYTES_PER_SCORE, total=total, align=align)
+    return min(rows, aligned(max(1, TILE_TARGET_BYTES // (4 * max(width, 1))), align))
 
 
 def probe_width(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget) -> int:
@@ -163,17 +173,31 @@ class DensePlan:
     width: int
     whole_rows: bool
     super_rows: int
+    tile_room: float | None = None  # bytes for product tiles (None: the tiles' share of the budget)
 
 
 def dense_plan(scores: ScoreSource, budget: Budget) -> DensePlan:
+    """The column block, the tiles and the super-block taken from one ledger of the budget, after
+    what the scores hold: together never more than the budget. A super-block cut below its share
+    is whole tiles: the tiles, and so the products and the output's bits, are those of its share."""
     n_rows, n_cols = scores.n_rows, scores.n_cols
-    width = column_block_width(n_cols, scores.col_bytes(), 0, budget, align=scores.col_chunk)
+    ledger = budget.ledger(held=held_bytes(scores))
+    width = column_block_width(n_cols, scores.col_bytes(), 0, ledger, align=scores.col_chunk)
     whole_rows = width >= n_cols
     row_state_bytes = n_cols * (8 if whole_rows else 4 + 8 + 8)
-    super_rows = budget.rows(row_state_bytes, share=0.5, total=n_rows, align=scores.row_chunk)
+    most = None
     if whole_rows and budget.block_rows is None:
-        super_rows = min(super_rows, aligned(max(1, DENSE_BLOCK_BYTES // (8 * n_cols)), scores.row_chunk))
-    return DensePlan(width, whole_rows, super_rows)
+        most = aligned(max(1, DENSE_BLOCK_BYTES // (8 * n_cols)), scores.row_chunk)
+    if budget.block_rows is not None:
+        return DensePlan(width, whole_rows, ledger.rows(row_state_bytes, total=n_rows))
+    full = min(rows_within(budget.memory * ROW_STATE_SHARE, row_state_bytes, n_rows, scores.row_chunk), most or n_rows)
+    tile_room = ledger.room(TILE_SHARE, keep=row_state_bytes)  # a super-block of one row at least
+    tiles = {w: tile_rows(w, budget, full, scores.row_chunk, tile_room) for w in {width, n_cols % width or width}}
+    ledger.charge(max(rows * w * TILE_BYTES_PER_SCORE for w, rows in tiles.items()))  # the last block's may be taller
+    super_rows = ledger.rows(row_state_bytes, share=ROW_STATE_SHARE, total=n_rows, align=scores.row_chunk, most=most)
+    if super_rows < full:
+        super_rows = aligned(super_rows, tiles[width])
+    return DensePlan(width, whole_rows, super_rows, tile_room)
 
 
 def dense_rows(scores: ScoreSource, norm: Normaliser, budget: Budget, plan: DensePlan, q0: int, q1: int,
@@ -184,7 +208,7 @@ def dense_rows(scores: ScoreSource, norm: Normaliser, budget: Budget, plan: Dens
     state = _DenseRows(q1 - q0, n_cols, norm, plan.whole_rows, dtype, lambda a, b: rows_of(slice(q0 + a, q0 + b)))
     for c0, c1 in spans(n_cols, plan.width):
         scores.column_block(c0, c1)
-        for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0, scores.row_chunk)):
+        for r0, r1 in spans(q1 - q0, tile_rows(c1 - c0, budget, q1 - q0, scores.row_chunk, plan.tile_room)):
             state.update(r0, c0, scores.tile(q0 + r0, q0 + r1))
             if progress:
                 progress((r1 - r0) * (c1 - c0))

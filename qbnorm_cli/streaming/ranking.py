@@ -40,8 +40,8 @@ import numpy as np
 from qbnorm_cli.core import topk
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.streaming import parallel
-from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
-from qbnorm_cli.streaming.sources import ScoreSource
+from qbnorm_cli.streaming.budget import ROW_STATE_SHARE, TILE_SHARE, Budget, Ledger, aligned, column_block_width, spans
+from qbnorm_cli.streaming.sources import ScoreSource, held_bytes
 
 SAMPLE_SPREAD = 16     # column groups per wanted item in the sample's bound (tight for small k')
 TILE_BYTES_PER_SCORE = 13  # per score of a tile: float32 score, bool mask, temporaries (≈ 10 B measured in RSS)
@@ -95,21 +95,26 @@ class Geometry:
     block_columns: int
 
 
-def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int, tiling: Tiling = Tiling()) -> Geometry:
-    """Tiles within a quarter of the budget on all threads; blocks as the engine sizes them."""
-    block = column_block_width(n_cols, scores.col_bytes(), 0, budget, align=scores.col_chunk)
+def geometry(scores, n_rows: int, n_cols: int, budget: Budget, workers: int, tiling: Tiling = Tiling(),
+             ledger: Ledger | None = None, keep: float = 0) -> Geometry:
+    """Tiles within a quarter of the budget on all threads, blocks as the engine sizes them: both
+    taken from `ledger` (default: the budget's after what the scores hold), the tiles leaving
+    `keep` bytes for the takers after them."""
+    ledger = budget.ledger(held=held_bytes(scores)) if ledger is None else ledger
+    block = column_block_width(n_cols, scores.col_bytes(), 0, ledger, align=scores.col_chunk)
     if budget.block_rows is not None:  # fixed by hand (tests, debugging)
         return Geometry(budget.block_rows, budget.block_rows, block)
     sub = min(tiling.sub_columns, block) if scores.sub_columns else block
-    per_thread = budget.memory * 0.25 / workers
+    per_thread = ledger.room(TILE_SHARE, keep) / workers
     fit = max(1, int(per_thread // (TILE_BYTES_PER_SCORE * sub)))
     rows = min(tiling.tile_rows, fit, n_rows)
     if fit < 8 and rows < n_rows and sub > 64 and scores.sub_columns:  # a small budget: narrower tiles, not single rows
         sub = min(sub, max(64, int(per_thread // (TILE_BYTES_PER_SCORE * 8))))
         rows = min(8, n_rows)
-    if scores.row_chunk:  # rows read tile by tile: whole chunks
-        return Geometry(aligned(rows, scores.row_chunk), sub, block)
-    return Geometry(balanced_rows(n_rows, rows, workers), sub, block)
+    # rows read tile by tile: whole chunks; held rows: tiles of nearly equal size on every thread
+    rows = aligned(rows, scores.row_chunk) if scores.row_chunk else balanced_rows(n_rows, rows, workers)
+    ledger.charge(workers * rows * sub * TILE_BYTES_PER_SCORE)
+    return Geometry(rows, sub, block)
 
 
 def balanced_rows(n_rows: int, most: int, workers: int) -> int:
@@ -554,10 +559,12 @@ def ranking_plan(scores: ScoreSource, norm: Normaliser, budget: Budget, top_k: i
     """The plan of run_ranking for `workers` threads (default: this process's cores)."""
     n_rows, n_cols = scores.n_rows, scores.n_cols
     raw_k, norm_k = list_lengths(norm, top_k)
-    geom = geometry(scores, n_rows, n_cols, budget, workers or parallel.workers(), tiling)
     # per row: the lists (value and index), their candidates (≈ safety·k each) and the merges
     row_bytes = 16 * (raw_k + norm_k) * (2 + tiling.safety) + 32
-    super_rows = budget.rows(row_bytes, share=0.5, total=n_rows, align=geom.rows)
+    ledger = budget.ledger(held=held_bytes(scores))
+    geom = geometry(scores, n_rows, n_cols, budget, workers or parallel.workers(), tiling, ledger,
+                    keep=row_bytes)  # a super-block of one row at least
+    super_rows = ledger.rows(row_bytes, share=ROW_STATE_SHARE, total=n_rows, align=geom.rows)
     return Plan(geom, super_rows, raw_k, norm_k, top_k)
 
 

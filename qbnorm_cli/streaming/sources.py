@@ -51,6 +51,16 @@ class ScoreSource(Protocol):
     def col_chunk(self) -> int | None:
         """Columns per HDF5 chunk of what columns are read from."""
 
+    def held_bytes(self) -> int:
+        """Bytes kept for the whole run (inputs held whole, cached scores): charged to the budget's
+        ledger before any block (streaming/budget.py)."""
+
+
+def held_bytes(scores) -> int:
+    """What `scores` keeps for the whole run (0 for a wrapper that keeps nothing of its own)."""
+    held = getattr(scores, "held_bytes", None)
+    return held() if held is not None else 0
+
 
 def check_unit(source: ArrayInput, budget: Budget) -> None:
     """Refuse an input read in units (Arrow record batches) larger than the budget allows."""
@@ -87,6 +97,9 @@ class Embeddings:
     def held(self) -> bool:
         """Whether the whole matrix is held (or will be, on first use): its blocks cost no reads."""
         return self._fits
+
+    def held_bytes(self) -> int:
+        return self.source.rows * self.source.cols * 4 if self._fits else 0
 
     @property
     def dim(self) -> int:
@@ -222,6 +235,9 @@ class EmbeddingScores:
     def col_bytes(self) -> int:
         return self.cols.dim * 4
 
+    def held_bytes(self) -> int:
+        return self.rows.held_bytes() + (self.cols.held_bytes() if self.cols is not self.rows else 0)
+
     @property
     def row_chunk(self) -> int | None:
         return None if self.rows.held else self.rows.source.chunk_rows
@@ -265,6 +281,9 @@ class RowSubset:
     def col_bytes(self) -> int:
         return self.inner.col_bytes()
 
+    def held_bytes(self) -> int:
+        return held_bytes(self.inner)
+
     @property
     def col_chunk(self) -> int | None:
         return self.inner.col_chunk
@@ -298,6 +317,9 @@ class MatrixScores:
         return self.source.read(r0, r1, *self._span)
 
     def col_bytes(self) -> int:
+        return 0
+
+    def held_bytes(self) -> int:
         return 0
 
     @property
@@ -358,6 +380,9 @@ class CachedScores:
 
     def col_bytes(self) -> int:
         return 0 if self.full is not None else self.inner.col_bytes()
+
+    def held_bytes(self) -> int:
+        return (0 if self.full is None else self.full.nbytes) + held_bytes(self.inner)
 
     @property
     def row_chunk(self) -> int | None:
