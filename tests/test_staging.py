@@ -19,9 +19,6 @@ from qbnorm_cli.errors import EXIT_INTERRUPTED, UsageError
 from qbnorm_cli.io import staging
 
 PACKAGE = Path(staging.__file__).resolve().parent.parent
-# streaming/cluster.py is being split (i25cluster): its signal code moves onto io/staging.py when
-# the two are merged, and this exemption goes with it
-NOT_YET_ROUTED = "streaming/cluster"
 
 
 def _kill_main(signum: int) -> None:
@@ -234,7 +231,7 @@ def test_signals_and_renames_are_written_in_io_staging_only():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = path.relative_to(PACKAGE).as_posix()
-        if name == "io/staging.py" or name.startswith(NOT_YET_ROUTED):
+        if name == "io/staging.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (

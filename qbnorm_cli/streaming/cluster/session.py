@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 import uuid
 import warnings
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qbnorm_cli.errors import QbnormWarning, RuntimeFailure, UsageError, install_hint, one_line, param
+from qbnorm_cli.io import staging
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.cluster.security import client_security, tls_configured
 from qbnorm_cli.streaming.cluster.worker import clear_cache, identity, numpy_blas, run_task
@@ -107,7 +107,7 @@ def _start(spec: Cluster):
                                  f"{install_hint('dask')}") from None
         local = None
         try:
-            with interrupts_held():
+            with staging.held():
                 local = local_cluster(n)
             return distributed.Client(local, set_as_default=False), local, text
         except Exception as exc:
@@ -143,7 +143,7 @@ def _start(spec: Cluster):
 def _close_local(local, done: bool = False) -> None:
     """Stop a LocalCluster: its worker processes ended, then the rest closed; none outlives the
     run, and dask's own close at exit finds nothing left to do. done: the run is complete
-    (interrupts_held)."""
+    (io/staging.held)."""
     if local is None:
         return
     from distributed.core import Status
@@ -158,7 +158,7 @@ def _close_local(local, done: bool = False) -> None:
                 except OSError:
                     pass
 
-    with interrupts_held(discard=done):
+    with staging.held(discard=done):
         # the workers hold nothing the run needs now: ending them first stops the cluster in a
         # tenth of the time their own orderly close takes (0.06 s against 0.4 s here)
         end_workers()
@@ -202,57 +202,26 @@ def local_cluster(n: int):
         os.environ.update(before)
 
 
-# --- signals: the cluster's part of the program's interrupt handling ---------------------------
+# --- signals: the cluster's part of the program's interrupt handling (io/staging) ----------------
 # (held back while a local cluster starts or stops; its workers leave Ctrl-C to the client)
-
-TERMINATING = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-@contextmanager
-def interrupts_held(discard: bool = False):
-    """Ctrl-C, SIGTERM and SIGHUP held back while a LocalCluster starts or stops, delivered at the
-    end: an interrupt then never lands between a cluster's start and the moment it is known to be
-    closed. discard: the run is complete (its output in place), so one that came meanwhile is
-    dropped, as the program drops those after its output is complete (startup.ignore_late_signals)."""
-    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    if held:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(TERMINATING))
-    try:
-        yield
-    finally:
-        if held:
-            pending = set(signal.sigpending()) & set(TERMINATING) if discard else set()
-            handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in pending}  # drops them
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-
 
 def _start_resource_tracker() -> None:
     """multiprocessing's resource tracker, started with SIGHUP ignored (it ignores SIGINT and
     SIGTERM itself): a lost terminal would end it, and the named semaphores of the workers with it
     (a worker restarted then fails to start)."""
-    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+    if not hasattr(signal, "SIGHUP"):
         return
     from multiprocessing import resource_tracker
 
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())  # ensure_running unblocks SIGINT and SIGTERM
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited across exec, unlike a handler
-    try:
+    with staging.children_ignore((signal.SIGHUP,)):  # ensure_running unblocks SIGINT and SIGTERM
         resource_tracker.ensure_running()
-    finally:
-        signal.signal(signal.SIGHUP, previous)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def dask_setup(worker) -> None:
     """A LocalCluster's workers (preload): Ctrl-C on a terminal reaches every process of its group,
     but the client alone ends the run (it cancels the tasks and closes the cluster). Workers of
     the `qbnorm` program already ignore it from their start (startup.py)."""
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: leave it
-        pass
+    staging.ignore((signal.SIGINT,))
 
 
 # --- the session: running a stage's tasks in order, what it cost ------------------------------
@@ -487,6 +456,6 @@ def connect(cluster) -> Iterator[Session]:
                         client.run(clear_cache)
             finally:
                 if owned:
-                    with interrupts_held(discard=clean):
+                    with staging.held(discard=clean):
                         client.close()
                 _close_local(local, done=clean)
