@@ -15,13 +15,16 @@ warns once when the registry loads, and the CLI reports it with each command's w
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import itertools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
+from qbnorm_cli.core import scale
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.errors import QbnormWarning, UsageError, param
 from qbnorm_cli.methods.base import (
@@ -43,7 +46,8 @@ __all__ = [
     "BASELINE", "BETA_GRID", "BUILT_IN", "BUILT_IN_NAMES", "DEFAULT", "DEFAULT_BETA", "DEFAULT_GALLERY_BETA",
     "GALLERY_BETA_GRID", "KMAX_MIN", "METHODS", "ONE_PASS", "PARAMETERS", "PLUGIN_GROUP", "PLUGIN_PROBLEMS", "SCALED",
     "WHOLE_MAX", "Method", "Needs", "Parameter", "ProbeRequest", "build", "default_topk_means", "get", "grid",
-    "help_text", "label", "names", "plugins", "problem_with", "settings", "tuned_methods",
+    "help_text", "label", "names", "plugins", "problem_with", "scale_warnings", "settings", "takes_parameters",
+    "tuned_methods", "unused_gate_warning",
 ]
 
 PLUGIN_GROUP = "qbnorm.methods"
@@ -155,6 +159,46 @@ def settings(method: Method, given: Mapping[str, object], probe) -> dict:
             value = probe.default_gallery_beta()
         out[name] = PARAMETERS[name].check(value)
     return out
+
+
+def takes_parameters(func):
+    """`func(…, **parameters)` takes every parameter of the registry as a keyword-only option (left
+    out or None: the method's default), in place of `**parameters` in its signature (help(),
+    editors); a keyword that is neither its own nor a parameter is a TypeError, as Python's own."""
+    signature = inspect.signature(func)
+    own = {name for name, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD}
+
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        unknown = [name for name in kwargs if name not in own and name not in PARAMETERS]
+        if unknown:
+            raise TypeError(f"{func.__name__}() got an unexpected keyword argument {unknown[0]!r}")
+        return func(*args, **kwargs)
+
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                             annotation=f"{p.kind.__name__} | None") for name, p in PARAMETERS.items()]
+        else:
+            parameters.append(parameter)
+    call.__signature__ = signature.replace(parameters=parameters)
+    return call
+
+
+def scale_warnings(values: Mapping, probe) -> list[str]:
+    """A warning for each scale (β, β₂) of a setting that looks wrong for its bank's scores
+    (core.scale.beta_warning; a small β₂ of a gallery bank is a gentle correction, not a mistake)."""
+    found = [scale.beta_warning(values[name], scale.ScoreStats.from_attrs(probe.attrs, p.bank),
+                                *((name, False) if p.bank else ()))
+             for name, p in PARAMETERS.items() if p.scaled and name in values]
+    return [w for w in found if w]
+
+
+def unused_gate_warning(method: Method, values: Mapping, k: int) -> str:
+    """Why a gated method's gate is closed on every item: no hub in the activation set."""
+    return (f"no gallery item is in the top-{k} of {values.get('min_count', 1)} or more bank queries: "
+            f"{method.name} leaves every row raw; lower {param('min_count')}")
 
 
 def build(method: Method, probe, values: Mapping) -> Normaliser:

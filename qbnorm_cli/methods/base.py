@@ -38,8 +38,11 @@ MAX_WEIGHT = 1e6  # α, λ: weights of offsets on the scores' scale
 
 @dataclass(frozen=True)
 class Parameter:
-    """A parameter and its finite range, declared once: the library's keyword (the CLI's flag is
-    --name, dashes for underscores), checked by `check`, shown by `range_text` in help and errors."""
+    """A parameter, declared once: the library's keyword (the CLI's flag is --name, dashes for
+    underscores, unless `flag` says otherwise), its kind and finite range (checked by `check`,
+    shown by `range_text`), its default, its help, the symbol people write, and the values `tune`
+    tries. The commands' options (cli/options.py), the library's keyword checks, the params file
+    and the figures' labels all come from it."""
 
     name: str
     kind: type
@@ -50,6 +53,13 @@ class Parameter:
     maximum: float | None = None         # at most this (whole numbers: WHOLE_MAX, what a file can record)
     symbol: str = ""                     # how people write it (tables, figure labels); the name when empty
     choices: tuple[str, ...] = ()        # a word (kind str): one of these
+    flag: str = ""                       # the CLI's option when not --name (a Python keyword: lam → --lambda)
+    metavar: str = ""                    # how the option's value is shown in help
+    grid: tuple = ()                     # what tune tries for a method whose grid names it SCALED
+    scaled: bool = False                 # a score scale: the grid follows the scores (core.scale.beta_grid)
+    many: str = ""                       # the keyword for several values (probe and tune: betas=[…])
+    unset: str = ""                      # what a missing value means when there is no default
+    bank: str = ""                       # a scale: whose scores it scales ("": the bank's, "gallery_": …)
 
     @property
     def upper(self) -> float | int | None:
@@ -67,6 +77,25 @@ class Parameter:
     @property
     def shown(self) -> str:
         return self.symbol or self.name
+
+    @property
+    def shown_value(self) -> str:
+        """How the option's value is shown in help: the metavar, or a word's choices."""
+        return self.metavar or "|".join(self.choices)
+
+    @property
+    def option(self) -> str:
+        """The CLI's spelling: --name (dashes for underscores), or `flag`."""
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def option_help(self) -> str:
+        """The option's help: what it is, its range and its default."""
+        default = self.unset if self.default is None else str(self.default) if self.choices else f"{self.default:g}"
+        shown = [self.range_text] if self.kind is float else []  # a whole number's bound is what files hold
+        shown += [f"default: {default}" if self.default is None else f"default {default}"] if default else []
+        first = self.help[0].upper() if self.help[0].isascii() else self.help[0]  # β₂ stays β₂
+        return f"{first}{self.help[1:]} ({'; '.join(shown)})."
 
     def check(self, value):
         """The value as `kind`, or UsageError naming the parameter and its range."""
@@ -96,20 +125,23 @@ class Parameter:
 
 
 PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
-    Parameter("beta", float, "inverse temperature β of the inverted softmax (β₁ of the dual methods); "
-              "default: the probe's", minimum=0, exclusive=True, maximum=MAX_SCALE, symbol="β"),
+    Parameter("beta", float, "inverse temperature β of the inverted softmax, β₁ of the dual methods",
+              minimum=0, exclusive=True, maximum=MAX_SCALE, symbol="β", unset="the probe's", grid=BETA_GRID,
+              scaled=True, many="betas"),
     Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1),
-    Parameter("gallery_beta", float, "β₂ of the gallery bank; default: the probe's", minimum=0, exclusive=True,
-              maximum=MAX_SCALE, symbol="β₂"),
-    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, symbol="K"),
+    Parameter("gallery_beta", float, "β₂ of the gallery bank, for the dual methods", minimum=0, exclusive=True,
+              maximum=MAX_SCALE, symbol="β₂", unset="the probe's", grid=GALLERY_BETA_GRID, scaled=True,
+              many="gallery_betas", bank="gallery_"),
+    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, symbol="K", metavar="K",
+              unset="the method's", many="topk_means"),
     Parameter("alpha", float, "weight α of the gallery offset", default=0.75, minimum=-MAX_WEIGHT,
               maximum=MAX_WEIGHT, symbol="α"),
-    Parameter("min_count", int, "θ: an item is a hub when it is in the top-k of at least θ bank queries",
-              default=1, minimum=1, symbol="θ"),
-    Parameter("lam", float, "weight λ of the mean bank embedding (Distribution Normalisation)", default=0.25,
-              minimum=0, maximum=MAX_WEIGHT, symbol="λ"),
-    Parameter("gamma", float, "exponent γ of the bank offset (localized centering: S − α·b_j^γ)", default=1.0,
-              minimum=0, maximum=MAX_WEIGHT, symbol="γ"),
+    Parameter("min_count", int, "activation set: an item is a hub when it is in the top-k of at least θ bank "
+              "queries", default=1, minimum=1, symbol="θ", metavar="θ"),
+    Parameter("lam", float, "weight λ of the mean bank embedding, in Distribution Normalisation", default=0.25,
+              minimum=0, maximum=MAX_WEIGHT, symbol="λ", flag="--lambda", metavar="L"),
+    Parameter("gamma", float, "exponent γ of nnn's bank offset S − α·b_j^γ, localized centering", default=1.0,
+              minimum=0, maximum=MAX_WEIGHT, symbol="γ", metavar="G"),
     Parameter("mp", str, "how Mutual Proximity models a score's distribution: gauss (Gaussian fits) or empiric "
               "(empirical distribution functions)", default="gauss", choices=("gauss", "empiric")),
 )}
