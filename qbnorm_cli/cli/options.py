@@ -78,7 +78,7 @@ DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_opt
 # Library parameters whose option is not simply --name: repeatable options are singular, positional
 # arguments are named by their metavar.
 FLAGS = {
-    **{p.name: p.option for p in methods.PARAMETERS.values() if p.flag},  # lam: --lambda (a Python keyword)
+    **{p.name: p.option for p in methods.PARAMETERS.values() if p.flag},  # --lambda: a Python keyword's
     **{p.many: p.option for p in methods.PARAMETERS.values() if p.many},  # betas: --beta (repeatable)
     "methods": "--method",
     "security": "--cluster-security",  # Cluster(security=…)

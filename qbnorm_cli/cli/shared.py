@@ -8,6 +8,10 @@ keyword-only, where the options are to be listed), as click's decorators add par
 
 - `method_parameters`: one option per method parameter of the registry (methods.PARAMETERS:
   --beta, --k, --min-count, --lambda …), handed over as `params` (name → value, None when not given);
+- `tried_parameters`: tune's values instead of the grids that follow the score scale (--beta,
+  --gallery-beta, repeatable), handed over as `tried` (plural keyword → values, None when not given);
+- `probed_parameters`: what probe precomputes (--beta, --gallery-beta, --topk-mean repeatable;
+  --k), handed over as `probed` (the library's keyword → value, None when not given);
 - `reporting`: --json, --quiet, --progress, handed over as `report` (cli/report.py's Reporter);
   `reporting_without_progress`: --json and --quiet;
 - `budget`: --memory and --block-rows, handed over as themselves, with --allow-external and
@@ -72,6 +76,18 @@ method_parameters = _adding(
                                                             help=p.option_help)], None)
      for p in methods.PARAMETERS.values()],
     ("params",), lambda values: {"params": values})
+
+
+tried_parameters = _adding(
+    [_option(p.many, Annotated[list[p.kind] | None, typer.Option(p.option, help=p.tried_help)], None)
+     for p in methods.PARAMETERS.values() if p.scaled],
+    ("tried",), lambda values: {"tried": values})
+
+probed_parameters = _adding(
+    [_option(p.many or p.name, Annotated[list[p.kind] | None if p.many else p.kind | None,
+                                         typer.Option(p.option, help=p.probed_help(methods.probed_default(p)))], None)
+     for p in methods.PARAMETERS.values() if p.probed],
+    ("probed",), lambda values: {"probed": values})
 
 
 def _reporting(progress: bool):

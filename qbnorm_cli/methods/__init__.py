@@ -46,8 +46,8 @@ __all__ = [
     "BASELINE", "BETA_GRID", "BUILT_IN", "BUILT_IN_NAMES", "DEFAULT", "DEFAULT_BETA", "DEFAULT_GALLERY_BETA",
     "GALLERY_BETA_GRID", "KMAX_MIN", "METHODS", "ONE_PASS", "PARAMETERS", "PLUGIN_GROUP", "PLUGIN_PROBLEMS", "SCALED",
     "WHOLE_MAX", "Method", "Needs", "Parameter", "ProbeRequest", "build", "default_topk_means", "get", "grid",
-    "help_text", "label", "names", "plugins", "problem_with", "scale_warnings", "settings", "takes_parameters",
-    "tuned_methods", "unused_gate_warning",
+    "help_text", "label", "method_defaults", "names", "plugins", "probed_default", "problem_with", "scale_warnings",
+    "scaled_grids", "settings", "takes_parameters", "tried", "tuned_methods", "unused_gate_warning",
 ]
 
 PLUGIN_GROUP = "qbnorm.methods"
@@ -140,9 +140,36 @@ def help_text() -> str:
     return "\n\n".join(f"{m.name}: {m.help}. Cost: {m.cost}." for m in METHODS.values())
 
 
+def method_defaults(name: str) -> tuple:
+    """Every method's default of parameter `name` (that has one), sorted."""
+    return tuple(sorted({m.default(name) for m in METHODS.values()
+                         if name in m.parameters and m.default(name) is not None}))
+
+
 def default_topk_means() -> tuple[int, ...]:
     """The K of every method's default mean-of-top-K statistic (what probe computes by default)."""
-    return tuple(sorted({int(m.default("topk_mean")) for m in METHODS.values() if "topk_mean" in m.parameters}))
+    return tuple(int(v) for v in method_defaults("topk_mean"))
+
+
+def probed_default(parameter: Parameter) -> str:
+    """What probe computes for a parameter when given none: its probe default, its default, or every
+    method's (each K of the mean-of-top-K statistics)."""
+    if parameter.probe_default is not None:
+        return f"{parameter.probe_default:g}"
+    if parameter.default is not None:
+        return f"{parameter.default:g}"
+    return " and ".join(f"{v:g}" for v in method_defaults(parameter.name))
+
+
+def scaled_grids(stats) -> dict[str, list[float]]:
+    """The grids that follow the score scale (β, β₂), for bank scores of these statistics."""
+    return {name: scale.beta_grid(p.grid, stats) for name, p in PARAMETERS.items() if p.scaled}
+
+
+def tried(given: Mapping[str, list | None]) -> dict[str, list]:
+    """tune's values instead of a parameter's grid, given by its plural keyword (betas=[…]), checked."""
+    by_many = {p.many: p for p in PARAMETERS.values() if p.many}
+    return {by_many[many].name: [by_many[many].check(v) for v in values] for many, values in given.items() if values}
 
 
 def settings(method: Method, given: Mapping[str, object], probe) -> dict:

@@ -32,6 +32,8 @@ SINKHORN_COST = ("probe --sinkhorn: two passes (a float64 exp per {scores}), the
                  "plain retrieval plus an O(gallery) offset")
 
 
+DEFAULT_BETA = 20.0          # for cosine similarities (QB-Norm's setting)
+DEFAULT_GALLERY_BETA = 1.0   # a gentle mean-score correction from the gallery bank
 MAX_SCALE = 1e12  # β, β₂: far beyond any score scale's (tune's grids reach 20/σ), so β·S stays finite
 MAX_WEIGHT = 1e6  # α, λ: weights of offsets on the scores' scale
 
@@ -60,6 +62,8 @@ class Parameter:
     many: str = ""                       # the keyword for several values (probe and tune: betas=[…])
     unset: str = ""                      # what a missing value means when there is no default
     bank: str = ""                       # a scale: whose scores it scales ("": the bank's, "gallery_": …)
+    probed: str = ""                     # what probe precomputes for it (probe's option; repeatable with `many`)
+    probe_default: float | None = None   # probe's value when none is given (None: the default, or each method's)
 
     @property
     def upper(self) -> float | int | None:
@@ -97,6 +101,19 @@ class Parameter:
         first = self.help[0].upper() if self.help[0].isascii() else self.help[0]  # β₂ stays β₂
         return f"{first}{self.help[1:]} ({'; '.join(shown)})."
 
+    @property
+    def tried_help(self) -> str:
+        """tune's option: the values to try instead of the grid."""
+        return f"{self.shown} values to try instead of the grid, which follows the score scale (repeatable; " \
+               f"{self.range_text})."
+
+    def probed_help(self, defaults: str) -> str:
+        """probe's option: what it precomputes (`defaults`: when none is given)."""
+        repeatable = "repeatable; " if self.many else ""
+        shown = f"{self.range_text}; " if self.kind is float else ""
+        return f"{self.probed[0].upper() if self.probed[0].isascii() else self.probed[0]}{self.probed[1:]} " \
+               f"({repeatable}{shown}default {defaults})."
+
     def check(self, value):
         """The value as `kind`, or UsageError naming the parameter and its range."""
         if self.choices:
@@ -127,13 +144,16 @@ class Parameter:
 PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("beta", float, "inverse temperature β of the inverted softmax, β₁ of the dual methods",
               minimum=0, exclusive=True, maximum=MAX_SCALE, symbol="β", unset="the probe's", grid=BETA_GRID,
-              scaled=True, many="betas"),
-    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1),
+              scaled=True, many="betas", probed="inverted-softmax temperature(s) to precompute, the default for "
+              "cosine scores", probe_default=DEFAULT_BETA),
+    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1,
+              probed="top-k of each bank query that forms the DIS activation set"),
     Parameter("gallery_beta", float, "β₂ of the gallery bank, for the dual methods", minimum=0, exclusive=True,
               maximum=MAX_SCALE, symbol="β₂", unset="the probe's", grid=GALLERY_BETA_GRID, scaled=True,
-              many="gallery_betas", bank="gallery_"),
+              many="gallery_betas", bank="gallery_", probed="β₂ value(s) for the gallery bank",
+              probe_default=DEFAULT_GALLERY_BETA),
     Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, symbol="K", metavar="K",
-              unset="the method's", many="topk_means"),
+              unset="the method's", many="topk_means", probed="K for mean-of-top-K statistics"),
     Parameter("alpha", float, "weight α of the gallery offset", default=0.75, minimum=-MAX_WEIGHT,
               maximum=MAX_WEIGHT, symbol="α"),
     Parameter("min_count", int, "activation set: an item is a hub when it is in the top-k of at least θ bank "
@@ -194,8 +214,6 @@ class Method:
         """Whether it needs a gallery bank (H, or the bank × gallery-bank scores PB)."""
         return self.needs.gallery_bank or self.needs.dual_sinkhorn
 
-DEFAULT_BETA = 20.0          # for cosine similarities (QB-Norm's setting)
-DEFAULT_GALLERY_BETA = 1.0   # a gentle mean-score correction from the gallery bank
 KMAX_MIN = 10                # probe keeps at least this many top items per bank row
 
 
