@@ -72,8 +72,8 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     compared as the probe compared its bank (or by `similarity`); or `sims`, precomputed query ×
     gallery scores (transpose=True: stored gallery × queries, read transposed; v2t from a t2v dump:
     the items become the queries). probe: a `Probe` or a probe file. The method's parameters are
-    keywords, one per parameter of the registry (methods.PARAMETERS: β as beta, θ of dis as its
-    name there …; defaults: the registry's, β the probe's; parameters the method does not take
+    keywords, one per parameter the registry declares (methods.PARAMETERS, each with its symbol,
+    range and help; defaults: the registry's, β the probe's; parameters the method does not take
     are ignored). top_k: keep each
     query's N best items instead of every score. tuned: the settings of a params file
     (`load_params`) these options came from: a warning when the inputs are the validation data they
