@@ -131,8 +131,7 @@ def test_no_private_names_across_modules():
 
 
 # The same word in another vocabulary, declared once: --progress none (cli/report.py PROGRESS_OFF).
-OTHER_VOCABULARIES = {("qbnorm_cli.cli.report", "none"),
-                      ("qbnorm_cli.methods.base", "mp")}  # mp="gauss": Mutual Proximity's parameter, declared once
+OTHER_VOCABULARIES = {("qbnorm_cli.cli.report", "none")}
 
 
 def test_each_method_name_is_written_in_its_own_module_only():

@@ -1,15 +1,16 @@
 """The registry of methods: each built-in method is one module of this package, and methods of
 other packages plug in through the entry point group `qbnorm.methods` (docs/methods.md).
 
-Every module holds one `METHOD` (methods.base.Method): its formula and source, its parameters,
-the probe statistics it reads, how it builds its normaliser, and what it costs. `probe` computes
+Every module holds one `METHOD` (methods.base.Method): its formula and source, its parameters
+(those only it takes declared there, `Method.declares`, and added to PARAMETERS here), the probe
+statistics it reads, how it builds its normaliser, and what it costs. `probe` computes
 what the chosen methods need, `normalise` builds from it, `tune` walks the grid of every method's
 parameters, and the CLI's checks and help come from the same entries. A method's name is written
 in its own module only.
 
 A plug-in's entry point names a `Method` or a module holding `METHOD`. One that fails to load, or
-whose method is not valid (a name already taken, an unknown parameter, a default its parameter
-refuses), is left out: `PLUGIN_PROBLEMS` says why in one line naming its package, the library
+whose method is not valid (a name already taken, an unknown parameter or one of its own, a
+default its parameter refuses), is left out: `PLUGIN_PROBLEMS` says why in one line naming its package, the library
 warns once when the registry loads, and the CLI reports it with each command's warnings.
 """
 
@@ -66,6 +67,9 @@ def problem_with(method: object, taken: Mapping[str, Method]) -> str | None:
         return f"{type(method).__name__} is not a qbnorm_cli.methods.base.Method"
     if not isinstance(method.name, str) or not method.name or method.name in taken:
         return f"method name {method.name!r} is {'taken' if method.name in taken else 'not a name'}"
+    if method.declares:  # its options and keywords would meet the commands' own: qbnorm's declare them
+        return (f"{method.name}: declares parameter {method.declares[0].name!r}; a plug-in takes the registry's "
+                f"(known: {', '.join(PARAMETERS)})")
     unknown = [name for name in method.parameters if name not in PARAMETERS]
     if unknown:
         return f"{method.name}: unknown parameter {unknown[0]!r} (known: {', '.join(PARAMETERS)})"
@@ -100,10 +104,19 @@ def plugins(taken: dict[str, Method]) -> list[str]:
     return [" ".join(p.split()) for p in problems]
 
 
+def _declare(method: Method) -> None:
+    """Add the parameters a built-in method declares to PARAMETERS (each name once)."""
+    for parameter in method.declares:
+        if PARAMETERS.get(parameter.name, parameter) is not parameter or parameter.name not in method.parameters:
+            raise TypeError(f"{method.name}: parameter {parameter.name!r} is declared twice, or not taken")
+        PARAMETERS[parameter.name] = parameter
+
+
 def _registry() -> tuple[dict[str, Method], tuple[str, ...], tuple[str, ...]]:
     found: dict[str, Method] = {}
     for module in BUILT_IN:
         method = importlib.import_module(f"{__name__}.{module}").METHOD
+        _declare(method)
         found[method.name] = method
     built_in = tuple(found)
     return found, built_in, tuple(plugins(found))

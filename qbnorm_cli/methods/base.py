@@ -141,6 +141,8 @@ class Parameter:
         return number
 
 
+# The parameters several methods (and plug-ins) take; a method module declares its own parameters
+# (Method.declares), and the registry (qbnorm_cli.methods) adds them here as it collects the methods.
 PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("beta", float, "inverse temperature β of the inverted softmax, β₁ of the dual methods",
               minimum=0, exclusive=True, maximum=MAX_SCALE, symbol="β", unset="the probe's", grid=BETA_GRID,
@@ -156,15 +158,8 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
               unset="the method's", many="topk_means", probed="K for mean-of-top-K statistics"),
     Parameter("alpha", float, "weight α of the gallery offset", default=0.75, minimum=-MAX_WEIGHT,
               maximum=MAX_WEIGHT, symbol="α"),
-    Parameter("min_count", int, "activation set: an item is a hub when it is in the top-k of at least θ bank "
-              "queries", default=1, minimum=1, symbol="θ", metavar="θ"),
-    Parameter("lam", float, "weight λ of the mean bank embedding, in Distribution Normalisation", default=0.25,
-              minimum=0, maximum=MAX_WEIGHT, symbol="λ", flag="--lambda", metavar="L"),
-    Parameter("gamma", float, "exponent γ of nnn's bank offset S − α·b_j^γ, localized centering", default=1.0,
-              minimum=0, maximum=MAX_WEIGHT, symbol="γ", metavar="G"),
-    Parameter("mp", str, "how Mutual Proximity models a score's distribution: gauss (Gaussian fits) or empiric "
-              "(empirical distribution functions)", default="gauss", choices=("gauss", "empiric")),
 )}
+SHARED = tuple(PARAMETERS)  # the names of those several methods take
 
 
 @dataclass(frozen=True)
@@ -201,6 +196,7 @@ class Method:
     default_method: bool = False  # what normalise, export and tune use when no method is named
     cost: str = ONE_PASS      # what probe and normalise pay for it
     needs_of: Callable[[Mapping], Needs] | None = None  # needs that depend on parameter values
+    declares: tuple[Parameter, ...] = ()  # the parameters it introduces (named in `parameters` too)
 
     def needs_for(self, values: Mapping) -> Needs:
         """What the probe must hold for these parameter values."""
