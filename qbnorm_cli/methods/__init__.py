@@ -202,8 +202,8 @@ def settings(method: Method, given: Mapping[str, object], probe) -> dict:
 
 
 def takes_parameters(func):
-    """`func(…, **parameters)` takes every parameter of the registry as a keyword-only option (left
-    out or None: the method's default), in place of `**parameters` in its signature (help(),
+    """`func(…, *, method, …, **parameters)` takes every parameter of the registry as a keyword-only
+    option (left out or None: the method's default), listed after `method` in its signature (help(),
     editors); a keyword that is neither its own nor a parameter is a TypeError, as Python's own."""
     signature = inspect.signature(func)
     own = {name for name, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD}
@@ -215,13 +215,12 @@ def takes_parameters(func):
             raise TypeError(f"{func.__name__}() got an unexpected keyword argument {unknown[0]!r}")
         return func(*args, **kwargs)
 
+    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                  annotation=f"{p.kind.__name__} | None") for name, p in PARAMETERS.items()]
     parameters = []
-    for parameter in signature.parameters.values():
-        if parameter.kind is parameter.VAR_KEYWORD:
-            parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                             annotation=f"{p.kind.__name__} | None") for name, p in PARAMETERS.items()]
-        else:
-            parameters.append(parameter)
+    for parameter in signature.parameters.values():  # the method's parameters after `method`
+        if parameter.kind is not parameter.VAR_KEYWORD:
+            parameters += [parameter, *keywords] if parameter.name == "method" else [parameter]
     call.__signature__ = signature.replace(parameters=parameters)
     return call
 
