@@ -192,9 +192,8 @@ def _naming(tree: ast.Module, word: str) -> bool:
 # Parameters that also name probe statistics (the probe's layout: io/probefile, core/statistics,
 # io/schemas, streaming/cluster, api/probing): named there until the statistics are declared once.
 STATISTIC_NAMES = {"topk_mean", "gallery_beta"}
-# Parameters that are also the words of everyday code (a loop's k, the β of a kernel), or the
-# name of the method they belong to (mp, written in its help and hints).
-COMMON_WORDS = {"k", "beta", "mp"}
+# Parameters that are also the words of everyday code: a loop's k, the β of a kernel or a probe.
+COMMON_WORDS = {"k", "beta"}
 
 
 @pytest.mark.parametrize("parameter", [
