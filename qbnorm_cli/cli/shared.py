@@ -94,7 +94,8 @@ def _reporting(progress: bool):
     added = [_option("json_output", options.Json, False), _option("quiet", options.Quiet, False)]
     if progress:
         added.append(_option("progress_mode", options.Progress, options.DEFAULT_PROGRESS))
-    return _adding(added, ("report",), lambda values: {"report": Reporter(*values.values())})
+    return _adding(added, ("report",), lambda values: {"report": Reporter(
+        values["json_output"], values["quiet"], values.get("progress_mode", options.DEFAULT_PROGRESS))})
 
 
 reporting = _reporting(progress=True)
