@@ -381,7 +381,8 @@ def tuning_figure(result: dict, *, title: str | None = None):
         ax.plot([best["x"] or 0], [best["y"]], **best_style)
         if panel["method"] == data["chosen"]["method"]:
             ax.plot([best["x"] or 0], [best["y"]], **chosen_style)
-        if panel["x"] in ("beta", "gallery_beta") and all((v or 0) > 0 for s in panel["series"] for v in s["x"]):
+        scaled = panel["x"] in registry.PARAMETERS and registry.PARAMETERS[panel["x"]].scaled  # β, β₂: log axis
+        if scaled and all((v or 0) > 0 for s in panel["series"] for v in s["x"]):
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter("{x:g}")
         elif all(isinstance(v, int) for s in panel["series"] for v in s["x"]):

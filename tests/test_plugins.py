@@ -173,3 +173,19 @@ def test_a_broken_installed_plugin_warns_once_in_the_library_and_each_command(tm
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert json.loads(quiet.stdout)["warnings"] == [line]
 
+
+
+def test_a_plugin_that_declares_a_parameter_of_its_own_is_left_out():
+    """Its option and keyword would meet the commands' own: a plug-in takes the registry's parameters."""
+    from qbnorm_cli.methods.base import Parameter
+    own = Method("own-parameter", "h", "s", ("beta", "tau"), plugin.METHOD.build, Needs(log_norm=True),
+                 declares=(Parameter("tau", float, "a temperature", default=1.0),))
+    assert "declares parameter 'tau'" in methods.problem_with(own, methods.METHODS)
+    assert "tau" not in methods.PARAMETERS
+
+
+def test_each_built_in_parameter_is_declared_by_one_module():
+    from qbnorm_cli.methods import base
+    declared = [p.name for m in methods.METHODS.values() for p in m.declares]
+    assert len(declared) == len(set(declared))
+    assert set(methods.PARAMETERS) == set(declared) | set(base.SHARED)

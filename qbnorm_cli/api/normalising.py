@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from qbnorm_cli.api.common import (
 )
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.results import Ranking
-from qbnorm_cli.errors import DataError, param, plain_text
+from qbnorm_cli.errors import DataError, plain_text
 from qbnorm_cli.io import limits
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.paramsfile import tuned_on_warning
@@ -57,25 +58,23 @@ def _as_probe(value) -> Probe:
 
 
 @bounded
+@methods.takes_parameters
 def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.DEFAULT.name,
-              beta: float | None = None, k: int | None = None, gallery_beta: float | None = None,
-              topk_mean: int | None = None, alpha: float | None = None, min_count: int | None = None,
-              lam: float | None = None, gamma: float | None = None, mp: str | None = None,
               top_k: int | None = None, sims=None, transpose: bool = False,
               similarity: str | None = None, dtype: str = "float64", memory=DEFAULT_MEMORY,
               block_rows: int | None = None, output=None, force: bool = False, accept_mismatch: bool = False,
               progress=None, provenance: str | None = None, extra_params: dict | None = None,
-              tuned: dict | None = None, cluster=None):
+              tuned: dict | None = None, cluster=None, **parameters):
     """Normalise query × gallery similarities with a probe's statistics (`method`: see
     qbnorm_cli.methods.METHODS; default dis).
 
     queries, gallery: embeddings (arrays, memory maps, h5py datasets, `PATH[::/dataset]` strings),
     compared as the probe compared its bank (or by `similarity`); or `sims`, precomputed query ×
     gallery scores (transpose=True: stored gallery × queries, read transposed; v2t from a t2v dump:
-    the items become the queries). probe: a `Probe` or a probe file. beta, k, gallery_beta, topk_mean,
-    alpha, min_count (θ of dis, dual-dis), lam (λ of dn), gamma (γ of nnn), mp (mp's "gauss" or
-    "empiric"): the method's parameters (defaults: the
-    registry's, β the probe's; parameters the method does not take are ignored). top_k: keep each
+    the items become the queries). probe: a `Probe` or a probe file. The method's parameters are
+    keywords, one per parameter the registry declares (methods.PARAMETERS, each with its symbol,
+    range and help; defaults: the registry's, β the probe's; parameters the method does not take
+    are ignored). top_k: keep each
     query's N best items instead of every score. tuned: the settings of a params file
     (`load_params`) these options came from: a warning when the inputs are the validation data they
     were tuned on.
@@ -112,19 +111,12 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
 
     if top_k is not None:
         check_count(top_k, "top_k", n_gallery, "gallery size")
-    k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
-    check_count(k, "k", n_gallery, "gallery size")
-    given = dict(beta=beta, k=k, gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count,
-                 lam=lam, gamma=gamma, mp=mp)
-    values = methods.settings(spec, given, probe)
-    for name in spec.within_gallery:
-        check_count(values[name], name, n_gallery, "gallery size")
-    found, score_scale = _scale_warnings(probe, spec, values, scores)
+    k, values = checked_settings(spec, parameters, probe)
+    found, score_scale = _scale_warnings(probe, values, scores)
     found = [w for w in (mismatch, *found) if w]
     norm = methods.build(spec, probe, values)
     if norm.gate is not None and not norm.gate.any():
-        found.append(f"no gallery item is in the top-{k} of {values.get('min_count', 1)} or more bank queries: "
-                     f"{spec.name} leaves every row raw; lower {param('min_count')}")
+        found.append(methods.unused_gate_warning(spec, values, k))
 
     params = {
         "method": spec.name, **{name: values.get(name) for name in methods.PARAMETERS}, "k": k, "top_k": top_k,
@@ -185,7 +177,20 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
                    tuple(out.inputs), session.report() if session is not None else None)
 
 
-def _scale_warnings(probe: Probe, method: methods.Method, values: dict, scores) -> tuple[list[str], str | None]:
+def checked_settings(method: methods.Method, given: Mapping, probe: Probe) -> tuple[int, dict]:
+    """k (checked whatever the method: it is recorded with every output) and the method's parameter
+    values (methods.settings), those that count gallery items within the gallery."""
+    n_gallery = probe.n_gallery
+    k = given.get("k")
+    k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
+    check_count(k, "k", n_gallery, "gallery size")
+    values = methods.settings(method, {**given, "k": k}, probe)
+    for name in method.within_gallery:
+        check_count(values[name], name, n_gallery, "gallery size")
+    return k, values
+
+
+def _scale_warnings(probe: Probe, values: dict, scores) -> tuple[list[str], str | None]:
     """Warnings when β looks wrong for the bank scores' scale, or the query scores are on another
     scale than the bank's; and the detected scale to record."""
     found = []
@@ -196,9 +201,4 @@ def _scale_warnings(probe: Probe, method: methods.Method, values: dict, scores) 
         if scale.classify(sims_stats) != score_scale:
             found.append(f"{scores.source.label} holds scores {scale.describe(sims_stats)}, but the probe's bank "
                          f"scores are {scale.describe(probe_stats)}; score queries and bank the same way")
-    if "beta" in values:
-        found.append(scale.beta_warning(values["beta"], probe_stats))
-    if "gallery_beta" in values:
-        found.append(scale.beta_warning(values["gallery_beta"], scale.ScoreStats.from_attrs(probe.attrs, "gallery_"),
-                                        "gallery_beta", check_low=False))
-    return [w for w in found if w], score_scale
+    return [*found, *methods.scale_warnings(values, probe)], score_scale

@@ -27,8 +27,8 @@ from qbnorm_cli.api.common import (
     progress_or_none,
     warn,
 )
-from qbnorm_cli.api.normalising import Written
-from qbnorm_cli.core import augmented, scale
+from qbnorm_cli.api.normalising import Written, checked_settings
+from qbnorm_cli.core import augmented
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
@@ -97,23 +97,20 @@ def not_offset_message(method: methods.Method, norm=None) -> str:
 
 
 @bounded
-def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | None = None, k: int | None = None,
-           gallery_beta: float | None = None, topk_mean: int | None = None, alpha: float | None = None,
-           min_count: int | None = None, lam: float | None = None, gamma: float | None = None,
-           mp: str | None = None, similarity: str | None = None,
+@methods.takes_parameters
+def export(probe, gallery, *, method: str = methods.DEFAULT.name, similarity: str | None = None,
            constant: float | None = None, format: str = "hdf5",
            index_type: str = "flat", hnsw_m: int = 32,
            ef_construction: int = 200, ef_search: int = 128, nlist: int | None = None, nprobe: int = 16,
            memory=DEFAULT_MEMORY, block_rows: int | None = None, output=None, force: bool = False,
            accept_mismatch: bool = False, progress=None, provenance: str | None = None,
-           extra_params: dict | None = None) -> Exported:
+           extra_params: dict | None = None, **parameters) -> Exported:
     """The augmented gallery vectors that serve `method`'s normalised ranking from an
     inner-product index, with the query-side recipe.
 
     probe: a `Probe` or probe file of this gallery; gallery: its embeddings (as normalise takes
-    them; cosine rows are L2-normalised first). beta, k, gallery_beta, topk_mean, alpha, min_count
-    (θ of dis, dual-dis), lam (λ of dn): the method's parameters (defaults: the registry's, β the
-    probe's; parameters the method does not take are ignored). Every method whose normaliser
+    them; cosine rows are L2-normalised first). The method's parameters: keywords, as normalise
+    takes them (methods.PARAMETERS; parameters the method does not take are ignored). Every method whose normaliser
     is affine (η = scale·S − offset[j], gated or not) can be exported; gc cannot. constant: the
     query's c (default: the smallest power of two that keeps the extra column inside the gallery
     coordinates' range; core/augmented.py says why, docs/serving.md when to choose another).
@@ -155,19 +152,13 @@ def export(probe, gallery, *, method: str = methods.DEFAULT.name, beta: float | 
                         f"of {n_gallery}")
     identity = source.identity
     mismatch = other_gallery(probe, identity, source.label, accept_mismatch)
-    k = methods.PARAMETERS["k"].check(methods.PARAMETERS["k"].default if k is None else k)
-    check_count(k, "k", n_gallery, "gallery size")
-    given = dict(beta=beta, k=k, gallery_beta=gallery_beta, topk_mean=topk_mean, alpha=alpha, min_count=min_count,
-                 lam=lam, gamma=gamma, mp=mp)
-    values = methods.settings(spec, given, probe)
-    for name in spec.within_gallery:
-        check_count(values[name], name, n_gallery, "gallery size")
+    _, values = checked_settings(spec, parameters, probe)
     if nlist is not None and nlist > n_gallery:
         raise UsageError(f"{param('nlist')} {nlist}: larger than the gallery size ({n_gallery})")
     norm = methods.build(spec, probe, values)
     if not norm.exportable:
         raise UsageError(not_offset_message(spec, norm))
-    found = [w for w in (mismatch, *_beta_warnings(probe, values)) if w]
+    found = [w for w in (mismatch, *methods.scale_warnings(values, probe)) if w]
     for message in found:
         warn(message)
 
@@ -239,16 +230,6 @@ def _check_positive(value, name: str) -> None:
 # c within float32's normal range, so that [q, c] and the gallery's −shift/c column stay finite
 CONSTANT = methods.Parameter("constant", float, "the query's constant c of the extra column", minimum=1e-30,
                              maximum=1e30)
-
-
-def _beta_warnings(probe: Probe, values: dict) -> list[str]:
-    found = []
-    if "beta" in values:
-        found.append(scale.beta_warning(values["beta"], scale.ScoreStats.from_attrs(probe.attrs)))
-    if "gallery_beta" in values:
-        found.append(scale.beta_warning(values["gallery_beta"], scale.ScoreStats.from_attrs(probe.attrs, "gallery_"),
-                                        "gallery_beta", check_low=False))
-    return [w for w in found if w]
 
 
 def _recipe(spec: methods.Method, values: dict, norm: Normaliser, common: float, per_item: bool, center: float,

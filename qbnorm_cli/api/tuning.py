@@ -85,7 +85,7 @@ def best_per_method(ranked: list[dict]) -> list[dict]:
 
 def edge_note(best: Setting, settings: list[Setting]) -> str | None:
     """A hint when the winning β or β₂ is the largest or smallest value tried for its method."""
-    for name, many in (("beta", "betas"), ("gallery_beta", "gallery_betas")):
+    for name, many in ((name, p.many) for name, p in registry.PARAMETERS.items() if p.scaled):
         value = best.values.get(name)
         tried = sorted({s.values[name] for s in settings if s.method is best.method and name in s.values})
         if value is None or len(tried) < 3 or value not in (tried[0], tried[-1]):
@@ -120,8 +120,7 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     """
     budget = make_budget(memory, block_rows)
     metric_name = METRICS[check_choice(metric, tuple(METRICS), "metric")]
-    betas = [registry.PARAMETERS["beta"].check(b) for b in betas] if betas else None
-    gallery_betas = [registry.PARAMETERS["gallery_beta"].check(b) for b in gallery_betas] if gallery_betas else None
+    tried = registry.tried({"betas": betas, "gallery_betas": gallery_betas})
 
     val_scores, val_inputs, gallery_emb = score_source(
         queries, gallery, sims, rows_name="queries", cols_name="gallery", sims_name="sims",
@@ -151,9 +150,7 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
         inputs["bank_gallery_bank"] = cross_scores.source
     chosen = registry.tuned_methods(methods, gallery_scores is not None, cross_scores is not None)
     stats = sample_stats(bank_scores, max_cols=4096)
-    scaled = {"beta": scale.beta_grid(registry.BETA_GRID, stats),
-              "gallery_beta": scale.beta_grid(registry.GALLERY_BETA_GRID, stats)}
-    settings = [Setting(m, v) for m, v in registry.grid(chosen, scaled, {"beta": betas, "gallery_beta": gallery_betas},
+    settings = [Setting(m, v) for m, v in registry.grid(chosen, registry.scaled_grids(stats), tried,
                                                        k_limit=n_gallery)]
     embedded = isinstance(val_scores, EmbeddingScores) and isinstance(bank_scores, EmbeddingScores)
     unscorable = sorted({s.method.name for s in settings if not embedded and _needs_embeddings(s)})

@@ -15,9 +15,9 @@ import typer
 import typer.core
 
 from qbnorm_cli.cli import build_bank, convert, evaluate, export, hubness, hubs, normalise, probe, search, tune
-from qbnorm_cli.cli.options import DEFAULT_MAX_OUTPUT_TEXT, DEFAULT_MEMORY_TEXT, FLAG_NAMES, check_whole_numbers, flag
+from qbnorm_cli.cli.options import FLAG_NAMES, check_whole_numbers, flag
 from qbnorm_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, QbnormError
-from qbnorm_cli.io import atomic, limits, remote, staging
+from qbnorm_cli.io import atomic, remote, staging
 from qbnorm_cli.version import VERSION
 
 try:  # typer ≥ 0.2x vendors click; older typer uses click itself
@@ -58,8 +58,8 @@ def _line(text: object) -> str:
 
 
 def _one_line_errors(func):
-    """Turn every failure inside a command into one stderr line and its documented exit code; the
-    command runs under the limits of its --memory, --allow-external and --max-output (io.limits)."""
+    """Turn every failure inside a command into one stderr line and its documented exit code (the
+    command runs under the limits of its --memory, --allow-external and --max-output: cli/shared.py)."""
 
     @functools.wraps(func)
     def run(*args, **kwargs):
@@ -67,11 +67,7 @@ def _one_line_errors(func):
         try:
             _check_outputs(kwargs)
             check_whole_numbers(kwargs)
-            with limits.applied(memory=limits.parse_size(kwargs.get("memory", DEFAULT_MEMORY_TEXT), "memory"),
-                                allow_external=kwargs.get("allow_external", False),
-                                max_output=limits.parse_size(kwargs.get("max_output", DEFAULT_MAX_OUTPUT_TEXT),
-                                                             "max_output")):
-                return func(*args, **kwargs)
+            return func(*args, **kwargs)
         except KeyboardInterrupt:  # main() says so (typer also turns stray interrupts into 130)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except QbnormError as exc:

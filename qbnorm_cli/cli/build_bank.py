@@ -8,10 +8,13 @@ import typer
 
 from qbnorm_cli import api
 from qbnorm_cli.api.files import DEFAULT_BANK_SIZE
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 
 
+@shared.budget
+@shared.overwriting
+@shared.reporting_without_progress
 def command(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="Embeddings to sample: PATH or PATH::/dataset.")],
@@ -20,19 +23,16 @@ def command(
     strategy: Annotated[str, typer.Option("--strategy", metavar="random|first|all",
                                           help="random (seeded, sorted), first rows, or all rows.")] = "random",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random sample.")] = 0,
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    force: options.Force = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    *,
+    memory: str,
+    block_rows: int | None,
+    force: bool,
+    report: Reporter,
 ) -> None:
     """Sample a bank of queries (or gallery-modality items) from SOURCE.
 
     Example: qbnorm build-bank data.h5::/train_queries -o bank.h5 --size 5000 --seed 0
     """
-    report = Reporter(json_output, quiet)
     with report.capture():
         written = api.build_bank(source, size=size, strategy=strategy, seed=seed, memory=memory,
                                  block_rows=block_rows, output=output, force=force, provenance=options.provenance(ctx))

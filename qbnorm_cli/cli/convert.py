@@ -8,25 +8,25 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import api
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import scale
 
 
+@shared.budget
+@shared.overwriting
+@shared.reporting
 def command(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="INPUT", help="PATH, PATH::KEY (.npz, pickle, .pt, .safetensors), PATH::COLUMN (.parquet, .arrow), PATH::/dataset (HDF5), a folder of .npy shards, or a URL.")],
     output: options.Output,
     kind: Annotated[str, typer.Option("--kind", metavar="embeddings|similarity", help="What the array holds: embeddings (rows = items) or a query × gallery score matrix.")] = "embeddings",
     transpose: Annotated[bool, typer.Option("--transpose", help="Write a score matrix transposed (with --kind similarity; one pass, tile-chunked): the fast path for a dump read --transpose often.")] = False,
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    force: options.Force = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    *,
+    memory: str,
+    block_rows: int | None,
+    force: bool,
+    report: Reporter,
 ) -> None:
     """Convert a foreign dump into a qbnorm HDF5 file (float32, streamed in row blocks).
 
@@ -43,7 +43,6 @@ def command(
     Example (a t2v dump as items × captions, for the v2t direction): qbnorm convert test_sims.pkl
     -o v2t.h5 --kind similarity --transpose
     """
-    report = Reporter(json_output, quiet, progress_mode)
     with report.capture():
         written = api.convert(source, output, kind=kind, transpose=transpose, memory=memory, block_rows=block_rows, force=force,
                               progress=report.progress, provenance=options.provenance(ctx))

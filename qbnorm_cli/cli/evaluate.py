@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import api, plots
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import metrics
 from qbnorm_cli.errors import GateFailure, UsageError
@@ -42,6 +42,10 @@ def _fmt(name: str, value, listed: int | None) -> str:
     return f"{value:.2f}"
 
 
+@shared.budget
+@shared.clustered
+@shared.overwriting
+@shared.reporting
 def command(
     ctx: typer.Context,
     scores: Annotated[list[str], typer.Argument(metavar="SCORES", help="Similarity (Q × G) or ranking (top-N) files: PATH or PATH::/dataset.")],
@@ -54,16 +58,12 @@ def command(
     plot: options.Plot = None,
     fail_under: Annotated[list[str] | None, typer.Option("--fail-under", metavar="METRIC=VALUE", help="Exit 4 when a metric of any input is worse (R@K, GeomR below; MdR, MnR above). Repeatable.")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="EVAL.h5", help="Write the ranks and metrics (kind evaluation).")] = None,
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    cluster: options.Cluster = None,
-    cluster_security: options.ClusterSecurity = None,
-    force: options.Force = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    *,
+    memory: str,
+    block_rows: int | None,
+    cluster: api.Cluster | None,
+    force: bool,
+    report: Reporter,
 ) -> None:
     """Recall@K, median/mean rank and GeomR of one or more score files (rows = queries).
 
@@ -80,7 +80,6 @@ def command(
 
     Example (image → caption from a t2v dump): qbnorm evaluate sims.h5 --direction v2t --queries-per-item 5
     """
-    report = Reporter(json_output, quiet, progress_mode)
     gates = parse_gates(fail_under)
     if plot is not None:
         plots.check_plot_target(plot, force=force, inputs=scores, what="evaluate --plot")
@@ -90,7 +89,7 @@ def command(
             transpose=transpose, ties=ties, gates=gates, memory=memory,
             block_rows=block_rows, output=output, force=force, progress=report.progress,
             provenance=options.provenance(ctx), described={"gt": gt, "query_mask": query_mask},
-            cluster=options.on_cluster(cluster, cluster_security))
+            cluster=cluster)
     if plot is not None:
         plots.save_figure(plots.recall_figure(document["inputs"], direction=document["direction"]), plot, force=force, inputs=scores)
         document["plot"] = {"file": plot, **plots.recall_data(document["inputs"])}

@@ -7,26 +7,23 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import api, methods
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.io.probefile import Probe
 
 
+@shared.budget
+@shared.overwriting
+@shared.reporting
+@shared.method_parameters
 def command(
     ctx: typer.Context,
     probe: Annotated[str, typer.Option("--probe", help="Probe file of this gallery, from `qbnorm probe`.")],
     gallery: Annotated[str, typer.Option("--gallery", help="Gallery embeddings (the probed gallery).")],
     output: Annotated[str, typer.Option("--output", "-o", metavar="OUT", help="Output: an HDF5 file (--format hdf5) or a directory (npy, faiss, lancedb).")],
     method: Annotated[str | None, typer.Option("--method", metavar="|".join(methods.METHODS), help=f"Normaliser (default {methods.DEFAULT.name}); every method but the rank-based one is exportable.")] = None,
-    beta: Annotated[float | None, typer.Option("--beta", help=f"β (β₁ for dual methods; {methods.PARAMETERS['beta'].range_text}); default: the probe's.")] = None,
-    k: Annotated[int | None, typer.Option("--k", help="Activation set: items in the top-k of a bank query (default 1).")] = None,
-    gallery_beta: Annotated[float | None, typer.Option("--gallery-beta", help=f"β₂ for the gallery bank (dual methods; {methods.PARAMETERS['gallery_beta'].range_text}).")] = None,
-    topk_mean: Annotated[int | None, typer.Option("--topk-mean", metavar="K", help="K of the mean-of-top-K statistics (default: the method's).")] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help=f"Weight α of the gallery offset ({methods.PARAMETERS['alpha'].range_text}; default {methods.PARAMETERS['alpha'].default:g}).")] = None,
-    min_count: options.MinCount = None,
-    lam: options.Lam = None,
-    gamma: options.Gamma = None,
-    mp: options.MpKind = None,
+    *,
+    params: dict,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune` (explicit options override).")] = None,
     format: Annotated[str, typer.Option("--format", metavar="hdf5|npy|faiss|lancedb", help="hdf5: one qbnorm file (kind index-vectors); npy: vectors.npy + gate.npy + recipe.json; faiss: index.faiss + …; lancedb: a LanceDB table.")] = "hdf5",
     index_type: Annotated[str, typer.Option("--index-type", metavar="flat|hnsw|ivf", help="faiss index: exact flat, or approximate HNSW / IVF.")] = "flat",
@@ -37,15 +34,11 @@ def command(
     nprobe: Annotated[int, typer.Option("--nprobe", metavar="N", help="IVF: lists probed per query (search --nprobe overrides).")] = 16,
     constant: Annotated[float | None, typer.Option("--constant", metavar="C", help="The query's constant c (default: the smallest power of two that keeps the extra column inside the coordinates' range; see docs/serving.md).")] = None,
     similarity: Annotated[str | None, typer.Option("--similarity", metavar="cosine|dot", help="Default: as the probe (cosine: rows L2-normalised).")] = None,
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    force: options.Force = False,
+    memory: str,
+    block_rows: int | None,
+    force: bool,
     accept_mismatch: options.AcceptMismatch = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    report: Reporter,
 ) -> None:
     """Export the augmented gallery vectors [g, −(offset − m)/(scale·c)]: any inner-product index
     (faiss, LanceDB, Qdrant, Milvus, pgvector, Elasticsearch kNN …) then returns the method's
@@ -57,11 +50,8 @@ def command(
 
     Example: qbnorm export --probe probe.h5 --gallery g.h5 --method dis --format faiss --index-type hnsw -o dis.index
     """
-    report = Reporter(json_output, quiet, progress_mode)
     tuned = api.load_params(params_file) if params_file else None
-    chosen = options.with_params(tuned, method=method, beta=beta, k=k, gallery_beta=gallery_beta,
-                                 topk_mean=topk_mean, alpha=alpha, min_count=min_count, lam=lam,
-                                 gamma=gamma, mp=mp)
+    chosen = options.with_params(tuned, method=method, **params)
     chosen["method"] = chosen["method"] or methods.DEFAULT.name
     with report.capture(), Probe.load(probe) as probed:
         exported = api.export(

@@ -9,7 +9,7 @@ import typer
 
 from qbnorm_cli import api, plots
 from qbnorm_cli.api.evaluation import DEFAULT_K
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import hubness as hub
 
@@ -48,6 +48,10 @@ ROWS = (
 )
 
 
+@shared.budget
+@shared.clustered
+@shared.overwriting
+@shared.reporting
 def command(
     ctx: typer.Context,
     scores: Annotated[list[str] | None, typer.Argument(metavar="[SCORES]...", help="Similarity, ranking or probe files: PATH or PATH::/dataset.", show_default=False)] = None,
@@ -59,16 +63,12 @@ def command(
     transpose: options.Transpose = False,
     plot: options.Plot = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="OUT.h5", help="Write the k-occurrences and measures (kind hubness).")] = None,
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    cluster: options.Cluster = None,
-    cluster_security: options.ClusterSecurity = None,
-    force: options.Force = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    *,
+    memory: str,
+    block_rows: int | None,
+    cluster: api.Cluster | None,
+    force: bool,
+    report: Reporter,
 ) -> None:
     """Hubness of retrieval results: k-skewness, Robin Hood, Gini, Atkinson, anti-hubs, hubs.
 
@@ -98,7 +98,6 @@ def command(
 
     Example: qbnorm hubness --queries data.h5::/queries --gallery data.h5::/gallery --memory 512MiB
     """
-    report = Reporter(json_output, quiet, progress_mode)
     inputs = [*(scores or []), *(v for v in (queries, gallery) if v is not None)]
     if plot is not None:
         plots.check_plot_target(plot, force=force, inputs=inputs, what="hubness --plot")
@@ -106,7 +105,7 @@ def command(
         document = api.hubness_report(scores or [], queries=queries, gallery=gallery, similarity=similarity,
                                       k=k or [DEFAULT_K], exclude_self=exclude_self, transpose=transpose,
                                       memory=memory, block_rows=block_rows, output=output, force=force,
-                                      progress=report.progress, provenance=options.provenance(ctx), cluster=options.on_cluster(cluster, cluster_security))
+                                      progress=report.progress, provenance=options.provenance(ctx), cluster=cluster)
     occurrences = document.pop("occurrences")
     if plot is not None:
         plots.save_figure(plots.hubness_figure(document["inputs"]), plot, force=force, inputs=inputs)

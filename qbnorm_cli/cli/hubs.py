@@ -10,7 +10,7 @@ import typer
 from qbnorm_cli import api
 from qbnorm_cli.api.evaluation import DEFAULT_K
 from qbnorm_cli.api.hubs import DEFAULT_ITEMS
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core.hubscore import DEFAULT_THRESHOLD
 from qbnorm_cli.errors import GateFailure, UsageError
@@ -19,6 +19,10 @@ LABEL_WIDTH = 60
 NAMED = 10  # items named per input in the --fail-over message
 
 
+@shared.budget
+@shared.clustered
+@shared.overwriting
+@shared.reporting
 def command(
     ctx: typer.Context,
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT", help="A probe file (the bank's view) and/or similarity or ranking files (the test queries' view) of one gallery.")],
@@ -28,16 +32,12 @@ def command(
     fail_over: Annotated[float | None, typer.Option("--fail-over", metavar="Z", help=f"Exit 4 when any item's hub score is above Z, naming the items (also the flag threshold; default threshold {DEFAULT_THRESHOLD:g}).")] = None,
     beta: Annotated[float | None, typer.Option("--beta", metavar="B", help="The probe's β whose log-normaliser scores the bank's view (default: its only β, or 20).")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="OUT.h5", help="Write every item's hub score and N_k (kind hubs).")] = None,
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    cluster: options.Cluster = None,
-    cluster_security: options.ClusterSecurity = None,
-    force: options.Force = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    *,
+    memory: str,
+    block_rows: int | None,
+    cluster: api.Cluster | None,
+    force: bool,
+    report: Reporter,
 ) -> None:
     """A hub audit: the gallery items that sit near too many queries, per input.
 
@@ -54,13 +54,12 @@ def command(
     """
     if fail_over is not None and not math.isfinite(fail_over):
         raise UsageError(f"--fail-over {fail_over}: must be a finite number")
-    report = Reporter(json_output, quiet, progress_mode)
     threshold = DEFAULT_THRESHOLD if fail_over is None else fail_over
     with report.capture():
         document = api.hubs_report(inputs, k=k, items=items, labels=labels, threshold=threshold, beta=beta,
                                    memory=memory, block_rows=block_rows, output=output, force=force,
                                    progress=report.progress, provenance=options.provenance(ctx),
-                                   cluster=options.on_cluster(cluster, cluster_security))
+                                   cluster=cluster)
     from rich.table import Table  # on first use: see report.py
     from rich.text import Text
 

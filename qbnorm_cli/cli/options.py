@@ -1,8 +1,10 @@
-"""Options shared by the subcommands, and how the library's parameters are spelled as flags.
+"""Options shared by the subcommands (cli/shared.py adds the common ones to a command), and how
+the library's parameters are spelled as flags.
 
 Library errors and warnings name parameters as the library spells them (`beta`, `force=True`,
 `similarity='dot'`, errors.param); `flag` spells them as this CLI's options (`--beta`, `--force`,
-`--similarity dot`), from the one table below and one rule (dashes for underscores).
+`--similarity dot`), from the registry's declarations, the one table below and one rule (dashes
+for underscores).
 """
 
 from __future__ import annotations
@@ -59,16 +61,7 @@ def on_cluster(address: str | None, security: str | None):
         return None
     return ClusterSpec(address, security=security)
 
-MinCount = Annotated[int | None, typer.Option(
-    "--min-count", metavar="θ",
-    help=f"Activation set: items in the top-k of at least θ bank queries "
-         f"(default {methods.PARAMETERS['min_count'].default}).")]
-Lam = Annotated[float | None, typer.Option(
-    "--lambda", metavar="L",
-    help=f"Weight λ of the mean bank embedding ({methods.PARAMETERS['lam'].range_text}; "
-         f"default {methods.PARAMETERS['lam'].default:g}).")]
-
-# Read by app.py around every command (io.limits), not by the commands themselves:
+# The limits a command runs under (io.limits; `budget`), not read by the commands themselves:
 AllowExternal = Annotated[bool, typer.Option(
     "--allow-external",
     help="Follow HDF5 external links, external storage and virtual datasets to the files they name (refused by "
@@ -79,26 +72,15 @@ MaxOutput = Annotated[str, typer.Option(
     help="Refuse to write an output larger than this (its size is known before any work), e.g. 64GiB, 1TiB.")]
 DEFAULT_MAX_OUTPUT_TEXT = "64GiB"  # io.limits.DEFAULT_MAX_OUTPUT (tests/test_cli_options.py checks they agree)
 
-Gamma = Annotated[float | None, typer.Option(
-    "--gamma", metavar="G",
-    help=f"nnn: exponent γ of the bank offset, S − α·b_j^γ (localized centering; default "
-         f"{methods.PARAMETERS['gamma'].default:g}).")]
-_KIND = next(p for p in methods.PARAMETERS.values() if p.choices)  # Mutual Proximity's distribution model
-MpKind = Annotated[str | None, typer.Option(
-    f"--{_KIND.name}", metavar="|".join(_KIND.choices),
-    help=f"Mutual Proximity: Gaussian fits or empirical distribution functions (default {_KIND.default}).")]
-
 DEFAULT_PROGRESS = "auto"
 DEFAULT_MEMORY_TEXT = "1GiB"  # the library's default budget (tests/test_cli_options.py checks they agree)
 
 # Library parameters whose option is not simply --name: repeatable options are singular, positional
 # arguments are named by their metavar.
 FLAGS = {
-    "betas": "--beta",
-    "gallery_betas": "--gallery-beta",
-    "topk_means": "--topk-mean",
+    **{p.name: p.option for p in methods.PARAMETERS.values() if p.flag},  # --lambda: a Python keyword's
+    **{p.many: p.option for p in methods.PARAMETERS.values() if p.many},  # betas: --beta (repeatable)
     "methods": "--method",
-    "lam": "--lambda",  # `lambda` is a Python keyword: the library says lam
     "security": "--cluster-security",  # Cluster(security=…)
     "scores": "SCORES",
     "source": "SOURCE",

@@ -8,25 +8,28 @@ import typer
 
 from qbnorm_cli import api, methods
 from qbnorm_cli.api.probing import sinkhorn_memory
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import scale
 from qbnorm_cli.errors import UsageError
 from qbnorm_cli.io.paramsfile import missing_bank
 
 
+@shared.budget
+@shared.clustered
+@shared.overwriting
+@shared.reporting
+@shared.probed_parameters
 def command(
     ctx: typer.Context,
     output: options.Output,
     bank: Annotated[str | None, typer.Option("--bank", help="Query bank embeddings (from build-bank or any embeddings).")] = None,
     gallery: Annotated[str | None, typer.Option("--gallery", help="Gallery embeddings.")] = None,
     bank_sims: Annotated[str | None, typer.Option("--bank-sims", help="Precomputed bank × gallery scores, instead of --bank/--gallery.")] = None,
-    beta: Annotated[list[float] | None, typer.Option("--beta", help=f"Inverted-softmax temperature(s) to precompute (repeatable; {methods.PARAMETERS['beta'].range_text}; default 20, for cosine scores).")] = None,
-    k: Annotated[int | None, typer.Option("--k", help="Top-k of each bank query that forms the DIS activation set (default 1).")] = None,
+    *,
+    probed: dict,
     gallery_bank: Annotated[str | None, typer.Option("--gallery-bank", help="Gallery-modality bank embeddings (DBNorm).")] = None,
     gallery_bank_sims: Annotated[str | None, typer.Option("--gallery-bank-sims", help="Precomputed gallery-bank × gallery scores.")] = None,
-    gallery_beta: Annotated[list[float] | None, typer.Option("--gallery-beta", help="β₂ value(s) for the gallery bank (repeatable; default 1).")] = None,
-    topk_mean: Annotated[list[int] | None, typer.Option("--topk-mean", help=f"K for mean-of-top-K statistics (repeatable; default {' and '.join(map(str, methods.default_topk_means()))}).")] = None,
     params_file: Annotated[str | None, typer.Option("--params", metavar="PARAMS.json", help="Settings from `qbnorm tune`: probe what they need (explicit options override).")] = None,
     method_names: Annotated[list[str] | None, typer.Option("--method", metavar="M", help="Also compute what method M needs at its defaults and each --topk-mean (repeatable): ls, nicdm (the K-th best and mean distance of the K nearest bank queries), mp (score spreads and the gallery's moments; with --keep-sorted, mp --mp empiric too), dsl (bank-centroid distances, from embeddings), gc (--keep-sorted).")] = None,
     keep_sorted: Annotated[bool, typer.Option("--keep-sorted", help="Keep every gallery item's sorted bank scores (O(bank × gallery) storage; needed by gc).")] = False,
@@ -37,16 +40,11 @@ def command(
     sinkhorn_max_iters: Annotated[int | None, typer.Option("--sinkhorn-max-iters", metavar="N", help="At most N iterations to converge (default 1000; a warning when reached).")] = None,
     bank_gallery_bank_sims: Annotated[str | None, typer.Option("--bank-gallery-bank-sims", help="Precomputed bank × gallery-bank scores (rows: bank queries; columns: gallery-bank items), for dbsn without embeddings.")] = None,
     similarity: options.Similarity = "cosine",
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    cluster: options.Cluster = None,
-    cluster_security: options.ClusterSecurity = None,
-    force: options.Force = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    memory: str,
+    block_rows: int | None,
+    cluster: api.Cluster | None,
+    force: bool,
+    report: Reporter,
 ) -> None:
     """Probe the gallery with a querybank: the statistics every normaliser needs, in one pass.
 
@@ -69,14 +67,13 @@ def command(
 
     Example: qbnorm probe --bank qbank.h5 --gallery-bank gbank.h5 --gallery data.h5::/gallery -o probe.h5 --beta 100 --sinkhorn
     """
-    report = Reporter(json_output, quiet, progress_mode)
     tuned = api.load_params(params_file) if params_file else None
     if tuned is not None:  # explicit options win; probe what the tuned setting needs
         method = methods.get(tuned["method"])
-        beta = beta or ([tuned["beta"]] if tuned["beta"] is not None else None)
-        gallery_beta = gallery_beta or ([tuned["gallery_beta"]] if tuned["gallery_beta"] is not None else None)
-        topk_mean = topk_mean or ([tuned["topk_mean"]] if tuned["topk_mean"] is not None else None)
-        k = k if k is not None else tuned["k"]
+        for name, parameter in methods.PARAMETERS.items():
+            keyword = parameter.many or name
+            if parameter.probed and probed[keyword] in (None, []) and tuned[name] is not None:
+                probed[keyword] = [tuned[name]] if parameter.many else tuned[name]
         if method.needs.gallery_bank and not (gallery_bank or gallery_bank_sims):
             raise UsageError(missing_bank(tuned, method.name, ("gallery_bank", "gallery_bank_sims")))
         if method.needs.dual_sinkhorn and not (gallery_bank or bank_gallery_bank_sims):
@@ -88,13 +85,12 @@ def command(
         method_names = [*(method_names or []), method.name]
     with report.capture():
         result = api.probe(
-            bank, gallery, betas=beta or [methods.DEFAULT_BETA], k=1 if k is None else k, gallery_bank=gallery_bank,
-            gallery_betas=gallery_beta or [methods.DEFAULT_GALLERY_BETA], topk_means=topk_mean,
-            keep_sorted=keep_sorted, sinkhorn=sinkhorn, sinkhorn_iters=sinkhorn_iters, sinkhorn_tol=sinkhorn_tol,
+            bank, gallery, **{name: value for name, value in probed.items() if value not in (None, [])},
+            gallery_bank=gallery_bank, keep_sorted=keep_sorted, sinkhorn=sinkhorn, sinkhorn_iters=sinkhorn_iters, sinkhorn_tol=sinkhorn_tol,
             sinkhorn_max_iters=sinkhorn_max_iters, bank_sims=bank_sims, gallery_bank_sims=gallery_bank_sims,
             bank_gallery_bank_sims=bank_gallery_bank_sims, transpose=transpose, similarity=similarity,
             memory=memory, block_rows=block_rows, output=output, force=force, progress=report.progress,
-            provenance=options.provenance(ctx), tuned=tuned, cluster=options.on_cluster(cluster, cluster_security),
+            provenance=options.provenance(ctx), tuned=tuned, cluster=cluster,
             methods=method_names)
     diag = result.diagnostics
     stats = scale.ScoreStats.from_attrs(result.attrs)

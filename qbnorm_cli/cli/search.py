@@ -7,10 +7,13 @@ from typing import Annotated
 import typer
 
 from qbnorm_cli import api
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 
 
+@shared.budget
+@shared.overwriting
+@shared.reporting
 def command(
     ctx: typer.Context,
     index: Annotated[str, typer.Option("--index", metavar="EXPORT", help="An export from `qbnorm export` (HDF5 file, or npy/faiss/lancedb directory).")],
@@ -23,14 +26,11 @@ def command(
     ef_search: Annotated[int | None, typer.Option("--ef-search", metavar="N", help="HNSW: candidate list while searching (default: the export's).")] = None,
     row_term: Annotated[bool, typer.Option("--row-term", help="Include the method's per-query row term (CSLS's r_q) in the scores: one more raw search; rankings do not change.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="Type of the written scores.")] = "float32",
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    force: options.Force = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    *,
+    memory: str,
+    block_rows: int | None,
+    force: bool,
+    report: Reporter,
 ) -> None:
     """Search an export: each query's N best gallery items under the exported method.
 
@@ -41,7 +41,6 @@ def command(
 
     Example: qbnorm search --index dis.index --queries q.h5 --top-k 100 -o dis-top100.h5 --check-recall 0.05
     """
-    report = Reporter(json_output, quiet, progress_mode)
     with report.capture():
         written = api.search(index, queries, top_k=top_k, check_recall=check_recall, backend=backend, nprobe=nprobe,
                              ef_search=ef_search, row_term=row_term, dtype=dtype, memory=memory,

@@ -8,13 +8,17 @@ import typer
 
 from qbnorm_cli import api, methods, plots
 from qbnorm_cli.api.tuning import best_per_method
-from qbnorm_cli.cli import options
+from qbnorm_cli.cli import options, shared
 from qbnorm_cli.cli.report import Reporter
 from qbnorm_cli.core import scale
 from qbnorm_cli.errors import QbnormError
 from qbnorm_cli.io.paramsfile import PARAMS_KIND
 
 
+@shared.budget
+@shared.overwriting
+@shared.reporting
+@shared.tried_parameters
 def command(
     ctx: typer.Context,
     output: Annotated[str, typer.Option("--output", "-o", metavar="PARAMS.json", help="Where to write the chosen settings (JSON).")],
@@ -29,19 +33,15 @@ def command(
     bank_gallery_bank_sims: Annotated[str | None, typer.Option("--bank-gallery-bank-sims", help="Precomputed bank × gallery-bank scores (dbsn without embeddings).")] = None,
     metric: Annotated[str, typer.Option("--metric", metavar="geom|R@1|R@5|R@10|MdR", help="What to maximise (MdR: minimise); geom = geometric mean of R@1, R@5, R@10.")] = "geom",
     methods_text: Annotated[str | None, typer.Option("--methods", metavar="M,M,…", help=f"Methods to try (default {','.join(m.name for m in methods.METHODS.values() if m.tuned and not m.dual)} and, with a gallery bank, {','.join(m.name for m in methods.METHODS.values() if m.tuned and m.dual)}; others on request).")] = None,
-    beta: Annotated[list[float] | None, typer.Option("--beta", help=f"β values to try instead of the default grid (repeatable; {methods.PARAMETERS['beta'].range_text}).")] = None,
-    gallery_beta: Annotated[list[float] | None, typer.Option("--gallery-beta", help="β₂ values to try for the dual methods (repeatable).")] = None,
+    *,
+    tried: dict,
     show_all: Annotated[bool, typer.Option("--all", help="Show every setting, not the best of each method.")] = False,
     plot: options.Plot = None,
     similarity: options.Similarity = "cosine",
-    memory: options.Memory = options.DEFAULT_MEMORY_TEXT,
-    block_rows: options.BlockRows = None,
-    force: options.Force = False,
-    json_output: options.Json = False,
-    quiet: options.Quiet = False,
-    progress_mode: options.Progress = options.DEFAULT_PROGRESS,
-    allow_external: options.AllowExternal = False,
-    max_output: options.MaxOutput = options.DEFAULT_MAX_OUTPUT_TEXT,
+    memory: str,
+    block_rows: int | None,
+    force: bool,
+    report: Reporter,
 ) -> None:
     """Evaluate methods × β × k … on validation data and write the best settings as JSON.
 
@@ -55,7 +55,6 @@ def command(
 
     Example: qbnorm tune --queries D::/val_queries --gallery D::/val_gallery --gt D::/val_gt --bank bank.h5 -o params.json
     """
-    report = Reporter(json_output, quiet, progress_mode)
     if plot is not None:
         plots.check_plot_target(plot, force=force, inputs=[i for i in (queries, gallery, sims, bank, gt) if i],
                                 what="tune --plot")
@@ -63,8 +62,7 @@ def command(
     with report.capture():
         result = api.tune(queries, gallery, gt, bank, sims=sims, bank_sims=bank_sims, gallery_bank=gallery_bank,
                           gallery_bank_sims=gallery_bank_sims, bank_gallery_bank_sims=bank_gallery_bank_sims,
-                          metric=metric, methods=names, betas=beta,
-                          gallery_betas=gallery_beta, similarity=similarity, memory=memory, block_rows=block_rows,
+                          metric=metric, methods=names, **tried, similarity=similarity, memory=memory, block_rows=block_rows,
                           output=output, force=force, progress=report.progress, provenance=options.provenance(ctx))
     ranked, best, raw, metric_name = result["ranked"], result["best"], result["raw"], result["metric"]
     shown = ranked if show_all else best_per_method(ranked)

@@ -1,27 +1,31 @@
 """The registry of methods: each built-in method is one module of this package, and methods of
 other packages plug in through the entry point group `qbnorm.methods` (docs/methods.md).
 
-Every module holds one `METHOD` (methods.base.Method): its formula and source, its parameters,
-the probe statistics it reads, how it builds its normaliser, and what it costs. `probe` computes
+Every module holds one `METHOD` (methods.base.Method): its formula and source, its parameters
+(those only it takes declared there, `Method.declares`, and added to PARAMETERS here), the probe
+statistics it reads, how it builds its normaliser, and what it costs. `probe` computes
 what the chosen methods need, `normalise` builds from it, `tune` walks the grid of every method's
 parameters, and the CLI's checks and help come from the same entries. A method's name is written
 in its own module only.
 
 A plug-in's entry point names a `Method` or a module holding `METHOD`. One that fails to load, or
-whose method is not valid (a name already taken, an unknown parameter, a default its parameter
-refuses), is left out: `PLUGIN_PROBLEMS` says why in one line naming its package, the library
+whose method is not valid (a name already taken, an unknown parameter or one of its own, a
+default its parameter refuses), is left out: `PLUGIN_PROBLEMS` says why in one line naming its package, the library
 warns once when the registry loads, and the CLI reports it with each command's warnings.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import itertools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
+from qbnorm_cli.core import scale
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.errors import QbnormWarning, UsageError, param
 from qbnorm_cli.methods.base import (
@@ -43,7 +47,8 @@ __all__ = [
     "BASELINE", "BETA_GRID", "BUILT_IN", "BUILT_IN_NAMES", "DEFAULT", "DEFAULT_BETA", "DEFAULT_GALLERY_BETA",
     "GALLERY_BETA_GRID", "KMAX_MIN", "METHODS", "ONE_PASS", "PARAMETERS", "PLUGIN_GROUP", "PLUGIN_PROBLEMS", "SCALED",
     "WHOLE_MAX", "Method", "Needs", "Parameter", "ProbeRequest", "build", "default_topk_means", "get", "grid",
-    "help_text", "label", "names", "plugins", "problem_with", "settings", "tuned_methods",
+    "help_text", "label", "method_defaults", "names", "plugins", "probed_default", "problem_with", "scale_warnings",
+    "scaled_grids", "settings", "takes_parameters", "tried", "tuned_methods", "unused_gate_warning",
 ]
 
 PLUGIN_GROUP = "qbnorm.methods"
@@ -62,6 +67,9 @@ def problem_with(method: object, taken: Mapping[str, Method]) -> str | None:
         return f"{type(method).__name__} is not a qbnorm_cli.methods.base.Method"
     if not isinstance(method.name, str) or not method.name or method.name in taken:
         return f"method name {method.name!r} is {'taken' if method.name in taken else 'not a name'}"
+    if method.declares:  # its options and keywords would meet the commands' own: qbnorm's declare them
+        return (f"{method.name}: declares parameter {method.declares[0].name!r}; a plug-in takes the registry's "
+                f"(known: {', '.join(PARAMETERS)})")
     unknown = [name for name in method.parameters if name not in PARAMETERS]
     if unknown:
         return f"{method.name}: unknown parameter {unknown[0]!r} (known: {', '.join(PARAMETERS)})"
@@ -96,10 +104,19 @@ def plugins(taken: dict[str, Method]) -> list[str]:
     return [" ".join(p.split()) for p in problems]
 
 
+def _declare(method: Method) -> None:
+    """Add the parameters a built-in method declares to PARAMETERS (each name once)."""
+    for parameter in method.declares:
+        if PARAMETERS.get(parameter.name, parameter) is not parameter or parameter.name not in method.parameters:
+            raise TypeError(f"{method.name}: parameter {parameter.name!r} is declared twice, or not taken")
+        PARAMETERS[parameter.name] = parameter
+
+
 def _registry() -> tuple[dict[str, Method], tuple[str, ...], tuple[str, ...]]:
     found: dict[str, Method] = {}
     for module in BUILT_IN:
         method = importlib.import_module(f"{__name__}.{module}").METHOD
+        _declare(method)
         found[method.name] = method
     built_in = tuple(found)
     return found, built_in, tuple(plugins(found))
@@ -136,9 +153,36 @@ def help_text() -> str:
     return "\n\n".join(f"{m.name}: {m.help}. Cost: {m.cost}." for m in METHODS.values())
 
 
+def method_defaults(name: str) -> tuple:
+    """Every method's default of parameter `name` (that has one), sorted."""
+    return tuple(sorted({m.default(name) for m in METHODS.values()
+                         if name in m.parameters and m.default(name) is not None}))
+
+
 def default_topk_means() -> tuple[int, ...]:
     """The K of every method's default mean-of-top-K statistic (what probe computes by default)."""
-    return tuple(sorted({int(m.default("topk_mean")) for m in METHODS.values() if "topk_mean" in m.parameters}))
+    return tuple(int(v) for v in method_defaults("topk_mean"))
+
+
+def probed_default(parameter: Parameter) -> str:
+    """What probe computes for a parameter when given none: its probe default, its default, or every
+    method's (each K of the mean-of-top-K statistics)."""
+    if parameter.probe_default is not None:
+        return f"{parameter.probe_default:g}"
+    if parameter.default is not None:
+        return f"{parameter.default:g}"
+    return " and ".join(f"{v:g}" for v in method_defaults(parameter.name))
+
+
+def scaled_grids(stats) -> dict[str, list[float]]:
+    """The grids that follow the score scale (β, β₂), for bank scores of these statistics."""
+    return {name: scale.beta_grid(p.grid, stats) for name, p in PARAMETERS.items() if p.scaled}
+
+
+def tried(given: Mapping[str, list | None]) -> dict[str, list]:
+    """tune's values instead of a parameter's grid, given by its plural keyword (betas=[…]), checked."""
+    by_many = {p.many: p for p in PARAMETERS.values() if p.many}
+    return {by_many[many].name: [by_many[many].check(v) for v in values] for many, values in given.items() if values}
 
 
 def settings(method: Method, given: Mapping[str, object], probe) -> dict:
@@ -155,6 +199,45 @@ def settings(method: Method, given: Mapping[str, object], probe) -> dict:
             value = probe.default_gallery_beta()
         out[name] = PARAMETERS[name].check(value)
     return out
+
+
+def takes_parameters(func):
+    """`func(…, *, method, …, **parameters)` takes every parameter of the registry as a keyword-only
+    option (left out or None: the method's default), listed after `method` in its signature (help(),
+    editors); a keyword that is neither its own nor a parameter is a TypeError, as Python's own."""
+    signature = inspect.signature(func)
+    own = {name for name, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD}
+
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        unknown = [name for name in kwargs if name not in own and name not in PARAMETERS]
+        if unknown:
+            raise TypeError(f"{func.__name__}() got an unexpected keyword argument {unknown[0]!r}")
+        return func(*args, **kwargs)
+
+    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                  annotation=f"{p.kind.__name__} | None") for name, p in PARAMETERS.items()]
+    parameters = []
+    for parameter in signature.parameters.values():  # the method's parameters after `method`
+        if parameter.kind is not parameter.VAR_KEYWORD:
+            parameters += [parameter, *keywords] if parameter.name == "method" else [parameter]
+    call.__signature__ = signature.replace(parameters=parameters)
+    return call
+
+
+def scale_warnings(values: Mapping, probe) -> list[str]:
+    """A warning for each scale (β, β₂) of a setting that looks wrong for its bank's scores
+    (core.scale.beta_warning; a small β₂ of a gallery bank is a gentle correction, not a mistake)."""
+    found = [scale.beta_warning(values[name], scale.ScoreStats.from_attrs(probe.attrs, p.bank),
+                                *((name, False) if p.bank else ()))
+             for name, p in PARAMETERS.items() if p.scaled and name in values]
+    return [w for w in found if w]
+
+
+def unused_gate_warning(method: Method, values: Mapping, k: int) -> str:
+    """Why a gated method's gate is closed on every item: no hub in the activation set."""
+    return (f"no gallery item is in the top-{k} of {values.get('min_count', 1)} or more bank queries: "
+            f"{method.name} leaves every row raw; lower {param('min_count')}")
 
 
 def build(method: Method, probe, values: Mapping) -> Normaliser:

@@ -32,14 +32,19 @@ SINKHORN_COST = ("probe --sinkhorn: two passes (a float64 exp per {scores}), the
                  "plain retrieval plus an O(gallery) offset")
 
 
+DEFAULT_BETA = 20.0          # for cosine similarities (QB-Norm's setting)
+DEFAULT_GALLERY_BETA = 1.0   # a gentle mean-score correction from the gallery bank
 MAX_SCALE = 1e12  # β, β₂: far beyond any score scale's (tune's grids reach 20/σ), so β·S stays finite
 MAX_WEIGHT = 1e6  # α, λ: weights of offsets on the scores' scale
 
 
 @dataclass(frozen=True)
 class Parameter:
-    """A parameter and its finite range, declared once: the library's keyword (the CLI's flag is
-    --name, dashes for underscores), checked by `check`, shown by `range_text` in help and errors."""
+    """A parameter, declared once: the library's keyword (the CLI's flag is --name, dashes for
+    underscores, unless `flag` says otherwise), its kind and finite range (checked by `check`,
+    shown by `range_text`), its default, its help, the symbol people write, and the values `tune`
+    tries. The commands' options (cli/options.py), the library's keyword checks, the params file
+    and the figures' labels all come from it."""
 
     name: str
     kind: type
@@ -50,6 +55,15 @@ class Parameter:
     maximum: float | None = None         # at most this (whole numbers: WHOLE_MAX, what a file can record)
     symbol: str = ""                     # how people write it (tables, figure labels); the name when empty
     choices: tuple[str, ...] = ()        # a word (kind str): one of these
+    flag: str = ""                       # the CLI's option when not --name (a Python keyword: lam → --lambda)
+    metavar: str = ""                    # how the option's value is shown in help
+    grid: tuple = ()                     # what tune tries for a method whose grid names it SCALED
+    scaled: bool = False                 # a score scale: the grid follows the scores (core.scale.beta_grid)
+    many: str = ""                       # the keyword for several values (probe and tune: betas=[…])
+    unset: str = ""                      # what a missing value means when there is no default
+    bank: str = ""                       # a scale: whose scores it scales ("": the bank's, "gallery_": …)
+    probed: str = ""                     # what probe precomputes for it (probe's option; repeatable with `many`)
+    probe_default: float | None = None   # probe's value when none is given (None: the default, or each method's)
 
     @property
     def upper(self) -> float | int | None:
@@ -67,6 +81,38 @@ class Parameter:
     @property
     def shown(self) -> str:
         return self.symbol or self.name
+
+    @property
+    def shown_value(self) -> str:
+        """How the option's value is shown in help: the metavar, or a word's choices."""
+        return self.metavar or "|".join(self.choices)
+
+    @property
+    def option(self) -> str:
+        """The CLI's spelling: --name (dashes for underscores), or `flag`."""
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def option_help(self) -> str:
+        """The option's help: what it is, its range and its default."""
+        default = self.unset if self.default is None else str(self.default) if self.choices else f"{self.default:g}"
+        shown = [self.range_text] if self.kind is float else []  # a whole number's bound is what files hold
+        shown += [f"default: {default}" if self.default is None else f"default {default}"] if default else []
+        first = self.help[0].upper() if self.help[0].isascii() else self.help[0]  # β₂ stays β₂
+        return f"{first}{self.help[1:]} ({'; '.join(shown)})."
+
+    @property
+    def tried_help(self) -> str:
+        """tune's option: the values to try instead of the grid."""
+        return f"{self.shown} values to try instead of the grid, which follows the score scale (repeatable; " \
+               f"{self.range_text})."
+
+    def probed_help(self, defaults: str) -> str:
+        """probe's option: what it precomputes (`defaults`: when none is given)."""
+        repeatable = "repeatable; " if self.many else ""
+        shown = f"{self.range_text}; " if self.kind is float else ""
+        return f"{self.probed[0].upper() if self.probed[0].isascii() else self.probed[0]}{self.probed[1:]} " \
+               f"({repeatable}{shown}default {defaults})."
 
     def check(self, value):
         """The value as `kind`, or UsageError naming the parameter and its range."""
@@ -95,24 +141,25 @@ class Parameter:
         return number
 
 
+# The parameters several methods (and plug-ins) take; a method module declares its own parameters
+# (Method.declares), and the registry (qbnorm_cli.methods) adds them here as it collects the methods.
 PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
-    Parameter("beta", float, "inverse temperature β of the inverted softmax (β₁ of the dual methods); "
-              "default: the probe's", minimum=0, exclusive=True, maximum=MAX_SCALE, symbol="β"),
-    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1),
-    Parameter("gallery_beta", float, "β₂ of the gallery bank; default: the probe's", minimum=0, exclusive=True,
-              maximum=MAX_SCALE, symbol="β₂"),
-    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, symbol="K"),
+    Parameter("beta", float, "inverse temperature β of the inverted softmax, β₁ of the dual methods",
+              minimum=0, exclusive=True, maximum=MAX_SCALE, symbol="β", unset="the probe's", grid=BETA_GRID,
+              scaled=True, many="betas", probed="inverted-softmax temperature(s) to precompute, the default for "
+              "cosine scores", probe_default=DEFAULT_BETA),
+    Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1,
+              probed="top-k of each bank query that forms the DIS activation set"),
+    Parameter("gallery_beta", float, "β₂ of the gallery bank, for the dual methods", minimum=0, exclusive=True,
+              maximum=MAX_SCALE, symbol="β₂", unset="the probe's", grid=GALLERY_BETA_GRID, scaled=True,
+              many="gallery_betas", bank="gallery_", probed="β₂ value(s) for the gallery bank",
+              probe_default=DEFAULT_GALLERY_BETA),
+    Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, symbol="K", metavar="K",
+              unset="the method's", many="topk_means", probed="K for mean-of-top-K statistics"),
     Parameter("alpha", float, "weight α of the gallery offset", default=0.75, minimum=-MAX_WEIGHT,
               maximum=MAX_WEIGHT, symbol="α"),
-    Parameter("min_count", int, "θ: an item is a hub when it is in the top-k of at least θ bank queries",
-              default=1, minimum=1, symbol="θ"),
-    Parameter("lam", float, "weight λ of the mean bank embedding (Distribution Normalisation)", default=0.25,
-              minimum=0, maximum=MAX_WEIGHT, symbol="λ"),
-    Parameter("gamma", float, "exponent γ of the bank offset (localized centering: S − α·b_j^γ)", default=1.0,
-              minimum=0, maximum=MAX_WEIGHT, symbol="γ"),
-    Parameter("mp", str, "how Mutual Proximity models a score's distribution: gauss (Gaussian fits) or empiric "
-              "(empirical distribution functions)", default="gauss", choices=("gauss", "empiric")),
 )}
+SHARED = tuple(PARAMETERS)  # the names of those several methods take
 
 
 @dataclass(frozen=True)
@@ -149,6 +196,7 @@ class Method:
     default_method: bool = False  # what normalise, export and tune use when no method is named
     cost: str = ONE_PASS      # what probe and normalise pay for it
     needs_of: Callable[[Mapping], Needs] | None = None  # needs that depend on parameter values
+    declares: tuple[Parameter, ...] = ()  # the parameters it introduces (named in `parameters` too)
 
     def needs_for(self, values: Mapping) -> Needs:
         """What the probe must hold for these parameter values."""
@@ -162,8 +210,6 @@ class Method:
         """Whether it needs a gallery bank (H, or the bank × gallery-bank scores PB)."""
         return self.needs.gallery_bank or self.needs.dual_sinkhorn
 
-DEFAULT_BETA = 20.0          # for cosine similarities (QB-Norm's setting)
-DEFAULT_GALLERY_BETA = 1.0   # a gentle mean-score correction from the gallery bank
 KMAX_MIN = 10                # probe keeps at least this many top items per bank row
 
 

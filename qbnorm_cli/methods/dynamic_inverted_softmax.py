@@ -3,7 +3,10 @@ on the rows whose raw top-1 is in the activation set A (the items in the top-k o
 queries), the raw scores elsewhere."""
 
 from qbnorm_cli.core.normalisers import Normaliser
-from qbnorm_cli.methods.base import SCALED, Method, Needs
+from qbnorm_cli.methods.base import SCALED, Method, Needs, Parameter
+
+MIN_COUNT = Parameter("min_count", int, "activation set: an item is a hub when it is in the top-k of at least θ bank "
+                      "queries", default=1, minimum=1, symbol="θ", metavar="θ")
 
 
 def build(probe, p) -> Normaliser:
@@ -16,4 +19,5 @@ METHOD = Method(
     "Bogolin et al., CVPR 2022, Sec. 3.4: IS on the rows whose raw top-1 is in the activation set A "
     "(items in the top-k of some bank query), raw scores elsewhere",
     ("beta", "k", "min_count"), build, Needs(log_norm=True, neighbors=True),
-    grid={"beta": SCALED, "k": (1, 2, 5), "min_count": (1, 3, 5)}, log_domain=True, default_method=True)
+    grid={"beta": SCALED, "k": (1, 2, 5), "min_count": (1, 3, 5)}, log_domain=True, default_method=True,
+    declares=(MIN_COUNT,))

@@ -20,8 +20,10 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from qbnorm_cli.core.normalisers import Normaliser
-from qbnorm_cli.methods.base import Method, Needs
+from qbnorm_cli.methods.base import Method, Needs, Parameter
 
+KIND = Parameter("mp", str, "how Mutual Proximity models a score's distribution: gauss (Gaussian fits) or empiric "
+                 "(empirical distribution functions)", default="gauss", choices=("gauss", "empiric"))
 SPREAD_FLOOR = 1e-12  # a constant row or column: its standardised scores stay finite
 NOT_EXPORTABLE = ("mp scores each pair from both sides' score distributions: no inner-product index ranks as it "
                   "does (export ls, nicdm or dsl, or rank with normalise --top-k)")
@@ -125,7 +127,7 @@ METHOD = Method(
     "mp", "Mutual Proximity: P(s beats a random score of q) · P(s beats a random score of j), Gaussian or empirical "
           "(Schnitzer et al. JMLR 2012)",
     "Schnitzer et al., JMLR 2012: MP = Φ((s − μ_q)/σ_q)·Φ((s − μ_j)/σ_j) (gauss) or F_q(s)·F_j(s) (empiric)",
-    ("mp",), build, needs({}), grid={"mp": ("gauss", "empiric")}, needs_of=needs, log_domain=True,
+    ("mp",), build, needs({}), grid={"mp": ("gauss", "empiric")}, needs_of=needs, log_domain=True, declares=(KIND,),
     cost="probe: one pass over bank × gallery, plus the gallery's d × d second moment (gauss) or every bank score "
          "kept sorted (empiric, O(bank × gallery) storage); normalise: two log Φ per score (gauss) or a binary "
          "search per score (empiric), on each row's raw top candidates only with --top-k")

@@ -6,7 +6,10 @@ negative means stay defined."""
 import numpy as np
 
 from qbnorm_cli.core.normalisers import Normaliser
-from qbnorm_cli.methods.base import Method, Needs
+from qbnorm_cli.methods.base import MAX_WEIGHT, Method, Needs, Parameter
+
+GAMMA = Parameter("gamma", float, "exponent γ of nnn's bank offset S − α·b_j^γ, localized centering", default=1.0,
+                  minimum=0, maximum=MAX_WEIGHT, symbol="γ", metavar="G")
 
 
 def build(probe, p) -> Normaliser:
@@ -21,4 +24,4 @@ METHOD = Method(
     "Chowdhury et al., EMNLP 2024: S[q, j] − α·b_j, b_j = mean of the k largest P[:, j]; "
     "Hara et al., AAAI 2015 (localized centering): S[q, j] − α·b_j^γ",
     ("topk_mean", "alpha", "gamma"), build, Needs(topk_mean=True), defaults={"topk_mean": 128},
-    grid={"topk_mean": (16, 64, 128), "alpha": (0.5, 0.75, 1.0)})
+    grid={"topk_mean": (16, 64, 128), "alpha": (0.5, 0.75, 1.0)}, declares=(GAMMA,))
