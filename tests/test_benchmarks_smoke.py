@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Left out of .ci/run's reruns under other BLAS kernels (those are for tolerances): slow, and
+# testing the benchmark runner's plumbing (each test starts several processes); no tolerance to hold
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -212,7 +216,6 @@ def test_adversarial_hubs(tmp_path):
         assert r["methods"]["none"]["top1"] > 50  # the raw retrieval falls for them
 
 
-@pytest.mark.slow
 def test_equivalence_against_head(tmp_path):
     """benchmarks.equivalence compares this checkout with a revision checked out beside it; against
     HEAD, with nothing changed, its outputs are byte-identical (one method keeps it short)."""

@@ -39,6 +39,10 @@ from qbnorm_cli.errors import DataError
 from qbnorm_cli.io.hdf5 import ATTRIBUTE_CHECKSUMS
 from qbnorm_cli.io.specs import open_array
 
+# Left out of .ci/run's reruns under other BLAS kernels (those are for tolerances): slow, and
+# testing damaged inputs refused with one line (a process per case); no arithmetic compared
+pytestmark = pytest.mark.slow
+
 SCALE = int(os.environ.get("QBNORM_DAMAGE_SCALE", "1"))
 EVERY_CONSUMER = os.environ.get("QBNORM_DAMAGE_EVERY_CONSUMER") == "1"  # byte damage: not one in turn
 SEED = int(os.environ.get("QBNORM_DAMAGE_SEED", "0"))  # other random positions (exploration)

@@ -26,6 +26,11 @@ from helpers import run
 from qbnorm_cli.io import atomic, indexfile, staging
 from qbnorm_cli.io.stores import base, npydirectory
 
+# Left out of .ci/run's reruns under other BLAS kernels (those are for tolerances): slow, and
+# testing what happens to outputs on hostile paths and failures (processes, file systems); no
+# arithmetic compared
+pytestmark = pytest.mark.slow
+
 D = 8
 THEIRS = b"written by another process: must survive"
 
