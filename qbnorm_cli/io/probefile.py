@@ -42,7 +42,7 @@ import numpy as np
 from qbnorm_cli.core.sinkhorn import SinkhornResult
 from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurrence
 from qbnorm_cli.errors import UsageError, param
-from qbnorm_cli.io import schemas
+from qbnorm_cli.io import fileschema, schemas
 from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.hdf5 import has_checksum, open_qbnorm, reading
 from qbnorm_cli.methods import DEFAULT_BETA
@@ -74,7 +74,7 @@ class CheckedRows:
     """A probe file's dataset read by row slices (the sorted bank scores, for gc): each slice read
     through `reading` and checked against the schema's declared values."""
 
-    def __init__(self, ds: h5py.Dataset, layout: schemas.Layout):
+    def __init__(self, ds: h5py.Dataset, layout: fileschema.Layout):
         self.ds, self.layout = ds, layout
         self.shape = tuple(ds.shape)
 
@@ -136,7 +136,7 @@ class Probe:
 
     def __init__(self, datasets, attrs: dict, *, path: str | None = None, params: dict | None = None,
                  inputs: list | None = None, warnings: list[str] | None = None,
-                 layout: schemas.Layout | None = None):
+                 layout: fileschema.Layout | None = None):
         self.datasets = datasets  # {name: Stored} in memory, or an open h5py.File
         self.layout = layout      # what schemas.check found in the file (None in memory)
         self.attrs = dict(attrs)

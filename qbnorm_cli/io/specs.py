@@ -18,7 +18,7 @@ import numpy as np
 
 from qbnorm_cli.core.sampling import spread
 from qbnorm_cli.errors import DataError, RuntimeFailure, UsageError, one_line
-from qbnorm_cli.io import foreign, formats, schemas
+from qbnorm_cli.io import fileschema, foreign, formats, schemas
 from qbnorm_cli.io.hdf5 import (
     HDF5_ERRORS,
     check_readable,
@@ -74,7 +74,7 @@ class ArrayInput:
     h5: h5py.File | None = None
     name: str | None = None
     transposed: bool = False  # read transposed: `array` is a `Transposed` view of the stored one
-    layout: schemas.Layout | None = None  # a qbnorm file: what its schema check found
+    layout: fileschema.Layout | None = None  # a qbnorm file: what its schema check found
     origin: formats.Opened | None = None  # a file of io/formats (Parquet, shards, …): what was read
     external: tuple[str, ...] = ()  # other files reading it reads (allowed external storage, links, VDS)
 
@@ -358,7 +358,7 @@ def format_input(spec: str, opened: formats.Opened, ndim: tuple[int, ...]) -> Ar
 
 
 def dataset_input(h5: h5py.File, path: str, dataset: str | None, ndim: tuple[int, ...] = (2,), *,
-                  kind: str | None = None, layout: schemas.Layout | None = None, spec: str | None = None,
+                  kind: str | None = None, layout: fileschema.Layout | None = None, spec: str | None = None,
                   owner: bool = True) -> ArrayInput:
     """One dataset of an open HDF5 file (its kind's default dataset when `dataset` is None) as an
     ArrayInput; `owner`: closing the input closes the file."""

@@ -24,7 +24,8 @@ from qbnorm_cli.core.sampling import spread
 from qbnorm_cli.errors import DataError, RuntimeFailure, one_line, param
 from qbnorm_cli.io.atomic import OutputDirectory, jsonable
 from qbnorm_cli.io.extras import need
-from qbnorm_cli.io.schemas import INDEX_RECIPE_FORMAT, check_recipe, check_values
+from qbnorm_cli.io.fileschema import check_values
+from qbnorm_cli.io.schemas import INDEX_RECIPE_FORMAT, check_recipe
 from qbnorm_cli.io.specs import ArrayInput, open_npy
 from qbnorm_cli.io.stores.manifest import RECIPE_FILE, write_manifest
 from qbnorm_cli.version import FORMAT_VERSION
