@@ -1,6 +1,7 @@
 """The package's shape, checked from its source: imports point one way (cli → api → streaming → io
 → methods → core), without cycles or private names across modules; each method's name is written
-in its own module only; the CLI's commands hold no numerical code; the library prints nothing."""
+in its own module only; the CLI's commands hold no numerical code; the library prints nothing; no
+module is over 600 lines."""
 
 from __future__ import annotations
 
@@ -224,3 +225,15 @@ def test_the_library_never_prints():
                 for node in ast.walk(tree)
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
     assert not printing, printing
+
+
+MOST_LINES = 600  # a module longer than this holds more than one concern (issue 25)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_is_over_the_line_limit(name):
+    """One module per concern: none over MOST_LINES lines (cluster.py had 1037, schemas.py 936)."""
+    path = PACKAGE.joinpath(*name.split(".")[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= MOST_LINES, f"{path.relative_to(PACKAGE.parent)}: {lines} lines"
