@@ -102,12 +102,15 @@ class Sinkhorn:
     iters: exactly this many plain iterations; otherwise until the change is below tol, at most
     max_iters, over-relaxed (see the module's docstring) unless `accelerate` is False. log_v: a
     start for the bank scalings other than POT's (pass 0, the first v-update, is then skipped: the
-    first pass is a u-update from these).
+    first pass is a u-update from these). log_u: a start for the item scalings other than POT's (the
+    first pass is then the v-update from these); not with log_v.
     """
 
     def __init__(self, beta: float, n_bank: int, n_rows: int, *, iters: int | None = None,
                  tol: float = DEFAULT_TOL, max_iters: int = DEFAULT_MAX_ITERS,
-                 log_v: np.ndarray | None = None, accelerate: bool = True):
+                 log_v: np.ndarray | None = None, log_u: np.ndarray | None = None, accelerate: bool = True):
+        if log_u is not None and log_v is not None:
+            raise ValueError("a start is log_u or log_v, not both")
         self.beta = float(beta)
         self.accelerate = bool(accelerate)
         self.n_bank, self.n_rows = int(n_bank), int(n_rows)
@@ -135,6 +138,20 @@ class Sinkhorn:
         self.done = False
         self._max = self._sum = None
         self._du = self._row_error = 0.0
+        self._begun = False                   # a pass has begun
+        if log_u is not None:
+            self.start_from(log_u)
+
+    def start_from(self, log_u: np.ndarray) -> None:
+        """Start from these item scalings instead of POT's: the first pass is the v-update from them.
+        Before the first pass only; never for fixed iterations (the paper's runs start as POT starts)."""
+        if self.iters is not None or self._begun or self.phase != FIRST:
+            raise ValueError("a start is set before the first pass of a converging run")
+        log_u = np.array(log_u, dtype=np.float64)
+        if log_u.shape != (self.n_rows,) or not np.isfinite(log_u).all():
+            raise ValueError(f"log_u must hold {self.n_rows} finite values")
+        self.log_u = log_u
+        self.absorbed_u = log_u.copy()
 
     @property
     def first(self) -> bool:
@@ -154,6 +171,7 @@ class Sinkhorn:
         return self.done and self.iters is None and not self.converged
 
     def begin_pass(self) -> None:
+        self._begun = True
         self._max = np.full(self.n_bank, -np.inf) if self.first else None
         self._sum = np.zeros(self.n_bank)
         self._du = self._row_error = 0.0
