@@ -259,9 +259,9 @@ def test_the_budget_decides_what_is_held():
     kernel_only = plan([scores], Budget(memory=800_000))            # the kernel first, then no room for scores
     every = set(range(len(kernel_only.blocks)))
     assert kernel_only.kernels == {(0, n) for n in every} and kernel_only.scores == set()
-    part = plan([scores], Budget(memory=700_000))                  # not within half: the scores' blocks that fit
-    assert 0 < len(part.scores) < len(part.blocks) and part.kernels == set()
-    assert sum(4 * 1000 * (part.blocks[n].c1 - part.blocks[n].c0) for n in part.scores) <= 350_000
+    part = plan([scores], Budget(memory=700_000))                  # not within half: one β's kernel blocks that fit
+    assert 0 < len(part.kernels) < len(part.blocks) and part.scores == set()  # (each saves a product and an exp)
+    assert sum(4 * 1000 * (part.blocks[n].c1 - part.blocks[n].c0) for _, n in part.kernels) <= 350_000
     two = plan([scores], Budget(memory=1 << 20), counts=(1, 1))     # two β's kernels do not fit: the scores
     assert two.scores == set(range(len(two.blocks)))                  # first, then the kernel blocks that fit
     assert all(len({n for p, n in two.kernels if p == problem}) < len(two.blocks) for problem in (0, 1))

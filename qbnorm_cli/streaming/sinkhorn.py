@@ -7,15 +7,15 @@ once, for all the problems (β values, SN and DBSN) still iterating; a block is 
 transposed (items × bank queries, float32), its items split over the cores.
 
 What is held, within HELD_SHARE of the budget: every problem's float32 kernel when they all fit (an
-iteration over a held block is two matrix–vector products), then the float32 scores of the blocks
-that still fit; when not every kernel fits, the scores first (shared by every β), then the kernels
-that fit, block by block (the passes that need scores: the first, and the
-kernel builds; and a block whose kernel is not held gets its kernel from them with one exp per
-score). Between the first pass and the build, a held kernel's room holds its block's scores, so
-that the build need not compute them again. The rest is recomputed (or re-read) tile by tile
-whenever a pass needs it: the product of the bank with a block of columns, so each recomputed pass
-costs about one product. Held and
-recomputed blocks apply the same arithmetic to the same float32 values: the same result, to the
+iteration over a held block is two matrix–vector products), or with one problem the kernel blocks
+that fit, then the float32 scores of the blocks that still fit; when not every kernel of several
+problems fits, the scores first (shared by every β), then the kernels that fit, block by block
+(the passes that need scores: the first, and the kernel builds; and a block whose kernel is not
+held gets its kernel from them with one exp per score). Between the first pass and the build, a
+held kernel's room holds its block's scores, so that the build need not compute them again. The
+rest is recomputed (or re-read) tile by tile whenever a pass needs it: the product of the bank
+with a block of columns, so each recomputed pass costs about one product. Held and recomputed
+blocks apply the same arithmetic to the same float32 values: the same result, to the
 bit. Reductions are float64.
 
 Cost: one pass to start (the first v-update), one to build the kernel (iteration 1), then one pass
@@ -94,10 +94,12 @@ def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = No
               if block.segment < count]
     size_of = lambda number, per_score: per_score * n_bank * (blocks[number].c1 - blocks[number].c0)
     every_kernel = sum(size_of(number, KERNEL_BYTES_PER_SCORE) for _, number in wanted)
-    # every kernel when they all fit; otherwise the scores first (shared by every β: a β whose
-    # kernel is not held then costs an exp per score, not a product), then the kernels that fit
-    all_fit = hold is not None or budget.fits(every_kernel, HELD_SHARE)
-    order = ["kernels", "scores"] if all_fit else ["scores", "kernels"]
+    # every kernel when they all fit, or the kernel blocks that fit when there is one problem (a
+    # held kernel block saves its product and its exp, held scores only the product); otherwise the
+    # scores first (shared by every β: a β whose kernel is not held then costs an exp per score, not
+    # a product), then the kernels that fit
+    kernels_first = hold is not None or len(counts) == 1 or budget.fits(every_kernel, HELD_SHARE)
+    order = ["kernels", "scores"] if kernels_first else ["scores", "kernels"]
     for what in order:
         items = wanted if what == "kernels" else list(range(len(blocks)))
         for item in items:
