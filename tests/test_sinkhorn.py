@@ -639,3 +639,16 @@ def test_a_log_u_start_is_a_v_update_from_it(rnd):
     state.begin_pass()
     with pytest.raises(ValueError, match="before the first pass"):
         state.start_from(start)
+
+
+def test_a_vanished_kernel_row_is_one_error_and_no_warning():
+    """The kernel pass checks its rows once after the products: a row of zeros raises, warning nothing."""
+    state = Sinkhorn(1.0, 4, 3)
+    state.phase = "kernel"
+    state.begin_pass()
+    kernel = np.ones((3, 4), dtype=np.float32)
+    kernel[1] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FloatingPointError, match="kernel row vanished"):
+            state.step(kernel, 0)

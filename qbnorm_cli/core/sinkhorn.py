@@ -266,15 +266,15 @@ class Sinkhorn:
         new = self.scale_u[r0:r0 + n]
         buf = self._buffer(n, PRODUCT_PIECE_BYTES)
         v = np.exp(self.scale_v)
-        for a, b in _pieces(*kernel_t.shape, PRODUCT_PIECE_BYTES):
-            k = buf[:b - a]
-            k[...] = kernel_t[a:b]                          # exact: float32 → float64
-            np.matmul(k, v, out=row_sum[a:b])
-            if update:
-                with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a vanished row: raised below
+            for a, b in _pieces(*kernel_t.shape, PRODUCT_PIECE_BYTES):
+                k = buf[:b - a]
+                k[...] = kernel_t[a:b]                          # exact: float32 → float64
+                np.matmul(k, v, out=row_sum[a:b])
+                if update:
                     plain = -math.log(self.n_rows) - np.log(row_sum[a:b])
-                new[a:b] = plain if self.omega == 1.0 else old[a:b] + self.omega * (plain - old[a:b])
-            mass += np.exp(new[a:b]) @ k
+                    new[a:b] = plain if self.omega == 1.0 else old[a:b] + self.omega * (plain - old[a:b])
+                mass += np.exp(new[a:b]) @ k
         change = 0.0
         if update:
             if not (row_sum > 0).all():
