@@ -237,3 +237,16 @@ def test_no_module_is_over_the_line_limit(name):
     path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MOST_LINES, f"{path.relative_to(PACKAGE.parent)}: {lines} lines"
+
+
+def test_starting_a_command_imports_no_scipy_special():
+    """scipy.special takes longer to import than a small command takes to run (issue 30's regressions:
+    main's start-up was 0.5 s slower than d73bd3c's, most of it this); only mp's Gaussian fit needs it."""
+    import subprocess
+    import sys
+
+    script = ("import sys, qbnorm_cli, qbnorm_cli.cli\n"
+              "print(sorted(m for m in sys.modules if m.startswith('scipy.special')))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -259,9 +259,9 @@ def test_the_budget_decides_what_is_held():
     kernel_only = plan([scores], Budget(memory=800_000))            # the kernel first, then no room for scores
     every = set(range(len(kernel_only.blocks)))
     assert kernel_only.kernels == {(0, n) for n in every} and kernel_only.scores == set()
-    part = plan([scores], Budget(memory=700_000))                  # not within half: the scores' blocks that fit
-    assert 0 < len(part.scores) < len(part.blocks) and part.kernels == set()
-    assert sum(4 * 1000 * (part.blocks[n].c1 - part.blocks[n].c0) for n in part.scores) <= 350_000
+    part = plan([scores], Budget(memory=700_000))                  # not within half: one β's kernel blocks that fit
+    assert 0 < len(part.kernels) < len(part.blocks) and part.scores == set()  # (each saves a product and an exp)
+    assert sum(4 * 1000 * (part.blocks[n].c1 - part.blocks[n].c0) for _, n in part.kernels) <= 350_000
     two = plan([scores], Budget(memory=1 << 20), counts=(1, 1))     # two β's kernels do not fit: the scores
     assert two.scores == set(range(len(two.blocks)))                  # first, then the kernel blocks that fit
     assert all(len({n for p, n in two.kernels if p == problem}) < len(two.blocks) for problem in (0, 1))
@@ -565,3 +565,90 @@ def test_a_probe_in_memory_saves_and_loads_its_potentials(tmp_path, probed):
                 np.testing.assert_array_equal(loaded.sinkhorn_log_u(beta, dual), probed.sinkhorn_log_u(beta, dual))
         np.testing.assert_array_equal(loaded.column_mean(), probed.column_mean())
         assert loaded.params["sinkhorn_tol"] == 1e-9
+
+
+# --- warm starts: several β of one probe, each from the solutions of the others ---------------------
+
+def several(P, betas, *, warm, budget=Budget(), iters=None, PB=None):
+    """The states of sn (and dbsn) runs of every β, run together by run_sinkhorn."""
+    kind = {"iters": iters} if iters is not None else {"tol": 1e-9}
+    states = [(Sinkhorn(beta, P.shape[0], P.shape[1], **kind), 1) for beta in betas]
+    segments = [matrix(P)]
+    if PB is not None:
+        states += [(Sinkhorn(beta, P.shape[0], P.shape[1] + PB.shape[1], **kind), 2) for beta in betas]
+        segments.append(matrix(PB))
+    run_sinkhorn(segments, states, budget, warm=warm)
+    return [state for state, _ in states]
+
+
+@pytest.mark.parametrize("betas", [[1.0, 1.5, 2.0], [20.0, 30.0, 40.0, 50.0]])
+def test_warm_starts_reach_the_same_fixed_point_in_fewer_iterations(rnd, betas):
+    """Each β after the first starts from the others' solutions: fewer iterations to the same
+    tolerance, the same scalings up to Sinkhorn's constant (u·c, v/c), the same rankings."""
+    PB = random_pb()
+    cold = several(rnd.P, betas, warm=False, PB=PB)
+    warm = several(rnd.P, betas, warm=True, PB=PB)
+    assert sum(s.iterations for s in warm) < sum(s.iterations for s in cold)
+    for before, state in zip(cold, warm, strict=True):
+        assert state.converged and state.iterations <= before.iterations
+        rows = np.hstack([rnd.P, PB]) if state.n_rows > N_GALLERY else rnd.P
+        if state.beta <= 2.0:  # where Birkhoff's rate bounds the distance to the fixed point
+            assert_same_fixed_point(state.log_u, rows, state.beta)
+        # a change below tol bounds the distance only up to 1/(1 − κ): checked against the cold run
+        assert oscillation(state.log_u - before.log_u) < 1e-5
+        n = N_GALLERY
+        np.testing.assert_array_equal(np.argsort(rnd.S + state.log_u[:n] / state.beta, axis=1, kind="stable"),
+                                      np.argsort(rnd.S + before.log_u[:n] / state.beta, axis=1, kind="stable"))
+    assert warm[0].iterations == cold[0].iterations  # the first β starts cold
+    np.testing.assert_array_equal(warm[0].log_u, cold[0].log_u)
+
+
+def test_warm_starts_only_where_the_scores_are_held(rnd):
+    """Run apart, the β would each recompute the scores of their first pass and build: not warm-started."""
+    cold = several(rnd.P, [20.0, 30.0], warm=False, budget=Budget(block_rows=5))
+    warm = several(rnd.P, [20.0, 30.0], warm=True, budget=Budget(block_rows=5))
+    for before, state in zip(cold, warm, strict=True):
+        np.testing.assert_array_equal(state.log_u, before.log_u)
+        assert state.iterations == before.iterations
+
+
+def test_fixed_iterations_are_never_warm_started(rnd):
+    """--sinkhorn-iters N reproduces the paper's truncated runs: POT's start for every β."""
+    cold = several(rnd.P, [1.0, 2.0, 5.0], warm=False, iters=10)
+    warm = several(rnd.P, [1.0, 2.0, 5.0], warm=True, iters=10)
+    for before, state in zip(cold, warm, strict=True):
+        np.testing.assert_array_equal(state.log_u, before.log_u)
+        assert state.iterations == 10 and state.omega == 1.0
+        assert_scalings(state, ref.sinkhorn(rnd.P, state.beta, iters=10), rnd.P, state.beta)
+    with pytest.raises(ValueError, match="before the first pass of a converging run"):
+        Sinkhorn(1.0, N_BANK, N_GALLERY, iters=10, log_u=np.zeros(N_GALLERY))
+
+
+def test_a_log_u_start_is_a_v_update_from_it(rnd):
+    """log_u=: the first pass is the v-update from the given item scalings, as the reference's is."""
+    start = np.linspace(-1.0, 1.0, N_GALLERY)
+    state = core_run(rnd.P, 3.0, tol=1e-300, max_iters=1, log_u=start)
+    want_v = ref.sinkhorn_log_v(3.0 * rnd.P, start)
+    want_u = ref.sinkhorn_log_u(3.0 * rnd.P, want_v)
+    b = 2 * bound(rnd.P, 3.0, state)
+    tol.assert_close(state.log_v, want_v, b)
+    tol.assert_close(state.log_u, want_u, b)
+    with pytest.raises(ValueError, match="log_u or log_v"):
+        Sinkhorn(1.0, N_BANK, N_GALLERY, log_u=start, log_v=np.zeros(N_BANK))
+    state = Sinkhorn(1.0, N_BANK, N_GALLERY)
+    state.begin_pass()
+    with pytest.raises(ValueError, match="before the first pass"):
+        state.start_from(start)
+
+
+def test_a_vanished_kernel_row_is_one_error_and_no_warning():
+    """The kernel pass checks its rows once after the products: a row of zeros raises, warning nothing."""
+    state = Sinkhorn(1.0, 4, 3)
+    state.phase = "kernel"
+    state.begin_pass()
+    kernel = np.ones((3, 4), dtype=np.float32)
+    kernel[1] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FloatingPointError, match="kernel row vanished"):
+            state.step(kernel, 0)

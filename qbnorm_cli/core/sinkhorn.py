@@ -70,6 +70,7 @@ import numpy as np
 DEFAULT_TOL = 1e-6
 DEFAULT_MAX_ITERS = 1000
 PIECE_BYTES = 256 << 10  # float64 rows worked on at once: they stay in the core's cache
+PRODUCT_PIECE_BYTES = 1 << 20  # the same for the products over the kernel (fewer calls per row: see _products)
 ABSORB = 10.0            # rebuild K once a |log ũ| or |log ṽ| exceeds this
 OMEGA_MAX = 1.9          # over-relaxation stays clear of 2 (where it stops converging)
 TINY32 = float(np.finfo(np.float32).tiny)
@@ -90,8 +91,8 @@ class SinkhornResult:
     converged: bool          # change < tol (fixed-iteration runs: whether it happened to be)
 
 
-def _pieces(n_rows: int, n_cols: int):
-    step = max(1, PIECE_BYTES // (8 * max(n_cols, 1)))
+def _pieces(n_rows: int, n_cols: int, piece_bytes: int = PIECE_BYTES):
+    step = max(1, piece_bytes // (8 * max(n_cols, 1)))
     for a in range(0, n_rows, step):
         yield a, min(a + step, n_rows)
 
@@ -102,12 +103,15 @@ class Sinkhorn:
     iters: exactly this many plain iterations; otherwise until the change is below tol, at most
     max_iters, over-relaxed (see the module's docstring) unless `accelerate` is False. log_v: a
     start for the bank scalings other than POT's (pass 0, the first v-update, is then skipped: the
-    first pass is a u-update from these).
+    first pass is a u-update from these). log_u: a start for the item scalings other than POT's (the
+    first pass is then the v-update from these); not with log_v.
     """
 
     def __init__(self, beta: float, n_bank: int, n_rows: int, *, iters: int | None = None,
                  tol: float = DEFAULT_TOL, max_iters: int = DEFAULT_MAX_ITERS,
-                 log_v: np.ndarray | None = None, accelerate: bool = True):
+                 log_v: np.ndarray | None = None, log_u: np.ndarray | None = None, accelerate: bool = True):
+        if log_u is not None and log_v is not None:
+            raise ValueError("a start is log_u or log_v, not both")
         self.beta = float(beta)
         self.accelerate = bool(accelerate)
         self.n_bank, self.n_rows = int(n_bank), int(n_rows)
@@ -135,6 +139,20 @@ class Sinkhorn:
         self.done = False
         self._max = self._sum = None
         self._du = self._row_error = 0.0
+        self._begun = False                   # a pass has begun
+        if log_u is not None:
+            self.start_from(log_u)
+
+    def start_from(self, log_u: np.ndarray) -> None:
+        """Start from these item scalings instead of POT's: the first pass is the v-update from them.
+        Before the first pass only; never for fixed iterations (the paper's runs start as POT starts)."""
+        if self.iters is not None or self._begun or self.phase != FIRST:
+            raise ValueError("a start is set before the first pass of a converging run")
+        log_u = np.array(log_u, dtype=np.float64)
+        if log_u.shape != (self.n_rows,) or not np.isfinite(log_u).all():
+            raise ValueError(f"log_u must hold {self.n_rows} finite values")
+        self.log_u = log_u
+        self.absorbed_u = log_u.copy()
 
     @property
     def first(self) -> bool:
@@ -154,6 +172,7 @@ class Sinkhorn:
         return self.done and self.iters is None and not self.converged
 
     def begin_pass(self) -> None:
+        self._begun = True
         self._max = np.full(self.n_bank, -np.inf) if self.first else None
         self._sum = np.zeros(self.n_bank)
         self._du = self._row_error = 0.0
@@ -238,25 +257,31 @@ class Sinkhorn:
         return self._products(kernel_t, r0, update=True)
 
     def _products(self, kernel_t: np.ndarray, r0: int, update: bool) -> tuple[np.ndarray, float, float]:
+        # per piece only what the next product needs (the rows' new ũ); the change and the marginal
+        # error once over all the rows: few calls per piece, so that the threads do not queue on the GIL
+        n = kernel_t.shape[0]
         mass = np.zeros(self.n_bank)
-        change = row_error = 0.0
-        buf = self._buffer(kernel_t.shape[0])
+        row_sum = np.empty(n)
+        old = self.scale_u[r0:r0 + n].copy()
+        new = self.scale_u[r0:r0 + n]
+        buf = self._buffer(n, PRODUCT_PIECE_BYTES)
         v = np.exp(self.scale_v)
-        for a, b in _pieces(*kernel_t.shape):
-            k = buf[:b - a]
-            k[...] = kernel_t[a:b]                          # exact: float32 → float64
-            row_sum = k @ v
-            old = self.scale_u[r0 + a:r0 + b]
-            if update:
-                if not (row_sum > 0).all():
-                    raise FloatingPointError("Sinkhorn: an item's kernel row vanished")
-                plain = -math.log(self.n_rows) - np.log(row_sum)
-                change = max(change, float(np.abs(plain - old).max(initial=0.0)))
-                old = plain if self.omega == 1.0 else old + self.omega * (plain - old)
-                self.scale_u[r0 + a:r0 + b] = old
-            u = np.exp(old)
-            row_error = max(row_error, float(np.abs(u * row_sum - 1.0 / self.n_rows).max(initial=0.0)))
-            mass += u @ k
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a vanished row: raised below
+            for a, b in _pieces(*kernel_t.shape, PRODUCT_PIECE_BYTES):
+                k = buf[:b - a]
+                k[...] = kernel_t[a:b]                          # exact: float32 → float64
+                np.matmul(k, v, out=row_sum[a:b])
+                if update:
+                    plain = -math.log(self.n_rows) - np.log(row_sum[a:b])
+                    new[a:b] = plain if self.omega == 1.0 else old[a:b] + self.omega * (plain - old[a:b])
+                mass += np.exp(new[a:b]) @ k
+        change = 0.0
+        if update:
+            if not (row_sum > 0).all():
+                raise FloatingPointError("Sinkhorn: an item's kernel row vanished")
+            plain = -math.log(self.n_rows) - np.log(row_sum)
+            change = float(np.abs(plain - old).max(initial=0.0))
+        row_error = float(np.abs(np.exp(new) * row_sum - 1.0 / self.n_rows).max(initial=0.0))
         return mass, change, row_error
 
     def fold(self, part: tuple[np.ndarray, float, float]) -> None:
@@ -265,8 +290,8 @@ class Sinkhorn:
         self._du = max(self._du, change)
         self._row_error = max(self._row_error, row_error)
 
-    def _buffer(self, rows: int) -> np.ndarray:
-        return np.empty((min(rows, max(1, PIECE_BYTES // (8 * self.n_bank))), self.n_bank))
+    def _buffer(self, rows: int, piece_bytes: int = PIECE_BYTES) -> np.ndarray:
+        return np.empty((min(rows, max(1, piece_bytes // (8 * self.n_bank))), self.n_bank))
 
     def _terms(self, scores_t: np.ndarray, shift: np.ndarray, buf: np.ndarray) -> np.ndarray:
         """β·T + shift in float64, in the first rows of `buf`."""

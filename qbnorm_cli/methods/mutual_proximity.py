@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from scipy.special import log_ndtr
 
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.methods.base import Method, Needs, Parameter
@@ -28,6 +27,14 @@ SPREAD_FLOOR = 1e-12  # a constant row or column: its standardised scores stay f
 NOT_EXPORTABLE = ("mp scores each pair from both sides' score distributions: no inner-product index ranks as it "
                   "does (export ls, nicdm or dsl, or rank with normalise --top-k)")
 SORTED_ROWS = 1024  # sorted bank rows read at a time for scattered candidates
+
+
+def log_ndtr(x):
+    """scipy.special.log_ndtr, imported on first use: scipy.special takes longer to import than
+    most commands take to run, and every command imports the method registry."""
+    from scipy.special import log_ndtr as function
+
+    return function(x)
 
 
 class GaussianProximity:

@@ -7,15 +7,15 @@ once, for all the problems (β values, SN and DBSN) still iterating; a block is 
 transposed (items × bank queries, float32), its items split over the cores.
 
 What is held, within HELD_SHARE of the budget: every problem's float32 kernel when they all fit (an
-iteration over a held block is two matrix–vector products), then the float32 scores of the blocks
-that still fit; when not every kernel fits, the scores first (shared by every β), then the kernels
-that fit, block by block (the passes that need scores: the first, and the
-kernel builds; and a block whose kernel is not held gets its kernel from them with one exp per
-score). Between the first pass and the build, a held kernel's room holds its block's scores, so
-that the build need not compute them again. The rest is recomputed (or re-read) tile by tile
-whenever a pass needs it: the product of the bank with a block of columns, so each recomputed pass
-costs about one product. Held and
-recomputed blocks apply the same arithmetic to the same float32 values: the same result, to the
+iteration over a held block is two matrix–vector products), or with one problem the kernel blocks
+that fit, then the float32 scores of the blocks that still fit; when not every kernel of several
+problems fits, the scores first (shared by every β), then the kernels that fit, block by block
+(the passes that need scores: the first, and the kernel builds; and a block whose kernel is not
+held gets its kernel from them with one exp per score). Between the first pass and the build, a
+held kernel's room holds its block's scores, so that the build need not compute them again. The
+rest is recomputed (or re-read) tile by tile whenever a pass needs it: the product of the bank
+with a block of columns, so each recomputed pass costs about one product. Held and recomputed
+blocks apply the same arithmetic to the same float32 values: the same result, to the
 bit. Reductions are float64.
 
 Cost: one pass to start (the first v-update), one to build the kernel (iteration 1), then one pass
@@ -94,10 +94,12 @@ def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = No
               if block.segment < count]
     size_of = lambda number, per_score: per_score * n_bank * (blocks[number].c1 - blocks[number].c0)
     every_kernel = sum(size_of(number, KERNEL_BYTES_PER_SCORE) for _, number in wanted)
-    # every kernel when they all fit; otherwise the scores first (shared by every β: a β whose
-    # kernel is not held then costs an exp per score, not a product), then the kernels that fit
-    all_fit = hold is not None or budget.fits(every_kernel, HELD_SHARE)
-    order = ["kernels", "scores"] if all_fit else ["scores", "kernels"]
+    # every kernel when they all fit, or the kernel blocks that fit when there is one problem (a
+    # held kernel block saves its product and its exp, held scores only the product); otherwise the
+    # scores first (shared by every β: a β whose kernel is not held then costs an exp per score, not
+    # a product), then the kernels that fit
+    kernels_first = hold is not None or len(counts) == 1 or budget.fits(every_kernel, HELD_SHARE)
+    order = ["kernels", "scores"] if kernels_first else ["scores", "kernels"]
     for what in order:
         items = wanted if what == "kernels" else list(range(len(blocks)))
         for item in items:
@@ -109,15 +111,73 @@ def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = No
     return Plan(blocks, kernels, scores)
 
 
+def warm_start(solved: Sequence[Sinkhorn], beta: float) -> np.ndarray:
+    """A start for β's item scalings from the converged runs of other β on the same rows (the last
+    two, nearest β last): log u extrapolated linearly in β, or from one run scaled by β/β' (the dual
+    potential log u / β changes slowly with the regularisation 1/β); centred on POT's start
+    (mean −log n_rows), so that the constant the run ends at stays near a cold run's."""
+    last = solved[-1]
+    if len(solved) == 1:
+        log_u = last.log_u * (beta / last.beta)
+    else:
+        before = solved[-2]
+        log_u = last.log_u + (beta - last.beta) * (last.log_u - before.log_u) / (last.beta - before.beta)
+    return log_u - log_u.mean() - math.log(last.n_rows)
+
+
+def chained(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
+            hold: bool | None = None) -> list[list[int]]:
+    """The problems to run one after another, each warm-started from the ones before (warm_start),
+    in rising β: the converging runs of each kind (same rows) when one run holds every score block,
+    so that running them apart costs no more products than running them together. Fixed-iteration
+    runs start as POT starts."""
+    groups: dict[int, list[int]] = {}
+    for index, (state, count) in enumerate(problems):
+        if state.iters is None and state.accelerate and not state.iterations and state.first:
+            groups.setdefault(count, []).append(index)
+    chains = []
+    for count, indices in groups.items():
+        if len(indices) < 2:
+            continue
+        layout = plan(segments, budget, hold, [count])
+        if all(number in layout.scores for number, block in enumerate(layout.blocks) if block.segment < count):
+            chains.append(sorted(indices, key=lambda index: problems[index][0].beta))
+    return chains
+
+
 def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
-                 hold: bool | None = None, progress: Callable[[int], None] | None = None) -> list[bool]:
+                 hold: bool | None = None, progress: Callable[[int], None] | None = None,
+                 warm: bool = False) -> list[bool]:
     """Iterate every problem (a Sinkhorn state and how many leading segments form its rows) until
     each is done; returns, per problem, whether its whole kernel was held in memory.
 
     Every segment has the bank queries as rows; a problem's rows are its segments' columns, in order.
     `hold` forces holding the kernels and scores (True) or recomputing them whenever a pass needs
-    them (False); None decides by the budget. `progress(1)` is called after each pass.
+    them (False); None decides by the budget. `progress(1)` is called after each pass. `warm`: the
+    converging runs of several β start from each other's solutions where that costs no products
+    (`chained`): fewer iterations, the same fixed point up to the constant (u·c, v/c) that
+    Sinkhorn's scalings are defined up to (the c a run ends at depends on its start).
     """
+    chains = chained(segments, problems, budget, hold) if warm else []
+    if not chains:
+        return _run(segments, problems, budget, hold, progress)
+    held = [False] * len(problems)
+    for chain in chains:
+        for position, index in enumerate(chain):
+            state = problems[index][0]
+            if position:
+                state.start_from(warm_start([problems[before][0] for before in chain[:position]], state.beta))
+            held[index] = _run(segments, [problems[index]], budget, hold, progress)[0]
+    rest = [index for index in range(len(problems)) if not any(index in chain for chain in chains)]
+    if rest:
+        for index, was_held in zip(rest, _run(segments, [problems[i] for i in rest], budget, hold, progress),
+                                   strict=True):
+            held[index] = was_held
+    return held
+
+
+def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
+         hold: bool | None, progress: Callable[[int], None] | None) -> list[bool]:
     n_bank = segments[0].n_rows
     for segment in segments:
         if segment.n_rows != n_bank:
