@@ -102,17 +102,22 @@ class Sinkhorn:
     iters: exactly this many plain iterations; otherwise until the change is below tol, at most
     max_iters, over-relaxed (see the module's docstring) unless `accelerate` is False. log_v: a
     start for the bank scalings other than POT's (pass 0, the first v-update, is then skipped: the
-    first pass is a u-update from these).
+    first pass is a u-update from these). log_u: a start for the item scalings (a warm start from
+    an earlier solution: pass 0 is then a v-update from these).
     """
 
     def __init__(self, beta: float, n_bank: int, n_rows: int, *, iters: int | None = None,
                  tol: float = DEFAULT_TOL, max_iters: int = DEFAULT_MAX_ITERS,
-                 log_v: np.ndarray | None = None, accelerate: bool = True):
+                 log_v: np.ndarray | None = None, log_u: np.ndarray | None = None, accelerate: bool = True):
         self.beta = float(beta)
         self.accelerate = bool(accelerate)
         self.n_bank, self.n_rows = int(n_bank), int(n_rows)
         self.iters, self.tol, self.max_iters = iters, float(tol), int(max_iters)
         self.log_u = np.full(self.n_rows, -math.log(self.n_rows))
+        if log_u is not None:  # a start for the item scalings: pass 0 is then a v-update from it
+            if log_v is not None:
+                raise ValueError("give log_u or log_v as the start, not both")
+            self.log_u = np.asarray(log_u, dtype=np.float64).copy()
         self.log_v = np.full(self.n_bank, -math.log(self.n_bank))
         self.phase = FIRST if log_v is None else BUILD
         self._dv = 0.0                       # the plain |Δ log v| of the v-update that gave log_v

@@ -39,6 +39,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from qbnorm_cli.core.probestats import ITEM_FIELDS, item_record
 from qbnorm_cli.core.sinkhorn import SinkhornResult
 from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurrence
 from qbnorm_cli.errors import UsageError, param
@@ -88,8 +89,10 @@ class CheckedRows:
 
 
 def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: int) -> dict[str, Stored]:
-    """The probe's datasets (the schema above) from the accumulators of a probe pass; the sorted
-    bank scores, when kept, are added by whoever collected them."""
+    """The probe's datasets (the schema above) from the accumulators of a probe pass (or the merged
+    records of an update), with what an update of it needs (core/probestats.UPDATE_RECORDS; the
+    fingerprints are added by whoever read the rows); the sorted bank scores, when kept, are added
+    by whoever collected them."""
     ks = {"ks": np.asarray(bank.topk_ks, dtype=np.int64)}
     out = {"/topk_mean": Stored(bank.topk_mean, ks), "/column_mean": Stored(bank.column_mean),
            "/topk_kth": Stored(bank.topk_kth, ks), "/topk_distance": Stored(bank.topk_distance, ks)}
@@ -97,9 +100,17 @@ def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: i
         out["/column_std"] = Stored(bank.column_std)
     for prefix, name, acc in (("", "bank", bank), ("gallery_", "gallery_bank", gallery_bank)):
         if acc is not None:
+            indices = acc.neighbors.indices
             out[f"/{prefix}log_norm"] = Stored(acc.log_norm, {"betas": np.asarray(acc.betas)})
-            out[f"/{name}_neighbors"] = Stored(acc.neighbors.indices.astype(np.int32))
-            out[f"/{prefix}activation_count"] = Stored(occurrence(acc.neighbors.indices, k, acc.n_gallery), {"k": k})
+            out[f"/{name}_neighbors"] = Stored(indices[:, :acc.kept_neighbors].astype(np.int32))
+            out[f"/{prefix}activation_count"] = Stored(occurrence(indices, k, acc.n_gallery), {"k": k})
+            out[f"/{name}_top_items"] = Stored(indices.astype(np.int32))
+            scores = acc.neighbors.values.astype(np.float32)
+            scores[indices < 0] = np.nan
+            out[f"/{name}_top_scores"] = Stored(scores)
+            for field in ITEM_FIELDS:
+                if getattr(acc, field).size:  # no K largest scores without a top-K statistic
+                    out[item_record(name, field)] = Stored(getattr(acc, field))
     return out
 
 
@@ -146,6 +157,7 @@ class Probe:
         self.warnings = list(warnings or [])
         self.diagnostics: dict = {}  # the bank's coverage of the gallery (core.statistics.bank_diagnostics)
         self.cluster: dict | None = None  # what a run on a dask cluster cost (workers, tasks, bytes moved)
+        self.update: dict | None = None   # what update_probe changed (api/updating.py)
 
     def __repr__(self) -> str:
         where = f", path={self.path!r}" if self.path else ""
@@ -192,6 +204,19 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def dataset_names(self) -> list[str]:
+        return list(self.layout.data_attrs) if self.layout is not None else list(self.datasets)
+
+    def has(self, name: str) -> bool:
+        """Whether the probe holds this dataset (core/probestats.py declares them)."""
+        return self._has(name)
+
+    def record(self, name: str) -> np.ndarray:
+        """A whole dataset as an array, read and checked as any other (core/probestats.py)."""
+        if not self._has(name):
+            raise UsageError(f"{self.label}: the probe has no {name}")
+        return self._read(name)
 
     def _has(self, name: str) -> bool:
         if self.layout is not None:  # a file: the datasets its schema check found

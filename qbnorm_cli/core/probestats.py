@@ -1,0 +1,144 @@
+"""The probe's statistics, each declared once: name, shape, dtype, validity rule and how two parts merge.
+
+P[i, j] = s(b_i, g_j), bank row i, gallery item j. A probe is a fold of P's tiles; an update of a
+probe (api/updating.py) is the same fold over the scores that changed, merged into what was kept:
+
+* per item (shape ends in G): a column statistic. New items get their own columns; removed items
+  lose theirs; new bank rows merge into every kept column by the rule `merge`:
+  "log-sum-exp" (logaddexp of the two parts: exact up to float64 rounding, lse64's bound),
+  "sum", "min", "max", "top-k" (the K largest of the union: exact, values are float32 scores) or
+  "derived" (recomputed from other statistics: the top-K means and K-th values from the item's K
+  largest scores, the mean and spread from the sums, the activation counts from the neighbours).
+* per bank row (shape starts with N or Nh): "top-k" of each row over the gallery (the DIS
+  activation lists, W = kmax + SPARE entries with their scores, so that removing up to SPARE of a
+  row's items needs no recount), "append" (the rows' fingerprints).
+* "gallery" statistics (of the gallery embeddings alone) merge as weighted sums; "iterate" ones
+  (the Sinkhorn potentials) have no exact merge and restart from the old values (a warm start).
+
+`shape` names dimensions (G gallery items, N bank rows, Nh gallery-bank rows, kmax, W, K the
+largest topk_mean, d the embedding dimension, n_betas …); `values` is io/schemas.py's rule;
+`key` the attribute that says what each row is (betas, ks, k); `bank` which bank it belongs to.
+
+What an update needs beyond the statistics the normalisers read (bytes per gallery item: 4·K for
+the K largest bank scores, 24 for the sum, sum of squares, min and max, 8 for the fingerprint —
+72 at the default K = 10, the same again per item for a gallery bank; per bank row: 8·W for its
+neighbours and their scores, 8 for the fingerprint — 152 at the default kmax = 10):
+UPDATE_RECORDS below. A probe without them (an older version) cannot be updated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+SPARE = 8  # extra neighbours kept per bank row: removals of up to this many of a row's items need no recount
+
+
+@dataclass(frozen=True)
+class Statistic:
+    name: str                         # the dataset
+    shape: tuple[str, ...]
+    dtype: str                        # numpy dtype string as stored
+    merge: str                        # log-sum-exp | sum | min | max | top-k | derived | append | gallery | iterate
+    values: str | None = "finite"     # io/schemas.py's validity rule
+    key: str | None = None            # attribute naming each row: betas | ks | k
+    bank: str = "bank"                # bank | gallery_bank | none
+    required: bool | str = False      # True, or a dimension that must be > 0
+    bound: str | None = None          # the dimension an index or count is bounded by
+    rows: str = "row"
+    cols: str = "item"
+    at_open: bool = True              # checked when the file opens (else as read)
+    update: bool = False              # recorded for updates only (no normaliser reads it)
+    doc: str = ""
+
+
+def _item(name, shape, merge, doc, **kw) -> Statistic:
+    return Statistic(name, shape, kw.pop("dtype", "<f8"), merge, doc=doc, **kw)
+
+
+STATISTICS: tuple[Statistic, ...] = (
+    _item("/log_norm", ("n_betas", "G"), "log-sum-exp", "logsumexp_i(β·P[i, j]) (QB-Norm Eq. 3)", key="betas",
+          required=True, rows="β"),
+    Statistic("/bank_neighbors", ("N", "kmax"), "<i4", "top-k", values="index", bound="G", required=True,
+              at_open=False, rows="bank row", cols="column", doc="each bank row's best items, best first"),
+    Statistic("/activation_count", ("G",), "<i4", "derived", values="count", bound="N", key="k", required=True,
+              doc="bank-side k-occurrence"),
+    _item("/topk_mean", ("n_ks", "G"), "derived", "mean of the K largest P[:, j] (CSLS, NNN)", key="ks",
+          required=True, rows="K"),
+    _item("/gallery_log_norm", ("n_gallery_betas", "G"), "log-sum-exp", "the same for the gallery bank", key="betas",
+          bank="gallery_bank", required="Nh", rows="β"),
+    Statistic("/gallery_bank_neighbors", ("Nh", "kmax"), "<i4", "top-k", values="index", bound="G", required="Nh",
+              bank="gallery_bank", at_open=False, rows="gallery-bank row", cols="column"),
+    Statistic("/gallery_activation_count", ("G",), "<i4", "derived", values="count", bound="Nh", key="k",
+              bank="gallery_bank", required="Nh"),
+    Statistic("/sorted_bank_scores", ("G", "N"), "<f4", "top-k", values="ascending", at_open=False, rows="item",
+              cols="bank score", doc="every item's bank scores ascending (gc)"),
+    _item("/column_mean", ("G",), "derived", "mean_i P[i, j] (DN)"),
+    _item("/topk_kth", ("n_ks", "G"), "derived", "the K-th largest P[:, j] (LS)", key="ks", rows="K"),
+    _item("/topk_distance", ("n_ks", "G"), "derived", "mean √(2 − 2·P) of the K largest (NICDM)", key="ks", rows="K"),
+    _item("/column_std", ("G",), "derived", "std_i P[i, j] (MP)"),
+    _item("/centroid_distance", ("n_centroid_ks", "G"), "derived", "‖g_j − c_K(g_j)‖² (DSL)", key="ks", rows="K"),
+    Statistic("/gallery_mean", ("d",), "<f8", "gallery", bank="none", cols="dimension", doc="mean_j g_j (MP)"),
+    Statistic("/gallery_second_moment", ("d", "d"), "<f8", "gallery", bank="none", rows="dimension",
+              cols="dimension", doc="mean_j g_j g_jᵀ (MP)"),
+)
+
+def _update_records(prefix: str, bank: str, dim: str, what: str) -> tuple[Statistic, ...]:
+    return (
+        Statistic(f"/{bank}_top_items", (dim, f"{prefix}W"), "<i4", "top-k", values="index-or-pad", bound="G",
+                  bank=bank, rows=what, cols="column", at_open=False, update=True,
+                  doc="each row's best W items, best first (−1 pads once removals used its spares)"),
+        Statistic(f"/{bank}_top_scores", (dim, f"{prefix}W"), "<f4", "top-k", values=None, bank=bank, rows=what,
+                  cols="column", at_open=False, update=True, doc="their scores (NaN at pads)"),
+        Statistic(f"/{prefix}item_top_scores", ("G", f"{prefix}K"), "<f4", "top-k", bank=bank, rows="item",
+                  cols="rank", at_open=False, update=True,
+                  doc="each item's K largest bank scores, descending (K: the largest topk_mean; none without)"),
+        Statistic(f"/{prefix}item_score_sum", ("G",), "<f8", "sum", bank=bank, update=True),
+        Statistic(f"/{prefix}item_score_sumsq", ("G",), "<f8", "sum", bank=bank, update=True),
+        Statistic(f"/{prefix}item_score_min", ("G",), "<f4", "min", bank=bank, update=True),
+        Statistic(f"/{prefix}item_score_max", ("G",), "<f4", "max", bank=bank, update=True),
+        Statistic(f"/{bank}_fingerprint", (dim,), "<i8", "append", values=None, bank=bank, rows=what, cols=what,
+                  update=True, doc="a 64-bit digest of each row as read"),
+    )
+
+
+# What an update needs (see the module's docstring), for the bank and the gallery bank.
+UPDATE_RECORDS: tuple[Statistic, ...] = (
+    *_update_records("", "bank", "N", "bank row"),
+    *_update_records("gallery_", "gallery_bank", "Nh", "gallery-bank row"),
+    Statistic("/gallery_fingerprint", ("G",), "<i8", "append", values=None, bank="none", update=True,
+              doc="a 64-bit digest of each gallery row as read: an update against another gallery is refused"),
+)
+
+ALL: tuple[Statistic, ...] = STATISTICS + UPDATE_RECORDS
+BY_NAME = {s.name: s for s in ALL}
+
+# The per-item records an update merges (accumulator field → record), for each bank.
+ITEM_FIELDS = {"item_top": "item_top_scores", "item_score_sum": "item_score_sum",
+               "item_score_sumsq": "item_score_sumsq", "item_score_min": "item_score_min",
+               "item_score_max": "item_score_max"}
+
+
+def item_record(bank: str, field: str) -> str:
+    """The dataset of an accumulator's per-item field for a bank ("bank" or "gallery_bank")."""
+    return f"/{'' if bank == 'bank' else 'gallery_'}{ITEM_FIELDS[field]}"
+
+
+def updatable(names) -> list[str]:
+    """What a probe with these datasets lacks for an update (empty: it can be updated)."""
+    have = set(names)
+    wanted = ["/gallery_fingerprint", "/bank_fingerprint", "/bank_top_items", "/bank_top_scores",
+              *(item_record("bank", f) for f in ITEM_FIELDS)]
+    if "/gallery_log_norm" in have:  # a gallery bank keeps no top-K means: no K largest scores either
+        wanted += ["/gallery_bank_fingerprint", "/gallery_bank_top_items", "/gallery_bank_top_scores",
+                   *(item_record("gallery_bank", f) for f in ITEM_FIELDS if f != "item_top")]
+    return [name for name in wanted if name not in have]
+
+
+def fingerprints(rows: np.ndarray) -> np.ndarray:
+    """A 64-bit digest (BLAKE2b) of each row's float32 values, as int64."""
+    block = np.ascontiguousarray(rows, dtype=np.float32)
+    digests = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in block)
+    return np.frombuffer(digests, dtype="<i8").copy() if block.shape[0] else np.zeros(0, dtype=np.int64)
