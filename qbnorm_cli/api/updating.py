@@ -116,7 +116,10 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         final_banks[role] = (np.concatenate([raw, new]), n_rows)
 
     eager = cluster is None
-    emb = lambda array, name: Embeddings(as_input(array, name), similarity, budget, eager=eager)
+
+    def emb(array, name):  # None for no rows (an input is never empty)
+        return Embeddings(as_input(array, name), similarity, budget, eager=eager) if len(array) else None
+
     kept_emb, new_emb = emb(final_gallery[:n_kept], "gallery"), emb(final_gallery[n_kept:], "add_gallery")
     final_emb = emb(final_gallery, "gallery")
     betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
@@ -143,7 +146,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
     sorted_parts: dict[str, dict[int, np.ndarray]] = {"new_items": {}, "new_rows": {}}
     with clustered(cluster) as session, out if out is not None else nullcontext():
         def run(banks, n_cols, sink=None):
-            banks = [(s, a) for s, a in banks if s.n_rows and n_cols]
+            banks = [(s, a) for s, a in banks if n_cols]
             if not banks:
                 return
 
@@ -166,8 +169,10 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             all_rows, new_rows = emb(rows, role), emb(rows[n_old:], f"add_{role}")
             a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
             c = make(rows.shape[0] - n_old, n_kept)      # the new rows × the kept items
-            passes_new_items.append((EmbeddingScores(all_rows, new_emb), a))
-            passes_new_rows.append((EmbeddingScores(new_rows, kept_emb), c))
+            if new_emb is not None:
+                passes_new_items.append((EmbeddingScores(all_rows, new_emb), a))
+            if new_rows is not None and kept_emb is not None:
+                passes_new_rows.append((EmbeddingScores(new_rows, kept_emb), c))
             accs[role] = (a, c, all_rows, n_old)
         run(passes_new_items, n_final - n_kept, sorted_parts["new_items"])
         run(passes_new_rows, n_kept, sorted_parts["new_rows"])
@@ -388,7 +393,7 @@ def _moments(old: Probe, removed: Embeddings, added: Embeddings, n_final: int):
     total = old.record("/gallery_mean") * n
     moment = old.record("/gallery_second_moment") * n
     for rows, sign in ((removed, -1.0), (added, 1.0)):
-        if rows.rows:
+        if rows is not None:
             block = rows.rows_of(slice(0, rows.rows)).astype(np.float64)
             total += sign * block.sum(axis=0)
             moment += sign * (block.T @ block)
