@@ -213,7 +213,7 @@ def test_merge_lists_knows_what_is_certain():
     parts = [(np.array([[0, 1, -1]]), np.array([[5.0, 3.0, -np.inf]]), np.array([False])),
              (np.array([[7, 8]]), np.array([[4.0, 1.0]]), np.array([True]))]
     idx, vals, exact = merge_lists(parts, 4)
-    assert idx.tolist() == [[0, 7, 1, -1]] and exact.tolist() == [3]
+    assert idx.tolist() == [[0, 7, 1, -1]] and exact.tolist() == [3] and vals[0, :3].tolist() == [5.0, 4.0, 3.0]
     parts[1] = (np.array([[7, 8]]), np.array([[5.0, 1.0]]), np.array([True]))  # a tie: the lower index first
     assert merge_lists(parts, 4)[0].tolist() == [[0, 7, 1, -1]]
 
