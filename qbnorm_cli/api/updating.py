@@ -121,7 +121,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         return Embeddings(as_input(array, name), similarity, budget, eager=eager) if len(array) else None
 
     kept_emb, new_emb = emb(final_gallery[:n_kept], "gallery"), emb(final_gallery[n_kept:], "add_gallery")
-    final_emb = emb(final_gallery, "gallery")
+    final_emb = Embeddings(as_input(final_gallery, "gallery"), similarity, budget, eager=False)  # recounts, sinkhorn
     betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
              "gallery_bank": np.asarray(params.get("gallery_betas") or [], dtype=np.float64)}
     kmax, k = int(params["kmax"]), int(params["k"])
