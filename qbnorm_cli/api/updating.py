@@ -21,7 +21,7 @@ import numpy as np
 
 from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import bounded, clustered, embeddings, progress_or_none, warn
-from qbnorm_cli.api.probing import GALLERY_BLOCK, SinkhornSettings, sinkhorn_potentials
+from qbnorm_cli.api.probing import GALLERY_BLOCK, SinkhornSettings, centroid_statistics, sinkhorn_potentials
 from qbnorm_cli.core import probestats, scale, topk
 from qbnorm_cli.core.probestats import ITEM_FIELDS, fingerprints, item_record
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning, derive_items
@@ -65,9 +65,6 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
     if missing:
         raise DataError(f"{label} lacks what an update needs ({', '.join(missing[:3])}): it was made by an earlier "
                         f"qbnorm; {REPROBE}")
-    if old.has("/centroid_distance"):
-        raise UsageError(f"{label} holds dsl's bank-centroid distances, which an update cannot merge yet: probe the "
-                         "final bank and gallery again")
     if all(v is None for v in (add_gallery, remove_gallery, add_bank, add_gallery_bank)):
         raise UsageError(f"nothing to update: give {param('add_gallery')}, {param('remove_gallery')}, "
                          f"{param('add_bank')} or {param('add_gallery_bank')}")
@@ -128,6 +125,8 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
     ks = tuple(int(v) for v in params["topk_mean"])
     keep_sorted = bool(params.get("keep_sorted"))
     moments = old.has("/column_std")
+    centroid_ks = [int(v) for v in old.record_attr("/centroid_distance", "ks")] if old.has("/centroid_distance") else []
+    centroid_k = max(centroid_ks, default=0)
 
     out_params = {**params, "memory": budget.memory, "block_rows": block_rows,
                   "update": {"from": old.uuid, "removed_gallery": int(removed.size),
@@ -165,7 +164,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             is_bank = role == "bank"
             make = lambda n, g, role=role, is_bank=is_bank: BankAccumulator(
                 n, g, betas[role], kmax, ks if is_bank else (), keep_sorted and is_bank,
-                column_moments=moments and is_bank)
+                column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0)
             all_rows, new_rows = emb(rows, role), emb(rows[n_old:], f"add_{role}")
             a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
             c = make(rows.shape[0] - n_old, n_kept)      # the new rows × the kept items
@@ -178,10 +177,14 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         run(passes_new_rows, n_kept, sorted_parts["new_rows"])
 
         merged = {role: _merge(old, role, a, c, kept, n_old, all_rows, final_emb, betas[role], kmax,
-                               ks if role == "bank" else (), moments and role == "bank")
+                               ks if role == "bank" else (), moments and role == "bank",
+                               centroid_k if role == "bank" else 0)
                   for role, (a, c, all_rows, n_old) in accs.items()}
         query_acc, gallery_acc = merged["bank"], merged.get("gallery_bank")
         datasets = statistics(query_acc, gallery_acc, k)
+        if centroid_k:  # recomputed from each item's merged nearest bank rows: O(G · K · d)
+            datasets.update(centroid_statistics(EmbeddingScores(accs["bank"][2], final_emb),
+                                                query_acc.column_topk_index, centroid_ks))
         datasets["/gallery_fingerprint"] = Stored(np.concatenate([old.record("/gallery_fingerprint")[kept],
                                                                   fingerprints(final_gallery[n_kept:])]))
         for role, (rows, n_old) in final_banks.items():
@@ -333,13 +336,14 @@ def _lists_of(acc: BankAccumulator, rows: slice, offset: int, n_items: int):
 
 
 def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: np.ndarray, n_old: int,
-           all_rows: Embeddings, final_gallery: Embeddings, betas, kmax: int, ks, moments: bool) -> BankAccumulator:
+           all_rows: Embeddings, final_gallery: Embeddings, betas, kmax: int, ks, moments: bool,
+           centroid_k: int) -> BankAccumulator:
     """The final accumulator of one bank: the kept items' records merged with the new rows' (pass
     `c`), the new items' columns from pass `a`, every row's neighbours merged (and recounted where
     removals left fewer than kmax certain)."""
     n_kept, n_new = kept.size, a.n_gallery
     n_final, n_rows = n_kept + n_new, a.n_rows
-    final = BankAccumulator(n_rows, n_final, betas, kmax, ks, column_moments=moments)
+    final = BankAccumulator(n_rows, n_final, betas, kmax, ks, column_moments=moments, neighbor_k=centroid_k)
     prefix = "" if role == "bank" else "gallery_"
     old_log_norm = old.record(f"/{prefix}log_norm")[:, kept]
     records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
@@ -358,6 +362,8 @@ def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: 
         for field, values in records.items():
             getattr(final, field)[:n_kept] = values
     derive_items(final, 0, n_kept)
+    if final.column_topk_index is not None:  # each kept item's nearest bank rows: old ones merged with new ones
+        final.column_topk_index[:n_kept] = _nearest_rows(old, records["item_top"], kept, c, n_old, final.neighbor_k)
     if n_new:
         final.place_columns(n_kept, n_final, a.column_parts())
     width = final.neighbors.k
@@ -375,6 +381,21 @@ def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: 
     final.neighbors.indices[...], final.neighbors.values[...] = idx, vals
     final.recounted = recount.size
     return final
+
+
+def _nearest_rows(old: Probe, old_top: np.ndarray, kept: np.ndarray, c: BankAccumulator, n_old: int,
+                  width: int) -> np.ndarray:
+    """The `width` bank rows nearest each kept item: its old ones (their scores: the first of its K
+    largest, in the same order) merged with the new rows' (pass `c`)."""
+    rows = old.record("/item_top_rows")[kept].astype(np.int64)
+    parts = [(rows, old_top[:, :rows.shape[1]], np.full(kept.size, rows.shape[1] == n_old))]
+    if c.n_rows:
+        new = c.column_topk_index.astype(np.int64)
+        parts.append((new + n_old, c.item_top[:, :new.shape[1]], np.full(kept.size, new.shape[1] == c.n_rows)))
+    idx, _, exact = merge_lists(parts, width)
+    if (exact < width).any():  # each list holds its bank's best `width`: the union's best are among them
+        raise AssertionError("an item's nearest bank rows are not all known")
+    return idx
 
 
 def _recount(rows: Embeddings, gallery: Embeddings, which: np.ndarray, width: int):

@@ -110,6 +110,9 @@ UPDATE_RECORDS: tuple[Statistic, ...] = (
     *_update_records("gallery_", "gallery_bank", "Nh", "gallery-bank row"),
     Statistic("/gallery_fingerprint", ("G",), "<i8", "append", values=None, bank="none", update=True,
               doc="a 64-bit digest of each gallery row as read: an update against another gallery is refused"),
+    Statistic("/item_top_rows", ("G", "n_centroid"), "<i4", "top-k", values="index", bound="N", rows="item",
+              cols="rank", at_open=False, update=True,
+              doc="with dsl's statistics: each item's nearest bank rows, best first (their centroids)"),
 )
 
 ALL: tuple[Statistic, ...] = STATISTICS + UPDATE_RECORDS
@@ -131,6 +134,8 @@ def updatable(names) -> list[str]:
     have = set(names)
     wanted = ["/gallery_fingerprint", "/bank_fingerprint", "/bank_top_items", "/bank_top_scores",
               *(item_record("bank", f) for f in ITEM_FIELDS)]
+    if "/centroid_distance" in have:
+        wanted.append("/item_top_rows")
     if "/gallery_log_norm" in have:  # a gallery bank keeps no top-K means: no K largest scores either
         wanted += ["/gallery_bank_fingerprint", "/gallery_bank_top_items", "/gallery_bank_top_scores",
                    *(item_record("gallery_bank", f) for f in ITEM_FIELDS if f != "item_top")]

@@ -98,6 +98,8 @@ def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: i
            "/topk_kth": Stored(bank.topk_kth, ks), "/topk_distance": Stored(bank.topk_distance, ks)}
     if bank.column_std is not None:
         out["/column_std"] = Stored(bank.column_std)
+    if bank.column_topk_index is not None:  # for an update of the centroid distances
+        out["/item_top_rows"] = Stored(bank.column_topk_index.astype(np.int32))
     for prefix, name, acc in (("", "bank", bank), ("gallery_", "gallery_bank", gallery_bank)):
         if acc is not None:
             indices = acc.neighbors.indices
@@ -207,6 +209,9 @@ class Probe:
 
     def dataset_names(self) -> list[str]:
         return list(self.layout.data_attrs) if self.layout is not None else list(self.datasets)
+
+    def record_attr(self, name: str, attr: str):
+        return self._attr(name, attr)
 
     def has(self, name: str) -> bool:
         """Whether the probe holds this dataset (core/probestats.py declares them)."""
