@@ -147,8 +147,9 @@ def test_cosine_methods():
     kwargs = dict(betas=[BETA], k=2, topk_means=[3, 5], methods=list(COSINE_ONLY))
     updated = qbnorm_cli.probe(bank, gallery, **kwargs)
     final_gallery, final_bank = gallery, bank
-    for change in ({"add_gallery": unit_rows(rng, 5), "remove_gallery": np.array([3, 4]), "add_bank": unit_rows(rng, 9)},
-                   {"add_bank": unit_rows(rng, 30)}, {"add_gallery": unit_rows(rng, 2)}):
+    changes = ({"add_gallery": unit_rows(rng, 5), "remove_gallery": np.array([3, 4]), "add_bank": unit_rows(rng, 9)},
+               {"add_bank": unit_rows(rng, 30)}, {"add_gallery": unit_rows(rng, 2)})
+    for change in changes:
         updated = qbnorm_cli.update_probe(updated, bank=final_bank, gallery=final_gallery, **change)
         final_gallery, final_bank = final_inputs(final_gallery, final_bank, [change])
     fresh = qbnorm_cli.probe(final_bank, final_gallery, **kwargs)
