@@ -10,7 +10,11 @@ bit. Only the log-sum-exps (lse64's bound for the two summation orders) and the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -22,6 +26,7 @@ from tolerance import assert_close, eval64, lse64
 import qbnorm_cli
 from qbnorm_cli import methods as registry
 from qbnorm_cli.api.updating import merge_lists
+from qbnorm_cli.cli import main
 from qbnorm_cli.core.probestats import ALL, UPDATE_RECORDS
 from qbnorm_cli.errors import DataError, UsageError
 
@@ -339,3 +344,54 @@ def test_cluster_update_is_the_same(tmp_path):
     there = qbnorm_cli.update_probe(old, bank=bank, gallery=gallery, cluster="local:2", **change)
     for name, stored in here.datasets.items():
         np.testing.assert_array_equal(np.asarray(there.datasets[name].data), np.asarray(stored.data), err_msg=name)
+
+
+# --- the cron example ----------------------------------------------------------------------------
+
+NIGHTLY = Path(__file__).resolve().parent.parent / "examples" / "nightly" / "nightly.sh"
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "multi30k-sample.h5"
+
+
+def nightly_state(root: Path) -> Path:
+    """Yesterday's state on the sample data: 180 items probed with 500 bank queries; today 20 items
+    arrive, 2 leave and 100 queries were logged; the labelled queries of the kept items."""
+    with h5py.File(SAMPLE, "r") as h5:
+        gallery, train = h5["gallery"][:], h5["train_queries"][:600]
+        queries, gt = h5["queries"][:], h5["gt"][:]
+    state = root / "state"
+    (state / "today").mkdir(parents=True)
+    (state / "eval").mkdir()
+    np.save(state / "gallery.npy", gallery[:180])
+    np.save(state / "bank.npy", train[:500])
+    np.save(state / "today" / "new_items.npy", gallery[180:])
+    gone = np.array([3, 17])
+    np.save(state / "today" / "gone.npy", gone)
+    np.save(state / "today" / "logged_queries.npy", train[500:])
+    where = np.full(len(gallery), -1)
+    where[np.setdiff1d(np.arange(len(gallery)), gone)] = np.arange(len(gallery) - len(gone))
+    labelled = where[gt] >= 0
+    np.save(state / "eval" / "queries.npy", queries[labelled])
+    np.save(state / "eval" / "gt.npy", where[gt][labelled])
+    assert main(["probe", "--bank", str(state / "bank.npy"), "--gallery", str(state / "gallery.npy"), "-o",
+                 str(state / "probe.h5"), "-q"]) == 0
+    return state
+
+
+def run_nightly(state: Path, **env) -> subprocess.CompletedProcess:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.run(["bash", str(NIGHTLY), str(state)], capture_output=True, text=True,
+                          env={**os.environ, "PATH": path, **env})
+
+
+@pytest.mark.slow
+def test_the_nightly_example_runs(tmp_path):
+    state = nightly_state(tmp_path)
+    before = (state / "probe.h5").read_bytes()
+    failed = run_nightly(state, MIN_R1="101")  # a gate that cannot pass: exit 4, nothing promoted
+    assert failed.returncode == 4, failed.stderr
+    assert (state / "probe.h5").read_bytes() == before and (state / "today" / "gone.npy").exists()
+    done = run_nightly(state)
+    assert done.returncode == 0, done.stderr
+    with qbnorm_cli.Probe.load(state / "probe.h5") as probe:
+        assert (probe.n_gallery, probe.n_bank) == (198, 600)
+    assert (state / "index" / "vectors.npy").exists() and not any((state / "today").iterdir())
