@@ -44,7 +44,7 @@ class Statistic:
     merge: str                        # log-sum-exp | sum | min | max | top-k | derived | append | gallery | iterate
     values: str | None = "finite"     # io/schemas.py's validity rule
     key: str | None = None            # attribute naming each row: betas | ks | k
-    bank: str = "bank"                # bank | gallery_bank | none
+    bank: str = "bank"                # bank | gallery_bank | "" (of the gallery alone)
     required: bool | str = False      # True, or a dimension that must be > 0
     bound: str | None = None          # the dimension an index or count is bounded by
     rows: str = "row"
@@ -80,8 +80,8 @@ STATISTICS: tuple[Statistic, ...] = (
     _item("/topk_distance", ("n_ks", "G"), "derived", "mean √(2 − 2·P) of the K largest (NICDM)", key="ks", rows="K"),
     _item("/column_std", ("G",), "derived", "std_i P[i, j] (MP)"),
     _item("/centroid_distance", ("n_centroid_ks", "G"), "derived", "‖g_j − c_K(g_j)‖² (DSL)", key="ks", rows="K"),
-    Statistic("/gallery_mean", ("d",), "<f8", "gallery", bank="none", cols="dimension", doc="mean_j g_j (MP)"),
-    Statistic("/gallery_second_moment", ("d", "d"), "<f8", "gallery", bank="none", rows="dimension",
+    Statistic("/gallery_mean", ("d",), "<f8", "gallery", bank="", cols="dimension", doc="mean_j g_j (MP)"),
+    Statistic("/gallery_second_moment", ("d", "d"), "<f8", "gallery", bank="", rows="dimension",
               cols="dimension", doc="mean_j g_j g_jᵀ (MP)"),
 )
 
@@ -108,7 +108,7 @@ def _update_records(prefix: str, bank: str, dim: str, what: str) -> tuple[Statis
 UPDATE_RECORDS: tuple[Statistic, ...] = (
     *_update_records("", "bank", "N", "bank row"),
     *_update_records("gallery_", "gallery_bank", "Nh", "gallery-bank row"),
-    Statistic("/gallery_fingerprint", ("G",), "<i8", "append", values=None, bank="none", update=True,
+    Statistic("/gallery_fingerprint", ("G",), "<i8", "append", values=None, bank="", update=True,
               doc="a 64-bit digest of each gallery row as read: an update against another gallery is refused"),
     Statistic("/item_top_rows", ("G", "n_centroid"), "<i4", "top-k", values="index", bound="N", rows="item",
               cols="rank", at_open=False, update=True,

@@ -136,33 +136,28 @@ class ColumnTopK:
         self.values[target] = top
         self.bound[target] = top.min(axis=1)
 
-    @classmethod
-    def held(cls, descending: np.ndarray) -> ColumnTopK:
-        """The K largest values of each column, already found (width × K, descending)."""
-        top = cls(descending.shape[0], descending.shape[1])
-        top.values[...] = descending
-        top.count = descending.shape[1]
-        return top
-
     def descending(self) -> np.ndarray:
         """(width, count) the held values, largest first."""
         return -np.sort(-self.values[:, : self.count], axis=1)
 
-    def means(self, ks) -> np.ndarray:
-        """(len(ks), width): mean of the K largest values per column (of all when fewer exist)."""
-        ordered = -np.sort(-self.values[:, : self.count], axis=1)
-        return np.stack([ordered[:, : min(k, self.count)].mean(axis=1) for k in ks])
 
-    def kths(self, ks) -> np.ndarray:
-        """(len(ks), width): the K-th largest value per column (the smallest held when fewer exist)."""
-        ordered = -np.sort(-self.values[:, : self.count], axis=1)
-        return np.stack([ordered[:, min(k, self.count) - 1] for k in ks])
+def top_means(ordered: np.ndarray, ks) -> np.ndarray:
+    """(len(ks), width): mean of the K largest values per column of `ordered` (width × count, each
+    row descending; of all when fewer exist), in float64."""
+    ordered = np.asarray(ordered, dtype=np.float64)
+    return np.stack([ordered[:, : min(k, ordered.shape[1])].mean(axis=1) for k in ks])
 
-    def distance_means(self, ks) -> np.ndarray:
-        """(len(ks), width): mean of √(2 − 2·s) over the K largest s per column (cosine distances)."""
-        ordered = -np.sort(-self.values[:, : self.count], axis=1)
-        dist = cosine_distance(ordered)
-        return np.stack([dist[:, : min(k, self.count)].mean(axis=1) for k in ks])
+
+def top_kths(ordered: np.ndarray, ks) -> np.ndarray:
+    """(len(ks), width): the K-th largest value per column (the smallest held when fewer exist)."""
+    ordered = np.asarray(ordered, dtype=np.float64)
+    return np.stack([ordered[:, min(k, ordered.shape[1]) - 1] for k in ks])
+
+
+def top_distance_means(ordered: np.ndarray, ks) -> np.ndarray:
+    """(len(ks), width): mean of √(2 − 2·s) over the K largest s per column (cosine distances)."""
+    dist = cosine_distance(ordered)
+    return np.stack([dist[:, : min(k, ordered.shape[1])].mean(axis=1) for k in ks])
 
 
 def cosine_distance(scores: np.ndarray) -> np.ndarray:
@@ -360,11 +355,11 @@ class BankAccumulator:
 def derive_items(acc, c0: int, c1: int) -> None:
     """Top-K means, K-th values and distances, column means and spreads of columns c0:c1 of `acc`
     (a BankAccumulator, or an update's merged records) from its item_top and sums."""
-    if acc.item_top.shape[1]:
-        top = ColumnTopK.held(acc.item_top[c0:c1])
-        acc.topk_mean[:, c0:c1] = top.means(acc.topk_ks)
-        acc.topk_kth[:, c0:c1] = top.kths(acc.topk_ks)
-        acc.topk_distance[:, c0:c1] = top.distance_means(acc.topk_ks)
+    if acc.item_top.shape[1] and acc.topk_ks:
+        ordered = acc.item_top[c0:c1]  # descending already
+        acc.topk_mean[:, c0:c1] = top_means(ordered, acc.topk_ks)
+        acc.topk_kth[:, c0:c1] = top_kths(ordered, acc.topk_ks)
+        acc.topk_distance[:, c0:c1] = top_distance_means(ordered, acc.topk_ks)
     acc.column_mean[c0:c1] = acc.item_score_sum[c0:c1] / acc.n_rows
     if acc.column_std is not None:
         variance = acc.item_score_sumsq[c0:c1] / acc.n_rows - acc.column_mean[c0:c1] ** 2
