@@ -19,11 +19,13 @@ probe (api/updating.py) is the same fold over the scores that changed, merged in
 largest topk_mean, d the embedding dimension, n_betas …); `values` is io/schemas.py's rule;
 `key` the attribute that says what each row is (betas, ks, k); `bank` which bank it belongs to.
 
-What an update needs beyond the statistics the normalisers read (bytes per gallery item: 4·K for
-the K largest bank scores, 24 for the sum, sum of squares, min and max, 8 for the fingerprint —
-72 at the default K = 10, the same again per item for a gallery bank; per bank row: 8·W for its
-neighbours and their scores, 8 for the fingerprint — 152 at the default kmax = 10):
-UPDATE_RECORDS below. A probe without them (an older version) cannot be updated.
+What an update needs beyond the statistics the normalisers read (UPDATE_RECORDS): per gallery
+item 4·K bytes for its K largest bank scores (K the largest topk_mean: 512 at the default 128),
+24 for its score sum, sum of squares, min and max and 8 for its fingerprint, 4·K + 32 in all (544
+by default; a gallery bank's records add 24 per item); per bank row 8·W for its W = kmax + SPARE
+best items and their scores and 8 for its fingerprint (152 at the default kmax = 10); with dsl's
+statistics, 4 per item and centroid K for its nearest bank rows. A probe without them (made by an
+earlier version) cannot be updated.
 """
 
 from __future__ import annotations
