@@ -27,6 +27,10 @@ Datasets (G = gallery size, N = bank rows, Nh = gallery-bank rows):
   /dual_sinkhorn_log_u    (n_betas, G) float64, with sinkhorn and a gallery bank: the gallery's part of
                           the scalings of exp(β·[P | PB]) (rows: the gallery, then the Nh gallery-bank
                           items; PB = bank × gallery-bank scores), the same attrs plus gallery_bank_rows
+  /bank_top_items, /bank_top_scores, /item_top_scores, /item_score_{sum,sumsq,min,max},
+  /bank_fingerprint, /gallery_fingerprint (and the gallery bank's; /item_top_rows with dsl's
+                          statistics): what `update_probe` merges (core/probestats.py declares
+                          every dataset: shape, dtype, validity and merge rule)
 Root attributes: gallery_rows, bank_rows, gallery_bank_rows, similarity, gallery_identity (the
 gallery's identity, so that normalise can refuse another gallery), score_min/max/mean/std (and
 gallery_score_* for the gallery bank), score_scale, warnings. io/schemas.py declares the same
