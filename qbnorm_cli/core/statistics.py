@@ -302,7 +302,9 @@ class BankAccumulator:
                 work = x if len(betas) == 1 else _scratch(part.size, 1).reshape(part.shape)
                 x[...] = part
                 column_sums += x.sum(axis=0)
-                column_sumsq += np.einsum("ij,ij->j", x, x)  # not BLAS: threads
+                square = _scratch(part.size, 2).reshape(part.shape)
+                np.multiply(x, x, out=square)  # not einsum: its sums depend on the buffer's alignment
+                column_sumsq += square.sum(axis=0)
                 np.subtract(x, colmax, out=x)  # exact: both are float32 values
                 for b, beta in enumerate(betas):
                     np.multiply(x, beta, out=work)
