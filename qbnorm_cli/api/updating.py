@@ -56,196 +56,197 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
     what changed and, with Sinkhorn, the iterations of the warm start.
     """
     budget = make_budget(memory, block_rows)
-    old = probe if isinstance(probe, Probe) else Probe.load(probe)
-    label = old.label
-    if old.attrs.get("similarity") == "precomputed":
-        raise UsageError(f"{label} was probed from precomputed scores: an update needs the embeddings; probe again "
-                         f"from {param('bank')} and {param('gallery')}")
-    missing = probestats.updatable(old.dataset_names())
-    if missing:
-        raise DataError(f"{label} lacks what an update needs ({', '.join(missing[:3])}): it was made by an earlier "
-                        f"qbnorm; {REPROBE}")
-    if all(v is None for v in (add_gallery, remove_gallery, add_bank, add_gallery_bank)):
-        raise UsageError(f"nothing to update: give {param('add_gallery')}, {param('remove_gallery')}, "
-                         f"{param('add_bank')} or {param('add_gallery_bank')}")
-    dual = old.has("/gallery_log_norm")
-    if add_gallery_bank is not None and not dual:
-        raise UsageError(f"{param('add_gallery_bank')}: {label} has no gallery bank to add to")
-    if bank is None or gallery is None or (dual and gallery_bank is None):
-        need = "bank, gallery and gallery_bank" if dual else "bank and gallery"
-        raise UsageError(f"an update reads the embeddings {label} was made from: give its "
-                         + " and ".join(param(n) for n in need.replace(",", "").split(" and ")))
-    params = old.params
-    similarity = old.attrs["similarity"]
-    n_gallery = old.n_gallery
+    opened = nullcontext(probe) if isinstance(probe, Probe) else Probe.load(probe)
+    with opened as old:  # a probe opened here is closed here
+        label = old.label
+        if old.attrs.get("similarity") == "precomputed":
+            raise UsageError(f"{label} was probed from precomputed scores: an update needs the embeddings; probe again "
+                             f"from {param('bank')} and {param('gallery')}")
+        missing = probestats.updatable(old.dataset_names())
+        if missing:
+            raise DataError(f"{label} lacks what an update needs ({', '.join(missing[:3])}): it was made by an earlier "
+                            f"qbnorm; {REPROBE}")
+        if all(v is None for v in (add_gallery, remove_gallery, add_bank, add_gallery_bank)):
+            raise UsageError(f"nothing to update: give {param('add_gallery')}, {param('remove_gallery')}, "
+                             f"{param('add_bank')} or {param('add_gallery_bank')}")
+        dual = old.has("/gallery_log_norm")
+        if add_gallery_bank is not None and not dual:
+            raise UsageError(f"{param('add_gallery_bank')}: {label} has no gallery bank to add to")
+        if bank is None or gallery is None or (dual and gallery_bank is None):
+            need = "bank, gallery and gallery_bank" if dual else "bank and gallery"
+            raise UsageError(f"an update reads the embeddings {label} was made from: give its "
+                             + " and ".join(param(n) for n in need.replace(",", "").split(" and ")))
+        params = old.params
+        similarity = old.attrs["similarity"]
+        n_gallery = old.n_gallery
 
-    gallery_in = embeddings(gallery, "gallery")
-    raw_gallery = _rows(gallery_in, n_gallery, label, "gallery items")
-    removed = _removals(remove_gallery, n_gallery)
-    kept = np.setdiff1d(np.arange(n_gallery), removed)
-    _check_rows(gallery_in, raw_gallery, old.record("/gallery_fingerprint"), kept, label)
-    inputs = [gallery_in]
-    added = np.zeros((0, raw_gallery.shape[1]), dtype=np.float32)
-    if add_gallery is not None:
-        add_in = embeddings(add_gallery, "add_gallery")
-        added = _rows(add_in, None, label, None, dim=raw_gallery.shape[1], dim_of=gallery_in.label)
-        inputs.append(add_in)
-    final_gallery = np.concatenate([raw_gallery[kept], added])
-    if final_gallery.shape[0] == 0:
-        raise UsageError(f"{param('remove_gallery')} removes every item of the gallery and nothing is added")
-    n_kept, n_final = kept.size, final_gallery.shape[0]
+        gallery_in = embeddings(gallery, "gallery")
+        raw_gallery = _rows(gallery_in, n_gallery, label, "gallery items")
+        removed = _removals(remove_gallery, n_gallery)
+        kept = np.setdiff1d(np.arange(n_gallery), removed)
+        _check_rows(gallery_in, raw_gallery, old.record("/gallery_fingerprint"), kept, label)
+        inputs = [gallery_in]
+        added = np.zeros((0, raw_gallery.shape[1]), dtype=np.float32)
+        if add_gallery is not None:
+            add_in = embeddings(add_gallery, "add_gallery")
+            added = _rows(add_in, None, label, None, dim=raw_gallery.shape[1], dim_of=gallery_in.label)
+            inputs.append(add_in)
+        final_gallery = np.concatenate([raw_gallery[kept], added])
+        if final_gallery.shape[0] == 0:
+            raise UsageError(f"{param('remove_gallery')} removes every item of the gallery and nothing is added")
+        n_kept, n_final = kept.size, final_gallery.shape[0]
 
-    sides = [("bank", bank, add_bank, old.n_bank)]
-    if dual:
-        sides.append(("gallery_bank", gallery_bank, add_gallery_bank, int(old.attrs["gallery_bank_rows"])))
-    final_banks = {}
-    for role, given, more, n_rows in sides:
-        given_in = embeddings(given, role)
-        raw = _rows(given_in, n_rows, label, "bank queries" if role == "bank" else "gallery-bank items",
-                    dim=raw_gallery.shape[1], dim_of=gallery_in.label)
-        _check_rows(given_in, raw, old.record(f"/{role}_fingerprint"), np.arange(n_rows), label)
-        inputs.insert(0 if role == "bank" else len(inputs), given_in)
-        new = np.zeros((0, raw.shape[1]), dtype=np.float32)
-        if more is not None:
-            more_in = embeddings(more, f"add_{role}")
-            new = _rows(more_in, None, label, None, dim=raw.shape[1], dim_of=given_in.label)
-            inputs.append(more_in)
-        final_banks[role] = (np.concatenate([raw, new]), n_rows)
+        sides = [("bank", bank, add_bank, old.n_bank)]
+        if dual:
+            sides.append(("gallery_bank", gallery_bank, add_gallery_bank, int(old.attrs["gallery_bank_rows"])))
+        final_banks = {}
+        for role, given, more, n_rows in sides:
+            given_in = embeddings(given, role)
+            raw = _rows(given_in, n_rows, label, "bank queries" if role == "bank" else "gallery-bank items",
+                        dim=raw_gallery.shape[1], dim_of=gallery_in.label)
+            _check_rows(given_in, raw, old.record(f"/{role}_fingerprint"), np.arange(n_rows), label)
+            inputs.insert(0 if role == "bank" else len(inputs), given_in)
+            new = np.zeros((0, raw.shape[1]), dtype=np.float32)
+            if more is not None:
+                more_in = embeddings(more, f"add_{role}")
+                new = _rows(more_in, None, label, None, dim=raw.shape[1], dim_of=given_in.label)
+                inputs.append(more_in)
+            final_banks[role] = (np.concatenate([raw, new]), n_rows)
 
-    eager = cluster is None
+        eager = cluster is None
 
-    def emb(array, name):  # None for no rows (an input is never empty)
-        return Embeddings(as_input(array, name), similarity, budget, eager=eager) if len(array) else None
+        def emb(array, name):  # None for no rows (an input is never empty)
+            return Embeddings(as_input(array, name), similarity, budget, eager=eager) if len(array) else None
 
-    kept_emb, new_emb = emb(final_gallery[:n_kept], "gallery"), emb(final_gallery[n_kept:], "add_gallery")
-    final_emb = Embeddings(as_input(final_gallery, "gallery"), similarity, budget, eager=False)  # recounts, sinkhorn
-    betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
-             "gallery_bank": np.asarray(params.get("gallery_betas") or [], dtype=np.float64)}
-    kmax, k = int(params["kmax"]), int(params["k"])
-    ks = tuple(int(v) for v in params["topk_mean"])
-    keep_sorted = bool(params.get("keep_sorted"))
-    moments = old.has("/column_std")
-    centroid_ks = [int(v) for v in old.record_attr("/centroid_distance", "ks")] if old.has("/centroid_distance") else []
-    centroid_k = max(centroid_ks, default=0)
+        kept_emb, new_emb = emb(final_gallery[:n_kept], "gallery"), emb(final_gallery[n_kept:], "add_gallery")
+        # the whole final gallery: read only by recounts, the centroid distances and sinkhorn
+        final_emb = Embeddings(as_input(final_gallery, "gallery"), similarity, budget, eager=False)
+        betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
+                 "gallery_bank": np.asarray(params.get("gallery_betas") or [], dtype=np.float64)}
+        kmax, k = int(params["kmax"]), int(params["k"])
+        ks = tuple(int(v) for v in params["topk_mean"])
+        keep_sorted = bool(params.get("keep_sorted"))
+        moments = old.has("/column_std")
+        centroid_ks = [int(v) for v in old.record_attr("/centroid_distance", "ks")] \
+            if old.has("/centroid_distance") else []
+        centroid_k = max(centroid_ks, default=0)
 
-    out_params = {**params, "memory": budget.memory, "block_rows": block_rows,
-                  "update": {"from": old.uuid, "removed_gallery": int(removed.size),
-                             "added_gallery": int(n_final - n_kept),
-                             "added_bank": int(final_banks["bank"][0].shape[0] - old.n_bank),
-                             "added_gallery_bank": int(final_banks["gallery_bank"][0].shape[0] -
-                                                       final_banks["gallery_bank"][1]) if dual else 0}}
-    n_bank_final = final_banks["bank"][0].shape[0]
-    if output is not None:
-        per_item = 8 * (len(betas["bank"]) + len(betas["gallery_bank"]) + 3 * len(ks) + 8) + 4 * max(ks, default=0)
-        limits.check_output(output, n_final * per_item + n_bank_final * (kmax + probestats.SPARE) * 16
-                            + (4 * n_final * n_bank_final if keep_sorted else 0), f"the update of {label}")
-    out = OutputFile(str(output), "probe", force=force, params=out_params, inputs=inputs, provenance=provenance) \
-        if output is not None else None
-    accs = {}
-    sorted_parts: dict[str, dict[int, np.ndarray]] = {"new_items": {}, "new_rows": {}}
-    with clustered(cluster) as session, out if out is not None else nullcontext():
-        def run(banks, n_cols, sink=None):
-            banks = [(s, a) for s, a in banks if n_cols]
-            if not banks:
-                return
+        out_params = {**params, "memory": budget.memory, "block_rows": block_rows,
+                      "update": {"from": old.uuid, "removed_gallery": int(removed.size),
+                                 "added_gallery": int(n_final - n_kept),
+                                 "added_bank": int(final_banks["bank"][0].shape[0] - old.n_bank),
+                                 "added_gallery_bank": int(final_banks["gallery_bank"][0].shape[0] -
+                                                           final_banks["gallery_bank"][1]) if dual else 0}}
+        n_bank_final = final_banks["bank"][0].shape[0]
+        if output is not None:
+            per_item = 8 * (len(betas["bank"]) + len(betas["gallery_bank"]) + 3 * len(ks) + 8) + 4 * max(ks, default=0)
+            limits.check_output(output, n_final * per_item + n_bank_final * (kmax + probestats.SPARE) * 16
+                                + (4 * n_final * n_bank_final if keep_sorted else 0), f"the update of {label}")
+        out = OutputFile(str(output), "probe", force=force, params=out_params, inputs=inputs, provenance=provenance) \
+            if output is not None else None
+        accs = {}
+        sorted_parts: dict[str, dict[int, np.ndarray]] = {"new_items": {}, "new_rows": {}}
+        with clustered(cluster) as session, out if out is not None else nullcontext():
+            def run(banks, n_cols, sink=None):
+                banks = [(s, a) for s, a in banks if n_cols]
+                if not banks:
+                    return
 
-            def on_sorted(number, c0, c1, block):
-                if number == 0 and sink is not None:
-                    sink[c0] = block
-            total = sum(s.n_rows for s, _ in banks) * n_cols
-            with progress_or_none(progress)("update", total, per=n_cols) as advance:
-                if session is None:
-                    run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
-                else:
-                    clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
+                def on_sorted(number, c0, c1, block):
+                    if number == 0 and sink is not None:
+                        sink[c0] = block
+                total = sum(s.n_rows for s, _ in banks) * n_cols
+                with progress_or_none(progress)("update", total, per=n_cols) as advance:
+                    if session is None:
+                        run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
+                    else:
+                        clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
 
-        passes_new_items, passes_new_rows = [], []
-        for role, (rows, n_old) in final_banks.items():
-            is_bank = role == "bank"
-            make = lambda n, g, role=role, is_bank=is_bank: BankAccumulator(
-                n, g, betas[role], kmax, ks if is_bank else (), keep_sorted and is_bank,
-                column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0)
-            all_rows, new_rows = emb(rows, role), emb(rows[n_old:], f"add_{role}")
-            a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
-            c = make(rows.shape[0] - n_old, n_kept)      # the new rows × the kept items
-            if new_emb is not None:
-                passes_new_items.append((EmbeddingScores(all_rows, new_emb), a))
-            if new_rows is not None and kept_emb is not None:
-                passes_new_rows.append((EmbeddingScores(new_rows, kept_emb), c))
-            accs[role] = (a, c, all_rows, n_old)
-        run(passes_new_items, n_final - n_kept, sorted_parts["new_items"])
-        run(passes_new_rows, n_kept, sorted_parts["new_rows"])
+            passes_new_items, passes_new_rows = [], []
+            for role, (rows, n_old) in final_banks.items():
+                is_bank = role == "bank"
+                make = lambda n, g, role=role, is_bank=is_bank: BankAccumulator(
+                    n, g, betas[role], kmax, ks if is_bank else (), keep_sorted and is_bank,
+                    column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0)
+                all_rows, new_rows = emb(rows, role), emb(rows[n_old:], f"add_{role}")
+                a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
+                c = make(rows.shape[0] - n_old, n_kept)      # the new rows × the kept items
+                if new_emb is not None:
+                    passes_new_items.append((EmbeddingScores(all_rows, new_emb), a))
+                if new_rows is not None and kept_emb is not None:
+                    passes_new_rows.append((EmbeddingScores(new_rows, kept_emb), c))
+                accs[role] = (a, c, all_rows, n_old)
+            run(passes_new_items, n_final - n_kept, sorted_parts["new_items"])
+            run(passes_new_rows, n_kept, sorted_parts["new_rows"])
 
-        merged = {role: _merge(old, role, a, c, kept, n_old, all_rows, final_emb, betas[role], kmax,
-                               ks if role == "bank" else (), moments and role == "bank",
-                               centroid_k if role == "bank" else 0)
-                  for role, (a, c, all_rows, n_old) in accs.items()}
-        query_acc, gallery_acc = merged["bank"], merged.get("gallery_bank")
-        datasets = statistics(query_acc, gallery_acc, k)
-        if centroid_k:  # recomputed from each item's merged nearest bank rows: O(G · K · d)
-            datasets.update(centroid_statistics(EmbeddingScores(accs["bank"][2], final_emb),
-                                                query_acc.column_topk_index, centroid_ks))
-        datasets["/gallery_fingerprint"] = Stored(np.concatenate([old.record("/gallery_fingerprint")[kept],
-                                                                  fingerprints(final_gallery[n_kept:])]))
-        for role, (rows, n_old) in final_banks.items():
-            datasets[f"/{role}_fingerprint"] = Stored(np.concatenate([old.record(f"/{role}_fingerprint"),
-                                                                      fingerprints(rows[n_old:])]))
-        if old.has("/gallery_mean"):
-            mean, moment = _moments(old, emb(raw_gallery[removed], "gallery"), new_emb, n_final)
-            datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
-        sorted_store = None
-        if keep_sorted:
-            sorted_store = _sorted_bank(old, kept, sorted_parts, n_kept, n_final, n_bank_final, out)
-            if out is None:
-                datasets[SORTED] = Stored(sorted_store)
-        sinkhorn_found, warm = [], None
-        if params.get("sinkhorn"):
-            settings = SinkhornSettings(params.get("sinkhorn_iters"), params.get("sinkhorn_tol"),
-                                        params.get("sinkhorn_max_iters"))
-            bank_scores = EmbeddingScores(accs["bank"][2], final_emb)
-            cross = EmbeddingScores(accs["bank"][2], accs["gallery_bank"][2]) \
-                if dual and params.get("dual_sinkhorn") else None
-            starts = None if settings.iters is not None else _warm_starts(old, kept, n_final, cross)
-            potentials, sinkhorn_found = sinkhorn_potentials(bank_scores, cross, list(betas["bank"]),
-                                                             list(betas["bank"]), settings, budget, progress,
-                                                             starts=starts)
-            datasets.update(potentials)
-            warm = starts is not None
-        score_stats = query_acc.score_stats()
-        attrs = {"gallery_rows": n_final, "bank_rows": n_bank_final,
-                 "gallery_bank_rows": gallery_acc.n_rows if gallery_acc else 0, "similarity": similarity,
-                 "gallery_identity": as_input(final_gallery, "gallery").identity,
-                 "score_scale": scale.classify(score_stats),
-                 **{f"score_{part}": value for part, value in score_stats.as_dict().items()}}
-        gallery_stats = None
-        if gallery_acc is not None:
-            gallery_stats = gallery_acc.score_stats()
-            attrs.update({f"gallery_score_{part}": value for part, value in gallery_stats.as_dict().items()})
-        diagnostics = bank_diagnostics(query_acc.neighbors.indices, k, n_final)
-        found = [scale.beta_warning(b, score_stats) for b in betas["bank"]]
-        if gallery_stats is not None:
-            found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False)
-                      for b in betas["gallery_bank"]]
-        found.append(coverage_warning(diagnostics, n_final, param(f"method={registry.DEFAULT.name!r}")))
-        found = [w for w in found + sinkhorn_found if w]
+            merged = {role: _merge(old, role, a, c, kept, n_old, all_rows, final_emb, betas[role], kmax,
+                                   ks if role == "bank" else (), moments and role == "bank",
+                                   centroid_k if role == "bank" else 0)
+                      for role, (a, c, all_rows, n_old) in accs.items()}
+            query_acc, gallery_acc = merged["bank"], merged.get("gallery_bank")
+            datasets = statistics(query_acc, gallery_acc, k)
+            if centroid_k:  # recomputed from each item's merged nearest bank rows: O(G · K · d)
+                datasets.update(centroid_statistics(EmbeddingScores(accs["bank"][2], final_emb),
+                                                    query_acc.column_topk_index, centroid_ks))
+            datasets["/gallery_fingerprint"] = Stored(np.concatenate([old.record("/gallery_fingerprint")[kept],
+                                                                      fingerprints(final_gallery[n_kept:])]))
+            for role, (rows, n_old) in final_banks.items():
+                datasets[f"/{role}_fingerprint"] = Stored(np.concatenate([old.record(f"/{role}_fingerprint"),
+                                                                          fingerprints(rows[n_old:])]))
+            if old.has("/gallery_mean"):
+                mean, moment = _moments(old, emb(raw_gallery[removed], "gallery"), new_emb, n_final)
+                datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
+            sorted_store = None
+            if keep_sorted:
+                sorted_store = _sorted_bank(old, kept, sorted_parts, n_kept, n_final, n_bank_final, out)
+                if out is None:
+                    datasets[SORTED] = Stored(sorted_store)
+            sinkhorn_found, warm = [], None
+            if params.get("sinkhorn"):
+                settings = SinkhornSettings(params.get("sinkhorn_iters"), params.get("sinkhorn_tol"),
+                                            params.get("sinkhorn_max_iters"))
+                bank_scores = EmbeddingScores(accs["bank"][2], final_emb)
+                cross = EmbeddingScores(accs["bank"][2], accs["gallery_bank"][2]) \
+                    if dual and params.get("dual_sinkhorn") else None
+                starts = None if settings.iters is not None else _warm_starts(old, kept, n_final, cross)
+                potentials, sinkhorn_found = sinkhorn_potentials(bank_scores, cross, list(betas["bank"]),
+                                                                 list(betas["bank"]), settings, budget, progress,
+                                                                 starts=starts)
+                datasets.update(potentials)
+                warm = starts is not None
+            score_stats = query_acc.score_stats()
+            attrs = {"gallery_rows": n_final, "bank_rows": n_bank_final,
+                     "gallery_bank_rows": gallery_acc.n_rows if gallery_acc else 0, "similarity": similarity,
+                     "gallery_identity": as_input(final_gallery, "gallery").identity,
+                     "score_scale": scale.classify(score_stats),
+                     **{f"score_{part}": value for part, value in score_stats.as_dict().items()}}
+            gallery_stats = None
+            if gallery_acc is not None:
+                gallery_stats = gallery_acc.score_stats()
+                attrs.update({f"gallery_score_{part}": value for part, value in gallery_stats.as_dict().items()})
+            diagnostics = bank_diagnostics(query_acc.neighbors.indices, k, n_final)
+            found = [scale.beta_warning(b, score_stats) for b in betas["bank"]]
+            if gallery_stats is not None:
+                found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False)
+                          for b in betas["gallery_bank"]]
+            found.append(coverage_warning(diagnostics, n_final, param(f"method={registry.DEFAULT.name!r}")))
+            found = [w for w in found + sinkhorn_found if w]
+            if out is not None:
+                for name, stored in datasets.items():
+                    out.create(name, data=stored.data, **stored.attrs)
+                write_attrs(out, attrs)
+                out.warnings = found
+        for message in found:
+            warn(message)
         if out is not None:
-            for name, stored in datasets.items():
-                out.create(name, data=stored.data, **stored.attrs)
-            write_attrs(out, attrs)
-            out.warnings = found
-    for message in found:
-        warn(message)
-    if out is not None:
-        result = Probe.load(output)
-    else:
-        result = Probe(datasets, {**attrs, "uuid": None}, params=out_params, inputs=[i.describe() for i in inputs])
-    result.warnings = [plain_text(w) for w in found]
-    result.diagnostics = diagnostics
-    result.cluster = session.report() if session is not None else None
-    result.update = {**out_params["update"], "gallery_rows": n_final, "bank_rows": n_bank_final,
-                     "recounted_rows": int(query_acc.recounted), "sinkhorn_warm_start": warm}
-    if probe is not old:
-        old.close()
+            result = Probe.load(output)
+        else:
+            result = Probe(datasets, {**attrs, "uuid": None}, params=out_params, inputs=[i.describe() for i in inputs])
+        result.warnings = [plain_text(w) for w in found]
+        result.diagnostics = diagnostics
+        result.cluster = session.report() if session is not None else None
+        result.update = {**out_params["update"], "gallery_rows": n_final, "bank_rows": n_bank_final,
+                         "recounted_rows": int(query_acc.recounted), "sinkhorn_warm_start": warm}
     return result
 
 
