@@ -23,7 +23,15 @@ from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import bounded, clustered, embeddings, progress_or_none, warn
 from qbnorm_cli.api.probing import GALLERY_BLOCK, SinkhornSettings, centroid_statistics, sinkhorn_potentials
 from qbnorm_cli.core import probestats, scale, topk
-from qbnorm_cli.core.probestats import ITEM_FIELDS, fingerprints, item_record
+from qbnorm_cli.core.probestats import (
+    BY_NAME,
+    ITEM_FIELDS,
+    ITEM_MAJOR,
+    MERGES,
+    fingerprints,
+    item_record,
+    merge_top,
+)
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning, derive_items
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import limits
@@ -349,19 +357,17 @@ def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: 
     old_log_norm = old.record(f"/{prefix}log_norm")[:, kept]
     records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
                else np.zeros((kept.size, 0), dtype=np.float32) for field in ITEM_FIELDS}
-    if c.n_rows:  # the declared merges: log-sum-exp, sum, min, max, top-k
-        final.log_norm[:, :n_kept] = np.logaddexp(old_log_norm, c.log_norm)
-        final.item_score_sum[:n_kept] = records["item_score_sum"] + c.item_score_sum
-        final.item_score_sumsq[:n_kept] = records["item_score_sumsq"] + c.item_score_sumsq
-        final.item_score_min[:n_kept] = np.minimum(records["item_score_min"], c.item_score_min)
-        final.item_score_max[:n_kept] = np.maximum(records["item_score_max"], c.item_score_max)
-        width = final.item_top.shape[1]
-        union = np.concatenate([records["item_top"], c.item_top], axis=1)
-        final.item_top[:n_kept] = -np.sort(-union, axis=1)[:, :width]
-    else:
-        final.log_norm[:, :n_kept] = old_log_norm
-        for field, values in records.items():
-            getattr(final, field)[:n_kept] = values
+    records["log_norm"] = old_log_norm
+    for field, values in records.items():  # each by its declared merge rule (core/probestats.py)
+        rule = BY_NAME[f"/{prefix}log_norm" if field == "log_norm" else item_record(role, field)].merge
+        held = getattr(final, field)
+        kept_columns = held[:n_kept] if field in ITEM_MAJOR else held[..., :n_kept]
+        if not c.n_rows:
+            kept_columns[...] = values
+        elif rule == "top-k":
+            kept_columns[...] = merge_top(values, getattr(c, field), held.shape[1])
+        else:
+            kept_columns[...] = MERGES[rule](values, getattr(c, field))
     derive_items(final, 0, n_kept)
     if final.column_topk_index is not None:  # each kept item's nearest bank rows: old ones merged with new ones
         final.column_topk_index[:n_kept] = _nearest_rows(old, records["item_top"], kept, c, n_old, final.neighbor_k)

@@ -53,6 +53,7 @@ class Statistic:
     cols: str = "item"
     at_open: bool = True              # checked when the file opens (else as read)
     update: bool = False              # recorded for updates only (no normaliser reads it)
+    field: str | None = None          # the BankAccumulator attribute that holds it (per-item statistics)
     doc: str = ""
 
 
@@ -62,13 +63,13 @@ def _item(name, shape, merge, doc, **kw) -> Statistic:
 
 STATISTICS: tuple[Statistic, ...] = (
     _item("/log_norm", ("n_betas", "G"), "log-sum-exp", "logsumexp_i(β·P[i, j]) (QB-Norm Eq. 3)", key="betas",
-          required=True, rows="β"),
+          required=True, rows="β", field="log_norm"),
     Statistic("/bank_neighbors", ("N", "kmax"), "<i4", "top-k", values="index", bound="G", required=True,
               at_open=False, rows="bank row", cols="column", doc="each bank row's best items, best first"),
     Statistic("/activation_count", ("G",), "<i4", "derived", values="count", bound="N", key="k", required=True,
               doc="bank-side k-occurrence"),
     _item("/topk_mean", ("n_ks", "G"), "derived", "mean of the K largest P[:, j] (CSLS, NNN)", key="ks",
-          required=True, rows="K"),
+          required=True, rows="K", field="topk_mean"),
     _item("/gallery_log_norm", ("n_gallery_betas", "G"), "log-sum-exp", "the same for the gallery bank", key="betas",
           bank="gallery_bank", required="Nh", rows="β"),
     Statistic("/gallery_bank_neighbors", ("Nh", "kmax"), "<i4", "top-k", values="index", bound="G", required="Nh",
@@ -77,10 +78,12 @@ STATISTICS: tuple[Statistic, ...] = (
               bank="gallery_bank", required="Nh"),
     Statistic("/sorted_bank_scores", ("G", "N"), "<f4", "top-k", values="ascending", at_open=False, rows="item",
               cols="bank score", doc="every item's bank scores ascending (gc)"),
-    _item("/column_mean", ("G",), "derived", "mean_i P[i, j] (DN)"),
-    _item("/topk_kth", ("n_ks", "G"), "derived", "the K-th largest P[:, j] (LS)", key="ks", rows="K"),
-    _item("/topk_distance", ("n_ks", "G"), "derived", "mean √(2 − 2·P) of the K largest (NICDM)", key="ks", rows="K"),
-    _item("/column_std", ("G",), "derived", "std_i P[i, j] (MP)"),
+    _item("/column_mean", ("G",), "derived", "mean_i P[i, j] (DN)", field="column_mean"),
+    _item("/topk_kth", ("n_ks", "G"), "derived", "the K-th largest P[:, j] (LS)", key="ks", rows="K",
+          field="topk_kth"),
+    _item("/topk_distance", ("n_ks", "G"), "derived", "mean √(2 − 2·P) of the K largest (NICDM)", key="ks", rows="K",
+          field="topk_distance"),
+    _item("/column_std", ("G",), "derived", "std_i P[i, j] (MP)", field="column_std"),
     _item("/centroid_distance", ("n_centroid_ks", "G"), "derived", "‖g_j − c_K(g_j)‖² (DSL)", key="ks", rows="K"),
     Statistic("/gallery_mean", ("d",), "<f8", "gallery", bank="", cols="dimension", doc="mean_j g_j (MP)"),
     Statistic("/gallery_second_moment", ("d", "d"), "<f8", "gallery", bank="", rows="dimension",
@@ -95,12 +98,11 @@ def _update_records(prefix: str, bank: str, dim: str, what: str) -> tuple[Statis
         Statistic(f"/{bank}_top_scores", (dim, f"{prefix}W"), "<f4", "top-k", values=None, bank=bank, rows=what,
                   cols="column", at_open=False, update=True, doc="their scores (NaN at pads)"),
         Statistic(f"/{prefix}item_top_scores", ("G", f"{prefix}K"), "<f4", "top-k", bank=bank, rows="item",
-                  cols="rank", at_open=False, update=True,
+                  cols="rank", at_open=False, update=True, field="item_top",
                   doc="each item's K largest bank scores, descending (K: the largest topk_mean; none without)"),
-        Statistic(f"/{prefix}item_score_sum", ("G",), "<f8", "sum", bank=bank, update=True),
-        Statistic(f"/{prefix}item_score_sumsq", ("G",), "<f8", "sum", bank=bank, update=True),
-        Statistic(f"/{prefix}item_score_min", ("G",), "<f4", "min", bank=bank, update=True),
-        Statistic(f"/{prefix}item_score_max", ("G",), "<f4", "max", bank=bank, update=True),
+        *(Statistic(f"/{prefix}item_score_{part}", ("G",), dtype, part.replace("sumsq", "sum"), bank=bank,
+                    update=True, field=f"item_score_{part}")
+          for part, dtype in (("sum", "<f8"), ("sumsq", "<f8"), ("min", "<f4"), ("max", "<f4"))),
         Statistic(f"/{bank}_fingerprint", (dim,), "<i8", "append", values=None, bank=bank, rows=what, cols=what,
                   update=True, doc="a 64-bit digest of each row as read"),
     )
@@ -113,22 +115,33 @@ UPDATE_RECORDS: tuple[Statistic, ...] = (
     Statistic("/gallery_fingerprint", ("G",), "<i8", "append", values=None, bank="", update=True,
               doc="a 64-bit digest of each gallery row as read: an update against another gallery is refused"),
     Statistic("/item_top_rows", ("G", "n_centroid"), "<i4", "top-k", values="index", bound="N", rows="item",
-              cols="rank", at_open=False, update=True,
+              cols="rank", at_open=False, update=True, field="column_topk_index",
               doc="with dsl's statistics: each item's nearest bank rows, best first (their centroids)"),
 )
 
 ALL: tuple[Statistic, ...] = STATISTICS + UPDATE_RECORDS
 BY_NAME = {s.name: s for s in ALL}
 
-# The per-item records an update merges (accumulator field → record), for each bank.
-ITEM_FIELDS = {"item_top": "item_top_scores", "item_score_sum": "item_score_sum",
-               "item_score_sumsq": "item_score_sumsq", "item_score_min": "item_score_min",
-               "item_score_max": "item_score_max"}
+# The bank's per-item statistics as the accumulator holds them (each (…, G), or (G, …) when item-major),
+# and those of them an update merges by their rule (the others are derived from these).
+COLUMN_FIELDS = tuple(s.field for s in ALL if s.field and s.bank == "bank")
+ITEM_MAJOR = tuple(s.field for s in ALL if s.field and s.bank == "bank" and s.shape[0] == "G" and len(s.shape) == 2)
+ITEM_FIELDS = {s.field: s.name for s in UPDATE_RECORDS
+               if s.bank == "bank" and s.field and s.field.startswith("item_")}
 
 
 def item_record(bank: str, field: str) -> str:
     """The dataset of an accumulator's per-item field for a bank ("bank" or "gallery_bank")."""
-    return f"/{'' if bank == 'bank' else 'gallery_'}{ITEM_FIELDS[field]}"
+    return ITEM_FIELDS[field].replace("/", "/" if bank == "bank" else "/gallery_", 1)
+
+
+def merge_top(a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
+    """The `width` largest of each row of two descending lists, descending (a multiset: exact)."""
+    return -np.sort(-np.concatenate([a, b], axis=1), axis=1)[:, :width]
+
+
+# How two parts of a per-item statistic merge (rule → function of the two parts).
+MERGES = {"log-sum-exp": np.logaddexp, "sum": np.add, "min": np.minimum, "max": np.maximum}
 
 
 def updatable(names) -> list[str]:

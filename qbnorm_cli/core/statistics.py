@@ -34,7 +34,7 @@ import numpy as np
 
 from qbnorm_cli.core import topk
 from qbnorm_cli.core.hubness import skewness
-from qbnorm_cli.core.probestats import SPARE
+from qbnorm_cli.core.probestats import COLUMN_FIELDS, ITEM_MAJOR, SPARE
 from qbnorm_cli.core.scale import ScoreStats
 
 _SUB_ITEMS = 1 << 17  # float64 items per piece: 1 MiB, cache-resident while exponentiated
@@ -221,12 +221,9 @@ class BankAccumulator:
         """The neighbours per row the normalisers read (kmax, or the whole gallery when smaller)."""
         return min(self.kmax, self.n_gallery)
 
-    # The per-item results, each (…, G): what a column block's worker hands back (streaming/cluster.py).
-    COLUMN_FIELDS = ("log_norm", "topk_mean", "topk_kth", "topk_distance", "column_mean", "column_std",
-                     "column_topk_index", "item_top", "item_score_sum", "item_score_sumsq", "item_score_min",
-                     "item_score_max")
-
-    ITEM_MAJOR = ("item_top", "column_topk_index")  # (G, …); the others are (…, G)
+    # The per-item results (core/probestats.py declares them): what a column block's worker hands back.
+    COLUMN_FIELDS = COLUMN_FIELDS
+    ITEM_MAJOR = ITEM_MAJOR
 
     def column_parts(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in self.COLUMN_FIELDS if getattr(self, name) is not None}
