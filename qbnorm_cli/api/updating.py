@@ -81,9 +81,9 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         if add_gallery_bank is not None and not dual:
             raise UsageError(f"{param('add_gallery_bank')}: {label} has no gallery bank to add to")
         if bank is None or gallery is None or (dual and gallery_bank is None):
-            need = "bank, gallery and gallery_bank" if dual else "bank and gallery"
+            need = [param(name) for name in ("bank", "gallery", "gallery_bank")[:3 if dual else 2]]
             raise UsageError(f"an update reads the embeddings {label} was made from: give its "
-                             + " and ".join(param(n) for n in need.replace(",", "").split(" and ")))
+                             f"{', '.join(need[:-1])} and {need[-1]}")
         params = old.params
         similarity = old.attrs["similarity"]
         n_gallery = old.n_gallery
