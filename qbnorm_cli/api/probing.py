@@ -307,22 +307,7 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
                     if given_banks.get(role, ("", None))[0].endswith("_sims"):
                         continue
                     datasets[name] = Stored(input_fingerprints(item))
-        score_stats = query_acc.score_stats()
-        attrs = {
-            "gallery_rows": n_gallery, "bank_rows": query_scores.n_rows,
-            "gallery_bank_rows": gallery_acc.n_rows if gallery_acc else 0, "similarity": params["similarity"],
-            "gallery_identity": gallery_identity, "score_scale": scale.classify(score_stats),
-            **{f"score_{part}": value for part, value in score_stats.as_dict().items()},
-        }
-        gallery_stats = None
-        if gallery_acc is not None:
-            gallery_stats = gallery_acc.score_stats()
-            attrs.update({f"gallery_score_{part}": value for part, value in gallery_stats.as_dict().items()})
-        diagnostics = bank_diagnostics(query_acc.neighbors.indices, k, n_gallery)
-        found = [scale.beta_warning(b, score_stats) for b in betas]
-        if gallery_stats is not None:
-            found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False) for b in gallery_betas]
-        found.append(coverage_warning(diagnostics, n_gallery, param(f"method={registry.DEFAULT.name!r}")))
+        attrs, diagnostics, found = probe_summary(query_acc, gallery_acc, k, params["similarity"], gallery_identity)
         if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
             found.append(tuned_on_warning(tuned["path"], tuned, [i.describe() for i in inputs[1:2]]))
         if tuned is not None:
@@ -350,6 +335,28 @@ def input_fingerprints(item) -> np.ndarray:
     """Each row's fingerprint (core/probestats.fingerprints) of an input read in blocks."""
     return np.concatenate([fingerprints(item.read(r0, min(r0 + GALLERY_BLOCK, item.rows)))
                            for r0 in range(0, item.rows, GALLERY_BLOCK)] or [np.zeros(0, dtype=np.int64)])
+
+
+def probe_summary(query_acc: BankAccumulator, gallery_acc: BankAccumulator | None, k: int, similarity: str,
+                  gallery_identity) -> tuple[dict, dict, list]:
+    """A probe's root attributes (sizes, score statistics and scale), the bank's diagnostics, and
+    the warnings they call for (a β on the wrong scale, low coverage): a probe's, an update's."""
+    n_gallery = query_acc.n_gallery
+    score_stats = query_acc.score_stats()
+    attrs = {
+        "gallery_rows": n_gallery, "bank_rows": query_acc.n_rows,
+        "gallery_bank_rows": gallery_acc.n_rows if gallery_acc else 0, "similarity": similarity,
+        "gallery_identity": gallery_identity, "score_scale": scale.classify(score_stats),
+        **{f"score_{part}": value for part, value in score_stats.as_dict().items()},
+    }
+    diagnostics = bank_diagnostics(query_acc.neighbors.indices, k, n_gallery)
+    found = [scale.beta_warning(b, score_stats) for b in query_acc.betas]
+    if gallery_acc is not None:
+        gallery_stats = gallery_acc.score_stats()
+        attrs.update({f"gallery_score_{part}": value for part, value in gallery_stats.as_dict().items()})
+        found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False) for b in gallery_acc.betas]
+    found.append(coverage_warning(diagnostics, n_gallery, param(f"method={registry.DEFAULT.name!r}")))
+    return attrs, diagnostics, found
 
 
 def cross_bank_scores(bank_scores: ScoreSource, gallery_scores: ScoreSource | None, sims, inputs: list,

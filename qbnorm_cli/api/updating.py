@@ -19,10 +19,15 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import bounded, clustered, embeddings, progress_or_none, warn
-from qbnorm_cli.api.probing import GALLERY_BLOCK, SinkhornSettings, centroid_statistics, sinkhorn_potentials
-from qbnorm_cli.core import probestats, scale, topk
+from qbnorm_cli.api.probing import (
+    GALLERY_BLOCK,
+    SinkhornSettings,
+    centroid_statistics,
+    probe_summary,
+    sinkhorn_potentials,
+)
+from qbnorm_cli.core import probestats, topk
 from qbnorm_cli.core.probestats import (
     BY_NAME,
     ITEM_FIELDS,
@@ -32,7 +37,7 @@ from qbnorm_cli.core.probestats import (
     item_record,
     merge_top,
 )
-from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning, derive_items
+from qbnorm_cli.core.statistics import BankAccumulator, derive_items
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import limits
 from qbnorm_cli.io.atomic import OutputFile
@@ -222,22 +227,8 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                                                                  starts=starts)
                 datasets.update(potentials)
                 warm = starts is not None
-            score_stats = query_acc.score_stats()
-            attrs = {"gallery_rows": n_final, "bank_rows": n_bank_final,
-                     "gallery_bank_rows": gallery_acc.n_rows if gallery_acc else 0, "similarity": similarity,
-                     "gallery_identity": as_input(final_gallery, "gallery").identity,
-                     "score_scale": scale.classify(score_stats),
-                     **{f"score_{part}": value for part, value in score_stats.as_dict().items()}}
-            gallery_stats = None
-            if gallery_acc is not None:
-                gallery_stats = gallery_acc.score_stats()
-                attrs.update({f"gallery_score_{part}": value for part, value in gallery_stats.as_dict().items()})
-            diagnostics = bank_diagnostics(query_acc.neighbors.indices, k, n_final)
-            found = [scale.beta_warning(b, score_stats) for b in betas["bank"]]
-            if gallery_stats is not None:
-                found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False)
-                          for b in betas["gallery_bank"]]
-            found.append(coverage_warning(diagnostics, n_final, param(f"method={registry.DEFAULT.name!r}")))
+            attrs, diagnostics, found = probe_summary(query_acc, gallery_acc, k, similarity,
+                                                      as_input(final_gallery, "gallery").identity)
             found = [w for w in found + sinkhorn_found if w]
             if out is not None:
                 for name, stored in datasets.items():
