@@ -306,6 +306,16 @@ def test_a_damaged_record_is_refused(cli, files):
     assert "bank_top_items" in err and not (d / "new.h5").exists()
 
 
+def test_damaged_neighbour_scores_are_refused(cli, files):
+    d, _ = files
+    probe_cli(cli, d)
+    with h5py.File(d / "old.h5", "a") as h5:  # out of order: a hand-edited file would merge wrongly
+        h5["/bank_top_scores"][0, 0] = -1000.0
+    err = fails(cli, 3, "probe", "--update", d / "old.h5", "--bank", d / "b.npy", "--gallery", d / "g.npy",
+                "--add-gallery", d / "gn.npy", "-o", d / "new.h5")
+    assert "bank_top_scores" in err and "damaged" in err and not (d / "new.h5").exists()
+
+
 def test_usage_errors(cli, files):
     d, _ = files
     probe_cli(cli, d)

@@ -319,6 +319,11 @@ def _old_lists(old: Probe, role: str, kept: np.ndarray, n_gallery: int):
     """The old neighbour lists with removed items dropped and kept ones renumbered (pads at the end)."""
     idx = old.record(f"/{role}_top_items").astype(np.int64)
     vals = old.record(f"/{role}_top_scores").astype(np.float64)
+    known = idx >= 0
+    pad_first = (np.diff(known.astype(np.int8), axis=1) > 0).any()
+    if pad_first or not np.isfinite(vals[known]).all() or (np.diff(np.where(known, vals, -np.inf), axis=1) > 0).any():
+        raise DataError(f"{old.label}::/{role}_top_scores: not the descending scores of /{role}_top_items (a score "
+                        "missing or out of order, or a pad before an item); the file is damaged: probe again")
     where = np.full(n_gallery + 1, -1, dtype=np.int64)  # index −1 (a pad) maps to the last entry: −1
     where[kept] = np.arange(kept.size)
     idx = where[idx]
