@@ -353,6 +353,9 @@ def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: 
     old_log_norm = old.record(f"/{prefix}log_norm")[:, kept]
     records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
                else np.zeros((kept.size, 0), dtype=np.float32) for field in ITEM_FIELDS}
+    if (np.diff(records["item_top"], axis=1) > 0).any():
+        raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
+                        "descending order; the file is damaged: probe again")
     records["log_norm"] = old_log_norm
     for field, values in records.items():  # each by its declared merge rule (core/probestats.py)
         rule = BY_NAME[f"/{prefix}log_norm" if field == "log_norm" else item_record(role, field)].merge
