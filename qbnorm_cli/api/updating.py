@@ -357,17 +357,32 @@ def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: 
         raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
                         "descending order; the file is damaged: probe again")
     records["log_norm"] = old_log_norm
+    # the items whose K largest scores a new bank row enters (all when K grows with the bank): the
+    # others keep their top-K statistics
+    width = final.item_top.shape[1]
+    if width > records["item_top"].shape[1]:
+        changed = np.arange(n_kept)
+    elif c.n_rows and width:
+        changed = np.flatnonzero(c.item_top[:, 0] > records["item_top"][:, -1])
+    else:
+        changed = np.zeros(0, dtype=np.int64)
     for field, values in records.items():  # each by its declared merge rule (core/probestats.py)
         rule = BY_NAME[f"/{prefix}log_norm" if field == "log_norm" else item_record(role, field)].merge
         held = getattr(final, field)
         kept_columns = held[:n_kept] if field in ITEM_MAJOR else held[..., :n_kept]
-        if not c.n_rows:
-            kept_columns[...] = values
-        elif rule == "top-k":
-            kept_columns[...] = merge_top(values, getattr(c, field), held.shape[1])
-        else:
+        if rule == "top-k":
+            if values.shape[1] == width:
+                kept_columns[...] = values
+            kept_columns[changed] = merge_top(values[changed], getattr(c, field)[changed], width)
+        elif c.n_rows:
             kept_columns[...] = MERGES[rule](values, getattr(c, field))
-    derive_items(final, 0, n_kept)
+        else:
+            kept_columns[...] = values
+    if ks:
+        for name in ("topk_mean", "topk_kth", "topk_distance"):
+            getattr(final, name)[:, :n_kept] = old.record(f"/{name}")[:, kept]
+    derive_items(final, slice(0, n_kept), top=False)
+    derive_items(final, changed)
     if final.column_topk_index is not None:  # each kept item's nearest bank rows: old ones merged with new ones
         final.column_topk_index[:n_kept] = _nearest_rows(old, records["item_top"], kept, c, n_old, final.neighbor_k)
     if n_new:

@@ -329,7 +329,7 @@ class BankAccumulator:
             self.item_top[c0:c1] = self._top.descending()
         self.item_score_sum[c0:c1] = self._column_sums
         self.item_score_sumsq[c0:c1] = self._column_sumsq
-        self.derive_columns(c0, c1)
+        derive_items(self, slice(c0, c1))
         if self._column_best is not None:
             self.column_topk_index[c0:c1] = self._column_best.indices
         sorted_block = None
@@ -339,11 +339,6 @@ class BankAccumulator:
         self._column_sumsq = self._column_best = None
         return sorted_block
 
-    def derive_columns(self, c0: int, c1: int) -> None:
-        """The normalisers' per-item statistics of columns c0:c1 from the merged records (the K
-        largest scores, the sums): the one place a probe and an update of it compute them."""
-        derive_items(self, c0, c1)
-
     def score_stats(self) -> ScoreStats:
         """min, max, mean and std of every bank score seen."""
         return ScoreStats.from_sums(self.n_rows * self.n_gallery, float(self.item_score_sum.sum()),
@@ -351,18 +346,19 @@ class BankAccumulator:
                                     float(self.item_score_max.max()))
 
 
-def derive_items(acc, c0: int, c1: int) -> None:
-    """Top-K means, K-th values and distances, column means and spreads of columns c0:c1 of `acc`
-    (a BankAccumulator, or an update's merged records) from its item_top and sums."""
-    if acc.item_top.shape[1] and acc.topk_ks:
-        ordered = acc.item_top[c0:c1]  # descending already
-        acc.topk_mean[:, c0:c1] = top_means(ordered, acc.topk_ks)
-        acc.topk_kth[:, c0:c1] = top_kths(ordered, acc.topk_ks)
-        acc.topk_distance[:, c0:c1] = top_distance_means(ordered, acc.topk_ks)
-    acc.column_mean[c0:c1] = acc.item_score_sum[c0:c1] / acc.n_rows
+def derive_items(acc, columns, top: bool = True) -> None:
+    """Top-K means, K-th values and distances (unless not `top`), column means and spreads of the
+    columns `columns` (a slice or item numbers) of `acc` (a BankAccumulator, or an update's merged
+    records) from its item_top and sums: the one place a probe and an update compute them."""
+    if top and acc.item_top.shape[1] and acc.topk_ks:
+        ordered = acc.item_top[columns]  # descending already
+        acc.topk_mean[:, columns] = top_means(ordered, acc.topk_ks)
+        acc.topk_kth[:, columns] = top_kths(ordered, acc.topk_ks)
+        acc.topk_distance[:, columns] = top_distance_means(ordered, acc.topk_ks)
+    acc.column_mean[columns] = acc.item_score_sum[columns] / acc.n_rows
     if acc.column_std is not None:
-        variance = acc.item_score_sumsq[c0:c1] / acc.n_rows - acc.column_mean[c0:c1] ** 2
-        acc.column_std[c0:c1] = np.sqrt(np.maximum(variance, 0.0))
+        variance = acc.item_score_sumsq[columns] / acc.n_rows - acc.column_mean[columns] ** 2
+        acc.column_std[columns] = np.sqrt(np.maximum(variance, 0.0))
 
 
 # --- bank diagnostics: QB-Norm (Bogolin et al., CVPR 2022, Sec. 4) shows that a far-domain or
