@@ -22,6 +22,7 @@ from qbnorm_cli.api import (
     probe,
     search,
     tune,
+    update_probe,
 )
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, QbnormError, QbnormWarning, RuntimeFailure, UsageError
@@ -35,4 +36,5 @@ __all__ = [
     "FORMAT_VERSION", "METHODS", "Cluster", "DataError", "Probe", "QbnormError", "QbnormWarning", "Ranking",
     "RuntimeFailure", "UsageError", "__version__", "build_bank", "convert", "evaluate", "export", "hubness",
     "hubs", "load_params", "normalise", "probe", "search", "tune",
+    "update_probe",
 ]

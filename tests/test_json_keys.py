@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from smalldata import small_pipeline
 
+from qbnorm_cli.cli import main
 from qbnorm_cli.cli.app import COMMANDS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "json.md"
@@ -45,8 +46,9 @@ def runs(d: Path, data: str) -> dict[str, tuple[list, list]]:
     probe = ["probe", "--bank", d / "bank.h5", "--gallery", g]
     return {
         "build-bank": (["build-bank", f"{data}::/train_queries", "-o", d / "b.h5", "--size", 10],) * 2,
-        "probe": ([*probe, "-o", d / "p1.h5"],
-                  [*probe, "-o", d / "p2.h5", "--sinkhorn", "--gallery-bank", d / "gbank.h5"]),
+        "probe": ([*probe, "-o", d / "p1.h5"],  # the full run updates a probe with every key (made in `pipeline`)
+                  ["probe", "--update", d / "p2old.h5", "--bank", d / "bank.h5", "--gallery", g, "--gallery-bank",
+                   d / "gbank.h5", "--add-bank", d / "bank.h5", "-o", d / "p2.h5"]),
         "normalise": (["normalise", "--queries", q, "--gallery", g, "--probe", d / "probe.h5", "-o", d / "n.h5"],) * 2,
         "evaluate": (["evaluate", d / "n.h5", "--gt", gt],
                      ["evaluate", d / "n.h5", d / "n.h5", "--gt", gt, "--fail-under", "R@1=0", "-o", d / "e.h5",
@@ -66,7 +68,10 @@ def runs(d: Path, data: str) -> dict[str, tuple[list, list]]:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     d = tmp_path_factory.mktemp("json")
-    return runs(d, small_pipeline(d)["data"])
+    data = small_pipeline(d)["data"]
+    assert main([str(a) for a in ["probe", "--bank", d / "bank.h5", "--gallery", f"{data}::/gallery", "--sinkhorn",
+                                  "--gallery-bank", d / "gbank.h5", "-o", d / "p2old.h5", "-q"]]) == 0
+    return runs(d, data)
 
 
 def test_every_command_is_documented():

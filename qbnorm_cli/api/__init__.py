@@ -7,9 +7,10 @@ from qbnorm_cli.api.normalising import Written, normalise
 from qbnorm_cli.api.probing import probe
 from qbnorm_cli.api.serving import Exported, SearchResult, export, search
 from qbnorm_cli.api.tuning import tune
+from qbnorm_cli.api.updating import update_probe
 from qbnorm_cli.io.paramsfile import load_params
 from qbnorm_cli.streaming.cluster import Cluster
 
 __all__ = ["Cluster", "Exported", "SearchResult", "Written", "build_bank", "convert", "evaluate", "evaluation_report",
            "export", "hubness", "hubness_report", "hubs", "hubs_report", "load_params", "normalise", "probe", "search",
-           "tune"]
+           "tune", "update_probe"]

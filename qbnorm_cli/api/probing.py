@@ -20,6 +20,7 @@ from qbnorm_cli.api.common import (
     warn,
 )
 from qbnorm_cli.core import scale
+from qbnorm_cli.core.probestats import fingerprints
 from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
@@ -59,10 +60,10 @@ class SinkhornSettings:
         return cls(None, DEFAULT_TOL if tol is None else _TOL.check(tol),
                    DEFAULT_MAX_ITERS if max_iters is None else _MAX_ITERS.check(max_iters))
 
-    def state(self, beta: float, n_bank: int, n_rows: int) -> Sinkhorn:
+    def state(self, beta: float, n_bank: int, n_rows: int, log_u: np.ndarray | None = None) -> Sinkhorn:
         if self.iters is not None:
-            return Sinkhorn(beta, n_bank, n_rows, iters=self.iters)
-        return Sinkhorn(beta, n_bank, n_rows, tol=self.tol, max_iters=self.max_iters)
+            return Sinkhorn(beta, n_bank, n_rows, iters=self.iters, log_u=log_u)
+        return Sinkhorn(beta, n_bank, n_rows, tol=self.tol, max_iters=self.max_iters, log_u=log_u)
 
     def as_params(self) -> dict:
         return {"sinkhorn_iters": self.iters, "sinkhorn_tol": self.tol, "sinkhorn_max_iters": self.max_iters}
@@ -91,13 +92,16 @@ def sinkhorn_note(states, settings: SinkhornSettings) -> str:
 
 
 def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas, dual_betas,
-                        settings: SinkhornSettings, budget: Budget, progress) -> tuple[dict[str, Stored], list[str]]:
+                        settings: SinkhornSettings, budget: Budget, progress, starts=None,
+                        ) -> tuple[dict[str, Stored], list[str]]:
     """The Sinkhorn potentials of every β (SN: rows = the gallery) and of every dual β (DBSN: rows =
     the gallery, then the gallery bank, whose bank × gallery-bank scores are `cross_scores`), as
-    the probe's datasets, and a warning for each run that stopped at max_iters unconverged."""
+    the probe's datasets, and a warning for each run that stopped at max_iters unconverged.
+    starts: {(β, dual): log u} to start from (an update's warm start), else POT's start."""
     n_bank, n_gallery = bank_scores.n_rows, bank_scores.n_cols
-    single = [settings.state(b, n_bank, n_gallery) for b in betas]
-    dual = [settings.state(b, n_bank, n_gallery + cross_scores.n_cols) for b in dual_betas] \
+    starts = starts or {}
+    single = [settings.state(b, n_bank, n_gallery, starts.get((b, False))) for b in betas]
+    dual = [settings.state(b, n_bank, n_gallery + cross_scores.n_cols, starts.get((b, True))) for b in dual_betas] \
         if cross_scores is not None else []
     segments = [bank_scores] if cross_scores is None or not dual else [bank_scores, cross_scores]
     problems = [(state, 1) for state in single] + [(state, 2) for state in dual]
@@ -295,22 +299,15 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
             datasets.update(potentials)
         if keep_sorted and out is None:
             datasets[SORTED] = Stored(sorted_store)
-        score_stats = query_acc.score_stats()
-        attrs = {
-            "gallery_rows": n_gallery, "bank_rows": query_scores.n_rows,
-            "gallery_bank_rows": gallery_acc.n_rows if gallery_acc else 0, "similarity": params["similarity"],
-            "gallery_identity": gallery_identity, "score_scale": scale.classify(score_stats),
-            **{f"score_{part}": value for part, value in score_stats.as_dict().items()},
-        }
-        gallery_stats = None
-        if gallery_acc is not None:
-            gallery_stats = gallery_acc.score_stats()
-            attrs.update({f"gallery_score_{part}": value for part, value in gallery_stats.as_dict().items()})
-        diagnostics = bank_diagnostics(query_acc.neighbors.indices, k, n_gallery)
-        found = [scale.beta_warning(b, score_stats) for b in betas]
-        if gallery_stats is not None:
-            found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False) for b in gallery_betas]
-        found.append(coverage_warning(diagnostics, n_gallery, param(f"method={registry.DEFAULT.name!r}")))
+        if bank_sims is None:  # what an update checks its inputs against (core/probestats.py)
+            for name, role in (("/gallery_fingerprint", "gallery"), ("/bank_fingerprint", "bank"),
+                               ("/gallery_bank_fingerprint", "gallery_bank")):
+                if role in given_banks or role == "gallery":
+                    item = inputs[1] if role == "gallery" else given_banks[role][1]
+                    if given_banks.get(role, ("", None))[0].endswith("_sims"):
+                        continue
+                    datasets[name] = Stored(input_fingerprints(item))
+        attrs, diagnostics, found = probe_summary(query_acc, gallery_acc, k, params["similarity"], gallery_identity)
         if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
             found.append(tuned_on_warning(tuned["path"], tuned, [i.describe() for i in inputs[1:2]]))
         if tuned is not None:
@@ -332,6 +329,34 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
     result.diagnostics = diagnostics
     result.cluster = session.report() if session is not None else None
     return result
+
+
+def input_fingerprints(item) -> np.ndarray:
+    """Each row's fingerprint (core/probestats.fingerprints) of an input read in blocks."""
+    return np.concatenate([fingerprints(item.read(r0, min(r0 + GALLERY_BLOCK, item.rows)))
+                           for r0 in range(0, item.rows, GALLERY_BLOCK)] or [np.zeros(0, dtype=np.int64)])
+
+
+def probe_summary(query_acc: BankAccumulator, gallery_acc: BankAccumulator | None, k: int, similarity: str,
+                  gallery_identity) -> tuple[dict, dict, list]:
+    """A probe's root attributes (sizes, score statistics and scale), the bank's diagnostics, and
+    the warnings they call for (a β on the wrong scale, low coverage): a probe's, an update's."""
+    n_gallery = query_acc.n_gallery
+    score_stats = query_acc.score_stats()
+    attrs = {
+        "gallery_rows": n_gallery, "bank_rows": query_acc.n_rows,
+        "gallery_bank_rows": gallery_acc.n_rows if gallery_acc else 0, "similarity": similarity,
+        "gallery_identity": gallery_identity, "score_scale": scale.classify(score_stats),
+        **{f"score_{part}": value for part, value in score_stats.as_dict().items()},
+    }
+    diagnostics = bank_diagnostics(query_acc.neighbors.indices, k, n_gallery)
+    found = [scale.beta_warning(b, score_stats) for b in query_acc.betas]
+    if gallery_acc is not None:
+        gallery_stats = gallery_acc.score_stats()
+        attrs.update({f"gallery_score_{part}": value for part, value in gallery_stats.as_dict().items()})
+        found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False) for b in gallery_acc.betas]
+    found.append(coverage_warning(diagnostics, n_gallery, param(f"method={registry.DEFAULT.name!r}")))
+    return attrs, diagnostics, found
 
 
 def cross_bank_scores(bank_scores: ScoreSource, gallery_scores: ScoreSource | None, sims, inputs: list,

@@ -40,6 +40,11 @@ def command(
     sinkhorn_max_iters: Annotated[int | None, typer.Option("--sinkhorn-max-iters", metavar="N", help="At most N iterations to converge (default 1000; a warning when reached).")] = None,
     bank_gallery_bank_sims: Annotated[str | None, typer.Option("--bank-gallery-bank-sims", help="Precomputed bank × gallery-bank scores (rows: bank queries; columns: gallery-bank items), for dbsn without embeddings.")] = None,
     similarity: options.Similarity = "cosine",
+    update: Annotated[str | None, typer.Option("--update", metavar="OLD.h5", help="Update this probe instead of probing afresh: --bank and --gallery (and --gallery-bank) are the embeddings it was made from; the result equals a probe of the final gallery and bank.")] = None,
+    add_gallery: Annotated[str | None, typer.Option("--add-gallery", metavar="EMB", help="With --update: items appended after the kept gallery rows.")] = None,
+    remove_gallery: Annotated[str | None, typer.Option("--remove-gallery", metavar="IDX", help="With --update: a 1-D array of old gallery row numbers to drop (before the additions; the rest keep their order).")] = None,
+    add_bank: Annotated[str | None, typer.Option("--add-bank", metavar="EMB", help="With --update: bank queries appended after the old ones.")] = None,
+    add_gallery_bank: Annotated[str | None, typer.Option("--add-gallery-bank", metavar="EMB", help="With --update: gallery-bank items appended (the dual methods).")] = None,
     memory: str,
     block_rows: int | None,
     cluster: api.Cluster | None,
@@ -66,7 +71,29 @@ def command(
     --topk-mean 10 -o p.h5
 
     Example: qbnorm probe --bank qbank.h5 --gallery-bank gbank.h5 --gallery data.h5::/gallery -o probe.h5 --beta 100 --sinkhorn
+
+    Example (the nightly update): qbnorm probe --update old.h5 --bank qbank.h5 --gallery g.h5 --add-gallery new.h5
+    --remove-gallery gone.npy --add-bank logged.h5 -o new_probe.h5
     """
+    changes = {"add_gallery": add_gallery, "remove_gallery": remove_gallery, "add_bank": add_bank,
+               "add_gallery_bank": add_gallery_bank}
+    if update is not None:
+        settings = [*(parameter.option for name, parameter in methods.PARAMETERS.items()
+                      if parameter.probed and probed[parameter.many or name] not in (None, [])),
+                    *(flag for flag, value in (
+                        ("--bank-sims", bank_sims), ("--gallery-bank-sims", gallery_bank_sims), ("--params", params_file),
+                        ("--method", method_names), ("--keep-sorted", keep_sorted), ("--sinkhorn", sinkhorn),
+                        ("--sinkhorn-iters", sinkhorn_iters), ("--sinkhorn-tol", sinkhorn_tol),
+                        ("--sinkhorn-max-iters", sinkhorn_max_iters),
+                        ("--bank-gallery-bank-sims", bank_gallery_bank_sims), ("--transpose", transpose)) if value)]
+        if settings:
+            raise UsageError(f"{settings[0]}: an update keeps the settings of the probe it updates (--update {update}); "
+                             "probe afresh to change them")
+        return _update(ctx, report, update, output, bank, gallery, gallery_bank, changes, memory, block_rows, force,
+                       cluster)
+    flag = next((f"--{name.replace('_', '-')}" for name, value in changes.items() if value is not None), None)
+    if flag is not None:
+        raise UsageError(f"{flag} changes an existing probe: add --update OLD.h5")
     tuned = api.load_params(params_file) if params_file else None
     if tuned is not None:  # explicit options win; probe what the tuned setting needs
         method = methods.get(tuned["method"])
@@ -109,8 +136,15 @@ def command(
     if block_rows is None and any(not run["held"] for found in runs.values() for run in found):
         report.info(f"hint: --memory {sinkhorn_memory(result) / 1e9:.3g}GB would hold every Sinkhorn kernel (4 bytes "
                     f"per bank × gallery score and β, in half of --memory)")
+    _summary(report, result, output, runs)
+
+
+def _summary(report: Reporter, result, output: str, runs: dict, extra: dict | None = None) -> None:
+    diag = result.diagnostics
+    stats = scale.ScoreStats.from_attrs(result.attrs)
     report.cluster(result.cluster)
     report.result({
+        **(extra or {}),
         "output": output, "kind": "probe", "uuid": result.uuid, "bank_rows": result.n_bank,
         "gallery_rows": result.n_gallery, "betas": result.betas(), "k": result.params["k"],
         "topk_mean": result.params["topk_mean"], "coverage": diag["coverage"],
@@ -120,3 +154,22 @@ def command(
         **({"cluster": result.cluster} if result.cluster else {}),
     })
     result.close()
+
+
+def _update(ctx, report: Reporter, old: str, output: str, bank, gallery, gallery_bank, changes: dict, memory,
+            block_rows, force: bool, cluster) -> None:
+    with report.capture():
+        result = api.update_probe(old, bank=bank, gallery=gallery, gallery_bank=gallery_bank, **changes,
+                                  memory=memory, block_rows=block_rows, output=output, force=force,
+                                  progress=report.progress, provenance=options.provenance(ctx), cluster=cluster)
+    done = result.update
+    report.info(f"wrote {output}: {old} updated: {done['removed_gallery']} items removed, {done['added_gallery']} "
+                f"added, {done['added_bank']} bank queries added ({done['gallery_rows']} items, {done['bank_rows']} "
+                f"bank queries; {done['recounted_rows']} bank rows recounted)")
+    runs = {"sinkhorn": result.sinkhorn_runs(), "dual_sinkhorn": result.sinkhorn_runs(dual=True)}
+    for name, what in (("sinkhorn", "Sinkhorn"), ("dual_sinkhorn", "dual-bank Sinkhorn")):
+        for run in runs[name]:
+            state = "converged" if run["converged"] else "stopped"
+            start = "from the old potentials" if done["sinkhorn_warm_start"] else "cold (a fixed count)"
+            report.info(f"{what} β={run['beta']:g}: {state} after {run['iterations']} iterations, started {start}")
+    _summary(report, result, output, runs, extra={"update": {"from": old, **done}})

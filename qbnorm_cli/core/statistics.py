@@ -34,6 +34,7 @@ import numpy as np
 
 from qbnorm_cli.core import topk
 from qbnorm_cli.core.hubness import skewness
+from qbnorm_cli.core.probestats import COLUMN_FIELDS, ITEM_MAJOR, SPARE
 from qbnorm_cli.core.scale import ScoreStats
 
 _SUB_ITEMS = 1 << 17  # float64 items per piece: 1 MiB, cache-resident while exponentiated
@@ -135,21 +136,28 @@ class ColumnTopK:
         self.values[target] = top
         self.bound[target] = top.min(axis=1)
 
-    def means(self, ks) -> np.ndarray:
-        """(len(ks), width): mean of the K largest values per column (of all when fewer exist)."""
-        ordered = -np.sort(-self.values[:, : self.count], axis=1)
-        return np.stack([ordered[:, : min(k, self.count)].mean(axis=1) for k in ks])
+    def descending(self) -> np.ndarray:
+        """(width, count) the held values, largest first."""
+        return -np.sort(-self.values[:, : self.count], axis=1)
 
-    def kths(self, ks) -> np.ndarray:
-        """(len(ks), width): the K-th largest value per column (the smallest held when fewer exist)."""
-        ordered = -np.sort(-self.values[:, : self.count], axis=1)
-        return np.stack([ordered[:, min(k, self.count) - 1] for k in ks])
 
-    def distance_means(self, ks) -> np.ndarray:
-        """(len(ks), width): mean of √(2 − 2·s) over the K largest s per column (cosine distances)."""
-        ordered = -np.sort(-self.values[:, : self.count], axis=1)
-        dist = cosine_distance(ordered)
-        return np.stack([dist[:, : min(k, self.count)].mean(axis=1) for k in ks])
+def top_means(ordered: np.ndarray, ks) -> np.ndarray:
+    """(len(ks), width): mean of the K largest values per column of `ordered` (width × count, each
+    row descending; of all when fewer exist), in float64."""
+    ordered = np.asarray(ordered, dtype=np.float64)
+    return np.stack([ordered[:, : min(k, ordered.shape[1])].mean(axis=1) for k in ks])
+
+
+def top_kths(ordered: np.ndarray, ks) -> np.ndarray:
+    """(len(ks), width): the K-th largest value per column (the smallest held when fewer exist)."""
+    ordered = np.asarray(ordered, dtype=np.float64)
+    return np.stack([ordered[:, min(k, ordered.shape[1]) - 1] for k in ks])
+
+
+def top_distance_means(ordered: np.ndarray, ks) -> np.ndarray:
+    """(len(ks), width): mean of √(2 − 2·s) over the K largest s per column (cosine distances)."""
+    dist = cosine_distance(ordered)
+    return np.stack([dist[:, : min(k, ordered.shape[1])].mean(axis=1) for k in ks])
 
 
 def cosine_distance(scores: np.ndarray) -> np.ndarray:
@@ -181,10 +189,13 @@ class BankAccumulator:
     column_std: np.ndarray | None = field(init=False)
     column_topk_index: np.ndarray | None = field(init=False)
     neighbors: topk.RunningTopK = field(init=False)
-    score_min: float = np.inf
-    score_max: float = -np.inf
-    score_sum: float = 0.0
-    score_sumsq: float = 0.0
+    # what an update of the probe merges (core/probestats.py): each item's K largest bank scores
+    # (descending), its score sum, sum of squares, min and max; each row's neighbours keep SPARE more
+    item_top: np.ndarray = field(init=False)
+    item_score_sum: np.ndarray = field(init=False)
+    item_score_sumsq: np.ndarray = field(init=False)
+    item_score_min: np.ndarray = field(init=False)
+    item_score_max: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.betas = np.asarray(self.betas, dtype=np.float64)
@@ -197,8 +208,34 @@ class BankAccumulator:
         self.neighbor_k = min(self.neighbor_k, self.n_rows)
         self.column_topk_index = np.zeros((self.n_gallery, self.neighbor_k), dtype=np.int32) \
             if self.neighbor_k else None
-        self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax, self.n_gallery))
+        self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax + SPARE, self.n_gallery))
+        self.item_top = np.zeros((self.n_gallery, min(max(self.topk_ks, default=0), self.n_rows)), dtype=np.float32)
+        self.item_score_sum = np.zeros(self.n_gallery)
+        self.item_score_sumsq = np.zeros(self.n_gallery)
+        self.item_score_min = np.full(self.n_gallery, np.inf, dtype=np.float32)
+        self.item_score_max = np.full(self.n_gallery, -np.inf, dtype=np.float32)
         self._block = None
+
+    @property
+    def kept_neighbors(self) -> int:
+        """The neighbours per row the normalisers read (kmax, or the whole gallery when smaller)."""
+        return min(self.kmax, self.n_gallery)
+
+    # The per-item results (core/probestats.py declares them): what a column block's worker hands back.
+    COLUMN_FIELDS = COLUMN_FIELDS
+    ITEM_MAJOR = ITEM_MAJOR
+
+    def column_parts(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self.COLUMN_FIELDS if getattr(self, name) is not None}
+
+    def place_columns(self, c0: int, c1: int, parts: dict[str, np.ndarray]) -> None:
+        """Columns c0:c1 from another accumulator's `column_parts` (of exactly those columns)."""
+        for name, part in parts.items():
+            held = getattr(self, name)
+            if name in self.ITEM_MAJOR:
+                held[c0:c1] = part
+            else:
+                held[..., c0:c1] = part
 
     def start_block(self, c0: int, c1: int) -> None:
         self._block = (c0, c1)
@@ -206,7 +243,7 @@ class BankAccumulator:
         self._colmax = np.full(width, -np.inf)
         self._sums = np.zeros((len(self.betas), width))
         self._column_sums = np.zeros(width)
-        self._column_sumsq = np.zeros(width) if self.column_moments else None
+        self._column_sumsq = np.zeros(width)
         self._column_best = topk.RunningTopK(width, self.neighbor_k) if self.neighbor_k else None
         kcol = min(max(self.topk_ks, default=0), self.n_rows)  # a larger K means all of them
         self._top = ColumnTopK(width, kcol) if kcol else None
@@ -222,8 +259,9 @@ class BankAccumulator:
         if tile.shape[0] == 0:
             return
         tile_max = tile.max(axis=0).astype(np.float64)
-        self.score_min = min(self.score_min, float(tile.min()))
-        self.score_max = max(self.score_max, float(tile_max.max()))
+        c1 = c0 + tile.shape[1]
+        np.minimum(self.item_score_min[c0:c1], tile.min(axis=0), out=self.item_score_min[c0:c1])
+        np.maximum(self.item_score_max[c0:c1], tile_max.astype(np.float32), out=self.item_score_max[c0:c1])
         finish = self._log_sum_exp(tile, tile_max, chunks)  # may run on other threads meanwhile
         try:
             if self._top is not None:
@@ -248,13 +286,12 @@ class BankAccumulator:
                 # rescale what was summed against the old maximum (0 before the first tile)
                 self._sums[b, grown] *= np.exp(beta * (self._colmax[grown] - new_max[grown]))
             self._colmax = new_max
-        colmax, betas, moments = self._colmax, self.betas, self.column_moments
+        colmax, betas = self._colmax, self.betas
 
         def chunk(r0: int, r1: int):
-            sumsq = 0.0
             sums = np.zeros((len(betas), tile.shape[1]))
             column_sums = np.zeros(tile.shape[1])
-            column_sumsq = np.zeros(tile.shape[1]) if moments else None
+            column_sumsq = np.zeros(tile.shape[1])
             step = max(1, _SUB_ITEMS // max(tile.shape[1], 1))
             for a in range(r0, r1, step):  # cache-sized pieces through a reused buffer
                 part = tile[a:min(a + step, r1)]
@@ -262,25 +299,22 @@ class BankAccumulator:
                 work = x if len(betas) == 1 else _scratch(part.size, 1).reshape(part.shape)
                 x[...] = part
                 column_sums += x.sum(axis=0)
-                sumsq += float(np.einsum("i,i->", x.ravel(), x.ravel()))  # not BLAS: threads
-                if moments:
-                    column_sumsq += np.einsum("ij,ij->j", x, x)
+                square = _scratch(part.size, 2).reshape(part.shape)
+                np.multiply(x, x, out=square)  # not einsum: its sums depend on the buffer's alignment
+                column_sumsq += square.sum(axis=0)
                 np.subtract(x, colmax, out=x)  # exact: both are float32 values
                 for b, beta in enumerate(betas):
                     np.multiply(x, beta, out=work)
                     np.exp(work, out=work)
                     sums[b] += work.sum(axis=0)
-            return column_sums, sumsq, sums, column_sumsq
+            return column_sums, column_sumsq, sums
 
         wait = chunks(tile.shape[0], tile.size, chunk)
 
         def finish() -> None:
-            for column_sums, sumsq, sums, column_sumsq in wait():
+            for column_sums, column_sumsq, sums in wait():
                 self._column_sums += column_sums
-                if column_sumsq is not None:
-                    self._column_sumsq += column_sumsq
-                self.score_sum += float(column_sums.sum())
-                self.score_sumsq += sumsq
+                self._column_sumsq += column_sumsq
                 self._sums += sums
 
         return finish
@@ -292,13 +326,10 @@ class BankAccumulator:
             for b, beta in enumerate(self.betas):
                 self.log_norm[b, c0:c1] = beta * self._colmax + np.log(self._sums[b])
         if self._top is not None:
-            self.topk_mean[:, c0:c1] = self._top.means(self.topk_ks)
-            self.topk_kth[:, c0:c1] = self._top.kths(self.topk_ks)
-            self.topk_distance[:, c0:c1] = self._top.distance_means(self.topk_ks)
-        self.column_mean[c0:c1] = self._column_sums / self.n_rows
-        if self._column_sumsq is not None:
-            variance = self._column_sumsq / self.n_rows - self.column_mean[c0:c1] ** 2
-            self.column_std[c0:c1] = np.sqrt(np.maximum(variance, 0.0))
+            self.item_top[c0:c1] = self._top.descending()
+        self.item_score_sum[c0:c1] = self._column_sums
+        self.item_score_sumsq[c0:c1] = self._column_sumsq
+        derive_items(self, slice(c0, c1))
         if self._column_best is not None:
             self.column_topk_index[c0:c1] = self._column_best.indices
         sorted_block = None
@@ -310,8 +341,24 @@ class BankAccumulator:
 
     def score_stats(self) -> ScoreStats:
         """min, max, mean and std of every bank score seen."""
-        return ScoreStats.from_sums(self.n_rows * self.n_gallery, self.score_sum, self.score_sumsq,
-                                    self.score_min, self.score_max)
+        return ScoreStats.from_sums(self.n_rows * self.n_gallery, float(self.item_score_sum.sum()),
+                                    float(self.item_score_sumsq.sum()), float(self.item_score_min.min()),
+                                    float(self.item_score_max.max()))
+
+
+def derive_items(acc, columns, top: bool = True) -> None:
+    """Top-K means, K-th values and distances (unless not `top`), column means and spreads of the
+    columns `columns` (a slice or item numbers) of `acc` (a BankAccumulator, or an update's merged
+    records) from its item_top and sums: the one place a probe and an update compute them."""
+    if top and acc.item_top.shape[1] and acc.topk_ks:
+        ordered = acc.item_top[columns]  # descending already
+        acc.topk_mean[:, columns] = top_means(ordered, acc.topk_ks)
+        acc.topk_kth[:, columns] = top_kths(ordered, acc.topk_ks)
+        acc.topk_distance[:, columns] = top_distance_means(ordered, acc.topk_ks)
+    acc.column_mean[columns] = acc.item_score_sum[columns] / acc.n_rows
+    if acc.column_std is not None:
+        variance = acc.item_score_sumsq[columns] / acc.n_rows - acc.column_mean[columns] ** 2
+        acc.column_std[columns] = np.sqrt(np.maximum(variance, 0.0))
 
 
 # --- bank diagnostics: QB-Norm (Bogolin et al., CVPR 2022, Sec. 4) shows that a far-domain or

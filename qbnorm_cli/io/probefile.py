@@ -27,6 +27,10 @@ Datasets (G = gallery size, N = bank rows, Nh = gallery-bank rows):
   /dual_sinkhorn_log_u    (n_betas, G) float64, with sinkhorn and a gallery bank: the gallery's part of
                           the scalings of exp(β·[P | PB]) (rows: the gallery, then the Nh gallery-bank
                           items; PB = bank × gallery-bank scores), the same attrs plus gallery_bank_rows
+  /bank_top_items, /bank_top_scores, /item_top_scores, /item_score_{sum,sumsq,min,max},
+  /bank_fingerprint, /gallery_fingerprint (and the gallery bank's; /item_top_rows with dsl's
+                          statistics): what `update_probe` merges (core/probestats.py declares
+                          every dataset: shape, dtype, validity and merge rule)
 Root attributes: gallery_rows, bank_rows, gallery_bank_rows, similarity, gallery_identity (the
 gallery's identity, so that normalise can refuse another gallery), score_min/max/mean/std (and
 gallery_score_* for the gallery bank), score_scale, warnings. io/schemas.py declares the same
@@ -39,6 +43,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from qbnorm_cli.core.probestats import ITEM_FIELDS, item_record
 from qbnorm_cli.core.sinkhorn import SinkhornResult
 from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurrence
 from qbnorm_cli.errors import UsageError, param
@@ -88,18 +93,30 @@ class CheckedRows:
 
 
 def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: int) -> dict[str, Stored]:
-    """The probe's datasets (the schema above) from the accumulators of a probe pass; the sorted
-    bank scores, when kept, are added by whoever collected them."""
+    """The probe's datasets (the schema above) from the accumulators of a probe pass (or the merged
+    records of an update), with what an update of it needs (core/probestats.UPDATE_RECORDS; the
+    fingerprints are added by whoever read the rows); the sorted bank scores, when kept, are added
+    by whoever collected them."""
     ks = {"ks": np.asarray(bank.topk_ks, dtype=np.int64)}
     out = {"/topk_mean": Stored(bank.topk_mean, ks), "/column_mean": Stored(bank.column_mean),
            "/topk_kth": Stored(bank.topk_kth, ks), "/topk_distance": Stored(bank.topk_distance, ks)}
     if bank.column_std is not None:
         out["/column_std"] = Stored(bank.column_std)
+    if bank.column_topk_index is not None:  # for an update of the centroid distances
+        out["/item_top_rows"] = Stored(bank.column_topk_index.astype(np.int32))
     for prefix, name, acc in (("", "bank", bank), ("gallery_", "gallery_bank", gallery_bank)):
         if acc is not None:
+            indices = acc.neighbors.indices
             out[f"/{prefix}log_norm"] = Stored(acc.log_norm, {"betas": np.asarray(acc.betas)})
-            out[f"/{name}_neighbors"] = Stored(acc.neighbors.indices.astype(np.int32))
-            out[f"/{prefix}activation_count"] = Stored(occurrence(acc.neighbors.indices, k, acc.n_gallery), {"k": k})
+            out[f"/{name}_neighbors"] = Stored(indices[:, :acc.kept_neighbors].astype(np.int32))
+            out[f"/{prefix}activation_count"] = Stored(occurrence(indices, k, acc.n_gallery), {"k": k})
+            out[f"/{name}_top_items"] = Stored(indices.astype(np.int32))
+            scores = acc.neighbors.values.astype(np.float32)
+            scores[indices < 0] = np.nan
+            out[f"/{name}_top_scores"] = Stored(scores)
+            for field in ITEM_FIELDS:
+                if getattr(acc, field).size:  # no K largest scores without a top-K statistic
+                    out[item_record(name, field)] = Stored(getattr(acc, field))
     return out
 
 
@@ -146,6 +163,7 @@ class Probe:
         self.warnings = list(warnings or [])
         self.diagnostics: dict = {}  # the bank's coverage of the gallery (core.statistics.bank_diagnostics)
         self.cluster: dict | None = None  # what a run on a dask cluster cost (workers, tasks, bytes moved)
+        self.update: dict | None = None   # what update_probe changed (api/updating.py)
 
     def __repr__(self) -> str:
         where = f", path={self.path!r}" if self.path else ""
@@ -192,6 +210,22 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def dataset_names(self) -> list[str]:
+        return list(self.layout.data_attrs) if self.layout is not None else list(self.datasets)
+
+    def record_attr(self, name: str, attr: str):
+        return self._attr(name, attr)
+
+    def has(self, name: str) -> bool:
+        """Whether the probe holds this dataset (core/probestats.py declares them)."""
+        return self._has(name)
+
+    def record(self, name: str) -> np.ndarray:
+        """A whole dataset as an array, read and checked as any other (core/probestats.py)."""
+        if not self._has(name):
+            raise UsageError(f"{self.label}: the probe has no {name}")
+        return self._read(name)
 
     def _has(self, name: str) -> bool:
         if self.layout is not None:  # a file: the datasets its schema check found

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from qbnorm_cli import methods
+from qbnorm_cli.core import probestats
 from qbnorm_cli.core.scale import SCALE_TEXT
 from qbnorm_cli.errors import DataError
 from qbnorm_cli.io import fileschema
@@ -201,10 +202,17 @@ def _hubness_relations(layout: Layout) -> None:
 
 # --- the schemas ---------------------------------------------------------------------------------
 
-def _statistic(name: str, rows_dim: str, attr: Attr, rows: str, required: bool | str = True) -> Data:
-    """A (rows, G) float64 statistic of the gallery items, one row per β or K."""
-    return Data(name, ("<f8",), (rows_dim, "G"), attrs=(attr,), required=required, values="finite", rows=rows,
-                cols="item")
+def _declared(stat) -> Data:
+    """A probe dataset from its declaration (core/probestats.py)."""
+    attrs = ()
+    if stat.key == "betas":
+        attrs = (Attr("betas", "numbers", required=True, dim=stat.shape[0], positive=True),)
+    elif stat.key == "ks":
+        attrs = (Attr("ks", "ints", required=True, dim=stat.shape[0], low=1),)
+    elif stat.key == "k":
+        attrs = (Attr("k", "int", required=True, low=1),)
+    return Data(stat.name, (stat.dtype,), stat.shape, attrs=attrs, required=stat.required, values=stat.values,
+                bound=stat.bound, at_open=stat.at_open, rows=stat.rows, cols=stat.cols)
 
 
 def _sinkhorn(name: str, dim: str, dual: bool) -> Data:
@@ -222,7 +230,6 @@ def _sinkhorn(name: str, dim: str, dual: bool) -> Data:
 
 
 def _probe() -> FileSchema:
-    betas = lambda dim: Attr("betas", "numbers", required=True, dim=dim, positive=True)
     return FileSchema(
         "probe", "probe again",
         attrs=(Attr("gallery_rows", "int", required=True, dim="G", positive=True),
@@ -233,30 +240,7 @@ def _probe() -> FileSchema:
                Attr("score_scale", "str", choices=tuple(SCALE_TEXT)),
                *SCORE_STATS),
         datasets=(
-            _statistic("/log_norm", "n_betas", betas("n_betas"), "β"),
-            Data("/bank_neighbors", ("<i4",), ("N", "kmax"), values="index", bound="G", at_open=False,
-                 rows="bank row", cols="column"),
-            Data("/activation_count", ("<i4",), ("G",), attrs=(Attr("k", "int", required=True, low=1),),
-                 values="count", bound="N", cols="item"),
-            _statistic("/topk_mean", "n_ks", Attr("ks", "ints", required=True, dim="n_ks", low=1), "K"),
-            _statistic("/gallery_log_norm", "n_gallery_betas", betas("n_gallery_betas"), "β", required="Nh"),
-            Data("/gallery_bank_neighbors", ("<i4",), ("Nh", "kmax"), required="Nh", values="index", bound="G",
-                 at_open=False, rows="gallery-bank row", cols="column"),
-            Data("/gallery_activation_count", ("<i4",), ("G",), attrs=(Attr("k", "int", required=True, low=1),),
-                 required="Nh", values="count", bound="Nh", cols="item"),
-            Data("/sorted_bank_scores", ("<f4",), ("G", "N"), required=False, values="ascending", at_open=False,
-                 rows="item", cols="bank score"),
-            Data("/column_mean", ("<f8",), ("G",), required=False, values="finite", cols="item"),
-            _statistic("/topk_kth", "n_ks", Attr("ks", "ints", required=True, dim="n_ks", low=1), "K",
-                       required=False),
-            _statistic("/topk_distance", "n_ks", Attr("ks", "ints", required=True, dim="n_ks", low=1), "K",
-                       required=False),
-            Data("/column_std", ("<f8",), ("G",), required=False, values="finite", cols="item"),
-            _statistic("/centroid_distance", "n_centroid_ks",
-                       Attr("ks", "ints", required=True, dim="n_centroid_ks", low=1), "K", required=False),
-            Data("/gallery_mean", ("<f8",), ("d",), required=False, values="finite", cols="dimension"),
-            Data("/gallery_second_moment", ("<f8",), ("d", "d"), required=False, values="finite", rows="dimension",
-                 cols="dimension"),
+            *(_declared(stat) for stat in probestats.ALL),
             _sinkhorn("/sinkhorn_log_u", "n_sinkhorn", dual=False),
             _sinkhorn("/dual_sinkhorn_log_u", "n_dual_sinkhorn", dual=True),
         ),

@@ -60,7 +60,10 @@ def probe_width(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int
     if budget.block_rows is None and all(getattr(scores, "sub_columns", False) for scores, _ in banks):
         # A product tile is as wide as the block: keep blocks cache-sized (the column statistics
         # of a block are complete after one pass over the bank, so narrow blocks cost nothing).
-        width = aligned(min(width, PROBE_COLUMNS), col_chunk)
+        # A bank of few rows (an update's new queries) takes wider blocks, each one tile: a call
+        # per 512 columns would cost more than its product.
+        rows = max(scores.n_rows for scores, _ in banks)
+        width = aligned(min(width, max(PROBE_COLUMNS, TILE_TARGET_BYTES // (4 * max(rows, 1)))), col_chunk)
     return width
 
 

@@ -5,9 +5,9 @@ local results to the bit (docs/distributed.md); the session (session.py) runs th
 The tasks run the local kernels on the local path's own partition, cut into groups of whole units:
 
   probe      whole gallery column blocks (engine.probe_width wide): engine.probe_block on each,
-             for every bank, exactly as the local pass; back come the blocks' statistics, each
-             bank row's best items among the task's columns and the partial totals of the score
-             sums, which the client folds in column order as the local pass adds them.
+             for every bank, exactly as the local pass; back come the blocks' per-item statistics
+             (core/probestats' fields, placed at their columns) and each bank row's best items
+             among the task's columns, which the client merges in column order.
   normalise  dense: whole super-blocks of query rows (engine.dense_plan, engine.dense_rows);
              --top-k: whole row tiles of a super-block (ranking.ranking_plan, ranking.rank_rows);
              back come the output rows.
@@ -32,7 +32,6 @@ the same path (relative paths are made absolute on the client). Arrays handed ov
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import uuid
@@ -169,8 +168,6 @@ def _probe_task(spec: dict, recipes: list, window: tuple[int, int]) -> dict:
         acc = BankAccumulator(shape["n_rows"], c1 - c0, np.asarray(shape["betas"]), shape["kmax"],
                               tuple(shape["topk_ks"]), shape["keep_sorted"], shape["column_moments"],
                               shape["neighbor_k"])
-        totals: list[tuple[float, float]] = []
-        chunks = functools.partial(_recorded_chunks, totals)
 
         def on_sorted(_, a, b, block, number=number):
             if number == 0:
@@ -179,29 +176,11 @@ def _probe_task(spec: dict, recipes: list, window: tuple[int, int]) -> dict:
         with held(recipe, budget) as scores:
             columns = _Columns(scores, c0, c1)
             for a, b in spans(c1 - c0, spec["width"]):
-                engine.probe_block([(columns, acc)], a, b, budget, on_sorted=on_sorted, chunks=chunks)
+                engine.probe_block([(columns, acc)], a, b, budget, on_sorted=on_sorted)
         values, indices = acc.neighbors.values, acc.neighbors.indices
-        out["banks"].append({
-            "log_norm": acc.log_norm, "topk_mean": acc.topk_mean, "column_mean": acc.column_mean,
-            "topk_kth": acc.topk_kth, "topk_distance": acc.topk_distance, "column_std": acc.column_std,
-            "column_topk_index": acc.column_topk_index,
-            "values": values.astype(np.float32), "indices": indices.astype(np.int32),  # float32 scores: exact
-            "min": acc.score_min, "max": acc.score_max, "totals": np.asarray(totals, dtype=np.float64).reshape(-1, 2),
-        })
+        out["banks"].append({  # float32 scores: exact
+            "columns": acc.column_parts(), "values": values.astype(np.float32), "indices": indices.astype(np.int32)})
     return out
-
-
-def _recorded_chunks(totals: list, n_rows: int, n_items: int, fn):
-    """parallel.start_row_chunks (cut for the client's cores), noting each chunk's score sums in
-    order: the client adds them to its running totals as the local pass would."""
-    wait = parallel.start_row_chunks(n_rows, n_items, fn)
-
-    def results():
-        done = wait()
-        totals.extend((float(column_sums.sum()), sumsq) for column_sums, sumsq, *_ in done)
-        return done
-
-    return results
 
 
 def run_probe(session: Session, banks: list[tuple[object, BankAccumulator]], n_gallery: int, budget: Budget,
@@ -229,20 +208,7 @@ def run_probe(session: Session, banks: list[tuple[object, BankAccumulator]], n_g
 
 def _fold_probe(acc: BankAccumulator, c0: int, c1: int, part: dict) -> None:
     """A task's statistics into the client's accumulator, in column order."""
-    acc.log_norm[:, c0:c1] = part["log_norm"]
-    acc.topk_mean[:, c0:c1] = part["topk_mean"]
-    acc.column_mean[c0:c1] = part["column_mean"]
-    acc.topk_kth[:, c0:c1] = part["topk_kth"]
-    acc.topk_distance[:, c0:c1] = part["topk_distance"]
-    if acc.column_std is not None:
-        acc.column_std[c0:c1] = part["column_std"]
-    if acc.column_topk_index is not None:
-        acc.column_topk_index[c0:c1] = part["column_topk_index"]
-    acc.score_min = min(acc.score_min, part["min"])
-    acc.score_max = max(acc.score_max, part["max"])
-    for total, sumsq in part["totals"]:  # the local pass's order of additions
-        acc.score_sum += float(total)
-        acc.score_sumsq += float(sumsq)
+    acc.place_columns(c0, c1, part["columns"])
     indices = part["indices"]
     rows, slots = np.nonzero(indices >= 0)
     columns = indices[rows, slots].astype(np.int64) + c0

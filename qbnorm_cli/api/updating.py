@@ -1,0 +1,484 @@
+"""`update_probe`: the probe of a changed gallery and bank, from the old probe and what changed.
+
+The final gallery is the old gallery's kept rows (removals refer to old rows and happen first), then
+the added items; the final bank is the old bank, then the added queries. With B the old bank, Bn the
+added queries, Gk the kept items and Gn the added ones, two probe passes cover every score that is
+new: (B ∪ Bn) × Gn (the new items' columns, complete) and Bn × Gk (the new rows of the kept
+columns). The kept columns' records then merge by their declared rules (core/probestats.py:
+log-sum-exp, sum, min, max, top-k) and the normalisers' statistics are derived from the records
+as a probe derives them; each bank row's neighbour list merges with its new items, and a row whose
+known neighbours fell below kmax through removals is recounted against the final gallery. Cost:
+O((N + Nn)·Gn + Nn·Gk) scores, and O(affected rows · G) for the recounts. The Sinkhorn potentials
+have no exact merge: they iterate again from the old ones (a warm start) to the same tolerance;
+a fixed iteration count (sinkhorn_iters) starts cold, as a fresh probe would.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+
+from qbnorm_cli.api.common import bounded, clustered, embeddings, progress_or_none, warn
+from qbnorm_cli.api.probing import (
+    GALLERY_BLOCK,
+    SinkhornSettings,
+    centroid_statistics,
+    probe_summary,
+    sinkhorn_potentials,
+)
+from qbnorm_cli.core import probestats, topk
+from qbnorm_cli.core.probestats import (
+    BY_NAME,
+    ITEM_FIELDS,
+    ITEM_MAJOR,
+    MERGES,
+    fingerprints,
+    item_record,
+    merge_top,
+)
+from qbnorm_cli.core.statistics import BankAccumulator, derive_items
+from qbnorm_cli.errors import DataError, UsageError, param, plain_text
+from qbnorm_cli.io import limits
+from qbnorm_cli.io.atomic import OutputFile
+from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics, write_attrs
+from qbnorm_cli.io.specs import as_input
+from qbnorm_cli.streaming import cluster as clustering
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
+from qbnorm_cli.streaming.engine import run_probe
+from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores
+
+REPROBE = "re-probe once with this version"
+
+
+@bounded
+def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_gallery=None, remove_gallery=None,
+                 add_bank=None, add_gallery_bank=None, memory=DEFAULT_MEMORY, block_rows: int | None = None,
+                 output=None, force: bool = False, progress=None, provenance: str | None = None,
+                 cluster=None) -> Probe:
+    """The probe of the final gallery and bank, equal to a fresh `probe` of them (every statistic
+    within the float64 error of its merge; the Sinkhorn potentials converged to the same tolerance).
+
+    probe: a `Probe` or a probe file made by this version. bank, gallery (and gallery_bank for a
+    probe with one): the embeddings the probe was made from, checked row by row against the
+    fingerprints it recorded (DataError when they differ). remove_gallery: old gallery rows to drop
+    (a 1-D integer array or file); add_gallery: items appended after the kept rows; add_bank: bank
+    queries appended after the old ones; add_gallery_bank: gallery-bank items appended (dual
+    methods). The probe's settings (betas, k, topk_means, sinkhorn …) are kept. memory, block_rows,
+    output, force, progress, cluster: as for `probe`. Returns the new `Probe`; `Probe.update` says
+    what changed and, with Sinkhorn, the iterations of the warm start.
+    """
+    budget = make_budget(memory, block_rows)
+    opened = nullcontext(probe) if isinstance(probe, Probe) else Probe.load(probe)
+    with opened as old:  # a probe opened here is closed here
+        label = old.label
+        if old.attrs.get("similarity") == "precomputed":
+            raise UsageError(f"{label} was probed from precomputed scores: an update needs the embeddings; probe again "
+                             f"from {param('bank')} and {param('gallery')}")
+        missing = probestats.updatable(old.dataset_names())
+        if missing:
+            raise DataError(f"{label} lacks what an update needs ({', '.join(missing[:3])}): it was made by an earlier "
+                            f"qbnorm; {REPROBE}")
+        if all(v is None for v in (add_gallery, remove_gallery, add_bank, add_gallery_bank)):
+            raise UsageError(f"nothing to update: give {param('add_gallery')}, {param('remove_gallery')}, "
+                             f"{param('add_bank')} or {param('add_gallery_bank')}")
+        dual = old.has("/gallery_log_norm")
+        if add_gallery_bank is not None and not dual:
+            raise UsageError(f"{param('add_gallery_bank')}: {label} has no gallery bank to add to")
+        if bank is None or gallery is None or (dual and gallery_bank is None):
+            need = [param(name) for name in ("bank", "gallery", "gallery_bank")[:3 if dual else 2]]
+            raise UsageError(f"an update reads the embeddings {label} was made from: give its "
+                             f"{', '.join(need[:-1])} and {need[-1]}")
+        params = old.params
+        similarity = old.attrs["similarity"]
+        n_gallery = old.n_gallery
+
+        gallery_in = embeddings(gallery, "gallery")
+        raw_gallery = _rows(gallery_in, n_gallery, label, "gallery items")
+        removed = _removals(remove_gallery, n_gallery)
+        kept = np.setdiff1d(np.arange(n_gallery), removed)
+        _check_rows(gallery_in, raw_gallery, old.record("/gallery_fingerprint"), kept, label)
+        inputs = [gallery_in]
+        added = np.zeros((0, raw_gallery.shape[1]), dtype=np.float32)
+        if add_gallery is not None:
+            add_in = embeddings(add_gallery, "add_gallery")
+            added = _rows(add_in, None, label, None, dim=raw_gallery.shape[1], dim_of=gallery_in.label)
+            inputs.append(add_in)
+        final_gallery = np.concatenate([raw_gallery[kept], added])
+        if final_gallery.shape[0] == 0:
+            raise UsageError(f"{param('remove_gallery')} removes every item of the gallery and nothing is added")
+        n_kept, n_final = kept.size, final_gallery.shape[0]
+
+        sides = [("bank", bank, add_bank, old.n_bank)]
+        if dual:
+            sides.append(("gallery_bank", gallery_bank, add_gallery_bank, int(old.attrs["gallery_bank_rows"])))
+        final_banks = {}
+        for role, given, more, n_rows in sides:
+            given_in = embeddings(given, role)
+            raw = _rows(given_in, n_rows, label, "bank queries" if role == "bank" else "gallery-bank items",
+                        dim=raw_gallery.shape[1], dim_of=gallery_in.label)
+            _check_rows(given_in, raw, old.record(f"/{role}_fingerprint"), np.arange(n_rows), label)
+            inputs.insert(0 if role == "bank" else len(inputs), given_in)
+            new = np.zeros((0, raw.shape[1]), dtype=np.float32)
+            if more is not None:
+                more_in = embeddings(more, f"add_{role}")
+                new = _rows(more_in, None, label, None, dim=raw.shape[1], dim_of=given_in.label)
+                inputs.append(more_in)
+            final_banks[role] = (np.concatenate([raw, new]), n_rows)
+
+        eager = cluster is None
+
+        def emb(array, name):  # None for no rows (an input is never empty)
+            return Embeddings(as_input(array, name), similarity, budget, eager=eager) if len(array) else None
+
+        kept_emb, new_emb = emb(final_gallery[:n_kept], "gallery"), emb(final_gallery[n_kept:], "add_gallery")
+        # the whole final gallery: read only by recounts, the centroid distances and sinkhorn
+        final_emb = Embeddings(as_input(final_gallery, "gallery"), similarity, budget, eager=False)
+        betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
+                 "gallery_bank": np.asarray(params.get("gallery_betas") or [], dtype=np.float64)}
+        kmax, k = int(params["kmax"]), int(params["k"])
+        ks = tuple(int(v) for v in params["topk_mean"])
+        keep_sorted = bool(params.get("keep_sorted"))
+        moments = old.has("/column_std")
+        centroid_ks = [int(v) for v in old.record_attr("/centroid_distance", "ks")] \
+            if old.has("/centroid_distance") else []
+        centroid_k = max(centroid_ks, default=0)
+
+        out_params = {**params, "memory": budget.memory, "block_rows": block_rows,
+                      "update": {"from": old.uuid, "removed_gallery": int(removed.size),
+                                 "added_gallery": int(n_final - n_kept),
+                                 "added_bank": int(final_banks["bank"][0].shape[0] - old.n_bank),
+                                 "added_gallery_bank": int(final_banks["gallery_bank"][0].shape[0] -
+                                                           final_banks["gallery_bank"][1]) if dual else 0}}
+        n_bank_final = final_banks["bank"][0].shape[0]
+        if output is not None:
+            per_item = 8 * (len(betas["bank"]) + len(betas["gallery_bank"]) + 3 * len(ks) + 8) + 4 * max(ks, default=0)
+            limits.check_output(output, n_final * per_item + n_bank_final * (kmax + probestats.SPARE) * 16
+                                + (4 * n_final * n_bank_final if keep_sorted else 0), f"the update of {label}")
+        out = OutputFile(str(output), "probe", force=force, params=out_params, inputs=inputs, provenance=provenance) \
+            if output is not None else None
+        accs = {}
+        sorted_parts: dict[str, dict[int, np.ndarray]] = {"new_items": {}, "new_rows": {}}
+        with clustered(cluster) as session, out if out is not None else nullcontext():
+            def run(banks, n_cols, sink=None):
+                banks = [(s, a) for s, a in banks if n_cols]
+                if not banks:
+                    return
+
+                def on_sorted(number, c0, c1, block):
+                    if number == 0 and sink is not None:
+                        sink[c0] = block
+                total = sum(s.n_rows for s, _ in banks) * n_cols
+                with progress_or_none(progress)("update", total, per=n_cols) as advance:
+                    if session is None:
+                        run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
+                    else:
+                        clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
+
+            passes_new_items, passes_new_rows = [], []
+            for role, (rows, n_old) in final_banks.items():
+                is_bank = role == "bank"
+                make = lambda n, g, role=role, is_bank=is_bank: BankAccumulator(
+                    n, g, betas[role], kmax, ks if is_bank else (), keep_sorted and is_bank,
+                    column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0)
+                all_rows, new_rows = emb(rows, role), emb(rows[n_old:], f"add_{role}")
+                a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
+                c = make(rows.shape[0] - n_old, n_kept)      # the new rows × the kept items
+                if new_emb is not None:
+                    passes_new_items.append((EmbeddingScores(all_rows, new_emb), a))
+                if new_rows is not None and kept_emb is not None:
+                    passes_new_rows.append((EmbeddingScores(new_rows, kept_emb), c))
+                accs[role] = (a, c, all_rows, n_old)
+            run(passes_new_items, n_final - n_kept, sorted_parts["new_items"])
+            run(passes_new_rows, n_kept, sorted_parts["new_rows"])
+
+            merged = {role: _merge(old, role, a, c, kept, n_old, all_rows, final_emb, betas[role], kmax,
+                                   ks if role == "bank" else (), moments and role == "bank",
+                                   centroid_k if role == "bank" else 0)
+                      for role, (a, c, all_rows, n_old) in accs.items()}
+            query_acc, gallery_acc = merged["bank"], merged.get("gallery_bank")
+            datasets = statistics(query_acc, gallery_acc, k)
+            if centroid_k:  # recomputed from each item's merged nearest bank rows: O(G · K · d)
+                datasets.update(centroid_statistics(EmbeddingScores(accs["bank"][2], final_emb),
+                                                    query_acc.column_topk_index, centroid_ks))
+            datasets["/gallery_fingerprint"] = Stored(np.concatenate([old.record("/gallery_fingerprint")[kept],
+                                                                      fingerprints(final_gallery[n_kept:])]))
+            for role, (rows, n_old) in final_banks.items():
+                datasets[f"/{role}_fingerprint"] = Stored(np.concatenate([old.record(f"/{role}_fingerprint"),
+                                                                          fingerprints(rows[n_old:])]))
+            if old.has("/gallery_mean"):
+                mean, moment = _moments(old, emb(raw_gallery[removed], "gallery"), new_emb, n_final)
+                datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
+            sorted_store = None
+            if keep_sorted:
+                sorted_store = _sorted_bank(old, kept, sorted_parts, n_kept, n_final, n_bank_final, out)
+                if out is None:
+                    datasets[SORTED] = Stored(sorted_store)
+            sinkhorn_found, warm = [], None
+            if params.get("sinkhorn"):
+                settings = SinkhornSettings(params.get("sinkhorn_iters"), params.get("sinkhorn_tol"),
+                                            params.get("sinkhorn_max_iters"))
+                bank_scores = EmbeddingScores(accs["bank"][2], final_emb)
+                cross = EmbeddingScores(accs["bank"][2], accs["gallery_bank"][2]) \
+                    if dual and params.get("dual_sinkhorn") else None
+                starts = None if settings.iters is not None else _warm_starts(old, kept, n_final, cross)
+                potentials, sinkhorn_found = sinkhorn_potentials(bank_scores, cross, list(betas["bank"]),
+                                                                 list(betas["bank"]), settings, budget, progress,
+                                                                 starts=starts)
+                datasets.update(potentials)
+                warm = starts is not None
+            attrs, diagnostics, found = probe_summary(query_acc, gallery_acc, k, similarity,
+                                                      as_input(final_gallery, "gallery").identity)
+            found = [w for w in found + sinkhorn_found if w]
+            if out is not None:
+                for name, stored in datasets.items():
+                    out.create(name, data=stored.data, **stored.attrs)
+                write_attrs(out, attrs)
+                out.warnings = found
+        for message in found:
+            warn(message)
+        if out is not None:
+            result = Probe.load(output)
+        else:
+            result = Probe(datasets, {**attrs, "uuid": None}, params=out_params, inputs=[i.describe() for i in inputs])
+        result.warnings = [plain_text(w) for w in found]
+        result.diagnostics = diagnostics
+        result.cluster = session.report() if session is not None else None
+        result.update = {**out_params["update"], "gallery_rows": n_final, "bank_rows": n_bank_final,
+                         "recounted_rows": int(query_acc.recounted), "sinkhorn_warm_start": warm}
+    return result
+
+
+def _rows(item, expected: int | None, label: str, what: str | None, dim: int | None = None,
+          dim_of: str | None = None) -> np.ndarray:
+    """All rows of an input as float32 (as read: the Embeddings normalise them as a probe does)."""
+    if expected is not None and item.rows != expected:
+        raise DataError(f"{item.label} has {item.rows} rows but {label} was made with {expected} {what}")
+    if dim is not None and item.cols != dim:
+        raise DataError(f"{item.label} has dimension {item.cols} but {dim_of} has {dim}")
+    return np.concatenate([item.read(r0, min(r0 + GALLERY_BLOCK, item.rows))
+                           for r0 in range(0, item.rows, GALLERY_BLOCK)] or [np.zeros((0, item.cols), np.float32)])
+
+
+def _check_rows(item, raw: np.ndarray, recorded: np.ndarray, rows: np.ndarray, label: str) -> None:
+    """Refuse an input whose rows (those kept) are not the rows the probe measured."""
+    differ = np.flatnonzero(fingerprints(raw[rows]) != recorded[rows])
+    if differ.size:
+        row = int(rows[differ[0]])
+        raise DataError(f"{item.label}: row {row} is not the row {label} was made with (its fingerprint differs; "
+                        f"{differ.size} rows differ): update against the inputs of that probe")
+
+
+def _removals(remove, n_gallery: int) -> np.ndarray:
+    """The old gallery rows to drop: ascending, unique, each within the gallery."""
+    if remove is None:
+        return np.zeros(0, dtype=np.int64)
+    item = as_input(remove, "remove_gallery", ndim=(1,))
+    raw = item.read_raw()
+    if raw.dtype.kind not in "iu" and not (raw.dtype.kind == "f" and np.all(np.isfinite(raw))
+                                           and np.all(raw == np.round(raw))):
+        raise DataError(f"{item.label}: gallery row numbers are integers, not {raw.dtype}")
+    rows = raw.astype(np.int64)
+    bad = (rows < 0) | (rows >= n_gallery)
+    if bad.any():
+        raise DataError(f"{item.label}: entry {int(np.argmax(bad))} is {int(rows[np.argmax(bad)])}, not a row of the "
+                        f"gallery of {n_gallery} items")
+    return np.unique(rows)
+
+
+def merge_lists(parts, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge per-row neighbour lists of disjoint item sets: parts of (indices (R, w), values, complete
+    (R,)), each row best first with −1 pads at its end, `complete` where a list holds every item of
+    its set. Returns (indices, values, exact) of `width` columns: the merged lists best first (ties
+    to the lower index, as a probe keeps them) and how many leading entries of each row are certain
+    (the rest is padded): an incomplete list's unknown items may come after its last known one."""
+    idx = np.concatenate([p[0] for p in parts], axis=1).astype(np.int64)
+    vals = np.concatenate([p[1] for p in parts], axis=1).astype(np.float64)
+    source = np.concatenate([np.full(p[0].shape, n) for n, p in enumerate(parts)], axis=1)
+    valid = idx >= 0
+    vals = np.where(valid, vals, -np.inf)
+    order = np.lexsort((np.where(valid, idx, np.iinfo(np.int64).max), -vals, ~valid), axis=-1)
+    idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+    valid, source = np.take_along_axis(valid, order, 1), np.take_along_axis(source, order, 1)
+    position = np.arange(idx.shape[1])
+    exact = valid.sum(axis=1)
+    for n, (_, _, complete) in enumerate(parts):
+        last = np.where(valid & (source == n), position, -1).max(axis=1, initial=-1) + 1
+        exact = np.where(complete, exact, np.minimum(exact, last))
+    exact = np.minimum(exact, width)
+    idx, vals = idx[:, :width], vals[:, :width]
+    if idx.shape[1] < width:
+        idx = np.pad(idx, ((0, 0), (0, width - idx.shape[1])), constant_values=-1)
+        vals = np.pad(vals, ((0, 0), (0, width - vals.shape[1])), constant_values=-np.inf)
+    unknown = np.arange(width)[None, :] >= exact[:, None]
+    idx[unknown], vals[unknown] = -1, -np.inf
+    return idx, vals, exact
+
+
+def _old_lists(old: Probe, role: str, kept: np.ndarray, n_gallery: int):
+    """The old neighbour lists with removed items dropped and kept ones renumbered (pads at the end)."""
+    idx = old.record(f"/{role}_top_items").astype(np.int64)
+    vals = old.record(f"/{role}_top_scores").astype(np.float64)
+    known = idx >= 0
+    pad_first = (np.diff(known.astype(np.int8), axis=1) > 0).any()
+    if pad_first or not np.isfinite(vals[known]).all() or (np.diff(np.where(known, vals, -np.inf), axis=1) > 0).any():
+        raise DataError(f"{old.label}::/{role}_top_scores: not the descending scores of /{role}_top_items (a score "
+                        "missing or out of order, or a pad before an item); the file is damaged: probe again")
+    where = np.full(n_gallery + 1, -1, dtype=np.int64)  # index −1 (a pad) maps to the last entry: −1
+    where[kept] = np.arange(kept.size)
+    idx = where[idx]
+    valid = idx >= 0
+    order = np.argsort(~valid, axis=1, kind="stable")
+    idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+    complete = np.take_along_axis(valid, order, 1).sum(axis=1) == kept.size
+    return idx, np.where(idx >= 0, vals, -np.inf), complete
+
+
+def _lists_of(acc: BankAccumulator, rows: slice, offset: int, n_items: int):
+    idx = acc.neighbors.indices[rows].astype(np.int64)
+    idx = np.where(idx >= 0, idx + offset, -1)
+    return idx, acc.neighbors.values[rows], (acc.neighbors.indices[rows] >= 0).sum(axis=1) == n_items
+
+
+def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: np.ndarray, n_old: int,
+           all_rows: Embeddings, final_gallery: Embeddings, betas, kmax: int, ks, moments: bool,
+           centroid_k: int) -> BankAccumulator:
+    """The final accumulator of one bank: the kept items' records merged with the new rows' (pass
+    `c`), the new items' columns from pass `a`, every row's neighbours merged (and recounted where
+    removals left fewer than kmax certain)."""
+    n_kept, n_new = kept.size, a.n_gallery
+    n_final, n_rows = n_kept + n_new, a.n_rows
+    final = BankAccumulator(n_rows, n_final, betas, kmax, ks, column_moments=moments, neighbor_k=centroid_k)
+    prefix = "" if role == "bank" else "gallery_"
+    old_log_norm = old.record(f"/{prefix}log_norm")[:, kept]
+    records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
+               else np.zeros((kept.size, 0), dtype=np.float32) for field in ITEM_FIELDS}
+    if (np.diff(records["item_top"], axis=1) > 0).any():
+        raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
+                        "descending order; the file is damaged: probe again")
+    records["log_norm"] = old_log_norm
+    # the items whose K largest scores a new bank row enters (all when K grows with the bank): the
+    # others keep their top-K statistics
+    width = final.item_top.shape[1]
+    if width > records["item_top"].shape[1]:
+        changed = np.arange(n_kept)
+    elif c.n_rows and width:
+        changed = np.flatnonzero(c.item_top[:, 0] > records["item_top"][:, -1])
+    else:
+        changed = np.zeros(0, dtype=np.int64)
+    for field, values in records.items():  # each by its declared merge rule (core/probestats.py)
+        rule = BY_NAME[f"/{prefix}log_norm" if field == "log_norm" else item_record(role, field)].merge
+        held = getattr(final, field)
+        kept_columns = held[:n_kept] if field in ITEM_MAJOR else held[..., :n_kept]
+        if rule == "top-k":
+            if values.shape[1] == width:
+                kept_columns[...] = values
+            kept_columns[changed] = merge_top(values[changed], getattr(c, field)[changed], width)
+        elif c.n_rows:
+            kept_columns[...] = MERGES[rule](values, getattr(c, field))
+        else:
+            kept_columns[...] = values
+    if ks:
+        for name in ("topk_mean", "topk_kth", "topk_distance"):
+            getattr(final, name)[:, :n_kept] = old.record(f"/{name}")[:, kept]
+    derive_items(final, slice(0, n_kept), top=False)
+    derive_items(final, changed)
+    if final.column_topk_index is not None:  # each kept item's nearest bank rows: old ones merged with new ones
+        final.column_topk_index[:n_kept] = _nearest_rows(old, records["item_top"], kept, c, n_old, final.neighbor_k)
+    if n_new:
+        final.place_columns(n_kept, n_final, a.column_parts())
+    width = final.neighbors.k
+    old_part = _old_lists(old, role, kept, old.n_gallery)
+    parts_old = [old_part] + ([_lists_of(a, slice(0, n_old), n_kept, n_new)] if n_new else [])
+    parts_new = [_lists_of(c, slice(None), 0, n_kept)] + ([_lists_of(a, slice(n_old, None), n_kept, n_new)]
+                                                         if n_new else [])
+    idx, vals, exact = merge_lists(parts_old, width)
+    if n_rows > n_old:
+        more = merge_lists(parts_new, width)
+        idx, vals, exact = (np.concatenate([x, y]) for x, y in zip((idx, vals, exact), more, strict=True))
+    recount = np.flatnonzero(exact < final.kept_neighbors)
+    if recount.size:
+        idx[recount], vals[recount] = _recount(all_rows, final_gallery, recount, width)
+    final.neighbors.indices[...], final.neighbors.values[...] = idx, vals
+    final.recounted = recount.size
+    return final
+
+
+def _nearest_rows(old: Probe, old_top: np.ndarray, kept: np.ndarray, c: BankAccumulator, n_old: int,
+                  width: int) -> np.ndarray:
+    """The `width` bank rows nearest each kept item: its old ones (their scores: the first of its K
+    largest, in the same order) merged with the new rows' (pass `c`)."""
+    rows = old.record("/item_top_rows")[kept].astype(np.int64)
+    parts = [(rows, old_top[:, :rows.shape[1]], np.full(kept.size, rows.shape[1] == n_old))]
+    if c.n_rows:
+        new = c.column_topk_index.astype(np.int64)
+        parts.append((new + n_old, c.item_top[:, :new.shape[1]], np.full(kept.size, new.shape[1] == c.n_rows)))
+    idx, _, exact = merge_lists(parts, width)
+    if (exact < width).any():  # each list holds its bank's best `width`: the union's best are among them
+        raise AssertionError("an item's nearest bank rows are not all known")
+    return idx
+
+
+def _recount(rows: Embeddings, gallery: Embeddings, which: np.ndarray, width: int):
+    """The best `width` items of some bank rows against the whole final gallery."""
+    best = topk.RunningTopK(which.size, width)
+    queries = rows.rows_of(which)
+    for c0 in range(0, gallery.rows, GALLERY_BLOCK):
+        c1 = min(c0 + GALLERY_BLOCK, gallery.rows)
+        best.update(0, queries @ gallery.rows_of(slice(c0, c1)).T, c0, forward=True)
+    return best.indices, best.values
+
+
+def _moments(old: Probe, removed: Embeddings, added: Embeddings, n_final: int):
+    """The gallery's mean and second moment with rows removed and added (weighted sums)."""
+    n = old.n_gallery
+    total = old.record("/gallery_mean") * n
+    moment = old.record("/gallery_second_moment") * n
+    for rows, sign in ((removed, -1.0), (added, 1.0)):
+        if rows is not None:
+            block = rows.rows_of(slice(0, rows.rows)).astype(np.float64)
+            total += sign * block.sum(axis=0)
+            moment += sign * (block.T @ block)
+    return total / n_final, moment / n_final
+
+
+def _sorted_bank(old: Probe, kept, parts, n_kept: int, n_final: int, n_bank: int, out):
+    """Every item's bank scores ascending: a kept item's old ones merged with its new rows', a new
+    item's from its pass."""
+    store = out.create(SORTED, shape=(n_final, n_bank), dtype=np.float32) if out is not None \
+        else np.empty((n_final, n_bank), dtype=np.float32)
+    new_rows = np.concatenate([parts["new_rows"][c0] for c0 in sorted(parts["new_rows"])]) \
+        if parts["new_rows"] else np.zeros((n_kept, 0), dtype=np.float32)
+    source = old.sorted_bank()
+    for c0 in range(0, n_kept, GALLERY_BLOCK):
+        c1 = min(c0 + GALLERY_BLOCK, n_kept)
+        rows = kept[c0:c1]
+        held = np.asarray(source[int(rows[0]):int(rows[-1]) + 1])[rows - rows[0]]
+        block = np.sort(np.concatenate([held, new_rows[c0:c1]], axis=1), axis=1)
+        if out is not None:
+            out.write_rows(store, c0, block)
+        else:
+            store[c0:c1] = block
+    for c0 in sorted(parts["new_items"]):
+        block = parts["new_items"][c0]
+        if out is not None:
+            out.write_rows(store, n_kept + c0, block)
+        else:
+            store[n_kept + c0:n_kept + c0 + block.shape[0]] = block
+    return store
+
+
+def _warm_starts(old: Probe, kept: np.ndarray, n_final: int, cross) -> dict:
+    """log u of the kept items from the old potentials; the new items (and a dual run's gallery-bank
+    items, which the probe does not keep) start at the median of the kept ones."""
+    starts = {}
+    for dual in (False, True):
+        if dual and cross is None:
+            continue
+        for beta in old.sinkhorn_betas(dual):
+            known = old.sinkhorn_log_u(beta, dual)[kept]
+            rows = n_final + (cross.n_cols if dual else 0)
+            start = np.full(rows, float(np.median(known)) if known.size else 0.0)
+            start[:kept.size] = known
+            starts[(beta, dual)] = start
+    return starts
