@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import leftovers
 
+import qbnorm_cli
 from qbnorm_cli.io.sinks import Column, Sink
 
 COLUMNS = {"/scores": Column(3, np.float32), "/neighbors": Column(3, np.int64, np.int32)}
@@ -50,3 +51,29 @@ def test_a_failure_inside_leaves_no_file(tmp_path):
             sink.write(0, "/scores", np.zeros((4, 3)))
             raise ValueError("midway")
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_normalise_returns_what_it_writes(tmp_path, top_k):
+    """normalise writes through one Sink: its in-memory result and its file hold the same arrays."""
+    rng = np.random.default_rng(3)
+    bank, gallery, queries = (rng.standard_normal((n, 8)) for n in (60, 30, 20))
+    probe = qbnorm_cli.probe(bank, gallery, betas=[20.0])
+    options = {"method": "dis", "top_k": top_k, "dtype": "float32", "block_rows": 7}
+    result = qbnorm_cli.normalise(queries, gallery, probe, **options)
+    written = qbnorm_cli.normalise(queries, gallery, probe, output=tmp_path / "out.h5", **options)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        stored = {name: h5[name][()] for name in h5}
+        attrs = dict(h5.attrs)
+    np.testing.assert_array_equal(stored["normalised"], written.normalised)
+    assert written.normalised.any() and not written.normalised.all()  # the gate chose some rows
+    assert attrs["method"] == "dis" and attrs["gallery_rows"] == 30
+    if top_k is None:
+        assert set(stored) == {"scores", "normalised"} and result.dtype == np.float32
+        np.testing.assert_array_equal(stored["scores"], result)
+        return
+    assert set(stored) == {"scores", "neighbors", "normalised"}
+    assert result.indices.dtype == np.int64 and stored["neighbors"].dtype == np.int32
+    np.testing.assert_array_equal(stored["neighbors"], result.indices)
+    np.testing.assert_array_equal(stored["scores"], result.scores)
+    np.testing.assert_array_equal(stored["normalised"], result.normalised)

@@ -23,9 +23,9 @@ from qbnorm_cli.core import scale
 from qbnorm_cli.core.results import Ranking
 from qbnorm_cli.errors import DataError, plain_text
 from qbnorm_cli.io import limits
-from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.paramsfile import tuned_on_warning
 from qbnorm_cli.io.probefile import Probe
+from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
 from qbnorm_cli.streaming.engine import run_normalise
@@ -131,50 +131,35 @@ def normalise(queries=None, gallery=None, probe=None, *, method: str = methods.D
     n_rows = scores.n_rows
     kind = "ranking" if ranked else "similarity"
     width = top_k if ranked else n_gallery
+    columns = {"/scores": Column(width, dtype)}
+    if ranked:
+        columns["/neighbors"] = Column(width, np.int64, np.int32)
+    if output is not None:
+        item_bytes = sum(np.dtype(column.stored).itemsize for column in columns.values())
+        limits.check_output(output, n_rows * width * item_bytes,
+                            f"{n_rows} × {width} {'scores and neighbours' if ranked else 'scores'}")
     normalised = np.zeros(n_rows, dtype=bool)
-    advance_with = progress_or_none(progress)
-    if output is None:
-        values_out = np.empty((n_rows, width), dtype=dtype)
-        indices_out = np.empty((n_rows, width), dtype=np.int64) if ranked else None
-        with clustered(cluster) as session, advance_with("normalise", n_rows * n_gallery, per=n_gallery) as advance:
-            for q0, (block, indices, gated) in _engine(session)(scores, norm, budget, top_k, progress=advance,
-                                                                dtype=np.dtype(dtype)):
-                values_out[q0:q0 + len(block)] = block
-                if ranked:
-                    indices_out[q0:q0 + len(block)] = indices
-                normalised[q0:q0 + len(gated)] = gated
-        if ranked:
-            return Ranking(indices_out, values_out, normalised, n_gallery)
-        return values_out
-
-    item_bytes = np.dtype(dtype).itemsize + (4 if ranked else 0)  # a score (and a neighbour index)
-    limits.check_output(output, n_rows * width * item_bytes,
-                        f"{n_rows} × {width} {'scores and neighbours' if ranked else 'scores'}")
     with clustered(cluster) as session, \
-            OutputFile(str(output), kind, force=force, params=params, inputs=record, provenance=provenance) as out:
-        score_ds = out.create("/scores", shape=(n_rows, width), dtype=dtype)
-        neigh_ds = out.create("/neighbors", shape=(n_rows, width), dtype=np.int32) if ranked else None
-        with advance_with("normalise", n_rows * n_gallery, per=n_gallery) as advance:
-            for q0, (block, indices, gated) in _engine(session)(scores, norm, budget, top_k, progress=advance,
-                                                                dtype=np.dtype(dtype)):
-                out.write_rows(score_ds, q0, block.astype(dtype, copy=False))
-                if neigh_ds is not None:
-                    out.write_rows(neigh_ds, q0, indices.astype(np.int32))
-                normalised[q0:q0 + len(gated)] = gated
-                del block, indices  # freed while the next block is computed
-        out.create("/normalised", data=normalised)
-        attrs = out.h5.attrs
-        attrs["method"] = spec.name
-        if score_scale:
-            attrs["score_scale"] = score_scale
-        attrs["gallery_rows"] = n_gallery
-        if identity:
-            attrs["gallery_identity"] = identity
-        if spec.log_domain:
-            attrs["score_domain"] = "log (compare within a row)"
-        out.warnings = found
-    return Written(str(output), kind, out.uuid, normalised, params, tuple(plain_text(w) for w in found),
-                   tuple(out.inputs), session.report() if session is not None else None)
+            Sink(output, kind, n_rows, columns, force=force, params=params, inputs=record,
+                 provenance=provenance) as sink, \
+            progress_or_none(progress)("normalise", n_rows * n_gallery, per=n_gallery) as advance:
+        for q0, (block, indices, gated) in _engine(session)(scores, norm, budget, top_k, progress=advance,
+                                                            dtype=np.dtype(dtype)):
+            sink.write(q0, "/scores", block)
+            if ranked:
+                sink.write(q0, "/neighbors", indices)
+            normalised[q0:q0 + len(gated)] = gated
+            del block, indices  # freed while the next block is computed
+        sink.finish({"/normalised": normalised},
+                    {"method": spec.name, "score_scale": score_scale or None, "gallery_rows": n_gallery,
+                     "gallery_identity": identity or None,
+                     "score_domain": "log (compare within a row)" if spec.log_domain else None}, found)
+    if output is None:
+        if ranked:
+            return Ranking(sink.arrays["/neighbors"], sink.arrays["/scores"], normalised, n_gallery)
+        return sink.arrays["/scores"]
+    return Written(str(output), kind, sink.uuid, normalised, params, tuple(plain_text(w) for w in found),
+                   sink.inputs, session.report() if session is not None else None)
 
 
 def checked_settings(method: methods.Method, given: Mapping, probe: Probe) -> tuple[int, dict]:
