@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +24,9 @@ from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import limits
-from qbnorm_cli.io.atomic import OutputFile
 from qbnorm_cli.io.paramsfile import other_banks, tuned_on_warning
-from qbnorm_cli.io.probefile import SORTED, Probe, Stored, sinkhorn_statistics, statistics, write_attrs
+from qbnorm_cli.io.probefile import KEPT_ATTRS, SORTED, Probe, Stored, sinkhorn_statistics, statistics
+from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget
 from qbnorm_cli.streaming.engine import run_probe
@@ -139,6 +138,49 @@ def sinkhorn_memory(result: Probe) -> int:
 
 
 @bounded
+def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource | None,
+                     cross_scores: ScoreSource | None, *, betas, gallery_betas, kmax: int, k: int, topk_means,
+                     keep_sorted: bool, column_moments: bool, centroid_ks, gallery_moments: bool,
+                     sinkhorn: tuple | None, budget: Budget, progress, session=None, sink: Sink | None = None,
+                     ) -> tuple[BankAccumulator, BankAccumulator | None, dict[str, Stored], list[str]]:
+    """One probe pass, as `probe` and `tune` make it: the bank's (and gallery bank's) statistics
+    over the gallery, the centroid distances of `centroid_ks`, the gallery's moments, and with
+    `sinkhorn` = (settings, betas, dual betas) the potentials. keep_sorted: each item's sorted bank
+    scores go to `sink`'s SORTED rows as the pass makes them. Returns the accumulators, the
+    datasets and the Sinkhorn runs' warnings."""
+    n_gallery = bank_scores.n_cols
+    bank_acc = BankAccumulator(bank_scores.n_rows, n_gallery, np.array(betas), kmax, tuple(topk_means), keep_sorted,
+                               column_moments=column_moments, neighbor_k=max(centroid_ks, default=0))
+    banks = [(bank_scores, bank_acc)]
+    gallery_bank_acc = None
+    if gallery_bank_scores is not None:
+        gallery_bank_acc = BankAccumulator(gallery_bank_scores.n_rows, n_gallery, np.array(gallery_betas), kmax)
+        banks.append((gallery_bank_scores, gallery_bank_acc))
+
+    def on_sorted(number, c0, c1, block):
+        if number == 0 and sink is not None:
+            sink.write(c0, SORTED, block)
+
+    with progress_or_none(progress)("probe", sum(s.n_rows for s, _ in banks) * n_gallery, per=n_gallery) as advance:
+        if session is None:
+            run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
+        else:
+            clustering.run_probe(session, banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
+    datasets = statistics(bank_acc, gallery_bank_acc, k)
+    if centroid_ks:
+        datasets.update(centroid_statistics(bank_scores, bank_acc.column_topk_index, centroid_ks))
+    if gallery_moments:
+        mean, moment = gallery_moments_of(bank_scores.cols)
+        datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
+    found: list[str] = []
+    if sinkhorn is not None:
+        settings, sinkhorn_betas, dual_betas = sinkhorn
+        potentials, found = sinkhorn_potentials(bank_scores, cross_scores, sinkhorn_betas, dual_betas, settings,
+                                                budget, progress)
+        datasets.update(potentials)
+    return bank_acc, gallery_bank_acc, datasets, found
+
+
 def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
           gallery_betas=(registry.DEFAULT_GALLERY_BETA,), topk_means=None, keep_sorted: bool = False,
           sinkhorn: bool = False, sinkhorn_iters: int | None = None, sinkhorn_tol: float | None = None,
@@ -206,17 +248,13 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
     gallery_identity = inputs[-1].identity if bank_sims is None else inputs[0].attrs.get("gallery_identity")
     check_count(k, "k", n_gallery, "gallery size")
     kmax = max(k, registry.KMAX_MIN)
-    centroid_k = 0
+    centroid_ks = ()
     if request is not None and (request.centroid_ks or request.gallery_moments):
         if not isinstance(query_scores, EmbeddingScores):
             what = ", ".join(m.name for m in request.methods if m.needs.centroid or m.needs.gallery_moments)
             raise UsageError(f"{param('methods')} {what}: needs the bank and gallery embeddings "
                              f"({param('bank')} and {param('gallery')}), not {param('bank_sims')}")
-        centroid_k = max(request.centroid_ks, default=0)
-    column_moments = request is not None and request.column_std
-    query_acc = BankAccumulator(query_scores.n_rows, n_gallery, np.array(betas), kmax, ks, keep_sorted,
-                                column_moments=column_moments, neighbor_k=centroid_k)
-    banks = [(query_scores, query_acc)]
+        centroid_ks = tuple(request.centroid_ks)
     given_banks = {"bank": ("bank_sims" if bank_sims is not None else "bank", inputs[0])}  # role: option, input
 
     gallery_acc = None
@@ -237,12 +275,10 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
             similarity=similarity, budget=budget, what="probe", cols_embeddings=gallery_emb, eager=cluster is None)
         inputs += more
         given_banks["gallery_bank"] = ("gallery_bank", more[0])
-    if gallery_bank is not None or gallery_bank_sims is not None:
-        gallery_acc = BankAccumulator(gallery_scores.n_rows, n_gallery, np.array(gallery_betas), kmax)
-        banks.append((gallery_scores, gallery_acc))
+    has_gallery_bank = gallery_bank is not None or gallery_bank_sims is not None
     cross_scores = None
     if sinkhorn_settings is not None:
-        cross_scores = cross_bank_scores(query_scores, gallery_scores if gallery_acc else None,
+        cross_scores = cross_bank_scores(query_scores, gallery_scores if has_gallery_bank else None,
                                          bank_gallery_bank_sims, inputs)
         if bank_gallery_bank_sims is not None and cross_scores is not None:
             given_banks["bank_gallery_bank"] = ("bank_gallery_bank_sims", inputs[-1])
@@ -250,7 +286,7 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
     params = {
         "betas": betas, "k": k, "kmax": kmax, "topk_mean": list(ks), "keep_sorted": keep_sorted,
         "similarity": "precomputed" if bank_sims is not None else similarity, "transpose": transpose,
-        "gallery_betas": gallery_betas if gallery_acc else None,
+        "gallery_betas": gallery_betas if has_gallery_bank else None,
         "sinkhorn": sinkhorn_settings is not None, "dual_sinkhorn": cross_scores is not None,
         **(sinkhorn_settings or SinkhornSettings(None, None, None)).as_params(),
         "memory": budget.memory, "block_rows": block_rows,
@@ -262,43 +298,16 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
         limits.check_output(output, n_gallery * per_item + n_bank * kmax * 8,
                             f"statistics of {n_gallery} items" + (f" and {n_gallery} × {n_bank} sorted bank scores"
                                                                   if keep_sorted else ""))
-    out = OutputFile(str(output), "probe", force=force, params=params, inputs=inputs, provenance=provenance) \
-        if output is not None else None
-    total = sum(scores.n_rows for scores, _ in banks) * n_gallery
-    with clustered(cluster) as session, out if out is not None else nullcontext():
-        sorted_store = None
-        if keep_sorted:
-            if out is not None:
-                sorted_store = out.create(SORTED, shape=(n_gallery, query_scores.n_rows), dtype=np.float32)
-            else:
-                sorted_store = np.empty((n_gallery, query_scores.n_rows), dtype=np.float32)
-
-        def on_sorted(number, c0, c1, block):
-            if number != 0:
-                return
-            if out is not None:
-                out.write_rows(sorted_store, c0, block)
-            else:
-                sorted_store[c0:c1] = block
-
-        with progress_or_none(progress)("probe", total, per=n_gallery) as advance:
-            if session is None:
-                run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
-            else:
-                clustering.run_probe(session, banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
-        datasets = statistics(query_acc, gallery_acc, k)
-        if centroid_k:
-            datasets.update(centroid_statistics(query_scores, query_acc.column_topk_index, request.centroid_ks))
-        if request is not None and request.gallery_moments:
-            mean, moment = gallery_moments(query_scores.cols)
-            datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
-        sinkhorn_found = []
-        if sinkhorn_settings is not None:
-            potentials, sinkhorn_found = sinkhorn_potentials(query_scores, cross_scores, betas, betas,
-                                                             sinkhorn_settings, budget, progress)
-            datasets.update(potentials)
-        if keep_sorted and out is None:
-            datasets[SORTED] = Stored(sorted_store)
+    sorted_column = {SORTED: Column(query_scores.n_rows, np.float32)} if keep_sorted else {}
+    with clustered(cluster) as session, Sink(output, "probe", n_gallery, sorted_column, force=force, params=params,
+                                             inputs=inputs, provenance=provenance) as sink:
+        query_acc, gallery_acc, datasets, sinkhorn_found = probe_statistics(
+            query_scores, gallery_scores if has_gallery_bank else None, cross_scores, betas=betas,
+            gallery_betas=gallery_betas, kmax=kmax, k=k, topk_means=ks, keep_sorted=keep_sorted,
+            column_moments=request is not None and request.column_std, centroid_ks=centroid_ks,
+            gallery_moments=request is not None and request.gallery_moments,
+            sinkhorn=(sinkhorn_settings, betas, betas) if sinkhorn_settings is not None else None,
+            budget=budget, progress=progress, session=session, sink=sink)
         if bank_sims is None:  # what an update checks its inputs against (core/probestats.py)
             for name, role in (("/gallery_fingerprint", "gallery"), ("/bank_fingerprint", "bank"),
                                ("/gallery_bank_fingerprint", "gallery_bank")):
@@ -314,16 +323,14 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
             found += other_banks(tuned, {role: (option, item.describe())
                                          for role, (option, item) in given_banks.items()})
         found = [w for w in found + sinkhorn_found if w]
-        if out is not None:
-            for name, stored in datasets.items():
-                out.create(name, data=stored.data, **stored.attrs)
-            write_attrs(out, attrs)
-            out.warnings = found
+        sink.finish(datasets, {name: attrs.get(name) for name in KEPT_ATTRS}, found)
     for message in found:
         warn(message)
-    if out is not None:
+    if output is not None:
         result = Probe.load(output)
     else:
+        if keep_sorted:
+            datasets[SORTED] = Stored(sink.arrays[SORTED])
         result = Probe(datasets, {**attrs, "uuid": None}, params=params, inputs=[i.describe() for i in inputs])
     result.warnings = [plain_text(w) for w in found]
     result.diagnostics = diagnostics
@@ -430,7 +437,7 @@ def centroid_statistics(scores: EmbeddingScores, neighbors: np.ndarray, ks) -> d
     return {"/centroid_distance": Stored(out, {"ks": np.asarray(ks, dtype=np.int64)})}
 
 
-def gallery_moments(gallery) -> tuple[np.ndarray, np.ndarray]:
+def gallery_moments_of(gallery) -> tuple[np.ndarray, np.ndarray]:
     """(ḡ, M = mean_j g_j g_jᵀ) of the gallery embeddings as they are scored (float64)."""
     n = gallery.rows
     total = np.zeros(gallery.dim)

@@ -15,23 +15,18 @@ import numpy as np
 
 from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import bounded, check_choice, progress_or_none, score_source, similarities, warn
-from qbnorm_cli.api.probing import (
-    SinkhornSettings,
-    centroid_statistics,
-    cross_bank_scores,
-    gallery_moments,
-    sinkhorn_potentials,
-)
+from qbnorm_cli.api.probing import SinkhornSettings, cross_bank_scores, probe_statistics
 from qbnorm_cli.core import metrics, scale
-from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
+from qbnorm_cli.core.statistics import bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import remote
 from qbnorm_cli.io.atomic import check_target, created_now, write_json
 from qbnorm_cli.io.groundtruth import read_relevant
 from qbnorm_cli.io.paramsfile import PARAMS_KIND
-from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics
+from qbnorm_cli.io.probefile import SORTED, Probe, Stored
+from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
-from qbnorm_cli.streaming.engine import run_normalise, run_probe
+from qbnorm_cli.streaming.engine import run_normalise
 from qbnorm_cli.streaming.sources import CachedScores, EmbeddingScores, MatrixScores, sample_stats
 from qbnorm_cli.version import FORMAT_VERSION, VERSION
 
@@ -160,42 +155,21 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
     settings = [s for s in settings if embedded or not _needs_embeddings(s)]
     needs = registry.ProbeRequest.of([(s.method, s.values) for s in settings])
     kmax = max(needs.kmax, registry.KMAX_MIN)
-    query_acc = BankAccumulator(bank_scores.n_rows, n_gallery, np.array(needs.betas), kmax, needs.topk_means,
-                                needs.keep_sorted, column_moments=needs.column_std,
-                                neighbor_k=max(needs.centroid_ks, default=0))
-    banks = [(bank_scores, query_acc)]
-    gallery_acc = None
-    if gallery_scores is not None:
-        gallery_acc = BankAccumulator(gallery_scores.n_rows, n_gallery, np.array(needs.gallery_betas), kmax)
-        banks.append((gallery_scores, gallery_acc))
-    sorted_bank = None
+    if needs.keep_sorted and not budget.fits(n_gallery * bank_scores.n_rows * 4, 0.5) and budget.block_rows is None:
+        keeping = ", ".join(sorted({s.method.name for s in settings if s.method.needs_for(s.values).sorted_bank}))
+        raise UsageError(f"{param('methods')} {keeping} keep(s) {n_gallery} × {bank_scores.n_rows} bank scores; "
+                         f"raise {param('memory')} or leave them out")
+    sinkhorn = (SinkhornSettings(), needs.sinkhorn_betas, needs.dual_sinkhorn_betas) \
+        if needs.sinkhorn_betas or needs.dual_sinkhorn_betas else None
+    sorted_column = {SORTED: Column(bank_scores.n_rows, np.float32)} if needs.keep_sorted else {}
+    with Sink(None, "probe", n_gallery, sorted_column) as sink:
+        query_acc, _, store, sinkhorn_found = probe_statistics(
+            bank_scores, gallery_scores, cross_scores, betas=needs.betas, gallery_betas=needs.gallery_betas,
+            kmax=kmax, k=1, topk_means=needs.topk_means, keep_sorted=needs.keep_sorted,
+            column_moments=needs.column_std, centroid_ks=needs.centroid_ks, gallery_moments=needs.gallery_moments,
+            sinkhorn=sinkhorn, budget=budget, progress=progress, sink=sink)
     if needs.keep_sorted:
-        if not budget.fits(n_gallery * bank_scores.n_rows * 4, 0.5) and budget.block_rows is None:
-            keeping = ", ".join(sorted({s.method.name for s in settings if s.method.needs_for(s.values).sorted_bank}))
-            raise UsageError(f"{param('methods')} {keeping} keep(s) {n_gallery} × {bank_scores.n_rows} bank scores; "
-                             f"raise {param('memory')} or leave them out")
-        sorted_bank = np.empty((n_gallery, bank_scores.n_rows), dtype=np.float32)
-
-    def on_sorted(number, c0, c1, block):
-        if number == 0:
-            sorted_bank[c0:c1] = block
-
-    advance_with = progress_or_none(progress)
-    with advance_with("probe", sum(s.n_rows for s, _ in banks) * n_gallery, per=n_gallery) as advance:
-        run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
-    store = statistics(query_acc, gallery_acc, 1)
-    sinkhorn_found: list[str] = []
-    if needs.sinkhorn_betas or needs.dual_sinkhorn_betas:
-        potentials, sinkhorn_found = sinkhorn_potentials(bank_scores, cross_scores, needs.sinkhorn_betas,
-                                                         needs.dual_sinkhorn_betas, SinkhornSettings(), budget,
-                                                         progress)
-        store.update(potentials)
-    if sorted_bank is not None:
-        store[SORTED] = Stored(sorted_bank)
-    if needs.centroid_ks:
-        store.update(centroid_statistics(bank_scores, query_acc.column_topk_index, needs.centroid_ks))
-    if needs.gallery_moments:
-        store["/gallery_mean"], store["/gallery_second_moment"] = map(Stored, gallery_moments(val_scores.cols))
+        store[SORTED] = Stored(sink.arrays[SORTED])
     probe = Probe(store, {"gallery_rows": n_gallery, "bank_rows": bank_scores.n_rows,
                           "similarity": similarity if embedded else "precomputed",
                           "score_scale": scale.classify(query_acc.score_stats())}, path="the tuning probe")
@@ -206,7 +180,7 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
 
     scores = CachedScores(val_scores, budget)
     rows = []
-    with advance_with("tune", len(settings), unit="settings") as advance:
+    with progress_or_none(progress)("tune", len(settings), unit="settings") as advance:
         for setting in settings:
             norm = registry.build(setting.method, probe, setting.values)
             rows.append({"setting": setting, "metrics": evaluate_setting(scores, norm, relevant, budget)})

@@ -40,8 +40,8 @@ from qbnorm_cli.core.probestats import (
 from qbnorm_cli.core.statistics import BankAccumulator, derive_items
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import limits
-from qbnorm_cli.io.atomic import OutputFile
-from qbnorm_cli.io.probefile import SORTED, Probe, Stored, statistics, write_attrs
+from qbnorm_cli.io.probefile import KEPT_ATTRS, SORTED, Probe, Stored, statistics
+from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.io.specs import as_input
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
@@ -155,19 +155,19 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             per_item = 8 * (len(betas["bank"]) + len(betas["gallery_bank"]) + 3 * len(ks) + 8) + 4 * max(ks, default=0)
             limits.check_output(output, n_final * per_item + n_bank_final * (kmax + probestats.SPARE) * 16
                                 + (4 * n_final * n_bank_final if keep_sorted else 0), f"the update of {label}")
-        out = OutputFile(str(output), "probe", force=force, params=out_params, inputs=inputs, provenance=provenance) \
-            if output is not None else None
+        sorted_column = {SORTED: Column(n_bank_final, np.float32)} if keep_sorted else {}
         accs = {}
         sorted_parts: dict[str, dict[int, np.ndarray]] = {"new_items": {}, "new_rows": {}}
-        with clustered(cluster) as session, out if out is not None else nullcontext():
-            def run(banks, n_cols, sink=None):
+        with clustered(cluster) as session, Sink(output, "probe", n_final, sorted_column, force=force,
+                                                 params=out_params, inputs=inputs, provenance=provenance) as sink:
+            def run(banks, n_cols, parts):
                 banks = [(s, a) for s, a in banks if n_cols]
                 if not banks:
                     return
 
                 def on_sorted(number, c0, c1, block):
-                    if number == 0 and sink is not None:
-                        sink[c0] = block
+                    if number == 0:
+                        parts[c0] = block
                 total = sum(s.n_rows for s, _ in banks) * n_cols
                 with progress_or_none(progress)("update", total, per=n_cols) as advance:
                     if session is None:
@@ -209,11 +209,8 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             if old.has("/gallery_mean"):
                 mean, moment = _moments(old, emb(raw_gallery[removed], "gallery"), new_emb, n_final)
                 datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
-            sorted_store = None
             if keep_sorted:
-                sorted_store = _sorted_bank(old, kept, sorted_parts, n_kept, n_final, n_bank_final, out)
-                if out is None:
-                    datasets[SORTED] = Stored(sorted_store)
+                _sorted_bank(old, kept, sorted_parts, n_kept, sink)
             sinkhorn_found, warm = [], None
             if params.get("sinkhorn"):
                 settings = SinkhornSettings(params.get("sinkhorn_iters"), params.get("sinkhorn_tol"),
@@ -230,16 +227,14 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             attrs, diagnostics, found = probe_summary(query_acc, gallery_acc, k, similarity,
                                                       as_input(final_gallery, "gallery").identity)
             found = [w for w in found + sinkhorn_found if w]
-            if out is not None:
-                for name, stored in datasets.items():
-                    out.create(name, data=stored.data, **stored.attrs)
-                write_attrs(out, attrs)
-                out.warnings = found
+            sink.finish(datasets, {name: attrs.get(name) for name in KEPT_ATTRS}, found)
         for message in found:
             warn(message)
-        if out is not None:
+        if output is not None:
             result = Probe.load(output)
         else:
+            if keep_sorted:
+                datasets[SORTED] = Stored(sink.arrays[SORTED])
             result = Probe(datasets, {**attrs, "uuid": None}, params=out_params, inputs=[i.describe() for i in inputs])
         result.warnings = [plain_text(w) for w in found]
         result.diagnostics = diagnostics
@@ -442,11 +437,9 @@ def _moments(old: Probe, removed: Embeddings, added: Embeddings, n_final: int):
     return total / n_final, moment / n_final
 
 
-def _sorted_bank(old: Probe, kept, parts, n_kept: int, n_final: int, n_bank: int, out):
-    """Every item's bank scores ascending: a kept item's old ones merged with its new rows', a new
-    item's from its pass."""
-    store = out.create(SORTED, shape=(n_final, n_bank), dtype=np.float32) if out is not None \
-        else np.empty((n_final, n_bank), dtype=np.float32)
+def _sorted_bank(old: Probe, kept, parts, n_kept: int, sink: Sink) -> None:
+    """Every item's bank scores ascending, into `sink`: a kept item's old ones merged with its new
+    rows', a new item's from its pass."""
     new_rows = np.concatenate([parts["new_rows"][c0] for c0 in sorted(parts["new_rows"])]) \
         if parts["new_rows"] else np.zeros((n_kept, 0), dtype=np.float32)
     source = old.sorted_bank()
@@ -454,18 +447,9 @@ def _sorted_bank(old: Probe, kept, parts, n_kept: int, n_final: int, n_bank: int
         c1 = min(c0 + GALLERY_BLOCK, n_kept)
         rows = kept[c0:c1]
         held = np.asarray(source[int(rows[0]):int(rows[-1]) + 1])[rows - rows[0]]
-        block = np.sort(np.concatenate([held, new_rows[c0:c1]], axis=1), axis=1)
-        if out is not None:
-            out.write_rows(store, c0, block)
-        else:
-            store[c0:c1] = block
+        sink.write(c0, SORTED, np.sort(np.concatenate([held, new_rows[c0:c1]], axis=1), axis=1))
     for c0 in sorted(parts["new_items"]):
-        block = parts["new_items"][c0]
-        if out is not None:
-            out.write_rows(store, n_kept + c0, block)
-        else:
-            store[n_kept + c0:n_kept + c0 + block.shape[0]] = block
-    return store
+        sink.write(n_kept + c0, SORTED, parts["new_items"][c0])
 
 
 def _warm_starts(old: Probe, kept: np.ndarray, n_final: int, cross) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbnorm_cli.io.atomic import OutputFile
+from qbnorm_cli.io.probefile import Stored
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,19 @@ class Sink:
         else:
             self.out.write_rows(self.arrays[name], r0, block.astype(self.columns[name].stored, copy=False))
 
-    def finish(self, data: dict[str, np.ndarray], attrs: dict, warnings: list[str]) -> None:
-        """The output's whole-array datasets, attributes (None values left out) and warnings."""
+    def finish(self, data: dict[str, np.ndarray | Stored], attrs: dict, warnings: list[str]) -> None:
+        """The output's whole-array datasets (a Stored with its attributes), root attributes (None
+        values left out) and warnings."""
         attrs = {name: value for name, value in attrs.items() if value is not None}
         self.attrs, self.warnings = attrs, list(warnings)
         if self.out is None:
             self.arrays.update(data)
             return
         for name, values in data.items():
-            self.out.create(name, data=values)
+            if isinstance(values, Stored):
+                self.out.create(name, data=values.data, **values.attrs)
+            else:
+                self.out.create(name, data=values)
         for name, value in attrs.items():
             self.out.h5.attrs[name] = value
         self.out.warnings = self.warnings
