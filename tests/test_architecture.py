@@ -190,20 +190,16 @@ def _naming(tree: ast.Module, word: str) -> bool:
     return False
 
 
-# Parameters that also name probe statistics (the probe's layout: io/probefile, core/statistics,
-# io/schemas, streaming/cluster, api/probing): named there until the statistics are declared once.
-STATISTIC_NAMES = {"topk_mean", "gallery_beta"}
 # Parameters that are also the words of everyday code: a loop's k, the β of a kernel or a probe.
 COMMON_WORDS = {"k", "beta"}
 
 
-@pytest.mark.parametrize("parameter", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="named by the probe's layout"))
-    if name in STATISTIC_NAMES else name for name in methods.PARAMETERS if name not in COMMON_WORDS])
+@pytest.mark.parametrize("parameter", [name for name in methods.PARAMETERS if name not in COMMON_WORDS])
 def test_a_parameter_is_named_in_one_module_at_most_outside_the_registry(parameter):
     """A parameter is declared once, in qbnorm_cli/methods/: the options, the library's keywords,
-    the params file and the figures' labels come from its declaration, so no other module needs
-    its name (one may: a statistic computed for it, a hint naming it)."""
+    the params file, the figures' labels and the probe records its values pick (Parameter.picks,
+    .params_key) come from its declaration, so no other module needs its name (one may: a
+    statistic computed for it, a hint naming it)."""
     naming = [name for name, tree in MODULES.items() if part(name) != "methods" and _naming(tree, parameter)]
     assert len(naming) <= 1, naming
 

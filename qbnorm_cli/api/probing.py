@@ -225,7 +225,7 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
     and kept in `Probe.warnings`.
     """
     budget = make_budget(memory, block_rows)
-    request = method_needs(methods, topk_means)
+    request = registry.method_needs(methods, topk_means)
     if request is not None:
         topk_means = sorted({*(np.atleast_1d(topk_means) if topk_means is not None else ()), *request.topk_means})
         keep_sorted = keep_sorted or request.keep_sorted
@@ -234,9 +234,9 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
         raise UsageError(f"{param('bank_gallery_bank_sims')} is for the dual-bank Sinkhorn: add "
                          f"{param('sinkhorn=True')}")
     betas = [registry.PARAMETERS["beta"].check(b) for b in np.atleast_1d(betas)]
-    gallery_betas = [registry.PARAMETERS["gallery_beta"].check(b) for b in np.atleast_1d(gallery_betas)]
-    ks = tuple(sorted({registry.PARAMETERS["topk_mean"].check(v)
-                       for v in (registry.default_topk_means() if topk_means is None else np.atleast_1d(topk_means))}))
+    gallery_betas = registry.checked_values("gallery_betas", gallery_betas)
+    ks = tuple(sorted(set(registry.checked_values(
+        "topk_means", registry.default_topk_means() if topk_means is None else topk_means))))
     if not betas:
         raise UsageError(f"{param('betas')}: give at least one β")
     k = registry.PARAMETERS["k"].check(k)
@@ -284,7 +284,8 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
             given_banks["bank_gallery_bank"] = ("bank_gallery_bank_sims", inputs[-1])
 
     params = {
-        "betas": betas, "k": k, "kmax": kmax, "topk_mean": list(ks), "keep_sorted": keep_sorted,
+        "betas": betas, "k": k, "kmax": kmax, registry.by_keyword("topk_means").params_key: list(ks),
+        "keep_sorted": keep_sorted,
         "similarity": "precomputed" if bank_sims is not None else similarity, "transpose": transpose,
         "gallery_betas": gallery_betas if has_gallery_bank else None,
         "sinkhorn": sinkhorn_settings is not None, "dual_sinkhorn": cross_scores is not None,
@@ -361,7 +362,8 @@ def probe_summary(query_acc: BankAccumulator, gallery_acc: BankAccumulator | Non
     if gallery_acc is not None:
         gallery_stats = gallery_acc.score_stats()
         attrs.update({f"gallery_score_{part}": value for part, value in gallery_stats.as_dict().items()})
-        found += [scale.beta_warning(b, gallery_stats, "gallery_beta", check_low=False) for b in gallery_acc.betas]
+        option = registry.by_keyword("gallery_betas").name
+        found += [scale.beta_warning(b, gallery_stats, option, check_low=False) for b in gallery_acc.betas]
     found.append(coverage_warning(diagnostics, n_gallery, param(f"method={registry.DEFAULT.name!r}")))
     return attrs, diagnostics, found
 
@@ -382,39 +384,6 @@ def cross_bank_scores(bank_scores: ScoreSource, gallery_scores: ScoreSource | No
     if isinstance(bank_scores, EmbeddingScores) and isinstance(gallery_scores, EmbeddingScores):
         return EmbeddingScores(bank_scores.rows, gallery_scores.rows)
     return None
-
-
-@dataclass(frozen=True)
-class MethodNeeds:
-    """What `probe(methods=…)` adds for the named methods (their Needs, at their defaults)."""
-
-    methods: tuple
-    topk_means: tuple[int, ...]
-    keep_sorted: bool
-    column_std: bool
-    centroid_ks: tuple[int, ...]
-    gallery_moments: bool
-
-
-def method_needs(names, topk_means) -> MethodNeeds | None:
-    """The statistics the named methods need, each at its default parameters and at every given K."""
-    if names is None:
-        return None
-    chosen = [registry.get(name) for name in ([names] if isinstance(names, str) else names)]
-    given_ks = [registry.PARAMETERS["topk_mean"].check(v) for v in np.atleast_1d(topk_means)] \
-        if topk_means is not None else []
-    settings = []
-    for method in chosen:
-        values = {name: method.default(name) for name in method.parameters}
-        if "topk_mean" in method.parameters and given_ks:
-            settings += [(method, {**values, "topk_mean": v}) for v in given_ks]
-        else:
-            settings.append((method, values))
-    needs = [(m.needs_for(v), v) for m, v in settings]
-    return MethodNeeds(
-        tuple(chosen), tuple(sorted({v["topk_mean"] for n, v in needs if v.get("topk_mean") is not None})),
-        any(n.sorted_bank for n, _ in needs), any(n.column_std for n, _ in needs),
-        tuple(sorted({v["topk_mean"] for n, v in needs if n.centroid})), any(n.gallery_moments for n, _ in needs))
 
 
 GALLERY_BLOCK = 4096  # gallery rows per step of the centroid distances and moments

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
+from qbnorm_cli import methods as registry
 from qbnorm_cli.api.common import bounded, clustered, embeddings, progress_or_none, warn
 from qbnorm_cli.api.probing import (
     GALLERY_BLOCK,
@@ -137,7 +138,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
                  "gallery_bank": np.asarray(params.get("gallery_betas") or [], dtype=np.float64)}
         kmax, k = int(params["kmax"]), int(params["k"])
-        ks = tuple(int(v) for v in params["topk_mean"])
+        ks = tuple(int(v) for v in params[registry.by_keyword("topk_means").params_key])
         keep_sorted = bool(params.get("keep_sorted"))
         moments = old.has("/column_std")
         centroid_ks = [int(v) for v in old.record_attr("/centroid_distance", "ks")] \
@@ -374,8 +375,8 @@ def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: 
         else:
             kept_columns[...] = values
     if ks:
-        for name in ("topk_mean", "topk_kth", "topk_distance"):
-            getattr(final, name)[:, :n_kept] = old.record(f"/{name}")[:, kept]
+        for record in (s for s in probestats.STATISTICS if s.key == "ks" and s.field):  # the per-K statistics
+            getattr(final, record.field)[:, :n_kept] = old.record(record.name)[:, kept]
     derive_items(final, slice(0, n_kept), top=False)
     derive_items(final, changed)
     if final.column_topk_index is not None:  # each kept item's nearest bank rows: old ones merged with new ones

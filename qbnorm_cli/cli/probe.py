@@ -142,12 +142,13 @@ def command(
 def _summary(report: Reporter, result, output: str, runs: dict, extra: dict | None = None) -> None:
     diag = result.diagnostics
     stats = scale.ScoreStats.from_attrs(result.attrs)
+    ks_key = methods.by_keyword("topk_means").params_key  # the probe's K, recorded as the probe file does
     report.cluster(result.cluster)
     report.result({
         **(extra or {}),
         "output": output, "kind": "probe", "uuid": result.uuid, "bank_rows": result.n_bank,
         "gallery_rows": result.n_gallery, "betas": result.betas(), "k": result.params["k"],
-        "topk_mean": result.params["topk_mean"], "coverage": diag["coverage"],
+        ks_key: result.params[ks_key], "coverage": diag["coverage"],
         "occurrence_skewness": diag["occurrence_skewness"], "scores": stats.as_dict(),
         "score_scale": result.attrs["score_scale"], "gallery_bank_rows": int(result.attrs["gallery_bank_rows"]),
         **({name: value for name, value in runs.items() if value} if result.params.get("sinkhorn") else {}),

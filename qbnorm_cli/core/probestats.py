@@ -16,11 +16,11 @@ probe (api/updating.py) is the same fold over the scores that changed, merged in
   (the Sinkhorn potentials) have no exact merge and restart from the old values (a warm start).
 
 `shape` names dimensions (G gallery items, N bank rows, Nh gallery-bank rows, kmax, W, K the
-largest topk_mean, d the embedding dimension, n_betas …); `values` is io/schemas.py's rule;
+largest of the probe's ks, d the embedding dimension, n_betas …); `values` is io/schemas.py's rule;
 `key` the attribute that says what each row is (betas, ks, k); `bank` which bank it belongs to.
 
 What an update needs beyond the statistics the normalisers read (UPDATE_RECORDS): per gallery
-item 4·K bytes for its K largest bank scores (K the largest topk_mean: 512 at the default 128),
+item 4·K bytes for its K largest bank scores (K the largest of the probe's ks: 512 at the default 128),
 24 for its score sum, sum of squares, min and max and 8 for its fingerprint, 4·K + 32 in all (544
 by default; a gallery bank's records add 24 per item); per bank row 8·W for its W = kmax + SPARE
 best items and their scores and 8 for its fingerprint (152 at the default kmax = 10); with dsl's
@@ -69,7 +69,7 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("/activation_count", ("G",), "<i4", "derived", values="count", bound="N", key="k", required=True,
               doc="bank-side k-occurrence"),
     _item("/topk_mean", ("n_ks", "G"), "derived", "mean of the K largest P[:, j] (CSLS, NNN)", key="ks",
-          required=True, rows="K", field="topk_mean"),
+          required=True, rows="K", field="largest_means"),
     _item("/gallery_log_norm", ("n_gallery_betas", "G"), "log-sum-exp", "the same for the gallery bank", key="betas",
           bank="gallery_bank", required="Nh", rows="β"),
     Statistic("/gallery_bank_neighbors", ("Nh", "kmax"), "<i4", "top-k", values="index", bound="G", required="Nh",
@@ -99,7 +99,7 @@ def _update_records(prefix: str, bank: str, dim: str, what: str) -> tuple[Statis
                   cols="column", at_open=False, update=True, doc="their scores (NaN at pads)"),
         Statistic(f"/{prefix}item_top_scores", ("G", f"{prefix}K"), "<f4", "top-k", bank=bank, rows="item",
                   cols="rank", at_open=False, update=True, field="item_top",
-                  doc="each item's K largest bank scores, descending (K: the largest topk_mean; none without)"),
+                  doc="each item's K largest bank scores, descending (K: the largest of the probe's ks; none without)"),
         *(Statistic(f"/{prefix}item_score_{part}", ("G",), dtype, part.replace("sumsq", "sum"), bank=bank,
                     update=True, field=f"item_score_{part}")
           for part, dtype in (("sum", "<f8"), ("sumsq", "<f8"), ("min", "<f4"), ("max", "<f4"))),

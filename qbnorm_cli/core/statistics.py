@@ -3,7 +3,7 @@
 P[i, j] = s(b_i, g_j) for bank item i and gallery item j. Per gallery column j:
   log_norm[β, j]   = logsumexp_i(β · P[i, j])            (Inverted Softmax denominator in log
                                                           form; Bogolin et al., CVPR 2022, Eq. 3)
-  topk_mean[K, j]  = mean of the K largest P[:, j]       (CSLS r_j, Conneau et al. 2018;
+  largest_means[K, j] = mean of the K largest P[:, j]    (CSLS r_j, Conneau et al. 2018;
                                                           NNN b_j, Chowdhury et al. 2024)
   sorted scores    = P[:, j] ascending                   (Globally-Corrected ranks, Dinu et al. 2015)
   column_mean[j]   = mean_i P[i, j]                      (Distribution Normalisation, Zhou et al. 2023)
@@ -182,7 +182,7 @@ class BankAccumulator:
     column_moments: bool = False  # also each column's standard deviation
     neighbor_k: int = 0           # also each column's neighbor_k best bank rows
     log_norm: np.ndarray = field(init=False)
-    topk_mean: np.ndarray = field(init=False)
+    largest_means: np.ndarray = field(init=False)
     topk_kth: np.ndarray = field(init=False)
     topk_distance: np.ndarray = field(init=False)
     column_mean: np.ndarray = field(init=False)
@@ -200,7 +200,7 @@ class BankAccumulator:
     def __post_init__(self) -> None:
         self.betas = np.asarray(self.betas, dtype=np.float64)
         self.log_norm = np.full((len(self.betas), self.n_gallery), -np.inf)
-        self.topk_mean = np.zeros((len(self.topk_ks), self.n_gallery))
+        self.largest_means = np.zeros((len(self.topk_ks), self.n_gallery))
         self.topk_kth = np.zeros((len(self.topk_ks), self.n_gallery))
         self.topk_distance = np.zeros((len(self.topk_ks), self.n_gallery))
         self.column_mean = np.zeros(self.n_gallery)
@@ -352,7 +352,7 @@ def derive_items(acc, columns, top: bool = True) -> None:
     records) from its item_top and sums: the one place a probe and an update compute them."""
     if top and acc.item_top.shape[1] and acc.topk_ks:
         ordered = acc.item_top[columns]  # descending already
-        acc.topk_mean[:, columns] = top_means(ordered, acc.topk_ks)
+        acc.largest_means[:, columns] = top_means(ordered, acc.topk_ks)
         acc.topk_kth[:, columns] = top_kths(ordered, acc.topk_ks)
         acc.topk_distance[:, columns] = top_distance_means(ordered, acc.topk_ks)
     acc.column_mean[columns] = acc.item_score_sum[columns] / acc.n_rows

@@ -43,7 +43,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from qbnorm_cli.core.probestats import ITEM_FIELDS, item_record
+from qbnorm_cli import methods
+from qbnorm_cli.core.probestats import BY_NAME, ITEM_FIELDS, item_record
 from qbnorm_cli.core.sinkhorn import SinkhornResult
 from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurrence
 from qbnorm_cli.errors import UsageError, param
@@ -98,7 +99,7 @@ def statistics(bank: BankAccumulator, gallery_bank: BankAccumulator | None, k: i
     fingerprints are added by whoever read the rows); the sorted bank scores, when kept, are added
     by whoever collected them."""
     ks = {"ks": np.asarray(bank.topk_ks, dtype=np.int64)}
-    out = {"/topk_mean": Stored(bank.topk_mean, ks), "/column_mean": Stored(bank.column_mean),
+    out = {"/topk_mean": Stored(bank.largest_means, ks), "/column_mean": Stored(bank.column_mean),
            "/topk_kth": Stored(bank.topk_kth, ks), "/topk_distance": Stored(bank.topk_distance, ks)}
     if bank.column_std is not None:
         out["/column_std"] = Stored(bank.column_std)
@@ -259,7 +260,10 @@ class Probe:
         if not self._has(name):
             raise UsageError(f"{self.label}: the probe has no {what}; probe again with {option}")
 
-    def _pick(self, name: str, attr: str, value: float, option: str, probe_option: str) -> np.ndarray:
+    def _pick(self, name: str, value: float) -> np.ndarray:
+        """The row of record `name` for `value` of the parameter that picks it (its β, its K)."""
+        parameter, attr = methods.picking(name), BY_NAME[name].key
+        option, probe_option = parameter.name, parameter.many
         if name.startswith("/gallery_"):  # statistics of a gallery bank: none without one
             self._need(name, "gallery bank", GALLERY_BANK_HINT)
         self._need(name, probe_option.replace("_", " "), param(probe_option))
@@ -275,21 +279,21 @@ class Probe:
         return [float(v) for v in self._attr(name, "betas")] if self._has(name) else []
 
     def log_norm(self, beta: float) -> np.ndarray:
-        return self._pick("/log_norm", "betas", beta, "beta", "betas")
+        return self._pick("/log_norm", beta)
 
     def gallery_log_norm(self, beta: float) -> np.ndarray:
-        return self._pick("/gallery_log_norm", "betas", beta, "gallery_beta", "gallery_betas")
+        return self._pick("/gallery_log_norm", beta)
 
     def topk_mean(self, k: int) -> np.ndarray:
-        return self._pick("/topk_mean", "ks", k, "topk_mean", "topk_means")
+        return self._pick("/topk_mean", k)
 
     def topk_kth(self, k: int) -> np.ndarray:
         """The K-th largest bank score of each item (Local Scaling)."""
-        return self._pick("/topk_kth", "ks", k, "topk_mean", "topk_means")
+        return self._pick("/topk_kth", k)
 
     def topk_distance(self, k: int) -> np.ndarray:
         """The mean cosine distance √(2 − 2s) of each item to its K nearest bank queries (NICDM)."""
-        return self._pick("/topk_distance", "ks", k, "topk_mean", "topk_means")
+        return self._pick("/topk_distance", k)
 
     def column_std(self) -> np.ndarray:
         """std_i P[i, j], the spread of each item's bank scores (Mutual Proximity)."""
@@ -301,9 +305,10 @@ class Probe:
     def centroid_distance(self, k: int) -> np.ndarray:
         """‖g_j − c_k(g_j)‖², c_k(g_j) the centroid of the k bank queries nearest g_j (DisSimLocal)."""
         if not self._has("/centroid_distance"):
+            option = param(methods.picking("/centroid_distance").name)
             raise UsageError(f"{self.label}: the probe has no bank-centroid distances; probe again with "
-                             f"{param('methods')} dsl {param('topk_mean')} {k} (from bank and gallery embeddings)")
-        return self._pick("/centroid_distance", "ks", k, "topk_mean", "topk_means")
+                             f"{param('methods')} dsl {option} {k} (from bank and gallery embeddings)")
+        return self._pick("/centroid_distance", k)
 
     def gallery_moments(self) -> tuple[np.ndarray, np.ndarray]:
         """(ḡ, M): the gallery's mean vector and second-moment matrix (Mutual Proximity's μ_q, σ_q)."""
@@ -400,7 +405,7 @@ class Probe:
             raise UsageError(f"{self.label}: the probe has no gallery bank; probe again with {GALLERY_BANK_HINT}")
         if len(have) != 1:
             raise UsageError(f"{self.label} has gallery betas {', '.join(f'{b:g}' for b in have)}; choose one with "
-                             f"{param('gallery_beta')}")
+                             f"{param(methods.picking('/gallery_log_norm').name)}")
         return have[0]
 
     # --- writing -------------------------------------------------------------------------------

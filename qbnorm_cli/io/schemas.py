@@ -65,13 +65,8 @@ def _params_agree(layout: Layout, key: str, dataset: str, attr: str) -> None:
 
 
 def _probe_relations(layout: Layout) -> None:
-    _params_agree(layout, "betas", "/log_norm", "betas")
-    _params_agree(layout, "topk_mean", "/topk_mean", "ks")
-    for name in ("/topk_kth", "/topk_distance"):
-        if name in layout.data_attrs:
-            _params_agree(layout, "topk_mean", name, "ks")
-    if "/gallery_log_norm" in layout.data_attrs:
-        _params_agree(layout, "gallery_betas", "/gallery_log_norm", "betas")
+    for name in ("/log_norm", "/topk_mean", "/topk_kth", "/topk_distance", "/gallery_log_norm"):
+        _params_agree(layout, methods.picking(name).params_key, name, probestats.BY_NAME[name].key)
     k = layout.params.get("k")
     for name in ("/activation_count", "/gallery_activation_count"):
         count_k = layout.data_attrs.get(name, {}).get("k")

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
+import numpy as np
+
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.errors import QbnormWarning, UsageError, param
@@ -162,6 +164,54 @@ def method_defaults(name: str) -> tuple:
 def default_topk_means() -> tuple[int, ...]:
     """The K of every method's default mean-of-top-K statistic (what probe computes by default)."""
     return tuple(int(v) for v in method_defaults("topk_mean"))
+
+
+def by_keyword(keyword: str) -> Parameter:
+    """The parameter a library keyword of probe stands for (its `many`, else its name)."""
+    return next(p for p in PARAMETERS.values() if (p.many or p.name) == keyword)
+
+
+def picking(record: str) -> Parameter:
+    """The parameter whose values pick the rows of a probe record (its K, its β)."""
+    return next(p for p in PARAMETERS.values() if record in p.picks)
+
+
+def checked_values(keyword: str, values) -> list:
+    """Each of a probe keyword's values, checked by its parameter's declaration."""
+    parameter = by_keyword(keyword)
+    return [parameter.check(v) for v in np.atleast_1d(values)]
+
+
+@dataclass(frozen=True)
+class MethodNeeds:
+    """What `probe(methods=…)` adds for the named methods (their Needs, at their defaults)."""
+
+    methods: tuple
+    topk_means: tuple[int, ...]
+    keep_sorted: bool
+    column_std: bool
+    centroid_ks: tuple[int, ...]
+    gallery_moments: bool
+
+
+def method_needs(names, topk_means) -> MethodNeeds | None:
+    """The statistics the named methods need, each at its default parameters and at every given K."""
+    if names is None:
+        return None
+    chosen = [get(name) for name in ([names] if isinstance(names, str) else names)]
+    given_ks = checked_values("topk_means", topk_means) if topk_means is not None else []
+    settings_ = []
+    for method in chosen:
+        values = {name: method.default(name) for name in method.parameters}
+        if "topk_mean" in method.parameters and given_ks:
+            settings_ += [(method, {**values, "topk_mean": v}) for v in given_ks]
+        else:
+            settings_.append((method, values))
+    needs = [(m.needs_for(v), v) for m, v in settings_]
+    return MethodNeeds(
+        tuple(chosen), tuple(sorted({v["topk_mean"] for n, v in needs if v.get("topk_mean") is not None})),
+        any(n.sorted_bank for n, _ in needs), any(n.column_std for n, _ in needs),
+        tuple(sorted({v["topk_mean"] for n, v in needs if n.centroid})), any(n.gallery_moments for n, _ in needs))
 
 
 def probed_default(parameter: Parameter) -> str:

@@ -64,6 +64,8 @@ class Parameter:
     bank: str = ""                       # a scale: whose scores it scales ("": the bank's, "gallery_": …)
     probed: str = ""                     # what probe precomputes for it (probe's option; repeatable with `many`)
     probe_default: float | None = None   # probe's value when none is given (None: the default, or each method's)
+    recorded: str = ""                   # the key of probe's values in a probe file's params (the name when empty)
+    picks: tuple[str, ...] = ()          # the probe records whose rows its values pick
 
     @property
     def upper(self) -> float | int | None:
@@ -86,6 +88,11 @@ class Parameter:
     def shown_value(self) -> str:
         """How the option's value is shown in help: the metavar, or a word's choices."""
         return self.metavar or "|".join(self.choices)
+
+    @property
+    def params_key(self) -> str:
+        """The key of probe's values for it in a probe file's params."""
+        return self.recorded or self.name
 
     @property
     def option(self) -> str:
@@ -147,15 +154,16 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("beta", float, "inverse temperature β of the inverted softmax, β₁ of the dual methods",
               minimum=0, exclusive=True, maximum=MAX_SCALE, symbol="β", unset="the probe's", grid=BETA_GRID,
               scaled=True, many="betas", probed="inverted-softmax temperature(s) to precompute, the default for "
-              "cosine scores", probe_default=DEFAULT_BETA),
+              "cosine scores", probe_default=DEFAULT_BETA, recorded="betas", picks=("/log_norm",)),
     Parameter("k", int, "activation set: items in the top-k of a bank query", default=1, minimum=1,
               probed="top-k of each bank query that forms the DIS activation set"),
     Parameter("gallery_beta", float, "β₂ of the gallery bank, for the dual methods", minimum=0, exclusive=True,
               maximum=MAX_SCALE, symbol="β₂", unset="the probe's", grid=GALLERY_BETA_GRID, scaled=True,
               many="gallery_betas", bank="gallery_", probed="β₂ value(s) for the gallery bank",
-              probe_default=DEFAULT_GALLERY_BETA),
+              probe_default=DEFAULT_GALLERY_BETA, recorded="gallery_betas", picks=("/gallery_log_norm",)),
     Parameter("topk_mean", int, "K of the mean-of-top-K bank scores", minimum=1, symbol="K", metavar="K",
-              unset="the method's", many="topk_means", probed="K for mean-of-top-K statistics"),
+              unset="the method's", many="topk_means", probed="K for mean-of-top-K statistics",
+              picks=("/topk_mean", "/topk_kth", "/topk_distance", "/centroid_distance")),
     Parameter("alpha", float, "weight α of the gallery offset", default=0.75, minimum=-MAX_WEIGHT,
               maximum=MAX_WEIGHT, symbol="α"),
 )}
