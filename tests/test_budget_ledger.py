@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qbnorm_cli.core.normalisers import Normaliser
+from qbnorm_cli.core.statistics import BankAccumulator
 from qbnorm_cli.io.specs import as_input
 from qbnorm_cli.streaming import engine, ranking
 from qbnorm_cli.streaming.budget import Budget, Ledger, aligned
@@ -77,6 +78,49 @@ def test_dense_plans_fit_and_keep_the_blocks_that_fitted(memory, n_queries, n_ga
     one_row_each = held_bytes(scores) + scores.col_bytes() + row_state + width * 48
     if one_row_each <= memory // 2:  # not a budget too small for one row of every block
         assert dense_bytes(scores, plan) <= memory
+
+
+def probe_banks(budget: Budget, n_bank: int, n_gallery_bank: int, n_gallery: int):
+    """A probe's banks: the bank and a gallery bank against one gallery, each input held when it
+    fits its quarter (three quarters in all)."""
+    rng = np.random.default_rng(7)
+    gallery = Embeddings(as_input(rng.standard_normal((n_gallery, DIM)).astype(np.float32), "gallery"), "dot", budget)
+    banks = []
+    for n, name in ((n_bank, "bank"), (n_gallery_bank, "gallery_bank")):
+        rows = Embeddings(as_input(rng.standard_normal((n, DIM)).astype(np.float32), name), "dot", budget)
+        banks.append((EmbeddingScores(rows, gallery), BankAccumulator(n, n_gallery, np.array([20.0]), 10, (10,))))
+    return banks
+
+
+def probe_bytes(banks, plan, budget) -> int:
+    """What a probe pass holds at once: the inputs held whole, a column block and its state, a tile."""
+    held = sum(held_bytes(scores) for scores, _ in banks) - banks[0][0].cols.held_bytes()  # the gallery once
+    col_bytes = max(scores.col_bytes() for scores, _ in banks)
+    state = 16 * (1 + 2 * 10)
+    tile = max(engine.tile_rows(plan.width, Budget(), scores.n_rows, scores.row_chunk, plan.tile_room)
+               for scores, _ in banks) * plan.width * engine.TILE_BYTES_PER_SCORE
+    return held + plan.width * (col_bytes + state) + tile
+
+
+def test_a_probe_pass_with_three_held_inputs_fits():
+    """Bank, gallery bank and gallery each held in their quarter (0.72 of the budget), then a
+    column block and tiles at their quarters: 1.2 × the budget before the ledger; within it now."""
+    budget = Budget(memory=2_000_000)
+    banks = probe_banks(budget, 1900, 1900, 1900)
+    assert all(held_bytes(scores) for scores, _ in banks)
+    plan = engine.probe_plan(banks, 1900, budget)
+    assert probe_bytes(banks, plan, budget) <= budget.memory
+
+
+@pytest.mark.parametrize("memory", [1 << 20, 5 << 20, 1 << 30])
+def test_probe_tiles_keep_their_quarter_where_it_fits(memory):
+    """Where the shares fit, the tiles are those of the fixed quarter: the statistics' bits too."""
+    budget = Budget(memory=memory)
+    banks = probe_banks(budget, 300, 200, 500)
+    plan = engine.probe_plan(banks, 500, budget)
+    for scores, _ in banks:
+        assert engine.tile_rows(plan.width, budget, scores.n_rows, scores.row_chunk, plan.tile_room) == \
+            engine.tile_rows(plan.width, budget, scores.n_rows, scores.row_chunk)
 
 
 def ranking_bytes(scores, plan, workers: int) -> int:

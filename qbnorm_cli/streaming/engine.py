@@ -50,13 +50,27 @@ def tile_rows(width: int, budget: Budget, total: int, align: int | None = None, 
     return min(rows, aligned(max(1, TILE_TARGET_BYTES // (4 * max(width, 1))), align))
 
 
-def probe_width(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget) -> int:
-    """Gallery columns per block of a probe pass: every block but the last is this wide."""
+@dataclass(frozen=True)
+class ProbePlan:
+    """A probe pass's geometry, from one ledger of the budget after what the scores hold: gallery
+    columns per block (every block but the last), and the bytes the product tiles may use."""
+
+    width: int
+    tile_room: float
+
+
+def probe_plan(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget) -> ProbePlan:
+    """The column blocks, then the tiles, each within its share of what the held inputs leave: where
+    the shares fit, the blocks and tiles (and so the statistics' bits) are those of fixed shares."""
+    ledger = budget.ledger(held=sum(held_bytes(scores) for scores, _ in banks))
     col_bytes = max(scores.col_bytes() for scores, _ in banks)
     state = max(16 * (len(acc.betas) + 2 * max(acc.topk_ks, default=0)) + (4 * acc.n_rows if acc.keep_sorted else 0)
                 for _, acc in banks)
     col_chunk = banks[0][0].col_chunk
-    width = column_block_width(n_gallery, col_bytes, state, budget, align=col_chunk)
+    # the block is charged below, at the width kept; it leaves the tiles at least half of what the
+    # held inputs left (with both shares: a quarter each where half the budget is left)
+    sizing = budget.ledger(ledger.charged + ledger.room(1.0) / 2)
+    width = column_block_width(n_gallery, col_bytes, state, sizing, align=col_chunk)
     if budget.block_rows is None and all(getattr(scores, "sub_columns", False) for scores, _ in banks):
         # A product tile is as wide as the block: keep blocks cache-sized (the column statistics
         # of a block are complete after one pass over the bank, so narrow blocks cost nothing).
@@ -64,18 +78,21 @@ def probe_width(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int
         # per 512 columns would cost more than its product.
         rows = max(scores.n_rows for scores, _ in banks)
         width = aligned(min(width, max(PROBE_COLUMNS, TILE_TARGET_BYTES // (4 * max(rows, 1)))), col_chunk)
-    return width
+    ledger.charge(width * (col_bytes + state))
+    return ProbePlan(width, ledger.room(TILE_SHARE))
 
 
 def probe_block(banks: list[tuple[ScoreSource, BankAccumulator]], c0: int, c1: int, budget: Budget,
                 on_sorted: Callable[[int, int, int, np.ndarray], None] | None = None,
-                progress: Callable[[int], None] | None = None, chunks=parallel.start_row_chunks) -> None:
+                progress: Callable[[int], None] | None = None, chunks=parallel.start_row_chunks,
+                tile_room: float | None = None) -> None:
     """Gallery columns c0:c1 against every bank, folded into its accumulator: the bank's row
-    tiles in order, each tile's exponentials in `chunks` (parallel.start_row_chunks)."""
+    tiles (within `tile_room` bytes: the plan's) in order, each tile's exponentials in `chunks`
+    (parallel.start_row_chunks)."""
     for number, (scores, acc) in enumerate(banks):
         scores.column_block(c0, c1)
         acc.start_block(c0, c1)
-        for r0, r1 in spans(scores.n_rows, tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk)):
+        for r0, r1 in spans(scores.n_rows, tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk, tile_room)):
             acc.update(r0, scores.tile(r0, r1), chunks=chunks)
             if progress:
                 progress((r1 - r0) * (c1 - c0))
@@ -87,7 +104,7 @@ def probe_block(banks: list[tuple[ScoreSource, BankAccumulator]], c0: int, c1: i
 def run_probe(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget,
               on_sorted: Callable[[int, int, int, np.ndarray], None] | None = None,
               progress: Callable[[int], None] | None = None) -> None:
-    """One pass over the gallery's column blocks (`probe_width` wide), every bank folded into its
+    """One pass over the gallery's column blocks (`probe_plan`'s width), every bank folded into its
     accumulator (`probe_block`).
 
     `on_sorted(bank_number, c0, c1, sorted_block)` receives each block's sorted scores when an
@@ -96,8 +113,9 @@ def run_probe(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, 
     Cost: O(bank × gallery × d) for embeddings (one matrix product), plus one float64 exp per
     score and β; the column statistics are O(gallery), the block state O(block width).
     """
-    for c0, c1 in spans(n_gallery, probe_width(banks, n_gallery, budget)):
-        probe_block(banks, c0, c1, budget, on_sorted, progress)
+    plan = probe_plan(banks, n_gallery, budget)
+    for c0, c1 in spans(n_gallery, plan.width):
+        probe_block(banks, c0, c1, budget, on_sorted, progress, tile_room=plan.tile_room)
 
 
 def query_rows(scores: ScoreSource, norm: Normaliser):

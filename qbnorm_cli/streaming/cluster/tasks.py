@@ -4,7 +4,7 @@ local results to the bit (docs/distributed.md); the session (session.py) runs th
 
 The tasks run the local kernels on the local path's own partition, cut into groups of whole units:
 
-  probe      whole gallery column blocks (engine.probe_width wide): engine.probe_block on each,
+  probe      whole gallery column blocks (engine.probe_plan's width): engine.probe_block on each,
              for every bank, exactly as the local pass; back come the blocks' per-item statistics
              (core/probestats' fields, placed at their columns) and each bank row's best items
              among the task's columns, which the client merges in column order.
@@ -176,7 +176,7 @@ def _probe_task(spec: dict, recipes: list, window: tuple[int, int]) -> dict:
         with held(recipe, budget) as scores:
             columns = _Columns(scores, c0, c1)
             for a, b in spans(c1 - c0, spec["width"]):
-                engine.probe_block([(columns, acc)], a, b, budget, on_sorted=on_sorted)
+                engine.probe_block([(columns, acc)], a, b, budget, on_sorted=on_sorted, tile_room=spec["tile_room"])
         values, indices = acc.neighbors.values, acc.neighbors.indices
         out["banks"].append({  # float32 scores: exact
             "columns": acc.column_parts(), "values": values.astype(np.float32), "indices": indices.astype(np.int32)})
@@ -186,11 +186,12 @@ def _probe_task(spec: dict, recipes: list, window: tuple[int, int]) -> dict:
 def run_probe(session: Session, banks: list[tuple[object, BankAccumulator]], n_gallery: int, budget: Budget,
               on_sorted=None, progress=None) -> None:
     """engine.run_probe on the cluster: the same accumulators filled with the same values."""
-    width = engine.probe_width(banks, n_gallery, budget)
+    plan = engine.probe_plan(banks, n_gallery, budget)
+    width = plan.width
     blocks = list(spans(n_gallery, width))
     shared_data: dict = {}
     recipes = [_recipe(session, scores, shared_data) for scores, _ in banks]
-    spec = {"budget": budget, "width": width,
+    spec = {"budget": budget, "width": width, "tile_room": plan.tile_room,
             "banks": [{"n_rows": acc.n_rows, "betas": acc.betas.tolist(), "kmax": acc.kmax,
                        "topk_ks": list(acc.topk_ks), "keep_sorted": acc.keep_sorted,
                        "column_moments": acc.column_moments, "neighbor_k": acc.neighbor_k} for _, acc in banks]}
