@@ -97,7 +97,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         raw_gallery = _rows(gallery_in, n_gallery, label, "gallery items")
         removed = _removals(remove_gallery, n_gallery)
         kept = np.setdiff1d(np.arange(n_gallery), removed)
-        _check_rows(gallery_in, raw_gallery, old.record("/gallery_fingerprint"), kept, label)
+        _check_rows(gallery_in, raw_gallery, old.record("/gallery_row_hash"), kept, label)
         inputs = [gallery_in]
         added = np.zeros((0, raw_gallery.shape[1]), dtype=np.float32)
         if add_gallery is not None:
@@ -117,7 +117,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             given_in = embeddings(given, role)
             raw = _rows(given_in, n_rows, label, "bank queries" if role == "bank" else "gallery-bank items",
                         dim=raw_gallery.shape[1], dim_of=gallery_in.label)
-            _check_rows(given_in, raw, old.record(f"/{role}_fingerprint"), np.arange(n_rows), label)
+            _check_rows(given_in, raw, old.record(f"/{role}_row_hash"), np.arange(n_rows), label)
             inputs.insert(0 if role == "bank" else len(inputs), given_in)
             new = np.zeros((0, raw.shape[1]), dtype=np.float32)
             if more is not None:
@@ -201,10 +201,10 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             if centroid_k:  # recomputed from each item's merged nearest bank rows: O(G · K · d)
                 datasets.update(centroid_statistics(EmbeddingScores(accs["bank"][2], final_emb),
                                                     query_acc.column_topk_index, centroid_ks))
-            datasets["/gallery_fingerprint"] = Stored(np.concatenate([old.record("/gallery_fingerprint")[kept],
+            datasets["/gallery_row_hash"] = Stored(np.concatenate([old.record("/gallery_row_hash")[kept],
                                                                       fingerprints(final_gallery[n_kept:])]))
             for role, (rows, n_old) in final_banks.items():
-                datasets[f"/{role}_fingerprint"] = Stored(np.concatenate([old.record(f"/{role}_fingerprint"),
+                datasets[f"/{role}_row_hash"] = Stored(np.concatenate([old.record(f"/{role}_row_hash"),
                                                                           fingerprints(rows[n_old:])]))
             if old.has("/gallery_mean"):
                 mean, moment = _moments(old, emb(raw_gallery[removed], "gallery"), new_emb, n_final)
