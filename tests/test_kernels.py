@@ -219,6 +219,22 @@ def test_cosine_rows_checked_by_their_norms(value, dtype):
         Embeddings(mem(bad), "cosine", Budget(block_rows=4), eager=False).block(4, 8)
 
 
+def test_cosine_norms_in_pieces_are_the_whole_matrix_norms():
+    """The norms are taken a piece of rows at a time (no matrix-sized temporaries): each row's is its
+    own, so the rows equal those normalised at once, bit for bit; a part given the rows held by
+    another Embeddings (an update's kept and new items) serves them without reading again."""
+    from qbnorm_cli.streaming.sources import NORM_PIECE
+
+    rng = np.random.default_rng(8)
+    rows = rng.normal(size=(3 * NORM_PIECE // (4 * 33) + 5, 33)).astype(np.float32)
+    loaded = Embeddings(mem(rows), "cosine", Budget())
+    whole = loaded.rows_of(slice(0, rows.shape[0]))
+    np.testing.assert_array_equal(whole, rows / np.linalg.norm(rows, axis=1, keepdims=True))
+    part = Embeddings(mem(rows[10:20]), "cosine", Budget(), held=loaded.rows_of(slice(10, 20)))
+    assert np.shares_memory(part.block(0, 10), whole)
+    np.testing.assert_array_equal(part.block(0, 10), whole[10:20])
+
+
 @pytest.mark.parametrize("budget_name", ["rows3", "mem400", "mem1g"])
 def test_cosine_embeddings_match_reference(budget_name):
     """Cosine: rows L2-normalised; float32 products, so a float32-level tolerance."""

@@ -94,19 +94,18 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         n_gallery = old.n_gallery
 
         gallery_in = embeddings(gallery, "gallery")
-        raw_gallery = _rows(gallery_in, n_gallery, label, "gallery items")
+        _check_size(gallery_in, n_gallery, label, "gallery items")
         removed = _removals(remove_gallery, n_gallery)
         kept = np.setdiff1d(np.arange(n_gallery), removed)
-        _check_rows(gallery_in, raw_gallery, old.record("/gallery_row_hash"), kept, label)
         inputs = [gallery_in]
-        added = np.zeros((0, raw_gallery.shape[1]), dtype=np.float32)
+        added = np.zeros((0, gallery_in.cols), dtype=np.float32)
         if add_gallery is not None:
             add_in = embeddings(add_gallery, "add_gallery")
-            added = _rows(add_in, None, label, None, dim=raw_gallery.shape[1], dim_of=gallery_in.label)
+            added = _rows(add_in, gallery_in.cols, gallery_in.label)
             inputs.append(add_in)
-        final_gallery = np.concatenate([raw_gallery[kept], added])
-        if final_gallery.shape[0] == 0:
+        if kept.size + added.shape[0] == 0:
             raise UsageError(f"{param('remove_gallery')} removes every item of the gallery and nothing is added")
+        final_gallery, removed_rows = _checked_rows(gallery_in, old.record("/gallery_row_hash"), kept, added, label)
         n_kept, n_final = kept.size, final_gallery.shape[0]
 
         sides = [("bank", bank, add_bank, old.n_bank)]
@@ -115,25 +114,31 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         final_banks = {}
         for role, given, more, n_rows in sides:
             given_in = embeddings(given, role)
-            raw = _rows(given_in, n_rows, label, "bank queries" if role == "bank" else "gallery-bank items",
-                        dim=raw_gallery.shape[1], dim_of=gallery_in.label)
-            _check_rows(given_in, raw, old.record(f"/{role}_row_hash"), np.arange(n_rows), label)
+            _check_size(given_in, n_rows, label, "bank queries" if role == "bank" else "gallery-bank items",
+                        dim=gallery_in.cols, dim_of=gallery_in.label)
             inputs.insert(0 if role == "bank" else len(inputs), given_in)
-            new = np.zeros((0, raw.shape[1]), dtype=np.float32)
+            new = np.zeros((0, gallery_in.cols), dtype=np.float32)
             if more is not None:
                 more_in = embeddings(more, f"add_{role}")
-                new = _rows(more_in, None, label, None, dim=raw.shape[1], dim_of=given_in.label)
+                new = _rows(more_in, gallery_in.cols, given_in.label)
                 inputs.append(more_in)
-            final_banks[role] = (np.concatenate([raw, new]), n_rows)
+            rows, _ = _checked_rows(given_in, old.record(f"/{role}_row_hash"), np.arange(n_rows), new, label)
+            final_banks[role] = (rows, n_rows)
 
         eager = cluster is None
 
-        def emb(array, name):  # None for no rows (an input is never empty)
-            return Embeddings(as_input(array, name), similarity, budget, eager=eager) if len(array) else None
+        def whole(array, name):
+            return Embeddings(as_input(array, name), similarity, budget, eager=eager)
 
-        kept_emb, new_emb = emb(final_gallery[:n_kept], "gallery"), emb(final_gallery[n_kept:], "add_gallery")
-        # the whole final gallery: read only by recounts, the centroid distances and sinkhorn
-        final_emb = Embeddings(as_input(final_gallery, "gallery"), similarity, budget, eager=False)
+        def part(of, array, r0, r1, name):  # rows r0:r1 of `of` (None for none: an input is never empty)
+            held = of.rows_of(slice(r0, r1)) if eager and of.held else None
+            return Embeddings(as_input(array[r0:r1], name), similarity, budget, eager=eager, held=held) \
+                if r1 > r0 else None
+
+        # the whole final gallery: read and normalised once, its kept and new items its parts
+        final_emb = whole(final_gallery, "gallery")
+        kept_emb = part(final_emb, final_gallery, 0, n_kept, "gallery")
+        new_emb = part(final_emb, final_gallery, n_kept, n_final, "add_gallery")
         betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
                  "gallery_bank": np.asarray(params.get("gallery_betas") or [], dtype=np.float64)}
         kmax, k = int(params["kmax"]), int(params["k"])
@@ -181,7 +186,8 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                 make = lambda n, g, role=role, is_bank=is_bank: BankAccumulator(
                     n, g, betas[role], kmax, ks if is_bank else (), keep_sorted and is_bank,
                     column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0)
-                all_rows, new_rows = emb(rows, role), emb(rows[n_old:], f"add_{role}")
+                all_rows = whole(rows, role)
+                new_rows = part(all_rows, rows, n_old, rows.shape[0], f"add_{role}")
                 a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
                 c = make(rows.shape[0] - n_old, n_kept)      # the new rows × the kept items
                 if new_emb is not None:
@@ -202,12 +208,13 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                 datasets.update(centroid_statistics(EmbeddingScores(accs["bank"][2], final_emb),
                                                     query_acc.column_topk_index, centroid_ks))
             datasets["/gallery_row_hash"] = Stored(np.concatenate([old.record("/gallery_row_hash")[kept],
-                                                                      fingerprints(final_gallery[n_kept:])]))
+                                                                   fingerprints(final_gallery[n_kept:])]))
             for role, (rows, n_old) in final_banks.items():
                 datasets[f"/{role}_row_hash"] = Stored(np.concatenate([old.record(f"/{role}_row_hash"),
                                                                           fingerprints(rows[n_old:])]))
             if old.has("/gallery_mean"):
-                mean, moment = _moments(old, emb(raw_gallery[removed], "gallery"), new_emb, n_final)
+                mean, moment = _moments(old, whole(removed_rows, "gallery") if removed.size else None, new_emb,
+                                        n_final)
                 datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
             if keep_sorted:
                 _sorted_bank(old, kept, sorted_parts, n_kept, sink)
@@ -244,24 +251,46 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
     return result
 
 
-def _rows(item, expected: int | None, label: str, what: str | None, dim: int | None = None,
-          dim_of: str | None = None) -> np.ndarray:
-    """All rows of an input as float32 (as read: the Embeddings normalise them as a probe does)."""
-    if expected is not None and item.rows != expected:
+def _check_size(item, expected: int, label: str, what: str, dim: int | None = None,
+                dim_of: str | None = None) -> None:
+    """Refuse an input of other rows or dimension than the probe's."""
+    if item.rows != expected:
         raise DataError(f"{item.label} has {item.rows} rows but {label} was made with {expected} {what}")
     if dim is not None and item.cols != dim:
         raise DataError(f"{item.label} has dimension {item.cols} but {dim_of} has {dim}")
-    return np.concatenate([item.read(r0, min(r0 + GALLERY_BLOCK, item.rows))
-                           for r0 in range(0, item.rows, GALLERY_BLOCK)] or [np.zeros((0, item.cols), np.float32)])
 
 
-def _check_rows(item, raw: np.ndarray, recorded: np.ndarray, rows: np.ndarray, label: str) -> None:
-    """Refuse an input whose rows (those kept) are not the rows the probe measured."""
-    differ = np.flatnonzero(fingerprints(raw[rows]) != recorded[rows])
+def _rows(item, dim: int, dim_of: str) -> np.ndarray:
+    """All rows of an added input as float32 (as read: the Embeddings normalise them as a probe does)."""
+    if item.cols != dim:
+        raise DataError(f"{item.label} has dimension {item.cols} but {dim_of} has {dim}")
+    return item.read(0, item.rows)
+
+
+def _checked_rows(item, recorded: np.ndarray, kept: np.ndarray, added: np.ndarray,
+                  label: str) -> tuple[np.ndarray, np.ndarray]:
+    """The kept rows of an input followed by `added`, in one array (the final rows: read once, no
+    concatenation), and the rows not kept. Refuses an input whose kept rows are not the rows the
+    probe measured (their hashes, core/probestats.fingerprints, differ from those recorded)."""
+    out = np.empty((kept.size + added.shape[0], item.cols), dtype=np.float32)
+    keep = np.zeros(item.rows, dtype=bool)
+    keep[kept] = True
+    dropped, differ, at = [], [], 0
+    for r0 in range(0, item.rows, GALLERY_BLOCK):
+        r1 = min(r0 + GALLERY_BLOCK, item.rows)
+        block, mask = item.read(r0, r1), keep[r0:r1]
+        rows = block if mask.all() else block[mask]
+        numbers = r0 + np.flatnonzero(mask)
+        differ.append(numbers[fingerprints(rows) != recorded[numbers]])
+        out[at:at + rows.shape[0]] = rows
+        at += rows.shape[0]
+        dropped.append(block[~mask])
+    differ = np.concatenate(differ)
     if differ.size:
-        row = int(rows[differ[0]])
-        raise DataError(f"{item.label}: row {row} is not the row {label} was made with (its fingerprint differs; "
-                        f"{differ.size} rows differ): update against the inputs of that probe")
+        raise DataError(f"{item.label}: row {int(differ[0])} is not the row {label} was made with (its fingerprint "
+                        f"differs; {differ.size} rows differ): update against the inputs of that probe")
+    out[at:] = added
+    return out, np.concatenate(dropped)
 
 
 def _removals(remove, n_gallery: int) -> np.ndarray:
