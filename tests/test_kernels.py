@@ -219,6 +219,22 @@ def test_cosine_rows_checked_by_their_norms(value, dtype):
         Embeddings(mem(bad), "cosine", Budget(block_rows=4), eager=False).block(4, 8)
 
 
+@pytest.mark.parametrize("rows", [5, 40, 300])
+def test_column_top_k_above_a_floor(rows):
+    """With a floor, a column keeps the K largest of its values above it (−inf pads): those of the K
+    largest of all values that are above the floor (an update's new bank rows against an item's
+    old K-th largest score)."""
+    rng = np.random.default_rng(rows)
+    tile = rng.integers(-20, 20, size=(rows, 7)).astype(np.float32)
+    floor = rng.integers(-5, 25, size=7).astype(np.float64)
+    want = -np.sort(-tile.T.astype(np.float64), axis=1)[:, :4]
+    want[want <= floor[:, None]] = -np.inf
+    top = stats.ColumnTopK(7, 4, floor)
+    for r0 in range(0, rows, 16):
+        top.update(tile[r0:r0 + 16])
+    np.testing.assert_array_equal(top.descending(), want)
+
+
 def test_cosine_norms_in_pieces_are_the_whole_matrix_norms():
     """The norms are taken a piece of rows at a time (no matrix-sized temporaries): each row's is its
     own, so the rows equal those normalised at once, bit for bit; a part given the rows held by

@@ -181,15 +181,23 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                         clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
 
             passes_new_items, passes_new_rows = [], []
+            keep = slice(None) if n_kept == n_gallery else kept
+            records = {role: _old_records(old, role, keep) for role in final_banks}
             for role, (rows, n_old) in final_banks.items():
                 is_bank = role == "bank"
-                make = lambda n, g, role=role, is_bank=is_bank: BankAccumulator(
+                make = lambda n, g, floor=None, role=role, is_bank=is_bank: BankAccumulator(
                     n, g, betas[role], kmax, ks if is_bank else (), keep_sorted and is_bank,
-                    column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0)
+                    column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0, item_floor=floor)
                 all_rows = whole(rows, role)
                 new_rows = part(all_rows, rows, n_old, rows.shape[0], f"add_{role}")
                 a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
-                c = make(rows.shape[0] - n_old, n_kept)      # the new rows × the kept items
+                # the new rows × the kept items: of their scores only those above an item's old K-th
+                # largest can enter its K largest (unless K grows with the bank, or dsl's nearest rows
+                # need the scores of the new rows' best)
+                old_top = records[role]["item_top"]
+                floor = old_top[:, -1] if old_top.shape[1] == min(max(ks, default=0), rows.shape[0]) \
+                    and old_top.shape[1] and not centroid_k else None
+                c = make(rows.shape[0] - n_old, n_kept, floor)
                 if new_emb is not None:
                     passes_new_items.append((EmbeddingScores(all_rows, new_emb), a))
                 if new_rows is not None and kept_emb is not None:
@@ -198,7 +206,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             run(passes_new_items, n_final - n_kept, sorted_parts["new_items"])
             run(passes_new_rows, n_kept, sorted_parts["new_rows"])
 
-            merged = {role: _merge(old, role, a, c, kept, n_old, all_rows, final_emb, betas[role], kmax,
+            merged = {role: _merge(old, role, records[role], a, c, kept, n_old, all_rows, final_emb, betas[role], kmax,
                                    ks if role == "bank" else (), moments and role == "bank",
                                    centroid_k if role == "bank" else 0)
                       for role, (a, c, all_rows, n_old) in accs.items()}
@@ -364,30 +372,41 @@ def _lists_of(acc: BankAccumulator, rows: slice, offset: int, n_items: int):
     return idx, acc.neighbors.values[rows], (acc.neighbors.indices[rows] >= 0).sum(axis=1) == n_items
 
 
-def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: np.ndarray, n_old: int,
-           all_rows: Embeddings, final_gallery: Embeddings, betas, kmax: int, ks, moments: bool,
-           centroid_k: int) -> BankAccumulator:
-    """The final accumulator of one bank: the kept items' records merged with the new rows' (pass
-    `c`), the new items' columns from pass `a`, every row's neighbours merged (and recounted where
-    removals left fewer than kmax certain)."""
+def _old_records(old: Probe, role: str, kept: np.ndarray | slice) -> dict[str, np.ndarray]:
+    """The kept items' records of one bank (its log-normalisers and what core/probestats.py's
+    ITEM_FIELDS name), read once; `kept` a slice when nothing is removed (no copies)."""
+    prefix = "" if role == "bank" else "gallery_"
+    records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
+               else np.zeros((old.n_gallery, 0), dtype=np.float32)[kept] for field in ITEM_FIELDS}
+    if (np.diff(records["item_top"], axis=1) > 0).any():
+        raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
+                        "descending order; the file is damaged: probe again")
+    records["log_norm"] = old.record(f"/{prefix}log_norm")[:, kept]
+    return records
+
+
+def _merge(old: Probe, role: str, records: dict[str, np.ndarray], a: BankAccumulator, c: BankAccumulator,
+           kept: np.ndarray, n_old: int, all_rows: Embeddings, final_gallery: Embeddings, betas, kmax: int, ks,
+           moments: bool, centroid_k: int) -> BankAccumulator:
+    """The final accumulator of one bank: the kept items' `records` (_old_records) merged with the
+    new rows' (pass `c`), the new items' columns from pass `a`, every row's neighbours merged (and
+    recounted where removals left fewer than kmax certain)."""
     n_kept, n_new = kept.size, a.n_gallery
     n_final, n_rows = n_kept + n_new, a.n_rows
     final = BankAccumulator(n_rows, n_final, betas, kmax, ks, column_moments=moments, neighbor_k=centroid_k)
     prefix = "" if role == "bank" else "gallery_"
-    old_log_norm = old.record(f"/{prefix}log_norm")[:, kept]
-    records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
-               else np.zeros((kept.size, 0), dtype=np.float32) for field in ITEM_FIELDS}
-    if (np.diff(records["item_top"], axis=1) > 0).any():
-        raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
-                        "descending order; the file is damaged: probe again")
-    records["log_norm"] = old_log_norm
+    keep = slice(None) if n_kept == old.n_gallery else kept
     # the items whose K largest scores a new bank row enters (all when K grows with the bank): the
-    # others keep their top-K statistics
+    # others keep their top-K statistics; of the new rows' scores only those above an item's old
+    # K-th largest enter (a sort of the old K and those few, not of 2·K, per changed item)
     width = final.item_top.shape[1]
+    new_top = c.item_top
     if width > records["item_top"].shape[1]:
         changed = np.arange(n_kept)
     elif c.n_rows and width:
-        changed = np.flatnonzero(c.item_top[:, 0] > records["item_top"][:, -1])
+        entering = (c.item_top > records["item_top"][:, -1:]).sum(axis=1)
+        changed = np.flatnonzero(entering)
+        new_top = c.item_top[:, :entering.max(initial=0)]
     else:
         changed = np.zeros(0, dtype=np.int64)
     for field, values in records.items():  # each by its declared merge rule (core/probestats.py)
@@ -397,14 +416,14 @@ def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: 
         if rule == "top-k":
             if values.shape[1] == width:
                 kept_columns[...] = values
-            kept_columns[changed] = merge_top(values[changed], getattr(c, field)[changed], width)
+            kept_columns[changed] = merge_top(values[changed], new_top[changed], width)
         elif c.n_rows:
             kept_columns[...] = MERGES[rule](values, getattr(c, field))
         else:
             kept_columns[...] = values
     if ks:
         for name in ("topk_mean", "topk_kth", "topk_distance"):
-            getattr(final, name)[:, :n_kept] = old.record(f"/{name}")[:, kept]
+            getattr(final, name)[:, :n_kept] = old.record(f"/{name}")[:, keep]
     derive_items(final, slice(0, n_kept), top=False)
     derive_items(final, changed)
     if final.column_topk_index is not None:  # each kept item's nearest bank rows: old ones merged with new ones

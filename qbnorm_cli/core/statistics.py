@@ -73,13 +73,17 @@ def occurrence(neighbors: np.ndarray, k: int, n_gallery: int) -> np.ndarray:
 
 class ColumnTopK:
     """The K largest values of each column of a column block, over row tiles (a multiset of values:
-    which row a value came from does not matter, so ties need no rule)."""
+    which row a value came from does not matter, so ties need no rule). With a `floor`, only those
+    above it (an update's new bank rows: only scores above an item's old K-th largest enter its K
+    largest), at one comparison per score."""
 
-    def __init__(self, width: int, k: int) -> None:
+    def __init__(self, width: int, k: int, floor: np.ndarray | None = None) -> None:
         self.k = k
         self.values = np.full((width, k), -np.inf)  # unordered; the first `count` slots are real
         self.count = 0
         self.bound = np.full(width, -np.inf)        # the K-th largest once count == k
+        if floor is not None:  # values at or below a column's floor are never wanted: −inf pads stand for them
+            self.count, self.bound = k, np.asarray(floor, dtype=np.float64)
 
     def update(self, tile: np.ndarray) -> None:
         if tile.shape[0] == 0:
@@ -109,11 +113,13 @@ class ColumnTopK:
         if flat.size == 0:
             return
         if flat.size * 8 > tile.size:
-            # not selective (a small bank): one partition of held ∪ tile per column
-            merged = np.concatenate([self.values, tile.T.astype(np.float64)], axis=1)
+            # not selective (a small bank): one partition of held ∪ the tile's values above the
+            # bounds per column (the bounds never fall: a floor stays)
+            above = np.where(tile.T > thr[:, None], tile.T.astype(np.float64), -np.inf)
+            merged = np.concatenate([self.values, above], axis=1)
             top = np.partition(merged, merged.shape[1] - self.k, axis=1)[:, merged.shape[1] - self.k:]
             self.values[...] = top
-            self.bound = top.min(axis=1)
+            self.bound = np.maximum(self.bound, top.min(axis=1))
             return
         self._merge(tile, flat)
 
@@ -134,7 +140,7 @@ class ColumnTopK:
         pad[slot, self.k + np.arange(cols.size) - starts[slot]] = vals
         top = np.partition(pad, pad.shape[1] - self.k, axis=1)[:, pad.shape[1] - self.k:]
         self.values[target] = top
-        self.bound[target] = top.min(axis=1)
+        self.bound[target] = np.maximum(self.bound[target], top.min(axis=1))
 
     def descending(self) -> np.ndarray:
         """(width, count) the held values, largest first."""
@@ -181,6 +187,7 @@ class BankAccumulator:
     keep_sorted: bool = False
     column_moments: bool = False  # also each column's standard deviation
     neighbor_k: int = 0           # also each column's neighbor_k best bank rows
+    item_floor: np.ndarray | None = None  # item_top keeps only scores above it (−inf pads); nothing derived
     log_norm: np.ndarray = field(init=False)
     topk_mean: np.ndarray = field(init=False)
     topk_kth: np.ndarray = field(init=False)
@@ -246,7 +253,8 @@ class BankAccumulator:
         self._column_sumsq = np.zeros(width)
         self._column_best = topk.RunningTopK(width, self.neighbor_k) if self.neighbor_k else None
         kcol = min(max(self.topk_ks, default=0), self.n_rows)  # a larger K means all of them
-        self._top = ColumnTopK(width, kcol) if kcol else None
+        floor = self.item_floor[c0:c1] if self.item_floor is not None else None
+        self._top = ColumnTopK(width, kcol, floor) if kcol else None
         self._sorted = np.empty((self.n_rows, width), dtype=np.float32) if self.keep_sorted else None
 
     def update(self, r0: int, tile: np.ndarray, chunks=serial_chunks) -> None:
@@ -329,7 +337,7 @@ class BankAccumulator:
             self.item_top[c0:c1] = self._top.descending()
         self.item_score_sum[c0:c1] = self._column_sums
         self.item_score_sumsq[c0:c1] = self._column_sumsq
-        derive_items(self, slice(c0, c1))
+        derive_items(self, slice(c0, c1), top=self.item_floor is None)
         if self._column_best is not None:
             self.column_topk_index[c0:c1] = self._column_best.indices
         sorted_block = None
