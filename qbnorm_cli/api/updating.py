@@ -378,7 +378,7 @@ def _old_records(old: Probe, role: str, kept: np.ndarray | slice) -> dict[str, n
     prefix = "" if role == "bank" else "gallery_"
     records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
                else np.zeros((old.n_gallery, 0), dtype=np.float32)[kept] for field in ITEM_FIELDS}
-    if (np.diff(records["item_top"], axis=1) > 0).any():
+    if (records["item_top"][:, 1:] > records["item_top"][:, :-1]).any():
         raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
                         "descending order; the file is damaged: probe again")
     records["log_norm"] = old.record(f"/{prefix}log_norm")[:, kept]
@@ -416,7 +416,9 @@ def _merge(old: Probe, role: str, records: dict[str, np.ndarray], a: BankAccumul
         if rule == "top-k":
             if values.shape[1] == width:
                 kept_columns[...] = values
-            kept_columns[changed] = merge_top(values[changed], new_top[changed], width)
+            for p in range(0, changed.size, GALLERY_BLOCK):  # cache-sized pieces
+                part = changed[p:p + GALLERY_BLOCK]
+                kept_columns[part] = merge_top(values[part], new_top[part], width)
         elif c.n_rows:
             kept_columns[...] = MERGES[rule](values, getattr(c, field))
         else:

@@ -359,10 +359,14 @@ def derive_items(acc, columns, top: bool = True) -> None:
     columns `columns` (a slice or item numbers) of `acc` (a BankAccumulator, or an update's merged
     records) from its item_top and sums: the one place a probe and an update compute them."""
     if top and acc.item_top.shape[1] and acc.topk_ks:
-        ordered = acc.item_top[columns]  # descending already
-        acc.topk_mean[:, columns] = top_means(ordered, acc.topk_ks)
-        acc.topk_kth[:, columns] = top_kths(ordered, acc.topk_ks)
-        acc.topk_distance[:, columns] = top_distance_means(ordered, acc.topk_ks)
+        items = np.arange(acc.n_gallery)[columns] if isinstance(columns, slice) else columns
+        step = max(1, _SUB_ITEMS // acc.item_top.shape[1])
+        for p in range(0, len(items), step):  # cache-sized pieces (each item's values are its own)
+            part = items[p:p + step]
+            ordered = acc.item_top[part]  # descending already
+            acc.topk_mean[:, part] = top_means(ordered, acc.topk_ks)
+            acc.topk_kth[:, part] = top_kths(ordered, acc.topk_ks)
+            acc.topk_distance[:, part] = top_distance_means(ordered, acc.topk_ks)
     acc.column_mean[columns] = acc.item_score_sum[columns] / acc.n_rows
     if acc.column_std is not None:
         variance = acc.item_score_sumsq[columns] / acc.n_rows - acc.column_mean[columns] ** 2
