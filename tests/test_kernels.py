@@ -219,14 +219,15 @@ def test_cosine_rows_checked_by_their_norms(value, dtype):
         Embeddings(mem(bad), "cosine", Budget(block_rows=4), eager=False).block(4, 8)
 
 
-@pytest.mark.parametrize("rows", [5, 40, 300])
+@pytest.mark.parametrize("rows", [5, 40, 300, 2000])
 def test_column_top_k_above_a_floor(rows):
     """With a floor, a column keeps the K largest of its values above it (−inf pads): those of the K
     largest of all values that are above the floor (an update's new bank rows against an item's
     old K-th largest score)."""
     rng = np.random.default_rng(rows)
     tile = rng.integers(-20, 20, size=(rows, 7)).astype(np.float32)
-    floor = rng.integers(-5, 25, size=7).astype(np.float64)
+    floor = rng.integers(-5, 25, size=7).astype(np.float64)  # some columns past the fold into held values
+    floor[:3] = 19  # and some where only a few pass
     want = -np.sort(-tile.T.astype(np.float64), axis=1)[:, :4]
     want[want <= floor[:, None]] = -np.inf
     top = stats.ColumnTopK(7, 4, floor)

@@ -75,18 +75,28 @@ class ColumnTopK:
     """The K largest values of each column of a column block, over row tiles (a multiset of values:
     which row a value came from does not matter, so ties need no rule). With a `floor`, only those
     above it (an update's new bank rows: only scores above an item's old K-th largest enter its K
-    largest), at one comparison per score."""
+    largest), at one comparison per score: the few that pass are kept as (column, value) pairs
+    until they would outnumber a quarter of the held values (then merged into them)."""
 
     def __init__(self, width: int, k: int, floor: np.ndarray | None = None) -> None:
         self.k = k
         self.values = np.full((width, k), -np.inf)  # unordered; the first `count` slots are real
         self.count = 0
         self.bound = np.full(width, -np.inf)        # the K-th largest once count == k
+        self._pairs = None
         if floor is not None:  # values at or below a column's floor are never wanted: −inf pads stand for them
             self.count, self.bound = k, np.asarray(floor, dtype=np.float64)
+            self._pairs, self._paired = [], 0
 
     def update(self, tile: np.ndarray) -> None:
         if tile.shape[0] == 0:
+            return
+        if self._pairs is not None:
+            rows, cols = np.nonzero(tile > topk.float_bound(self.bound, tile.dtype, strict=True)[None, :])
+            self._pairs.append((cols, tile[rows, cols]))
+            self._paired += cols.size
+            if self._paired * 4 > self.values.size:
+                self._fold()
             return
         if self.count == 0 and tile.shape[0] >= 16 * self.k:
             # a fresh block and a tall tile: everything at or above a lower bound of each column's
@@ -126,11 +136,22 @@ class ColumnTopK:
     def _merge(self, tile: np.ndarray, flat: np.ndarray) -> None:
         """Merge the tile's entries at flat positions into the held values of their columns."""
         rows, cols = np.divmod(flat, tile.shape[1])
+        self._merge_pairs(cols, tile[rows, cols])
+
+    def _fold(self) -> None:
+        """Merge the pairs kept above the floor into the held values; from now on, merge as usual."""
+        pairs, self._pairs = self._pairs, None
+        if pairs:
+            self._merge_pairs(np.concatenate([c for c, _ in pairs]), np.concatenate([v for _, v in pairs]))
+
+    def _merge_pairs(self, cols: np.ndarray, vals: np.ndarray) -> None:
+        """Merge values into the held values of their columns."""
+        if cols.size == 0:
+            return
         # group by column: a stable sort of 16-bit keys is a radix sort (int64 would be a timsort)
-        keys = cols.astype(np.uint16) if tile.shape[1] <= 1 << 16 else cols
+        keys = cols.astype(np.uint16) if self.values.shape[0] <= 1 << 16 else cols
         order = np.argsort(keys, kind="stable")
-        cols = cols[order]
-        vals = tile[rows[order], cols].astype(np.float64)
+        cols, vals = cols[order], vals[order].astype(np.float64)
         starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
         counts = np.diff(np.r_[starts, cols.size])
         slot = np.repeat(np.arange(starts.size), counts)
@@ -144,6 +165,16 @@ class ColumnTopK:
 
     def descending(self) -> np.ndarray:
         """(width, count) the held values, largest first."""
+        if self._pairs:  # only the few above the floor: placed in their rows, not a sort of every row
+            cols, vals = (np.concatenate(part) for part in zip(*self._pairs, strict=True))
+            order = np.lexsort((-vals, cols))  # by column, largest first
+            cols, vals = cols[order], vals[order].astype(np.float64)
+            starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+            rank = np.arange(cols.size) - np.repeat(starts, np.diff(np.r_[starts, cols.size]))
+            keep = rank < self.k
+            out = np.full(self.values.shape, -np.inf)
+            out[cols[keep], rank[keep]] = vals[keep]
+            return out
         return -np.sort(-self.values[:, : self.count], axis=1)
 
 
