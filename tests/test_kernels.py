@@ -250,6 +250,12 @@ def test_cosine_norms_in_pieces_are_the_whole_matrix_norms():
     part = Embeddings(mem(rows[10:20]), "cosine", Budget(), held=loaded.rows_of(slice(10, 20)))
     assert np.shares_memory(part.block(0, 10), whole)
     np.testing.assert_array_equal(part.block(0, 10), whole[10:20])
+    scratch = rows.copy()  # in place: the same values, where the rows lie; read in blocks, never in place
+    Embeddings(mem(scratch), "cosine", Budget(block_rows=7), eager=False, in_place=True).block(0, 7)
+    np.testing.assert_array_equal(scratch, rows)
+    in_place = Embeddings(mem(scratch), "cosine", Budget(), in_place=True)
+    assert np.shares_memory(in_place.rows_of(slice(0, 3)), scratch)
+    np.testing.assert_array_equal(scratch, whole)
 
 
 @pytest.mark.parametrize("budget_name", ["rows3", "mem400", "mem1g"])

@@ -125,10 +125,16 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             rows, _ = _checked_rows(given_in, old.record(f"/{role}_row_hash"), np.arange(n_rows), new, label)
             final_banks[role] = (rows, n_rows)
 
+        # what is taken of the final rows as read, before they are normalised where they lie
+        gallery_identity = as_input(final_gallery, "gallery").identity
+        row_hashes = {"gallery": np.concatenate([old.record("/gallery_row_hash")[kept],
+                                                 fingerprints(final_gallery[n_kept:])])}
+        for role, (rows, n_old) in final_banks.items():
+            row_hashes[role] = np.concatenate([old.record(f"/{role}_row_hash"), fingerprints(rows[n_old:])])
         eager = cluster is None
 
-        def whole(array, name):
-            return Embeddings(as_input(array, name), similarity, budget, eager=eager)
+        def whole(array, name, in_place=False):
+            return Embeddings(as_input(array, name), similarity, budget, eager=eager, in_place=in_place)
 
         def part(of, array, r0, r1, name):  # rows r0:r1 of `of` (None for none: an input is never empty)
             held = of.rows_of(slice(r0, r1)) if eager and of.held else None
@@ -136,7 +142,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                 if r1 > r0 else None
 
         # the whole final gallery: read and normalised once, its kept and new items its parts
-        final_emb = whole(final_gallery, "gallery")
+        final_emb = whole(final_gallery, "gallery", in_place=True)
         kept_emb = part(final_emb, final_gallery, 0, n_kept, "gallery")
         new_emb = part(final_emb, final_gallery, n_kept, n_final, "add_gallery")
         betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
@@ -185,12 +191,15 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             records = {role: _old_records(old, role, keep) for role in final_banks}
             for role, (rows, n_old) in final_banks.items():
                 is_bank = role == "bank"
-                make = lambda n, g, floor=None, role=role, is_bank=is_bank: BankAccumulator(
+                make = lambda n, g, floor=None, rows_floor=None, role=role, is_bank=is_bank: BankAccumulator(
                     n, g, betas[role], kmax, ks if is_bank else (), keep_sorted and is_bank,
-                    column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0, item_floor=floor)
-                all_rows = whole(rows, role)
+                    column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0, item_floor=floor,
+                    row_floor=rows_floor)
+                all_rows = whole(rows, role, in_place=True)
                 new_rows = part(all_rows, rows, n_old, rows.shape[0], f"add_{role}")
-                a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
+                # every row × the new items: of an old row's, only those above the last score of its
+                # old list can enter it
+                a = make(rows.shape[0], n_final - n_kept, rows_floor=_row_floors(old, role, rows.shape[0]))
                 # the new rows × the kept items: of their scores only those above an item's old K-th
                 # largest can enter its K largest (unless K grows with the bank, or dsl's nearest rows
                 # need the scores of the new rows' best)
@@ -215,11 +224,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             if centroid_k:  # recomputed from each item's merged nearest bank rows: O(G · K · d)
                 datasets.update(centroid_statistics(EmbeddingScores(accs["bank"][2], final_emb),
                                                     query_acc.column_topk_index, centroid_ks))
-            datasets["/gallery_row_hash"] = Stored(np.concatenate([old.record("/gallery_row_hash")[kept],
-                                                                   fingerprints(final_gallery[n_kept:])]))
-            for role, (rows, n_old) in final_banks.items():
-                datasets[f"/{role}_row_hash"] = Stored(np.concatenate([old.record(f"/{role}_row_hash"),
-                                                                          fingerprints(rows[n_old:])]))
+            datasets.update({f"/{role}_row_hash": Stored(hashes) for role, hashes in row_hashes.items()})
             if old.has("/gallery_mean"):
                 mean, moment = _moments(old, whole(removed_rows, "gallery") if removed.size else None, new_emb,
                                         n_final)
@@ -240,7 +245,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                 datasets.update(potentials)
                 warm = starts is not None
             attrs, diagnostics, found = probe_summary(query_acc, gallery_acc, k, similarity,
-                                                      as_input(final_gallery, "gallery").identity)
+                                                      gallery_identity)
             found = [w for w in found + sinkhorn_found if w]
             sink.finish(datasets, {name: attrs.get(name) for name in KEPT_ATTRS}, found)
         for message in found:
@@ -366,10 +371,28 @@ def _old_lists(old: Probe, role: str, kept: np.ndarray, n_gallery: int):
     return idx, np.where(idx >= 0, vals, -np.inf), complete
 
 
+def _row_floors(old: Probe, role: str, n_rows: int) -> np.ndarray:
+    """Each old bank row's last known neighbour score: every item its old list leaves out scores at
+    most that, and ranks after its last item (ties go to the lower index, and the new items'
+    indices are higher). −inf (no floor) for a row whose list leaves out nothing or knows nothing,
+    and for the rows added now."""
+    known = old.record(f"/{role}_top_items") >= 0
+    last = np.where(known, old.record(f"/{role}_top_scores"), np.inf).min(axis=1, initial=np.inf)
+    count = known.sum(axis=1)
+    floor = np.where((count > 0) & (count < old.n_gallery), last, -np.inf)
+    return np.concatenate([floor, np.full(n_rows - floor.size, -np.inf)])
+
+
 def _lists_of(acc: BankAccumulator, rows: slice, offset: int, n_items: int):
+    """The neighbour lists of some rows of a pass, as merge_lists takes them: complete where they
+    hold every item of the pass, or every one above the row's floor (_row_floors: the others rank
+    after each item the row's old list knows)."""
     idx = acc.neighbors.indices[rows].astype(np.int64)
     idx = np.where(idx >= 0, idx + offset, -1)
-    return idx, acc.neighbors.values[rows], (acc.neighbors.indices[rows] >= 0).sum(axis=1) == n_items
+    complete = (acc.neighbors.indices[rows] >= 0).sum(axis=1) == n_items
+    if acc.neighbors.floor is not None:
+        complete |= np.isfinite(acc.neighbors.floor[rows])
+    return idx, acc.neighbors.values[rows], complete
 
 
 def _old_records(old: Probe, role: str, kept: np.ndarray | slice) -> dict[str, np.ndarray]:

@@ -219,6 +219,7 @@ class BankAccumulator:
     column_moments: bool = False  # also each column's standard deviation
     neighbor_k: int = 0           # also each column's neighbor_k best bank rows
     item_floor: np.ndarray | None = None  # item_top keeps only scores above it (−inf pads); nothing derived
+    row_floor: np.ndarray | None = None   # each row's neighbours: only items above it (topk.RunningTopK)
     log_norm: np.ndarray = field(init=False)
     topk_mean: np.ndarray = field(init=False)
     topk_kth: np.ndarray = field(init=False)
@@ -246,7 +247,7 @@ class BankAccumulator:
         self.neighbor_k = min(self.neighbor_k, self.n_rows)
         self.column_topk_index = np.zeros((self.n_gallery, self.neighbor_k), dtype=np.int32) \
             if self.neighbor_k else None
-        self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax + SPARE, self.n_gallery))
+        self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax + SPARE, self.n_gallery), self.row_floor)
         self.item_top = np.zeros((self.n_gallery, min(max(self.topk_ks, default=0), self.n_rows)), dtype=np.float32)
         self.item_score_sum = np.zeros(self.n_gallery)
         self.item_score_sumsq = np.zeros(self.n_gallery)

@@ -77,17 +77,19 @@ class Embeddings:
     values are reported before any work), or with eager=False on first use by `block` or
     `rows_of` (a gallery read only in `ordered` blocks is then never held twice). `held`: the
     rows already read and normalised, a part of another Embeddings' (an update's kept and new
-    items). Thread-safe.
+    items). `in_place`: the source's rows are the caller's scratch, normalised where they lie when
+    read whole at once (eager, within the budget): an update's final rows, not held twice. Thread-safe.
     """
 
     def __init__(self, source: ArrayInput, similarity: str, budget: Budget, share: float = 0.25,
-                 eager: bool = True, held: np.ndarray | None = None):
+                 eager: bool = True, held: np.ndarray | None = None, in_place: bool = False):
         self.source = source
         check_unit(source, budget)
         self.cosine = similarity == "cosine"
         self._last: tuple[int, int, np.ndarray] | None = None
         self._all = held  # the rows as _load gives them, when another Embeddings already made them
         self._fits = held is not None or budget.fits(source.rows * source.cols * 4, share)
+        self._in_place = in_place and eager and self._fits  # read once, whole: normalised where it lies
         self._lock = threading.Lock()
         if eager:
             self._whole()
@@ -182,7 +184,7 @@ class Embeddings:
                 raise DataError(f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
                                 f"(drop the row or use {dot})")
             norms[rows, 0] = 1.0
-        owned = block.flags.owndata and block.flags.writeable
+        owned = self._in_place or (block.flags.owndata and block.flags.writeable)
         block = np.divide(block, norms, out=block if owned else None)
         if rows.size:  # divided in float64, where their norms are exact
             block[rows] = wide / exact[:, None]
