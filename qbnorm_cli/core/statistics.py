@@ -92,7 +92,8 @@ class ColumnTopK:
         if tile.shape[0] == 0:
             return
         if self._pairs is not None:
-            rows, cols = np.nonzero(tile > topk.float_bound(self.bound, tile.dtype, strict=True)[None, :])
+            flat = np.flatnonzero(tile > topk.float_bound(self.bound, tile.dtype, strict=True)[None, :])
+            rows, cols = np.divmod(flat, tile.shape[1])  # (flat: a 2-D nonzero is several times slower)
             self._pairs.append((cols, tile[rows, cols]))
             self._paired += cols.size
             if self._paired * 4 > self.values.size:
