@@ -219,6 +219,45 @@ def test_cosine_rows_checked_by_their_norms(value, dtype):
         Embeddings(mem(bad), "cosine", Budget(block_rows=4), eager=False).block(4, 8)
 
 
+@pytest.mark.parametrize("rows", [5, 40, 300, 2000])
+def test_column_top_k_above_a_floor(rows):
+    """With a floor, a column keeps the K largest of its values above it (−inf pads): those of the K
+    largest of all values that are above the floor (an update's new bank rows against an item's
+    old K-th largest score)."""
+    rng = np.random.default_rng(rows)
+    tile = rng.integers(-20, 20, size=(rows, 7)).astype(np.float32)
+    floor = rng.integers(-5, 25, size=7).astype(np.float64)  # some columns past the fold into held values
+    floor[:3] = 19  # and some where only a few pass
+    want = -np.sort(-tile.T.astype(np.float64), axis=1)[:, :4]
+    want[want <= floor[:, None]] = -np.inf
+    top = stats.ColumnTopK(7, 4, floor)
+    for r0 in range(0, rows, 16):
+        top.update(tile[r0:r0 + 16])
+    np.testing.assert_array_equal(top.descending(), want)
+
+
+def test_cosine_norms_in_pieces_are_the_whole_matrix_norms():
+    """The norms are taken a piece of rows at a time (no matrix-sized temporaries): each row's is its
+    own, so the rows equal those normalised at once, bit for bit; a part given the rows held by
+    another Embeddings (an update's kept and new items) serves them without reading again."""
+    from qbnorm_cli.streaming.sources import NORM_PIECE
+
+    rng = np.random.default_rng(8)
+    rows = rng.normal(size=(3 * NORM_PIECE // (4 * 33) + 5, 33)).astype(np.float32)
+    loaded = Embeddings(mem(rows), "cosine", Budget())
+    whole = loaded.rows_of(slice(0, rows.shape[0]))
+    np.testing.assert_array_equal(whole, rows / np.linalg.norm(rows, axis=1, keepdims=True))
+    part = Embeddings(mem(rows[10:20]), "cosine", Budget(), held=loaded.rows_of(slice(10, 20)))
+    assert np.shares_memory(part.block(0, 10), whole)
+    np.testing.assert_array_equal(part.block(0, 10), whole[10:20])
+    scratch = rows.copy()  # in place: the same values, where the rows lie; read in blocks, never in place
+    Embeddings(mem(scratch), "cosine", Budget(block_rows=7), eager=False, in_place=True).block(0, 7)
+    np.testing.assert_array_equal(scratch, rows)
+    in_place = Embeddings(mem(scratch), "cosine", Budget(), in_place=True)
+    assert np.shares_memory(in_place.rows_of(slice(0, 3)), scratch)
+    np.testing.assert_array_equal(scratch, whole)
+
+
 @pytest.mark.parametrize("budget_name", ["rows3", "mem400", "mem1g"])
 def test_cosine_embeddings_match_reference(budget_name):
     """Cosine: rows L2-normalised; float32 products, so a float32-level tolerance."""

@@ -27,7 +27,7 @@ import qbnorm_cli
 from qbnorm_cli import methods as registry
 from qbnorm_cli.api.updating import merge_lists
 from qbnorm_cli.cli import main
-from qbnorm_cli.core.probestats import ALL, UPDATE_RECORDS
+from qbnorm_cli.core.probestats import ALL, UPDATE_RECORDS, fingerprints
 from qbnorm_cli.errors import DataError, UsageError
 
 D = 6
@@ -93,6 +93,22 @@ def test_declarations_are_unique_and_complete():
     assert all(s.merge in {"log-sum-exp", "sum", "min", "max", "top-k", "derived", "append", "gallery", "iterate"}
                for s in ALL)
     assert all(s.update for s in UPDATE_RECORDS)
+
+
+def test_row_hashes_tell_rows_apart():
+    rng = np.random.default_rng(9)
+    rows = rng.standard_normal((40, 7)).astype(np.float32)
+    hashes = fingerprints(rows)
+    assert np.unique(hashes).size == rows.shape[0]
+    np.testing.assert_array_equal(fingerprints(rows[5:9]), hashes[5:9])  # a row's hash is its own
+    for j in range(rows.shape[1]):  # one value changed by one ulp, in every position (the pad's word too)
+        changed = rows.copy()
+        changed[:, j] = np.nextafter(changed[:, j], np.inf)
+        assert (fingerprints(changed) != hashes).all(), j
+    assert (fingerprints(rows[:, :6]) != fingerprints(np.pad(rows[:, :6], ((0, 0), (0, 2))))).all()
+    # the definition is part of the file format: probes made before must still be updatable
+    np.testing.assert_array_equal(fingerprints(np.arange(8, dtype=np.float32).reshape(2, 4)),
+                                  [-3862116861669609021, -4223918351256910086])
 
 
 @pytest.mark.parametrize("change", ["add_gallery", "remove_gallery", "add_bank", "all"])

@@ -310,8 +310,8 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
             sinkhorn=(sinkhorn_settings, betas, betas) if sinkhorn_settings is not None else None,
             budget=budget, progress=progress, session=session, sink=sink)
         if bank_sims is None:  # what an update checks its inputs against (core/probestats.py)
-            for name, role in (("/gallery_fingerprint", "gallery"), ("/bank_fingerprint", "bank"),
-                               ("/gallery_bank_fingerprint", "gallery_bank")):
+            for name, role in (("/gallery_row_hash", "gallery"), ("/bank_row_hash", "bank"),
+                               ("/gallery_bank_row_hash", "gallery_bank")):
                 if role in given_banks or role == "gallery":
                     item = inputs[1] if role == "gallery" else given_banks[role][1]
                     if given_banks.get(role, ("", None))[0].endswith("_sims"):

@@ -95,19 +95,18 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         n_gallery = old.n_gallery
 
         gallery_in = embeddings(gallery, "gallery")
-        raw_gallery = _rows(gallery_in, n_gallery, label, "gallery items")
+        _check_size(gallery_in, n_gallery, label, "gallery items")
         removed = _removals(remove_gallery, n_gallery)
         kept = np.setdiff1d(np.arange(n_gallery), removed)
-        _check_rows(gallery_in, raw_gallery, old.record("/gallery_fingerprint"), kept, label)
         inputs = [gallery_in]
-        added = np.zeros((0, raw_gallery.shape[1]), dtype=np.float32)
+        added = np.zeros((0, gallery_in.cols), dtype=np.float32)
         if add_gallery is not None:
             add_in = embeddings(add_gallery, "add_gallery")
-            added = _rows(add_in, None, label, None, dim=raw_gallery.shape[1], dim_of=gallery_in.label)
+            added = _rows(add_in, gallery_in.cols, gallery_in.label)
             inputs.append(add_in)
-        final_gallery = np.concatenate([raw_gallery[kept], added])
-        if final_gallery.shape[0] == 0:
+        if kept.size + added.shape[0] == 0:
             raise UsageError(f"{param('remove_gallery')} removes every item of the gallery and nothing is added")
+        final_gallery, removed_rows = _checked_rows(gallery_in, old.record("/gallery_row_hash"), kept, added, label)
         n_kept, n_final = kept.size, final_gallery.shape[0]
 
         sides = [("bank", bank, add_bank, old.n_bank)]
@@ -116,25 +115,37 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         final_banks = {}
         for role, given, more, n_rows in sides:
             given_in = embeddings(given, role)
-            raw = _rows(given_in, n_rows, label, "bank queries" if role == "bank" else "gallery-bank items",
-                        dim=raw_gallery.shape[1], dim_of=gallery_in.label)
-            _check_rows(given_in, raw, old.record(f"/{role}_fingerprint"), np.arange(n_rows), label)
+            _check_size(given_in, n_rows, label, "bank queries" if role == "bank" else "gallery-bank items",
+                        dim=gallery_in.cols, dim_of=gallery_in.label)
             inputs.insert(0 if role == "bank" else len(inputs), given_in)
-            new = np.zeros((0, raw.shape[1]), dtype=np.float32)
+            new = np.zeros((0, gallery_in.cols), dtype=np.float32)
             if more is not None:
                 more_in = embeddings(more, f"add_{role}")
-                new = _rows(more_in, None, label, None, dim=raw.shape[1], dim_of=given_in.label)
+                new = _rows(more_in, gallery_in.cols, given_in.label)
                 inputs.append(more_in)
-            final_banks[role] = (np.concatenate([raw, new]), n_rows)
+            rows, _ = _checked_rows(given_in, old.record(f"/{role}_row_hash"), np.arange(n_rows), new, label)
+            final_banks[role] = (rows, n_rows)
 
+        # what is taken of the final rows as read, before they are normalised where they lie
+        gallery_identity = as_input(final_gallery, "gallery").identity
+        row_hashes = {"gallery": np.concatenate([old.record("/gallery_row_hash")[kept],
+                                                 fingerprints(final_gallery[n_kept:])])}
+        for role, (rows, n_old) in final_banks.items():
+            row_hashes[role] = np.concatenate([old.record(f"/{role}_row_hash"), fingerprints(rows[n_old:])])
         eager = cluster is None
 
-        def emb(array, name):  # None for no rows (an input is never empty)
-            return Embeddings(as_input(array, name), similarity, budget, eager=eager) if len(array) else None
+        def whole(array, name, in_place=False):
+            return Embeddings(as_input(array, name), similarity, budget, eager=eager, in_place=in_place)
 
-        kept_emb, new_emb = emb(final_gallery[:n_kept], "gallery"), emb(final_gallery[n_kept:], "add_gallery")
-        # the whole final gallery: read only by recounts, the centroid distances and sinkhorn
-        final_emb = Embeddings(as_input(final_gallery, "gallery"), similarity, budget, eager=False)
+        def part(of, array, r0, r1, name):  # rows r0:r1 of `of` (None for none: an input is never empty)
+            held = of.rows_of(slice(r0, r1)) if eager and of.held else None
+            return Embeddings(as_input(array[r0:r1], name), similarity, budget, eager=eager, held=held) \
+                if r1 > r0 else None
+
+        # the whole final gallery: read and normalised once, its kept and new items its parts
+        final_emb = whole(final_gallery, "gallery", in_place=True)
+        kept_emb = part(final_emb, final_gallery, 0, n_kept, "gallery")
+        new_emb = part(final_emb, final_gallery, n_kept, n_final, "add_gallery")
         betas = {"bank": np.asarray(params["betas"], dtype=np.float64),
                  "gallery_bank": np.asarray(params.get("gallery_betas") or [], dtype=np.float64)}
         kmax, k = int(params["kmax"]), int(params["k"])
@@ -177,14 +188,26 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                         clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
 
             passes_new_items, passes_new_rows = [], []
+            keep = slice(None) if n_kept == n_gallery else kept
+            records = {role: _old_records(old, role, keep) for role in final_banks}
             for role, (rows, n_old) in final_banks.items():
                 is_bank = role == "bank"
-                make = lambda n, g, role=role, is_bank=is_bank: BankAccumulator(
+                make = lambda n, g, floor=None, rows_floor=None, role=role, is_bank=is_bank: BankAccumulator(
                     n, g, betas[role], kmax, ks if is_bank else (), keep_sorted and is_bank,
-                    column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0)
-                all_rows, new_rows = emb(rows, role), emb(rows[n_old:], f"add_{role}")
-                a = make(rows.shape[0], n_final - n_kept)   # every row × the new items
-                c = make(rows.shape[0] - n_old, n_kept)      # the new rows × the kept items
+                    column_moments=moments and is_bank, neighbor_k=centroid_k if is_bank else 0, item_floor=floor,
+                    row_floor=rows_floor)
+                all_rows = whole(rows, role, in_place=True)
+                new_rows = part(all_rows, rows, n_old, rows.shape[0], f"add_{role}")
+                # every row × the new items: of an old row's, only those above the last score of its
+                # old list can enter it
+                a = make(rows.shape[0], n_final - n_kept, rows_floor=_row_floors(old, role, rows.shape[0]))
+                # the new rows × the kept items: of their scores only those above an item's old K-th
+                # largest can enter its K largest (unless K grows with the bank, or dsl's nearest rows
+                # need the scores of the new rows' best)
+                old_top = records[role]["item_top"]
+                floor = old_top[:, -1] if old_top.shape[1] == min(max(ks, default=0), rows.shape[0]) \
+                    and old_top.shape[1] and not centroid_k else None
+                c = make(rows.shape[0] - n_old, n_kept, floor)
                 if new_emb is not None:
                     passes_new_items.append((EmbeddingScores(all_rows, new_emb), a))
                 if new_rows is not None and kept_emb is not None:
@@ -193,7 +216,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             run(passes_new_items, n_final - n_kept, sorted_parts["new_items"])
             run(passes_new_rows, n_kept, sorted_parts["new_rows"])
 
-            merged = {role: _merge(old, role, a, c, kept, n_old, all_rows, final_emb, betas[role], kmax,
+            merged = {role: _merge(old, role, records[role], a, c, kept, n_old, all_rows, final_emb, betas[role], kmax,
                                    ks if role == "bank" else (), moments and role == "bank",
                                    centroid_k if role == "bank" else 0)
                       for role, (a, c, all_rows, n_old) in accs.items()}
@@ -202,13 +225,10 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             if centroid_k:  # recomputed from each item's merged nearest bank rows: O(G · K · d)
                 datasets.update(centroid_statistics(EmbeddingScores(accs["bank"][2], final_emb),
                                                     query_acc.column_topk_index, centroid_ks))
-            datasets["/gallery_fingerprint"] = Stored(np.concatenate([old.record("/gallery_fingerprint")[kept],
-                                                                      fingerprints(final_gallery[n_kept:])]))
-            for role, (rows, n_old) in final_banks.items():
-                datasets[f"/{role}_fingerprint"] = Stored(np.concatenate([old.record(f"/{role}_fingerprint"),
-                                                                          fingerprints(rows[n_old:])]))
+            datasets.update({f"/{role}_row_hash": Stored(hashes) for role, hashes in row_hashes.items()})
             if old.has("/gallery_mean"):
-                mean, moment = _moments(old, emb(raw_gallery[removed], "gallery"), new_emb, n_final)
+                mean, moment = _moments(old, whole(removed_rows, "gallery") if removed.size else None, new_emb,
+                                        n_final)
                 datasets["/gallery_mean"], datasets["/gallery_second_moment"] = Stored(mean), Stored(moment)
             if keep_sorted:
                 _sorted_bank(old, kept, sorted_parts, n_kept, sink)
@@ -226,7 +246,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                 datasets.update(potentials)
                 warm = starts is not None
             attrs, diagnostics, found = probe_summary(query_acc, gallery_acc, k, similarity,
-                                                      as_input(final_gallery, "gallery").identity)
+                                                      gallery_identity)
             found = [w for w in found + sinkhorn_found if w]
             sink.finish(datasets, {name: attrs.get(name) for name in KEPT_ATTRS}, found)
         for message in found:
@@ -245,24 +265,46 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
     return result
 
 
-def _rows(item, expected: int | None, label: str, what: str | None, dim: int | None = None,
-          dim_of: str | None = None) -> np.ndarray:
-    """All rows of an input as float32 (as read: the Embeddings normalise them as a probe does)."""
-    if expected is not None and item.rows != expected:
+def _check_size(item, expected: int, label: str, what: str, dim: int | None = None,
+                dim_of: str | None = None) -> None:
+    """Refuse an input of other rows or dimension than the probe's."""
+    if item.rows != expected:
         raise DataError(f"{item.label} has {item.rows} rows but {label} was made with {expected} {what}")
     if dim is not None and item.cols != dim:
         raise DataError(f"{item.label} has dimension {item.cols} but {dim_of} has {dim}")
-    return np.concatenate([item.read(r0, min(r0 + GALLERY_BLOCK, item.rows))
-                           for r0 in range(0, item.rows, GALLERY_BLOCK)] or [np.zeros((0, item.cols), np.float32)])
 
 
-def _check_rows(item, raw: np.ndarray, recorded: np.ndarray, rows: np.ndarray, label: str) -> None:
-    """Refuse an input whose rows (those kept) are not the rows the probe measured."""
-    differ = np.flatnonzero(fingerprints(raw[rows]) != recorded[rows])
+def _rows(item, dim: int, dim_of: str) -> np.ndarray:
+    """All rows of an added input as float32 (as read: the Embeddings normalise them as a probe does)."""
+    if item.cols != dim:
+        raise DataError(f"{item.label} has dimension {item.cols} but {dim_of} has {dim}")
+    return item.read(0, item.rows)
+
+
+def _checked_rows(item, recorded: np.ndarray, kept: np.ndarray, added: np.ndarray,
+                  label: str) -> tuple[np.ndarray, np.ndarray]:
+    """The kept rows of an input followed by `added`, in one array (the final rows: read once, no
+    concatenation), and the rows not kept. Refuses an input whose kept rows are not the rows the
+    probe measured (their hashes, core/probestats.fingerprints, differ from those recorded)."""
+    out = np.empty((kept.size + added.shape[0], item.cols), dtype=np.float32)
+    keep = np.zeros(item.rows, dtype=bool)
+    keep[kept] = True
+    dropped, differ, at = [], [], 0
+    for r0 in range(0, item.rows, GALLERY_BLOCK):
+        r1 = min(r0 + GALLERY_BLOCK, item.rows)
+        block, mask = item.read(r0, r1), keep[r0:r1]
+        rows = block if mask.all() else block[mask]
+        numbers = r0 + np.flatnonzero(mask)
+        differ.append(numbers[fingerprints(rows) != recorded[numbers]])
+        out[at:at + rows.shape[0]] = rows
+        at += rows.shape[0]
+        dropped.append(block[~mask])
+    differ = np.concatenate(differ)
     if differ.size:
-        row = int(rows[differ[0]])
-        raise DataError(f"{item.label}: row {row} is not the row {label} was made with (its fingerprint differs; "
-                        f"{differ.size} rows differ): update against the inputs of that probe")
+        raise DataError(f"{item.label}: row {int(differ[0])} is not the row {label} was made with (its fingerprint "
+                        f"differs; {differ.size} rows differ): update against the inputs of that probe")
+    out[at:] = added
+    return out, np.concatenate(dropped)
 
 
 def _removals(remove, n_gallery: int) -> np.ndarray:
@@ -330,36 +372,65 @@ def _old_lists(old: Probe, role: str, kept: np.ndarray, n_gallery: int):
     return idx, np.where(idx >= 0, vals, -np.inf), complete
 
 
+def _row_floors(old: Probe, role: str, n_rows: int) -> np.ndarray:
+    """Each old bank row's last known neighbour score: every item its old list leaves out scores at
+    most that, and ranks after its last item (ties go to the lower index, and the new items'
+    indices are higher). −inf (no floor) for a row whose list leaves out nothing or knows nothing,
+    and for the rows added now."""
+    known = old.record(f"/{role}_top_items") >= 0
+    last = np.where(known, old.record(f"/{role}_top_scores"), np.inf).min(axis=1, initial=np.inf)
+    count = known.sum(axis=1)
+    floor = np.where((count > 0) & (count < old.n_gallery), last, -np.inf)
+    return np.concatenate([floor, np.full(n_rows - floor.size, -np.inf)])
+
+
 def _lists_of(acc: BankAccumulator, rows: slice, offset: int, n_items: int):
+    """The neighbour lists of some rows of a pass, as merge_lists takes them: complete where they
+    hold every item of the pass, or every one above the row's floor (_row_floors: the others rank
+    after each item the row's old list knows)."""
     idx = acc.neighbors.indices[rows].astype(np.int64)
     idx = np.where(idx >= 0, idx + offset, -1)
-    return idx, acc.neighbors.values[rows], (acc.neighbors.indices[rows] >= 0).sum(axis=1) == n_items
+    complete = (acc.neighbors.indices[rows] >= 0).sum(axis=1) == n_items
+    if acc.neighbors.floor is not None:
+        complete |= np.isfinite(acc.neighbors.floor[rows])
+    return idx, acc.neighbors.values[rows], complete
 
 
-def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: np.ndarray, n_old: int,
-           all_rows: Embeddings, final_gallery: Embeddings, betas, kmax: int, ks, moments: bool,
-           centroid_k: int) -> BankAccumulator:
-    """The final accumulator of one bank: the kept items' records merged with the new rows' (pass
-    `c`), the new items' columns from pass `a`, every row's neighbours merged (and recounted where
-    removals left fewer than kmax certain)."""
+def _old_records(old: Probe, role: str, kept: np.ndarray | slice) -> dict[str, np.ndarray]:
+    """The kept items' records of one bank (its log-normalisers and what core/probestats.py's
+    ITEM_FIELDS name), read once; `kept` a slice when nothing is removed (no copies)."""
+    prefix = "" if role == "bank" else "gallery_"
+    records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
+               else np.zeros((old.n_gallery, 0), dtype=np.float32)[kept] for field in ITEM_FIELDS}
+    if (records["item_top"][:, 1:] > records["item_top"][:, :-1]).any():
+        raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
+                        "descending order; the file is damaged: probe again")
+    records["log_norm"] = old.record(f"/{prefix}log_norm")[:, kept]
+    return records
+
+
+def _merge(old: Probe, role: str, records: dict[str, np.ndarray], a: BankAccumulator, c: BankAccumulator,
+           kept: np.ndarray, n_old: int, all_rows: Embeddings, final_gallery: Embeddings, betas, kmax: int, ks,
+           moments: bool, centroid_k: int) -> BankAccumulator:
+    """The final accumulator of one bank: the kept items' `records` (_old_records) merged with the
+    new rows' (pass `c`), the new items' columns from pass `a`, every row's neighbours merged (and
+    recounted where removals left fewer than kmax certain)."""
     n_kept, n_new = kept.size, a.n_gallery
     n_final, n_rows = n_kept + n_new, a.n_rows
     final = BankAccumulator(n_rows, n_final, betas, kmax, ks, column_moments=moments, neighbor_k=centroid_k)
     prefix = "" if role == "bank" else "gallery_"
-    old_log_norm = old.record(f"/{prefix}log_norm")[:, kept]
-    records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
-               else np.zeros((kept.size, 0), dtype=np.float32) for field in ITEM_FIELDS}
-    if (np.diff(records["item_top"], axis=1) > 0).any():
-        raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
-                        "descending order; the file is damaged: probe again")
-    records["log_norm"] = old_log_norm
+    keep = slice(None) if n_kept == old.n_gallery else kept
     # the items whose K largest scores a new bank row enters (all when K grows with the bank): the
-    # others keep their top-K statistics
+    # others keep their top-K statistics; of the new rows' scores only those above an item's old
+    # K-th largest enter (a sort of the old K and those few, not of 2·K, per changed item)
     width = final.item_top.shape[1]
+    new_top = c.item_top
     if width > records["item_top"].shape[1]:
         changed = np.arange(n_kept)
     elif c.n_rows and width:
-        changed = np.flatnonzero(c.item_top[:, 0] > records["item_top"][:, -1])
+        entering = (c.item_top > records["item_top"][:, -1:]).sum(axis=1)
+        changed = np.flatnonzero(entering)
+        new_top = c.item_top[:, :entering.max(initial=0)]
     else:
         changed = np.zeros(0, dtype=np.int64)
     for field, values in records.items():  # each by its declared merge rule (core/probestats.py)
@@ -369,14 +440,16 @@ def _merge(old: Probe, role: str, a: BankAccumulator, c: BankAccumulator, kept: 
         if rule == "top-k":
             if values.shape[1] == width:
                 kept_columns[...] = values
-            kept_columns[changed] = merge_top(values[changed], getattr(c, field)[changed], width)
+            for p in range(0, changed.size, GALLERY_BLOCK):  # cache-sized pieces
+                part = changed[p:p + GALLERY_BLOCK]
+                kept_columns[part] = merge_top(values[part], new_top[part], width)
         elif c.n_rows:
             kept_columns[...] = MERGES[rule](values, getattr(c, field))
         else:
             kept_columns[...] = values
     if ks:
         for record in (s for s in probestats.STATISTICS if s.key == "ks" and s.field):  # the per-K statistics
-            getattr(final, record.field)[:, :n_kept] = old.record(record.name)[:, kept]
+            getattr(final, record.field)[:, :n_kept] = old.record(record.name)[:, keep]
     derive_items(final, slice(0, n_kept), top=False)
     derive_items(final, changed)
     if final.column_topk_index is not None:  # each kept item's nearest bank rows: old ones merged with new ones

@@ -73,16 +73,31 @@ def occurrence(neighbors: np.ndarray, k: int, n_gallery: int) -> np.ndarray:
 
 class ColumnTopK:
     """The K largest values of each column of a column block, over row tiles (a multiset of values:
-    which row a value came from does not matter, so ties need no rule)."""
+    which row a value came from does not matter, so ties need no rule). With a `floor`, only those
+    above it (an update's new bank rows: only scores above an item's old K-th largest enter its K
+    largest), at one comparison per score: the few that pass are kept as (column, value) pairs
+    until they would outnumber a quarter of the held values (then merged into them)."""
 
-    def __init__(self, width: int, k: int) -> None:
+    def __init__(self, width: int, k: int, floor: np.ndarray | None = None) -> None:
         self.k = k
         self.values = np.full((width, k), -np.inf)  # unordered; the first `count` slots are real
         self.count = 0
         self.bound = np.full(width, -np.inf)        # the K-th largest once count == k
+        self._pairs = None
+        if floor is not None:  # values at or below a column's floor are never wanted: −inf pads stand for them
+            self.count, self.bound = k, np.asarray(floor, dtype=np.float64)
+            self._pairs, self._paired = [], 0
 
     def update(self, tile: np.ndarray) -> None:
         if tile.shape[0] == 0:
+            return
+        if self._pairs is not None:
+            flat = np.flatnonzero(tile > topk.float_bound(self.bound, tile.dtype, strict=True)[None, :])
+            rows, cols = np.divmod(flat, tile.shape[1])  # (flat: a 2-D nonzero is several times slower)
+            self._pairs.append((cols, tile[rows, cols]))
+            self._paired += cols.size
+            if self._paired * 4 > self.values.size:
+                self._fold()
             return
         if self.count == 0 and tile.shape[0] >= 16 * self.k:
             # a fresh block and a tall tile: everything at or above a lower bound of each column's
@@ -109,22 +124,35 @@ class ColumnTopK:
         if flat.size == 0:
             return
         if flat.size * 8 > tile.size:
-            # not selective (a small bank): one partition of held ∪ tile per column
-            merged = np.concatenate([self.values, tile.T.astype(np.float64)], axis=1)
+            # not selective (a small bank): one partition of held ∪ the tile's values above the
+            # bounds per column (the bounds never fall: a floor stays)
+            above = np.where(tile.T > thr[:, None], tile.T.astype(np.float64), -np.inf)
+            merged = np.concatenate([self.values, above], axis=1)
             top = np.partition(merged, merged.shape[1] - self.k, axis=1)[:, merged.shape[1] - self.k:]
             self.values[...] = top
-            self.bound = top.min(axis=1)
+            self.bound = np.maximum(self.bound, top.min(axis=1))
             return
         self._merge(tile, flat)
 
     def _merge(self, tile: np.ndarray, flat: np.ndarray) -> None:
         """Merge the tile's entries at flat positions into the held values of their columns."""
         rows, cols = np.divmod(flat, tile.shape[1])
+        self._merge_pairs(cols, tile[rows, cols])
+
+    def _fold(self) -> None:
+        """Merge the pairs kept above the floor into the held values; from now on, merge as usual."""
+        pairs, self._pairs = self._pairs, None
+        if pairs:
+            self._merge_pairs(np.concatenate([c for c, _ in pairs]), np.concatenate([v for _, v in pairs]))
+
+    def _merge_pairs(self, cols: np.ndarray, vals: np.ndarray) -> None:
+        """Merge values into the held values of their columns."""
+        if cols.size == 0:
+            return
         # group by column: a stable sort of 16-bit keys is a radix sort (int64 would be a timsort)
-        keys = cols.astype(np.uint16) if tile.shape[1] <= 1 << 16 else cols
+        keys = cols.astype(np.uint16) if self.values.shape[0] <= 1 << 16 else cols
         order = np.argsort(keys, kind="stable")
-        cols = cols[order]
-        vals = tile[rows[order], cols].astype(np.float64)
+        cols, vals = cols[order], vals[order].astype(np.float64)
         starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
         counts = np.diff(np.r_[starts, cols.size])
         slot = np.repeat(np.arange(starts.size), counts)
@@ -134,10 +162,20 @@ class ColumnTopK:
         pad[slot, self.k + np.arange(cols.size) - starts[slot]] = vals
         top = np.partition(pad, pad.shape[1] - self.k, axis=1)[:, pad.shape[1] - self.k:]
         self.values[target] = top
-        self.bound[target] = top.min(axis=1)
+        self.bound[target] = np.maximum(self.bound[target], top.min(axis=1))
 
     def descending(self) -> np.ndarray:
         """(width, count) the held values, largest first."""
+        if self._pairs:  # only the few above the floor: placed in their rows, not a sort of every row
+            cols, vals = (np.concatenate(part) for part in zip(*self._pairs, strict=True))
+            order = np.lexsort((-vals, cols))  # by column, largest first
+            cols, vals = cols[order], vals[order].astype(np.float64)
+            starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+            rank = np.arange(cols.size) - np.repeat(starts, np.diff(np.r_[starts, cols.size]))
+            keep = rank < self.k
+            out = np.full(self.values.shape, -np.inf)
+            out[cols[keep], rank[keep]] = vals[keep]
+            return out
         return -np.sort(-self.values[:, : self.count], axis=1)
 
 
@@ -181,6 +219,8 @@ class BankAccumulator:
     keep_sorted: bool = False
     column_moments: bool = False  # also each column's standard deviation
     neighbor_k: int = 0           # also each column's neighbor_k best bank rows
+    item_floor: np.ndarray | None = None  # item_top keeps only scores above it (−inf pads); nothing derived
+    row_floor: np.ndarray | None = None   # each row's neighbours: only items above it (topk.RunningTopK)
     log_norm: np.ndarray = field(init=False)
     largest_means: np.ndarray = field(init=False)
     topk_kth: np.ndarray = field(init=False)
@@ -208,7 +248,7 @@ class BankAccumulator:
         self.neighbor_k = min(self.neighbor_k, self.n_rows)
         self.column_topk_index = np.zeros((self.n_gallery, self.neighbor_k), dtype=np.int32) \
             if self.neighbor_k else None
-        self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax + SPARE, self.n_gallery))
+        self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax + SPARE, self.n_gallery), self.row_floor)
         self.item_top = np.zeros((self.n_gallery, min(max(self.topk_ks, default=0), self.n_rows)), dtype=np.float32)
         self.item_score_sum = np.zeros(self.n_gallery)
         self.item_score_sumsq = np.zeros(self.n_gallery)
@@ -246,7 +286,8 @@ class BankAccumulator:
         self._column_sumsq = np.zeros(width)
         self._column_best = topk.RunningTopK(width, self.neighbor_k) if self.neighbor_k else None
         kcol = min(max(self.topk_ks, default=0), self.n_rows)  # a larger K means all of them
-        self._top = ColumnTopK(width, kcol) if kcol else None
+        floor = self.item_floor[c0:c1] if self.item_floor is not None else None
+        self._top = ColumnTopK(width, kcol, floor) if kcol else None
         self._sorted = np.empty((self.n_rows, width), dtype=np.float32) if self.keep_sorted else None
 
     def update(self, r0: int, tile: np.ndarray, chunks=serial_chunks) -> None:
@@ -329,7 +370,7 @@ class BankAccumulator:
             self.item_top[c0:c1] = self._top.descending()
         self.item_score_sum[c0:c1] = self._column_sums
         self.item_score_sumsq[c0:c1] = self._column_sumsq
-        derive_items(self, slice(c0, c1))
+        derive_items(self, slice(c0, c1), top=self.item_floor is None)
         if self._column_best is not None:
             self.column_topk_index[c0:c1] = self._column_best.indices
         sorted_block = None
@@ -351,10 +392,14 @@ def derive_items(acc, columns, top: bool = True) -> None:
     columns `columns` (a slice or item numbers) of `acc` (a BankAccumulator, or an update's merged
     records) from its item_top and sums: the one place a probe and an update compute them."""
     if top and acc.item_top.shape[1] and acc.topk_ks:
-        ordered = acc.item_top[columns]  # descending already
-        acc.largest_means[:, columns] = top_means(ordered, acc.topk_ks)
-        acc.topk_kth[:, columns] = top_kths(ordered, acc.topk_ks)
-        acc.topk_distance[:, columns] = top_distance_means(ordered, acc.topk_ks)
+        items = np.arange(acc.n_gallery)[columns] if isinstance(columns, slice) else columns
+        step = max(1, _SUB_ITEMS // acc.item_top.shape[1])
+        for p in range(0, len(items), step):  # cache-sized pieces (each item's values are its own)
+            part = items[p:p + step]
+            ordered = acc.item_top[part]  # descending already
+            acc.largest_means[:, part] = top_means(ordered, acc.topk_ks)
+            acc.topk_kth[:, part] = top_kths(ordered, acc.topk_ks)
+            acc.topk_distance[:, part] = top_distance_means(ordered, acc.topk_ks)
     acc.column_mean[columns] = acc.item_score_sum[columns] / acc.n_rows
     if acc.column_std is not None:
         variance = acc.item_score_sumsq[columns] / acc.n_rows - acc.column_mean[columns] ** 2

@@ -229,15 +229,20 @@ class RunningTopK:
     `bound` (every entry that can still enter a row's top-k is ≥ its bound).
     """
 
-    def __init__(self, rows: int, k: int) -> None:
+    def __init__(self, rows: int, k: int, floor: np.ndarray | None = None) -> None:
         self.k = k
         self.values, self.indices = empty(rows, k)
+        # per row: only items above it are wanted (an update's bank rows against its new items: the
+        # last score of a row's old list; −inf for none); what is at or below it is left out (pads)
+        self.floor = floor
 
     def bound(self, r0: int, r1: int) -> np.ndarray:
-        """The current k-th best value of rows r0:r1 (−inf while a row holds fewer than k)."""
+        """The current k-th best value of rows r0:r1 (−inf while a row holds fewer than k), or
+        their floor where higher."""
         if self.k == 0:
             return np.full(r1 - r0, np.inf)
-        return self.values[r0:r1, -1]
+        held = self.values[r0:r1, -1]
+        return held if self.floor is None else np.maximum(held, self.floor[r0:r1])
 
     def update(self, r0: int, tile: np.ndarray, col_offset: int, forward: bool = False) -> None:
         """Fold in exact scores tile[:, c] for columns col_offset + c of rows r0:r0+len(tile).

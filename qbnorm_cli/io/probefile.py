@@ -28,7 +28,7 @@ Datasets (G = gallery size, N = bank rows, Nh = gallery-bank rows):
                           the scalings of exp(β·[P | PB]) (rows: the gallery, then the Nh gallery-bank
                           items; PB = bank × gallery-bank scores), the same attrs plus gallery_bank_rows
   /bank_top_items, /bank_top_scores, /item_top_scores, /item_score_{sum,sumsq,min,max},
-  /bank_fingerprint, /gallery_fingerprint (and the gallery bank's; /item_top_rows with dsl's
+  /bank_row_hash, /gallery_row_hash (and the gallery bank's; /item_top_rows with dsl's
                           statistics): what `update_probe` merges (core/probestats.py declares
                           every dataset: shape, dtype, validity and merge rule)
 Root attributes: gallery_rows, bank_rows, gallery_bank_rows, similarity, gallery_identity (the

@@ -24,6 +24,7 @@ from qbnorm_cli.streaming.budget import Budget, aligned, spans
 
 SIMILARITIES = ("cosine", "dot")
 EXACT_NORMS = (1e-15, 1e15)  # float32 norms are exact between these; outside, norms are taken in float64
+NORM_PIECE = 1 << 20  # bytes of rows whose norms are taken at a time (each row's norm is its own)
 DOT_MAX_NORM = float(np.sqrt(np.finfo(np.float32).max))  # beyond: a dot product of two such rows overflows
 
 
@@ -74,17 +75,21 @@ class Embeddings:
 
     The whole matrix is read and kept when it fits `share` of the budget: at once (so that bad
     values are reported before any work), or with eager=False on first use by `block` or
-    `rows_of` (a gallery read only in `ordered` blocks is then never held twice). Thread-safe.
+    `rows_of` (a gallery read only in `ordered` blocks is then never held twice). `held`: the
+    rows already read and normalised, a part of another Embeddings' (an update's kept and new
+    items). `in_place`: the source's rows are the caller's scratch, normalised where they lie when
+    read whole at once (eager, within the budget): an update's final rows, not held twice. Thread-safe.
     """
 
     def __init__(self, source: ArrayInput, similarity: str, budget: Budget, share: float = 0.25,
-                 eager: bool = True):
+                 eager: bool = True, held: np.ndarray | None = None, in_place: bool = False):
         self.source = source
         check_unit(source, budget)
         self.cosine = similarity == "cosine"
         self._last: tuple[int, int, np.ndarray] | None = None
-        self._all = None
-        self._fits = budget.fits(source.rows * source.cols * 4, share)
+        self._all = held  # the rows as _load gives them, when another Embeddings already made them
+        self._fits = held is not None or budget.fits(source.rows * source.cols * 4, share)
+        self._in_place = in_place and eager and self._fits  # read once, whole: normalised where it lies
         self._lock = threading.Lock()
         if eager:
             self._whole()
@@ -160,8 +165,11 @@ class Embeddings:
         if not self.cosine:
             self._check_dot(block, r0)
             return np.ascontiguousarray(block, dtype=np.float32)
+        norms = np.empty((block.shape[0], 1), dtype=block.dtype)
+        step = max(1, NORM_PIECE // max(4 * block.shape[1], 1))
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            norms = np.linalg.norm(block, axis=1, keepdims=True)
+            for a in range(0, block.shape[0], step):  # cache-sized pieces: linalg.norm makes two temporaries
+                norms[a:a + step] = np.linalg.norm(block[a:a + step], axis=1, keepdims=True)
         # float32 squares overflow beyond ~1.8e19 and lose digits below ~1e-19 (a norm of 1e20 became
         # inf, every score 0; one of 1e-22 was off by 14 %): such rows again, in float64
         rows = np.flatnonzero(~((norms[:, 0] > EXACT_NORMS[0]) & (norms[:, 0] < EXACT_NORMS[1])))
@@ -176,7 +184,7 @@ class Embeddings:
                 raise DataError(f"{self.source.label}: row {row} has zero norm; cosine similarity is undefined "
                                 f"(drop the row or use {dot})")
             norms[rows, 0] = 1.0
-        owned = block.flags.owndata and block.flags.writeable
+        owned = self._in_place or (block.flags.owndata and block.flags.writeable)
         block = np.divide(block, norms, out=block if owned else None)
         if rows.size:  # divided in float64, where their norms are exact
             block[rows] = wide / exact[:, None]
