@@ -325,12 +325,19 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
                                          for role, (option, item) in given_banks.items()})
         found = [w for w in found + sinkhorn_found if w]
         sink.finish(datasets, {name: attrs.get(name) for name in KEPT_ATTRS}, found)
+    return probe_result(output, sink, datasets, attrs, diagnostics, found, params, inputs, session)
+
+
+def probe_result(output, sink: Sink, datasets: dict, attrs: dict, diagnostics: dict, found: list, params: dict,
+                 inputs: list, session) -> Probe:
+    """A probe's (or an update's) result once its sink is closed: the warnings issued, and the Probe
+    read back from `output` (or kept in memory) with its warnings, diagnostics and cluster report."""
     for message in found:
         warn(message)
     if output is not None:
         result = Probe.load(output)
     else:
-        if keep_sorted:
+        if SORTED in sink.arrays:
             datasets[SORTED] = Stored(sink.arrays[SORTED])
         result = Probe(datasets, {**attrs, "uuid": None}, params=params, inputs=[i.describe() for i in inputs])
     result.warnings = [plain_text(w) for w in found]

@@ -20,11 +20,12 @@ from contextlib import nullcontext
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import bounded, clustered, embeddings, progress_or_none, warn
+from qbnorm_cli.api.common import bounded, clustered, embeddings, progress_or_none
 from qbnorm_cli.api.probing import (
     GALLERY_BLOCK,
     SinkhornSettings,
     centroid_statistics,
+    probe_result,
     probe_summary,
     sinkhorn_potentials,
 )
@@ -39,7 +40,7 @@ from qbnorm_cli.core.probestats import (
     merge_top,
 )
 from qbnorm_cli.core.statistics import BankAccumulator, derive_items
-from qbnorm_cli.errors import DataError, UsageError, param, plain_text
+from qbnorm_cli.errors import DataError, UsageError, param
 from qbnorm_cli.io import limits
 from qbnorm_cli.io.probefile import KEPT_ATTRS, SORTED, Probe, Stored, statistics
 from qbnorm_cli.io.sinks import Column, Sink
@@ -249,17 +250,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                                                       gallery_identity)
             found = [w for w in found + sinkhorn_found if w]
             sink.finish(datasets, {name: attrs.get(name) for name in KEPT_ATTRS}, found)
-        for message in found:
-            warn(message)
-        if output is not None:
-            result = Probe.load(output)
-        else:
-            if keep_sorted:
-                datasets[SORTED] = Stored(sink.arrays[SORTED])
-            result = Probe(datasets, {**attrs, "uuid": None}, params=out_params, inputs=[i.describe() for i in inputs])
-        result.warnings = [plain_text(w) for w in found]
-        result.diagnostics = diagnostics
-        result.cluster = session.report() if session is not None else None
+        result = probe_result(output, sink, datasets, attrs, diagnostics, found, out_params, inputs, session)
         result.update = {**out_params["update"], "gallery_rows": n_final, "bank_rows": n_bank_final,
                          "recounted_rows": int(query_acc.recounted), "sinkhorn_warm_start": warm}
     return result
