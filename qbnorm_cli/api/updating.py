@@ -46,7 +46,7 @@ from qbnorm_cli.io.probefile import KEPT_ATTRS, SORTED, Probe, Stored, statistic
 from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.io.specs import as_input
 from qbnorm_cli.streaming import cluster as clustering
-from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget, mapped_empty
 from qbnorm_cli.streaming.engine import run_probe
 from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores
 
@@ -276,8 +276,9 @@ def _checked_rows(item, recorded: np.ndarray, kept: np.ndarray, added: np.ndarra
                   label: str) -> tuple[np.ndarray, np.ndarray]:
     """The kept rows of an input followed by `added`, in one array (the final rows: read once, no
     concatenation), and the rows not kept. Refuses an input whose kept rows are not the rows the
-    probe measured (their hashes, core/probestats.fingerprints, differ from those recorded)."""
-    out = np.empty((kept.size + added.shape[0], item.cols), dtype=np.float32)
+    probe measured (their hashes, core/probestats.fingerprints, differ from those recorded).
+    The final rows are mapped up front (budget.mapped_empty: their first touch was 0.3 s of an update)."""
+    out = mapped_empty((kept.size + added.shape[0], item.cols), np.float32)
     keep = np.zeros(item.rows, dtype=bool)
     keep[kept] = True
     dropped, differ, at = [], [], 0
