@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qbnorm_cli.core.memory import mapped_empty
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.statistics import BankAccumulator
 from qbnorm_cli.io.specs import as_input
 from qbnorm_cli.streaming import engine, ranking
-from qbnorm_cli.streaming.budget import Budget, Ledger, aligned, mapped_empty
+from qbnorm_cli.streaming.budget import Budget, Ledger, aligned
 from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, held_bytes
 
 DIM = 64

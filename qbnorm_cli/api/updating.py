@@ -30,6 +30,7 @@ from qbnorm_cli.api.probing import (
     sinkhorn_potentials,
 )
 from qbnorm_cli.core import probestats, topk
+from qbnorm_cli.core.memory import mapped_empty
 from qbnorm_cli.core.probestats import (
     BY_NAME,
     ITEM_FIELDS,
@@ -46,7 +47,7 @@ from qbnorm_cli.io.probefile import KEPT_ATTRS, SORTED, Probe, Stored, statistic
 from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.io.specs import as_input
 from qbnorm_cli.streaming import cluster as clustering
-from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget, mapped_empty
+from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
 from qbnorm_cli.streaming.engine import run_probe
 from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores
 
@@ -277,7 +278,7 @@ def _checked_rows(item, recorded: np.ndarray, kept: np.ndarray, added: np.ndarra
     """The kept rows of an input followed by `added`, in one array (the final rows: read once, no
     concatenation), and the rows not kept. Refuses an input whose kept rows are not the rows the
     probe measured (their hashes, core/probestats.fingerprints, differ from those recorded).
-    The final rows are mapped up front (budget.mapped_empty: their first touch was 0.3 s of an update)."""
+    The final rows are mapped up front (core/memory.py: their first touch was 0.3 s of an update)."""
     out = mapped_empty((kept.size + added.shape[0], item.cols), np.float32)
     keep = np.zeros(item.rows, dtype=bool)
     keep[kept] = True

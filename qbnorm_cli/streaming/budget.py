@@ -14,10 +14,7 @@ block sizes, and so outputs, are those of fixed shares.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
-
-import numpy as np
 
 from qbnorm_cli.errors import DataError, UsageError, param
 from qbnorm_cli.io.limits import parse_size
@@ -25,21 +22,6 @@ from qbnorm_cli.io.limits import parse_size
 DEFAULT_MEMORY = 1 << 30  # 1 GiB
 
 
-def mapped_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A fresh writable array (zeros) whose memory is mapped in one call, for a large array that is
-    about to be written whole (an update's final gallery).
-
-    Why: numpy advises its large arrays as transparent huge pages, and where the kernel compacts on
-    such a fault (defrag=madvise) the first touch of 200 MB took 0.33-0.46 s here; faulting 4 KiB
-    pages one by one took 0.12 s; MAP_POPULATE maps them all at once in 0.06 s. Without
-    MAP_POPULATE (not Linux) it is a plain np.empty."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    populate = getattr(mmap, "MAP_POPULATE", None)
-    if populate is None or nbytes == 0:
-        return np.empty(shape, dtype=dtype)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
-    return np.frombuffer(memory, dtype=dtype).reshape(shape)  # the array keeps the mapping alive
 
 
 def parse_memory(value: str | int) -> int:
