@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qbnorm_cli.core.memory import mapped_empty
 from qbnorm_cli.core.normalisers import Normaliser
 from qbnorm_cli.core.statistics import BankAccumulator
 from qbnorm_cli.io.specs import as_input
@@ -176,3 +177,16 @@ def test_a_lone_taker_gets_its_share_as_before():
     ledger = Ledger(budget, held=900)
     assert ledger.room(0.25) == 100 and ledger.rows(10, share=0.25) == 10 and ledger.room(0.25) == 0
     assert ledger.rows(10, share=0.25) == 1  # a block has one row at least
+
+
+@pytest.mark.parametrize("shape", [(3000, 700), (0, 5), (1,)])
+def test_mapped_empty_is_a_fresh_writable_array_of_zeros(shape):
+    """The update's final rows are mapped up front (one call instead of a fault per page); the
+    array is an ordinary writable one of that shape and dtype, and it keeps its memory alive."""
+    out = mapped_empty(shape, np.float32)
+    assert out.shape == shape and out.dtype == np.float32 and out.flags.writeable and out.flags.c_contiguous
+    assert not out.any()
+    out[...] = 1.5
+    view = out[:1]
+    del out
+    assert (view == 1.5).all()

@@ -236,6 +236,31 @@ def test_column_top_k_above_a_floor(rows):
     np.testing.assert_array_equal(top.descending(), want)
 
 
+def test_column_top_k_above_a_floor_holds_no_table_until_the_pairs_fold():
+    """Above a floor, the few values that pass are kept as pairs: the (width, K) table of held values
+    is made only once they are folded into it (an update's new bank rows rarely get there), and a
+    block where none pass gives −inf pads only."""
+    tile = np.arange(24, dtype=np.float32).reshape(4, 6)
+    top = stats.ColumnTopK(6, 3, np.full(6, 100.0))
+    top.update(tile)
+    assert top.values is None
+    np.testing.assert_array_equal(top.descending(), np.full((6, 3), -np.inf))
+    few = stats.ColumnTopK(6, 3, np.r_[np.full(5, 100.0), 11.0])  # column 5 holds 5, 11, 17, 23
+    few.update(tile)
+    assert few.values is None
+    want = np.full((6, 3), -np.inf)
+    want[5, :2] = 23, 17
+    np.testing.assert_array_equal(few.descending(), want)
+    rows = np.zeros((6, 3), dtype=np.float32)  # an accumulator's item_top rows: written where they lie
+    assert few.descending(out=rows) is rows
+    np.testing.assert_array_equal(rows, want)
+    plain = stats.ColumnTopK(6, 3)
+    plain.update(tile)
+    rows[...] = 0
+    plain.descending(out=rows)
+    np.testing.assert_array_equal(rows, plain.descending())
+
+
 def test_cosine_norms_in_pieces_are_the_whole_matrix_norms():
     """The norms are taken a piece of rows at a time (no matrix-sized temporaries): each row's is its
     own, so the rows equal those normalised at once, bit for bit; a part given the rows held by

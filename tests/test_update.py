@@ -421,3 +421,28 @@ def test_the_nightly_example_runs(tmp_path):
     with qbnorm_cli.Probe.load(state / "probe.h5") as probe:
         assert (probe.n_gallery, probe.n_bank) == (198, 600)
     assert (state / "index" / "vectors.npy").exists() and not any((state / "today").iterdir())
+
+
+def test_a_large_record_is_read_whole_into_mapped_memory(tmp_path):
+    """A record of 4 MiB or more (an update reads each item's K largest scores whole) is read into
+    memory mapped at once (core/memory.py): the same values, dtype and shape as h5py reads."""
+    from qbnorm_cli.core.memory import MAPPED_FROM
+    from qbnorm_cli.io.probefile import Probe
+
+    rng = np.random.default_rng(3)
+    bank, gallery = rng.normal(size=(130, 8)).astype(np.float32), rng.normal(size=(8200, 8)).astype(np.float32)
+    path = tmp_path / "p.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qbnorm_cli.probe(bank, gallery, output=path)
+    name = "/item_top_scores"
+    with h5py.File(path, "r") as h5:
+        want = h5[name][()]
+    assert want.nbytes >= MAPPED_FROM
+    probe = Probe.load(path)
+    try:
+        got = probe.record(name)
+    finally:
+        probe.close()
+    assert got.dtype == want.dtype and got.shape == want.shape and not got.flags.owndata
+    np.testing.assert_array_equal(got, want)

@@ -30,6 +30,7 @@ from qbnorm_cli.api.probing import (
     sinkhorn_potentials,
 )
 from qbnorm_cli.core import probestats, topk
+from qbnorm_cli.core.memory import mapped_empty
 from qbnorm_cli.core.probestats import (
     BY_NAME,
     ITEM_FIELDS,
@@ -276,8 +277,9 @@ def _checked_rows(item, recorded: np.ndarray, kept: np.ndarray, added: np.ndarra
                   label: str) -> tuple[np.ndarray, np.ndarray]:
     """The kept rows of an input followed by `added`, in one array (the final rows: read once, no
     concatenation), and the rows not kept. Refuses an input whose kept rows are not the rows the
-    probe measured (their hashes, core/probestats.fingerprints, differ from those recorded)."""
-    out = np.empty((kept.size + added.shape[0], item.cols), dtype=np.float32)
+    probe measured (their hashes, core/probestats.fingerprints, differ from those recorded).
+    The final rows are mapped up front (core/memory.py: their first touch was 0.3 s of an update)."""
+    out = mapped_empty((kept.size + added.shape[0], item.cols), np.float32)
     keep = np.zeros(item.rows, dtype=bool)
     keep[kept] = True
     dropped, differ, at = [], [], 0

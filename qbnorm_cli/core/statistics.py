@@ -79,14 +79,17 @@ class ColumnTopK:
     until they would outnumber a quarter of the held values (then merged into them)."""
 
     def __init__(self, width: int, k: int, floor: np.ndarray | None = None) -> None:
-        self.k = k
-        self.values = np.full((width, k), -np.inf)  # unordered; the first `count` slots are real
+        self.k, self.width = k, width
+        self.values = None  # (width, k) unordered; the first `count` slots are real
         self.count = 0
-        self.bound = np.full(width, -np.inf)        # the K-th largest once count == k
         self._pairs = None
         if floor is not None:  # values at or below a column's floor are never wanted: −inf pads stand for them
+            # (the held values are made only if the pairs are folded into them: most blocks never are)
             self.count, self.bound = k, np.asarray(floor, dtype=np.float64)
             self._pairs, self._paired = [], 0
+        else:
+            self.values = np.full((width, k), -np.inf)
+            self.bound = np.full(width, -np.inf)  # the K-th largest once count == k
 
     def update(self, tile: np.ndarray) -> None:
         if tile.shape[0] == 0:
@@ -96,7 +99,7 @@ class ColumnTopK:
             rows, cols = np.divmod(flat, tile.shape[1])  # (flat: a 2-D nonzero is several times slower)
             self._pairs.append((cols, tile[rows, cols]))
             self._paired += cols.size
-            if self._paired * 4 > self.values.size:
+            if self._paired * 4 > self.width * self.k:
                 self._fold()
             return
         if self.count == 0 and tile.shape[0] >= 16 * self.k:
@@ -142,6 +145,7 @@ class ColumnTopK:
     def _fold(self) -> None:
         """Merge the pairs kept above the floor into the held values; from now on, merge as usual."""
         pairs, self._pairs = self._pairs, None
+        self.values = np.full((self.width, self.k), -np.inf)
         if pairs:
             self._merge_pairs(np.concatenate([c for c, _ in pairs]), np.concatenate([v for _, v in pairs]))
 
@@ -164,19 +168,26 @@ class ColumnTopK:
         self.values[target] = top
         self.bound[target] = np.maximum(self.bound[target], top.min(axis=1))
 
-    def descending(self) -> np.ndarray:
-        """(width, count) the held values, largest first."""
-        if self._pairs:  # only the few above the floor: placed in their rows, not a sort of every row
-            cols, vals = (np.concatenate(part) for part in zip(*self._pairs, strict=True))
-            order = np.lexsort((-vals, cols))  # by column, largest first
-            cols, vals = cols[order], vals[order].astype(np.float64)
-            starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-            rank = np.arange(cols.size) - np.repeat(starts, np.diff(np.r_[starts, cols.size]))
-            keep = rank < self.k
-            out = np.full(self.values.shape, -np.inf)
-            out[cols[keep], rank[keep]] = vals[keep]
+    def descending(self, out: np.ndarray | None = None) -> np.ndarray:
+        """(width, count) the held values, largest first; written into `out` when given (an
+        accumulator's own rows: no block-sized table made, filled and copied)."""
+        if self._pairs is not None:  # only the few above the floor: placed in their rows, not a sort of every row
+            out = np.empty((self.width, self.k)) if out is None else out
+            out[...] = -np.inf
+            if self._pairs:
+                cols, vals = (np.concatenate(part) for part in zip(*self._pairs, strict=True))
+                order = np.lexsort((-vals, cols))  # by column, largest first
+                cols, vals = cols[order], vals[order].astype(np.float64)
+                starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+                rank = np.arange(cols.size) - np.repeat(starts, np.diff(np.r_[starts, cols.size]))
+                keep = rank < self.k
+                out[cols[keep], rank[keep]] = vals[keep]
             return out
-        return -np.sort(-self.values[:, : self.count], axis=1)
+        top = -np.sort(-self.values[:, : self.count], axis=1)
+        if out is None:
+            return top
+        out[...] = top
+        return out
 
 
 def top_means(ordered: np.ndarray, ks) -> np.ndarray:
@@ -367,7 +378,7 @@ class BankAccumulator:
             for b, beta in enumerate(self.betas):
                 self.log_norm[b, c0:c1] = beta * self._colmax + np.log(self._sums[b])
         if self._top is not None:
-            self.item_top[c0:c1] = self._top.descending()
+            self._top.descending(out=self.item_top[c0:c1])
         self.item_score_sum[c0:c1] = self._column_sums
         self.item_score_sumsq[c0:c1] = self._column_sumsq
         derive_items(self, slice(c0, c1), top=self.item_floor is None)

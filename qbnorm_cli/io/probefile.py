@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 
 from qbnorm_cli import methods
+from qbnorm_cli.core.memory import MAPPED_FROM, mapped_empty
 from qbnorm_cli.core.probestats import BY_NAME, ITEM_FIELDS, item_record
 from qbnorm_cli.core.sinkhorn import SinkhornResult
 from qbnorm_cli.core.statistics import BankAccumulator, activation_mask, occurrence
@@ -241,7 +242,11 @@ class Probe:
         ds = self.datasets[name]
         what = "its values" if key == () else f"rows {row}:"
         with reading(self.layout.label(name), what, checksummed=has_checksum(ds), remedy=self.layout.schema.remedy):
-            block = np.asarray(ds[key])
+            if key == () and ds.dtype.kind in "fiu" and ds.size * ds.dtype.itemsize >= MAPPED_FROM:
+                block = mapped_empty(ds.shape, ds.dtype)  # an update's records: mapped at once (core/memory.py)
+                ds.read_direct(block)
+            else:
+                block = np.asarray(ds[key])
         self.layout.check_block(name, block, row)
         return block
 
