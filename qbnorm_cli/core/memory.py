@@ -10,7 +10,7 @@ MAPPED_FROM = 4 << 20  # bytes: numpy advises arrays from 4 MiB on as huge pages
 
 
 def mapped_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A fresh writable array (zeros) whose memory is mapped in one call, for a large array that is
+    """A fresh writable array (its contents undefined) whose memory is mapped in one call, for a large array that is
     about to be written whole (an update's final gallery, a probe record read whole).
 
     Why: numpy advises its large arrays as transparent huge pages, and where the kernel compacts on

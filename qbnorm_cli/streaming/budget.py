@@ -22,8 +22,6 @@ from qbnorm_cli.io.limits import parse_size
 DEFAULT_MEMORY = 1 << 30  # 1 GiB
 
 
-
-
 def parse_memory(value: str | int) -> int:
     """'1GiB', '512MB', '2g', '1000000' (or a number of bytes) → bytes, at least 1 MiB."""
     return parse_size(value, "memory")
