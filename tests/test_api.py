@@ -179,6 +179,15 @@ def test_options_are_keyword_only(function, positional):
     assert all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
 
 
+@pytest.mark.parametrize("name", ["probe", "update_probe", "normalise", "export", "search", "evaluate", "hubness",
+                                  "hubs", "tune", "build_bank", "convert"])
+def test_every_entry_point_reads_under_the_limits(name):
+    """Each entry point that reads files runs under io.limits (api.common.bounded): it takes
+    allow_external and max_output, and its own `memory` bounds what a chunk may expand to."""
+    parameters = inspect.signature(getattr(qbnorm_cli, name)).parameters
+    assert {"allow_external", "max_output"} <= set(parameters)
+
+
 def test_public_names():
     for name in qbnorm_cli.__all__:
         assert hasattr(qbnorm_cli, name), name

@@ -137,7 +137,6 @@ def sinkhorn_memory(result: Probe) -> int:
     return memory_to_hold(result.n_bank, rows)
 
 
-@bounded
 def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource | None,
                      cross_scores: ScoreSource | None, *, betas, gallery_betas, kmax: int, k: int, topk_means,
                      keep_sorted: bool, column_moments: bool, centroid_ks, gallery_moments: bool,
@@ -181,6 +180,7 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
     return bank_acc, gallery_bank_acc, datasets, found
 
 
+@bounded
 def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1, gallery_bank=None,
           gallery_betas=(registry.DEFAULT_GALLERY_BETA,), topk_means=None, keep_sorted: bool = False,
           sinkhorn: bool = False, sinkhorn_iters: int | None = None, sinkhorn_tol: float | None = None,
