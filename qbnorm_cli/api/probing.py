@@ -137,6 +137,16 @@ def sinkhorn_memory(result: Probe) -> int:
     return memory_to_hold(result.n_bank, rows)
 
 
+def probe_pass(banks: list, n_cols: int, budget: Budget, session, on_sorted, progress, what: str = "probe") -> None:
+    """One pass of the banks over `n_cols` gallery columns into their accumulators, here or on the
+    cluster's `session` (the same values to the bit), with its progress reported as `what`."""
+    with progress_or_none(progress)(what, sum(s.n_rows for s, _ in banks) * n_cols, per=n_cols) as advance:
+        if session is None:
+            run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
+        else:
+            clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
+
+
 def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource | None,
                      cross_scores: ScoreSource | None, *, betas, gallery_betas, kmax: int, k: int, topk_means,
                      keep_sorted: bool, column_moments: bool, centroid_ks, gallery_moments: bool,
@@ -160,11 +170,7 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
         if number == 0 and sink is not None:
             sink.write(c0, SORTED, block)
 
-    with progress_or_none(progress)("probe", sum(s.n_rows for s, _ in banks) * n_gallery, per=n_gallery) as advance:
-        if session is None:
-            run_probe(banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
-        else:
-            clustering.run_probe(session, banks, n_gallery, budget, on_sorted=on_sorted, progress=advance)
+    probe_pass(banks, n_gallery, budget, session, on_sorted, progress)
     datasets = statistics(bank_acc, gallery_bank_acc, k)
     if centroid_ks:
         datasets.update(centroid_statistics(bank_scores, bank_acc.column_topk_index, centroid_ks))
@@ -309,14 +315,11 @@ def probe(bank=None, gallery=None, *, betas=(registry.DEFAULT_BETA,), k: int = 1
             gallery_moments=request is not None and request.gallery_moments,
             sinkhorn=(sinkhorn_settings, betas, betas) if sinkhorn_settings is not None else None,
             budget=budget, progress=progress, session=session, sink=sink)
-        if bank_sims is None:  # what an update checks its inputs against (core/probestats.py)
-            for name, role in (("/gallery_row_hash", "gallery"), ("/bank_row_hash", "bank"),
-                               ("/gallery_bank_row_hash", "gallery_bank")):
-                if role in given_banks or role == "gallery":
-                    item = inputs[1] if role == "gallery" else given_banks[role][1]
-                    if given_banks.get(role, ("", None))[0].endswith("_sims"):
-                        continue
-                    datasets[name] = Stored(input_fingerprints(item))
+        if bank_sims is None:  # what an update checks its inputs against (core/probestats.py): embeddings' rows
+            embedded = {"gallery": inputs[1], **{role: item for role, (option, item) in given_banks.items()
+                                                 if not option.endswith("_sims")}}
+            for role, item in embedded.items():
+                datasets[f"/{role}_row_hash"] = Stored(input_fingerprints(item))
         attrs, diagnostics, found = probe_summary(query_acc, gallery_acc, k, params["similarity"], gallery_identity)
         if tuned is not None and bank_sims is None:  # inputs: bank, gallery, …
             found.append(tuned_on_warning(tuned["path"], tuned, [i.describe() for i in inputs[1:2]]))

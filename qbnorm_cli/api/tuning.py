@@ -170,11 +170,11 @@ def tune(queries=None, gallery=None, gt=None, bank=None, *, sims=None, bank_sims
             sinkhorn=sinkhorn, budget=budget, progress=progress, sink=sink)
     if needs.keep_sorted:
         store[SORTED] = Stored(sink.arrays[SORTED])
-    probe = Probe(store, {"gallery_rows": n_gallery, "bank_rows": bank_scores.n_rows,
-                          "similarity": similarity if embedded else "precomputed",
-                          "score_scale": scale.classify(query_acc.score_stats())}, path="the tuning probe")
     full_stats = query_acc.score_stats()
     scale_name = scale.classify(full_stats)
+    probe = Probe(store, {"gallery_rows": n_gallery, "bank_rows": bank_scores.n_rows,
+                          "similarity": similarity if embedded else "precomputed", "score_scale": scale_name},
+                  path="the tuning probe")
     diag = bank_diagnostics(query_acc.neighbors.indices, 1, n_gallery)
     found = [overlap, coverage_warning(diag, n_gallery, param(f"method={registry.DEFAULT.name!r}")), *sinkhorn_found]
 

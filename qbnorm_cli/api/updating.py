@@ -20,11 +20,12 @@ from contextlib import nullcontext
 import numpy as np
 
 from qbnorm_cli import methods as registry
-from qbnorm_cli.api.common import bounded, clustered, embeddings, progress_or_none
+from qbnorm_cli.api.common import bounded, clustered, embeddings
 from qbnorm_cli.api.probing import (
     GALLERY_BLOCK,
     SinkhornSettings,
     centroid_statistics,
+    probe_pass,
     probe_result,
     probe_summary,
     sinkhorn_potentials,
@@ -46,9 +47,7 @@ from qbnorm_cli.io import limits
 from qbnorm_cli.io.probefile import KEPT_ATTRS, SORTED, Probe, Stored, statistics
 from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.io.specs import as_input
-from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, make_budget
-from qbnorm_cli.streaming.engine import run_probe
 from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores
 
 REPROBE = "re-probe once with this version"
@@ -108,7 +107,8 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
             inputs.append(add_in)
         if kept.size + added.shape[0] == 0:
             raise UsageError(f"{param('remove_gallery')} removes every item of the gallery and nothing is added")
-        final_gallery, removed_rows = _checked_rows(gallery_in, old.record("/gallery_row_hash"), kept, added, label)
+        recorded = {"gallery": old.record("/gallery_row_hash")}  # each input's row hashes, read once
+        final_gallery, removed_rows = _checked_rows(gallery_in, recorded["gallery"], kept, added, label)
         n_kept, n_final = kept.size, final_gallery.shape[0]
 
         sides = [("bank", bank, add_bank, old.n_bank)]
@@ -125,15 +125,15 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                 more_in = embeddings(more, f"add_{role}")
                 new = _rows(more_in, gallery_in.cols, given_in.label)
                 inputs.append(more_in)
-            rows, _ = _checked_rows(given_in, old.record(f"/{role}_row_hash"), np.arange(n_rows), new, label)
+            recorded[role] = old.record(f"/{role}_row_hash")
+            rows, _ = _checked_rows(given_in, recorded[role], np.arange(n_rows), new, label)
             final_banks[role] = (rows, n_rows)
 
         # what is taken of the final rows as read, before they are normalised where they lie
         gallery_identity = as_input(final_gallery, "gallery").identity
-        row_hashes = {"gallery": np.concatenate([old.record("/gallery_row_hash")[kept],
-                                                 fingerprints(final_gallery[n_kept:])])}
+        row_hashes = {"gallery": np.concatenate([recorded["gallery"][kept], fingerprints(final_gallery[n_kept:])])}
         for role, (rows, n_old) in final_banks.items():
-            row_hashes[role] = np.concatenate([old.record(f"/{role}_row_hash"), fingerprints(rows[n_old:])])
+            row_hashes[role] = np.concatenate([recorded[role], fingerprints(rows[n_old:])])
         eager = cluster is None
 
         def whole(array, name, in_place=False):
@@ -175,19 +175,12 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         with clustered(cluster) as session, Sink(output, "probe", n_final, sorted_column, force=force,
                                                  params=out_params, inputs=inputs, provenance=provenance) as sink:
             def run(banks, n_cols, parts):
-                banks = [(s, a) for s, a in banks if n_cols]
-                if not banks:
-                    return
-
                 def on_sorted(number, c0, c1, block):
                     if number == 0:
                         parts[c0] = block
-                total = sum(s.n_rows for s, _ in banks) * n_cols
-                with progress_or_none(progress)("update", total, per=n_cols) as advance:
-                    if session is None:
-                        run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
-                    else:
-                        clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
+
+                if banks and n_cols:
+                    probe_pass(banks, n_cols, budget, session, on_sorted, progress, what="update")
 
             passes_new_items, passes_new_rows = [], []
             keep = slice(None) if n_kept == n_gallery else kept
