@@ -63,6 +63,7 @@ def data(tmp_path_factory):
         h5["gt"] = rng.integers(0, 30, 60)
     np.save(root / "gt.npy", rng.integers(0, 30, 60))
     np.save(root / "mask.npy", np.ones(60, dtype=bool))
+    np.save(root / "more.npy", rng.standard_normal((5, D)).astype(np.float32))  # items for probe --update
     steps = [
         ["build-bank", f"{root}/emb.h5::/bank", "--strategy", "all", "-o", root / "bank.h5"],
         ["probe", "--bank", root / "bank.h5", "--gallery", f"{root}/emb.h5::/gallery", "--keep-sorted",
@@ -87,6 +88,8 @@ WRITERS = {
     "convert": (["convert", "{root}/emb.h5::/queries"], "out.h5"),
     "build-bank": (["build-bank", "{root}/emb.h5::/queries", "--size", "50"], "out.h5"),
     "probe": (["probe", "--bank", "{root}/bank.h5", "--gallery", "{root}/emb.h5::/gallery", "--keep-sorted"], "out.h5"),
+    "probe --update": (["probe", "--update", "{root}/probe.h5", "--bank", "{root}/bank.h5", "--gallery",
+                        "{root}/emb.h5::/gallery", "--add-gallery", "{root}/more.npy"], "out.h5"),
     "normalise": (NORMALISE, "out.h5"),
     "normalise --top-k": ([*NORMALISE, "--top-k", "3"], "out.h5"),
     "evaluate": (["evaluate", "{root}/sims.h5", "--gt", "{root}/gt.npy"], "out.h5"),
@@ -271,8 +274,8 @@ def fill(disk: Path, leave: int) -> None:
 
 
 @pytest.mark.parametrize("leave", [16 << 10, 0], ids=["nearly full", "full"])
-@pytest.mark.parametrize("name", ["convert", "build-bank", "probe", "normalise", "normalise --top-k", "evaluate",
-                                  "hubness", "tune", "export", "export npy", "export faiss", "search"])
+@pytest.mark.parametrize("name", ["convert", "build-bank", "probe", "probe --update", "normalise", "normalise --top-k",
+                                  "evaluate", "hubness", "tune", "export", "export npy", "export faiss", "search"])
 def test_disk_full_on_a_tmpfs(data, tiny_disk, capsys, name, leave):
     """A real full disk (a 3 MiB tmpfs): every command that writes ends with exit 1 and one line,
     the earlier output intact and no temporary file; before the fix a segfault (exit 139), a
@@ -393,7 +396,8 @@ def test_force_replaces_only_what_it_checked(data, work, capsys, monkeypatch, na
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["new", "over an earlier output"])
-@pytest.mark.parametrize("name", ["convert", "probe", "normalise", "evaluate --plot", "tune", "export", "export npy"])
+@pytest.mark.parametrize("name", ["convert", "probe", "probe --update", "normalise", "evaluate --plot", "tune",
+                                  "export", "export npy"])
 def test_signal_at_the_commit(data, work, capsys, monkeypatch, name, force):
     """SIGTERM while the output is renamed into place: the rename is the commit point, the signal is
     held across it, and the message says the output was written (it was); an earlier export moved
