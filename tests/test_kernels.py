@@ -233,7 +233,10 @@ def test_column_top_k_above_a_floor(rows):
     top = stats.ColumnTopK(7, 4, floor)
     for r0 in range(0, rows, 16):
         top.update(tile[r0:r0 + 16])
-    np.testing.assert_array_equal(top.descending(), want)
+    got = top.descending()  # as many columns as a column holds values above its floor
+    assert got.shape[1] == np.isfinite(want).sum(axis=1).max()
+    np.testing.assert_array_equal(got, want[:, :got.shape[1]])
+    np.testing.assert_array_equal(top.descending(out=np.zeros((7, 4))), want)
 
 
 def test_column_top_k_above_a_floor_holds_no_table_until_the_pairs_fold():
@@ -244,13 +247,14 @@ def test_column_top_k_above_a_floor_holds_no_table_until_the_pairs_fold():
     top = stats.ColumnTopK(6, 3, np.full(6, 100.0))
     top.update(tile)
     assert top.values is None
-    np.testing.assert_array_equal(top.descending(), np.full((6, 3), -np.inf))
+    assert top.descending().shape == (6, 0)  # nothing above the floors: no columns
+    np.testing.assert_array_equal(top.descending(out=np.zeros((6, 3))), np.full((6, 3), -np.inf))
     few = stats.ColumnTopK(6, 3, np.r_[np.full(5, 100.0), 11.0])  # column 5 holds 5, 11, 17, 23
     few.update(tile)
     assert few.values is None
     want = np.full((6, 3), -np.inf)
     want[5, :2] = 23, 17
-    np.testing.assert_array_equal(few.descending(), want)
+    np.testing.assert_array_equal(few.descending(), want[:, :2])
     rows = np.zeros((6, 3), dtype=np.float32)  # an accumulator's item_top rows: written where they lie
     assert few.descending(out=rows) is rows
     np.testing.assert_array_equal(rows, want)
@@ -259,6 +263,29 @@ def test_column_top_k_above_a_floor_holds_no_table_until_the_pairs_fold():
     rows[...] = 0
     plain.descending(out=rows)
     np.testing.assert_array_equal(rows, plain.descending())
+
+
+def test_an_accumulator_above_item_floors_keeps_only_the_columns_it_needs():
+    """An update's new bank rows against the kept items (item floors): item_top is as wide as the
+    most values any item holds above its floor (not K: most hold none), −inf pads after them, the
+    same values as K columns would hold; placing a cluster task's K-wide columns widens it."""
+    rng = np.random.default_rng(5)
+    tile = rng.integers(-30, 30, size=(12, 50)).astype(np.float32)
+    floor = np.full(50, 27.0)
+    acc = stats.BankAccumulator(12, 50, np.array([1.0]), 3, (8,), item_floor=floor)
+    for c0, c1 in ((0, 20), (20, 50)):
+        acc.start_block(c0, c1)
+        acc.update(0, tile[:, c0:c1])
+        acc.finish_block()
+    want = -np.sort(-tile.T.astype(np.float64), axis=1)[:, :8]
+    want[want <= 27] = -np.inf
+    width = int(np.isfinite(want).sum(axis=1).max())
+    assert 0 < width < 8 and acc.item_top.shape == (50, width)
+    np.testing.assert_array_equal(acc.item_top, want[:, :width])
+    acc.place_columns(10, 20, {"item_top": np.full((10, 8), 29.0, dtype=np.float32)})
+    assert acc.item_top.shape == (50, 8)
+    np.testing.assert_array_equal(acc.item_top[10:20], np.full((10, 8), 29.0))
+    np.testing.assert_array_equal(acc.item_top[:10], want[:10])
 
 
 def test_cosine_norms_in_pieces_are_the_whole_matrix_norms():

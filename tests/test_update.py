@@ -243,6 +243,32 @@ def test_merge_lists_knows_what_is_certain():
     assert merge_lists(parts, 4)[0].tolist() == [[0, 7, 1, -1]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), width=st.integers(1, 8))
+def test_merge_lists_takes_a_row_with_nothing_new_as_it_is(seed, width):
+    """merge_lists keeps a row whose other parts are empty and complete as its first part (no
+    sort): the same lists and certainties as one sort of every row's entries, whether the first
+    part is in merged order or not (ties, pads, incomplete lists)."""
+    from qbnorm_cli.api.updating import _merge_rows
+
+    rng = np.random.default_rng(seed)
+    rows, sizes = 30, rng.integers(0, 7, size=3)
+    parts, start = [], 0
+    for size in sizes:
+        vals = -np.sort(-rng.integers(0, 5, size=(rows, size)).astype(np.float64), axis=1)  # ties
+        idx = np.tile(np.arange(start, start + size), (rows, 1))
+        if size:
+            shuffled = rng.random(rows) < 0.2  # some rows out of the merged order among ties
+            idx[shuffled] = idx[shuffled][:, ::-1]
+            known = np.arange(size)[None, :] < rng.integers(0, size + 1, size=(rows, 1))  # some: none
+            idx, vals = np.where(known, idx, -1), np.where(known, vals, -np.inf)
+        start += size
+        parts.append((idx, vals, rng.random(rows) < 0.7))
+    got, want = merge_lists(parts, width), _merge_rows(parts, width)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
 # --- files and the command -----------------------------------------------------------------------
 
 @pytest.fixture()
@@ -446,3 +472,36 @@ def test_a_large_record_is_read_whole_into_mapped_memory(tmp_path):
         probe.close()
     assert got.dtype == want.dtype and got.shape == want.shape and not got.flags.owndata
     np.testing.assert_array_equal(got, want)
+    # with spare rows after its own (an update's final records): its rows first, read in place
+    for source in (path, probe_in_memory := qbnorm_cli.probe(bank, gallery)):
+        opened = Probe.load(source) if source is path else source
+        try:
+            more = opened.record(name, spare_rows=7)
+        finally:
+            opened.close()
+        assert more.shape == (want.shape[0] + 7, want.shape[1]) and more.dtype == want.dtype
+        np.testing.assert_array_equal(more[:want.shape[0]], want)
+    assert probe_in_memory.record(name).shape == want.shape
+
+
+def test_rows_read_where_they_go_are_the_rows_read(tmp_path):
+    """An update reads the gallery's kept rows straight into the final array (read_into): the values
+    `read` gives, from HDF5 and from any other format; a non-finite value is refused naming its row."""
+    from qbnorm_cli.io.specs import as_input
+
+    rng = np.random.default_rng(4)
+    rows = rng.normal(size=(50, 6)).astype(np.float32)
+    with h5py.File(tmp_path / "g.h5", "w") as h5:
+        h5["embeddings"] = rows
+        bad = rows.copy()
+        bad[33, 2] = np.nan
+        h5["bad"] = bad
+        h5["wide"] = rows.astype(np.float64)
+    np.save(tmp_path / "g.npy", rows)
+    for spec in (f"{tmp_path / 'g.h5'}::/embeddings", f"{tmp_path / 'g.h5'}::/wide", tmp_path / "g.npy"):
+        item = as_input(str(spec), "gallery")
+        out = np.zeros((20, 6), dtype=np.float32)
+        assert item.read_into(out, 10) is out
+        np.testing.assert_array_equal(out, item.read(10, 30))
+    with pytest.raises(DataError, match="row 33"):
+        as_input(f"{tmp_path / 'g.h5'}::/bad", "gallery").read_into(np.zeros((30, 6), dtype=np.float32), 20)

@@ -98,7 +98,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
         gallery_in = embeddings(gallery, "gallery")
         _check_size(gallery_in, n_gallery, label, "gallery items")
         removed = _removals(remove_gallery, n_gallery)
-        kept = np.setdiff1d(np.arange(n_gallery), removed)
+        kept = np.delete(np.arange(n_gallery), removed)  # removed: ascending and unique
         inputs = [gallery_in]
         added = np.zeros((0, gallery_in.cols), dtype=np.float32)
         if add_gallery is not None:
@@ -184,7 +184,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
 
             passes_new_items, passes_new_rows = [], []
             keep = slice(None) if n_kept == n_gallery else kept
-            records = {role: _old_records(old, role, keep) for role in final_banks}
+            records = {role: _old_records(old, role, keep, n_final) for role in final_banks}
             for role, (rows, n_old) in final_banks.items():
                 is_bank = role == "bank"
                 make = lambda n, g, floor=None, rows_floor=None, role=role, is_bank=is_bank: BankAccumulator(
@@ -199,7 +199,7 @@ def update_probe(probe, *, bank=None, gallery=None, gallery_bank=None, add_galle
                 # the new rows × the kept items: of their scores only those above an item's old K-th
                 # largest can enter its K largest (unless K grows with the bank, or dsl's nearest rows
                 # need the scores of the new rows' best)
-                old_top = records[role]["item_top"]
+                old_top = records[role][0]["item_top"]
                 floor = old_top[:, -1] if old_top.shape[1] == min(max(ks, default=0), rows.shape[0]) \
                     and old_top.shape[1] and not centroid_k else None
                 c = make(rows.shape[0] - n_old, n_kept, floor)
@@ -278,19 +278,23 @@ def _checked_rows(item, recorded: np.ndarray, kept: np.ndarray, added: np.ndarra
     dropped, differ, at = [], [], 0
     for r0 in range(0, item.rows, GALLERY_BLOCK):
         r1 = min(r0 + GALLERY_BLOCK, item.rows)
-        block, mask = item.read(r0, r1), keep[r0:r1]
-        rows = block if mask.all() else block[mask]
+        mask = keep[r0:r1]
+        if mask.all():  # read where the rows go
+            rows = item.read_into(out[at:at + r1 - r0], r0)
+        else:
+            block = item.read(r0, r1)
+            rows = out[at:at + int(mask.sum())]
+            rows[...] = block[mask]
+            dropped.append(block[~mask])
         numbers = r0 + np.flatnonzero(mask)
         differ.append(numbers[fingerprints(rows) != recorded[numbers]])
-        out[at:at + rows.shape[0]] = rows
         at += rows.shape[0]
-        dropped.append(block[~mask])
     differ = np.concatenate(differ)
     if differ.size:
         raise DataError(f"{item.label}: row {int(differ[0])} is not the row {label} was made with (its fingerprint "
                         f"differs; {differ.size} rows differ): update against the inputs of that probe")
     out[at:] = added
-    return out, np.concatenate(dropped)
+    return out, np.concatenate(dropped) if dropped else np.zeros((0, item.cols), dtype=np.float32)
 
 
 def _removals(remove, n_gallery: int) -> np.ndarray:
@@ -315,7 +319,32 @@ def merge_lists(parts, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     (R,)), each row best first with −1 pads at its end, `complete` where a list holds every item of
     its set. Returns (indices, values, exact) of `width` columns: the merged lists best first (ties
     to the lower index, as a probe keeps them) and how many leading entries of each row are certain
-    (the rest is padded): an incomplete list's unknown items may come after its last known one."""
+    (the rest is padded): an incomplete list's unknown items may come after its last known one.
+
+    A row whose other parts are empty and complete, and whose first part is in merged order
+    already, is its first part (most rows of an update: few new items enter a row's list)."""
+    first_idx, first_vals = np.asarray(parts[0][0], dtype=np.int64), np.asarray(parts[0][1], dtype=np.float64)
+    valid = first_idx >= 0
+    same = (valid[:, :-1] >= valid[:, 1:]).all(axis=1)  # pads only at the end
+    pair = valid[:, 1:]
+    before, after = first_vals[:, :-1], first_vals[:, 1:]
+    same &= (~pair | (before > after) | ((before == after) & (first_idx[:, :-1] < first_idx[:, 1:]))).all(axis=1)
+    for idx, _, complete in parts[1:]:
+        same &= np.asarray(complete, dtype=bool) & (np.asarray(idx) < 0).all(axis=1)
+    n_first = first_idx.shape[1]
+    idx = np.full((first_idx.shape[0], width), -1, dtype=np.int64)
+    vals = np.full((first_idx.shape[0], width), -np.inf)
+    idx[:, :min(width, n_first)] = np.where(valid, first_idx, -1)[:, :width]
+    vals[:, :min(width, n_first)] = np.where(valid, first_vals, -np.inf)[:, :width]
+    exact = np.minimum(valid.sum(axis=1), width)
+    rest = np.flatnonzero(~same)
+    if rest.size:
+        idx[rest], vals[rest], exact[rest] = _merge_rows([tuple(np.asarray(x)[rest] for x in p) for p in parts], width)
+    return idx, vals, exact
+
+
+def _merge_rows(parts, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """merge_lists by one sort of every row's entries (value descending, then index)."""
     idx = np.concatenate([p[0] for p in parts], axis=1).astype(np.int64)
     vals = np.concatenate([p[1] for p in parts], axis=1).astype(np.float64)
     source = np.concatenate([np.full(p[0].shape, n) for n, p in enumerate(parts)], axis=1)
@@ -382,28 +411,46 @@ def _lists_of(acc: BankAccumulator, rows: slice, offset: int, n_items: int):
     return idx, acc.neighbors.values[rows], complete
 
 
-def _old_records(old: Probe, role: str, kept: np.ndarray | slice) -> dict[str, np.ndarray]:
+def _old_records(old: Probe, role: str, kept: np.ndarray | slice,
+                 n_final: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """The kept items' records of one bank (its log-normalisers and what core/probestats.py's
-    ITEM_FIELDS name), read once; `kept` a slice when nothing is removed (no copies)."""
+    ITEM_FIELDS name), read once; `kept` a slice when nothing is removed (no copies). Also the
+    final gallery's K largest scores per item with the kept items' in its first rows (the
+    records' item_top is a view of them: _merge merges in place), None without them."""
     prefix = "" if role == "bank" else "gallery_"
-    records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field))
-               else np.zeros((old.n_gallery, 0), dtype=np.float32)[kept] for field in ITEM_FIELDS}
+    n_kept = old.n_gallery if isinstance(kept, slice) else kept.size
+    empty = np.zeros((n_kept, 0), dtype=np.float32)
+    top_rows = None
+    if old.has(name := item_record(role, "item_top")):
+        top_rows = old.record(name, spare_rows=max(n_final - old.n_gallery, 0))
+        if not isinstance(kept, slice):
+            top_rows[:n_kept] = top_rows[kept]
+        top_rows = top_rows[:n_final]
+    records = {field: old.record(item_record(role, field))[kept] if old.has(item_record(role, field)) else empty
+               for field in ITEM_FIELDS if field != "item_top"}
+    records["item_top"] = empty if top_rows is None else top_rows[:n_kept]
     if (records["item_top"][:, 1:] > records["item_top"][:, :-1]).any():
         raise DataError(f"{old.label}::{item_record(role, 'item_top')}: an item's largest bank scores are not in "
                         "descending order; the file is damaged: probe again")
     records["log_norm"] = old.record(f"/{prefix}log_norm")[:, kept]
-    return records
+    return records, top_rows
 
 
-def _merge(old: Probe, role: str, records: dict[str, np.ndarray], a: BankAccumulator, c: BankAccumulator,
-           kept: np.ndarray, n_old: int, all_rows: Embeddings, final_gallery: Embeddings, betas, kmax: int, ks,
-           moments: bool, centroid_k: int) -> BankAccumulator:
-    """The final accumulator of one bank: the kept items' `records` (_old_records) merged with the
-    new rows' (pass `c`), the new items' columns from pass `a`, every row's neighbours merged (and
-    recounted where removals left fewer than kmax certain)."""
+def _merge(old: Probe, role: str, read: tuple[dict[str, np.ndarray], np.ndarray | None], a: BankAccumulator,
+           c: BankAccumulator, kept: np.ndarray, n_old: int, all_rows: Embeddings, final_gallery: Embeddings, betas,
+           kmax: int, ks, moments: bool, centroid_k: int) -> BankAccumulator:
+    """The final accumulator of one bank: the kept items' records (_old_records: `read`) merged
+    with the new rows' (pass `c`), the new items' columns from pass `a`, every row's neighbours
+    merged (and recounted where removals left fewer than kmax certain)."""
+    records, top_rows = read
     n_kept, n_new = kept.size, a.n_gallery
     n_final, n_rows = n_kept + n_new, a.n_rows
     final = BankAccumulator(n_rows, n_final, betas, kmax, ks, column_moments=moments, neighbor_k=centroid_k)
+    nearest = _nearest_rows(old, records["item_top"], kept, c, n_old, final.neighbor_k) \
+        if final.column_topk_index is not None else None  # read before the K largest merge in place
+    in_place = top_rows is not None and top_rows.shape == final.item_top.shape
+    if in_place:  # its first rows are the kept items' K largest: they merge where they lie
+        final.item_top = top_rows
     prefix = "" if role == "bank" else "gallery_"
     keep = slice(None) if n_kept == old.n_gallery else kept
     # the items whose K largest scores a new bank row enters (all when K grows with the bank): the
@@ -424,7 +471,7 @@ def _merge(old: Probe, role: str, records: dict[str, np.ndarray], a: BankAccumul
         held = getattr(final, field)
         kept_columns = held[:n_kept] if field in ITEM_MAJOR else held[..., :n_kept]
         if rule == "top-k":
-            if values.shape[1] == width:
+            if values.shape[1] == width and not in_place:
                 kept_columns[...] = values
             for p in range(0, changed.size, GALLERY_BLOCK):  # cache-sized pieces
                 part = changed[p:p + GALLERY_BLOCK]
@@ -439,7 +486,7 @@ def _merge(old: Probe, role: str, records: dict[str, np.ndarray], a: BankAccumul
     derive_items(final, slice(0, n_kept), top=False)
     derive_items(final, changed)
     if final.column_topk_index is not None:  # each kept item's nearest bank rows: old ones merged with new ones
-        final.column_topk_index[:n_kept] = _nearest_rows(old, records["item_top"], kept, c, n_old, final.neighbor_k)
+        final.column_topk_index[:n_kept] = nearest
     if n_new:
         final.place_columns(n_kept, n_final, a.column_parts())
     width = final.neighbors.k

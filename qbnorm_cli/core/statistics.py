@@ -170,18 +170,21 @@ class ColumnTopK:
 
     def descending(self, out: np.ndarray | None = None) -> np.ndarray:
         """(width, count) the held values, largest first; written into `out` when given (an
-        accumulator's own rows: no block-sized table made, filled and copied)."""
+        accumulator's own rows: no block-sized table made, filled and copied). Above a floor, with
+        the values still kept as pairs and no `out`: only as many columns as a column holds values
+        (−inf pads after them)."""
         if self._pairs is not None:  # only the few above the floor: placed in their rows, not a sort of every row
-            out = np.empty((self.width, self.k)) if out is None else out
+            cols, vals = (np.concatenate(part) for part in zip(*self._pairs, strict=True)) if self._pairs \
+                else (np.zeros(0, dtype=np.int64), np.zeros(0))
+            order = np.lexsort((-vals, cols))  # by column, largest first
+            cols, vals = cols[order], vals[order].astype(np.float64)
+            starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]]) if cols.size else np.zeros(0, dtype=np.int64)
+            rank = np.arange(cols.size) - np.repeat(starts, np.diff(np.r_[starts, cols.size]))
+            keep = rank < self.k
+            if out is None:
+                out = np.empty((self.width, min(self.k, int(rank.max(initial=-1)) + 1)))
             out[...] = -np.inf
-            if self._pairs:
-                cols, vals = (np.concatenate(part) for part in zip(*self._pairs, strict=True))
-                order = np.lexsort((-vals, cols))  # by column, largest first
-                cols, vals = cols[order], vals[order].astype(np.float64)
-                starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-                rank = np.arange(cols.size) - np.repeat(starts, np.diff(np.r_[starts, cols.size]))
-                keep = rank < self.k
-                out[cols[keep], rank[keep]] = vals[keep]
+            out[cols[keep], rank[keep]] = vals[keep]
             return out
         top = -np.sort(-self.values[:, : self.count], axis=1)
         if out is None:
@@ -260,7 +263,9 @@ class BankAccumulator:
         self.column_topk_index = np.zeros((self.n_gallery, self.neighbor_k), dtype=np.int32) \
             if self.neighbor_k else None
         self.neighbors = topk.RunningTopK(self.n_rows, min(self.kmax + SPARE, self.n_gallery), self.row_floor)
-        self.item_top = np.zeros((self.n_gallery, min(max(self.topk_ks, default=0), self.n_rows)), dtype=np.float32)
+        # with a floor, only as many columns as an item has scores above it (a few: an update's new rows)
+        width = 0 if self.item_floor is not None else min(max(self.topk_ks, default=0), self.n_rows)
+        self.item_top = np.zeros((self.n_gallery, width), dtype=np.float32)
         self.item_score_sum = np.zeros(self.n_gallery)
         self.item_score_sumsq = np.zeros(self.n_gallery)
         self.item_score_min = np.full(self.n_gallery, np.inf, dtype=np.float32)
@@ -282,11 +287,23 @@ class BankAccumulator:
     def place_columns(self, c0: int, c1: int, parts: dict[str, np.ndarray]) -> None:
         """Columns c0:c1 from another accumulator's `column_parts` (of exactly those columns)."""
         for name, part in parts.items():
+            if name == "item_top":
+                self._place_top(c0, c1, part)
+                continue
             held = getattr(self, name)
             if name in self.ITEM_MAJOR:
                 held[c0:c1] = part
             else:
                 held[..., c0:c1] = part
+
+    def _place_top(self, c0: int, c1: int, top: np.ndarray) -> None:
+        """Items c0:c1's largest scores (descending, −inf pads), into item_top; with a floor, item_top
+        widens to the widest (its other items padded with −inf)."""
+        if top.shape[1] > self.item_top.shape[1]:
+            self.item_top = np.pad(self.item_top, ((0, 0), (0, top.shape[1] - self.item_top.shape[1])),
+                                   constant_values=-np.inf)
+        self.item_top[c0:c1, :top.shape[1]] = top
+        self.item_top[c0:c1, top.shape[1]:] = -np.inf
 
     def start_block(self, c0: int, c1: int) -> None:
         self._block = (c0, c1)
@@ -378,7 +395,10 @@ class BankAccumulator:
             for b, beta in enumerate(self.betas):
                 self.log_norm[b, c0:c1] = beta * self._colmax + np.log(self._sums[b])
         if self._top is not None:
-            self._top.descending(out=self.item_top[c0:c1])
+            if self.item_floor is None:
+                self._top.descending(out=self.item_top[c0:c1])
+            else:
+                self._place_top(c0, c1, self._top.descending())
         self.item_score_sum[c0:c1] = self._column_sums
         self.item_score_sumsq[c0:c1] = self._column_sumsq
         derive_items(self, slice(c0, c1), top=self.item_floor is None)

@@ -223,26 +223,39 @@ class Probe:
         """Whether the probe holds this dataset (core/probestats.py declares them)."""
         return self._has(name)
 
-    def record(self, name: str) -> np.ndarray:
-        """A whole dataset as an array, read and checked as any other (core/probestats.py)."""
+    def record(self, name: str, spare_rows: int = 0) -> np.ndarray:
+        """A whole dataset as an array, read and checked as any other (core/probestats.py). With
+        `spare_rows`, the array has that many more rows after the dataset's (their values undefined:
+        an update's final records, read in place)."""
         if not self._has(name):
             raise UsageError(f"{self.label}: the probe has no {name}")
-        return self._read(name)
+        if not spare_rows or self.layout is None:
+            values = self._read(name)
+            return np.concatenate([values, np.empty((spare_rows, *values.shape[1:]), values.dtype)]) \
+                if spare_rows else values
+        shape = self._shape(name)
+        out = mapped_empty((shape[0] + spare_rows, *shape[1:]), self.datasets[name].dtype)
+        self._read(name, out=out[:shape[0]])
+        return out
 
     def _has(self, name: str) -> bool:
         if self.layout is not None:  # a file: the datasets its schema check found
             return name in self.layout.data_attrs
         return name in self.datasets
 
-    def _read(self, name: str, key=(), row: int = 0) -> np.ndarray:
+    def _read(self, name: str, key=(), row: int = 0, out: np.ndarray | None = None) -> np.ndarray:
         """datasets[name][key], read through `reading` from a file and checked against the schema's
-        declared values where they are checked as read (`row`: the first row read)."""
+        declared values where they are checked as read (`row`: the first row read); the whole
+        dataset into `out` when given."""
         if self.layout is None:
             return np.asarray(self.datasets[name][key])
         ds = self.datasets[name]
         what = "its values" if key == () else f"rows {row}:"
         with reading(self.layout.label(name), what, checksummed=has_checksum(ds), remedy=self.layout.schema.remedy):
-            if key == () and ds.dtype.kind in "fiu" and ds.size * ds.dtype.itemsize >= MAPPED_FROM:
+            if out is not None:
+                block = out
+                ds.read_direct(block)
+            elif key == () and ds.dtype.kind in "fiu" and ds.size * ds.dtype.itemsize >= MAPPED_FROM:
                 block = mapped_empty(ds.shape, ds.dtype)  # an update's records: mapped at once (core/memory.py)
                 ds.read_direct(block)
             else:

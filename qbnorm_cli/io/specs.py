@@ -167,6 +167,18 @@ class ArrayInput:
             return as_float32(block, self.label, r0)
         return block.astype(np.float32, copy=False)
 
+    def read_into(self, out: np.ndarray, r0: int = 0) -> np.ndarray:
+        """Rows r0 : r0 + len(out) into `out` (float32, C-contiguous), as `read` reads them: a
+        float32 HDF5 dataset straight into it (no block made and copied)."""
+        r1 = r0 + out.shape[0]
+        if isinstance(self.array, h5py.Dataset) and self.array.dtype == np.float32 and self.array.ndim == 2 \
+                and out.flags.c_contiguous and out.shape[1:] == self.array.shape[1:]:
+            with self.reading(f"rows {r0}:{r1}"):
+                self.array.read_direct(out, np.s_[r0:r1])
+            return as_float32(out, self.label, r0)
+        out[...] = self.read(r0, r1)
+        return out
+
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """The rows of ascending row numbers `rows`, in their stored dtype (one selection)."""
         with self.reading(f"{len(rows)} rows"):
