@@ -10,6 +10,7 @@ import functools
 import os
 import sys
 from collections import Counter
+from collections.abc import MutableMapping
 
 import typer
 import typer.core
@@ -172,17 +173,53 @@ def _given_once(command) -> None:
     command.parse_args = checked
 
 
+class _Commands(MutableMapping):
+    """The program's click commands by name, each built from its typer signature when first looked
+    up: a run builds the one it runs (building all ten took 28 ms of every run); listing them (the
+    help) builds them all."""
+
+    def __init__(self, infos) -> None:
+        self._infos = {info.name: info for info in infos}
+        self._built: dict = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._built:
+            command = typer.main.get_command_from_info(self._infos[name], pretty_exceptions_short=True,
+                                                       rich_markup_mode=app.rich_markup_mode)
+            _given_once(command)
+            self._built[name] = command
+        return self._built[name]
+
+    def __setitem__(self, name: str, command) -> None:
+        self._infos.setdefault(name, None)
+        self._built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._infos[name]
+        self._built.pop(name, None)
+
+    def __iter__(self):
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+
 _COMMAND: list = []
 
 
 def _click_command():
-    """The app as a click command, built once (typer rebuilds it from the signatures on every call:
-    50 ms, which tests and notebooks calling main() many times would pay each time)."""
+    """The app as a click group, built once (typer rebuilds it from the signatures on every call,
+    which tests and notebooks calling main() many times would pay each time), its commands as they
+    are looked up (_Commands)."""
     if not _COMMAND:
-        command = typer.main.get_command(app)
-        for sub in command.commands.values():
-            _given_once(sub)
-        _COMMAND.append(command)
+        infos, app.registered_commands = app.registered_commands, []
+        try:
+            group = typer.main.get_command(app)  # the root options (its callback) only
+        finally:
+            app.registered_commands = infos
+        group.commands = _Commands(infos)
+        _COMMAND.append(group)
     return _COMMAND[0]
 
 

@@ -214,7 +214,11 @@ def top_distance_means(ordered: np.ndarray, ks) -> np.ndarray:
 
 def cosine_distance(scores: np.ndarray) -> np.ndarray:
     """d = √(2 − 2s) of cosine similarities (of L2-normalised vectors), float64, clipped at 0."""
-    return np.sqrt(np.maximum(2.0 - 2.0 * np.asarray(scores, dtype=np.float64), 0.0))
+    dist = np.array(scores, dtype=np.float64)  # a copy, then in place: 2 − 2s as (−2s) + 2, the same rounding
+    dist *= -2.0
+    dist += 2.0
+    np.maximum(dist, 0.0, out=dist)
+    return np.sqrt(dist, out=dist)
 
 
 @dataclass
