@@ -652,3 +652,95 @@ def test_a_vanished_kernel_row_is_one_error_and_no_warning():
         warnings.simplefilter("error")
         with pytest.raises(FloatingPointError, match="kernel row vanished"):
             state.step(kernel, 0)
+
+
+# --- the first v-update from the probe's own pass ----------------------------------------------------
+
+def _accumulated(P, betas, block: int = 5, rows: int = 7):
+    """A BankAccumulator with row sums fed P in column blocks and row tiles, as a probe pass feeds it."""
+    from qbnorm_cli.core.statistics import BankAccumulator
+
+    P32 = np.asarray(P, dtype=np.float32)
+    acc = BankAccumulator(P32.shape[0], P32.shape[1], np.asarray(betas, dtype=np.float64), 2, row_sums=True)
+    for c0 in range(0, P32.shape[1], block):
+        acc.start_block(c0, min(c0 + block, P32.shape[1]))
+        for r0 in range(0, P32.shape[0], rows):
+            acc.update(r0, P32[r0:r0 + rows, c0:c0 + block])
+        acc.finish_block()
+    return acc
+
+
+@pytest.mark.parametrize("betas", [[20.0], [1.0, 100.0]])
+def test_a_probe_pass_sums_each_row_as_the_first_v_update_needs(rnd, betas):
+    """BankAccumulator(row_sums=True): each bank row's log Σ_j exp(β·P) from the pass's own
+    exponentials, within lse64's bound of the oracle, whatever the blocks and tiles; the first
+    v-update from it (core.sinkhorn.first_v_update) is the reference's from POT's start."""
+    from qbnorm_cli.core.sinkhorn import first_v_update
+
+    acc = _accumulated(rnd.P, betas)
+    sums = acc.row_log_sums()
+    assert sums.shape == (len(betas), N_BANK)
+    spread = float(rnd.P.max() - rnd.P.min())
+    for row, beta in enumerate(betas):
+        want = np.array([np.logaddexp.reduce(beta * p) for p in rnd.P])
+        magnitude = beta * float(np.abs(rnd.P).max()) + math.log(N_GALLERY)
+        tol.assert_close(sums[row], want, tol.lse64(N_GALLERY, beta, spread, magnitude))
+        start = np.full(N_GALLERY, -math.log(N_GALLERY))
+        tol.assert_close(first_v_update(sums[row], N_GALLERY), ref.sinkhorn_log_v(beta * rnd.P, start),
+                         2 * tol.lse64(N_GALLERY, beta, spread, magnitude))
+    np.testing.assert_array_equal(_accumulated(rnd.P, betas, block=N_GALLERY, rows=N_BANK).row_log_sums().shape,
+                                  sums.shape)
+
+
+def test_row_sums_that_would_underflow_are_not_used():
+    """A row whose every score lies more than 600/β below the best score sums exponentials near
+    float64's smallest numbers: row_log_sums gives None, and the run makes its own first pass."""
+    P = np.zeros((3, 4))
+    P[0] = 0.9
+    P[2] = -0.9
+    assert _accumulated(P, [100.0]).row_log_sums() is not None  # 180 apart: accurate
+    assert _accumulated(P, [1000.0]).row_log_sums() is None     # 1800 apart
+
+
+def test_a_converging_probe_starts_from_its_pass_and_a_fixed_count_cold(emb, monkeypatch):
+    """probe(sinkhorn=True) hands each converging sn run its first v-update from the probe's pass
+    (no pass of its own: its first pass is the u-update), reaching the cold run's result; dbsn, a
+    fixed count of iterations (the paper's runs) and a probe on a cluster start as POT starts."""
+    from qbnorm_cli.api import probing
+
+    seen = []
+    real = probing.run_sinkhorn
+
+    def spy(segments, problems, budget, **kwargs):
+        seen.append([(state.n_rows, state.first) for state, _ in problems])
+        return real(segments, problems, budget, **kwargs)
+
+    monkeypatch.setattr(probing, "run_sinkhorn", spy)
+    kwargs = dict(betas=[2.0, 5.0], similarity="dot", sinkhorn=True)
+    got = qbnorm_cli.probe(emb.bank, emb.gallery, gallery_bank=emb.gallery_bank, sinkhorn_tol=1e-9, **kwargs)
+    dual_rows = N_GALLERY + len(emb.gallery_bank)
+    assert seen[-1] == [(N_GALLERY, False), (N_GALLERY, False), (dual_rows, True), (dual_rows, True)]
+    qbnorm_cli.probe(emb.bank, emb.gallery, sinkhorn_iters=10, **kwargs)
+    assert seen[-1] == [(N_GALLERY, True), (N_GALLERY, True)]
+    data = emb.scores()
+    for beta in (2.0, 5.0):
+        cold, _ = streamed(data.P, beta, tol_=1e-9, accelerate=True)
+        run = next(r for r in got.sinkhorn_runs() if r["beta"] == beta)
+        assert run["iterations"] == cold.iterations
+        tol.assert_close(got.sinkhorn_log_u(beta), cold.log_u, 2 * bound(data.P, beta, cold))
+
+
+def test_a_transposed_tile_is_the_tile_transposed(emb):
+    """The Sinkhorn driver's blocks (items × bank rows) are the score tiles transposed, bit for bit,
+    from embeddings and from a score matrix."""
+    from qbnorm_cli.streaming.sources import transposed_tile
+
+    rows = Embeddings(as_input(emb.bank, "bank"), "cosine", Budget())
+    cols = Embeddings(as_input(emb.gallery, "gallery"), "cosine", Budget())
+    for source in (EmbeddingScores(rows, cols), matrix(emb.scores().P)):
+        source.column_block(3, 17)
+        want = source.tile(5, 30).T.copy()
+        out = np.full((14 + 2, N_BANK + 4), np.nan, dtype=np.float32)  # its columns a view, as the driver's
+        got = transposed_tile(source, 5, 30, out[:14, 5:30])
+        np.testing.assert_array_equal(got, want)
+        assert np.isnan(out[:14, :5]).all() and np.isnan(out[:14, 30:]).all()

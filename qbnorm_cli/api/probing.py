@@ -20,7 +20,7 @@ from qbnorm_cli.api.common import (
 )
 from qbnorm_cli.core import scale
 from qbnorm_cli.core.probestats import fingerprints
-from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn
+from qbnorm_cli.core.sinkhorn import DEFAULT_MAX_ITERS, DEFAULT_TOL, Sinkhorn, first_v_update
 from qbnorm_cli.core.statistics import BankAccumulator, bank_diagnostics, coverage_warning
 from qbnorm_cli.errors import DataError, UsageError, param, plain_text
 from qbnorm_cli.io import limits
@@ -59,10 +59,13 @@ class SinkhornSettings:
         return cls(None, DEFAULT_TOL if tol is None else _TOL.check(tol),
                    DEFAULT_MAX_ITERS if max_iters is None else _MAX_ITERS.check(max_iters))
 
-    def state(self, beta: float, n_bank: int, n_rows: int, log_u: np.ndarray | None = None) -> Sinkhorn:
+    def state(self, beta: float, n_bank: int, n_rows: int, log_u: np.ndarray | None = None,
+              log_v: np.ndarray | None = None) -> Sinkhorn:
+        """A run's state: from POT's start, from item scalings `log_u`, or (converging runs) from
+        its first v-update `log_v`; a fixed count of iterations always starts as POT does."""
         if self.iters is not None:
             return Sinkhorn(beta, n_bank, n_rows, iters=self.iters, log_u=log_u)
-        return Sinkhorn(beta, n_bank, n_rows, tol=self.tol, max_iters=self.max_iters, log_u=log_u)
+        return Sinkhorn(beta, n_bank, n_rows, tol=self.tol, max_iters=self.max_iters, log_u=log_u, log_v=log_v)
 
     def as_params(self) -> dict:
         return {"sinkhorn_iters": self.iters, "sinkhorn_tol": self.tol, "sinkhorn_max_iters": self.max_iters}
@@ -91,15 +94,18 @@ def sinkhorn_note(states, settings: SinkhornSettings) -> str:
 
 
 def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas, dual_betas,
-                        settings: SinkhornSettings, budget: Budget, progress, starts=None,
+                        settings: SinkhornSettings, budget: Budget, progress, starts=None, first_v=None,
                         ) -> tuple[dict[str, Stored], list[str]]:
     """The Sinkhorn potentials of every β (SN: rows = the gallery) and of every dual β (DBSN: rows =
     the gallery, then the gallery bank, whose bank × gallery-bank scores are `cross_scores`), as
     the probe's datasets, and a warning for each run that stopped at max_iters unconverged.
-    starts: {(β, dual): log u} to start from (an update's warm start), else POT's start."""
+    starts: {(β, dual): log u} to start from (an update's warm start), else POT's start.
+    first_v: {β: log v} of an SN run's first v-update from POT's start, made by the probe's pass
+    (core.sinkhorn.first_v_update): the run begins with its u-update."""
     n_bank, n_gallery = bank_scores.n_rows, bank_scores.n_cols
-    starts = starts or {}
-    single = [settings.state(b, n_bank, n_gallery, starts.get((b, False))) for b in betas]
+    starts, first_v = starts or {}, first_v or {}
+    single = [settings.state(b, n_bank, n_gallery, starts.get((b, False)),
+                             log_v=None if (b, False) in starts else first_v.get(float(b))) for b in betas]
     dual = [settings.state(b, n_bank, n_gallery + cross_scores.n_cols, starts.get((b, True))) for b in dual_betas] \
         if cross_scores is not None else []
     segments = [bank_scores] if cross_scores is None or not dual else [bank_scores, cross_scores]
@@ -158,8 +164,13 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
     scores go to `sink`'s SORTED rows as the pass makes them. Returns the accumulators, the
     datasets and the Sinkhorn runs' warnings."""
     n_gallery = bank_scores.n_cols
+    # a converging Sinkhorn run's first v-update is each bank row's log-sum-exp: from this pass's
+    # exponentials (a matrix–vector product), not from a pass of its own (not on a cluster: there
+    # the run makes its first pass)
+    row_sums = sinkhorn is not None and sinkhorn[0].iters is None and session is None
     bank_acc = BankAccumulator(bank_scores.n_rows, n_gallery, np.array(betas), kmax, tuple(topk_means), keep_sorted,
-                               column_moments=column_moments, neighbor_k=max(centroid_ks, default=0))
+                               column_moments=column_moments, neighbor_k=max(centroid_ks, default=0),
+                               row_sums=row_sums)
     banks = [(bank_scores, bank_acc)]
     gallery_bank_acc = None
     if gallery_bank_scores is not None:
@@ -180,8 +191,12 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
     found: list[str] = []
     if sinkhorn is not None:
         settings, sinkhorn_betas, dual_betas = sinkhorn
+        row_lse = bank_acc.row_log_sums() if row_sums else None
+        first_v = {} if row_lse is None else {
+            float(beta): first_v_update(row_lse[list(bank_acc.betas).index(beta)], n_gallery)
+            for beta in sinkhorn_betas if beta in bank_acc.betas}
         potentials, found = sinkhorn_potentials(bank_scores, cross_scores, sinkhorn_betas, dual_betas, settings,
-                                                budget, progress)
+                                                budget, progress, first_v=first_v)
         datasets.update(potentials)
     return bank_acc, gallery_bank_acc, datasets, found
 

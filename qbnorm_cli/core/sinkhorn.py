@@ -91,6 +91,14 @@ class SinkhornResult:
     converged: bool          # change < tol (fixed-iteration runs: whether it happened to be)
 
 
+def first_v_update(row_log_sums: np.ndarray, n_rows: int) -> np.ndarray:
+    """The first v-update from POT's start (log u_j = −log n_rows) given each bank query's
+    log Σ_j exp(β·P[b, j]): log v_b = −log n_b − (that − log n_rows). A `Sinkhorn(log_v=…)` from it
+    runs as one from POT's start after its pass 0."""
+    row_log_sums = np.asarray(row_log_sums, dtype=np.float64)
+    return -math.log(row_log_sums.size) + math.log(n_rows) - row_log_sums
+
+
 def _pieces(n_rows: int, n_cols: int, piece_bytes: int = PIECE_BYTES):
     step = max(1, piece_bytes // (8 * max(n_cols, 1)))
     for a in range(0, n_rows, step):

@@ -38,6 +38,9 @@ from qbnorm_cli.core.probestats import COLUMN_FIELDS, ITEM_MAJOR, SPARE
 from qbnorm_cli.core.scale import ScoreStats
 
 _SUB_ITEMS = 1 << 17  # float64 items per piece: 1 MiB, cache-resident while exponentiated
+# A row's sum of exp(β·(P − M)) is accurate to float64's rounding when it is at least e^−600: its
+# terms below the smallest normal number (e^−708) then add at most n·e^−708 (n < e^50 columns).
+ROW_SUM_RANGE = 600.0
 _LOCAL = threading.local()
 
 
@@ -239,6 +242,7 @@ class BankAccumulator:
     neighbor_k: int = 0           # also each column's neighbor_k best bank rows
     item_floor: np.ndarray | None = None  # item_top keeps only scores above it (−inf pads); nothing derived
     row_floor: np.ndarray | None = None   # each row's neighbours: only items above it (topk.RunningTopK)
+    row_sums: bool = False                # also each row's log Σ_j exp(β·P[row, j]) (row_log_sums)
     log_norm: np.ndarray = field(init=False)
     largest_means: np.ndarray = field(init=False)
     topk_kth: np.ndarray = field(init=False)
@@ -274,6 +278,8 @@ class BankAccumulator:
         self.item_score_sumsq = np.zeros(self.n_gallery)
         self.item_score_min = np.full(self.n_gallery, np.inf, dtype=np.float32)
         self.item_score_max = np.full(self.n_gallery, -np.inf, dtype=np.float32)
+        self._row_lse = np.full((len(self.betas), self.n_rows), -np.inf) if self.row_sums else None
+        self._row_shift = np.full(len(self.betas), -np.inf)  # the largest β·M a row sum was scaled by
         self._block = None
 
     @property
@@ -335,7 +341,7 @@ class BankAccumulator:
         c1 = c0 + tile.shape[1]
         np.minimum(self.item_score_min[c0:c1], tile.min(axis=0), out=self.item_score_min[c0:c1])
         np.maximum(self.item_score_max[c0:c1], tile_max.astype(np.float32), out=self.item_score_max[c0:c1])
-        finish = self._log_sum_exp(tile, tile_max, chunks)  # may run on other threads meanwhile
+        finish = self._log_sum_exp(r0, tile, tile_max, chunks)  # may run on other threads meanwhile
         try:
             if self._top is not None:
                 self._top.update(tile)
@@ -347,9 +353,11 @@ class BankAccumulator:
         finally:
             finish()
 
-    def _log_sum_exp(self, tile: np.ndarray, tile_max: np.ndarray, chunks):
+    def _log_sum_exp(self, first_row: int, tile: np.ndarray, tile_max: np.ndarray, chunks):
         """Running per-column max m and Σ exp(β·(P − m)) in float64; also the score sums (per column:
-        the pass that sums every score anyway gives the column means at no extra cost).
+        the pass that sums every score anyway gives the column means at no extra cost), and with
+        row_sums each row's Σ_j exp(β·(P − M)) over the tile, M = max_j m_j: the same exponentials
+        weighted by exp(β·(m_j − M)) ≤ 1, one matrix–vector product (row_log_sums).
 
         Starts the work on the worker threads and returns the function that folds it in."""
         new_max = np.maximum(self._colmax, tile_max)
@@ -360,11 +368,14 @@ class BankAccumulator:
                 self._sums[b, grown] *= np.exp(beta * (self._colmax[grown] - new_max[grown]))
             self._colmax = new_max
         colmax, betas = self._colmax, self.betas
+        peak = float(colmax.max(initial=-np.inf))
+        weights = [np.exp(beta * (colmax - peak)) for beta in betas] if self._row_lse is not None else None
 
         def chunk(r0: int, r1: int):
             sums = np.zeros((len(betas), tile.shape[1]))
             column_sums = np.zeros(tile.shape[1])
             column_sumsq = np.zeros(tile.shape[1])
+            row_sums = np.zeros((len(betas), r1 - r0)) if weights is not None else None
             step = max(1, _SUB_ITEMS // max(tile.shape[1], 1))
             for a in range(r0, r1, step):  # cache-sized pieces through a reused buffer
                 part = tile[a:min(a + step, r1)]
@@ -380,17 +391,36 @@ class BankAccumulator:
                     np.multiply(x, beta, out=work)
                     np.exp(work, out=work)
                     sums[b] += work.sum(axis=0)
-            return column_sums, column_sumsq, sums
+                    if weights is not None:
+                        np.matmul(work, weights[b], out=row_sums[b, a - r0:a - r0 + part.shape[0]])
+            return r0, column_sums, column_sumsq, sums, row_sums
 
         wait = chunks(tile.shape[0], tile.size, chunk)
 
         def finish() -> None:
-            for column_sums, column_sumsq, sums in wait():
+            for r0, column_sums, column_sumsq, sums, row_sums in wait():
                 self._column_sums += column_sums
                 self._column_sumsq += column_sumsq
                 self._sums += sums
+                if row_sums is not None:
+                    rows = slice(first_row + r0, first_row + r0 + row_sums.shape[1])
+                    with np.errstate(divide="ignore"):
+                        np.logaddexp(self._row_lse[:, rows], np.log(row_sums) + (betas * peak)[:, None],
+                                     out=self._row_lse[:, rows])
+            if weights is not None:
+                np.maximum(self._row_shift, betas * peak, out=self._row_shift)
 
         return finish
+
+    def row_log_sums(self) -> np.ndarray | None:
+        """(len(betas), n_rows): each bank row's log Σ_j exp(β·P[row, j]) over every column (with
+        row_sums), or None when a row's sum was not accurate: one whose terms all lay more than
+        ROW_SUM_RANGE below the largest score (in β·P) summed subnormal or flushed exponentials."""
+        if self._row_lse is None or not np.isfinite(self._row_lse).all():
+            return None
+        if (self._row_lse.min(axis=1, initial=np.inf) < self._row_shift - ROW_SUM_RANGE).any():
+            return None
+        return self._row_lse
 
     def finish_block(self) -> np.ndarray | None:
         """Store the block's column statistics; returns its sorted scores (columns × rows) if kept."""

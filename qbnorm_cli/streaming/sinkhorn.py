@@ -36,7 +36,7 @@ from qbnorm_cli.core.sinkhorn import BUILD, FIRST, KERNEL, Sinkhorn
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
 from qbnorm_cli.streaming.engine import tile_rows
-from qbnorm_cli.streaming.sources import ScoreSource
+from qbnorm_cli.streaming.sources import ScoreSource, transposed_tile
 
 HELD_SHARE = 0.5             # the float32 kernels (and scores) are kept when they fit this share of the budget
 BLOCK_TARGET_BYTES = 32 << 20  # a recomputed block (float32, twice: as computed and transposed)
@@ -205,7 +205,7 @@ def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int
         out = np.empty((width, n_bank), dtype=np.float32) if number in layout.scores else scratch("t", width)
         segment.column_block(block.c0, block.c1)
         for r0, r1 in spans(n_bank, tile_rows(width, budget, n_bank, segment.row_chunk)):
-            out[:, r0:r1] = segment.tile(r0, r1).T
+            transposed_tile(segment, r0, r1, out[:, r0:r1])
         if number in layout.scores:
             kept[number] = out
         return out

@@ -17,7 +17,7 @@ import numpy as np
 from qbnorm_cli.core.sampling import spread
 from qbnorm_cli.core.scale import ScoreStats
 from qbnorm_cli.errors import DataError, param
-from qbnorm_cli.io.specs import ArrayInput
+from qbnorm_cli.io.specs import ArrayInput, transpose_into
 from qbnorm_cli.io.validate import as_float32
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, spans
@@ -304,6 +304,17 @@ class RowSubset:
 
     def read_rows(self, rows, c0: int, c1: int) -> np.ndarray:
         return self.inner.read_rows(self.index[rows], c0, c1)
+
+
+def transposed_tile(scores: ScoreSource, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+    """out[...] = scores.tile(r0, r1).T (the current column block's items × rows r0:r1), copied
+    through cache-sized squares (io/specs.transpose_into) on every core: one strided copy of a
+    large tile took as long as its product (5,000 × 25,000 scores: 1.27 s against 1.1 s)."""
+    tile = scores.tile(r0, r1)
+    step = -(-tile.shape[1] // parallel.workers())
+    list(parallel.run_tasks(lambda c0: transpose_into(out[c0:c0 + step], tile[:, c0:c0 + step]),
+                            range(0, tile.shape[1], step)))
+    return out
 
 
 class MatrixScores:
