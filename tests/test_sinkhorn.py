@@ -744,31 +744,3 @@ def test_a_transposed_tile_is_the_tile_transposed(emb):
         got = transposed_tile(source, 5, 30, out[:14, 5:30])
         np.testing.assert_array_equal(got, want)
         assert np.isnan(out[:14, :5]).all() and np.isnan(out[:14, 30:]).all()
-
-
-def test_a_probe_hands_its_scores_to_runs_that_hold_them(emb, monkeypatch):
-    """Where the Sinkhorn runs hold every bank × gallery score, the probe's pass keeps them
-    (transposed) and the runs take them instead of computing them again: the same potentials to
-    the bit as runs that compute their own (dyadic embeddings: every product exact)."""
-    from qbnorm_cli.api import probing
-
-    handed = []
-    real = probing.run_sinkhorn
-
-    def spy(segments, problems, budget, **kwargs):
-        handed.append(kwargs.get("held_scores"))
-        return real(segments, problems, budget, **kwargs)
-
-    monkeypatch.setattr(probing, "run_sinkhorn", spy)
-    kwargs = dict(betas=[2.0, 5.0], similarity="dot", sinkhorn=True, sinkhorn_tol=1e-9)
-    kept = qbnorm_cli.probe(emb.bank, emb.gallery, **kwargs)
-    want = (emb.bank.astype(np.float64) @ emb.gallery.astype(np.float64).T).T
-    np.testing.assert_array_equal(handed[-1], want)
-    small = qbnorm_cli.probe(emb.bank, emb.gallery, **kwargs, block_rows=6)  # recomputed on every pass
-    assert handed[-1] is None and not small.sinkhorn_runs()[0]["held"]
-    monkeypatch.setattr(probing, "holds_scores", lambda *args: False)
-    own = qbnorm_cli.probe(emb.bank, emb.gallery, **kwargs)
-    assert handed[-1] is None
-    for beta in (2.0, 5.0):
-        np.testing.assert_array_equal(kept.sinkhorn_log_u(beta), own.sinkhorn_log_u(beta))
-    assert kept.sinkhorn_runs() == own.sinkhorn_runs()

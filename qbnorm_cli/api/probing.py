@@ -30,8 +30,8 @@ from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget
 from qbnorm_cli.streaming.engine import run_probe
-from qbnorm_cli.streaming.sinkhorn import holds_scores, memory_to_hold, run_sinkhorn
-from qbnorm_cli.streaming.sources import EmbeddingScores, MatrixScores, ScoreSource, transpose_on_cores
+from qbnorm_cli.streaming.sinkhorn import memory_to_hold, run_sinkhorn
+from qbnorm_cli.streaming.sources import EmbeddingScores, MatrixScores, ScoreSource
 
 
 @dataclass(frozen=True)
@@ -95,28 +95,27 @@ def sinkhorn_note(states, settings: SinkhornSettings) -> str:
 
 def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas, dual_betas,
                         settings: SinkhornSettings, budget: Budget, progress, starts=None, first_v=None,
-                        held_scores: np.ndarray | None = None) -> tuple[dict[str, Stored], list[str]]:
+                        ) -> tuple[dict[str, Stored], list[str]]:
     """The Sinkhorn potentials of every β (SN: rows = the gallery) and of every dual β (DBSN: rows =
     the gallery, then the gallery bank, whose bank × gallery-bank scores are `cross_scores`), as
     the probe's datasets, and a warning for each run that stopped at max_iters unconverged.
     starts: {(β, dual): log u} to start from (an update's warm start), else POT's start.
     first_v: {β: log v} of an SN run's first v-update from POT's start, made by the probe's pass
-    (core.sinkhorn.first_v_update): the run begins with its u-update. held_scores: the bank ×
-    gallery scores transposed, as that pass kept them (run_sinkhorn)."""
+    (core.sinkhorn.first_v_update): the run begins with its u-update."""
     n_bank, n_gallery = bank_scores.n_rows, bank_scores.n_cols
     starts, first_v = starts or {}, first_v or {}
     single = [settings.state(b, n_bank, n_gallery, starts.get((b, False)),
                              log_v=None if (b, False) in starts else first_v.get(float(b))) for b in betas]
     dual = [settings.state(b, n_bank, n_gallery + cross_scores.n_cols, starts.get((b, True))) for b in dual_betas] \
         if cross_scores is not None else []
-    segments, counts = sinkhorn_segments(bank_scores, cross_scores, betas, dual_betas)
-    problems = list(zip(single + dual, counts, strict=True))
+    segments = [bank_scores] if cross_scores is None or not dual else [bank_scores, cross_scores]
+    problems = [(state, 1) for state in single] + [(state, 2) for state in dual]
     states = single + dual
     # A fixed count of iterations has a known end; a run to tolerance has none (it usually stops long
     # before max_iters): its progress is the stopping measure against the tolerance, not a percentage.
     passes = max((state.limit + 1 for state in states), default=0) if settings.iters is not None else None
     with progress_or_none(progress)("sinkhorn", passes, unit="passes") as advance:
-        held = run_sinkhorn(segments, problems, budget, held_scores=held_scores,
+        held = run_sinkhorn(segments, problems, budget,
                             progress=lambda n: advance(n, note=sinkhorn_note(states, settings)))
     out: dict[str, Stored] = {}
     found = []
@@ -137,15 +136,6 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
     return out, found
 
 
-def sinkhorn_segments(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas,
-                      dual_betas) -> tuple[list[ScoreSource], list[int]]:
-    """The Sinkhorn runs' score segments (bank × gallery, then bank × gallery bank for DBSN) and,
-    per run (every β, then every dual β), how many of them form its rows."""
-    dual = cross_scores is not None and len(dual_betas) > 0
-    return ([bank_scores, cross_scores] if dual else [bank_scores],
-            [1] * len(betas) + ([2] * len(dual_betas) if dual else []))
-
-
 def sinkhorn_memory(result: Probe) -> int:
     """The `memory` at which a probe like `result` holds every Sinkhorn kernel (sn and dbsn, each β)."""
     n_gallery, extra = result.n_gallery, int(result.attrs["gallery_bank_rows"])
@@ -153,14 +143,12 @@ def sinkhorn_memory(result: Probe) -> int:
     return memory_to_hold(result.n_bank, rows)
 
 
-def probe_pass(banks: list, n_cols: int, budget: Budget, session, on_sorted, progress, what: str = "probe",
-               on_tile=None) -> None:
+def probe_pass(banks: list, n_cols: int, budget: Budget, session, on_sorted, progress, what: str = "probe") -> None:
     """One pass of the banks over `n_cols` gallery columns into their accumulators, here or on the
-    cluster's `session` (the same values to the bit), with its progress reported as `what`;
-    `on_tile` (here only) sees every tile of scores (engine.run_probe)."""
+    cluster's `session` (the same values to the bit), with its progress reported as `what`."""
     with progress_or_none(progress)(what, sum(s.n_rows for s, _ in banks) * n_cols, per=n_cols) as advance:
         if session is None:
-            run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance, on_tile=on_tile)
+            run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
         else:
             clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
 
@@ -193,19 +181,7 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
         if number == 0 and sink is not None:
             sink.write(c0, SORTED, block)
 
-    # where the Sinkhorn runs hold every bank × gallery score, this pass keeps them (transposed, as
-    # the runs hold them) instead of the runs computing them again
-    held_t = None
-    if row_sums:
-        segments, counts = sinkhorn_segments(bank_scores, cross_scores, sinkhorn[1], sinkhorn[2])
-        if holds_scores(segments, budget, counts):
-            held_t = np.empty((n_gallery, bank_scores.n_rows), dtype=np.float32)
-
-    def on_tile(number, r0, c0, tile):
-        if number == 0:
-            transpose_on_cores(held_t[c0:c0 + tile.shape[1], r0:r0 + tile.shape[0]], tile)
-
-    probe_pass(banks, n_gallery, budget, session, on_sorted, progress, on_tile=on_tile if held_t is not None else None)
+    probe_pass(banks, n_gallery, budget, session, on_sorted, progress)
     datasets = statistics(bank_acc, gallery_bank_acc, k)
     if centroid_ks:
         datasets.update(centroid_statistics(bank_scores, bank_acc.column_topk_index, centroid_ks))
@@ -220,7 +196,7 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
             float(beta): first_v_update(row_lse[list(bank_acc.betas).index(beta)], n_gallery)
             for beta in sinkhorn_betas if beta in bank_acc.betas}
         potentials, found = sinkhorn_potentials(bank_scores, cross_scores, sinkhorn_betas, dual_betas, settings,
-                                                budget, progress, first_v=first_v, held_scores=held_t)
+                                                budget, progress, first_v=first_v)
         datasets.update(potentials)
     return bank_acc, gallery_bank_acc, datasets, found
 

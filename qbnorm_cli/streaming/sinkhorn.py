@@ -18,11 +18,10 @@ with a block of columns, so each recomputed pass costs about one product. Held a
 blocks apply the same arithmetic to the same float32 values: the same result, to the
 bit. Reductions are float64.
 
-Cost: one pass to start (the first v-update; none for a run given it, as a probe's own pass gives
-it), one to build the kernel (iteration 1), then one pass per iteration: two products over the
-held kernel, or the scores and one exp per score where it is not held (plus their product, where
-the scores are not held either, unless the caller hands them over: `held_scores`); a kernel build
-again only when the scalings leave the kernel's safe range (core.sinkhorn.ABSORB).
+Cost: one pass to start (the first v-update), one to build the kernel (iteration 1), then one pass
+per iteration: two products over the held kernel, or the scores and one exp per score where it is
+not held (plus their product, where the scores are not held either); a kernel build again only
+when the scalings leave the kernel's safe range (core.sinkhorn.ABSORB).
 """
 
 from __future__ import annotations
@@ -112,14 +111,6 @@ def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = No
     return Plan(blocks, kernels, scores)
 
 
-def holds_scores(segments: Sequence[ScoreSource], budget: Budget, counts: Sequence[int]) -> bool:
-    """Whether a run of problems over the first `counts[i]` segments (run_sinkhorn) holds every
-    score block of the first segment: then a pass that computed them anyway can hand them over
-    (run_sinkhorn's held_scores)."""
-    layout = plan(segments, budget, None, counts)
-    return all(number in layout.scores for number, block in enumerate(layout.blocks) if block.segment == 0)
-
-
 def warm_start(solved: Sequence[Sinkhorn], beta: float) -> np.ndarray:
     """A start for β's item scalings from the converged runs of other β on the same rows (the last
     two, nearest β last): log u extrapolated linearly in β, or from one run scaled by β/β' (the dual
@@ -156,7 +147,7 @@ def chained(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, 
 
 def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
                  hold: bool | None = None, progress: Callable[[int], None] | None = None,
-                 warm: bool = False, held_scores: np.ndarray | None = None) -> list[bool]:
+                 warm: bool = False) -> list[bool]:
     """Iterate every problem (a Sinkhorn state and how many leading segments form its rows) until
     each is done; returns, per problem, whether its whole kernel was held in memory.
 
@@ -166,30 +157,27 @@ def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkh
     converging runs of several β start from each other's solutions where that costs no products
     (`chained`): fewer iterations, the same fixed point up to the constant (u·c, v/c) that
     Sinkhorn's scalings are defined up to (the c a run ends at depends on its start).
-    `held_scores`: the first segment's scores transposed (items × bank rows, float32), as a pass
-    over them kept them (holds_scores): the blocks the run holds are views of it, not products.
     """
     chains = chained(segments, problems, budget, hold) if warm else []
     if not chains:
-        return _run(segments, problems, budget, hold, progress, held_scores)
+        return _run(segments, problems, budget, hold, progress)
     held = [False] * len(problems)
     for chain in chains:
         for position, index in enumerate(chain):
             state = problems[index][0]
             if position:
                 state.start_from(warm_start([problems[before][0] for before in chain[:position]], state.beta))
-            held[index] = _run(segments, [problems[index]], budget, hold, progress, held_scores)[0]
+            held[index] = _run(segments, [problems[index]], budget, hold, progress)[0]
     rest = [index for index in range(len(problems)) if not any(index in chain for chain in chains)]
     if rest:
-        for index, was_held in zip(rest, _run(segments, [problems[i] for i in rest], budget, hold, progress,
-                                              held_scores), strict=True):
+        for index, was_held in zip(rest, _run(segments, [problems[i] for i in rest], budget, hold, progress),
+                                   strict=True):
             held[index] = was_held
     return held
 
 
 def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
-         hold: bool | None, progress: Callable[[int], None] | None,
-         held_scores: np.ndarray | None = None) -> list[bool]:
+         hold: bool | None, progress: Callable[[int], None] | None) -> list[bool]:
     n_bank = segments[0].n_rows
     for segment in segments:
         if segment.n_rows != n_bank:
@@ -200,11 +188,6 @@ def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int
     layout = plan(segments, budget, hold, [count for _, count in problems])
     blocks = layout.blocks
     kept: dict[int, np.ndarray] = {}
-    if held_scores is not None:
-        if held_scores.shape != (segments[0].n_cols, n_bank):
-            raise ValueError("held_scores must be the first segment's scores transposed")
-        kept = {number: held_scores[block.c0:block.c1] for number, block in enumerate(blocks)
-                if block.segment == 0 and number in layout.scores}
     kernels: dict[tuple[int, int], np.ndarray] = {}
     buffers: dict[str, np.ndarray] = {}
 
