@@ -18,7 +18,8 @@ with a block of columns, so each recomputed pass costs about one product. Held a
 blocks apply the same arithmetic to the same float32 values: the same result, to the
 bit. Reductions are float64.
 
-Cost: one pass to start (the first v-update), one to build the kernel (iteration 1), then one pass
+Cost: one pass to start (the first v-update; none for a run given it, as a probe's own pass gives
+it), one to build the kernel (iteration 1), then one pass
 per iteration: two products over the held kernel, or the scores and one exp per score where it is
 not held (plus their product, where the scores are not held either); a kernel build again only
 when the scalings leave the kernel's safe range (core.sinkhorn.ABSORB).
