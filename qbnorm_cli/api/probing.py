@@ -166,8 +166,9 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
     n_gallery = bank_scores.n_cols
     # a converging Sinkhorn run's first v-update is each bank row's log-sum-exp: from this pass's
     # exponentials (a matrix–vector product), not from a pass of its own (not on a cluster: there
-    # the run makes its first pass)
-    row_sums = sinkhorn is not None and sinkhorn[0].iters is None and session is None
+    # the run makes its first pass; nor where no sn β is one of the pass's: tune's dbsn-only grids)
+    row_sums = sinkhorn is not None and sinkhorn[0].iters is None and session is None \
+        and any(beta in betas for beta in sinkhorn[1])
     bank_acc = BankAccumulator(bank_scores.n_rows, n_gallery, np.array(betas), kmax, tuple(topk_means), keep_sorted,
                                column_moments=column_moments, neighbor_k=max(centroid_ks, default=0),
                                row_sums=row_sums)

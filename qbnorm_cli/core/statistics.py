@@ -368,8 +368,10 @@ class BankAccumulator:
                 self._sums[b, grown] *= np.exp(beta * (self._colmax[grown] - new_max[grown]))
             self._colmax = new_max
         colmax, betas = self._colmax, self.betas
-        peak = float(colmax.max(initial=-np.inf))
-        weights = [np.exp(beta * (colmax - peak)) for beta in betas] if self._row_lse is not None else None
+        weights = peak = None
+        if self._row_lse is not None:  # only then: this runs for every tile of every probe
+            peak = float(colmax.max(initial=-np.inf))
+            weights = [np.exp(beta * (colmax - peak)) for beta in betas]
 
         def chunk(r0: int, r1: int):
             sums = np.zeros((len(betas), tile.shape[1]))
