@@ -29,8 +29,8 @@ from qbnorm_cli.io.probefile import KEPT_ATTRS, SORTED, Probe, Stored, sinkhorn_
 from qbnorm_cli.io.sinks import Column, Sink
 from qbnorm_cli.streaming import cluster as clustering
 from qbnorm_cli.streaming.budget import DEFAULT_MEMORY, Budget, make_budget
-from qbnorm_cli.streaming.engine import run_probe
-from qbnorm_cli.streaming.sinkhorn import memory_to_hold, run_sinkhorn
+from qbnorm_cli.streaming.engine import ProbePlan, probe_plan, run_probe
+from qbnorm_cli.streaming.sinkhorn import ScoreHandover, memory_to_hold, run_sinkhorn
 from qbnorm_cli.streaming.sources import EmbeddingScores, MatrixScores, ScoreSource
 
 
@@ -95,27 +95,29 @@ def sinkhorn_note(states, settings: SinkhornSettings) -> str:
 
 def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas, dual_betas,
                         settings: SinkhornSettings, budget: Budget, progress, starts=None, first_v=None,
+                        tiles: ProbePlan | None = None, handed: ScoreHandover | None = None,
                         ) -> tuple[dict[str, Stored], list[str]]:
     """The Sinkhorn potentials of every β (SN: rows = the gallery) and of every dual β (DBSN: rows =
     the gallery, then the gallery bank, whose bank × gallery-bank scores are `cross_scores`), as
     the probe's datasets, and a warning for each run that stopped at max_iters unconverged.
     starts: {(β, dual): log u} to start from (an update's warm start), else POT's start.
     first_v: {β: log v} of an SN run's first v-update from POT's start, made by the probe's pass
-    (core.sinkhorn.first_v_update): the run begins with its u-update."""
+    (core.sinkhorn.first_v_update): the run begins with its u-update. tiles, handed: the bank ×
+    gallery scores in that pass's tiles, and those it kept (streaming.sinkhorn.ScoreHandover)."""
     n_bank, n_gallery = bank_scores.n_rows, bank_scores.n_cols
     starts, first_v = starts or {}, first_v or {}
     single = [settings.state(b, n_bank, n_gallery, starts.get((b, False)),
                              log_v=None if (b, False) in starts else first_v.get(float(b))) for b in betas]
     dual = [settings.state(b, n_bank, n_gallery + cross_scores.n_cols, starts.get((b, True))) for b in dual_betas] \
         if cross_scores is not None else []
-    segments = [bank_scores] if cross_scores is None or not dual else [bank_scores, cross_scores]
-    problems = [(state, 1) for state in single] + [(state, 2) for state in dual]
+    segments, counts = sinkhorn_segments(bank_scores, cross_scores, betas, dual_betas)
+    problems = list(zip(single + dual, counts, strict=True))
     states = single + dual
     # A fixed count of iterations has a known end; a run to tolerance has none (it usually stops long
     # before max_iters): its progress is the stopping measure against the tolerance, not a percentage.
     passes = max((state.limit + 1 for state in states), default=0) if settings.iters is not None else None
     with progress_or_none(progress)("sinkhorn", passes, unit="passes") as advance:
-        held = run_sinkhorn(segments, problems, budget,
+        held = run_sinkhorn(segments, problems, budget, tiles=tiles, handed=handed,
                             progress=lambda n: advance(n, note=sinkhorn_note(states, settings)))
     out: dict[str, Stored] = {}
     found = []
@@ -136,6 +138,15 @@ def sinkhorn_potentials(bank_scores: ScoreSource, cross_scores: ScoreSource | No
     return out, found
 
 
+def sinkhorn_segments(bank_scores: ScoreSource, cross_scores: ScoreSource | None, betas,
+                      dual_betas) -> tuple[list[ScoreSource], list[int]]:
+    """The Sinkhorn runs' score segments (bank × gallery, then bank × gallery bank for DBSN) and,
+    per run (every β, then every dual β), how many of them form its rows."""
+    dual = cross_scores is not None and len(dual_betas) > 0
+    return ([bank_scores, cross_scores] if dual else [bank_scores],
+            [1] * len(betas) + ([2] * len(dual_betas) if dual else []))
+
+
 def sinkhorn_memory(result: Probe) -> int:
     """The `memory` at which a probe like `result` holds every Sinkhorn kernel (sn and dbsn, each β)."""
     n_gallery, extra = result.n_gallery, int(result.attrs["gallery_bank_rows"])
@@ -143,12 +154,14 @@ def sinkhorn_memory(result: Probe) -> int:
     return memory_to_hold(result.n_bank, rows)
 
 
-def probe_pass(banks: list, n_cols: int, budget: Budget, session, on_sorted, progress, what: str = "probe") -> None:
+def probe_pass(banks: list, n_cols: int, budget: Budget, session, on_sorted, progress, what: str = "probe",
+               plan: ProbePlan | None = None, on_tile=None) -> None:
     """One pass of the banks over `n_cols` gallery columns into their accumulators, here or on the
-    cluster's `session` (the same values to the bit), with its progress reported as `what`."""
+    cluster's `session` (the same values to the bit), with its progress reported as `what`; here,
+    in `plan`'s tiles (when given), each of them seen by `on_tile` (engine.run_probe)."""
     with progress_or_none(progress)(what, sum(s.n_rows for s, _ in banks) * n_cols, per=n_cols) as advance:
         if session is None:
-            run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
+            run_probe(banks, n_cols, budget, on_sorted=on_sorted, progress=advance, plan=plan, on_tile=on_tile)
         else:
             clustering.run_probe(session, banks, n_cols, budget, on_sorted=on_sorted, progress=advance)
 
@@ -182,7 +195,21 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
         if number == 0 and sink is not None:
             sink.write(c0, SORTED, block)
 
-    probe_pass(banks, n_gallery, budget, session, on_sorted, progress)
+    # the Sinkhorn runs compute the bank × gallery scores in this pass's tiles (the same bits, here
+    # or on a cluster), and here take those of the blocks they hold from it instead of computing them again
+    tiles = handed = None
+    if sinkhorn is not None:
+        tiles = probe_plan(banks, n_gallery, budget)
+        if session is None:
+            segments, counts = sinkhorn_segments(bank_scores, cross_scores, sinkhorn[1], sinkhorn[2])
+            handed = ScoreHandover(segments, counts, budget, tiles)
+
+    def on_tile(number, r0, c0, tile):
+        if number == 0:
+            handed.take(r0, c0, tile)
+
+    probe_pass(banks, n_gallery, budget, session, on_sorted, progress, plan=tiles,
+               on_tile=on_tile if handed is not None and handed.rooms else None)
     datasets = statistics(bank_acc, gallery_bank_acc, k)
     if centroid_ks:
         datasets.update(centroid_statistics(bank_scores, bank_acc.column_topk_index, centroid_ks))
@@ -197,7 +224,7 @@ def probe_statistics(bank_scores: ScoreSource, gallery_bank_scores: ScoreSource 
             float(beta): first_v_update(row_lse[list(bank_acc.betas).index(beta)], n_gallery)
             for beta in sinkhorn_betas if beta in bank_acc.betas}
         potentials, found = sinkhorn_potentials(bank_scores, cross_scores, sinkhorn_betas, dual_betas, settings,
-                                                budget, progress, first_v=first_v)
+                                                budget, progress, first_v=first_v, tiles=tiles, handed=handed)
         datasets.update(potentials)
     return bank_acc, gallery_bank_acc, datasets, found
 

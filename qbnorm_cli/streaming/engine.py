@@ -58,6 +58,11 @@ class ProbePlan:
     width: int
     tile_room: float
 
+    def tile_rows(self, scores: ScoreSource, c0: int, c1: int, budget: Budget) -> int:
+        """Rows per tile of `scores` over columns c0:c1 (probe_block's): a product's rounding depends
+        on its shape, so another pass over the same tiles computes the same scores to the bit."""
+        return tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk, self.tile_room)
+
 
 def probe_plan(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget) -> ProbePlan:
     """The column blocks, then the tiles, each within its share of what the held inputs leave: where
@@ -85,15 +90,19 @@ def probe_plan(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int,
 def probe_block(banks: list[tuple[ScoreSource, BankAccumulator]], c0: int, c1: int, budget: Budget,
                 on_sorted: Callable[[int, int, int, np.ndarray], None] | None = None,
                 progress: Callable[[int], None] | None = None, chunks=parallel.start_row_chunks,
-                tile_room: float | None = None) -> None:
+                tile_room: float | None = None,
+                on_tile: Callable[[int, int, int, np.ndarray], None] | None = None) -> None:
     """Gallery columns c0:c1 against every bank, folded into its accumulator: the bank's row
     tiles (within `tile_room` bytes: the plan's) in order, each tile's exponentials in `chunks`
-    (parallel.start_row_chunks)."""
+    (parallel.start_row_chunks); `on_tile(bank_number, r0, c0, tile)` sees each tile as well."""
     for number, (scores, acc) in enumerate(banks):
         scores.column_block(c0, c1)
         acc.start_block(c0, c1)
         for r0, r1 in spans(scores.n_rows, tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk, tile_room)):
-            acc.update(r0, scores.tile(r0, r1), chunks=chunks)
+            tile = scores.tile(r0, r1)
+            acc.update(r0, tile, chunks=chunks)
+            if on_tile is not None:
+                on_tile(number, r0, c0, tile)
             if progress:
                 progress((r1 - r0) * (c1 - c0))
         sorted_block = acc.finish_block()
@@ -103,19 +112,21 @@ def probe_block(banks: list[tuple[ScoreSource, BankAccumulator]], c0: int, c1: i
 
 def run_probe(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget,
               on_sorted: Callable[[int, int, int, np.ndarray], None] | None = None,
-              progress: Callable[[int], None] | None = None) -> None:
-    """One pass over the gallery's column blocks (`probe_plan`'s width), every bank folded into its
-    accumulator (`probe_block`).
+              progress: Callable[[int], None] | None = None, plan: ProbePlan | None = None,
+              on_tile: Callable[[int, int, int, np.ndarray], None] | None = None) -> None:
+    """One pass over the gallery's column blocks (`plan`'s width: `probe_plan`'s unless given), every
+    bank folded into its accumulator (`probe_block`).
 
     `on_sorted(bank_number, c0, c1, sorted_block)` receives each block's sorted scores when an
-    accumulator keeps them (Globally-Corrected retrieval).
+    accumulator keeps them (Globally-Corrected retrieval); `on_tile(bank_number, r0, c0, tile)`
+    every tile of scores (the Sinkhorn runs' scores: streaming.sinkhorn.ScoreHandover).
 
     Cost: O(bank × gallery × d) for embeddings (one matrix product), plus one float64 exp per
     score and β; the column statistics are O(gallery), the block state O(block width).
     """
-    plan = probe_plan(banks, n_gallery, budget)
+    plan = plan or probe_plan(banks, n_gallery, budget)
     for c0, c1 in spans(n_gallery, plan.width):
-        probe_block(banks, c0, c1, budget, on_sorted, progress, tile_room=plan.tile_room)
+        probe_block(banks, c0, c1, budget, on_sorted, progress, tile_room=plan.tile_room, on_tile=on_tile)
 
 
 def query_rows(scores: ScoreSource, norm: Normaliser):

@@ -18,11 +18,17 @@ with a block of columns, so each recomputed pass costs about one product. Held a
 blocks apply the same arithmetic to the same float32 values: the same result, to the
 bit. Reductions are float64.
 
+After a probe's pass (api/probing), the runs compute the bank × gallery scores in that pass's tiles
+(`tiles`: its column blocks, its row tiles), and the pass hands over the scores of the blocks they
+hold (ScoreHandover): into the held scores, or into the room of a held kernel, as the first pass
+would. A float32 product's rounding depends on its shape (BLAS's edge micro-kernels), so the same
+tiles give the same bits: a block's scores are the same whether handed over or computed again.
+
 Cost: one pass to start (the first v-update; none for a run given it, as a probe's own pass gives
-it), one to build the kernel (iteration 1), then one pass
-per iteration: two products over the held kernel, or the scores and one exp per score where it is
-not held (plus their product, where the scores are not held either); a kernel build again only
-when the scalings leave the kernel's safe range (core.sinkhorn.ABSORB).
+it), one to build the kernel (iteration 1; without products where its scores are handed over),
+then one pass per iteration: two products over the held kernel, or the scores and one exp per score
+where it is not held (plus their product, where the scores are not held either); a kernel build
+again only when the scalings leave the kernel's safe range (core.sinkhorn.ABSORB).
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ import numpy as np
 from qbnorm_cli.core.sinkhorn import BUILD, FIRST, KERNEL, Sinkhorn
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
-from qbnorm_cli.streaming.engine import tile_rows
-from qbnorm_cli.streaming.sources import ScoreSource, transposed_tile
+from qbnorm_cli.streaming.engine import ProbePlan, tile_rows
+from qbnorm_cli.streaming.sources import ScoreSource, transpose_on_cores, transposed_tile
 
 HELD_SHARE = 0.5             # the float32 kernels (and scores) are kept when they fit this share of the budget
 BLOCK_TARGET_BYTES = 32 << 20  # a recomputed block (float32, twice: as computed and transposed)
@@ -53,6 +59,7 @@ class Block:
     c0: int
     c1: int
     offset: int
+    rows: int | None = None  # bank rows per tile of its scores (None: tile_rows of the block's width)
 
 
 @dataclass(frozen=True)
@@ -81,14 +88,19 @@ def memory_to_hold(n_bank: int, n_rows: int, problems: int = 1) -> int:
 
 
 def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = None,
-         counts: Sequence[int] = (1,)) -> Plan:
+         counts: Sequence[int] = (1,), tiles: ProbePlan | None = None) -> Plan:
     """The blocks, and what is held: every problem's kernel (a problem's rows are the columns of
-    its first `counts[i]` segments), block by block while they fit, then the blocks' scores."""
+    its first `counts[i]` segments), block by block while they fit, then the blocks' scores.
+    tiles: the first segment's scores are computed in a probe pass's tiles (its blocks, its rows)."""
     n_bank = segments[0].n_rows
     blocks, offset = [], 0
     for number, segment in enumerate(segments):
-        width = block_width(segment, n_bank, budget)
-        blocks += [Block(number, c0, c1, offset + c0) for c0, c1 in spans(segment.n_cols, width)]
+        if number == 0 and tiles is not None:
+            blocks += [Block(0, c0, c1, c0, tiles.tile_rows(segment, c0, c1, budget))
+                       for c0, c1 in spans(segment.n_cols, tiles.width)]
+        else:
+            width = block_width(segment, n_bank, budget)
+            blocks += [Block(number, c0, c1, offset + c0) for c0, c1 in spans(segment.n_cols, width)]
         offset += segment.n_cols
     held_bytes, kernels, scores = 0, set(), set()
     wanted = [(problem, number) for problem, count in enumerate(counts) for number, block in enumerate(blocks)
@@ -112,6 +124,29 @@ def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = No
     return Plan(blocks, kernels, scores)
 
 
+class ScoreHandover:
+    """The first segment's scores as a probe's pass computes them (`take`, its `on_tile` for that
+    source), kept for the runs of `plan(segments, budget, None, counts, tiles)` where they would
+    hold them: in the block's held scores, or in the room of its first held kernel until that
+    kernel is built from them. The runs compute every other score in the same tiles: the same bits
+    whether a block's scores were handed over or computed again (a product's rounding depends on
+    its shape), so `memory` changes no result through it."""
+
+    def __init__(self, segments: Sequence[ScoreSource], counts: Sequence[int], budget: Budget, tiles: ProbePlan):
+        self.layout = plan(segments, budget, None, counts, tiles)
+        n_bank = segments[0].n_rows
+        held = {number for _, number in self.layout.kernels} | self.layout.scores
+        self.rooms = {number: np.empty((block.c1 - block.c0, n_bank), dtype=np.float32)
+                      for number, block in enumerate(self.layout.blocks) if block.segment == 0 and number in held}
+        self._numbers = {self.layout.blocks[number].c0: number for number in self.rooms}
+
+    def take(self, r0: int, c0: int, tile: np.ndarray) -> None:
+        """Keep a tile of the pass (rows r0:…, columns c0:… of the first segment), transposed."""
+        number = self._numbers.get(c0)
+        if number is not None:
+            transpose_on_cores(self.rooms[number][:, r0:r0 + tile.shape[0]], tile)
+
+
 def warm_start(solved: Sequence[Sinkhorn], beta: float) -> np.ndarray:
     """A start for β's item scalings from the converged runs of other β on the same rows (the last
     two, nearest β last): log u extrapolated linearly in β, or from one run scaled by β/β' (the dual
@@ -127,7 +162,7 @@ def warm_start(solved: Sequence[Sinkhorn], beta: float) -> np.ndarray:
 
 
 def chained(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
-            hold: bool | None = None) -> list[list[int]]:
+            hold: bool | None = None, tiles: ProbePlan | None = None) -> list[list[int]]:
     """The problems to run one after another, each warm-started from the ones before (warm_start),
     in rising β: the converging runs of each kind (same rows) when one run holds every score block,
     so that running them apart costs no more products than running them together. Fixed-iteration
@@ -140,7 +175,7 @@ def chained(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, 
     for count, indices in groups.items():
         if len(indices) < 2:
             continue
-        layout = plan(segments, budget, hold, [count])
+        layout = plan(segments, budget, hold, [count], tiles)
         if all(number in layout.scores for number, block in enumerate(layout.blocks) if block.segment < count):
             chains.append(sorted(indices, key=lambda index: problems[index][0].beta))
     return chains
@@ -148,7 +183,8 @@ def chained(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, 
 
 def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
                  hold: bool | None = None, progress: Callable[[int], None] | None = None,
-                 warm: bool = False) -> list[bool]:
+                 warm: bool = False, tiles: ProbePlan | None = None,
+                 handed: ScoreHandover | None = None) -> list[bool]:
     """Iterate every problem (a Sinkhorn state and how many leading segments form its rows) until
     each is done; returns, per problem, whether its whole kernel was held in memory.
 
@@ -158,27 +194,32 @@ def run_sinkhorn(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkh
     converging runs of several β start from each other's solutions where that costs no products
     (`chained`): fewer iterations, the same fixed point up to the constant (u·c, v/c) that
     Sinkhorn's scalings are defined up to (the c a run ends at depends on its start).
+    `tiles`: compute the first segment's scores in a probe pass's tiles (`plan`); `handed`: that
+    pass's scores (ScoreHandover, for these problems and `tiles`), not with `warm`.
     """
-    chains = chained(segments, problems, budget, hold) if warm else []
+    if handed is not None and (warm or hold is not None):
+        raise ValueError("scores are handed over to the runs of the budget's own plan only")
+    chains = chained(segments, problems, budget, hold, tiles) if warm else []
     if not chains:
-        return _run(segments, problems, budget, hold, progress)
+        return _run(segments, problems, budget, hold, progress, tiles, handed)
     held = [False] * len(problems)
     for chain in chains:
         for position, index in enumerate(chain):
             state = problems[index][0]
             if position:
                 state.start_from(warm_start([problems[before][0] for before in chain[:position]], state.beta))
-            held[index] = _run(segments, [problems[index]], budget, hold, progress)[0]
+            held[index] = _run(segments, [problems[index]], budget, hold, progress, tiles)[0]
     rest = [index for index in range(len(problems)) if not any(index in chain for chain in chains)]
     if rest:
-        for index, was_held in zip(rest, _run(segments, [problems[i] for i in rest], budget, hold, progress),
+        for index, was_held in zip(rest, _run(segments, [problems[i] for i in rest], budget, hold, progress, tiles),
                                    strict=True):
             held[index] = was_held
     return held
 
 
 def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int]], budget: Budget,
-         hold: bool | None, progress: Callable[[int], None] | None) -> list[bool]:
+         hold: bool | None, progress: Callable[[int], None] | None, tiles: ProbePlan | None = None,
+         handed: ScoreHandover | None = None) -> list[bool]:
     n_bank = segments[0].n_rows
     for segment in segments:
         if segment.n_rows != n_bank:
@@ -186,7 +227,9 @@ def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int
     for state, count in problems:
         if state.n_bank != n_bank or state.n_rows != sum(s.n_cols for s in segments[:count]):
             raise ValueError("a Sinkhorn state does not fit its segments")
-    layout = plan(segments, budget, hold, [count for _, count in problems])
+    layout = plan(segments, budget, hold, [count for _, count in problems], tiles)
+    if handed is not None and handed.layout != layout:
+        raise ValueError("the handed-over scores are not laid out as these runs hold them")
     blocks = layout.blocks
     kept: dict[int, np.ndarray] = {}
     kernels: dict[tuple[int, int], np.ndarray] = {}
@@ -205,7 +248,7 @@ def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int
         width = block.c1 - block.c0
         out = np.empty((width, n_bank), dtype=np.float32) if number in layout.scores else scratch("t", width)
         segment.column_block(block.c0, block.c1)
-        for r0, r1 in spans(n_bank, tile_rows(width, budget, n_bank, segment.row_chunk)):
+        for r0, r1 in spans(n_bank, block.rows or tile_rows(width, budget, n_bank, segment.row_chunk)):
             transposed_tile(segment, r0, r1, out[:, r0:r1])
         if number in layout.scores:
             kept[number] = out
@@ -223,6 +266,12 @@ def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int
     active = [(index, state, count) for index, (state, count) in enumerate(problems) if not state.done]
     built: set[tuple[int, int]] = set()  # held kernels that are current
     stashed: dict[int, tuple[int, int]] = {}  # block → the held kernel holding its scores until built
+    for number, room in (handed.rooms if handed is not None else {}).items():
+        if number in layout.scores:
+            kept[number] = room
+        else:
+            key = min(key for key in layout.kernels if key[1] == number)
+            kernels[key], stashed[number] = room, key
     while active:
         for _, state, _ in active:
             state.begin_pass()
