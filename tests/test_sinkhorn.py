@@ -167,7 +167,7 @@ def assert_same_fixed_point(log_u, P, beta) -> None:
 
 @pytest.mark.parametrize("budget", [Budget(), Budget(block_rows=5)], ids=["held", "rows5"])
 @pytest.mark.parametrize(("beta", "tol_"), [(1.0, 1e-9), (2.0, 1e-9)])
-def test_over_relaxation_reaches_the_same_fixed_point(rnd, budget, beta, tol_):
+def test_acceleration_reaches_the_same_fixed_point(rnd, budget, beta, tol_):
     """Where Birkhoff's rate bounds the distance to the fixed point (small β·spread)."""
     PB = random_pb()
     plain, plain_dual = streamed(rnd.P, beta, PB=PB, tol_=tol_, budget=budget)
@@ -180,18 +180,18 @@ def test_over_relaxation_reaches_the_same_fixed_point(rnd, budget, beta, tol_):
 
 
 @pytest.mark.parametrize("beta", [20.0, 50.0])
-def test_over_relaxation_takes_fewer_iterations(rnd, beta):
+def test_acceleration_takes_fewer_iterations(rnd, beta):
     PB = random_pb()
     plain, plain_dual = streamed(rnd.P, beta, PB=PB, tol_=1e-8)
     fast, fast_dual = streamed(rnd.P, beta, PB=PB, tol_=1e-8, accelerate=True)
     for state, before in ((fast, plain), (fast_dual, plain_dual)):
-        assert state.converged and state.omega > 1.0 and state.iterations < before.iterations
+        assert state.converged and state.mixed > 0 and state.iterations < before.iterations
         assert state.marginal_error < 1e-6
 
 
 def test_fixed_iterations_are_never_accelerated(rnd):
     state, _ = streamed(rnd.P, 1.0, iters=40, accelerate=True)
-    assert state.omega == 1.0 and state.iterations == 40
+    assert state.mixed == 0 and state.iterations == 40
     assert_scalings(state, ref.sinkhorn(rnd.P, 1.0, iters=40), rnd.P, 1.0)
 
 
@@ -445,7 +445,7 @@ def test_probe_records_the_potentials_of_every_beta(emb, probed):
     PB = emb.bank.astype(np.float64) @ emb.gallery_bank.astype(np.float64).T
     assert probed.sinkhorn_betas() == [2.0, 5.0] and probed.sinkhorn_betas(dual=True) == [2.0, 5.0]
     for beta, run, dual_run in zip((2.0, 5.0), probed.sinkhorn_runs(), probed.sinkhorn_runs(dual=True), strict=True):
-        want = ref.sinkhorn(data.P, beta, tol=1e-9)  # plain: over-relaxed, the probe needs fewer
+        want = ref.sinkhorn(data.P, beta, tol=1e-9)  # plain: accelerated, the probe needs fewer
         assert run == {"beta": beta, "iterations": run["iterations"], "change": run["change"],
                        "marginal_error": run["marginal_error"], "converged": True,
                        "held": False}  # block_rows fixed by hand: recomputed on every pass
@@ -618,7 +618,7 @@ def test_fixed_iterations_are_never_warm_started(rnd):
     warm = several(rnd.P, [1.0, 2.0, 5.0], warm=True, iters=10)
     for before, state in zip(cold, warm, strict=True):
         np.testing.assert_array_equal(state.log_u, before.log_u)
-        assert state.iterations == 10 and state.omega == 1.0
+        assert state.iterations == 10 and state.mixed == 0
         assert_scalings(state, ref.sinkhorn(rnd.P, state.beta, iters=10), rnd.P, state.beta)
     with pytest.raises(ValueError, match="before the first pass of a converging run"):
         Sinkhorn(1.0, N_BANK, N_GALLERY, iters=10, log_u=np.zeros(N_GALLERY))

@@ -55,9 +55,10 @@ def command(
 
     --transpose reads --bank-sims and --gallery-bank-sims transposed (stored gallery × bank).
 
-    With --sinkhorn, the Sinkhorn potentials of sn (and dbsn) are iterated afterwards: a pass for the
-    first v-update, one that builds a float32 kernel, then each iteration two matrix-vector products
-    over it, over-relaxed until converged (none with --sinkhorn-iters). The kernel is held when it
+    With --sinkhorn, the Sinkhorn potentials of sn (and dbsn) are iterated afterwards: the first
+    v-update (from the probe's pass for sn), a pass that builds a float32 kernel (from the pass's
+    scores where they are held), then each iteration two matrix-vector products over it,
+    accelerated (Anderson) until converged, plain with --sinkhorn-iters. The kernel is held when it
     fits half of --memory (4 bytes per bank × gallery score and β: 10k × 1k needs 80MB, 20k × 100k
     16GB); its blocks that do not fit are recomputed from the scores on every iteration (their
     product again). The iterations run and the final marginal error are recorded.

@@ -38,15 +38,17 @@ the pass the v-update.
 Convergence: the change of an iteration is that of a plain Sinkhorn step, max(|Δ log u|, |Δ log v|),
 as the reference computes it; the run stops after exactly `iters` iterations (the paper's truncated
 runs: plain Sinkhorn, nothing accelerated), or once the change is below `tol`, at most `max_iters`
-iterations. A converging run is over-relaxed (Thibault, Chizat, Dossal, Papadakis, "Overrelaxed
-Sinkhorn–Knopp algorithm for regularized optimal transport", Algorithms 2021): each scaling moves
-ω times its plain step in the log domain, log x ← log x + ω·(plain − log x), with
-ω = 2 / (1 + √(1 − κ̂)) from the observed linear rate κ̂ of the plain iterations (the optimal ω of
-a linear iteration of rate κ), halved towards 1 whenever a step does not reduce the change. It starts
-once the plain change is below √tol, just after a plain u-update: Sinkhorn's fixed point is only
-defined up to (u·c, v/c), and the c a run ends at depends on its path; from there, to first order,
-over-relaxation keeps the c of the plain iteration (the total mass, which fixes it, is exact after a
-u-update), and the second-order difference is of the order of the change squared (≈ tol).
+iterations. A converging run is accelerated by Anderson mixing of the bank scalings (Anderson,
+"Iterative procedures for nonlinear integral equations", J. ACM 1965; in the form of Walker & Ni,
+"Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011): an iteration is the
+map G(g) of g = log v (the v-update after the u-update from g), and the next g is G's value
+extrapolated from the last ANDERSON_DEPTH + 1 points, g ← G(g_k) − Σ_i γ_i ΔG_i with
+γ = argmin ‖r_k − Σ_i γ_i Δr_i‖ (least squares), r = G(g) − g the plain step. The items' u-updates
+stay plain, so no pass costs more than a plain one. It starts once the plain change is below √tol:
+Sinkhorn's fixed point is only defined up to (u·c, v/c), and the c a run ends at depends on its
+path; from there the accelerated path's c differs from the plain one's by about the change squared
+(≈ tol). Its history starts again whenever an iteration does not reduce the change (so a step that
+overshoots is followed by plain ones until two points are known again).
 
 The marginal error is max over both marginals of |Σ π − 1/n| at the returned scalings (the items'
 marginal is exact after a plain u-update, up to rounding). A change below tol bounds the distance to
@@ -72,7 +74,7 @@ DEFAULT_MAX_ITERS = 1000
 PIECE_BYTES = 256 << 10  # float64 rows worked on at once: they stay in the core's cache
 PRODUCT_PIECE_BYTES = 1 << 20  # the same for the products over the kernel (fewer calls per row: see _products)
 ABSORB = 10.0            # rebuild K once a |log ũ| or |log ṽ| exceeds this
-OMEGA_MAX = 1.9          # over-relaxation stays clear of 2 (where it stops converging)
+ANDERSON_DEPTH = 3       # differences of points an extrapolation combines
 TINY32 = float(np.finfo(np.float32).tiny)
 
 FIRST, BUILD, KERNEL = "first", "build", "kernel"
@@ -109,7 +111,7 @@ class Sinkhorn:
     """The state of one β's iterations: the scalings, the reductions of the pass in progress.
 
     iters: exactly this many plain iterations; otherwise until the change is below tol, at most
-    max_iters, over-relaxed (see the module's docstring) unless `accelerate` is False. log_v: a
+    max_iters, Anderson-accelerated (see the module's docstring) unless `accelerate` is False. log_v: a
     start for the bank scalings other than POT's (pass 0, the first v-update, is then skipped: the
     first pass is a u-update from these). log_u: a start for the item scalings other than POT's (the
     first pass is then the v-update from these); not with log_v.
@@ -138,8 +140,8 @@ class Sinkhorn:
         self.scale_u = np.zeros(self.n_rows)  # log ũ
         self.scale_v = np.zeros(self.n_bank)  # log ṽ
         self.builds = 0                       # kernels built (absorptions)
-        self.omega = 1.0                      # the over-relaxation of the next steps
-        self._omega_next = 1.0
+        self.mixed = 0                        # v-updates extrapolated (Anderson)
+        self._anderson: list[tuple[np.ndarray, np.ndarray]] = []  # (log v, its plain step), the latest last
         self._history: list[float] = []       # the changes of the iterations
         self.iterations = 0
         self.change = math.inf
@@ -184,7 +186,6 @@ class Sinkhorn:
         self._max = np.full(self.n_bank, -np.inf) if self.first else None
         self._sum = np.zeros(self.n_bank)
         self._du = self._row_error = 0.0
-        self.omega = self._omega_next
         if self.phase == BUILD:  # absorb log v now; log u is absorbed item by item as it is updated
             self.absorbed_v = self.log_v.copy()
             self.scale_v[:] = 0.0
@@ -227,10 +228,8 @@ class Sinkhorn:
             top = x.max(axis=1)
             x -= top[:, None]
             np.exp(x, out=x)
-            plain = -math.log(self.n_rows) - top - np.log(x.sum(axis=1))
-            old = self.log_u[r0 + a:r0 + b]
-            change = max(change, float(np.abs(plain - old).max(initial=0.0)))
-            new = old + self.omega * (plain - old) if self.omega != 1.0 else plain
+            new = -math.log(self.n_rows) - top - np.log(x.sum(axis=1))
+            change = max(change, float(np.abs(new - self.log_u[r0 + a:r0 + b]).max(initial=0.0)))
             self.log_u[r0 + a:r0 + b] = new
             self.absorbed_u[r0 + a:r0 + b] = new
             self.scale_u[r0 + a:r0 + b] = 0.0
@@ -259,9 +258,9 @@ class Sinkhorn:
     # --- kernel passes: the u-update of items r0:…, and their share of the next v-update -------------
 
     def step(self, kernel_t: np.ndarray, r0: int) -> tuple[np.ndarray, float, float]:
-        """Update ũ of items r0:r0+len(kernel_t) from their kernel rows: ũ_j = 1/(n_rows·Σ_b K[j, b] ṽ_b)
-        (over-relaxed by ω); returns their share of each bank query's Σ_j K[j, b] ũ_j, the largest
-        plain |Δ log u| among them, and their largest items' marginal error."""
+        """Update ũ of items r0:r0+len(kernel_t) from their kernel rows: ũ_j = 1/(n_rows·Σ_b K[j, b] ṽ_b);
+        returns their share of each bank query's Σ_j K[j, b] ũ_j, the largest |Δ log u| among them,
+        and their largest items' marginal error."""
         return self._products(kernel_t, r0, update=True)
 
     def _products(self, kernel_t: np.ndarray, r0: int, update: bool) -> tuple[np.ndarray, float, float]:
@@ -280,15 +279,13 @@ class Sinkhorn:
                 k[...] = kernel_t[a:b]                          # exact: float32 → float64
                 np.matmul(k, v, out=row_sum[a:b])
                 if update:
-                    plain = -math.log(self.n_rows) - np.log(row_sum[a:b])
-                    new[a:b] = plain if self.omega == 1.0 else old[a:b] + self.omega * (plain - old[a:b])
+                    new[a:b] = -math.log(self.n_rows) - np.log(row_sum[a:b])
                 mass += np.exp(new[a:b]) @ k
         change = 0.0
         if update:
             if not (row_sum > 0).all():
                 raise FloatingPointError("Sinkhorn: an item's kernel row vanished")
-            plain = -math.log(self.n_rows) - np.log(row_sum)
-            change = float(np.abs(plain - old).max(initial=0.0))
+            change = float(np.abs(new - old).max(initial=0.0))
         row_error = float(np.abs(np.exp(new) * row_sum - 1.0 / self.n_rows).max(initial=0.0))
         return mass, change, row_error
 
@@ -309,7 +306,7 @@ class Sinkhorn:
 
     def end_pass(self) -> None:
         """Finish the pass: the v-update (pass 0), or the iteration's change, marginal error and the
-        next v-update; decide whether to stop, how much to over-relax, and whether to absorb."""
+        next v-update (extrapolated, once accelerating); decide whether to stop and whether to absorb."""
         if self.first:
             new = -math.log(self.n_bank) - (self._max + np.log(self._sum))
             self._dv = float(np.abs(new - self.log_v).max(initial=0.0))
@@ -332,8 +329,7 @@ class Sinkhorn:
         if not np.isfinite(plain).all():  # only from a log_v start far from the iterates
             raise FloatingPointError("Sinkhorn: a bank query's coupling mass underflowed")
         self._dv = float(np.abs(plain).max(initial=0.0))
-        self._omega_next = self._relaxation()
-        self.scale_v += self._omega_next * plain
+        self.scale_v += self._extrapolated(plain)
         self.log_v = self.absorbed_v + self.scale_v
         if max(np.abs(self.scale_u).max(initial=0.0), np.abs(self.scale_v).max(initial=0.0)) > ABSORB:
             self.phase = BUILD
@@ -341,21 +337,29 @@ class Sinkhorn:
         else:
             self.phase = KERNEL
 
-    def _relaxation(self) -> float:
-        """ω for the next iteration: 1 for fixed iterations and until the plain change is below √tol
-        (see the module's docstring); then from the observed rate, halved towards 1 when a step did
-        not reduce the change."""
-        history, omega = self._history, self.omega
-        if self.iters is not None or not self.accelerate or len(history) < 3:
-            return 1.0
-        if omega == 1.0:
-            if history[-1] >= math.sqrt(self.tol) or not history[-1] < history[-2]:
-                return 1.0
-            rate = min(history[-1] / history[-2], 0.99)
-            return min(OMEGA_MAX, 2.0 / (1.0 + math.sqrt(1.0 - rate)))
-        if not history[-1] < history[-2]:
-            return 1.0 + (omega - 1.0) / 2.0
-        return omega
+    def _extrapolated(self, plain: np.ndarray) -> np.ndarray:
+        """The step of log v: the plain one, or once the plain change is below √tol (see the module's
+        docstring) Anderson's extrapolation from the last ANDERSON_DEPTH + 1 points; the history
+        starts again whenever an iteration does not reduce the change."""
+        history = self._history
+        if self.iters is not None or not self.accelerate or history[-1] >= math.sqrt(self.tol):
+            return plain
+        if len(history) >= 2 and not history[-1] < history[-2]:
+            self._anderson.clear()
+        log_v = self.absorbed_v + self.scale_v
+        self._anderson = [*self._anderson[-ANDERSON_DEPTH:], (log_v.copy(), plain.copy())]
+        if len(self._anderson) < 2:
+            return plain
+        points = np.stack([v for v, _ in self._anderson], axis=1)
+        steps = np.stack([r for _, r in self._anderson], axis=1)
+        d_steps, d_images = np.diff(steps, axis=1), np.diff(points + steps, axis=1)
+        gamma = np.linalg.lstsq(d_steps, plain, rcond=None)[0]
+        step = plain - (d_images @ gamma)
+        if not np.isfinite(step).all():
+            self._anderson.clear()
+            return plain
+        self.mixed += 1
+        return step
 
     def result(self) -> SinkhornResult:
         return SinkhornResult(self.beta, self.log_u.copy(), self.log_v.copy(), self.iterations, self.change,
