@@ -132,7 +132,7 @@ def test_dual_bank_converges_with_the_reference(rnd):
     PB = random_pb()
     stacked = np.hstack([rnd.P, PB])
     want = assert_stops_clearly(stacked, 20.0, 1e-3)
-    for budget in (Budget(), Budget(block_rows=5)):
+    for budget in (Budget(), Budget(block_rows=10)):
         _, dbsn = streamed(rnd.P, 20.0, PB=PB, tol_=1e-3, budget=budget)
         assert_scalings(dbsn, want, stacked, 20.0)
         np.testing.assert_array_equal(want.log_u[:N_GALLERY].shape, dbsn.log_u[:N_GALLERY].shape)
@@ -165,7 +165,7 @@ def assert_same_fixed_point(log_u, P, beta) -> None:
     assert oscillation(log_u - want.log_u) <= fixed_point_distance(X, log_u) + fixed_point_distance(X, want.log_u)
 
 
-@pytest.mark.parametrize("budget", [Budget(), Budget(block_rows=5)], ids=["held", "rows5"])
+@pytest.mark.parametrize("budget", [Budget(), Budget(block_rows=10)], ids=["held", "rows10"])
 @pytest.mark.parametrize(("beta", "tol_"), [(1.0, 1e-9), (2.0, 1e-9)])
 def test_over_relaxation_reaches_the_same_fixed_point(rnd, budget, beta, tol_):
     """Where Birkhoff's rate bounds the distance to the fixed point (small β·spread)."""
@@ -219,7 +219,7 @@ def test_from_embeddings_equals_the_reference(emb):
     """Scores computed block by block from (dyadic, exactly multiplied) embeddings, with a gallery bank."""
     data = emb.scores()
     PB = emb.bank.astype(np.float64) @ emb.gallery_bank.astype(np.float64).T
-    for budget, hold in ((Budget(), None), (Budget(block_rows=4), None), (Budget(block_rows=4), True)):
+    for budget, hold in ((Budget(), None), (Budget(block_rows=8), None), (Budget(block_rows=8), True)):
         bank = Embeddings(as_input(emb.bank, "bank"), "dot", budget)
         segments = [EmbeddingScores(bank, Embeddings(as_input(emb.gallery, "gallery"), "dot", budget)),
                     EmbeddingScores(bank, Embeddings(as_input(emb.gallery_bank, "gallery_bank"), "dot", budget))]
@@ -545,12 +545,12 @@ def test_precomputed_bank_gallery_bank_scores(emb):
 def test_permuting_the_gallery_or_the_bank_permutes_the_scalings(rnd):
     rng = np.random.default_rng(8)
     items, queries = rng.permutation(N_GALLERY), rng.permutation(N_BANK)
-    base, _ = streamed(rnd.P, 20.0, iters=30, budget=Budget(block_rows=5))
+    base, _ = streamed(rnd.P, 20.0, iters=30, budget=Budget(block_rows=10))
     b = 2 * bound(rnd.P, 20.0, ref.sinkhorn(rnd.P, 20.0, iters=30))
-    moved, _ = streamed(rnd.P[:, items], 20.0, iters=30, budget=Budget(block_rows=5))
+    moved, _ = streamed(rnd.P[:, items], 20.0, iters=30, budget=Budget(block_rows=10))
     tol.assert_close(moved.log_u, base.log_u[items], b)
     tol.assert_close(moved.log_v, base.log_v, b)
-    moved, _ = streamed(rnd.P[queries], 20.0, iters=30, budget=Budget(block_rows=5))
+    moved, _ = streamed(rnd.P[queries], 20.0, iters=30, budget=Budget(block_rows=10))
     tol.assert_close(moved.log_u, base.log_u, b)
     tol.assert_close(moved.log_v, base.log_v[queries], b)
 
