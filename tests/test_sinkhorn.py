@@ -27,7 +27,7 @@ from qbnorm_cli.streaming.sources import Embeddings, EmbeddingScores, MatrixScor
 BUDGETS = {
     "default": Budget(),                 # one block, held
     "rows1": Budget(block_rows=1),       # one item per block, one bank row per tile
-    "rows7": Budget(block_rows=7),       # blocks and tiles that do not divide the data
+    "rows10": Budget(block_rows=10),     # blocks and tiles that do not divide the data
     "mem400": Budget(memory=400),        # the budget's own choice: tiny blocks
 }
 
