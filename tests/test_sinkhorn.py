@@ -375,7 +375,7 @@ def test_large_beta_converges_and_stays_finite(beta):
     # exp(1000·P) overflows float64 beyond P ≈ 0.71; neither the oracle nor the kernel forms it
     P = f32_exact(np.random.default_rng(23).uniform(-1, 1, (5, 7)))  # the oracle's own test data (< 800 iterations)
     want = ref.sinkhorn(P, beta, tol=1e-10)
-    for budget in (Budget(), Budget(block_rows=3)):  # held; three blocks recomputed, one ragged
+    for budget in (Budget(), Budget(block_rows=5)):  # held; two blocks (5 + 2 items) recomputed on every pass
         state, _ = streamed(P, beta, tol_=1e-10, budget=budget)
         assert np.isfinite(state.log_u).all() and np.isfinite(state.log_v).all()
         assert state.converged and state.marginal_error < 1e-10
@@ -411,7 +411,7 @@ def test_float32_embeddings_at_large_beta_stay_finite(beta):
     rng = np.random.default_rng(4)
     unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     bank, gallery = unit(rng.standard_normal((60, 16))), unit(rng.standard_normal((40, 16)))
-    budget = Budget(block_rows=24)  # two blocks and three tiles, recomputed on every pass, the last of each ragged
+    budget = Budget(block_rows=30)  # two blocks (30 + 10 items) of two tiles, recomputed on every pass
     for iters in (25, None):  # truncated, and iterating (at most 300 iterations: β = 1000 needs far more)
         state = Sinkhorn(beta, 60, 40, iters=iters, max_iters=300)
         scores = EmbeddingScores(Embeddings(as_input(bank, "b"), "cosine", budget),
