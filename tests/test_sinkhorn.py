@@ -232,14 +232,14 @@ def test_from_embeddings_equals_the_reference(emb):
 
 def test_held_and_recomputed_scores_give_the_same_bits(rnd, emb):
     PB = random_pb()
-    for budget in (Budget(), Budget(block_rows=7), Budget(memory=400)):
+    for budget in (Budget(), Budget(block_rows=10), Budget(memory=400)):
         held = streamed(rnd.P, 20.0, PB=PB, iters=15, budget=budget, hold=True)
         again = streamed(rnd.P, 20.0, PB=PB, iters=15, budget=budget, hold=False)
         for a, b in zip(held, again, strict=True):
             np.testing.assert_array_equal(a.log_u, b.log_u)
             np.testing.assert_array_equal(a.log_v, b.log_v)
             assert a.marginal_error == b.marginal_error and a.change == b.change
-    budget = Budget(block_rows=10)
+    budget = Budget(block_rows=19)  # two blocks (19 + 4 items) of two bank tiles (19 + 18 rows)
     runs = []
     for hold in (True, False):
         bank = Embeddings(as_input(emb.bank, "bank"), "cosine", budget)
