@@ -437,7 +437,7 @@ def test_a_run_that_stops_at_the_limit_says_so(rnd):
 def probed(emb):
     """A probe of dyadic embeddings (dot: exact float32 products) with sn and dbsn potentials."""
     return qbnorm_cli.probe(emb.bank, emb.gallery, gallery_bank=emb.gallery_bank, betas=[2.0, 5.0],
-                            similarity="dot", sinkhorn=True, sinkhorn_tol=1e-9, block_rows=10)
+                            similarity="dot", sinkhorn=True, sinkhorn_tol=1e-9, block_rows=19)
 
 
 def test_probe_records_the_potentials_of_every_beta(emb, probed):
@@ -453,7 +453,7 @@ def test_probe_records_the_potentials_of_every_beta(emb, probed):
         assert_same_fixed_point(probed.sinkhorn_log_u(beta), data.P, beta)
         want = ref.dual_bank_sinkhorn(data.P, PB, beta, tol=1e-9)
         assert dual_run["iterations"] <= want.iterations and dual_run["converged"]
-        _, dual = streamed(data.P, beta, PB=PB, tol_=1e-9, budget=Budget(block_rows=10), accelerate=True)
+        _, dual = streamed(data.P, beta, PB=PB, tol_=1e-9, budget=Budget(block_rows=19), accelerate=True)
         np.testing.assert_array_equal(probed.sinkhorn_log_u(beta, dual=True), dual.log_u[:N_GALLERY])
     assert probed.params["sinkhorn"] and probed.params["dual_sinkhorn"] and probed.params["sinkhorn_tol"] == 1e-9
     attrs = probed.datasets["/sinkhorn_log_u"].attrs
