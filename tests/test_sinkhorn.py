@@ -545,12 +545,12 @@ def test_precomputed_bank_gallery_bank_scores(emb):
 def test_permuting_the_gallery_or_the_bank_permutes_the_scalings(rnd):
     rng = np.random.default_rng(8)
     items, queries = rng.permutation(N_GALLERY), rng.permutation(N_BANK)
-    base, _ = streamed(rnd.P, 20.0, iters=30, budget=Budget(block_rows=10))
+    base, _ = streamed(rnd.P, 20.0, iters=30, budget=Budget(block_rows=19))
     b = 2 * bound(rnd.P, 20.0, ref.sinkhorn(rnd.P, 20.0, iters=30))
-    moved, _ = streamed(rnd.P[:, items], 20.0, iters=30, budget=Budget(block_rows=10))
+    moved, _ = streamed(rnd.P[:, items], 20.0, iters=30, budget=Budget(block_rows=19))
     tol.assert_close(moved.log_u, base.log_u[items], b)
     tol.assert_close(moved.log_v, base.log_v, b)
-    moved, _ = streamed(rnd.P[queries], 20.0, iters=30, budget=Budget(block_rows=10))
+    moved, _ = streamed(rnd.P[queries], 20.0, iters=30, budget=Budget(block_rows=19))
     tol.assert_close(moved.log_u, base.log_u, b)
     tol.assert_close(moved.log_v, base.log_v[queries], b)
 
@@ -609,7 +609,7 @@ def test_warm_starts_only_where_the_scores_are_held(rnd):
     partly = Budget(memory=12000)
     layout = plan([matrix(rnd.P)], partly, counts=(1,))
     assert 0 < len(layout.scores) < len(layout.blocks)
-    for budget in (Budget(block_rows=10), partly):
+    for budget in (Budget(block_rows=19), partly):
         cold = several(rnd.P, [20.0, 30.0], warm=False, budget=budget)
         warm = several(rnd.P, [20.0, 30.0], warm=True, budget=budget)
         for before, state in zip(cold, warm, strict=True):
