@@ -74,7 +74,7 @@ def test_probe_reports_convergence_and_warns_at_the_limit(cli, tmp_path, sims):
     code, _, err = cli("probe", "--bank-sims", sims["P"], "--beta", 20, "--sinkhorn", "-o", tmp_path / "p.h5")
     assert code == 0 and "Sinkhorn β=20: converged after" in err and "did not converge" not in err
     assert "; kernel held in memory)" in err and "hint:" not in err
-    code, _, err = cli("probe", "--bank-sims", sims["P"], "--beta", 20, "--sinkhorn", "--block-rows", 8, "-o",
+    code, _, err = cli("probe", "--bank-sims", sims["P"], "--beta", 20, "--sinkhorn", "--block-rows", 12, "-o",
                        tmp_path / "r.h5")
     assert code == 0 and "; kernel recomputed on every iteration)" in err
     assert "hint:" not in err  # blocks fixed by hand are never held, whatever --memory
