@@ -47,8 +47,8 @@ extrapolated from the last ANDERSON_DEPTH + 1 points, g ← G(g_k) − Σ_i γ_i
 stay plain, so no pass costs more than a plain one. It starts once the plain change is below √tol:
 Sinkhorn's fixed point is only defined up to (u·c, v/c), and the c a run ends at depends on its
 path; from there the accelerated path's c differs from the plain one's by about the change squared
-(≈ tol). Its history starts again whenever an iteration does not reduce the change (so a step that
-overshoots is followed by plain ones until two points are known again).
+(≈ tol). Its history starts again whenever an iteration does not reduce the change (a step that
+overshoots is followed by one plain step, then extrapolations from the points since).
 
 The marginal error is max over both marginals of |Σ π − 1/n| at the returned scalings (the items'
 marginal is exact after a plain u-update, up to rounding). A change below tol bounds the distance to
@@ -346,8 +346,7 @@ class Sinkhorn:
             return plain
         if len(history) >= 2 and not history[-1] < history[-2]:
             self._anderson.clear()
-        log_v = self.absorbed_v + self.scale_v
-        self._anderson = [*self._anderson[-ANDERSON_DEPTH:], (log_v.copy(), plain.copy())]
+        self._anderson = [*self._anderson[-ANDERSON_DEPTH:], (self.absorbed_v + self.scale_v, plain)]
         if len(self._anderson) < 2:
             return plain
         points = np.stack([v for v, _ in self._anderson], axis=1)

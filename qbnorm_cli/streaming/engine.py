@@ -59,9 +59,15 @@ class ProbePlan:
     tile_room: float
 
     def tile_rows(self, scores: ScoreSource, c0: int, c1: int, budget: Budget) -> int:
-        """Rows per tile of `scores` over columns c0:c1 (probe_block's): a product's rounding depends
-        on its shape, so another pass over the same tiles computes the same scores to the bit."""
-        return tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk, self.tile_room)
+        """Rows per tile of `scores` over columns c0:c1 in this pass (probe_block's): a product's
+        rounding depends on its shape, so another pass over the same tiles computes the same scores
+        to the bit."""
+        return block_tile_rows(scores, c0, c1, budget, self.tile_room)
+
+
+def block_tile_rows(scores: ScoreSource, c0: int, c1: int, budget: Budget, room: float | None) -> int:
+    """Rows per tile of `scores` over columns c0:c1 in a probe pass (tile_rows within `room`)."""
+    return tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk, room)
 
 
 def probe_plan(banks: list[tuple[ScoreSource, BankAccumulator]], n_gallery: int, budget: Budget) -> ProbePlan:
@@ -98,7 +104,7 @@ def probe_block(banks: list[tuple[ScoreSource, BankAccumulator]], c0: int, c1: i
     for number, (scores, acc) in enumerate(banks):
         scores.column_block(c0, c1)
         acc.start_block(c0, c1)
-        for r0, r1 in spans(scores.n_rows, tile_rows(c1 - c0, budget, scores.n_rows, scores.row_chunk, tile_room)):
+        for r0, r1 in spans(scores.n_rows, block_tile_rows(scores, c0, c1, budget, tile_room)):
             tile = scores.tile(r0, r1)
             acc.update(r0, tile, chunks=chunks)
             if on_tile is not None:
