@@ -215,6 +215,26 @@ def test_a_kernel_is_rebuilt_when_the_scalings_leave_its_range():
         tol.assert_close(state.log_v, log_v, b)
 
 
+def test_kernel_entries_below_the_smallest_normal_float32_are_zero():
+    """A kernel entry is fl32 of its float64 value, or 0 where that value is below float32's
+    smallest normal number: no subnormal ever reaches the products."""
+    tiny = float(np.finfo(np.float32).tiny)
+    beta, n_bank = 60.0, 7
+    spread = np.linspace(-1.6, 0.0, n_bank)  # exp(β·spread) spans e^-96 … 1: around tiny once scaled
+    scores_t = f32_exact(np.stack([spread + shift for shift in np.linspace(0.0, 0.3, 5)]))
+    state = Sinkhorn(beta, n_bank, scores_t.shape[0], log_v=np.zeros(n_bank))
+    state.begin_pass()
+    out = np.full(scores_t.shape, np.nan, dtype=np.float32)
+    state.build(scores_t, 0, out)
+    x = beta * scores_t.astype(np.float64)
+    top = x.max(axis=1, keepdims=True)
+    exact = np.exp(x - top) * np.exp(top + state.absorbed_u[:, None])
+    assert ((exact < tiny) & (exact > 0)).any() and (exact >= tiny).any()
+    expected = np.where(exact < tiny, 0.0, exact).astype(np.float32)
+    np.testing.assert_array_equal(out.view(np.int32), expected.view(np.int32))
+    assert not ((out > 0) & (out < tiny)).any()
+
+
 def test_from_embeddings_equals_the_reference(emb):
     """Scores computed block by block from (dyadic, exactly multiplied) embeddings, with a gallery bank."""
     data = emb.scores()

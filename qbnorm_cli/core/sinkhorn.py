@@ -22,7 +22,7 @@ a float32 kernel over the transposed scores T[j, b] = P[b, j]:
 
 (entries below float32's smallest normal number are flushed to 0; at an absorption K is the coupling
 π, whose entries are at most 1/n_rows). An iteration is then two matrix–vector products over K, each
-float32 entry multiplied and summed in float64 (a cache-sized piece of rows at a time):
+float32 entry multiplied and summed in float64 (a few MiB of rows widened at a time):
 
     ṽ_b = 1 / (n_b · Σ_j K[j, b] ũ_j),   ũ_j = 1 / (n_rows · Σ_b K[j, b] ṽ_b)
 
@@ -72,7 +72,7 @@ import numpy as np
 DEFAULT_TOL = 1e-6
 DEFAULT_MAX_ITERS = 1000
 PIECE_BYTES = 256 << 10  # float64 rows worked on at once: they stay in the core's cache
-PRODUCT_PIECE_BYTES = 1 << 20  # the same for the products over the kernel (fewer calls per row: see _products)
+PRODUCT_PIECE_BYTES = 4 << 20  # rows widened for the products: past L2, but fewer GIL hand-overs per row
 ABSORB = 10.0            # rebuild K once a |log ũ| or |log ṽ| exceeds this
 ANDERSON_DEPTH = 3       # differences of points an extrapolation combines
 TINY32 = float(np.finfo(np.float32).tiny)
@@ -252,8 +252,9 @@ class Sinkhorn:
     @staticmethod
     def _kernel_rows(e: np.ndarray, top: np.ndarray, absorbed: np.ndarray, out: np.ndarray) -> None:
         e *= np.exp(top + absorbed)[:, None]
-        e[e < TINY32] = 0.0  # no subnormal float32: they would slow every product, and never matter
-        out[...] = e
+        # no subnormal float32 (they would slow every product, and never matter): an entry below the
+        # smallest normal is multiplied by 0, not stored through a mask (4.7 against 1.0 ns a score)
+        np.multiply(e, e >= TINY32, out=out, casting="unsafe")
 
     # --- kernel passes: the u-update of items r0:…, and their share of the next v-update -------------
 

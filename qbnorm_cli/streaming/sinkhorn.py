@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qbnorm_cli.core.memory import mapped_empty
 from qbnorm_cli.core.sinkhorn import BUILD, FIRST, KERNEL, Sinkhorn
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
@@ -136,7 +137,7 @@ class ScoreHandover:
         self.layout = plan(segments, budget, None, counts, tiles)
         n_bank = segments[0].n_rows
         held = {number for _, number in self.layout.kernels} | self.layout.scores
-        self.rooms = {number: np.empty((block.c1 - block.c0, n_bank), dtype=np.float32)
+        self.rooms = {number: mapped_empty((block.c1 - block.c0, n_bank), np.float32)
                       for number, block in enumerate(self.layout.blocks) if block.segment == 0 and number in held}
         self._numbers = {self.layout.blocks[number].c0: number for number in self.rooms}
 
@@ -246,7 +247,7 @@ def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int
             return kept[number]
         segment = segments[block.segment]
         width = block.c1 - block.c0
-        out = np.empty((width, n_bank), dtype=np.float32) if number in layout.scores else scratch("t", width)
+        out = mapped_empty((width, n_bank), np.float32) if number in layout.scores else scratch("t", width)
         segment.column_block(block.c0, block.c1)
         for r0, r1 in spans(n_bank, block.rows or tile_rows(width, budget, n_bank, segment.row_chunk)):
             transposed_tile(segment, r0, r1, out[:, r0:r1])
@@ -259,7 +260,7 @@ def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int
         if key not in layout.kernels:
             return scratch("k", width)
         if key not in kernels:
-            kernels[key] = np.empty((width, n_bank), dtype=np.float32)
+            kernels[key] = mapped_empty((width, n_bank), np.float32)
         return kernels[key]
 
     blas = parallel.blas_limiter()
