@@ -841,3 +841,27 @@ def test_signals_near_the_end_of_a_local_run_leave_one_line(data, probes, tmp_pa
             assert not out.exists()
         assert leftovers(tmp_path) == []
     assert 130 in seen  # the signals did land during runs
+
+
+@slow
+def test_a_signal_while_the_client_connects_closes_it(data, probes, tmp_path, monkeypatch, capsys):
+    """A signal while the client of `--cluster local:2` connects to it (its start is held, as the
+    cluster's is): exit 130, one line, and the client closed before its cluster. One left half
+    started ran on the stopped cluster's event loop: its close at exit waited a minute, then
+    printed dask's `Client.__del__` traceback."""
+    clients = []
+    start = distributed.Client._start
+
+    async def signalled(self, *args, **kwargs):
+        clients.append(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await start(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "_start", signalled)
+    out = tmp_path / "n.h5"
+    capsys.readouterr()
+    code = main(["normalise", "--queries", emb(data, "queries"), "--gallery", emb(data, "gallery"), "--probe",
+                 probes["embeddings"], "--top-k", 5, "--cluster", "local:2", "-q", "-o", str(out)])
+    assert (code, capsys.readouterr().err) == (130, "qbnorm: interrupted; no output was written\n")
+    assert [client.status for client in clients] == ["closed"]
+    assert not out.exists() and leftovers(tmp_path) == []
