@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,21 @@ def run(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C as in an interactive run, whatever this process inherited: SIGINT raises
+    KeyboardInterrupt here, and processes started inside begin with it at its default. A shell
+    starts a background job (`pytest &` in a script) with SIGINT ignored, exec keeps an ignored
+    signal ignored, and qbnorm rightly leaves it so (io/staging.py): a test's SIGINT would never
+    end its child. exec resets a handled signal to its default, so Python's handler here is all a
+    child needs (no preexec_fn, which is unsafe beside the threads of a test's dask client)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def leftovers(directory) -> list[str]:

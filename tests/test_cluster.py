@@ -25,7 +25,7 @@ import distributed  # the qbnorm[dask] extra: `make setup` installs it, so CI ru
 import h5py
 import numpy as np
 import pytest
-from helpers import KillWorker, KillWorkerOnce, RemoveFile, leftovers, wait_for_file
+from helpers import KillWorker, KillWorkerOnce, RemoveFile, interruptible, leftovers, wait_for_file
 
 import qbnorm_cli
 from qbnorm_cli.cli import main
@@ -431,11 +431,12 @@ def test_an_interrupted_client_cancels_its_tasks(client, data, probes, tmp_path,
     busy = [client.submit(wait_for_file, release, key=f"busy-{i}-{signum}", pure=False) for i in range(2)]
     earlier = set(queued(client))
     out = tmp_path / "out.h5"
-    proc = subprocess.Popen(qbnorm("normalise", "--queries", emb(data, "queries"), "--gallery", emb(data, "gallery"),
-                                   "--probe", probes["embeddings"], "-o", out, "--top-k", 5, "--block-rows", 100,
-                                   "--cluster", client.scheduler.address,
-                                   "--cluster-security", security_file(client.security, tmp_path)),
-                            stderr=subprocess.PIPE, text=True)
+    with interruptible():
+        proc = subprocess.Popen(qbnorm("normalise", "--queries", emb(data, "queries"), "--gallery",
+                                       emb(data, "gallery"), "--probe", probes["embeddings"], "-o", out, "--top-k", 5,
+                                       "--block-rows", 100, "--cluster", client.scheduler.address,
+                                       "--cluster-security", security_file(client.security, tmp_path)),
+                                stderr=subprocess.PIPE, text=True)
 
     def ours() -> list[str]:
         return [key for key in queued(client) if key not in earlier]
@@ -626,7 +627,7 @@ def test_an_interrupt_ends_the_wait_for_tasks(no_workers):
     start = time.monotonic()
     timer.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with interruptible(), pytest.raises(KeyboardInterrupt):
             qbnorm_cli.probe(*small_arrays(), cluster=qbnorm_cli.Cluster(no_workers, timeout=120))
     finally:
         timer.cancel()
@@ -827,7 +828,8 @@ def test_signals_near_the_end_of_a_local_run_leave_one_line(data, probes, tmp_pa
             break
         signum = (signal.SIGTERM, signal.SIGINT)[number % 2]
         out.unlink(missing_ok=True)
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with interruptible():
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(whole * rng.uniform(0.6, 1.1))
         proc.send_signal(signum)
         stdout, err = proc.communicate(timeout=120)
@@ -841,3 +843,27 @@ def test_signals_near_the_end_of_a_local_run_leave_one_line(data, probes, tmp_pa
             assert not out.exists()
         assert leftovers(tmp_path) == []
     assert 130 in seen  # the signals did land during runs
+
+
+@slow
+def test_a_signal_while_the_client_connects_closes_it(data, probes, tmp_path, monkeypatch, capsys):
+    """A signal while the client of `--cluster local:2` connects to it (its start is held, as the
+    cluster's is): exit 130, one line, and the client closed before its cluster. One left half
+    started ran on the stopped cluster's event loop: its close at exit waited a minute, then
+    printed dask's `Client.__del__` traceback."""
+    clients = []
+    start = distributed.Client._start
+
+    async def signalled(self, *args, **kwargs):
+        clients.append(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await start(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "_start", signalled)
+    out = tmp_path / "n.h5"
+    capsys.readouterr()
+    code = main(["normalise", "--queries", emb(data, "queries"), "--gallery", emb(data, "gallery"), "--probe",
+                 probes["embeddings"], "--top-k", 5, "--cluster", "local:2", "-q", "-o", str(out)])
+    assert (code, capsys.readouterr().err) == (130, "qbnorm: interrupted; no output was written\n")
+    assert [client.status for client in clients] == ["closed"]
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -4,6 +4,7 @@ leave no partial file, no temporary file, and the previous output untouched."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import leftovers, run
+from helpers import interruptible, leftovers, run
 
 from qbnorm_cli.cli import main
 from qbnorm_cli.io import atomic
@@ -215,7 +216,8 @@ def _interrupt(work, argv, signum, out, *, says_when: bool = False):
     """Signal the run in `argv` while it writes `out`: once it printed "writing" (`says_when`: it
     then waits for the signal, however loaded the machine), else once its temporary file exists."""
     before = previous_output(out)
-    proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with interruptible():
+        proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if says_when:
             assert proc.stdout.readline().strip() == "writing", proc.communicate()
@@ -259,3 +261,46 @@ def test_sigterm_during_a_real_job(work, ranking):
             f"{work}/emb.h5::/gallery", "--probe", str(work / "probe.h5"), "-o", str(out), "--force",
             "--block-rows", "1", "-q", *(["--top-k", "3"] if ranking else [])]
     _interrupt(work, argv, signal.SIGTERM, out)
+
+
+BACKGROUND_PARENT = textwrap.dedent("""
+    import json, signal, subprocess, sys
+    from helpers import interruptible
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell gives a background job
+    child = [sys.executable, "-c", "import signal, sys; "
+             "print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True); sys.stdin.read()"]
+    found = {}
+    for name in ("plain", "interruptible"):
+        if name == "plain":
+            proc = subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        else:
+            with interruptible():
+                proc = subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ignores = proc.stdout.readline().strip()
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.close()  # the child's read ends here if the signal did not end it
+        found[name] = [ignores, proc.wait(timeout=60)]
+    with interruptible():
+        try:
+            signal.raise_signal(signal.SIGINT)
+            found["here"] = "not raised"
+        except KeyboardInterrupt:
+            found["here"] = "KeyboardInterrupt"
+    found["after"] = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    print(json.dumps(found))
+""")
+
+
+def test_a_child_is_interrupted_when_the_test_run_ignores_sigint():
+    """pytest started as a background job inherits SIGINT ignored, and so would the qbnorm runs it
+    signals (exec keeps an ignored signal, and qbnorm leaves it so): helpers.interruptible starts
+    them with Ctrl-C at its default, makes it raise KeyboardInterrupt in the test's own process,
+    and gives the ignored disposition back afterwards."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parent),
+                                                                   os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-c", BACKGROUND_PARENT], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"plain": ["True", 0], "interruptible": ["False", -signal.SIGINT],
+                                       "here": "KeyboardInterrupt", "after": True}

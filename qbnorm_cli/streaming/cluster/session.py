@@ -105,16 +105,20 @@ def _start(spec: Cluster):
         except ImportError:
             raise RuntimeFailure(f"{param('cluster')} {text} needs cryptography (its TLS certificate): "
                                  f"{install_hint('dask')}") from None
-        local = None
+        local = client = None
         try:
+            # the client's start held too: it runs on the cluster's event loop, and a client that an
+            # interrupt left half started could not be closed here (its close at exit then waited
+            # on the closed cluster's loop for a minute, and printed a traceback)
             with staging.held():
                 local = local_cluster(n)
-            return distributed.Client(local, set_as_default=False), local, text
+                client = distributed.Client(local, set_as_default=False)
+            return client, local, text
         except Exception as exc:
-            _close_local(local)
+            _close(client, local)
             raise RuntimeFailure(f"{param('cluster')} {text}: cannot start a local cluster ({one_line(exc)})") from None
         except BaseException:
-            _close_local(local)
+            _close(client, local)
             raise
     if "://" in text:
         where = {"address": text}
@@ -134,10 +138,24 @@ def _start(spec: Cluster):
                              f"({one_line(exc)})") from None
     try:
         client.wait_for_workers(1, timeout=timeout)
-    except Exception:
-        client.close()
+    except BaseException as exc:
+        _close(client, None)
+        if not isinstance(exc, Exception):  # an interrupt
+            raise
         raise RuntimeFailure(f"{param('cluster')} {text}: the scheduler has no worker (waited {timeout:g} s)") from None
     return client, None, text
+
+
+def _close(client, local, done: bool = False) -> None:
+    """Close what the run started, in one held step (an interrupt during the client's close must
+    not skip the cluster's): the client first, while the LocalCluster's event loop it runs on is
+    still up. done: the run is complete (io/staging.held)."""
+    with staging.held(discard=done):
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            _close_local(local, done=done)
 
 
 def _close_local(local, done: bool = False) -> None:
@@ -440,10 +458,9 @@ def connect(cluster) -> Iterator[Session]:
     is missing."""
     spec = as_cluster(cluster)
     with dask_logs_quiet():
-        client, local, label = _start(spec)
-        owned = client is not spec.address
         session, clean = None, False
-        try:
+        client, local, label = _start(spec)
+        try:  # straight after the start: no step between where an interrupt could leave them open
             session = Session(client, local, label, spec.before_task, _timeout(spec))
             yield session
             clean = True
@@ -455,7 +472,5 @@ def connect(cluster) -> Iterator[Session]:
                     if clean:
                         client.run(clear_cache)
             finally:
-                if owned:
-                    with staging.held(discard=clean):
-                        client.close()
-                _close_local(local, done=clean)
+                handed_over = client is spec.address  # a Client handed over stays open
+                _close(None if handed_over else client, local, done=clean)
