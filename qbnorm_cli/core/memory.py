@@ -11,7 +11,8 @@ MAPPED_FROM = 4 << 20  # bytes: numpy advises arrays from 4 MiB on as huge pages
 
 def mapped_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A fresh writable array (its contents undefined) whose memory is mapped in one call, for a large array that is
-    about to be written whole (an update's final gallery, a probe record read whole).
+    about to be written whole (an update's final gallery, a probe record read whole, a Sinkhorn run's held
+    kernels and scores).
 
     Why: numpy advises its large arrays as transparent huge pages, and where the kernel compacts on
     such a fault (defrag=madvise) the first touch of 200 MB took 0.33-0.46 s here; faulting 4 KiB
