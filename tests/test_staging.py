@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,17 @@ PACKAGE = Path(staging.__file__).resolve().parent.parent
 
 def _kill_main(signum: int) -> None:
     signal.pthread_kill(threading.main_thread().ident, signum)
+
+
+@contextmanager
+def hangup_at_default():
+    """SIGHUP at its default, whatever this run inherited: `nohup pytest` starts with it ignored,
+    and qbnorm rightly leaves an ignored signal alone, so a test of SIGHUP would test nothing."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 @pytest.fixture
@@ -68,7 +80,8 @@ def test_a_held_step_completes_and_the_signal_is_raised_after_it(handled):
             raise
         return 0
 
-    code, _ = handled(body)
+    with hangup_at_default():
+        code, _ = handled(body)
     assert code == EXIT_INTERRUPTED and steps == ["inside done", "raised after"]
 
 
@@ -219,11 +232,12 @@ def test_loading_guard_is_handed_back_and_leaves_ignored_signals_alone():
 
 
 def test_children_inherit_ignored_signals():
-    with staging.children_ignore((signal.SIGHUP,)):
-        code = "import signal; print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN)"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.stdout.strip() == "True"
-    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    with hangup_at_default():
+        with staging.children_ignore((signal.SIGHUP,)):
+            code = "import signal; print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN)"
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.stdout.strip() == "True"
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
 
 
 def test_signals_and_renames_are_written_in_io_staging_only():
