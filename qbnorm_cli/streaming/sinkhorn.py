@@ -43,7 +43,7 @@ from qbnorm_cli.core.memory import mapped_empty
 from qbnorm_cli.core.sinkhorn import BUILD, FIRST, KERNEL, Sinkhorn
 from qbnorm_cli.streaming import parallel
 from qbnorm_cli.streaming.budget import Budget, aligned, column_block_width, spans
-from qbnorm_cli.streaming.engine import ProbePlan, tile_rows
+from qbnorm_cli.streaming.engine import ProbePlan, block_tile_rows
 from qbnorm_cli.streaming.sources import ScoreSource, transpose_on_cores, transposed_tile
 
 HELD_SHARE = 0.5             # the float32 kernels (and scores) are kept when they fit this share of the budget
@@ -60,7 +60,7 @@ class Block:
     c0: int
     c1: int
     offset: int
-    rows: int | None = None  # bank rows per tile of its scores (None: tile_rows of the block's width)
+    rows: int  # bank rows per tile of its scores: a probe pass's where the runs share its tiles
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ def plan(segments: Sequence[ScoreSource], budget: Budget, hold: bool | None = No
                        for c0, c1 in spans(segment.n_cols, tiles.width)]
         else:
             width = block_width(segment, n_bank, budget)
-            blocks += [Block(number, c0, c1, offset + c0) for c0, c1 in spans(segment.n_cols, width)]
+            blocks += [Block(number, c0, c1, offset + c0, block_tile_rows(segment, c0, c1, budget, None))
+                       for c0, c1 in spans(segment.n_cols, width)]
         offset += segment.n_cols
     held_bytes, kernels, scores = 0, set(), set()
     wanted = [(problem, number) for problem, count in enumerate(counts) for number, block in enumerate(blocks)
@@ -249,7 +250,7 @@ def _run(segments: Sequence[ScoreSource], problems: Sequence[tuple[Sinkhorn, int
         width = block.c1 - block.c0
         out = mapped_empty((width, n_bank), np.float32) if number in layout.scores else scratch("t", width)
         segment.column_block(block.c0, block.c1)
-        for r0, r1 in spans(n_bank, block.rows or tile_rows(width, budget, n_bank, segment.row_chunk)):
+        for r0, r1 in spans(n_bank, block.rows):
             transposed_tile(segment, r0, r1, out[:, r0:r1])
         if number in layout.scores:
             kept[number] = out
