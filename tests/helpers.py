@@ -37,11 +37,19 @@ def interruptible() -> Iterator[None]:
     signal ignored, and qbnorm rightly leaves it so (io/staging.py): a test's SIGINT would never
     end its child. exec resets a handled signal to its default, so Python's handler here is all a
     child needs (no preexec_fn, which is unsafe beside the threads of a test's dask client)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with signal_set(signal.SIGINT, signal.default_int_handler):
+        yield
+
+
+@contextmanager
+def signal_set(signum: int, handler) -> Iterator[None]:
+    """`signum` handled by `handler` inside the block, whatever this process inherited; the
+    previous disposition given back after."""
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
 
 
 def leftovers(directory) -> list[str]:

@@ -11,10 +11,10 @@ import signal
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import signal_set
 
 from qbnorm_cli.errors import EXIT_INTERRUPTED, UsageError
 from qbnorm_cli.io import staging
@@ -26,15 +26,10 @@ def _kill_main(signum: int) -> None:
     signal.pthread_kill(threading.main_thread().ident, signum)
 
 
-@contextmanager
 def hangup_at_default():
     """SIGHUP at its default, whatever this run inherited: `nohup pytest` starts with it ignored,
     and qbnorm rightly leaves an ignored signal alone, so a test of SIGHUP would test nothing."""
-    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGHUP, previous)
+    return signal_set(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture
