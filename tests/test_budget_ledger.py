@@ -190,3 +190,22 @@ def test_mapped_empty_is_a_fresh_writable_array_of_zeros(shape):
     view = out[:1]
     del out
     assert (view == 1.5).all()
+
+
+def test_a_mapping_the_system_refuses_is_out_of_memory_as_np_empty_says_it(monkeypatch):
+    """mmap says ENOMEM as an OSError; the commands turn a MemoryError into their one out-of-memory
+    line, so that is what mapped_empty raises. Other mapping errors stay what they are."""
+    import errno
+    import mmap
+
+    def refuse(code):
+        def mapping(*args, **kwargs):
+            raise OSError(code, "refused")
+        return mapping
+
+    monkeypatch.setattr(mmap, "mmap", refuse(errno.ENOMEM))
+    with pytest.raises(MemoryError):
+        mapped_empty((1000, 10), np.float32)
+    monkeypatch.setattr(mmap, "mmap", refuse(errno.EPERM))
+    with pytest.raises(PermissionError):
+        mapped_empty((1000, 10), np.float32)

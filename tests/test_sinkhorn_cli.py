@@ -13,6 +13,7 @@ import pytest
 import reference as ref
 import tolerance as tol
 from conftest import N_BANK, N_GALLERY, read_h5
+from helpers import leftovers
 from test_sinkhorn import bound
 
 import qbnorm_cli
@@ -240,3 +241,23 @@ def test_tune_searches_sn_dbsn_dn_and_params_apply(cli, tmp_path):
     code, _, err = cli("probe", "--params", tmp_path / "dbsn.json", "--bank", f"{SPEC}/train_queries",
                        "--gallery", f"{SPEC}/gallery", "-o", tmp_path / "nope.h5")
     assert code == 2 and "(dbsn) was tuned with --gallery-bank" in err and "add --gallery-bank " in err
+
+
+def test_held_kernels_the_system_cannot_map_are_one_out_of_memory_line(cli, tmp_path, sims, monkeypatch):
+    """The runs' held kernels and scores are mapped up front (core.memory.mapped_empty): a refusal
+    is the out-of-memory line and exit 1, not an internal error, and nothing is written."""
+    import errno
+    import mmap
+
+    mapping = mmap.mmap
+
+    def refuse(fileno, *args, **kwargs):  # anonymous memory only: the .npy inputs are mapped files
+        if fileno == -1:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return mapping(fileno, *args, **kwargs)
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    probe = tmp_path / "probe.h5"
+    code, _, err = cli("probe", "--bank-sims", sims["P"], "--beta", 20, "--sinkhorn", "-o", probe)
+    assert (code, err) == (1, "qbnorm: error: out of memory; lower --memory\n")
+    assert not probe.exists() and leftovers(tmp_path) == []

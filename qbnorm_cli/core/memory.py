@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 
 import numpy as np
@@ -23,5 +24,10 @@ def mapped_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     populate = getattr(mmap, "MAP_POPULATE", None)
     if populate is None or nbytes == 0:
         return np.empty(shape, dtype=dtype)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    try:
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    except OSError as exc:  # as np.empty says it: the commands turn it into their out-of-memory line
+        if exc.errno == errno.ENOMEM:
+            raise MemoryError(f"cannot map {nbytes} bytes") from None
+        raise
     return np.frombuffer(memory, dtype=dtype).reshape(shape)  # the array keeps the mapping alive
